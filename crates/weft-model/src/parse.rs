@@ -1,0 +1,254 @@
+//! Multi-document YAML → validated [`Resource`]s, or every error with its location.
+//!
+//! Each error names the file, the document's 1-based index, its kind/name when known,
+//! and the field path (`spec.rules[0].backendRefs[1].weight`), so a user can go straight
+//! to the line. Nothing is returned unless every document is valid: a configuration is
+//! taken whole or not at all.
+
+use std::{collections::HashSet, fmt};
+
+use serde::de::DeserializeOwned;
+use serde_norway::Value;
+
+use crate::{
+    resource::{Metadata, Resource, ResourceKind, ResourceSpec},
+    validate,
+};
+
+/// One refused document.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub struct ConfigError {
+    /// The file (or other source) the document came from.
+    pub source_name: String,
+    /// 1-based index of the document within the source.
+    pub index: usize,
+    /// `Kind name` when the envelope could be read.
+    pub resource: Option<String>,
+    /// Dotted field path, empty for document-level errors.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: document {}", self.source_name, self.index)?;
+        if let Some(resource) = &self.resource {
+            write!(f, " ({resource})")?;
+        }
+        if !self.path.is_empty() {
+            write!(f, ", field {}", self.path)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Every error found in one source.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses and validates every document in `text`; `source_name` is used in errors.
+pub fn parse_documents(source_name: &str, text: &str) -> Result<Vec<Resource>, ConfigErrors> {
+    let mut resources = Vec::new();
+    let mut errors = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, document) in serde_norway::Deserializer::from_str(text).enumerate() {
+        let index = i + 1;
+        let error = |resource: Option<String>, path: &str, message: String| ConfigError {
+            source_name: source_name.to_string(),
+            index,
+            resource,
+            path: path.to_string(),
+            message,
+        };
+        let value: Value = match serde::Deserialize::deserialize(document) {
+            Ok(value) => value,
+            Err(e) => {
+                errors.push(error(None, "", format!("not valid YAML: {e}")));
+                // The YAML stream cannot be trusted past a syntax error.
+                break;
+            }
+        };
+        if value.is_null() {
+            continue; // an empty document, e.g. a trailing `---`
+        }
+        match parse_one(&value) {
+            Ok(resource) => {
+                let key = (resource.kind(), resource.key());
+                if !seen.insert(key) {
+                    errors.push(error(
+                        Some(describe(&value)),
+                        "metadata.name",
+                        format!(
+                            "duplicate {} {}: each resource may appear once",
+                            resource.kind().as_str(),
+                            resource.key()
+                        ),
+                    ));
+                } else {
+                    resources.push(resource);
+                }
+            }
+            Err((path, message)) => errors.push(error(Some(describe(&value)), &path, message)),
+        }
+    }
+    if errors.is_empty() {
+        Ok(resources)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// `Kind name`, best effort, for error messages.
+fn describe(value: &Value) -> String {
+    let kind = value.get("kind").and_then(Value::as_str).unwrap_or("<no kind>");
+    let name = value
+        .get("metadata")
+        .and_then(|m| m.get("name"))
+        .and_then(Value::as_str)
+        .unwrap_or("<no name>");
+    format!("{kind} {name}")
+}
+
+type FieldError = (String, String);
+
+fn parse_one(value: &Value) -> Result<Resource, FieldError> {
+    let Value::Mapping(map) = value else {
+        return Err((String::new(), "a document must be a mapping with apiVersion, kind, metadata and spec".into()));
+    };
+    for key in map.keys() {
+        match key.as_str() {
+            Some("apiVersion" | "kind" | "metadata" | "spec") => {}
+            Some("status") => {
+                return Err(("status".into(), "status is written by weft, not by users; remove it".into()))
+            }
+            other => {
+                return Err((
+                    format!("{}", other.unwrap_or("<non-string key>")),
+                    "unknown top-level field; expected apiVersion, kind, metadata, spec".into(),
+                ))
+            }
+        }
+    }
+    let kind_name = required_str(value, "kind")?;
+    let kind = ResourceKind::from_name(kind_name).map_err(|m| ("kind".to_string(), m))?;
+    let api_version = required_str(value, "apiVersion")?;
+    if api_version != kind.api_version() {
+        return Err((
+            "apiVersion".into(),
+            format!("{} must have apiVersion {}, not {api_version:?}", kind.as_str(), kind.api_version()),
+        ));
+    }
+    let metadata: Metadata = typed(value.get("metadata"), "metadata")?;
+    validate::metadata(&metadata).map_err(|(p, m)| (format!("metadata.{p}"), m))?;
+    let spec_value = value.get("spec");
+    let spec = match kind {
+        ResourceKind::Service => ResourceSpec::Service(typed(spec_value, "spec")?),
+        ResourceKind::Workload => ResourceSpec::Workload(typed(spec_value, "spec")?),
+        ResourceKind::HttpRoute => ResourceSpec::HttpRoute(typed(spec_value, "spec")?),
+        ResourceKind::GrpcRoute => ResourceSpec::GrpcRoute(typed(spec_value, "spec")?),
+        ResourceKind::TrafficPolicy => ResourceSpec::TrafficPolicy(typed(spec_value, "spec")?),
+    };
+    validate::spec(&spec).map_err(|(p, m)| (format!("spec.{p}"), m))?;
+    Ok(Resource { metadata, spec })
+}
+
+fn required_str<'a>(value: &'a Value, field: &str) -> Result<&'a str, FieldError> {
+    match value.get(field) {
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err((field.into(), "must be a string".into())),
+        None => Err((field.into(), "missing required field".into())),
+    }
+}
+
+/// Deserializes one section, reporting the full field path on failure.
+fn typed<T: DeserializeOwned>(value: Option<&Value>, prefix: &str) -> Result<T, FieldError> {
+    let Some(value) = value else {
+        return Err((prefix.into(), "missing required field".into()));
+    };
+    serde_path_to_error::deserialize(value.clone()).map_err(|e| {
+        let inner = e.path().to_string();
+        let path = if inner == "." { prefix.to_string() } else { format!("{prefix}.{inner}") };
+        (path, e.into_inner().to_string())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+apiVersion: weft.dev/v1alpha1
+kind: Service
+metadata: {name: reviews}
+spec:
+  selector: {app: reviews}
+  ports: [{port: 80, protocol: http}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: canary}
+spec:
+  parentRefs: [{kind: Service, name: reviews, port: 80}]
+  rules:
+  - backendRefs: [{name: reviews-v1, port: 80, weight: 90}, {name: reviews-v2, port: 80, weight: 10}]
+    timeouts: {request: 5s}
+---
+"#;
+
+    #[test]
+    fn parses_several_documents_and_defaults_namespace() {
+        let resources = parse_documents("mesh.yaml", GOOD).unwrap();
+        assert_eq!(resources.len(), 2);
+        assert_eq!(resources[0].metadata.namespace, "default");
+        assert_eq!(resources[1].kind(), ResourceKind::HttpRoute);
+    }
+
+    #[test]
+    fn error_names_file_document_resource_and_field_path() {
+        let bad = GOOD.replace("weight: 10}", "weight: ten}");
+        let errors = parse_documents("mesh.yaml", &bad).unwrap_err();
+        let text = errors.to_string();
+        assert!(text.contains("mesh.yaml: document 2 (HTTPRoute canary)"), "{text}");
+        assert!(text.contains("spec.rules[0].backendRefs[1].weight"), "{text}");
+    }
+
+    #[test]
+    fn unknown_field_is_refused_not_ignored() {
+        let bad = GOOD.replace("selector: {app: reviews}", "selector: {app: reviews}\n  sessionAffinity: ClientIP");
+        let text = parse_documents("f", &bad).unwrap_err().to_string();
+        assert!(text.contains("sessionAffinity"), "{text}");
+    }
+
+    #[test]
+    fn unimplemented_kind_is_refused_with_reason() {
+        let doc = "apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {}\n";
+        let text = parse_documents("f", doc).unwrap_err().to_string();
+        assert!(text.contains("not implemented yet"), "{text}");
+    }
+
+    #[test]
+    fn wrong_api_version_and_duplicates_are_refused() {
+        let doc = GOOD.replace("gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1");
+        assert!(parse_documents("f", &doc).unwrap_err().to_string().contains("apiVersion"));
+        let twice = format!("{GOOD}\n{GOOD}");
+        assert!(parse_documents("f", &twice).unwrap_err().to_string().contains("duplicate"));
+    }
+
+    #[test]
+    fn yaml_syntax_error_is_reported() {
+        let text = parse_documents("f", "kind: [unclosed").unwrap_err().to_string();
+        assert!(text.contains("not valid YAML"), "{text}");
+    }
+}

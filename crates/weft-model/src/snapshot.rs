@@ -1,0 +1,700 @@
+//! Compiling resources into the immutable [`Snapshot`] a proxy serves from.
+//!
+//! Everything a request needs is precomputed here: the host table, each port's endpoint
+//! list, each port's route rules in precedence order with resolved backends, and each
+//! Service's effective policy with defaults filled in. The proxy swaps whole snapshots
+//! atomically; it never edits one.
+//!
+//! Dangling references are not errors: a backendRef to an unknown Service compiles to
+//! [`BackendTarget::Unresolved`] (requests get 500) and is listed in
+//! [`Snapshot::unresolved`], so a configuration can be written in any order.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    sync::Arc,
+    time::Duration,
+};
+
+use serde::Serialize;
+
+use crate::{
+    matching::{NamedMatcher, PathMatcher, Pattern, RequestMatcher, ValueMatcher},
+    resource::{Resource, ResourceSpec},
+    spec::*,
+};
+
+/// Everything one proxy needs, compiled from resources.
+#[derive(Debug, Serialize)]
+pub struct Snapshot {
+    /// The namespace short host names (`reviews`) resolve in.
+    pub namespace: String,
+    pub services: Vec<CompiledService>,
+    /// References that point at nothing, with where they come from.
+    pub unresolved: Vec<String>,
+    #[serde(skip)]
+    hosts: HashMap<String, usize>,
+}
+
+/// A Service with its ports, endpoints, routes and effective policy.
+#[derive(Debug, Serialize)]
+pub struct CompiledService {
+    pub namespace: String,
+    pub name: String,
+    pub ports: Vec<CompiledPort>,
+    pub policy: ServicePolicy,
+}
+
+/// One Service port.
+#[derive(Debug, Serialize)]
+pub struct CompiledPort {
+    pub port: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub protocol: Protocol,
+    pub endpoints: Vec<Endpoint>,
+    /// `None`: no route attached, every request goes to this port's own endpoints.
+    /// `Some`: the first matching rule decides; no match is a 404.
+    pub routes: Option<Vec<RouteRule>>,
+}
+
+/// One address that serves a Service port.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Endpoint {
+    pub workload: String,
+    pub address: SocketAddr,
+    pub weight: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+}
+
+/// One match of one route rule, in precedence order within its port.
+#[derive(Debug, Serialize)]
+pub struct RouteRule {
+    #[serde(rename = "match")]
+    pub matcher: RequestMatcher,
+    pub action: Arc<RouteAction>,
+}
+
+/// What a matched rule does; shared by all the rule's matches.
+#[derive(Debug, Serialize)]
+pub struct RouteAction {
+    /// `HTTPRoute/ns/name` (plus `#rule` when named), the `route` metric label.
+    pub route: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<Filter>,
+    pub backends: Vec<WeightedBackend>,
+    pub timeouts: RouteTimeouts,
+}
+
+/// Timeouts set by a route rule.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct RouteTimeouts {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_request: Option<Duration>,
+}
+
+/// A backend with its weight and backend-level filters.
+#[derive(Debug, Serialize)]
+pub struct WeightedBackend {
+    pub target: BackendTarget,
+    pub weight: u32,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<Filter>,
+}
+
+/// Where a backendRef points.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum BackendTarget {
+    /// Indexes into [`Snapshot::services`] and that service's ports.
+    Resolved { service: usize, port: usize },
+    /// `ns/name:port` of a Service (or port) that does not exist.
+    Unresolved(String),
+}
+
+/// A compiled request or response transformation.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "type")]
+pub enum Filter {
+    RequestHeaderModifier(HeaderModifier),
+    ResponseHeaderModifier(HeaderModifier),
+    #[serde(rename = "URLRewrite")]
+    UrlRewrite {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        hostname: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        path: Option<PathRewrite>,
+    },
+    RequestRedirect {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        scheme: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        hostname: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        path: Option<PathRewrite>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        port: Option<u16>,
+        status_code: u16,
+    },
+}
+
+/// A path rewrite; `ReplacePrefixMatch` carries the prefix it replaces.
+#[derive(Clone, Debug, Serialize)]
+pub enum PathRewrite {
+    ReplaceFullPath(String),
+    ReplacePrefixMatch { matched_prefix: String, replacement: String },
+}
+
+impl PathRewrite {
+    /// Applies the rewrite to `path` (without query).
+    pub fn apply(&self, path: &str) -> String {
+        match self {
+            PathRewrite::ReplaceFullPath(full) => full.clone(),
+            PathRewrite::ReplacePrefixMatch { matched_prefix, replacement } => {
+                let prefix = matched_prefix.trim_end_matches('/');
+                let rest = path.get(prefix.len()..).unwrap_or("");
+                let replacement = replacement.trim_end_matches('/');
+                match (replacement.is_empty(), rest.is_empty()) {
+                    (true, true) => "/".to_string(),
+                    (true, false) => rest.to_string(),
+                    _ => format!("{replacement}{rest}"),
+                }
+            }
+        }
+    }
+}
+
+/// A Service's effective TrafficPolicy, defaults filled in.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePolicy {
+    /// The TrafficPolicy this came from, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    pub load_balancer: LoadBalancerAlgorithm,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retries: Option<RetrySpec>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_timeout: Option<Duration>,
+    pub outlier_detection: OutlierDetectionSpec,
+    pub connection_limits: ConnectionLimitsSpec,
+}
+
+impl Default for ServicePolicy {
+    fn default() -> Self {
+        ServicePolicy {
+            source: None,
+            load_balancer: LoadBalancerAlgorithm::P2cEwma,
+            // One retry of a request that never reached the endpoint is always safe.
+            retries: Some(RetrySpec {
+                attempts: 1,
+                per_try_timeout: None,
+                retry_on: vec![RetryOn::ConnectFailure],
+                budget: RetryBudgetSpec::default(),
+                backoff: BackoffSpec::default(),
+                retry_non_idempotent: false,
+            }),
+            request_timeout: None,
+            outlier_detection: OutlierDetectionSpec::default(),
+            connection_limits: ConnectionLimitsSpec::default(),
+        }
+    }
+}
+
+/// Why a host did not resolve to a Service port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostLookupError {
+    UnknownHost,
+    UnknownPort(u16),
+    NotHttp(u16),
+}
+
+impl Snapshot {
+    /// A snapshot with nothing in it, for a proxy that has no configuration yet.
+    pub fn empty(namespace: &str) -> Self {
+        Snapshot { namespace: namespace.to_string(), services: vec![], unresolved: vec![], hosts: HashMap::new() }
+    }
+
+    /// Resolves a `Host` header or URI authority (`reviews`, `reviews.default:80`,
+    /// `reviews.default.svc.cluster.local`) to an HTTP port of a Service.
+    pub fn lookup_host(&self, authority: &str) -> Result<(usize, usize), HostLookupError> {
+        let (host, port) = split_host_port(authority);
+        let service = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.hosts.get(&host.to_ascii_lowercase())
+        } else {
+            self.hosts.get(host)
+        };
+        let &service = service.ok_or(HostLookupError::UnknownHost)?;
+        let ports = &self.services[service].ports;
+        let index = match port {
+            Some(port) => ports.iter().position(|p| p.port == port).ok_or(HostLookupError::UnknownPort(port))?,
+            // Without a port: 80 if declared, else the first HTTP port.
+            None => ports
+                .iter()
+                .position(|p| p.port == 80)
+                .or_else(|| ports.iter().position(|p| p.protocol.is_http()))
+                .ok_or(HostLookupError::NotHttp(ports[0].port))?,
+        };
+        if !ports[index].protocol.is_http() {
+            return Err(HostLookupError::NotHttp(ports[index].port));
+        }
+        Ok((service, index))
+    }
+
+    /// Finds a Service by namespace and name.
+    pub fn service(&self, namespace: &str, name: &str) -> Option<usize> {
+        self.services.iter().position(|s| s.namespace == namespace && s.name == name)
+    }
+}
+
+fn split_host_port(authority: &str) -> (&str, Option<u16>) {
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(']') || host.starts_with('[') => match port.parse() {
+            Ok(port) => (host, Some(port)),
+            Err(_) => (authority, None),
+        },
+        _ => (authority, None),
+    }
+}
+
+/// Compiles `resources` into the view of a proxy in `namespace`.
+pub fn compile(resources: &[Resource], namespace: &str) -> Snapshot {
+    let mut unresolved = Vec::new();
+    let mut services: Vec<CompiledService> = Vec::new();
+    let mut workloads = Vec::new();
+    let mut policies: BTreeMap<(String, String), Vec<(&str, &TrafficPolicySpec)>> = BTreeMap::new();
+    let mut routes: Vec<(&Resource, RouteSource)> = Vec::new();
+
+    for resource in resources {
+        let meta = &resource.metadata;
+        match &resource.spec {
+            ResourceSpec::Service(spec) => services.push(CompiledService {
+                namespace: meta.namespace.clone(),
+                name: meta.name.clone(),
+                ports: spec
+                    .ports
+                    .iter()
+                    .map(|p| CompiledPort {
+                        port: p.port,
+                        name: p.name.clone(),
+                        protocol: p.protocol,
+                        endpoints: vec![],
+                        routes: None,
+                    })
+                    .collect(),
+                policy: ServicePolicy::default(),
+            }),
+            ResourceSpec::Workload(spec) => workloads.push((meta, spec)),
+            ResourceSpec::HttpRoute(spec) => routes.push((resource, RouteSource::Http(spec))),
+            ResourceSpec::GrpcRoute(spec) => routes.push((resource, RouteSource::Grpc(spec))),
+            ResourceSpec::TrafficPolicy(spec) => {
+                let ns = spec.target_ref.namespace.clone().unwrap_or_else(|| meta.namespace.clone());
+                policies.entry((ns, spec.target_ref.name.clone())).or_default().push((&meta.name, spec));
+            }
+        }
+    }
+    services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+
+    // Endpoints: workloads in the Service's namespace whose labels include the selector.
+    let selectors: HashMap<(&str, &str), &BTreeMap<String, String>> = resources
+        .iter()
+        .filter_map(|r| match &r.spec {
+            ResourceSpec::Service(s) => Some(((r.metadata.namespace.as_str(), r.metadata.name.as_str()), &s.selector)),
+            _ => None,
+        })
+        .collect();
+    for service in &mut services {
+        let selector = selectors[&(service.namespace.as_str(), service.name.as_str())];
+        if selector.is_empty() {
+            continue; // as in Kubernetes: no selector, no endpoints
+        }
+        for (meta, workload) in &workloads {
+            let selected = meta.namespace == service.namespace
+                && selector.iter().all(|(k, v)| workload.labels.get(k) == Some(v));
+            if !selected || workload.weight == 0 {
+                continue;
+            }
+            for port in &mut service.ports {
+                let target_port = port
+                    .name
+                    .as_ref()
+                    .and_then(|name| workload.ports.get(name))
+                    .copied()
+                    .unwrap_or(workload.address.port());
+                port.endpoints.push(Endpoint {
+                    workload: meta.name.clone(),
+                    address: SocketAddr::new(workload.address.ip(), target_port),
+                    weight: workload.weight,
+                    zone: workload.zone.clone(),
+                });
+            }
+        }
+    }
+
+    // Policies: one per Service; several is a conflict settled by name order, reported.
+    for ((ns, name), mut list) in policies {
+        list.sort_by_key(|(policy_name, _)| *policy_name);
+        let Some(index) = services.iter().position(|s| s.namespace == ns && s.name == name) else {
+            for (policy_name, _) in &list {
+                unresolved.push(format!("TrafficPolicy {ns}/{policy_name}: targets Service {ns}/{name}, which does not exist"));
+            }
+            continue;
+        };
+        for (policy_name, _) in list.iter().skip(1) {
+            unresolved.push(format!(
+                "TrafficPolicy {ns}/{policy_name}: ignored, Service {ns}/{name} already has TrafficPolicy {ns}/{}",
+                list[0].0
+            ));
+        }
+        services[index].policy = effective_policy(list[0].0, &ns, list[0].1);
+    }
+
+    // Routes, flattened per parent port and sorted by precedence.
+    let mut tables: HashMap<(usize, usize), Vec<(RouteRule, String, usize)>> = HashMap::new();
+    for (resource, source) in &routes {
+        let route_ns = &resource.metadata.namespace;
+        let route_key = format!("{}/{route_ns}/{}", resource.kind().as_str(), resource.metadata.name);
+        let compiled = compile_route_rules(source, &route_key, route_ns, &services, &mut unresolved);
+        for parent in source.parent_refs() {
+            let parent_ns = parent.namespace.as_deref().unwrap_or(route_ns);
+            let Some(service) = services.iter().position(|s| s.namespace == parent_ns && s.name == parent.name) else {
+                unresolved.push(format!("{route_key}: parent Service {parent_ns}/{} does not exist", parent.name));
+                continue;
+            };
+            let ports: Vec<usize> = match parent.port {
+                Some(port) => match services[service].ports.iter().position(|p| p.port == port) {
+                    Some(i) => vec![i],
+                    None => {
+                        unresolved.push(format!("{route_key}: parent Service {parent_ns}/{} has no port {port}", parent.name));
+                        continue;
+                    }
+                },
+                None => (0..services[service].ports.len()).filter(|&i| services[service].ports[i].protocol.is_http()).collect(),
+            };
+            for port in ports {
+                let table = tables.entry((service, port)).or_default();
+                for (rule_index, (matchers, action)) in compiled.iter().enumerate() {
+                    for matcher in matchers {
+                        table.push((
+                            RouteRule { matcher: matcher.clone(), action: action.clone() },
+                            route_key.clone(),
+                            rule_index,
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    for ((service, port), mut table) in tables {
+        // Stable sort: equal precedence keeps route-name then rule order.
+        table.sort_by(|a, b| a.1.cmp(&b.1).then(a.2.cmp(&b.2)));
+        table.sort_by_key(|(rule, _, _)| rule.matcher.precedence());
+        services[service].ports[port].routes = Some(table.into_iter().map(|(rule, _, _)| rule).collect());
+    }
+
+    let mut hosts = HashMap::new();
+    for (index, service) in services.iter().enumerate() {
+        let (name, ns) = (&service.name, &service.namespace);
+        if ns == namespace {
+            hosts.insert(name.clone(), index);
+        }
+        for host in [format!("{name}.{ns}"), format!("{name}.{ns}.svc"), format!("{name}.{ns}.svc.cluster.local")] {
+            hosts.insert(host, index);
+        }
+    }
+    unresolved.sort();
+    Snapshot { namespace: namespace.to_string(), services, unresolved, hosts }
+}
+
+enum RouteSource<'a> {
+    Http(&'a HttpRouteSpec),
+    Grpc(&'a GrpcRouteSpec),
+}
+
+impl RouteSource<'_> {
+    fn parent_refs(&self) -> &[ParentRef] {
+        match self {
+            RouteSource::Http(spec) => &spec.parent_refs,
+            RouteSource::Grpc(spec) => &spec.parent_refs,
+        }
+    }
+}
+
+type CompiledRule = (Vec<RequestMatcher>, Arc<RouteAction>);
+
+fn compile_route_rules(
+    source: &RouteSource<'_>,
+    route_key: &str,
+    route_ns: &str,
+    services: &[CompiledService],
+    unresolved: &mut Vec<String>,
+) -> Vec<CompiledRule> {
+    let mut out = Vec::new();
+    let mut backends = |refs: &[BackendRef], rule_label: &str| -> Vec<WeightedBackend> {
+        refs.iter()
+            .map(|b| {
+                let ns = b.namespace.as_deref().unwrap_or(route_ns);
+                let port = b.port.unwrap_or(0);
+                let target = services
+                    .iter()
+                    .position(|s| s.namespace == ns && s.name == b.name)
+                    .and_then(|service| {
+                        services[service].ports.iter().position(|p| p.port == port).map(|port| BackendTarget::Resolved { service, port })
+                    })
+                    .unwrap_or_else(|| {
+                        let what = format!("{ns}/{}:{port}", b.name);
+                        unresolved.push(format!("{rule_label}: backendRef Service {what} does not exist"));
+                        BackendTarget::Unresolved(what)
+                    });
+                WeightedBackend { target, weight: b.weight, filters: b.filters.iter().map(compile_filter_unscoped).collect() }
+            })
+            .collect()
+    };
+    match source {
+        RouteSource::Http(spec) => {
+            for (index, rule) in spec.rules.iter().enumerate() {
+                let label = rule_label(route_key, rule.name.as_deref(), index);
+                let matchers: Vec<RequestMatcher> = if rule.matches.is_empty() {
+                    vec![RequestMatcher::any()]
+                } else {
+                    rule.matches.iter().map(http_matcher).collect()
+                };
+                let matched_prefix = rule
+                    .matches
+                    .first()
+                    .and_then(|m| m.path.as_ref())
+                    .map(|p| p.value.clone())
+                    .unwrap_or_else(|| "/".to_string());
+                let timeouts = rule.timeouts.as_ref().map_or(RouteTimeouts::default(), |t| RouteTimeouts {
+                    request: t.request.map(|d| d.0).filter(|d| !d.is_zero()),
+                    backend_request: t.backend_request.map(|d| d.0).filter(|d| !d.is_zero()),
+                });
+                let action = RouteAction {
+                    route: label.clone(),
+                    filters: rule.filters.iter().map(|f| compile_filter(f, &matched_prefix)).collect(),
+                    backends: backends(&rule.backend_refs, &label),
+                    timeouts,
+                };
+                out.push((matchers, Arc::new(action)));
+            }
+        }
+        RouteSource::Grpc(spec) => {
+            for (index, rule) in spec.rules.iter().enumerate() {
+                let label = rule_label(route_key, rule.name.as_deref(), index);
+                let matchers: Vec<RequestMatcher> = if rule.matches.is_empty() {
+                    vec![RequestMatcher::any()]
+                } else {
+                    rule.matches.iter().map(grpc_matcher).collect()
+                };
+                let action = RouteAction {
+                    route: label.clone(),
+                    filters: rule.filters.iter().map(compile_filter_unscoped).collect(),
+                    backends: backends(&rule.backend_refs, &label),
+                    timeouts: RouteTimeouts::default(),
+                };
+                out.push((matchers, Arc::new(action)));
+            }
+        }
+    }
+    out
+}
+
+fn rule_label(route_key: &str, name: Option<&str>, index: usize) -> String {
+    match name {
+        Some(name) => format!("{route_key}#{name}"),
+        None if index == 0 => route_key.to_string(),
+        None => format!("{route_key}#{index}"),
+    }
+}
+
+fn named(matches: &[ValueMatch]) -> Vec<NamedMatcher> {
+    matches
+        .iter()
+        .map(|m| NamedMatcher {
+            name: m.name.clone(),
+            value: match m.kind {
+                ValueMatchType::Exact => ValueMatcher::Exact(m.value.clone()),
+                ValueMatchType::RegularExpression => {
+                    ValueMatcher::RegularExpression(Pattern::full(&m.value).expect("validated"))
+                }
+            },
+        })
+        .collect()
+}
+
+fn http_matcher(m: &HttpRouteMatch) -> RequestMatcher {
+    let path = match &m.path {
+        None => PathMatcher::PathPrefix("/".into()),
+        Some(p) => match p.kind {
+            PathMatchType::Exact => PathMatcher::Exact(p.value.clone()),
+            PathMatchType::PathPrefix => PathMatcher::PathPrefix(p.value.clone()),
+            PathMatchType::RegularExpression => {
+                PathMatcher::RegularExpression(Pattern::full(&p.value).expect("validated"))
+            }
+        },
+    };
+    RequestMatcher {
+        path,
+        method: m.method.as_ref().map(|m| m.parse().expect("validated")),
+        headers: named(&m.headers),
+        query_params: named(&m.query_params),
+    }
+}
+
+/// gRPC methods are HTTP/2 paths `/<service>/<method>`.
+fn grpc_matcher(m: &GrpcRouteMatch) -> RequestMatcher {
+    let path = match &m.method {
+        None => PathMatcher::PathPrefix("/".into()),
+        Some(method) => match (method.kind, &method.service, &method.method) {
+            (ValueMatchType::Exact, Some(s), Some(m)) => PathMatcher::Exact(format!("/{s}/{m}")),
+            (ValueMatchType::Exact, Some(s), None) => PathMatcher::PathPrefix(format!("/{s}")),
+            (ValueMatchType::Exact, None, Some(m)) => {
+                PathMatcher::RegularExpression(Pattern::full(&format!("/[^/]+/{}", regex::escape(m))).expect("escaped"))
+            }
+            (ValueMatchType::RegularExpression, s, m) => {
+                let s = s.as_deref().unwrap_or("[^/]+");
+                let m = m.as_deref().unwrap_or("[^/]+");
+                PathMatcher::RegularExpression(Pattern::full(&format!("/(?:{s})/(?:{m})")).expect("validated parts"))
+            }
+            (ValueMatchType::Exact, None, None) => PathMatcher::PathPrefix("/".into()),
+        },
+    };
+    RequestMatcher { path, method: None, headers: named(&m.headers), query_params: vec![] }
+}
+
+fn compile_filter_unscoped(filter: &HttpRouteFilter) -> Filter {
+    compile_filter(filter, "/")
+}
+
+fn compile_filter(filter: &HttpRouteFilter, matched_prefix: &str) -> Filter {
+    let rewrite = |m: &PathModifier| match m.kind {
+        PathModifierType::ReplaceFullPath => PathRewrite::ReplaceFullPath(m.replace_full_path.clone().unwrap_or_default()),
+        PathModifierType::ReplacePrefixMatch => PathRewrite::ReplacePrefixMatch {
+            matched_prefix: matched_prefix.to_string(),
+            replacement: m.replace_prefix_match.clone().unwrap_or_default(),
+        },
+    };
+    if let Some(m) = &filter.request_header_modifier {
+        Filter::RequestHeaderModifier(m.clone())
+    } else if let Some(m) = &filter.response_header_modifier {
+        Filter::ResponseHeaderModifier(m.clone())
+    } else if let Some(u) = &filter.url_rewrite {
+        Filter::UrlRewrite { hostname: u.hostname.clone(), path: u.path.as_ref().map(rewrite) }
+    } else if let Some(r) = &filter.request_redirect {
+        Filter::RequestRedirect {
+            scheme: r.scheme.clone(),
+            hostname: r.hostname.clone(),
+            path: r.path.as_ref().map(rewrite),
+            port: r.port,
+            status_code: r.status_code.unwrap_or(302),
+        }
+    } else {
+        unreachable!("validation admits only implemented filters")
+    }
+}
+
+fn effective_policy(name: &str, namespace: &str, spec: &TrafficPolicySpec) -> ServicePolicy {
+    let defaults = ServicePolicy::default();
+    ServicePolicy {
+        source: Some(format!("{namespace}/{name}")),
+        load_balancer: spec.load_balancer.as_ref().map_or(defaults.load_balancer, |lb| lb.algorithm),
+        retries: match &spec.retries {
+            Some(r) if r.attempts == 0 => None,
+            Some(r) => Some(r.clone()),
+            None => defaults.retries,
+        },
+        request_timeout: spec.timeouts.as_ref().and_then(|t| t.request).map(|d| d.0).filter(|d| !d.is_zero()),
+        outlier_detection: spec.outlier_detection.clone().unwrap_or_default(),
+        connection_limits: spec.connection_limits.clone().unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse_documents;
+
+    const MESH: &str = r#"
+apiVersion: weft.dev/v1alpha1
+kind: Service
+metadata: {name: reviews}
+spec: {selector: {app: reviews}, ports: [{port: 80}]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Service
+metadata: {name: reviews-v2}
+spec: {selector: {app: reviews, version: v2}, ports: [{port: 80}]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Workload
+metadata: {name: r1}
+spec: {labels: {app: reviews, version: v1}, address: "127.0.0.1:9081"}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Workload
+metadata: {name: r2}
+spec: {labels: {app: reviews, version: v2}, address: "127.0.0.1:9082", zone: a, weight: 3}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: canary}
+spec:
+  parentRefs: [{kind: Service, name: reviews, port: 80}]
+  rules:
+  - matches: [{headers: [{name: x-canary, value: "true"}]}]
+    backendRefs: [{name: reviews-v2, port: 80}]
+  - backendRefs: [{name: reviews-v1, port: 80, weight: 90}, {name: reviews-v2, port: 80, weight: 10}]
+"#;
+
+    fn snapshot() -> Snapshot {
+        compile(&parse_documents("mesh.yaml", MESH).unwrap(), "default")
+    }
+
+    #[test]
+    fn selectors_pick_endpoints_with_weight_and_zone() {
+        let snap = snapshot();
+        let reviews = &snap.services[snap.service("default", "reviews").unwrap()];
+        assert_eq!(reviews.ports[0].endpoints.len(), 2);
+        let v2 = &snap.services[snap.service("default", "reviews-v2").unwrap()];
+        assert_eq!(
+            v2.ports[0].endpoints,
+            vec![Endpoint { workload: "r2".into(), address: "127.0.0.1:9082".parse().unwrap(), weight: 3, zone: Some("a".into()) }]
+        );
+    }
+
+    #[test]
+    fn host_forms_resolve_and_unknown_hosts_do_not() {
+        let snap = snapshot();
+        let reviews = snap.service("default", "reviews").unwrap();
+        for host in ["reviews", "reviews:80", "reviews.default", "Reviews.default.svc", "reviews.default.svc.cluster.local:80"] {
+            assert_eq!(snap.lookup_host(host), Ok((reviews, 0)), "{host}");
+        }
+        assert_eq!(snap.lookup_host("reviews:81"), Err(HostLookupError::UnknownPort(81)));
+        assert_eq!(snap.lookup_host("example.com"), Err(HostLookupError::UnknownHost));
+        assert_eq!(compile(&parse_documents("m", MESH).unwrap(), "other").lookup_host("reviews"), Err(HostLookupError::UnknownHost));
+    }
+
+    #[test]
+    fn routes_sorted_by_precedence_with_unresolved_backends_reported() {
+        let snap = snapshot();
+        let reviews = &snap.services[snap.service("default", "reviews").unwrap()];
+        let routes = reviews.ports[0].routes.as_ref().unwrap();
+        assert_eq!(routes.len(), 2);
+        assert_eq!(routes[0].matcher.headers.len(), 1, "the header match sorts first");
+        assert_eq!(routes[1].action.backends[0].target, BackendTarget::Unresolved("default/reviews-v1:80".into()));
+        assert!(snap.unresolved.iter().any(|u| u.contains("reviews-v1")), "{:?}", snap.unresolved);
+    }
+
+    #[test]
+    fn prefix_rewrite_replaces_only_the_matched_prefix() {
+        let rewrite = |prefix: &str, with: &str, path: &str| {
+            PathRewrite::ReplacePrefixMatch { matched_prefix: prefix.into(), replacement: with.into() }.apply(path)
+        };
+        assert_eq!(rewrite("/api", "/v2", "/api/users"), "/v2/users");
+        assert_eq!(rewrite("/api/", "/", "/api/users"), "/users");
+        assert_eq!(rewrite("/api", "/", "/api"), "/");
+    }
+}

@@ -1,0 +1,13 @@
+//! The `spec` of each resource kind, with serde shapes that mirror the YAML users write.
+//!
+//! Every struct denies unknown fields: a field weft does not implement is refused, never
+//! silently ignored. Fields that exist upstream (Gateway API) but are not implemented yet
+//! are declared and refused by validation with a message that says so.
+
+mod policy;
+mod route;
+mod service;
+
+pub use policy::*;
+pub use route::*;
+pub use service::*;

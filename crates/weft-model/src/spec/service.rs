@@ -1,0 +1,79 @@
+//! `Service` and `Workload`: what can be called, and the instances that serve it.
+
+use std::{collections::BTreeMap, net::SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+/// A named service: a label selector over workloads, and its ports.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceSpec {
+    /// Workloads whose labels include all of these belong to the service.
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+    /// At least one port.
+    pub ports: Vec<ServicePort>,
+}
+
+/// One port of a service.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServicePort {
+    /// Names the port for multi-port workloads (`Workload.spec.ports`) and for routes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The port clients address (`reviews:80`).
+    pub port: u16,
+    /// What the port speaks; `tcp` skips protocol detection.
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+/// The application protocol of a port.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.1, or HTTP/2 when the client speaks it.
+    #[default]
+    Http,
+    /// HTTP/2 (cleartext prior knowledge) to the endpoints.
+    Http2,
+    /// gRPC: HTTP/2 to the endpoints, proxy-made errors as gRPC statuses.
+    Grpc,
+    /// Opaque TCP: no detection, no HTTP features; for server-first protocols.
+    Tcp,
+}
+
+impl Protocol {
+    /// True for protocols routed per request.
+    pub fn is_http(self) -> bool {
+        !matches!(self, Protocol::Tcp)
+    }
+}
+
+/// One instance of a service.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkloadSpec {
+    /// Matched by Service selectors.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Where this instance, or its proxy's inbound listener, listens.
+    pub address: SocketAddr,
+    /// Per named service port, the port on `address`'s IP that serves it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports: BTreeMap<String, u16>,
+    /// Failure domain; shown today, used by zone-aware balancing later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// Relative share of traffic; 0 drains the instance.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// SPIFFE identity; refused until mutual TLS is implemented.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+}
+
+fn default_weight() -> u32 {
+    1
+}
