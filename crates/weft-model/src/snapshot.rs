@@ -80,7 +80,7 @@ pub struct RouteRule {
 #[derive(Debug, Serialize)]
 pub struct RouteAction {
     /// `HTTPRoute/ns/name` (plus `#rule` when named), the `route` metric label.
-    pub route: String,
+    pub route: Arc<str>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub filters: Vec<Filter>,
     pub backends: Vec<WeightedBackend>,
@@ -473,7 +473,7 @@ fn compile_route_rules(
                     backend_request: t.backend_request.map(|d| d.0).filter(|d| !d.is_zero()),
                 });
                 let action = RouteAction {
-                    route: label.clone(),
+                    route: label.as_str().into(),
                     filters: rule.filters.iter().map(|f| compile_filter(f, &matched_prefix)).collect(),
                     backends: backends(&rule.backend_refs, &label),
                     timeouts,
@@ -490,7 +490,7 @@ fn compile_route_rules(
                     rule.matches.iter().map(grpc_matcher).collect()
                 };
                 let action = RouteAction {
-                    route: label.clone(),
+                    route: label.as_str().into(),
                     filters: rule.filters.iter().map(compile_filter_unscoped).collect(),
                     backends: backends(&rule.backend_refs, &label),
                     timeouts: RouteTimeouts::default(),

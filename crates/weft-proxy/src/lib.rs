@@ -1,1 +1,37 @@
-//! placeholder
+//! weft's data plane: the sidecar proxy that carries one service instance's traffic.
+//!
+//! The proxy serves from an immutable [`state::ServingConfig`] that is swapped whole
+//! when configuration changes; what it learns at run time (latency estimates, in-flight
+//! counts, ejections, pooled connections, retry budgets) is kept per endpoint or per
+//! Service, keyed by name or address, and survives every swap.
+//!
+//! Modules follow the request: [`listener`] accepts, [`detect`] tells protocols apart,
+//! [`outbound`] and [`inbound`] are the two directions, [`balance`] and [`endpoint`] pick
+//! where to send, [`retry`] and [`limits`] guard the send, [`pool`] and [`transport`]
+//! carry it, [`errors`] turns failures into responses, [`metrics`] counts everything.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod balance;
+pub mod body;
+pub mod detect;
+pub mod endpoint;
+pub mod errors;
+pub mod forward;
+pub mod inbound;
+pub mod limits;
+pub mod listener;
+pub mod metrics;
+pub mod outbound;
+pub mod pool;
+pub mod proxy;
+pub mod reload;
+pub mod retry;
+pub mod settings;
+pub mod state;
+pub mod tcp;
+pub mod transport;
+
+pub use proxy::{run, BoundPorts, ProxyError};
+pub use settings::{ProxySettings, UpstreamListener};

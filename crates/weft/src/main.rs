@@ -1,1 +1,156 @@
-fn main() {}
+//! `weft`: the one binary of the weft service mesh. Subcommands wire the crates together.
+
+#![forbid(unsafe_code)]
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use weft_model::GoDuration;
+use weft_proxy::{ProxySettings, UpstreamListener};
+
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// weft: a service mesh. Sidecar proxies carry every service's traffic and add load
+/// balancing, routing, resilience and telemetry without changing applications.
+#[derive(Parser)]
+#[command(name = "weft", version, propagate_version = true)]
+struct Cli {
+    /// Log filter, e.g. `info`, `debug`, `weft_proxy=debug`; overrides RUST_LOG.
+    #[arg(long, global = true, env = "WEFT_LOG")]
+    log: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a sidecar proxy beside one service instance.
+    Proxy(ProxyArgs),
+    /// Check a configuration file without running anything; prints every error.
+    Validate {
+        /// The YAML file of resources.
+        file: PathBuf,
+    },
+}
+
+/// `weft proxy`: the data plane.
+#[derive(Args)]
+struct ProxyArgs {
+    /// YAML file of resources (Service, Workload, HTTPRoute, GRPCRoute, TrafficPolicy).
+    /// Re-read on SIGHUP and when it changes; a bad new file is refused and the old
+    /// configuration keeps serving.
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// The Service this proxy's application belongs to: labels its metrics, and its port
+    /// declarations decide the inbound protocol (`tcp` ports skip detection).
+    #[arg(long, value_name = "NAME")]
+    service: Option<String>,
+    /// Namespace of this proxy: short host names (`reviews`) resolve in it.
+    #[arg(long, default_value = weft_model::DEFAULT_NAMESPACE, value_name = "NS")]
+    namespace: String,
+    /// Address of the local application; inbound traffic is forwarded there. Without it
+    /// no inbound listener is started.
+    #[arg(long, value_name = "ADDR")]
+    app_addr: Option<SocketAddr>,
+    /// Outbound listener: the application sends HTTP here with the Service as Host (or
+    /// uses it as HTTP_PROXY). Port 0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:15001", value_name = "ADDR")]
+    outbound_addr: SocketAddr,
+    /// Inbound listener: other services' traffic for this instance. Port 0 picks one.
+    #[arg(long, default_value = "0.0.0.0:15006", value_name = "ADDR")]
+    inbound_addr: SocketAddr,
+    /// Admin listener: /metrics, /ready, /live, /config. /config answers loopback only
+    /// even when this is bound wider for Prometheus. Port 0 picks one.
+    #[arg(long, default_value = "127.0.0.1:15000", value_name = "ADDR")]
+    admin_addr: SocketAddr,
+    /// Forward opaque TCP from a local port to a Service, e.g. `db=127.0.0.1:5433` or
+    /// `db:5432=127.0.0.1:5433` to pick the Service port. Repeatable.
+    #[arg(long = "upstream", value_name = "SERVICE[:PORT]=ADDR")]
+    upstreams: Vec<UpstreamListener>,
+    /// Write the bound addresses (ports resolved) as JSON to this file once listening.
+    #[arg(long, value_name = "PATH")]
+    ports_file: Option<PathBuf>,
+    /// Worker threads, each with its own single-threaded runtime and SO_REUSEPORT
+    /// sockets. One is right for a sidecar sharing cores with its application.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    workers: usize,
+    /// Timeout for connecting to an endpoint.
+    #[arg(long, default_value = "1s", value_name = "DURATION")]
+    connect_timeout: GoDuration,
+    /// How long idle pooled upstream connections are kept.
+    #[arg(long, default_value = "15s", value_name = "DURATION")]
+    idle_timeout: GoDuration,
+    /// HTTP/2 keepalive PING interval (a peer silent for twice this is dropped).
+    #[arg(long, default_value = "10s", value_name = "DURATION")]
+    h2_keepalive: GoDuration,
+    /// How long inbound protocol detection waits for a client's first bytes before
+    /// treating the connection as opaque TCP.
+    #[arg(long, default_value = "1s", value_name = "DURATION")]
+    detect_timeout: GoDuration,
+    /// On SIGTERM, how long in-flight requests may take to finish.
+    #[arg(long, default_value = "30s", value_name = "DURATION")]
+    drain_timeout: GoDuration,
+    /// Request bodies up to this many bytes are buffered so that they can be retried.
+    #[arg(long, default_value_t = weft_proxy::settings::DEFAULT_MAX_REPLAY_BODY, value_name = "BYTES")]
+    max_replay_body: usize,
+}
+
+impl ProxyArgs {
+    fn into_settings(self) -> ProxySettings {
+        let mut settings = ProxySettings::new(self.config);
+        settings.service = self.service;
+        settings.namespace = self.namespace;
+        settings.app_addr = self.app_addr;
+        settings.outbound_addr = self.outbound_addr;
+        settings.inbound_addr = self.inbound_addr;
+        settings.admin_addr = self.admin_addr;
+        settings.upstreams = self.upstreams;
+        settings.ports_file = self.ports_file;
+        settings.workers = self.workers;
+        settings.connect_timeout = self.connect_timeout.get();
+        settings.idle_timeout = self.idle_timeout.get();
+        settings.h2_keepalive = self.h2_keepalive.get();
+        settings.detect_timeout = self.detect_timeout.get();
+        settings.drain_timeout = self.drain_timeout.get();
+        settings.max_replay_body = self.max_replay_body;
+        settings
+    }
+}
+
+fn init_logging(filter: Option<&str>) {
+    let filter = match filter {
+        Some(filter) => tracing_subscriber::EnvFilter::new(filter),
+        None => tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    };
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log.as_deref());
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Proxy(args) => weft_proxy::run(args.into_settings()).context("weft proxy"),
+        Command::Validate { file } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let resources = weft_model::parse_documents(&file.display().to_string(), &text)?;
+            let snapshot = weft_model::compile(&resources, weft_model::DEFAULT_NAMESPACE);
+            eprintln!("{}: {} resources valid", file.display(), resources.len());
+            for unresolved in &snapshot.unresolved {
+                eprintln!("warning: unresolved: {unresolved}");
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! The one body type the proxy hands to hyper, and helpers to make it.
+
+use bytes::Bytes;
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};
+
+/// Any error a body can fail with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Request and response bodies as the proxy forwards them: upstream streams, buffered
+/// replays and proxy-made responses all become this one type.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// An empty body.
+pub fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+/// A body of fixed bytes.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+}
+
+/// Boxes any body whose errors convert into [`BoxError`].
+pub fn boxed<B>(body: B) -> Body
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed_unsync()
+}
+
+/// A body that keeps `guard` alive until the body is finished or dropped: in-flight
+/// counts and request permits last as long as the response streams.
+pub struct Guarded<G> {
+    inner: Body,
+    _guard: G,
+}
+
+impl<G: Send + Unpin + 'static> Guarded<G> {
+    /// Wraps `inner`, holding `guard` for its lifetime.
+    pub fn wrap(inner: Body, guard: G) -> Body {
+        Guarded { inner, _guard: guard }.boxed_unsync()
+    }
+}
+
+impl<G> http_body::Body for Guarded<G>
+where
+    G: Unpin,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}

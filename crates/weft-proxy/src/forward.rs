@@ -1,0 +1,165 @@
+//! Turning a downstream request into an upstream one and back: hop-by-hop headers, the
+//! URI form each HTTP version needs, and tunnels for `Upgrade` (e.g. WebSocket).
+
+use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, Uri, Version};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+
+use crate::{
+    body::Body,
+    pool::Wire,
+};
+
+/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Whether the request asks to switch protocols (HTTP/1.1 `Upgrade`).
+pub fn is_upgrade(request: &Request<impl Sized>) -> bool {
+    request.version() == Version::HTTP_11
+        && request.headers().contains_key(header::UPGRADE)
+        && connection_has(request.headers(), "upgrade")
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Removes hop-by-hop headers, including those the `Connection` header names. `TE:
+/// trailers` survives, since gRPC needs it end to end.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    let te_trailers = headers.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    let upgrade = headers.get(header::UPGRADE).cloned();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if keep_upgrade {
+        if let Some(upgrade) = upgrade {
+            headers.insert(header::UPGRADE, upgrade);
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+    }
+}
+
+/// The request's authority: the URI's (HTTP/2, absolute-form) or the Host header's.
+pub fn authority(request: &http::request::Parts) -> Option<String> {
+    if let Some(authority) = request.uri.authority() {
+        return Some(authority.as_str().to_string());
+    }
+    request.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string)
+}
+
+/// Shapes a request for `wire`: origin-form URI and a Host header for HTTP/1.1, an
+/// absolute URI (`:scheme`, `:authority`) for HTTP/2.
+pub fn prepare(parts: &mut http::request::Parts, authority: &str, wire: Wire, upgrade: bool) {
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    let path_and_query = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+    match wire {
+        Wire::Http1 => {
+            parts.version = Version::HTTP_11;
+            parts.uri = Uri::try_from(path_and_query).unwrap_or_else(|_| Uri::from_static("/"));
+            if let Ok(host) = HeaderValue::from_str(authority) {
+                parts.headers.insert(header::HOST, host);
+            }
+        }
+        Wire::Http2 => {
+            parts.version = Version::HTTP_2;
+            let scheme = parts.uri.scheme_str().unwrap_or("http").to_string();
+            if let Ok(uri) = Uri::try_from(format!("{scheme}://{authority}{path_and_query}")) {
+                parts.uri = uri;
+            }
+            // HTTP/2 carries the authority in the URI; a Host header would duplicate it.
+            parts.headers.remove(header::HOST);
+        }
+    }
+}
+
+/// Shapes an upstream response for the downstream connection.
+pub fn prepare_response(response: &mut Response<Body>, upgrade: bool) {
+    strip_hop_by_hop(response.headers_mut(), upgrade);
+}
+
+/// Joins the downstream and upstream halves of an upgraded connection and copies bytes
+/// both ways until either side closes.
+pub fn spawn_tunnel(downstream: OnUpgrade, upstream: OnUpgrade) {
+    tokio::spawn(async move {
+        let (downstream, upstream) = match tokio::try_join!(downstream, upstream) {
+            Ok(pair) => pair,
+            Err(error) => {
+                tracing::debug!(%error, "upgrade did not complete");
+                return;
+            }
+        };
+        let mut downstream = TokioIo::new(downstream);
+        let mut upstream = TokioIo::new(upstream);
+        if let Err(error) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
+            tracing::debug!(%error, "upgraded tunnel ended with an error");
+        }
+    });
+}
+
+/// The wire to use toward an endpoint: HTTP/2 when the port declares `http2`/`grpc` or
+/// the request is gRPC (which needs HTTP/2 trailers); HTTP/1.1 otherwise, since an `http`
+/// port promises nothing more and every HTTP/2 request can be carried as HTTP/1.1.
+pub fn wire_for(protocol: weft_model::spec::Protocol, grpc: bool) -> Wire {
+    use weft_model::spec::Protocol;
+    match protocol {
+        Protocol::Http2 | Protocol::Grpc => Wire::Http2,
+        _ if grpc => Wire::Http2,
+        _ => Wire::Http1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed_but_te_trailers_kept() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, "keep-alive, x-private".parse().unwrap());
+        headers.insert("x-private", "1".parse().unwrap());
+        headers.insert("keep-alive", "timeout=5".parse().unwrap());
+        headers.insert(header::TE, "trailers".parse().unwrap());
+        headers.insert("x-end-to-end", "1".parse().unwrap());
+        strip_hop_by_hop(&mut headers, false);
+        assert!(!headers.contains_key("x-private"));
+        assert!(!headers.contains_key("keep-alive"));
+        assert!(!headers.contains_key(header::CONNECTION));
+        assert_eq!(headers[header::TE], "trailers");
+        assert_eq!(headers["x-end-to-end"], "1");
+    }
+
+    #[test]
+    fn absolute_form_becomes_origin_form_for_http1_and_absolute_for_http2() {
+        let (mut parts, ()) = Request::get("http://reviews/a?b=1").body(()).unwrap().into_parts();
+        prepare(&mut parts, "reviews", Wire::Http1, false);
+        assert_eq!(parts.uri, "/a?b=1");
+        assert_eq!(parts.headers[header::HOST], "reviews");
+        prepare(&mut parts, "reviews:80", Wire::Http2, false);
+        assert_eq!(parts.uri, "http://reviews:80/a?b=1");
+        assert!(!parts.headers.contains_key(header::HOST));
+    }
+}

@@ -1,0 +1,159 @@
+//! Connection limits of a backend Service (`TrafficPolicy.connectionLimits`): requests
+//! in flight, open upstream connections, and requests waiting for a connection. Beyond
+//! them requests fail fast with 503 instead of queueing without bound.
+//!
+//! One [`Limiter`] per Service, kept across configuration swaps (its counters are live
+//! state); a swap only updates the maxima.
+
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use tokio::sync::Notify;
+use weft_model::spec::ConnectionLimitsSpec;
+
+/// Live counters and maxima for one backend Service.
+#[derive(Debug, Default)]
+pub struct Limiter {
+    max_requests: AtomicUsize,
+    max_connections: AtomicUsize,
+    max_pending: AtomicUsize,
+    requests: AtomicUsize,
+    connections: AtomicUsize,
+    pending: AtomicUsize,
+    /// Woken when a connection closes or returns idle to the pool.
+    connection_freed: Notify,
+}
+
+/// Which limit refused a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LimitExceeded {
+    MaxRequests(usize),
+    MaxPendingRequests(usize),
+    MaxConnections(usize),
+}
+
+impl std::fmt::Display for LimitExceeded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LimitExceeded::MaxRequests(n) => write!(f, "maxRequests ({n}) reached"),
+            LimitExceeded::MaxPendingRequests(n) => write!(f, "maxPendingRequests ({n}) reached"),
+            LimitExceeded::MaxConnections(n) => write!(f, "maxConnections ({n}) reached and none freed in time"),
+        }
+    }
+}
+
+impl Limiter {
+    /// Applies new maxima; counters are untouched.
+    pub fn set_limits(&self, spec: &ConnectionLimitsSpec) {
+        self.max_requests.store(spec.max_requests as usize, Ordering::Relaxed);
+        self.max_connections.store(spec.max_connections as usize, Ordering::Relaxed);
+        self.max_pending.store(spec.max_pending_requests as usize, Ordering::Relaxed);
+    }
+
+    /// Admits a request if fewer than `maxRequests` are in flight.
+    pub fn start_request(self: &Arc<Self>) -> Result<RequestPermit, LimitExceeded> {
+        let max = self.max_requests.load(Ordering::Relaxed);
+        if self.requests.fetch_add(1, Ordering::AcqRel) >= max {
+            self.requests.fetch_sub(1, Ordering::AcqRel);
+            return Err(LimitExceeded::MaxRequests(max));
+        }
+        Ok(RequestPermit(self.clone()))
+    }
+
+    /// Reserves a slot for one new upstream connection, if under `maxConnections`.
+    pub fn try_open_connection(self: &Arc<Self>) -> Option<ConnectionPermit> {
+        let max = self.max_connections.load(Ordering::Relaxed);
+        if self.connections.fetch_add(1, Ordering::AcqRel) >= max {
+            self.connections.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(ConnectionPermit(self.clone()))
+    }
+
+    /// Waits (at most `wait`) for a connection to free up, counting as a pending
+    /// request; fails fast when `maxPendingRequests` are already waiting.
+    pub async fn wait_for_connection(&self, wait: Duration) -> Result<(), LimitExceeded> {
+        let max_pending = self.max_pending.load(Ordering::Relaxed);
+        if self.pending.fetch_add(1, Ordering::AcqRel) >= max_pending {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            return Err(LimitExceeded::MaxPendingRequests(max_pending));
+        }
+        let woken = tokio::time::timeout(wait, self.connection_freed.notified()).await;
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+        woken.map_err(|_| LimitExceeded::MaxConnections(self.max_connections.load(Ordering::Relaxed)))
+    }
+
+    /// Tells one waiter that a pooled connection became idle.
+    pub fn connection_returned(&self) {
+        self.connection_freed.notify_one();
+    }
+
+    /// Open upstream connections now (for `/config`).
+    pub fn open_connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+}
+
+/// Held for the life of one request.
+#[derive(Debug)]
+pub struct RequestPermit(Arc<Limiter>);
+
+impl Drop for RequestPermit {
+    fn drop(&mut self) {
+        self.0.requests.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Held for the life of one upstream connection.
+#[derive(Debug)]
+pub struct ConnectionPermit(Arc<Limiter>);
+
+impl Drop for ConnectionPermit {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+        self.0.connection_freed.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limiter(requests: u32, connections: u32, pending: u32) -> Arc<Limiter> {
+        let limiter = Arc::new(Limiter::default());
+        limiter.set_limits(&ConnectionLimitsSpec { max_connections: connections, max_pending_requests: pending, max_requests: requests });
+        limiter
+    }
+
+    #[test]
+    fn requests_beyond_the_maximum_fail_fast() {
+        let limiter = limiter(2, 1, 1);
+        let a = limiter.start_request().unwrap();
+        let _b = limiter.start_request().unwrap();
+        assert_eq!(limiter.start_request().unwrap_err(), LimitExceeded::MaxRequests(2));
+        drop(a);
+        assert!(limiter.start_request().is_ok());
+    }
+
+    #[tokio::test]
+    async fn connections_are_capped_and_waiters_are_woken() {
+        let limiter = limiter(10, 1, 1);
+        let permit = limiter.try_open_connection().unwrap();
+        assert!(limiter.try_open_connection().is_none());
+        let waiter = {
+            let limiter = limiter.clone();
+            tokio::spawn(async move { limiter.wait_for_connection(Duration::from_secs(5)).await })
+        };
+        tokio::task::yield_now().await;
+        // A second waiter exceeds maxPendingRequests at once.
+        assert_eq!(limiter.wait_for_connection(Duration::from_secs(5)).await, Err(LimitExceeded::MaxPendingRequests(1)));
+        drop(permit);
+        assert_eq!(waiter.await.unwrap(), Ok(()));
+        assert!(limiter.try_open_connection().is_some());
+    }
+}

@@ -1,0 +1,174 @@
+//! Binding listeners, accepting connections, serving HTTP on them, and draining.
+//!
+//! Each worker thread gets its own socket per listener, bound with `SO_REUSEPORT` to the
+//! same address, so the kernel spreads connections over workers with no shared accept
+//! queue. Draining: every connection task holds a [`DrainWatch`]; on shutdown the watch
+//! fires (accept loops stop, HTTP connections finish their in-flight requests and close)
+//! and [`Drain::wait`] returns once every watch is dropped or the timeout passes.
+
+use std::{future::Future, io, net::SocketAddr, time::Duration};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
+use socket2::{Domain, Socket, Type};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, watch},
+};
+
+use crate::{body::Body, settings::ProxySettings};
+
+/// Why a listener could not be bound; the message names the flag to change.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {address} ({what}, set with {flag}): {source}{hint}")]
+pub struct BindError {
+    pub what: &'static str,
+    pub flag: &'static str,
+    pub address: SocketAddr,
+    pub source: io::Error,
+    hint: &'static str,
+}
+
+/// Binds `count` sockets to `address` with `SO_REUSEPORT` (port 0 is resolved by the
+/// first bind and reused by the others).
+pub fn bind(address: SocketAddr, count: usize, what: &'static str, flag: &'static str) -> Result<Vec<std::net::TcpListener>, BindError> {
+    let fail = |address, source: io::Error| {
+        let hint = if source.kind() == io::ErrorKind::AddrInUse {
+            "; another process (perhaps another weft proxy) uses this port: stop it or choose another port"
+        } else if source.kind() == io::ErrorKind::PermissionDenied {
+            "; ports below 1024 need privileges: choose a higher port"
+        } else {
+            ""
+        };
+        BindError { what, flag, address, source, hint }
+    };
+    let mut listeners = Vec::with_capacity(count);
+    let mut resolved = address;
+    for _ in 0..count.max(1) {
+        let socket = Socket::new(Domain::for_address(resolved), Type::STREAM, None).map_err(|e| fail(resolved, e))?;
+        socket.set_reuse_address(true).map_err(|e| fail(resolved, e))?;
+        socket.set_reuse_port(true).map_err(|e| fail(resolved, e))?;
+        socket.set_nonblocking(true).map_err(|e| fail(resolved, e))?;
+        socket.bind(&resolved.into()).map_err(|e| fail(resolved, e))?;
+        socket.listen(1024).map_err(|e| fail(resolved, e))?;
+        let listener: std::net::TcpListener = socket.into();
+        resolved = listener.local_addr().map_err(|e| fail(resolved, e))?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+/// Starts a drain: created once per process; hand out [`Drain::watch`]es.
+pub struct Drain {
+    signal: watch::Sender<bool>,
+    guard: Option<mpsc::Sender<()>>,
+    done: mpsc::Receiver<()>,
+}
+
+/// Held by every accept loop and connection; says when to stop.
+#[derive(Clone)]
+pub struct DrainWatch {
+    signal: watch::Receiver<bool>,
+    _guard: mpsc::Sender<()>,
+}
+
+impl Drain {
+    /// A drain not yet signalled.
+    pub fn new() -> Self {
+        let (signal, _) = watch::channel(false);
+        let (guard, done) = mpsc::channel(1);
+        Drain { signal, guard: Some(guard), done }
+    }
+
+    /// A new watch on this drain.
+    pub fn watch(&self) -> DrainWatch {
+        DrainWatch { signal: self.signal.subscribe(), _guard: self.guard.clone().expect("watch() after wait()") }
+    }
+
+    /// Signals every watch and waits until all are dropped or `timeout` passes; returns
+    /// whether everything finished in time.
+    pub async fn wait(mut self, timeout: Duration) -> bool {
+        let _ = self.signal.send(true);
+        self.guard = None;
+        tokio::time::timeout(timeout, self.done.recv()).await.is_ok()
+    }
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DrainWatch {
+    /// Resolves when the drain starts.
+    pub async fn signaled(&mut self) {
+        let _ = self.signal.wait_for(|draining| *draining).await;
+    }
+}
+
+/// Accepts connections until the drain starts, spawning `serve` for each.
+pub async fn accept_loop<F, Fut>(listener: std::net::TcpListener, mut drain: DrainWatch, serve: F)
+where
+    F: Fn(TcpStream, SocketAddr, DrainWatch) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listener = match TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::error!(%error, "cannot register listener with the runtime");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = drain.signaled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(serve(stream, peer, drain.clone()));
+                }
+                Err(error) => {
+                    // Usually EMFILE: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
+/// Serves HTTP/1.1 (with upgrades) or HTTP/2 on one connection until it closes or the
+/// drain starts, then finishes in-flight requests and closes gracefully.
+pub async fn serve_http<S>(stream: TcpStream, service: S, mut drain: DrainWatch, settings: &ProxySettings)
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = std::convert::Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(Some(Duration::from_secs(30)));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(settings.h2_keepalive))
+        .keep_alive_timeout(settings.h2_keepalive * 2);
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => log_connection_end(result),
+        _ = drain.signaled() => {
+            connection.as_mut().graceful_shutdown();
+            log_connection_end(connection.await);
+        }
+    }
+}
+
+fn log_connection_end(result: Result<(), Box<dyn std::error::Error + Send + Sync>>) {
+    if let Err(error) = result {
+        tracing::debug!(%error, "downstream connection ended with an error");
+    }
+}

@@ -1,0 +1,409 @@
+//! The outbound direction: a request from the local application to a Service.
+//!
+//! Host → Service port → route rule (Gateway API precedence, precompiled) → filters →
+//! weighted backend → balanced endpoint → send, under the request timeout, with
+//! budgeted retries. Retries and timeouts come from the Service the caller addressed;
+//! balancing, outlier detection and connection limits from the backend Service that owns
+//! the endpoint. A backend Service's own routes are not applied again.
+
+use std::{sync::Arc, time::Instant};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use rand::Rng;
+use weft_model::{
+    matching::RequestView,
+    snapshot::{BackendTarget, Filter, HostLookupError, PathRewrite, RouteAction, WeightedBackend},
+    spec::RetrySpec,
+};
+
+use crate::{
+    balance::Backend,
+    body::{self, Body},
+    errors::{is_grpc, ProxyFailure},
+    forward::{self, wire_for},
+    metrics::{DurationLabels, EjectionLabels, RequestLabels, RetryLabels},
+    pool::SendError,
+    retry::{backoff, is_idempotent, RetryBudget, TryEnd},
+    state::{ServingConfig, SharedState},
+};
+
+/// What a request was routed to, for its metrics.
+pub(crate) struct Routed {
+    destination: Arc<str>,
+    route: Arc<str>,
+}
+
+/// Handles one outbound request end to end, always producing a response.
+pub async fn handle(state: Arc<SharedState>, request: Request<Incoming>) -> Result<Response<Body>, std::convert::Infallible> {
+    let started = Instant::now();
+    let config = state.config.load_full();
+    let grpc = is_grpc(request.headers());
+    let mut routed = Routed { destination: "".into(), route: "".into() };
+    let result = route_request(&state, &config, request, &mut routed).await;
+    let (response, error) = match result {
+        Ok(response) => (response, ""),
+        Err(failure) => {
+            let reason = failure.reason();
+            tracing::debug!(%failure, "outbound request failed in the proxy");
+            (failure.into_response(grpc), reason)
+        }
+    };
+    record(&state, "outbound", state.own_label.clone(), routed, response.status().as_u16(), error, started);
+    Ok(response)
+}
+
+/// Counts one request in `weft_requests_total` and its latency.
+pub(crate) fn record(
+    state: &SharedState,
+    direction: &'static str,
+    source: Arc<str>,
+    routed: Routed,
+    status: u16,
+    error: &'static str,
+    started: Instant,
+) {
+    let labels = RequestLabels {
+        direction,
+        source_service: source.clone(),
+        destination_service: routed.destination.clone(),
+        route: routed.route.clone(),
+        status_code: status,
+        error,
+    };
+    state.metrics.requests.get_or_create(&labels).inc();
+    let labels = DurationLabels { direction, source_service: source, destination_service: routed.destination, route: routed.route };
+    state.metrics.request_duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+}
+
+impl Routed {
+    pub(crate) fn new(destination: Arc<str>) -> Self {
+        Routed { destination, route: "".into() }
+    }
+}
+
+async fn route_request(
+    state: &SharedState,
+    config: &ServingConfig,
+    mut request: Request<Incoming>,
+    routed: &mut Routed,
+) -> Result<Response<Body>, ProxyFailure> {
+    let downstream_upgrade = forward::is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
+    let (mut parts, incoming) = request.into_parts();
+    let mut authority = forward::authority(&parts).ok_or_else(|| ProxyFailure::BadRequest("the request has no Host".into()))?;
+    let snapshot = &config.snapshot;
+    let (service_index, port_index) = snapshot.lookup_host(&authority).map_err(|e| match e {
+        HostLookupError::UnknownHost => ProxyFailure::UnknownHost(authority.clone()),
+        HostLookupError::UnknownPort(port) => ProxyFailure::UnknownHost(format!("{authority} (the service has no port {port})")),
+        HostLookupError::NotHttp(port) => ProxyFailure::NotHttp(format!("{authority} port {port}")),
+    })?;
+    routed.destination = config.service_labels[service_index].clone();
+    let service = &snapshot.services[service_index];
+    let port = &service.ports[port_index];
+
+    // The route rule, or the port itself when no route is attached.
+    let action: Option<&Arc<RouteAction>> = match &port.routes {
+        None => None,
+        Some(rules) => {
+            let view = RequestView { method: &parts.method, path: parts.uri.path(), query: parts.uri.query(), headers: &parts.headers };
+            let rule = rules.iter().find(|rule| rule.matcher.matches(&view)).ok_or_else(|| ProxyFailure::NoRoute(routed.destination.to_string()))?;
+            routed.route = rule.action.route.clone();
+            Some(&rule.action)
+        }
+    };
+    let mut response_filters: Vec<&Filter> = Vec::new();
+    let (target, request_timeout, try_timeout) = match action {
+        None => (BackendTarget::Resolved { service: service_index, port: port_index }, service.policy.request_timeout, None),
+        Some(action) => {
+            for filter in &action.filters {
+                if let Filter::RequestRedirect { .. } = filter {
+                    return Ok(redirect(filter, &parts, &authority));
+                }
+                apply_request_filter(filter, &mut parts, &mut authority, &mut response_filters);
+            }
+            let backend = pick_weighted(&action.backends).ok_or_else(|| ProxyFailure::NoBackends(action.route.to_string()))?;
+            for filter in &backend.filters {
+                apply_request_filter(filter, &mut parts, &mut authority, &mut response_filters);
+            }
+            (
+                backend.target.clone(),
+                action.timeouts.request.or(service.policy.request_timeout),
+                action.timeouts.backend_request,
+            )
+        }
+    };
+    let (backend_service, backend_port) = match target {
+        BackendTarget::Resolved { service, port } => (service, port),
+        BackendTarget::Unresolved(what) => return Err(ProxyFailure::UnresolvedBackend(what)),
+    };
+    let backend = config.backends[backend_service][backend_port].clone();
+    let retries = service.policy.retries.as_ref();
+    let try_timeout = try_timeout.or(retries.and_then(|r| r.per_try_timeout).map(|d| d.0));
+    let budget = &config.budgets[service_index];
+
+    let exchange = async {
+        if let Some(downstream_upgrade) = downstream_upgrade {
+            return send_upgrade(state, &backend, parts, incoming, &authority, downstream_upgrade).await;
+        }
+        send_with_retries(state, &backend, budget, retries, try_timeout, parts, incoming, &authority).await
+    };
+    let mut response = match request_timeout {
+        Some(limit) => tokio::time::timeout(limit, exchange).await.map_err(|_| ProxyFailure::RequestTimeout)??,
+        None => exchange.await?,
+    };
+    for filter in response_filters {
+        if let Filter::ResponseHeaderModifier(modifier) = filter {
+            modify_headers(response.headers_mut(), modifier);
+        }
+    }
+    Ok(response)
+}
+
+/// Chooses one backend by weight; `None` when every weight is 0 or there are none.
+fn pick_weighted(backends: &[WeightedBackend]) -> Option<&WeightedBackend> {
+    let total: u64 = backends.iter().map(|b| b.weight as u64).sum();
+    if total == 0 {
+        return None;
+    }
+    if backends.len() == 1 {
+        return backends.first();
+    }
+    let mut slot = rand::rng().random_range(0..total);
+    for backend in backends {
+        if slot < backend.weight as u64 {
+            return Some(backend);
+        }
+        slot -= backend.weight as u64;
+    }
+    None
+}
+
+fn apply_request_filter<'a>(
+    filter: &'a Filter,
+    parts: &mut http::request::Parts,
+    authority: &mut String,
+    response_filters: &mut Vec<&'a Filter>,
+) {
+    match filter {
+        Filter::RequestHeaderModifier(modifier) => modify_headers(&mut parts.headers, modifier),
+        Filter::ResponseHeaderModifier(_) => response_filters.push(filter),
+        Filter::UrlRewrite { hostname, path } => {
+            if let Some(hostname) = hostname {
+                *authority = hostname.clone();
+            }
+            if let Some(rewrite) = path {
+                let new_path = rewrite.apply(parts.uri.path());
+                let path_and_query = match parts.uri.query() {
+                    Some(query) => format!("{new_path}?{query}"),
+                    None => new_path,
+                };
+                if let Ok(uri) = http::Uri::try_from(path_and_query) {
+                    parts.uri = uri;
+                }
+            }
+        }
+        Filter::RequestRedirect { .. } => {}
+    }
+}
+
+fn modify_headers(headers: &mut http::HeaderMap, modifier: &weft_model::spec::HeaderModifier) {
+    // Validation guarantees names and values parse.
+    for h in &modifier.set {
+        if let (Ok(name), Ok(value)) = (header::HeaderName::from_bytes(h.name.as_bytes()), HeaderValue::from_str(&h.value)) {
+            headers.insert(name, value);
+        }
+    }
+    for h in &modifier.add {
+        if let (Ok(name), Ok(value)) = (header::HeaderName::from_bytes(h.name.as_bytes()), HeaderValue::from_str(&h.value)) {
+            headers.append(name, value);
+        }
+    }
+    for name in &modifier.remove {
+        headers.remove(name.as_str());
+    }
+}
+
+fn redirect(filter: &Filter, parts: &http::request::Parts, authority: &str) -> Response<Body> {
+    let Filter::RequestRedirect { scheme, hostname, path, port, status_code } = filter else {
+        unreachable!("called for redirects only")
+    };
+    let (current_host, current_port) = match authority.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => (host, Some(port)),
+        _ => (authority, None),
+    };
+    let scheme = scheme.as_deref().unwrap_or("http");
+    let host = hostname.as_deref().unwrap_or(current_host);
+    // The Gateway API: an explicit port, else the default port of the scheme is omitted.
+    let port = match port {
+        Some(p) => Some(p.to_string()),
+        None if scheme.is_empty() => current_port.map(str::to_string),
+        None => None,
+    };
+    let path = match path {
+        Some(PathRewrite::ReplaceFullPath(full)) => full.clone(),
+        Some(rewrite) => rewrite.apply(parts.uri.path()),
+        None => parts.uri.path().to_string(),
+    };
+    let default_port = matches!((scheme, port.as_deref()), ("http", Some("80")) | ("https", Some("443")));
+    let mut location = format!("{scheme}://{host}");
+    if let (Some(port), false) = (port, default_port) {
+        location.push(':');
+        location.push_str(&port);
+    }
+    location.push_str(&path);
+    if let Some(query) = parts.uri.query() {
+        location.push('?');
+        location.push_str(query);
+    }
+    let mut response = Response::new(body::empty());
+    *response.status_mut() = StatusCode::from_u16(*status_code).unwrap_or(StatusCode::FOUND);
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
+}
+
+/// The request body, buffered when it may have to be replayed for a retry.
+enum RequestBody {
+    Streaming(Option<Incoming>),
+    Replayable(Bytes),
+}
+
+impl RequestBody {
+    fn take(&mut self) -> Option<Body> {
+        match self {
+            RequestBody::Streaming(body) => body.take().map(body::boxed),
+            RequestBody::Replayable(bytes) => Some(if bytes.is_empty() { body::empty() } else { body::full(bytes.clone()) }),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn send_with_retries(
+    state: &SharedState,
+    backend: &Arc<Backend>,
+    budget: &RetryBudget,
+    retries: Option<&RetrySpec>,
+    try_timeout: Option<std::time::Duration>,
+    parts: http::request::Parts,
+    incoming: Incoming,
+    authority: &str,
+) -> Result<Response<Body>, ProxyFailure> {
+    let may_retry = retries.is_some_and(|r| r.attempts > 0 && (r.retry_non_idempotent || is_idempotent(&parts.method)));
+    let mut body = if may_retry {
+        budget.deposit();
+        let small = incoming.is_end_stream()
+            || incoming.size_hint().exact().is_some_and(|len| len as usize <= state.settings.max_replay_body);
+        if small {
+            let bytes = incoming
+                .collect()
+                .await
+                .map_err(|e| ProxyFailure::BadRequest(format!("reading the request body failed: {e}")))?
+                .to_bytes();
+            RequestBody::Replayable(bytes)
+        } else {
+            RequestBody::Streaming(Some(incoming))
+        }
+    } else {
+        RequestBody::Streaming(Some(incoming))
+    };
+    let max_tries = match (&body, retries) {
+        (RequestBody::Replayable(_), Some(r)) if may_retry => 1 + r.attempts,
+        _ => 1,
+    };
+    let wire = wire_for(backend.protocol, is_grpc(&parts.headers));
+    let mut avoid = None;
+    let mut attempt = 1;
+    loop {
+        let permit = backend.limiter.start_request().map_err(|e| ProxyFailure::Overloaded(format!("{}: {e}", backend.name)))?;
+        let endpoint = backend.pick(avoid).ok_or_else(|| ProxyFailure::NoEndpoints(backend.name.to_string()))?.clone();
+        let mut try_parts = parts.clone();
+        forward::prepare(&mut try_parts, authority, wire, false);
+        let request = Request::from_parts(try_parts, body.take().expect("a streaming body is only sent once"));
+        let in_flight = endpoint.start_request();
+        let started = Instant::now();
+        let send = state.connector.send(endpoint.address, wire, &backend.limiter, request);
+        let result = match try_timeout {
+            Some(limit) => tokio::time::timeout(limit, send).await.unwrap_or(Err(SendError::Timeout(limit))),
+            None => send.await,
+        };
+        let end = match &result {
+            Ok(response) => TryEnd::Status(response.status().as_u16()),
+            Err(SendError::Connect(_)) => TryEnd::ConnectFailure,
+            Err(SendError::Limit(_)) => TryEnd::ConnectFailure,
+            Err(SendError::Timeout(_)) => TryEnd::Timeout,
+            Err(SendError::Reset(_)) => TryEnd::Reset,
+        };
+        let now = Instant::now();
+        if result.is_ok() {
+            endpoint.observe_rtt(now - started, now);
+        }
+        if !matches!(result, Err(SendError::Limit(_))) {
+            if let Some(length) = endpoint.record_outcome(end.outcome(), &backend.outlier_detection, now, || backend.may_eject()) {
+                tracing::warn!(service = %backend.name, endpoint = %endpoint.address, ?length, "endpoint ejected by outlier detection");
+                state
+                    .metrics
+                    .ejections
+                    .get_or_create(&EjectionLabels { service: backend.name.clone(), endpoint: endpoint.address.to_string() })
+                    .inc();
+            }
+        }
+        let retry_on = retries.map(|r| r.retry_on.as_slice()).unwrap_or(&[]);
+        if attempt < max_tries && end.is_retryable(retry_on) {
+            if budget.try_withdraw() {
+                state.metrics.retries.get_or_create(&RetryLabels { destination_service: backend.name.clone(), outcome: "retried" }).inc();
+                drop((result, in_flight, permit));
+                let pause = backoff(&retries.expect("retries configured").backoff, attempt);
+                tokio::time::sleep(pause).await;
+                avoid = Some(endpoint.address);
+                attempt += 1;
+                continue;
+            }
+            state.metrics.retries.get_or_create(&RetryLabels { destination_service: backend.name.clone(), outcome: "budget_exhausted" }).inc();
+        }
+        return match result {
+            Ok(mut response) => {
+                forward::prepare_response(&mut response, false);
+                Ok(response.map(|b| body::Guarded::wrap(b, (in_flight, permit))))
+            }
+            Err(SendError::Connect(error)) => Err(ProxyFailure::ConnectFailed { endpoint: endpoint.address, reason: error.to_string() }),
+            Err(SendError::Limit(error)) => Err(ProxyFailure::Overloaded(format!("{}: {error}", backend.name))),
+            Err(SendError::Timeout(_)) => Err(ProxyFailure::TryTimeout),
+            Err(SendError::Reset(error)) => Err(ProxyFailure::UpstreamReset { endpoint: endpoint.address, reason: error.to_string() }),
+        };
+    }
+}
+
+async fn send_upgrade(
+    state: &SharedState,
+    backend: &Arc<Backend>,
+    mut parts: http::request::Parts,
+    incoming: Incoming,
+    authority: &str,
+    downstream_upgrade: hyper::upgrade::OnUpgrade,
+) -> Result<Response<Body>, ProxyFailure> {
+    let permit = backend.limiter.start_request().map_err(|e| ProxyFailure::Overloaded(format!("{}: {e}", backend.name)))?;
+    let endpoint = backend.pick(None).ok_or_else(|| ProxyFailure::NoEndpoints(backend.name.to_string()))?.clone();
+    forward::prepare(&mut parts, authority, crate::pool::Wire::Http1, true);
+    let request = Request::from_parts(parts, body::boxed(incoming));
+    let mut response = state.connector.send_upgrade(endpoint.address, &backend.limiter, request).await.map_err(|e| match e {
+        SendError::Connect(error) => ProxyFailure::ConnectFailed { endpoint: endpoint.address, reason: error.to_string() },
+        SendError::Limit(error) => ProxyFailure::Overloaded(format!("{}: {error}", backend.name)),
+        SendError::Reset(error) => ProxyFailure::UpstreamReset { endpoint: endpoint.address, reason: error.to_string() },
+        SendError::Timeout(_) => ProxyFailure::TryTimeout,
+    })?;
+    drop(permit);
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        forward::spawn_tunnel(downstream_upgrade, upstream_upgrade);
+        let mut response = response.map(body::boxed);
+        forward::prepare_response(&mut response, true);
+        return Ok(response);
+    }
+    let mut response = response.map(body::boxed);
+    forward::prepare_response(&mut response, false);
+    Ok(response)
+}

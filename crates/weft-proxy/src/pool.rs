@@ -1,0 +1,285 @@
+//! Upstream HTTP connections: a per-thread LIFO pool of HTTP/1.1 connections and one
+//! multiplexed HTTP/2 connection per endpoint and thread.
+//!
+//! Each worker is a single-threaded runtime, so the pool is thread-local: no lock on the
+//! hot path. An HTTP/1.1 connection returns to the pool when its response body ends (the
+//! most recently used first, as it is the likeliest still open). Pooled connections are
+//! keyed by endpoint address, so configuration swaps keep them. A request that a stale
+//! pooled connection refuses before sending anything is re-sent on a fresh connection.
+
+use std::{
+    cell::RefCell,
+    collections::HashMap,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::{
+    body::Incoming,
+    client::conn::{http1, http2},
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use crate::{
+    body::{self, Body, BoxError},
+    limits::{LimitExceeded, Limiter},
+    transport::{self, ConnectError},
+};
+
+/// Idle HTTP/1.1 connections kept per endpoint and thread; more are closed on return.
+const MAX_IDLE_PER_ENDPOINT: usize = 256;
+
+/// The HTTP version spoken to an endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Wire {
+    Http1,
+    Http2,
+}
+
+/// Why a request could not be sent.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection could be made: the request never left the proxy.
+    #[error("{0}")]
+    Connect(#[from] ConnectError),
+    /// A connection limit refused a new connection.
+    #[error("{0}")]
+    Limit(LimitExceeded),
+    /// The connection failed after the request was (possibly) sent.
+    #[error("{0}")]
+    Reset(hyper::Error),
+    /// The per-try timeout elapsed before response headers.
+    #[error("no response within the per-try timeout of {0:?}")]
+    Timeout(Duration),
+}
+
+/// Connection settings shared by every send.
+#[derive(Clone, Debug)]
+pub struct Connector {
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub h2_keepalive: Duration,
+}
+
+struct IdleConnection {
+    sender: http1::SendRequest<Body>,
+    idle_since: Instant,
+    limiter: Arc<Limiter>,
+}
+
+thread_local! {
+    static IDLE_HTTP1: RefCell<HashMap<SocketAddr, Vec<IdleConnection>>> = RefCell::new(HashMap::new());
+    static HTTP2: RefCell<HashMap<SocketAddr, http2::SendRequest<Body>>> = RefCell::new(HashMap::new());
+}
+
+impl Connector {
+    /// Sends `request` to `address` over `wire`, reusing a pooled connection if one is
+    /// idle. Opening a new connection counts against `limiter`'s `maxConnections`.
+    pub async fn send(
+        &self,
+        address: SocketAddr,
+        wire: Wire,
+        limiter: &Arc<Limiter>,
+        request: Request<Body>,
+    ) -> Result<Response<Body>, SendError> {
+        match wire {
+            Wire::Http1 => self.send_http1(address, limiter, request).await,
+            Wire::Http2 => self.send_http2(address, limiter, request).await,
+        }
+    }
+
+    async fn send_http1(
+        &self,
+        address: SocketAddr,
+        limiter: &Arc<Limiter>,
+        mut request: Request<Body>,
+    ) -> Result<Response<Body>, SendError> {
+        // Pooled connections first; one that turns out closed hands the request back.
+        while let Some(mut sender) = self.checkout_http1(address) {
+            if sender.ready().await.is_err() {
+                continue;
+            }
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok(self.pooled_response(address, sender, limiter.clone(), response)),
+                Err(mut error) => match error.take_message() {
+                    Some(unsent) => request = unsent,
+                    None => return Err(SendError::Reset(error.into_error())),
+                },
+            }
+        }
+        let mut sender = self.open_http1(address, limiter).await?;
+        let response = sender.send_request(request).await.map_err(SendError::Reset)?;
+        Ok(self.pooled_response(address, sender, limiter.clone(), response))
+    }
+
+    fn checkout_http1(&self, address: SocketAddr) -> Option<http1::SendRequest<Body>> {
+        IDLE_HTTP1.with(|pool| {
+            let mut pool = pool.borrow_mut();
+            let idle = pool.get_mut(&address)?;
+            while let Some(connection) = idle.pop() {
+                if connection.sender.is_closed() || connection.idle_since.elapsed() > self.idle_timeout {
+                    continue; // dropping the sender closes the connection
+                }
+                return Some(connection.sender);
+            }
+            None
+        })
+    }
+
+    async fn open_http1(&self, address: SocketAddr, limiter: &Arc<Limiter>) -> Result<http1::SendRequest<Body>, SendError> {
+        let permit = loop {
+            if let Some(permit) = limiter.try_open_connection() {
+                break permit;
+            }
+            limiter.wait_for_connection(self.connect_timeout).await.map_err(SendError::Limit)?;
+            if let Some(sender) = self.checkout_http1(address) {
+                return Ok(sender);
+            }
+        };
+        let io = transport::connect(address, self.connect_timeout).await?;
+        let (sender, connection) = http1::handshake(TokioIo::new(io)).await.map_err(SendError::Reset)?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%address, %error, "upstream HTTP/1.1 connection ended with an error");
+            }
+            drop(permit);
+        });
+        Ok(sender)
+    }
+
+    fn pooled_response(
+        &self,
+        address: SocketAddr,
+        sender: http1::SendRequest<Body>,
+        limiter: Arc<Limiter>,
+        response: Response<Incoming>,
+    ) -> Response<Body> {
+        response.map(|incoming| {
+            body::boxed(PooledBody { inner: incoming, home: Some(IdleConnection { sender, idle_since: Instant::now(), limiter }), address })
+        })
+    }
+
+    async fn send_http2(
+        &self,
+        address: SocketAddr,
+        limiter: &Arc<Limiter>,
+        request: Request<Body>,
+    ) -> Result<Response<Body>, SendError> {
+        let existing = HTTP2.with(|pool| pool.borrow().get(&address).filter(|s| !s.is_closed()).cloned());
+        let mut sender = match existing {
+            Some(sender) => sender,
+            None => {
+                let permit = loop {
+                    if let Some(permit) = limiter.try_open_connection() {
+                        break permit;
+                    }
+                    limiter.wait_for_connection(self.connect_timeout).await.map_err(SendError::Limit)?;
+                };
+                let io = transport::connect(address, self.connect_timeout).await?;
+                let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .keep_alive_interval(self.h2_keepalive)
+                    .keep_alive_timeout(self.h2_keepalive * 2)
+                    .handshake(TokioIo::new(io))
+                    .await
+                    .map_err(SendError::Reset)?;
+                tokio::spawn(async move {
+                    if let Err(error) = connection.await {
+                        tracing::debug!(%address, %error, "upstream HTTP/2 connection ended with an error");
+                    }
+                    drop(permit);
+                });
+                HTTP2.with(|pool| pool.borrow_mut().insert(address, sender.clone()));
+                sender
+            }
+        };
+        sender.ready().await.map_err(SendError::Reset)?;
+        let response = sender.send_request(request).await.map_err(SendError::Reset)?;
+        Ok(response.map(body::boxed))
+    }
+
+    /// Sends an HTTP/1.1 `Upgrade` request (e.g. WebSocket) on a connection of its own,
+    /// which becomes the upgraded tunnel and is never pooled.
+    pub async fn send_upgrade(&self, address: SocketAddr, limiter: &Arc<Limiter>, request: Request<Body>) -> Result<Response<Incoming>, SendError> {
+        let permit = limiter.try_open_connection().ok_or(SendError::Limit(LimitExceeded::MaxConnections(0)))?;
+        let io = transport::connect(address, self.connect_timeout).await?;
+        let (mut sender, connection) = http1::handshake(TokioIo::new(io)).await.map_err(SendError::Reset)?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.with_upgrades().await {
+                tracing::debug!(%address, %error, "upgraded upstream connection ended with an error");
+            }
+            drop(permit);
+        });
+        sender.send_request(request).await.map_err(SendError::Reset)
+    }
+}
+
+/// A response body that puts its HTTP/1.1 connection back in the pool when it ends.
+struct PooledBody {
+    inner: Incoming,
+    home: Option<IdleConnection>,
+    address: SocketAddr,
+}
+
+impl PooledBody {
+    fn release(&mut self) {
+        if let Some(mut connection) = self.home.take() {
+            connection.idle_since = Instant::now();
+            let limiter = connection.limiter.clone();
+            IDLE_HTTP1.with(|pool| {
+                let mut pool = pool.borrow_mut();
+                let idle = pool.entry(self.address).or_default();
+                if idle.len() < MAX_IDLE_PER_ENDPOINT {
+                    idle.push(connection);
+                }
+            });
+            limiter.connection_returned();
+        }
+    }
+}
+
+impl HttpBody for PooledBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.release(),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
+            Poll::Ready(Some(Err(_))) => this.home = None,
+            _ => {}
+        }
+        polled.map_err(Into::into)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // Bodies that are empty by nature (HEAD, 204, 304) may never be polled.
+        if self.inner.is_end_stream() {
+            self.release();
+        }
+    }
+}
+
+/// Forgets every pooled connection of this thread (used by tests and at shutdown).
+pub fn clear_thread_pool() {
+    IDLE_HTTP1.with(|pool| pool.borrow_mut().clear());
+    HTTP2.with(|pool| pool.borrow_mut().clear());
+}

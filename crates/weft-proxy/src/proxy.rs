@@ -1,0 +1,166 @@
+//! Starting and stopping a proxy: load the configuration, bind every listener, run the
+//! workers, and drain on SIGTERM.
+
+use std::{
+    net::SocketAddr,
+    sync::{atomic::Ordering, Arc},
+};
+
+use serde::Serialize;
+use weft_model::Snapshot;
+
+use crate::{
+    admin, inbound,
+    listener::{self, accept_loop, serve_http, BindError, Drain},
+    outbound, reload,
+    settings::ProxySettings,
+    state::SharedState,
+    tcp,
+};
+
+/// The addresses the proxy actually bound (port 0 resolved), as logged, served on
+/// `/config` and written to `--ports-file`.
+#[derive(Clone, Debug, Serialize)]
+pub struct BoundPorts {
+    pub outbound: SocketAddr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inbound: Option<SocketAddr>,
+    pub admin: SocketAddr,
+    pub upstreams: std::collections::BTreeMap<String, SocketAddr>,
+}
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(transparent)]
+    Config(#[from] reload::LoadError),
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error("cannot write --ports-file {path}: {source}")]
+    PortsFile { path: String, source: std::io::Error },
+    #[error("cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Runs a proxy until SIGTERM or SIGINT, then drains in-flight requests (at most the
+/// drain timeout) and returns. Fails before serving anything if the configuration is
+/// invalid or a listener cannot be bound.
+pub fn run(settings: ProxySettings) -> Result<(), ProxyError> {
+    let (snapshot, version, text) = match &settings.config_path {
+        Some(path) => reload::load(path, &settings.namespace)?,
+        None => (Snapshot::empty(&settings.namespace), String::new(), String::new()),
+    };
+    let workers = settings.workers.max(1);
+    let outbound_listeners = listener::bind(settings.outbound_addr, workers, "outbound listener", "--outbound-addr")?;
+    let inbound_listeners = match settings.app_addr {
+        Some(_) => Some(listener::bind(settings.inbound_addr, workers, "inbound listener", "--inbound-addr")?),
+        None => None,
+    };
+    let mut upstream_listeners = Vec::new();
+    for upstream in &settings.upstreams {
+        upstream_listeners.push((Arc::new(upstream.clone()), listener::bind(upstream.listen, workers, "TCP upstream listener", "--upstream")?));
+    }
+    let admin_listener = listener::bind(settings.admin_addr, 1, "admin listener", "--admin-addr")?.remove(0);
+
+    let local = |listeners: &[std::net::TcpListener]| listeners[0].local_addr().expect("bound listener has an address");
+    let ports = BoundPorts {
+        outbound: local(&outbound_listeners),
+        inbound: inbound_listeners.as_deref().map(local),
+        admin: admin_listener.local_addr().expect("bound listener has an address"),
+        upstreams: upstream_listeners.iter().map(|(u, l)| (u.service.clone(), local(l))).collect(),
+    };
+    if let Some(path) = &settings.ports_file {
+        let json = serde_json::to_string_pretty(&ports).expect("ports serialize");
+        std::fs::write(path, json).map_err(|source| ProxyError::PortsFile { path: path.display().to_string(), source })?;
+    }
+    tracing::info!(outbound = %ports.outbound, inbound = ?ports.inbound, admin = %ports.admin, upstreams = ?ports.upstreams, workers, "listening");
+    if settings.app_addr.is_none() {
+        tracing::info!("no --app-addr: the inbound listener is not started");
+    }
+
+    let state = SharedState::new(settings, snapshot, version);
+    let _ = state.ports.set(ports);
+    let drain = Drain::new();
+
+    // Worker threads: one single-threaded runtime each, with its own sockets.
+    let mut inbound_listeners = inbound_listeners.map(|l| l.into_iter());
+    let mut outbound_listeners = outbound_listeners.into_iter();
+    let mut upstream_iters: Vec<_> = upstream_listeners.into_iter().map(|(u, l)| (u, l.into_iter())).collect();
+    for worker in 0..workers {
+        let outbound_listener = outbound_listeners.next().expect("one per worker");
+        let inbound_listener = inbound_listeners.as_mut().and_then(|l| l.next());
+        let upstreams: Vec<_> = upstream_iters.iter_mut().map(|(u, l)| (u.clone(), l.next().expect("one per worker"))).collect();
+        let state = state.clone();
+        let watch = drain.watch();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(ProxyError::Runtime)?;
+        std::thread::Builder::new()
+            .name(format!("weft-worker-{worker}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let mut tasks = tokio::task::JoinSet::new();
+                    let outbound_state = state.clone();
+                    tasks.spawn(accept_loop(outbound_listener, watch.clone(), move |stream, _peer, drain| {
+                        let state = outbound_state.clone();
+                        async move {
+                            let handler_state = state.clone();
+                            let service = hyper::service::service_fn(move |request| outbound::handle(handler_state.clone(), request));
+                            serve_http(stream, service, drain, &state.settings).await;
+                        }
+                    }));
+                    if let Some(inbound_listener) = inbound_listener {
+                        let inbound_state = state.clone();
+                        tasks.spawn(accept_loop(inbound_listener, watch.clone(), move |stream, _peer, drain| {
+                            inbound::serve_connection(inbound_state.clone(), stream, drain)
+                        }));
+                    }
+                    for (upstream, listener) in upstreams {
+                        let upstream_state = state.clone();
+                        tasks.spawn(accept_loop(listener, watch.clone(), move |stream, _peer, drain| {
+                            let state = upstream_state.clone();
+                            let upstream = upstream.clone();
+                            async move {
+                                let _drain = drain;
+                                tcp::serve_upstream_client(state, upstream, stream).await;
+                            }
+                        }));
+                    }
+                    drop(watch);
+                    while tasks.join_next().await.is_some() {}
+                    // Connection tasks keep running on this runtime until the process exits.
+                    std::future::pending::<()>().await;
+                });
+            })
+            .map_err(ProxyError::Runtime)?;
+    }
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(ProxyError::Runtime)?;
+    runtime.block_on(async move {
+        let admin_state = state.clone();
+        tokio::spawn(accept_loop(admin_listener, drain.watch(), move |stream, peer, drain| {
+            admin::serve_connection(admin_state.clone(), stream, peer, drain)
+        }));
+        tokio::spawn(reload::watch(state.clone(), text));
+        state.ready.store(true, Ordering::Release);
+        tracing::info!("proxy ready");
+        wait_for_shutdown_signal().await;
+        state.ready.store(false, Ordering::Release);
+        let timeout = state.settings.drain_timeout;
+        tracing::info!(?timeout, "shutting down: no new connections, draining in-flight requests");
+        if drain.wait(timeout).await {
+            tracing::info!("drained");
+        } else {
+            tracing::warn!(?timeout, "drain timeout elapsed with requests still in flight; exiting anyway");
+        }
+    });
+    Ok(())
+}
+
+async fn wait_for_shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+    let mut interrupt = signal(SignalKind::interrupt()).expect("SIGINT handler installs");
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+}

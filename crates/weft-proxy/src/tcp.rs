@@ -1,0 +1,88 @@
+//! Opaque TCP forwarding: `--upstream` listeners toward a Service, and inbound
+//! connections that are not HTTP.
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::Instant,
+};
+
+use tokio::{io::AsyncWriteExt, net::TcpStream};
+use weft_model::snapshot::HostLookupError;
+
+use crate::{
+    endpoint::TryOutcome,
+    metrics::{EjectionLabels, TcpBytesLabels, TcpLabels},
+    settings::UpstreamListener,
+    state::SharedState,
+    transport,
+};
+
+/// Tries to connect to different endpoints before giving up on a TCP client.
+const CONNECT_TRIES: usize = 3;
+
+/// Copies bytes both ways until both sides close, then counts them.
+pub async fn relay(state: &SharedState, direction: &'static str, destination: Arc<str>, mut client: TcpStream, mut upstream: TcpStream) {
+    state.metrics.tcp_connections.get_or_create(&TcpLabels { direction, destination_service: destination.clone() }).inc();
+    let (sent, received) = match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        Ok(counts) => counts,
+        Err(error) => {
+            tracing::debug!(%error, "TCP relay ended with an error");
+            (0, 0)
+        }
+    };
+    let bytes = |flow| TcpBytesLabels { direction, destination_service: destination.clone(), flow };
+    state.metrics.tcp_bytes.get_or_create(&bytes("sent")).inc_by(sent);
+    state.metrics.tcp_bytes.get_or_create(&bytes("received")).inc_by(received);
+}
+
+/// Serves one client of an `--upstream` listener: picks an endpoint of the Service
+/// (trying others if connects fail) and relays.
+pub async fn serve_upstream_client(state: Arc<SharedState>, upstream: Arc<UpstreamListener>, mut client: TcpStream) {
+    let config = state.config.load_full();
+    let snapshot = &config.snapshot;
+    let resolved = snapshot.service(&state.settings.namespace, &upstream.service).ok_or(HostLookupError::UnknownHost).and_then(|service| {
+        let ports = &snapshot.services[service].ports;
+        let port = match upstream.port {
+            Some(number) => ports.iter().position(|p| p.port == number).ok_or(HostLookupError::UnknownPort(number))?,
+            None => 0,
+        };
+        Ok((service, port))
+    });
+    let (service, port) = match resolved {
+        Ok(found) => found,
+        Err(error) => {
+            tracing::warn!(service = %upstream.service, ?error, "--upstream target is not a known service port; closing the client connection");
+            let _ = client.shutdown().await;
+            return;
+        }
+    };
+    let backend = config.backends[service][port].clone();
+    let mut avoid: Option<SocketAddr> = None;
+    for _ in 0..CONNECT_TRIES {
+        let Some(endpoint) = backend.pick(avoid).cloned() else {
+            tracing::warn!(service = %backend.name, "no endpoints for TCP upstream; closing the client connection");
+            return;
+        };
+        match transport::connect(endpoint.address, state.settings.connect_timeout).await {
+            Ok(stream) => {
+                endpoint.record_outcome(TryOutcome::Success, &backend.outlier_detection, Instant::now(), || false);
+                let _in_flight = endpoint.start_request();
+                relay(&state, "outbound", backend.name.clone(), client, stream).await;
+                return;
+            }
+            Err(error) => {
+                tracing::debug!(endpoint = %endpoint.address, %error, "TCP connect failed; trying another endpoint");
+                if endpoint.record_outcome(TryOutcome::ConnectFailure, &backend.outlier_detection, Instant::now(), || backend.may_eject()).is_some() {
+                    state
+                        .metrics
+                        .ejections
+                        .get_or_create(&EjectionLabels { service: backend.name.clone(), endpoint: endpoint.address.to_string() })
+                        .inc();
+                }
+                avoid = Some(endpoint.address);
+            }
+        }
+    }
+    tracing::warn!(service = %backend.name, "could not connect to any endpoint; closing the TCP client");
+}
