@@ -1,0 +1,364 @@
+//! Shared helpers for weft's end-to-end tests: start real `weft proxy` processes on
+//! ephemeral ports, real HTTP servers with controllable behaviour, and clients.
+//!
+//! Everything polls for readiness with a deadline; nothing sleeps a fixed time to wait.
+
+#![allow(dead_code)]
+
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{body::Incoming, Request, Response};
+use hyper_util::{
+    client::legacy::{connect::HttpConnector, Client},
+    rt::{TokioExecutor, TokioIo},
+};
+use serde_json::Value;
+
+/// The weft binary under test.
+pub const WEFT: &str = env!("CARGO_BIN_EXE_weft");
+
+/// Polls `check` every 20ms until it returns `Some` or `timeout` passes.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> Self {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "weft-test-{name}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn write(&self, file: &str, text: &str) -> PathBuf {
+        let path = self.0.join(file);
+        // Write then rename, so a polling reader never sees a half-written file.
+        let tmp = self.0.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `weft proxy` process, killed on drop.
+pub struct Proxy {
+    pub child: Child,
+    pub outbound: SocketAddr,
+    pub inbound: Option<SocketAddr>,
+    pub admin: SocketAddr,
+    pub upstreams: BTreeMap<String, SocketAddr>,
+    pub log: PathBuf,
+}
+
+impl Proxy {
+    /// Starts `weft proxy --config <config> <args>` with ephemeral ports and waits until
+    /// `/ready` answers 200.
+    pub async fn start(dir: &TempDir, name: &str, config: &Path, args: &[&str]) -> Proxy {
+        let ports_file = dir.0.join(format!("{name}.ports.json"));
+        let log = dir.0.join(format!("{name}.log"));
+        let mut command = Command::new(WEFT);
+        command
+            .args(["proxy", "--config"])
+            .arg(config)
+            .args(
+                [("--outbound-addr", "127.0.0.1:0"), ("--admin-addr", "127.0.0.1:0"), ("--inbound-addr", "127.0.0.1:0")]
+                    .into_iter()
+                    .filter(|(flag, _)| !args.contains(flag))
+                    .flat_map(|(flag, value)| [flag, value]),
+            )
+            .arg("--ports-file")
+            .arg(&ports_file)
+            .args(args)
+            .env("RUST_LOG", "info,weft_proxy=debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        let child = command.spawn().expect("weft binary starts");
+        let mut proxy = Proxy { child, outbound: ([0, 0, 0, 0], 0).into(), inbound: None, admin: ([0, 0, 0, 0], 0).into(), upstreams: BTreeMap::new(), log };
+        let ports: Value = eventually(Duration::from_secs(20), &format!("{name} to write its ports file"), || {
+            let exited = proxy.child.try_wait().unwrap();
+            if let Some(status) = exited {
+                panic!("proxy {name} exited early ({status}):\n{}", std::fs::read_to_string(&proxy.log).unwrap_or_default());
+            }
+            let text = std::fs::read_to_string(&ports_file).ok();
+            async move { text.and_then(|t| serde_json::from_str(&t).ok()) }
+        })
+        .await;
+        proxy.outbound = ports["outbound"].as_str().unwrap().parse().unwrap();
+        proxy.admin = ports["admin"].as_str().unwrap().parse().unwrap();
+        proxy.inbound = ports["inbound"].as_str().map(|s| s.parse().unwrap());
+        if let Some(upstreams) = ports["upstreams"].as_object() {
+            for (k, v) in upstreams {
+                proxy.upstreams.insert(k.clone(), v.as_str().unwrap().parse().unwrap());
+            }
+        }
+        let admin = proxy.admin;
+        eventually(Duration::from_secs(10), "proxy /ready", || async move {
+            let (status, _) = http_get(admin, "/ready", &[]).await.ok()?;
+            (status == 200).then_some(())
+        })
+        .await;
+        proxy
+    }
+
+    /// The proxy's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `/config` as JSON.
+    pub async fn config(&self) -> Value {
+        let (_, body) = http_get(self.admin, "/config", &[]).await.unwrap();
+        serde_json::from_slice(&body).unwrap()
+    }
+
+    /// `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let (_, body) = http_get(self.admin, "/metrics", &[]).await.unwrap();
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    /// Sum of the samples of `metric` whose labels contain every `label="value"` given.
+    pub async fn metric_sum(&self, metric: &str, labels: &[&str]) -> f64 {
+        metric_sum(&self.metrics().await, metric, labels)
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+
+    /// Sends SIGHUP (reload).
+    pub fn hangup(&self) {
+        let status = Command::new("kill").args(["-HUP", &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sums matching samples in a Prometheus text exposition.
+pub fn metric_sum(text: &str, metric: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|line| line.starts_with(metric) && line[metric.len()..].starts_with(['{', ' ']))
+        .filter(|line| labels.iter().all(|l| line.contains(l)))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// How a [`TestApp`] answers.
+pub struct AppBehavior {
+    pub delay_ms: AtomicU64,
+    pub status: AtomicU16,
+}
+
+/// A real HTTP/1.1 + HTTP/2 server that answers JSON describing the request it got:
+/// `{"app": name, "path": "/p?q", "method": "GET", "headers": {...}}`.
+pub struct TestApp {
+    pub name: String,
+    pub address: SocketAddr,
+    pub hits: Arc<AtomicUsize>,
+    pub behavior: Arc<AppBehavior>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TestApp {
+    pub async fn start(name: &str) -> TestApp {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let behavior = Arc::new(AppBehavior { delay_ms: AtomicU64::new(0), status: AtomicU16::new(200) });
+        let app_name = name.to_string();
+        let (task_hits, task_behavior) = (hits.clone(), behavior.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let (name, hits, behavior) = (app_name.clone(), task_hits.clone(), task_behavior.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                        let (name, hits, behavior) = (name.clone(), hits.clone(), behavior.clone());
+                        async move {
+                            hits.fetch_add(1, Ordering::Relaxed);
+                            let delay = behavior.delay_ms.load(Ordering::Relaxed);
+                            if delay > 0 {
+                                tokio::time::sleep(Duration::from_millis(delay)).await;
+                            }
+                            let headers: serde_json::Map<String, Value> = request
+                                .headers()
+                                .iter()
+                                .map(|(k, v)| (k.to_string(), Value::String(v.to_str().unwrap_or("").to_string())))
+                                .collect();
+                            let body = serde_json::json!({
+                                "app": name,
+                                "method": request.method().as_str(),
+                                "path": request.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+                                "version": format!("{:?}", request.version()),
+                                "headers": headers,
+                            });
+                            let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+                            *response.status_mut() = hyper::StatusCode::from_u16(behavior.status.load(Ordering::Relaxed)).unwrap();
+                            response.headers_mut().insert("x-app", name.parse().unwrap());
+                            Ok::<_, Infallible>(response)
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        TestApp { name: name.to_string(), address, hits, behavior, task }
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::Relaxed)
+    }
+
+    pub fn set_delay(&self, delay: Duration) {
+        self.behavior.delay_ms.store(delay.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    pub fn set_status(&self, status: u16) {
+        self.behavior.status.store(status, Ordering::Relaxed);
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A pooling HTTP/1.1 client for sending many requests through a proxy.
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(64).build_http()
+}
+
+/// A finished response: status, headers, body.
+pub struct Answer {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|_| panic!("not JSON: {:?}", self.body))
+    }
+
+    pub fn app(&self) -> String {
+        self.headers.get("x-app").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default()
+    }
+
+    pub fn weft_error(&self) -> Option<String> {
+        self.headers.get("weft-error").map(|v| v.to_str().unwrap().to_string())
+    }
+}
+
+/// Sends `GET path` with `Host: host` to `proxy` (the outbound listener).
+pub async fn get_via(client: &Client<HttpConnector, Full<Bytes>>, proxy: SocketAddr, host: &str, path: &str, headers: &[(&str, &str)]) -> Answer {
+    send_via(client, proxy, "GET", host, path, headers, Bytes::new()).await
+}
+
+/// Sends a request with `Host: host` to `proxy`.
+pub async fn send_via(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    proxy: SocketAddr,
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Answer {
+    let mut request = Request::builder().method(method).uri(format!("http://{proxy}{path}")).header("host", host);
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let response = client.request(request.body(Full::new(body)).unwrap()).await.expect("the proxy answers");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.expect("the body arrives").to_bytes();
+    Answer { status, headers, body }
+}
+
+/// One plain HTTP/1.1 GET on a fresh connection: (status, body).
+pub async fn http_get(address: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Result<(u16, Bytes), String> {
+    let stream = tokio::net::TcpStream::connect(address).await.map_err(|e| e.to_string())?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    let mut request = Request::get(path).header("host", address.to_string());
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let response = sender.send_request(request.body(Full::new(Bytes::new())).unwrap()).await.map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok((status, body))
+}
+
+/// Runs curl with `args`; returns (exit ok, stdout, stderr). Skips with a message when
+/// curl is missing rather than passing silently.
+pub fn curl(args: &[&str]) -> (bool, String, String) {
+    let output = Command::new("curl").args(["-sS", "--max-time", "10"]).args(args).output().expect("curl is installed (.ci/run installs it)");
+    (output.status.success(), String::from_utf8_lossy(&output.stdout).into_owned(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+/// A mesh config with one Service per `(name, selector labels)` and the given workloads
+/// `(name, labels, address)`; `extra` documents are appended.
+pub fn mesh_yaml(services: &[(&str, &str)], workloads: &[(&str, &str, SocketAddr)], extra: &str) -> String {
+    let mut yaml = String::new();
+    for (name, selector) in services {
+        yaml.push_str(&format!(
+            "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{selector: {{{selector}}}, ports: [{{port: 80, protocol: http}}]}}\n---\n"
+        ));
+    }
+    for (name, labels, address) in workloads {
+        yaml.push_str(&format!(
+            "apiVersion: weft.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {name}}}\nspec: {{labels: {{{labels}}}, address: \"{address}\"}}\n---\n"
+        ));
+    }
+    yaml.push_str(extra);
+    yaml
+}
