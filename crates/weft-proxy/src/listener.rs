@@ -33,8 +33,8 @@ pub struct BindError {
     hint: &'static str,
 }
 
-/// Binds `count` sockets to `address` with `SO_REUSEPORT` (port 0 is resolved by the
-/// first bind and reused by the others).
+/// Binds `count` sockets to `address`, with `SO_REUSEPORT` when `count > 1` (port 0 is
+/// resolved by the first bind and reused by the others).
 pub fn bind(address: SocketAddr, count: usize, what: &'static str, flag: &'static str) -> Result<Vec<std::net::TcpListener>, BindError> {
     let fail = |address, source: io::Error| {
         let hint = if source.kind() == io::ErrorKind::AddrInUse {
@@ -51,7 +51,11 @@ pub fn bind(address: SocketAddr, count: usize, what: &'static str, flag: &'stati
     for _ in 0..count.max(1) {
         let socket = Socket::new(Domain::for_address(resolved), Type::STREAM, None).map_err(|e| fail(resolved, e))?;
         socket.set_reuse_address(true).map_err(|e| fail(resolved, e))?;
-        socket.set_reuse_port(true).map_err(|e| fail(resolved, e))?;
+        // Only with several workers: SO_REUSEPORT would also let a second proxy of the same
+        // user share the port silently instead of failing with "address in use".
+        if count > 1 {
+            socket.set_reuse_port(true).map_err(|e| fail(resolved, e))?;
+        }
         socket.set_nonblocking(true).map_err(|e| fail(resolved, e))?;
         socket.bind(&resolved.into()).map_err(|e| fail(resolved, e))?;
         socket.listen(1024).map_err(|e| fail(resolved, e))?;
