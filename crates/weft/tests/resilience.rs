@@ -1,0 +1,162 @@
+//! Latency-aware balancing, outlier ejection, retries and their budget, timeouts and
+//! connection limits, observed through a real proxy against real servers.
+
+mod support;
+
+use std::{sync::Arc, time::Duration};
+
+use support::*;
+
+async fn two_endpoints(policy: &str, routes: &str) -> (TestApp, TestApp, TempDir, Proxy) {
+    let (a, b) = (TestApp::start("a").await, TestApp::start("b").await);
+    let dir = TempDir::new("resilience");
+    let extra = format!("{policy}\n---\n{routes}");
+    let config = dir.write("mesh.yaml", &mesh_yaml(&[("svc", "app: svc")], &[("a", "app: svc", a.address), ("b", "app: svc", b.address)], &extra));
+    let proxy = Proxy::start(&dir, "p", &config, &[]).await;
+    (a, b, dir, proxy)
+}
+
+/// Sends `total` GETs to `svc` with `concurrency` clients; returns the status codes.
+async fn load(proxy: &Proxy, total: usize, concurrency: usize) -> Vec<u16> {
+    let client = client();
+    let outbound = proxy.outbound;
+    let statuses = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for worker in 0..concurrency {
+        let (client, statuses) = (client.clone(), statuses.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in (worker..total).step_by(concurrency) {
+                let answer = get_via(&client, outbound, "svc", "/", &[]).await;
+                statuses.lock().unwrap().push(answer.status);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    Arc::try_unwrap(statuses).unwrap().into_inner().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_twenty_times_slower_endpoint_gets_under_15_percent() {
+    let (fast, slow, _dir, proxy) = two_endpoints("", "").await;
+    fast.set_delay(Duration::from_millis(5));
+    slow.set_delay(Duration::from_millis(100));
+    let statuses = load(&proxy, 400, 4).await;
+    assert!(statuses.iter().all(|&s| s == 200));
+    let share = slow.hits() as f64 / (fast.hits() + slow.hits()) as f64;
+    assert!(share < 0.15, "slow endpoint got {:.1}% ({} of {})", share * 100.0, slow.hits(), fast.hits() + slow.hits());
+}
+
+const RETRY_5XX: &str = r#"
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: svc}
+spec:
+  targetRef: {kind: Service, name: svc}
+  retries: {attempts: 2, retryOn: [5xx], backoff: {base: 1ms, max: 5ms}}
+  outlierDetection: {consecutive5xx: 3, interval: 10s, baseEjectionTime: 60s, maxEjectionPercent: 50}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_endpoint_is_ejected_and_retries_hide_its_errors() {
+    let (healthy, failing, _dir, proxy) = two_endpoints(RETRY_5XX, "").await;
+    failing.set_status(503);
+    let statuses = load(&proxy, 200, 2).await;
+    assert!(statuses.iter().all(|&s| s == 200), "clients saw errors: {statuses:?}");
+    let hits_after_ejection = failing.hits();
+    assert!(hits_after_ejection <= 4, "the failing endpoint was ejected quickly: {hits_after_ejection} hits");
+    assert_eq!(proxy.metric_sum("weft_ejections_total", &["service=\"default/svc\""]).await, 1.0);
+    assert!(proxy.metric_sum("weft_retries_total", &["outcome=\"retried\""]).await >= 1.0);
+    let statuses = load(&proxy, 50, 2).await;
+    assert!(statuses.iter().all(|&s| s == 200));
+    assert_eq!(failing.hits(), hits_after_ejection, "an ejected endpoint gets no traffic");
+    assert!(healthy.hits() >= 250);
+    let config = proxy.config().await;
+    let ejected: Vec<_> = config["endpoints"].as_array().unwrap().iter().filter(|e| e["ejected"] == true).collect();
+    assert_eq!(ejected.len(), 1, "/config shows the ejection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_budget_caps_retries_against_a_service_that_always_fails() {
+    let app = TestApp::start("down").await;
+    app.set_status(503);
+    let dir = TempDir::new("budget");
+    let policy = r#"
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: svc}
+spec:
+  targetRef: {kind: Service, name: svc}
+  retries: {attempts: 3, retryOn: [5xx], budget: {ratio: 0.2, minPerSecond: 1, window: 10s}, backoff: {base: 1ms, max: 2ms}}
+  outlierDetection: {consecutive5xx: 0, consecutiveGatewayErrors: 0}
+"#;
+    let config = dir.write("mesh.yaml", &mesh_yaml(&[("svc", "app: svc")], &[("a", "app: svc", app.address)], policy));
+    let proxy = Proxy::start(&dir, "p", &config, &[]).await;
+    let statuses = load(&proxy, 200, 1).await;
+    assert!(statuses.iter().all(|&s| s == 503), "the service's own 503 reaches the client");
+    // Without a budget: 200 × (1 + 3) = 800 tries. With it: 200 + 20% + 10 floor.
+    let tries = app.hits();
+    assert!((200..=250).contains(&tries), "{tries} tries reached the service");
+    assert!(proxy.metric_sum("weft_retries_total", &["outcome=\"budget_exhausted\""]).await > 100.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_timeout_answers_504_with_weft_error() {
+    let route = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: svc}
+spec:
+  parentRefs: [{kind: Service, name: svc}]
+  rules: [{backendRefs: [{name: svc, port: 80}], timeouts: {request: 200ms}}]
+"#;
+    let (a, b, _dir, proxy) = two_endpoints("", route).await;
+    a.set_delay(Duration::from_secs(2));
+    b.set_delay(Duration::from_secs(2));
+    let started = std::time::Instant::now();
+    let answer = get_via(&client(), proxy.outbound, "svc", "/", &[]).await;
+    assert_eq!(answer.status, 504);
+    assert!(answer.weft_error().unwrap().starts_with("request-timeout"));
+    assert!(started.elapsed() < Duration::from_secs(2), "the timeout cut the request short");
+    assert_eq!(proxy.metric_sum("weft_requests_total", &["status_code=\"504\"", "error=\"request-timeout\""]).await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_try_timeout_retries_on_another_endpoint() {
+    let policy = r#"
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: svc}
+spec:
+  targetRef: {kind: Service, name: svc}
+  loadBalancer: {algorithm: round-robin}
+  retries: {attempts: 1, perTryTimeout: 300ms, retryOn: [timeout], backoff: {base: 1ms, max: 1ms}}
+"#;
+    let (slow, fast, _dir, proxy) = two_endpoints(policy, "").await;
+    slow.set_delay(Duration::from_secs(5));
+    let statuses = load(&proxy, 10, 1).await;
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    assert!(slow.hits() >= 1, "round robin did try the slow endpoint");
+    assert_eq!(fast.hits(), 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_beyond_max_requests_fail_fast_with_503() {
+    let policy = r#"
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: svc}
+spec:
+  targetRef: {kind: Service, name: svc}
+  connectionLimits: {maxRequests: 2}
+"#;
+    let (a, b, _dir, proxy) = two_endpoints(policy, "").await;
+    a.set_delay(Duration::from_millis(800));
+    b.set_delay(Duration::from_millis(800));
+    let statuses = load(&proxy, 6, 6).await;
+    let overloaded = statuses.iter().filter(|&&s| s == 503).count();
+    assert_eq!(statuses.iter().filter(|&&s| s == 200).count(), 2, "{statuses:?}");
+    assert_eq!(overloaded, 4, "{statuses:?}");
+    assert_eq!(proxy.metric_sum("weft_requests_total", &["error=\"overloaded\""]).await, 4.0);
+}
