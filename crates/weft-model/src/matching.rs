@@ -125,7 +125,12 @@ pub struct RequestView<'a> {
 impl RequestMatcher {
     /// Matches every request (`PathPrefix /`), the Gateway API default.
     pub fn any() -> Self {
-        RequestMatcher { path: PathMatcher::PathPrefix("/".into()), method: None, headers: vec![], query_params: vec![] }
+        RequestMatcher {
+            path: PathMatcher::PathPrefix("/".into()),
+            method: None,
+            headers: vec![],
+            query_params: vec![],
+        }
     }
 
     /// Whether every condition holds for `request`.
@@ -175,13 +180,7 @@ impl RequestMatcher {
             PathMatcher::RegularExpression(p) => (1, p.source.len()),
             PathMatcher::PathPrefix(v) => (2, v.trim_end_matches('/').len()),
         };
-        (
-            kind,
-            Reverse(length),
-            self.method.is_none(),
-            Reverse(self.headers.len()),
-            Reverse(self.query_params.len()),
-        )
+        (kind, Reverse(length), self.method.is_none(), Reverse(self.headers.len()), Reverse(self.query_params.len()))
     }
 }
 
@@ -263,7 +262,8 @@ mod tests {
             headers: vec![NamedMatcher { name: "h".into(), value: ValueMatcher::Exact("v".into()) }],
             ..prefix("/a")
         };
-        let mut all = [prefix("/"), with_header.clone(), prefix("/a/b"), with_method.clone(), exact.clone(), prefix("/a")];
+        let mut all =
+            [prefix("/"), with_header.clone(), prefix("/a/b"), with_method.clone(), exact.clone(), prefix("/a")];
         all.sort_by_key(|m| m.precedence());
         assert_eq!(all[0], exact);
         assert_eq!(all[1], prefix("/a/b"));

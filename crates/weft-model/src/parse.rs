@@ -113,11 +113,7 @@ pub fn parse_documents(source_name: &str, text: &str) -> Result<Vec<Resource>, C
 /// `Kind name`, best effort, for error messages.
 fn describe(value: &Value) -> String {
     let kind = value.get("kind").and_then(Value::as_str).unwrap_or("<no kind>");
-    let name = value
-        .get("metadata")
-        .and_then(|m| m.get("name"))
-        .and_then(Value::as_str)
-        .unwrap_or("<no name>");
+    let name = value.get("metadata").and_then(|m| m.get("name")).and_then(Value::as_str).unwrap_or("<no name>");
     format!("{kind} {name}")
 }
 
@@ -135,7 +131,7 @@ fn parse_one(value: &Value) -> Result<Resource, FieldError> {
             }
             other => {
                 return Err((
-                    format!("{}", other.unwrap_or("<non-string key>")),
+                    other.unwrap_or("<non-string key>").to_string(),
                     "unknown top-level field; expected apiVersion, kind, metadata, spec".into(),
                 ))
             }
@@ -156,9 +152,9 @@ fn parse_one(value: &Value) -> Result<Resource, FieldError> {
     let spec = match kind {
         ResourceKind::Service => ResourceSpec::Service(typed(spec_value, "spec")?),
         ResourceKind::Workload => ResourceSpec::Workload(typed(spec_value, "spec")?),
-        ResourceKind::HttpRoute => ResourceSpec::HttpRoute(typed(spec_value, "spec")?),
-        ResourceKind::GrpcRoute => ResourceSpec::GrpcRoute(typed(spec_value, "spec")?),
-        ResourceKind::TrafficPolicy => ResourceSpec::TrafficPolicy(typed(spec_value, "spec")?),
+        ResourceKind::HttpRoute => ResourceSpec::HttpRoute(Box::new(typed(spec_value, "spec")?)),
+        ResourceKind::GrpcRoute => ResourceSpec::GrpcRoute(Box::new(typed(spec_value, "spec")?)),
+        ResourceKind::TrafficPolicy => ResourceSpec::TrafficPolicy(Box::new(typed(spec_value, "spec")?)),
     };
     validate::spec(&spec).map_err(|(p, m)| (format!("spec.{p}"), m))?;
     Ok(Resource { metadata, spec })

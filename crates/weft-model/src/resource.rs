@@ -105,10 +105,10 @@ pub enum ResourceSpec {
     Service(ServiceSpec),
     Workload(WorkloadSpec),
     #[serde(rename = "HTTPRoute")]
-    HttpRoute(HttpRouteSpec),
+    HttpRoute(Box<HttpRouteSpec>),
     #[serde(rename = "GRPCRoute")]
-    GrpcRoute(GrpcRouteSpec),
-    TrafficPolicy(TrafficPolicySpec),
+    GrpcRoute(Box<GrpcRouteSpec>),
+    TrafficPolicy(Box<TrafficPolicySpec>),
 }
 
 impl Resource {

@@ -312,8 +312,8 @@ pub fn compile(resources: &[Resource], namespace: &str) -> Snapshot {
             continue; // as in Kubernetes: no selector, no endpoints
         }
         for (meta, workload) in &workloads {
-            let selected = meta.namespace == service.namespace
-                && selector.iter().all(|(k, v)| workload.labels.get(k) == Some(v));
+            let selected =
+                meta.namespace == service.namespace && selector.iter().all(|(k, v)| workload.labels.get(k) == Some(v));
             if !selected || workload.weight == 0 {
                 continue;
             }
@@ -339,7 +339,9 @@ pub fn compile(resources: &[Resource], namespace: &str) -> Snapshot {
         list.sort_by_key(|(policy_name, _)| *policy_name);
         let Some(index) = services.iter().position(|s| s.namespace == ns && s.name == name) else {
             for (policy_name, _) in &list {
-                unresolved.push(format!("TrafficPolicy {ns}/{policy_name}: targets Service {ns}/{name}, which does not exist"));
+                unresolved.push(format!(
+                    "TrafficPolicy {ns}/{policy_name}: targets Service {ns}/{name}, which does not exist"
+                ));
             }
             continue;
         };
@@ -353,7 +355,8 @@ pub fn compile(resources: &[Resource], namespace: &str) -> Snapshot {
     }
 
     // Routes, flattened per parent port and sorted by precedence.
-    let mut tables: HashMap<(usize, usize), Vec<(RouteRule, String, usize)>> = HashMap::new();
+    // Per (service, port): each rule with its route key and rule index, for tie-breaks.
+    let mut tables: HashMap<(usize, usize), Vec<RankedRule>> = HashMap::new();
     for (resource, source) in &routes {
         let route_ns = &resource.metadata.namespace;
         let route_key = format!("{}/{route_ns}/{}", resource.kind().as_str(), resource.metadata.name);
@@ -368,11 +371,16 @@ pub fn compile(resources: &[Resource], namespace: &str) -> Snapshot {
                 Some(port) => match services[service].ports.iter().position(|p| p.port == port) {
                     Some(i) => vec![i],
                     None => {
-                        unresolved.push(format!("{route_key}: parent Service {parent_ns}/{} has no port {port}", parent.name));
+                        unresolved.push(format!(
+                            "{route_key}: parent Service {parent_ns}/{} has no port {port}",
+                            parent.name
+                        ));
                         continue;
                     }
                 },
-                None => (0..services[service].ports.len()).filter(|&i| services[service].ports[i].protocol.is_http()).collect(),
+                None => (0..services[service].ports.len())
+                    .filter(|&i| services[service].ports[i].protocol.is_http())
+                    .collect(),
             };
             for port in ports {
                 let table = tables.entry((service, port)).or_default();
@@ -409,6 +417,9 @@ pub fn compile(resources: &[Resource], namespace: &str) -> Snapshot {
     Snapshot { namespace: namespace.to_string(), services, unresolved, hosts }
 }
 
+/// A compiled rule with the route key and rule index that break precedence ties.
+type RankedRule = (RouteRule, String, usize);
+
 enum RouteSource<'a> {
     Http(&'a HttpRouteSpec),
     Grpc(&'a GrpcRouteSpec),
@@ -442,14 +453,22 @@ fn compile_route_rules(
                     .iter()
                     .position(|s| s.namespace == ns && s.name == b.name)
                     .and_then(|service| {
-                        services[service].ports.iter().position(|p| p.port == port).map(|port| BackendTarget::Resolved { service, port })
+                        services[service]
+                            .ports
+                            .iter()
+                            .position(|p| p.port == port)
+                            .map(|port| BackendTarget::Resolved { service, port })
                     })
                     .unwrap_or_else(|| {
                         let what = format!("{ns}/{}:{port}", b.name);
                         unresolved.push(format!("{rule_label}: backendRef Service {what} does not exist"));
                         BackendTarget::Unresolved(what)
                     });
-                WeightedBackend { target, weight: b.weight, filters: b.filters.iter().map(compile_filter_unscoped).collect() }
+                WeightedBackend {
+                    target,
+                    weight: b.weight,
+                    filters: b.filters.iter().map(compile_filter_unscoped).collect(),
+                }
             })
             .collect()
     };
@@ -571,7 +590,9 @@ fn compile_filter_unscoped(filter: &HttpRouteFilter) -> Filter {
 
 fn compile_filter(filter: &HttpRouteFilter, matched_prefix: &str) -> Filter {
     let rewrite = |m: &PathModifier| match m.kind {
-        PathModifierType::ReplaceFullPath => PathRewrite::ReplaceFullPath(m.replace_full_path.clone().unwrap_or_default()),
+        PathModifierType::ReplaceFullPath => {
+            PathRewrite::ReplaceFullPath(m.replace_full_path.clone().unwrap_or_default())
+        }
         PathModifierType::ReplacePrefixMatch => PathRewrite::ReplacePrefixMatch {
             matched_prefix: matched_prefix.to_string(),
             replacement: m.replace_prefix_match.clone().unwrap_or_default(),
@@ -661,7 +682,12 @@ spec:
         let v2 = &snap.services[snap.service("default", "reviews-v2").unwrap()];
         assert_eq!(
             v2.ports[0].endpoints,
-            vec![Endpoint { workload: "r2".into(), address: "127.0.0.1:9082".parse().unwrap(), weight: 3, zone: Some("a".into()) }]
+            vec![Endpoint {
+                workload: "r2".into(),
+                address: "127.0.0.1:9082".parse().unwrap(),
+                weight: 3,
+                zone: Some("a".into())
+            }]
         );
     }
 
@@ -669,12 +695,17 @@ spec:
     fn host_forms_resolve_and_unknown_hosts_do_not() {
         let snap = snapshot();
         let reviews = snap.service("default", "reviews").unwrap();
-        for host in ["reviews", "reviews:80", "reviews.default", "Reviews.default.svc", "reviews.default.svc.cluster.local:80"] {
+        for host in
+            ["reviews", "reviews:80", "reviews.default", "Reviews.default.svc", "reviews.default.svc.cluster.local:80"]
+        {
             assert_eq!(snap.lookup_host(host), Ok((reviews, 0)), "{host}");
         }
         assert_eq!(snap.lookup_host("reviews:81"), Err(HostLookupError::UnknownPort(81)));
         assert_eq!(snap.lookup_host("example.com"), Err(HostLookupError::UnknownHost));
-        assert_eq!(compile(&parse_documents("m", MESH).unwrap(), "other").lookup_host("reviews"), Err(HostLookupError::UnknownHost));
+        assert_eq!(
+            compile(&parse_documents("m", MESH).unwrap(), "other").lookup_host("reviews"),
+            Err(HostLookupError::UnknownHost)
+        );
     }
 
     #[test]

@@ -189,7 +189,10 @@ fn http_match(path: &str, matcher: &HttpRouteMatch) -> Checked {
     if let Some(method) = &matcher.method {
         const METHODS: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"];
         if !METHODS.contains(&method.as_str()) {
-            return fail(format!("{path}.method"), format!("{method:?} is not a method the Gateway API allows ({})", METHODS.join(", ")));
+            return fail(
+                format!("{path}.method"),
+                format!("{method:?} is not a method the Gateway API allows ({})", METHODS.join(", ")),
+            );
         }
     }
     Ok(())
@@ -241,15 +244,27 @@ fn filters(path: &str, filters: &[HttpRouteFilter], prefix_match: Option<bool>) 
             "URLRewrite" => 2,
             "RequestRedirect" => 3,
             "RequestMirror" | "ExtensionRef" | "CORS" => {
-                return fail(format!("{path}.type"), format!("filter {} is not implemented yet in this weft release", filter.kind))
+                return fail(
+                    format!("{path}.type"),
+                    format!("filter {} is not implemented yet in this weft release", filter.kind),
+                )
             }
             other => return fail(format!("{path}.type"), format!("unknown filter type {other:?}")),
         };
         if !set[expected] || set.iter().filter(|s| **s).count() != 1 {
-            return fail(path, format!("a {} filter needs exactly its own field (e.g. requestHeaderModifier for RequestHeaderModifier)", filter.kind));
+            return fail(
+                path,
+                format!(
+                    "a {} filter needs exactly its own field (e.g. requestHeaderModifier for RequestHeaderModifier)",
+                    filter.kind
+                ),
+            );
         }
         if prefix_match.is_none() && expected >= 2 {
-            return fail(format!("{path}.type"), format!("{} is not allowed on a backendRef; put it on the rule", filter.kind));
+            return fail(
+                format!("{path}.type"),
+                format!("{} is not allowed on a backendRef; put it on the rule", filter.kind),
+            );
         }
         if !kinds.insert(expected) && expected != 0 && expected != 1 {
             return fail(format!("{path}.type"), format!("{} may appear once per rule", filter.kind));
@@ -307,11 +322,17 @@ fn path_modifier(path: &str, modifier: &PathModifier, prefix_match: bool) -> Che
         },
         PathModifierType::ReplacePrefixMatch => {
             if !prefix_match {
-                return fail(path, "ReplacePrefixMatch needs the rule's matches to be PathPrefix matches (Gateway API rule)");
+                return fail(
+                    path,
+                    "ReplacePrefixMatch needs the rule's matches to be PathPrefix matches (Gateway API rule)",
+                );
             }
             match &modifier.replace_prefix_match {
                 Some(p) if p.starts_with('/') => Ok(()),
-                _ => fail(format!("{path}.replacePrefixMatch"), "ReplacePrefixMatch needs replacePrefixMatch starting with '/'"),
+                _ => fail(
+                    format!("{path}.replacePrefixMatch"),
+                    "ReplacePrefixMatch needs replacePrefixMatch starting with '/'",
+                ),
             }
         }
     }

@@ -18,7 +18,12 @@ use crate::{
 };
 
 /// Serves one admin connection.
-pub async fn serve_connection(state: Arc<SharedState>, stream: tokio::net::TcpStream, peer: SocketAddr, mut drain: DrainWatch) {
+pub async fn serve_connection(
+    state: Arc<SharedState>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    mut drain: DrainWatch,
+) {
     let service = hyper::service::service_fn(move |request| {
         let state = state.clone();
         async move { Ok::<_, Infallible>(handle(&state, peer, request)) }
@@ -49,7 +54,9 @@ fn handle(state: &SharedState, peer: SocketAddr, request: Request<Incoming>) -> 
         "/live" => text(StatusCode::OK, "text/plain", "live\n"),
         "/ready" if state.is_ready() => text(StatusCode::OK, "text/plain", "ready\n"),
         "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n"),
-        "/metrics" => text(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", state.metrics.encode()),
+        "/metrics" => {
+            text(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", state.metrics.encode())
+        }
         "/config" if !peer.ip().is_loopback() => text(
             StatusCode::FORBIDDEN,
             "text/plain",

@@ -62,7 +62,16 @@ impl Backend {
         limiter: Arc<Limiter>,
     ) -> Self {
         let total_weight = endpoints.iter().map(|e| e.weight as u64).sum();
-        Backend { name, protocol, endpoints, algorithm, outlier_detection, limiter, total_weight, round_robin: AtomicUsize::new(0) }
+        Backend {
+            name,
+            protocol,
+            endpoints,
+            algorithm,
+            outlier_detection,
+            limiter,
+            total_weight,
+            round_robin: AtomicUsize::new(0),
+        }
     }
 
     /// Picks an endpoint, avoiding `avoid` (the endpoint a retry just failed on) when
@@ -101,7 +110,12 @@ impl Backend {
         ejected < allowed
     }
 
-    fn pick_from(&self, candidates: impl Iterator<Item = usize> + Clone, count: usize, now: Instant) -> Option<&Arc<EndpointState>> {
+    fn pick_from(
+        &self,
+        candidates: impl Iterator<Item = usize> + Clone,
+        count: usize,
+        now: Instant,
+    ) -> Option<&Arc<EndpointState>> {
         let nth = |n: usize| candidates.clone().nth(n).expect("n < count");
         let index = match count {
             0 => return None,
@@ -121,7 +135,9 @@ impl Backend {
                     }
                     chosen
                 }
-                LoadBalancerAlgorithm::P2cEwma | LoadBalancerAlgorithm::LeastRequest | LoadBalancerAlgorithm::ConsistentHash => {
+                LoadBalancerAlgorithm::P2cEwma
+                | LoadBalancerAlgorithm::LeastRequest
+                | LoadBalancerAlgorithm::ConsistentHash => {
                     let mut rng = rand::rng();
                     let a = rng.random_range(0..count);
                     let mut b = rng.random_range(0..count - 1);
@@ -205,7 +221,12 @@ mod tests {
         let registry = EndpointRegistry::default();
         let backend = backend(&registry, &[1, 1, 1, 1], LoadBalancerAlgorithm::LeastRequest);
         let eject = |i: usize| {
-            backend.endpoints[i].state.record_outcome(TryOutcome::ServerError(500), &backend.outlier_detection, Instant::now(), || true)
+            backend.endpoints[i].state.record_outcome(
+                TryOutcome::ServerError(500),
+                &backend.outlier_detection,
+                Instant::now(),
+                || true,
+            )
         };
         assert!(eject(0).is_some());
         assert_eq!(shares(&backend, 200)[0], 0, "ejected endpoint gets nothing");

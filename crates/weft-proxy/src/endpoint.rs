@@ -83,7 +83,11 @@ impl EndpointState {
             address,
             in_flight: AtomicUsize::new(0),
             ejected_until: AtomicU64::new(0),
-            rtt: Mutex::new(RttEstimate { nanos: DEFAULT_RTT.as_nanos() as f64, updated: Instant::now(), measured: false }),
+            rtt: Mutex::new(RttEstimate {
+                nanos: DEFAULT_RTT.as_nanos() as f64,
+                updated: Instant::now(),
+                measured: false,
+            }),
             outlier: Mutex::new(OutlierState::default()),
         }
     }
@@ -166,7 +170,8 @@ impl EndpointState {
             state.consecutive_gateway += 1;
         }
         let tripped = (policy.consecutive5xx > 0 && state.consecutive_5xx >= policy.consecutive5xx)
-            || (policy.consecutive_gateway_errors > 0 && state.consecutive_gateway >= policy.consecutive_gateway_errors);
+            || (policy.consecutive_gateway_errors > 0
+                && state.consecutive_gateway >= policy.consecutive_gateway_errors);
         if !tripped || self.is_ejected(monotonic_nanos(now)) || !may_eject() {
             return None;
         }
@@ -174,7 +179,11 @@ impl EndpointState {
         state.consecutive_5xx = 0;
         state.consecutive_gateway = 0;
         state.last_change = Some(now);
-        let length = policy.base_ejection_time.0.saturating_mul(state.times_ejected).min(policy.max_ejection_time.0.max(policy.base_ejection_time.0));
+        let length = policy
+            .base_ejection_time
+            .0
+            .saturating_mul(state.times_ejected)
+            .min(policy.max_ejection_time.0.max(policy.base_ejection_time.0));
         self.ejected_until.store(monotonic_nanos(now + length), Ordering::Relaxed);
         Some(length)
     }
@@ -271,14 +280,20 @@ mod tests {
         for _ in 0..2 {
             assert_eq!(state.record_outcome(TryOutcome::ServerError(500), &policy, now, || true), None);
         }
-        assert_eq!(state.record_outcome(TryOutcome::ServerError(500), &policy, now, || true), Some(Duration::from_secs(30)));
+        assert_eq!(
+            state.record_outcome(TryOutcome::ServerError(500), &policy, now, || true),
+            Some(Duration::from_secs(30))
+        );
         assert!(state.is_ejected(monotonic_nanos(now)));
         assert!(!state.is_ejected(monotonic_nanos(now + Duration::from_secs(31))));
         let later = now + Duration::from_secs(31);
         for _ in 0..2 {
             state.record_outcome(TryOutcome::ServerError(503), &policy, later, || true);
         }
-        assert_eq!(state.record_outcome(TryOutcome::ServerError(503), &policy, later, || true), Some(Duration::from_secs(60)));
+        assert_eq!(
+            state.record_outcome(TryOutcome::ServerError(503), &policy, later, || true),
+            Some(Duration::from_secs(60))
+        );
     }
 
     #[test]

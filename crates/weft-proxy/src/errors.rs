@@ -134,9 +134,7 @@ impl fmt::Display for ProxyFailure {
 
 /// Whether the request is gRPC, so failures are answered as gRPC statuses.
 pub fn is_grpc(headers: &http::HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+    headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 #[cfg(test)]
@@ -148,7 +146,11 @@ mod tests {
         let cases = [
             (ProxyFailure::UnknownHost("x".into()), 404, 12),
             (ProxyFailure::UnresolvedBackend("ns/x:80".into()), 500, 13),
-            (ProxyFailure::ConnectFailed { endpoint: "127.0.0.1:1".parse().unwrap(), reason: "refused".into() }, 502, 14),
+            (
+                ProxyFailure::ConnectFailed { endpoint: "127.0.0.1:1".parse().unwrap(), reason: "refused".into() },
+                502,
+                14,
+            ),
             (ProxyFailure::NoEndpoints("ns/x".into()), 503, 14),
             (ProxyFailure::RequestTimeout, 504, 4),
         ];

@@ -5,10 +5,7 @@ use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, Uri, V
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
-use crate::{
-    body::Body,
-    pool::Wire,
-};
+use crate::{body::Body, pool::Wire};
 
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [HeaderName; 7] = [

@@ -45,7 +45,9 @@ pub async fn serve_connection(state: Arc<SharedState>, stream: TcpStream, drain:
     match detected {
         Detected::Opaque => match transport::connect(app, state.settings.connect_timeout).await {
             Ok(upstream) => tcp::relay(&state, "inbound", state.own_label.clone(), stream, upstream).await,
-            Err(error) => tracing::warn!(%app, %error, "cannot connect to the local application; closing the inbound TCP connection"),
+            Err(error) => {
+                tracing::warn!(%app, %error, "cannot connect to the local application; closing the inbound TCP connection")
+            }
         },
         Detected::Http1 | Detected::Http2 => {
             let handler_state = state.clone();
@@ -55,7 +57,11 @@ pub async fn serve_connection(state: Arc<SharedState>, stream: TcpStream, drain:
     }
 }
 
-async fn handle(state: Arc<SharedState>, app: SocketAddr, mut request: Request<Incoming>) -> Result<Response<Body>, std::convert::Infallible> {
+async fn handle(
+    state: Arc<SharedState>,
+    app: SocketAddr,
+    mut request: Request<Incoming>,
+) -> Result<Response<Body>, std::convert::Infallible> {
     let started = Instant::now();
     let grpc = is_grpc(request.headers());
     let upgrade = forward::is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
@@ -65,16 +71,18 @@ async fn handle(state: Arc<SharedState>, app: SocketAddr, mut request: Request<I
     forward::prepare(&mut parts, &authority, wire, upgrade.is_some());
     let request = Request::from_parts(parts, body::boxed(incoming));
     let result = match upgrade {
-        Some(downstream) => state.connector.send_upgrade(app, &state.inbound_limiter, request).await.map(|mut response| {
-            if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                forward::spawn_tunnel(downstream, hyper::upgrade::on(&mut response));
-                let mut response = response.map(body::boxed);
-                forward::prepare_response(&mut response, true);
-                response
-            } else {
-                response.map(body::boxed)
-            }
-        }),
+        Some(downstream) => {
+            state.connector.send_upgrade(app, &state.inbound_limiter, request).await.map(|mut response| {
+                if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                    forward::spawn_tunnel(downstream, hyper::upgrade::on(&mut response));
+                    let mut response = response.map(body::boxed);
+                    forward::prepare_response(&mut response, true);
+                    response
+                } else {
+                    response.map(body::boxed)
+                }
+            })
+        }
         None => state.connector.send(app, wire, &state.inbound_limiter, request).await.map(|mut response| {
             forward::prepare_response(&mut response, false);
             response
@@ -94,6 +102,14 @@ async fn handle(state: Arc<SharedState>, app: SocketAddr, mut request: Request<I
             (failure.into_response(grpc), reason)
         }
     };
-    record(&state, "inbound", "".into(), Routed::new(state.own_label.clone()), response.status().as_u16(), error, started);
+    record(
+        &state,
+        "inbound",
+        "".into(),
+        Routed::new(state.own_label.clone()),
+        response.status().as_u16(),
+        error,
+        started,
+    );
     Ok(response)
 }

@@ -126,7 +126,11 @@ mod tests {
 
     fn limiter(requests: u32, connections: u32, pending: u32) -> Arc<Limiter> {
         let limiter = Arc::new(Limiter::default());
-        limiter.set_limits(&ConnectionLimitsSpec { max_connections: connections, max_pending_requests: pending, max_requests: requests });
+        limiter.set_limits(&ConnectionLimitsSpec {
+            max_connections: connections,
+            max_pending_requests: pending,
+            max_requests: requests,
+        });
         limiter
     }
 
@@ -151,7 +155,10 @@ mod tests {
         };
         tokio::task::yield_now().await;
         // A second waiter exceeds maxPendingRequests at once.
-        assert_eq!(limiter.wait_for_connection(Duration::from_secs(5)).await, Err(LimitExceeded::MaxPendingRequests(1)));
+        assert_eq!(
+            limiter.wait_for_connection(Duration::from_secs(5)).await,
+            Err(LimitExceeded::MaxPendingRequests(1))
+        );
         drop(permit);
         assert_eq!(waiter.await.unwrap(), Ok(()));
         assert!(limiter.try_open_connection().is_some());

@@ -35,7 +35,12 @@ pub struct BindError {
 
 /// Binds `count` sockets to `address`, with `SO_REUSEPORT` when `count > 1` (port 0 is
 /// resolved by the first bind and reused by the others).
-pub fn bind(address: SocketAddr, count: usize, what: &'static str, flag: &'static str) -> Result<Vec<std::net::TcpListener>, BindError> {
+pub fn bind(
+    address: SocketAddr,
+    count: usize,
+    what: &'static str,
+    flag: &'static str,
+) -> Result<Vec<std::net::TcpListener>, BindError> {
     let fail = |address, source: io::Error| {
         let hint = if source.kind() == io::ErrorKind::AddrInUse {
             "; another process (perhaps another weft proxy) uses this port: stop it or choose another port"
@@ -150,7 +155,9 @@ where
 /// drain starts, then finishes in-flight requests and closes gracefully.
 pub async fn serve_http<S>(stream: TcpStream, service: S, mut drain: DrainWatch, settings: &ProxySettings)
 where
-    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = std::convert::Infallible> + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = std::convert::Infallible>
+        + Send
+        + 'static,
     S::Future: Send + 'static,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());

@@ -93,9 +93,18 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("weft");
         let requests = Family::default();
-        registry.register("requests", "HTTP requests handled, by direction, services, route, status and proxy error", requests.clone());
-        let request_duration = Family::<DurationLabels, Histogram>::new_with_constructor(duration_histogram as fn() -> Histogram);
-        registry.register("request_duration_seconds", "Time from request to response headers", request_duration.clone());
+        registry.register(
+            "requests",
+            "HTTP requests handled, by direction, services, route, status and proxy error",
+            requests.clone(),
+        );
+        let request_duration =
+            Family::<DurationLabels, Histogram>::new_with_constructor(duration_histogram as fn() -> Histogram);
+        registry.register(
+            "request_duration_seconds",
+            "Time from request to response headers",
+            request_duration.clone(),
+        );
         let tcp_connections = Family::default();
         registry.register("tcp_connections", "Opaque TCP connections forwarded", tcp_connections.clone());
         let tcp_bytes = Family::default();
@@ -106,16 +115,7 @@ impl Metrics {
         registry.register("ejections", "Endpoints ejected by outlier detection", ejections.clone());
         let config_reloads = Family::default();
         registry.register("config_reloads", "Configuration loads, by result", config_reloads.clone());
-        Metrics {
-            registry,
-            requests,
-            request_duration,
-            tcp_connections,
-            tcp_bytes,
-            retries,
-            ejections,
-            config_reloads,
-        }
+        Metrics { registry, requests, request_duration, tcp_connections, tcp_bytes, retries, ejections, config_reloads }
     }
 
     /// The Prometheus text exposition of every family.

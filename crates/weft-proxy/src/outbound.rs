@@ -38,7 +38,10 @@ pub(crate) struct Routed {
 }
 
 /// Handles one outbound request end to end, always producing a response.
-pub async fn handle(state: Arc<SharedState>, request: Request<Incoming>) -> Result<Response<Body>, std::convert::Infallible> {
+pub async fn handle(
+    state: Arc<SharedState>,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, std::convert::Infallible> {
     let started = Instant::now();
     let config = state.config.load_full();
     let grpc = is_grpc(request.headers());
@@ -75,7 +78,12 @@ pub(crate) fn record(
         error,
     };
     state.metrics.requests.get_or_create(&labels).inc();
-    let labels = DurationLabels { direction, source_service: source, destination_service: routed.destination, route: routed.route };
+    let labels = DurationLabels {
+        direction,
+        source_service: source,
+        destination_service: routed.destination,
+        route: routed.route,
+    };
     state.metrics.request_duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
 }
 
@@ -93,11 +101,14 @@ async fn route_request(
 ) -> Result<Response<Body>, ProxyFailure> {
     let downstream_upgrade = forward::is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
     let (mut parts, incoming) = request.into_parts();
-    let mut authority = forward::authority(&parts).ok_or_else(|| ProxyFailure::BadRequest("the request has no Host".into()))?;
+    let mut authority =
+        forward::authority(&parts).ok_or_else(|| ProxyFailure::BadRequest("the request has no Host".into()))?;
     let snapshot = &config.snapshot;
     let (service_index, port_index) = snapshot.lookup_host(&authority).map_err(|e| match e {
         HostLookupError::UnknownHost => ProxyFailure::UnknownHost(authority.clone()),
-        HostLookupError::UnknownPort(port) => ProxyFailure::UnknownHost(format!("{authority} (the service has no port {port})")),
+        HostLookupError::UnknownPort(port) => {
+            ProxyFailure::UnknownHost(format!("{authority} (the service has no port {port})"))
+        }
         HostLookupError::NotHttp(port) => ProxyFailure::NotHttp(format!("{authority} port {port}")),
     })?;
     routed.destination = config.service_labels[service_index].clone();
@@ -108,15 +119,25 @@ async fn route_request(
     let action: Option<&Arc<RouteAction>> = match &port.routes {
         None => None,
         Some(rules) => {
-            let view = RequestView { method: &parts.method, path: parts.uri.path(), query: parts.uri.query(), headers: &parts.headers };
-            let rule = rules.iter().find(|rule| rule.matcher.matches(&view)).ok_or_else(|| ProxyFailure::NoRoute(routed.destination.to_string()))?;
+            let view = RequestView {
+                method: &parts.method,
+                path: parts.uri.path(),
+                query: parts.uri.query(),
+                headers: &parts.headers,
+            };
+            let rule = rules
+                .iter()
+                .find(|rule| rule.matcher.matches(&view))
+                .ok_or_else(|| ProxyFailure::NoRoute(routed.destination.to_string()))?;
             routed.route = rule.action.route.clone();
             Some(&rule.action)
         }
     };
     let mut response_filters: Vec<&Filter> = Vec::new();
     let (target, request_timeout, try_timeout) = match action {
-        None => (BackendTarget::Resolved { service: service_index, port: port_index }, service.policy.request_timeout, None),
+        None => {
+            (BackendTarget::Resolved { service: service_index, port: port_index }, service.policy.request_timeout, None)
+        }
         Some(action) => {
             for filter in &action.filters {
                 if let Filter::RequestRedirect { .. } = filter {
@@ -124,7 +145,8 @@ async fn route_request(
                 }
                 apply_request_filter(filter, &mut parts, &mut authority, &mut response_filters);
             }
-            let backend = pick_weighted(&action.backends).ok_or_else(|| ProxyFailure::NoBackends(action.route.to_string()))?;
+            let backend =
+                pick_weighted(&action.backends).ok_or_else(|| ProxyFailure::NoBackends(action.route.to_string()))?;
             for filter in &backend.filters {
                 apply_request_filter(filter, &mut parts, &mut authority, &mut response_filters);
             }
@@ -212,12 +234,16 @@ fn apply_request_filter<'a>(
 fn modify_headers(headers: &mut http::HeaderMap, modifier: &weft_model::spec::HeaderModifier) {
     // Validation guarantees names and values parse.
     for h in &modifier.set {
-        if let (Ok(name), Ok(value)) = (header::HeaderName::from_bytes(h.name.as_bytes()), HeaderValue::from_str(&h.value)) {
+        if let (Ok(name), Ok(value)) =
+            (header::HeaderName::from_bytes(h.name.as_bytes()), HeaderValue::from_str(&h.value))
+        {
             headers.insert(name, value);
         }
     }
     for h in &modifier.add {
-        if let (Ok(name), Ok(value)) = (header::HeaderName::from_bytes(h.name.as_bytes()), HeaderValue::from_str(&h.value)) {
+        if let (Ok(name), Ok(value)) =
+            (header::HeaderName::from_bytes(h.name.as_bytes()), HeaderValue::from_str(&h.value))
+        {
             headers.append(name, value);
         }
     }
@@ -276,7 +302,9 @@ impl RequestBody {
     fn take(&mut self) -> Option<Body> {
         match self {
             RequestBody::Streaming(body) => body.take().map(body::boxed),
-            RequestBody::Replayable(bytes) => Some(if bytes.is_empty() { body::empty() } else { body::full(bytes.clone()) }),
+            RequestBody::Replayable(bytes) => {
+                Some(if bytes.is_empty() { body::empty() } else { body::full(bytes.clone()) })
+            }
         }
     }
 }
@@ -318,7 +346,8 @@ async fn send_with_retries(
     let mut avoid = None;
     let mut attempt = 1;
     loop {
-        let permit = backend.limiter.start_request().map_err(|e| ProxyFailure::Overloaded(format!("{}: {e}", backend.name)))?;
+        let permit =
+            backend.limiter.start_request().map_err(|e| ProxyFailure::Overloaded(format!("{}: {e}", backend.name)))?;
         let endpoint = backend.pick(avoid).ok_or_else(|| ProxyFailure::NoEndpoints(backend.name.to_string()))?.clone();
         let mut try_parts = parts.clone();
         forward::prepare(&mut try_parts, authority, wire, false);
@@ -342,19 +371,28 @@ async fn send_with_retries(
             endpoint.observe_rtt(now - started, now);
         }
         if !matches!(result, Err(SendError::Limit(_))) {
-            if let Some(length) = endpoint.record_outcome(end.outcome(), &backend.outlier_detection, now, || backend.may_eject()) {
+            if let Some(length) =
+                endpoint.record_outcome(end.outcome(), &backend.outlier_detection, now, || backend.may_eject())
+            {
                 tracing::warn!(service = %backend.name, endpoint = %endpoint.address, ?length, "endpoint ejected by outlier detection");
                 state
                     .metrics
                     .ejections
-                    .get_or_create(&EjectionLabels { service: backend.name.clone(), endpoint: endpoint.address.to_string() })
+                    .get_or_create(&EjectionLabels {
+                        service: backend.name.clone(),
+                        endpoint: endpoint.address.to_string(),
+                    })
                     .inc();
             }
         }
         let retry_on = retries.map(|r| r.retry_on.as_slice()).unwrap_or(&[]);
         if attempt < max_tries && end.is_retryable(retry_on) {
             if budget.try_withdraw() {
-                state.metrics.retries.get_or_create(&RetryLabels { destination_service: backend.name.clone(), outcome: "retried" }).inc();
+                state
+                    .metrics
+                    .retries
+                    .get_or_create(&RetryLabels { destination_service: backend.name.clone(), outcome: "retried" })
+                    .inc();
                 drop((result, in_flight, permit));
                 let pause = backoff(&retries.expect("retries configured").backoff, attempt);
                 tokio::time::sleep(pause).await;
@@ -362,17 +400,25 @@ async fn send_with_retries(
                 attempt += 1;
                 continue;
             }
-            state.metrics.retries.get_or_create(&RetryLabels { destination_service: backend.name.clone(), outcome: "budget_exhausted" }).inc();
+            state
+                .metrics
+                .retries
+                .get_or_create(&RetryLabels { destination_service: backend.name.clone(), outcome: "budget_exhausted" })
+                .inc();
         }
         return match result {
             Ok(mut response) => {
                 forward::prepare_response(&mut response, false);
                 Ok(response.map(|b| body::Guarded::wrap(b, (in_flight, permit))))
             }
-            Err(SendError::Connect(error)) => Err(ProxyFailure::ConnectFailed { endpoint: endpoint.address, reason: error.to_string() }),
+            Err(SendError::Connect(error)) => {
+                Err(ProxyFailure::ConnectFailed { endpoint: endpoint.address, reason: error.to_string() })
+            }
             Err(SendError::Limit(error)) => Err(ProxyFailure::Overloaded(format!("{}: {error}", backend.name))),
             Err(SendError::Timeout(_)) => Err(ProxyFailure::TryTimeout),
-            Err(SendError::Reset(error)) => Err(ProxyFailure::UpstreamReset { endpoint: endpoint.address, reason: error.to_string() }),
+            Err(SendError::Reset(error)) => {
+                Err(ProxyFailure::UpstreamReset { endpoint: endpoint.address, reason: error.to_string() })
+            }
         };
     }
 }
@@ -385,16 +431,22 @@ async fn send_upgrade(
     authority: &str,
     downstream_upgrade: hyper::upgrade::OnUpgrade,
 ) -> Result<Response<Body>, ProxyFailure> {
-    let permit = backend.limiter.start_request().map_err(|e| ProxyFailure::Overloaded(format!("{}: {e}", backend.name)))?;
+    let permit =
+        backend.limiter.start_request().map_err(|e| ProxyFailure::Overloaded(format!("{}: {e}", backend.name)))?;
     let endpoint = backend.pick(None).ok_or_else(|| ProxyFailure::NoEndpoints(backend.name.to_string()))?.clone();
     forward::prepare(&mut parts, authority, crate::pool::Wire::Http1, true);
     let request = Request::from_parts(parts, body::boxed(incoming));
-    let mut response = state.connector.send_upgrade(endpoint.address, &backend.limiter, request).await.map_err(|e| match e {
-        SendError::Connect(error) => ProxyFailure::ConnectFailed { endpoint: endpoint.address, reason: error.to_string() },
-        SendError::Limit(error) => ProxyFailure::Overloaded(format!("{}: {error}", backend.name)),
-        SendError::Reset(error) => ProxyFailure::UpstreamReset { endpoint: endpoint.address, reason: error.to_string() },
-        SendError::Timeout(_) => ProxyFailure::TryTimeout,
-    })?;
+    let mut response =
+        state.connector.send_upgrade(endpoint.address, &backend.limiter, request).await.map_err(|e| match e {
+            SendError::Connect(error) => {
+                ProxyFailure::ConnectFailed { endpoint: endpoint.address, reason: error.to_string() }
+            }
+            SendError::Limit(error) => ProxyFailure::Overloaded(format!("{}: {error}", backend.name)),
+            SendError::Reset(error) => {
+                ProxyFailure::UpstreamReset { endpoint: endpoint.address, reason: error.to_string() }
+            }
+            SendError::Timeout(_) => ProxyFailure::TryTimeout,
+        })?;
     drop(permit);
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let upstream_upgrade = hyper::upgrade::on(&mut response);

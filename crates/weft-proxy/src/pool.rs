@@ -132,7 +132,11 @@ impl Connector {
         })
     }
 
-    async fn open_http1(&self, address: SocketAddr, limiter: &Arc<Limiter>) -> Result<http1::SendRequest<Body>, SendError> {
+    async fn open_http1(
+        &self,
+        address: SocketAddr,
+        limiter: &Arc<Limiter>,
+    ) -> Result<http1::SendRequest<Body>, SendError> {
         let permit = loop {
             if let Some(permit) = limiter.try_open_connection() {
                 break permit;
@@ -161,7 +165,11 @@ impl Connector {
         response: Response<Incoming>,
     ) -> Response<Body> {
         response.map(|incoming| {
-            body::boxed(PooledBody { inner: incoming, home: Some(IdleConnection { sender, idle_since: Instant::now(), limiter }), address })
+            body::boxed(PooledBody {
+                inner: incoming,
+                home: Some(IdleConnection { sender, idle_since: Instant::now(), limiter }),
+                address,
+            })
         })
     }
 
@@ -206,7 +214,12 @@ impl Connector {
 
     /// Sends an HTTP/1.1 `Upgrade` request (e.g. WebSocket) on a connection of its own,
     /// which becomes the upgraded tunnel and is never pooled.
-    pub async fn send_upgrade(&self, address: SocketAddr, limiter: &Arc<Limiter>, request: Request<Body>) -> Result<Response<Incoming>, SendError> {
+    pub async fn send_upgrade(
+        &self,
+        address: SocketAddr,
+        limiter: &Arc<Limiter>,
+        request: Request<Body>,
+    ) -> Result<Response<Incoming>, SendError> {
         let permit = limiter.try_open_connection().ok_or(SendError::Limit(LimitExceeded::MaxConnections(0)))?;
         let io = transport::connect(address, self.connect_timeout).await?;
         let (mut sender, connection) = http1::handshake(TokioIo::new(io)).await.map_err(SendError::Reset)?;

@@ -58,7 +58,10 @@ pub fn run(settings: ProxySettings) -> Result<(), ProxyError> {
     };
     let mut upstream_listeners = Vec::new();
     for upstream in &settings.upstreams {
-        upstream_listeners.push((Arc::new(upstream.clone()), listener::bind(upstream.listen, workers, "TCP upstream listener", "--upstream")?));
+        upstream_listeners.push((
+            Arc::new(upstream.clone()),
+            listener::bind(upstream.listen, workers, "TCP upstream listener", "--upstream")?,
+        ));
     }
     let admin_listener = listener::bind(settings.admin_addr, 1, "admin listener", "--admin-addr")?.remove(0);
 
@@ -71,7 +74,8 @@ pub fn run(settings: ProxySettings) -> Result<(), ProxyError> {
     };
     if let Some(path) = &settings.ports_file {
         let json = serde_json::to_string_pretty(&ports).expect("ports serialize");
-        std::fs::write(path, json).map_err(|source| ProxyError::PortsFile { path: path.display().to_string(), source })?;
+        std::fs::write(path, json)
+            .map_err(|source| ProxyError::PortsFile { path: path.display().to_string(), source })?;
     }
     tracing::info!(outbound = %ports.outbound, inbound = ?ports.inbound, admin = %ports.admin, upstreams = ?ports.upstreams, workers, "listening");
     if settings.app_addr.is_none() {
@@ -89,10 +93,12 @@ pub fn run(settings: ProxySettings) -> Result<(), ProxyError> {
     for worker in 0..workers {
         let outbound_listener = outbound_listeners.next().expect("one per worker");
         let inbound_listener = inbound_listeners.as_mut().and_then(|l| l.next());
-        let upstreams: Vec<_> = upstream_iters.iter_mut().map(|(u, l)| (u.clone(), l.next().expect("one per worker"))).collect();
+        let upstreams: Vec<_> =
+            upstream_iters.iter_mut().map(|(u, l)| (u.clone(), l.next().expect("one per worker"))).collect();
         let state = state.clone();
         let watch = drain.watch();
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(ProxyError::Runtime)?;
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(ProxyError::Runtime)?;
         std::thread::Builder::new()
             .name(format!("weft-worker-{worker}"))
             .spawn(move || {
@@ -103,7 +109,9 @@ pub fn run(settings: ProxySettings) -> Result<(), ProxyError> {
                         let state = outbound_state.clone();
                         async move {
                             let handler_state = state.clone();
-                            let service = hyper::service::service_fn(move |request| outbound::handle(handler_state.clone(), request));
+                            let service = hyper::service::service_fn(move |request| {
+                                outbound::handle(handler_state.clone(), request)
+                            });
                             serve_http(stream, service, drain, &state.settings).await;
                         }
                     }));

@@ -25,7 +25,8 @@ pub enum LoadError {
 
 /// Reads, validates and compiles `path`; returns the snapshot, its version and the text.
 pub fn load(path: &Path, namespace: &str) -> Result<(Snapshot, String, String), LoadError> {
-    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read { path: path.display().to_string(), source })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| LoadError::Read { path: path.display().to_string(), source })?;
     let (snapshot, version) = compile_text(path, &text, namespace)?;
     Ok((snapshot, version, text))
 }

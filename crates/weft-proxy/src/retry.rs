@@ -155,19 +155,31 @@ mod tests {
 
     #[test]
     fn budget_allows_ratio_of_requests_plus_floor() {
-        let budget = RetryBudget::new(RetryBudgetSpec { ratio: 0.2, min_per_second: 0, window: GoDuration(Duration::from_secs(10)) });
+        let budget = RetryBudget::new(RetryBudgetSpec {
+            ratio: 0.2,
+            min_per_second: 0,
+            window: GoDuration(Duration::from_secs(10)),
+        });
         for _ in 0..100 {
             budget.deposit();
         }
         let granted = (0..100).filter(|_| budget.try_withdraw()).count();
         assert_eq!(granted, 20);
-        let floor = RetryBudget::new(RetryBudgetSpec { ratio: 0.0, min_per_second: 2, window: GoDuration(Duration::from_secs(10)) });
+        let floor = RetryBudget::new(RetryBudgetSpec {
+            ratio: 0.0,
+            min_per_second: 2,
+            window: GoDuration(Duration::from_secs(10)),
+        });
         assert_eq!((0..100).filter(|_| floor.try_withdraw()).count(), 20);
     }
 
     #[test]
     fn budget_window_slides() {
-        let budget = RetryBudget::new(RetryBudgetSpec { ratio: 1.0, min_per_second: 0, window: GoDuration(Duration::from_millis(50)) });
+        let budget = RetryBudget::new(RetryBudgetSpec {
+            ratio: 1.0,
+            min_per_second: 0,
+            window: GoDuration(Duration::from_millis(50)),
+        });
         budget.deposit();
         assert!(budget.try_withdraw());
         assert!(!budget.try_withdraw());

@@ -87,7 +87,8 @@ impl FromStr for UpstreamListener {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let usage = || format!("invalid --upstream {text:?}: expected SERVICE[:PORT]=LISTEN_ADDR, e.g. db=127.0.0.1:5433");
+        let usage =
+            || format!("invalid --upstream {text:?}: expected SERVICE[:PORT]=LISTEN_ADDR, e.g. db=127.0.0.1:5433");
         let (target, listen) = text.split_once('=').ok_or_else(usage)?;
         let listen = listen.parse().map_err(|_| usage())?;
         let (service, port) = match target.split_once(':') {

@@ -15,7 +15,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use weft_model::{snapshot::ServicePolicy, spec::RetryBudgetSpec, Snapshot};
+use weft_model::{snapshot::ServicePolicy, Snapshot};
 
 use crate::{
     balance::{Backend, WeightedEndpoint},
@@ -121,7 +121,11 @@ impl SharedState {
                         let endpoints = port
                             .endpoints
                             .iter()
-                            .map(|e| WeightedEndpoint { state: self.endpoints.get(e.address), weight: e.weight, workload: e.workload.clone() })
+                            .map(|e| WeightedEndpoint {
+                                state: self.endpoints.get(e.address),
+                                weight: e.weight,
+                                workload: e.workload.clone(),
+                            })
                             .collect();
                         Arc::new(Backend::new(
                             label.clone(),
@@ -136,7 +140,8 @@ impl SharedState {
             );
             service_labels.push(label);
         }
-        let own_service = self.settings.service.as_deref().and_then(|name| snapshot.service(&self.settings.namespace, name));
+        let own_service =
+            self.settings.service.as_deref().and_then(|name| snapshot.service(&self.settings.namespace, name));
         for unresolved in &snapshot.unresolved {
             tracing::warn!(reference = %unresolved, "unresolved reference: requests that need it get 500");
         }
@@ -160,9 +165,10 @@ impl SharedState {
     }
 
     fn budget(&self, label: &str, policy: &ServicePolicy) -> Arc<RetryBudget> {
-        let spec = policy.retries.as_ref().map(|r| r.budget.clone()).unwrap_or_else(RetryBudgetSpec::default);
+        let spec = policy.retries.as_ref().map(|r| r.budget.clone()).unwrap_or_default();
         let mut budgets = self.budgets.lock().expect("budgets lock poisoned");
-        let budget = budgets.entry(label.to_string()).or_insert_with(|| Arc::new(RetryBudget::new(spec.clone()))).clone();
+        let budget =
+            budgets.entry(label.to_string()).or_insert_with(|| Arc::new(RetryBudget::new(spec.clone()))).clone();
         budget.set_spec(&spec);
         budget
     }

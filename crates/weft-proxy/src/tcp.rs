@@ -1,11 +1,7 @@
 //! Opaque TCP forwarding: `--upstream` listeners toward a Service, and inbound
 //! connections that are not HTTP.
 
-use std::{
-    net::SocketAddr,
-    sync::Arc,
-    time::Instant,
-};
+use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 use weft_model::snapshot::HostLookupError;
@@ -22,8 +18,18 @@ use crate::{
 const CONNECT_TRIES: usize = 3;
 
 /// Copies bytes both ways until both sides close, then counts them.
-pub async fn relay(state: &SharedState, direction: &'static str, destination: Arc<str>, mut client: TcpStream, mut upstream: TcpStream) {
-    state.metrics.tcp_connections.get_or_create(&TcpLabels { direction, destination_service: destination.clone() }).inc();
+pub async fn relay(
+    state: &SharedState,
+    direction: &'static str,
+    destination: Arc<str>,
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+) {
+    state
+        .metrics
+        .tcp_connections
+        .get_or_create(&TcpLabels { direction, destination_service: destination.clone() })
+        .inc();
     let (sent, received) = match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         Ok(counts) => counts,
         Err(error) => {
@@ -41,14 +47,19 @@ pub async fn relay(state: &SharedState, direction: &'static str, destination: Ar
 pub async fn serve_upstream_client(state: Arc<SharedState>, upstream: Arc<UpstreamListener>, mut client: TcpStream) {
     let config = state.config.load_full();
     let snapshot = &config.snapshot;
-    let resolved = snapshot.service(&state.settings.namespace, &upstream.service).ok_or(HostLookupError::UnknownHost).and_then(|service| {
-        let ports = &snapshot.services[service].ports;
-        let port = match upstream.port {
-            Some(number) => ports.iter().position(|p| p.port == number).ok_or(HostLookupError::UnknownPort(number))?,
-            None => 0,
-        };
-        Ok((service, port))
-    });
+    let resolved = snapshot
+        .service(&state.settings.namespace, &upstream.service)
+        .ok_or(HostLookupError::UnknownHost)
+        .and_then(|service| {
+            let ports = &snapshot.services[service].ports;
+            let port = match upstream.port {
+                Some(number) => {
+                    ports.iter().position(|p| p.port == number).ok_or(HostLookupError::UnknownPort(number))?
+                }
+                None => 0,
+            };
+            Ok((service, port))
+        });
     let (service, port) = match resolved {
         Ok(found) => found,
         Err(error) => {
@@ -73,11 +84,19 @@ pub async fn serve_upstream_client(state: Arc<SharedState>, upstream: Arc<Upstre
             }
             Err(error) => {
                 tracing::debug!(endpoint = %endpoint.address, %error, "TCP connect failed; trying another endpoint");
-                if endpoint.record_outcome(TryOutcome::ConnectFailure, &backend.outlier_detection, Instant::now(), || backend.may_eject()).is_some() {
+                if endpoint
+                    .record_outcome(TryOutcome::ConnectFailure, &backend.outlier_detection, Instant::now(), || {
+                        backend.may_eject()
+                    })
+                    .is_some()
+                {
                     state
                         .metrics
                         .ejections
-                        .get_or_create(&EjectionLabels { service: backend.name.clone(), endpoint: endpoint.address.to_string() })
+                        .get_or_create(&EjectionLabels {
+                            service: backend.name.clone(),
+                            endpoint: endpoint.address.to_string(),
+                        })
                         .inc();
                 }
                 avoid = Some(endpoint.address);

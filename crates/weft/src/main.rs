@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a sidecar proxy beside one service instance.
-    Proxy(ProxyArgs),
+    Proxy(Box<ProxyArgs>),
     /// Check a configuration file without running anything; prints every error.
     Validate {
         /// The YAML file of resources.
@@ -122,7 +122,8 @@ impl ProxyArgs {
 fn init_logging(filter: Option<&str>) {
     let filter = match filter {
         Some(filter) => tracing_subscriber::EnvFilter::new(filter),
-        None => tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        None => tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
     };
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }

@@ -24,7 +24,15 @@ fn one_service(name: &str, port: u16, protocol: &str, address: SocketAddr) -> St
 }
 
 /// Proxy B in front of `app` (its own Service declared), proxy A pointing at B.
-async fn pair(dir: &TempDir, name: &str, port: u16, protocol: &str, app: SocketAddr, b_args: &[&str], a_args: &[&str]) -> (Proxy, Proxy) {
+async fn pair(
+    dir: &TempDir,
+    name: &str,
+    port: u16,
+    protocol: &str,
+    app: SocketAddr,
+    b_args: &[&str],
+    a_args: &[&str],
+) -> (Proxy, Proxy) {
     let placeholder: SocketAddr = "127.0.0.1:9".parse().unwrap();
     let b_config = dir.write("b.yaml", &one_service(name, port, protocol, placeholder));
     let app = app.to_string();
@@ -72,7 +80,8 @@ async fn grpc_unary_and_server_streaming_through_a_pair_keep_trailers() {
     assert_eq!(second.status, ServingStatus::NotServing as i32);
     drop(stream);
 
-    assert_eq!(b.metric_sum("weft_requests_total", &["direction=\"inbound\"", "status_code=\"200\""]).await >= 2.0, true);
+    let inbound = b.metric_sum("weft_requests_total", &["direction=\"inbound\"", "status_code=\"200\""]).await;
+    assert!(inbound >= 2.0, "{inbound}");
 
     // The proxy's own errors are gRPC statuses for gRPC callers.
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", a.outbound))
@@ -143,7 +152,9 @@ async fn raw_tcp_echo_through_an_upstream_listener() {
     assert_eq!(echoed, payload);
     drop(stream);
     eventually(Duration::from_secs(5), "TCP bytes to be counted", || async {
-        (proxy.metric_sum("weft_tcp_bytes_total", &["destination_service=\"default/db\"", "flow=\"sent\""]).await == 100_000.0).then_some(())
+        (proxy.metric_sum("weft_tcp_bytes_total", &["destination_service=\"default/db\"", "flow=\"sent\""]).await
+            == 100_000.0)
+            .then_some(())
     })
     .await;
 }
@@ -165,10 +176,22 @@ async fn a_server_first_protocol_on_a_tcp_port_does_not_wait_for_detection() {
     });
     let dir = TempDir::new("server-first");
     // Detection would wait 60s for the client to speak: the test would time out.
-    let (a, _b) = pair(&dir, "mail", 25, "tcp", app, &["--detect-timeout", "60s"], &["--upstream", "mail=127.0.0.1:0", "--detect-timeout", "60s"]).await;
+    let (a, _b) = pair(
+        &dir,
+        "mail",
+        25,
+        "tcp",
+        app,
+        &["--detect-timeout", "60s"],
+        &["--upstream", "mail=127.0.0.1:0", "--detect-timeout", "60s"],
+    )
+    .await;
     let mut stream = TcpStream::connect(a.upstreams["mail"]).await.unwrap();
     let mut banner = vec![0u8; 30];
-    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut banner)).await.expect("the banner arrives while the client is silent").unwrap();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut banner))
+        .await
+        .expect("the banner arrives while the client is silent")
+        .unwrap();
     assert_eq!(&banner, b"220 mail.example ESMTP ready\r\n");
     stream.write_all(b"EHLO me\r\n").await.unwrap();
     let mut reply = vec![0u8; 9];

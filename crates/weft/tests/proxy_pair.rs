@@ -15,7 +15,8 @@ async fn pair(dir: &TempDir) -> (TestApp, Proxy, Proxy) {
     let b_config = dir.write("b.yaml", &mesh_yaml(&[("web", "app: web")], &[], ""));
     let app_addr = app.address.to_string();
     let b = Proxy::start(dir, "b", &b_config, &["--service", "web", "--app-addr", &app_addr]).await;
-    let a_config = dir.write("a.yaml", &mesh_yaml(&[("web", "app: web")], &[("web-1", "app: web", b.inbound.unwrap())], ""));
+    let a_config =
+        dir.write("a.yaml", &mesh_yaml(&[("web", "app: web")], &[("web-1", "app: web", b.inbound.unwrap())], ""));
     let a = Proxy::start(dir, "a", &a_config, &["--service", "client"]).await;
     (app, a, b)
 }
@@ -32,7 +33,8 @@ async fn curl_http1_and_h2c_through_a_proxy_pair() {
     assert_eq!(seen["app"], "web");
     assert_eq!(seen["path"], "/hello?x=1");
 
-    let (ok, body, err) = curl(&["--http2-prior-knowledge", "-w", "\n%{http_version}", "-H", "Host: web.default.svc:80", &outbound]);
+    let (ok, body, err) =
+        curl(&["--http2-prior-knowledge", "-w", "\n%{http_version}", "-H", "Host: web.default.svc:80", &outbound]);
     assert!(ok, "{err}");
     assert!(body.ends_with("\n2"), "curl spoke h2c to the outbound listener: {body}");
     assert!(body.contains("\"app\":\"web\""), "{body}");
@@ -44,9 +46,19 @@ async fn curl_http1_and_h2c_through_a_proxy_pair() {
     assert_eq!(app.hits(), 3);
 
     // Both directions are counted.
-    let outbound_ok = a.metric_sum("weft_requests_total", &["direction=\"outbound\"", "destination_service=\"default/web\"", "status_code=\"200\""]).await;
+    let outbound_ok = a
+        .metric_sum(
+            "weft_requests_total",
+            &["direction=\"outbound\"", "destination_service=\"default/web\"", "status_code=\"200\""],
+        )
+        .await;
     assert_eq!(outbound_ok, 3.0);
-    let inbound_ok = b.metric_sum("weft_requests_total", &["direction=\"inbound\"", "destination_service=\"default/web\"", "status_code=\"200\""]).await;
+    let inbound_ok = b
+        .metric_sum(
+            "weft_requests_total",
+            &["direction=\"inbound\"", "destination_service=\"default/web\"", "status_code=\"200\""],
+        )
+        .await;
     assert_eq!(inbound_ok, 3.0);
     let histogram = a.metric_sum("weft_request_duration_seconds_count", &["direction=\"outbound\""]).await;
     assert_eq!(histogram, 3.0);
@@ -95,7 +107,9 @@ async fn admin_config_answers_loopback_only_when_bound_wider() {
     // The admin port bound to all interfaces; a client on a non-loopback address of this
     // host must be refused /config but may scrape /metrics.
     let Some(ip) = non_loopback_ip() else {
-        eprintln!("SKIPPED admin_config_answers_loopback_only_when_bound_wider: this host has no non-loopback IPv4 address");
+        eprintln!(
+            "SKIPPED admin_config_answers_loopback_only_when_bound_wider: this host has no non-loopback IPv4 address"
+        );
         return;
     };
     let dir = TempDir::new("admin-wide");
@@ -125,7 +139,10 @@ async fn sigterm_drains_an_in_flight_request_before_exiting() {
     app.set_delay(Duration::from_millis(1500));
     let outbound = a.outbound;
     let slow = tokio::spawn(async move { get_via(&client(), outbound, "web", "/slow", &[]).await });
-    eventually(Duration::from_secs(5), "the slow request to reach the app", || async { (app.hits() == 1).then_some(()) }).await;
+    eventually(Duration::from_secs(5), "the slow request to reach the app", || async {
+        (app.hits() == 1).then_some(())
+    })
+    .await;
     a.terminate();
     let answer = slow.await.unwrap();
     assert_eq!(answer.status, 200, "the in-flight request completes during the drain");

@@ -11,7 +11,10 @@ async fn two_endpoints(policy: &str, routes: &str) -> (TestApp, TestApp, TempDir
     let (a, b) = (TestApp::start("a").await, TestApp::start("b").await);
     let dir = TempDir::new("resilience");
     let extra = format!("{policy}\n---\n{routes}");
-    let config = dir.write("mesh.yaml", &mesh_yaml(&[("svc", "app: svc")], &[("a", "app: svc", a.address), ("b", "app: svc", b.address)], &extra));
+    let config = dir.write(
+        "mesh.yaml",
+        &mesh_yaml(&[("svc", "app: svc")], &[("a", "app: svc", a.address), ("b", "app: svc", b.address)], &extra),
+    );
     let proxy = Proxy::start(&dir, "p", &config, &[]).await;
     (a, b, dir, proxy)
 }
@@ -119,7 +122,10 @@ spec:
     assert_eq!(answer.status, 504);
     assert!(answer.weft_error().unwrap().starts_with("request-timeout"));
     assert!(started.elapsed() < Duration::from_secs(2), "the timeout cut the request short");
-    assert_eq!(proxy.metric_sum("weft_requests_total", &["status_code=\"504\"", "error=\"request-timeout\""]).await, 1.0);
+    assert_eq!(
+        proxy.metric_sum("weft_requests_total", &["status_code=\"504\"", "error=\"request-timeout\""]).await,
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,7 +18,11 @@ struct Canary {
 
 fn canary_yaml(v1: &TestApp, v2: &TestApp, routes: &str) -> String {
     mesh_yaml(
-        &[("reviews", "app: reviews"), ("reviews-v1", "app: reviews, version: v1"), ("reviews-v2", "app: reviews, version: v2")],
+        &[
+            ("reviews", "app: reviews"),
+            ("reviews-v1", "app: reviews, version: v1"),
+            ("reviews-v2", "app: reviews, version: v2"),
+        ],
         &[("r1", "app: reviews, version: v1", v1.address), ("r2", "app: reviews, version: v2", v2.address)],
         routes,
     )
@@ -86,7 +90,14 @@ async fn header_match_routes_to_v2_and_filters_apply() {
         let answer = get_via(&client, mesh.proxy.outbound, "reviews", "/", &[("x-canary", "true")]).await;
         assert_eq!(answer.app(), "v2");
     }
-    let answer = get_via(&client, mesh.proxy.outbound, "reviews", "/api/items?page=2", &[("x-secret", "s"), ("x-route", "client")]).await;
+    let answer = get_via(
+        &client,
+        mesh.proxy.outbound,
+        "reviews",
+        "/api/items?page=2",
+        &[("x-secret", "s"), ("x-route", "client")],
+    )
+    .await;
     assert_eq!(answer.app(), "v1");
     let seen = answer.json();
     assert_eq!(seen["path"], "/v2/api/items?page=2", "URLRewrite replaced the prefix");
@@ -162,7 +173,10 @@ spec:
         async move { proxy.config().await["lastReloadError"].as_str().map(str::to_string) }
     })
     .await;
-    assert!(error.contains("mesh.yaml: document 6 (HTTPRoute r), field spec.rules[0].backendRefs[0].weight"), "{error}");
+    assert!(
+        error.contains("mesh.yaml: document 6 (HTTPRoute r), field spec.rules[0].backendRefs[0].weight"),
+        "{error}"
+    );
     assert!(mesh.proxy.log().contains("configuration refused"));
     for _ in 0..10 {
         assert_eq!(get_via(&client, mesh.proxy.outbound, "reviews", "/", &[]).await.app(), "v2");
@@ -190,7 +204,10 @@ async fn invalid_config_is_refused_at_start_with_the_field_path() {
     assert!(stderr.contains("quic"), "{stderr}");
 
     // An unimplemented kind is refused with a reason, not ignored.
-    let config = dir.write("authz.yaml", "apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {}\n");
+    let config = dir.write(
+        "authz.yaml",
+        "apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {}\n",
+    );
     let output = std::process::Command::new(WEFT).args(["validate"]).arg(&config).output().unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("not implemented yet"));
@@ -206,5 +223,8 @@ async fn a_port_in_use_is_a_clear_error() {
         .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains(&format!("cannot listen on {address} (outbound listener, set with --outbound-addr)")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {address} (outbound listener, set with --outbound-addr)")),
+        "{stderr}"
+    );
 }

@@ -98,10 +98,14 @@ impl Proxy {
             .args(["proxy", "--config"])
             .arg(config)
             .args(
-                [("--outbound-addr", "127.0.0.1:0"), ("--admin-addr", "127.0.0.1:0"), ("--inbound-addr", "127.0.0.1:0")]
-                    .into_iter()
-                    .filter(|(flag, _)| !args.contains(flag))
-                    .flat_map(|(flag, value)| [flag, value]),
+                [
+                    ("--outbound-addr", "127.0.0.1:0"),
+                    ("--admin-addr", "127.0.0.1:0"),
+                    ("--inbound-addr", "127.0.0.1:0"),
+                ]
+                .into_iter()
+                .filter(|(flag, _)| !args.contains(flag))
+                .flat_map(|(flag, value)| [flag, value]),
             )
             .arg("--ports-file")
             .arg(&ports_file)
@@ -110,11 +114,21 @@ impl Proxy {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
         let child = command.spawn().expect("weft binary starts");
-        let mut proxy = Proxy { child, outbound: ([0, 0, 0, 0], 0).into(), inbound: None, admin: ([0, 0, 0, 0], 0).into(), upstreams: BTreeMap::new(), log };
+        let mut proxy = Proxy {
+            child,
+            outbound: ([0, 0, 0, 0], 0).into(),
+            inbound: None,
+            admin: ([0, 0, 0, 0], 0).into(),
+            upstreams: BTreeMap::new(),
+            log,
+        };
         let ports: Value = eventually(Duration::from_secs(20), &format!("{name} to write its ports file"), || {
             let exited = proxy.child.try_wait().unwrap();
             if let Some(status) = exited {
-                panic!("proxy {name} exited early ({status}):\n{}", std::fs::read_to_string(&proxy.log).unwrap_or_default());
+                panic!(
+                    "proxy {name} exited early ({status}):\n{}",
+                    std::fs::read_to_string(&proxy.log).unwrap_or_default()
+                );
             }
             let text = std::fs::read_to_string(&ports_file).ok();
             async move { text.and_then(|t| serde_json::from_str(&t).ok()) }
@@ -238,7 +252,8 @@ impl TestApp {
                                 "headers": headers,
                             });
                             let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
-                            *response.status_mut() = hyper::StatusCode::from_u16(behavior.status.load(Ordering::Relaxed)).unwrap();
+                            *response.status_mut() =
+                                hyper::StatusCode::from_u16(behavior.status.load(Ordering::Relaxed)).unwrap();
                             response.headers_mut().insert("x-app", name.parse().unwrap());
                             Ok::<_, Infallible>(response)
                         }
@@ -298,7 +313,13 @@ impl Answer {
 }
 
 /// Sends `GET path` with `Host: host` to `proxy` (the outbound listener).
-pub async fn get_via(client: &Client<HttpConnector, Full<Bytes>>, proxy: SocketAddr, host: &str, path: &str, headers: &[(&str, &str)]) -> Answer {
+pub async fn get_via(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    proxy: SocketAddr,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Answer {
     send_via(client, proxy, "GET", host, path, headers, Bytes::new()).await
 }
 
@@ -326,13 +347,15 @@ pub async fn send_via(
 /// One plain HTTP/1.1 GET on a fresh connection: (status, body).
 pub async fn http_get(address: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Result<(u16, Bytes), String> {
     let stream = tokio::net::TcpStream::connect(address).await.map_err(|e| e.to_string())?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
     tokio::spawn(connection);
     let mut request = Request::get(path).header("host", address.to_string());
     for (k, v) in headers {
         request = request.header(*k, *v);
     }
-    let response = sender.send_request(request.body(Full::new(Bytes::new())).unwrap()).await.map_err(|e| e.to_string())?;
+    let response =
+        sender.send_request(request.body(Full::new(Bytes::new())).unwrap()).await.map_err(|e| e.to_string())?;
     let status = response.status().as_u16();
     let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
     Ok((status, body))
@@ -341,8 +364,16 @@ pub async fn http_get(address: SocketAddr, path: &str, headers: &[(&str, &str)])
 /// Runs curl with `args`; returns (exit ok, stdout, stderr). Skips with a message when
 /// curl is missing rather than passing silently.
 pub fn curl(args: &[&str]) -> (bool, String, String) {
-    let output = Command::new("curl").args(["-sS", "--max-time", "10"]).args(args).output().expect("curl is installed (.ci/run installs it)");
-    (output.status.success(), String::from_utf8_lossy(&output.stdout).into_owned(), String::from_utf8_lossy(&output.stderr).into_owned())
+    let output = Command::new("curl")
+        .args(["-sS", "--max-time", "10"])
+        .args(args)
+        .output()
+        .expect("curl is installed (.ci/run installs it)");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 /// A mesh config with one Service per `(name, selector labels)` and the given workloads
