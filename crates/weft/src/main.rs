@@ -5,6 +5,8 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
+
+mod demo_app;
 use clap::{Args, Parser, Subcommand};
 use weft_model::GoDuration;
 use weft_proxy::{ProxySettings, UpstreamListener};
@@ -32,6 +34,21 @@ enum Command {
     Validate {
         /// The YAML file of resources.
         file: PathBuf,
+    },
+    /// Run a small HTTP/1.1 + HTTP/2 demo server (for examples and benchmarks).
+    DemoApp {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:9080", value_name = "ADDR")]
+        listen: SocketAddr,
+        /// Name reported in every answer (and the `x-app` header).
+        #[arg(long, default_value = "demo", value_name = "NAME")]
+        name: String,
+        /// Added latency per request.
+        #[arg(long, default_value = "0s", value_name = "DURATION")]
+        latency: GoDuration,
+        /// Share of requests answered with 500, between 0 and 1.
+        #[arg(long, default_value_t = 0.0, value_name = "RATE")]
+        error_rate: f64,
     },
 }
 
@@ -152,6 +169,14 @@ fn run(command: Command) -> anyhow::Result<()> {
                 eprintln!("warning: unresolved: {unresolved}");
             }
             Ok(())
+        }
+        Command::DemoApp { listen, name, latency, error_rate } => {
+            if !(0.0..=1.0).contains(&error_rate) {
+                anyhow::bail!("--error-rate must be between 0 and 1, got {error_rate}");
+            }
+            let app = demo_app::DemoApp { name, latency: latency.get(), error_rate };
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(app.serve(listen))
         }
     }
 }
