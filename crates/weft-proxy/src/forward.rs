@@ -72,20 +72,29 @@ pub fn authority(request: &http::request::Parts) -> Option<String> {
 /// absolute URI (`:scheme`, `:authority`) for HTTP/2.
 pub fn prepare(parts: &mut http::request::Parts, authority: &str, wire: Wire, upgrade: bool) {
     strip_hop_by_hop(&mut parts.headers, upgrade);
-    let path_and_query = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
     match wire {
         Wire::Http1 => {
             parts.version = Version::HTTP_11;
-            parts.uri = Uri::try_from(path_and_query).unwrap_or_else(|_| Uri::from_static("/"));
-            if let Ok(host) = HeaderValue::from_str(authority) {
-                parts.headers.insert(header::HOST, host);
+            // Most requests already arrive in origin form with the right Host: leave them.
+            if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+                let path_and_query = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+                parts.uri = Uri::try_from(path_and_query).unwrap_or_else(|_| Uri::from_static("/"));
+            }
+            if parts.headers.get(header::HOST).is_none_or(|host| host.as_bytes() != authority.as_bytes()) {
+                if let Ok(host) = HeaderValue::from_str(authority) {
+                    parts.headers.insert(header::HOST, host);
+                }
             }
         }
         Wire::Http2 => {
             parts.version = Version::HTTP_2;
-            let scheme = parts.uri.scheme_str().unwrap_or("http").to_string();
-            if let Ok(uri) = Uri::try_from(format!("{scheme}://{authority}{path_and_query}")) {
-                parts.uri = uri;
+            let same_authority = parts.uri.authority().is_some_and(|a| a.as_str() == authority);
+            if !same_authority || parts.uri.scheme().is_none() {
+                let scheme = parts.uri.scheme_str().unwrap_or("http");
+                let path_and_query = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+                if let Ok(uri) = Uri::try_from(format!("{scheme}://{authority}{path_and_query}")) {
+                    parts.uri = uri;
+                }
             }
             // HTTP/2 carries the authority in the URI; a Host header would duplicate it.
             parts.headers.remove(header::HOST);

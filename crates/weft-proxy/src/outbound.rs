@@ -345,11 +345,17 @@ async fn send_with_retries(
     let wire = wire_for(backend.protocol, is_grpc(&parts.headers));
     let mut avoid = None;
     let mut attempt = 1;
+    let mut parts = Some(parts);
     loop {
         let permit =
             backend.limiter.start_request().map_err(|e| ProxyFailure::Overloaded(format!("{}: {e}", backend.name)))?;
         let endpoint = backend.pick(avoid).ok_or_else(|| ProxyFailure::NoEndpoints(backend.name.to_string()))?.clone();
-        let mut try_parts = parts.clone();
+        // Clone the head only when another try may follow; the last try takes it.
+        let mut try_parts = if attempt < max_tries {
+            parts.clone().expect("parts kept until the last try")
+        } else {
+            parts.take().expect("parts kept until the last try")
+        };
         forward::prepare(&mut try_parts, authority, wire, false);
         let request = Request::from_parts(try_parts, body.take().expect("a streaming body is only sent once"));
         let in_flight = endpoint.start_request();

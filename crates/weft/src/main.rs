@@ -22,6 +22,10 @@ struct Cli {
     /// Log filter, e.g. `info`, `debug`, `weft_proxy=debug`; overrides RUST_LOG.
     #[arg(long, global = true, env = "WEFT_LOG")]
     log: Option<String>,
+    /// Log format on stderr: `text` for people, `json` (one object per line) for log
+    /// pipelines.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -136,18 +140,23 @@ impl ProxyArgs {
     }
 }
 
-fn init_logging(filter: Option<&str>) {
+fn init_logging(filter: Option<&str>, json: bool) {
     let filter = match filter {
         Some(filter) => tracing_subscriber::EnvFilter::new(filter),
         None => tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
     };
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log.as_deref());
+    init_logging(cli.log.as_deref(), cli.log_format == "json");
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -198,3 +198,57 @@ async fn a_server_first_protocol_on_a_tcp_port_does_not_wait_for_detection() {
     tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut reply)).await.unwrap().unwrap();
     assert_eq!(&reply, b"EHLO me\r\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_route_sends_methods_to_different_backends() {
+    // Two health servers that disagree about "svc": the answer tells which one served.
+    let mut addresses = Vec::new();
+    for status in [tonic_health::ServingStatus::Serving, tonic_health::ServingStatus::NotServing] {
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter.set_service_status("svc", status).await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        addresses.push(listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let _reporter = reporter;
+            tonic::transport::Server::builder()
+                .add_service(health)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await
+        });
+    }
+    let yaml = format!(
+        "{}---\n{}---\n{}---\n{}",
+        one_service("health", 50051, "grpc", addresses[0]).replace("app: health}", "app: health, v: one}"),
+        one_service("health-two", 50051, "grpc", addresses[1]),
+        "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: health-one}\nspec: {selector: {app: health, v: one}, ports: [{port: 50051, protocol: grpc}]}\n",
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: health}
+spec:
+  parentRefs: [{kind: Service, name: health}]
+  rules:
+  - matches: [{method: {service: grpc.health.v1.Health, method: Check}, headers: [{name: x-pick, value: two}]}]
+    backendRefs: [{name: health-two, port: 50051}]
+  - matches: [{method: {service: grpc.health.v1.Health}}]
+    backendRefs: [{name: health-one, port: 50051}]
+"#
+    );
+    let dir = TempDir::new("grpcroute");
+    let config = dir.write("m.yaml", &yaml);
+    let proxy = Proxy::start(&dir, "p", &config, &[]).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", proxy.outbound))
+        .unwrap()
+        .origin("http://health:50051".parse().unwrap())
+        .connect()
+        .await
+        .unwrap();
+    let mut client = HealthClient::new(channel);
+    let plain = client.check(HealthCheckRequest { service: "svc".into() }).await.unwrap().into_inner();
+    assert_eq!(plain.status, ServingStatus::Serving as i32, "the service match goes to health-one");
+    let mut request = tonic::Request::new(HealthCheckRequest { service: "svc".into() });
+    request.metadata_mut().insert("x-pick", "two".parse().unwrap());
+    let picked = client.check(request).await.unwrap().into_inner();
+    assert_eq!(picked.status, ServingStatus::NotServing as i32, "method + header match goes to health-two");
+    let routed = proxy.metric_sum("weft_requests_total", &["route=\"GRPCRoute/default/health\""]).await;
+    assert_eq!(routed, 1.0);
+}

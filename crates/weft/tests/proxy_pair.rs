@@ -160,3 +160,34 @@ async fn sigterm_drains_an_in_flight_request_before_exiting() {
     .unwrap();
     assert!(status.success(), "exit status {status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_and_expect_continue_bodies_arrive_whole() {
+    let dir = TempDir::new("bodies");
+    let (_app, a, _b) = pair(&dir).await;
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let sum: u64 = body.iter().map(|&b| b as u64).sum();
+    let file = dir.0.join("body.bin");
+    std::fs::write(&file, &body).unwrap();
+    let data = format!("@{}", file.display());
+    let url = format!("http://{}/upload", a.outbound);
+    for extra in [["-H", "Transfer-Encoding: chunked"], ["-H", "Expect: 100-continue"]] {
+        let (ok, out, err) = curl(&["-H", "Host: web", extra[0], extra[1], "--data-binary", &data, &url]);
+        assert!(ok, "{extra:?}: {err}");
+        let seen: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(seen["method"], "POST");
+        assert_eq!(seen["bodyLength"], body.len(), "{extra:?}");
+        assert_eq!(seen["bodySum"], sum, "{extra:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line() {
+    let dir = TempDir::new("json-logs");
+    let config = dir.write("m.yaml", &mesh_yaml(&[], &[], ""));
+    let proxy = Proxy::start(&dir, "p", &config, &["--log-format", "json"]).await;
+    let log = proxy.log();
+    let first = log.lines().next().expect("the proxy logs at start");
+    let parsed: serde_json::Value = serde_json::from_str(first).unwrap_or_else(|e| panic!("{e}: {first}"));
+    assert!(parsed["level"].is_string() && parsed["fields"].is_object(), "{parsed}");
+}

@@ -166,3 +166,53 @@ spec:
     assert_eq!(overloaded, 4, "{statuses:?}");
     assert_eq!(proxy.metric_sum("weft_requests_total", &["error=\"overloaded\""]).await, 4.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn learned_endpoint_state_survives_a_reload_and_a_reload_under_load_drops_nothing() {
+    let (healthy, failing, dir, proxy) = two_endpoints(RETRY_5XX, "").await;
+    failing.set_status(503);
+    let statuses = load(&proxy, 60, 2).await;
+    assert!(statuses.iter().all(|&s| s == 200));
+    let ejected = |config: &serde_json::Value| -> Vec<String> {
+        config["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["ejected"] == true)
+            .map(|e| e["workload"].to_string())
+            .collect()
+    };
+    assert_eq!(ejected(&proxy.config().await), vec!["\"b\"".to_string()]);
+    let version = proxy.config().await["version"].clone();
+
+    // Reload an unrelated change (a new Service) while requests flow steadily.
+    let load_task = {
+        let outbound = proxy.outbound;
+        tokio::spawn(async move {
+            let client = client();
+            let mut statuses = Vec::new();
+            for _ in 0..300 {
+                statuses.push(get_via(&client, outbound, "svc", "/", &[]).await.status);
+            }
+            statuses
+        })
+    };
+    let extra = format!("{RETRY_5XX}\n---\napiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {{name: other}}\nspec: {{selector: {{app: other}}, ports: [{{port: 80}}]}}\n");
+    dir.write(
+        "mesh.yaml",
+        &mesh_yaml(
+            &[("svc", "app: svc")],
+            &[("a", "app: svc", healthy.address), ("b", "app: svc", failing.address)],
+            &extra,
+        ),
+    );
+    proxy.hangup();
+    eventually(Duration::from_secs(10), "the reload", || {
+        let (proxy, version) = (&proxy, version.clone());
+        async move { (proxy.config().await["version"] != version).then_some(()) }
+    })
+    .await;
+    let statuses = load_task.await.unwrap();
+    assert!(statuses.iter().all(|&s| s == 200), "no request failed across the reload: {statuses:?}");
+    assert_eq!(ejected(&proxy.config().await), vec!["\"b\"".to_string()], "the ejection survived the reload");
+}

@@ -239,6 +239,9 @@ impl TestApp {
                             if delay > 0 {
                                 tokio::time::sleep(Duration::from_millis(delay)).await;
                             }
+                            let (parts, body) = request.into_parts();
+                            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            let request = Request::from_parts(parts, ());
                             let headers: serde_json::Map<String, Value> = request
                                 .headers()
                                 .iter()
@@ -249,6 +252,8 @@ impl TestApp {
                                 "method": request.method().as_str(),
                                 "path": request.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"),
                                 "version": format!("{:?}", request.version()),
+                                "bodyLength": body.len(),
+                                "bodySum": body.iter().map(|&b| b as u64).sum::<u64>(),
                                 "headers": headers,
                             });
                             let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
