@@ -43,7 +43,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_port(port, timeout=15):
+def wait_port(port, timeout=15, what="a process", log_dir=None):
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
@@ -51,7 +51,7 @@ def wait_port(port, timeout=15):
                 return
         except OSError:
             time.sleep(0.05)
-    raise SystemExit(f"nothing listens on port {port} after {timeout}s")
+    raise SystemExit(f"{what}: nothing listens on port {port} after {timeout}s; see the logs in {log_dir}")
 
 
 def cpu_seconds(pid):
@@ -98,10 +98,6 @@ class Stack:
 
 def start_nginx(tmp):
     port = free_port()
-    root = os.path.join(tmp, "www")
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, "index.html"), "w") as f:
-        f.write("x" * 1024)
     conf = os.path.join(tmp, "nginx.conf")
     with open(conf, "w") as f:
         f.write(f"""
@@ -115,7 +111,8 @@ http {{
   keepalive_requests 1000000;
   server {{
     listen 127.0.0.1:{port};
-    root {root};
+    default_type text/plain;
+    location / {{ return 200 "{"x" * 1024}"; }}
   }}
 }}
 """)
@@ -175,7 +172,7 @@ def haproxy_stack(tmp, name, upstream, pair):
         with open(cfg, "w") as f:
             f.write(f"""global
   nbthread 1
-  maxconn 20000
+  maxconn 4096
 defaults
   mode http
   timeout connect 5s
@@ -190,7 +187,7 @@ backend b
   server s1 127.0.0.1:{target}
 """)
         stack.spawn(["haproxy", "-f", cfg, "-db"])
-        wait_port(port)
+        wait_port(port, what=name, log_dir=tmp)
         target = port
     stack.port = target
     return stack
@@ -231,7 +228,7 @@ static_resources:
       endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {target}}}}}}}}}]}}]
 """)
         stack.spawn(["envoy", "-c", cfg, "--concurrency", "1", "--log-level", "warn", "--base-id", str(free_port())])
-        wait_port(port, timeout=30)
+        wait_port(port, timeout=30, what=name, log_dir=tmp)
         target = port
     stack.port = target
     return stack

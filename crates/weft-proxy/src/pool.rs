@@ -291,6 +291,19 @@ impl Drop for PooledBody {
     }
 }
 
+/// Closes this thread's idle HTTP/1.1 connections older than `idle_timeout`, and drops
+/// HTTP/2 connections that have closed.
+pub fn evict_idle(idle_timeout: Duration) {
+    IDLE_HTTP1.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        for idle in pool.values_mut() {
+            idle.retain(|c| !c.sender.is_closed() && c.idle_since.elapsed() <= idle_timeout);
+        }
+        pool.retain(|_, idle| !idle.is_empty());
+    });
+    HTTP2.with(|pool| pool.borrow_mut().retain(|_, sender| !sender.is_closed()));
+}
+
 /// Forgets every pooled connection of this thread (used by tests and at shutdown).
 pub fn clear_thread_pool() {
     IDLE_HTTP1.with(|pool| pool.borrow_mut().clear());

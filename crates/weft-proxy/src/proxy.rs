@@ -104,6 +104,7 @@ pub fn run(settings: ProxySettings) -> Result<(), ProxyError> {
             .spawn(move || {
                 runtime.block_on(async move {
                     let mut tasks = tokio::task::JoinSet::new();
+                    tasks.spawn(housekeeping(state.settings.idle_timeout, watch.clone()));
                     let outbound_state = state.clone();
                     tasks.spawn(accept_loop(outbound_listener, watch.clone(), move |stream, _peer, drain| {
                         let state = outbound_state.clone();
@@ -161,6 +162,23 @@ pub fn run(settings: ProxySettings) -> Result<(), ProxyError> {
         }
     });
     Ok(())
+}
+
+/// Per-worker upkeep once a second: closes expired idle pooled connections.
+///
+/// The tick also keeps the worker's timer wheel armed within a second, which matters on
+/// the hot path: tokio wakes its driver through an eventfd write whenever a new timer is
+/// due sooner than the driver's next wake, so without a nearer timer every request's
+/// 30s header-read timeout would cost a syscall and an extra loop turn.
+async fn housekeeping(idle_timeout: std::time::Duration, mut drain: listener::DrainWatch) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => crate::pool::evict_idle(idle_timeout),
+            _ = drain.signaled() => return,
+        }
+    }
 }
 
 async fn wait_for_shutdown_signal() {
