@@ -116,7 +116,9 @@ http {{
   }}
 }}
 """)
-    proc = subprocess.Popen(["nginx", "-c", conf, "-p", tmp], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Its own process group, so that stopping it also stops its worker.
+    proc = subprocess.Popen(["nginx", "-c", conf, "-p", tmp], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     wait_port(port)
     return proc, port
 
@@ -317,7 +319,7 @@ def main():
     finally:
         for stack in stacks.values():
             stack.stop()
-        nginx.send_signal(signal.SIGKILL)
+        os.killpg(nginx.pid, signal.SIGKILL)
         nginx.wait()
     report = render(results, rss, args)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -7,16 +7,24 @@ use hyper_util::rt::TokioIo;
 
 use crate::{body::Body, pool::Wire};
 
-/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    HeaderName::from_static("proxy-connection"),
-    HeaderName::from_static("keep-alive"),
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Whether `name` describes one connection and is never forwarded (RFC 9110 §7.6.1).
+/// Comparing `HeaderName`s, not strings: a standard name never equals a custom one, so
+/// the common case is a few tag comparisons.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::PROXY_AUTHORIZATION
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+}
+
+/// Hop-by-hop names a message can carry at once, at most.
+const MAX_HOP_BY_HOP: usize = 7;
 
 /// Whether the request asks to switch protocols (HTTP/1.1 `Upgrade`).
 pub fn is_upgrade(request: &Request<impl Sized>) -> bool {
@@ -36,27 +44,46 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 
 /// Removes hop-by-hop headers, including those the `Connection` header names. `TE:
 /// trailers` survives, since gRPC needs it end to end.
+///
+/// One pass of cheap comparisons finds what is present; only those names are removed.
+/// Most requests carry none, and this runs twice per proxied request.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
+    let mut present: [Option<HeaderName>; MAX_HOP_BY_HOP] = Default::default();
+    let mut count = 0;
+    for name in headers.keys() {
+        if count < MAX_HOP_BY_HOP && is_hop_by_hop(name) && !present[..count].iter().any(|p| p.as_ref() == Some(name)) {
+            present[count] = Some(name.clone());
+            count += 1;
+        }
+    }
+    if count == 0 {
+        return;
+    }
+    let has_connection = present.iter().flatten().any(|name| name == header::CONNECTION);
+    let named: Vec<HeaderName> = if !has_connection {
+        Vec::new()
+    } else {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close") && !t.is_empty())
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect()
+    };
     let te_trailers = headers.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    let upgrade = headers.get(header::UPGRADE).cloned();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    let upgrade = if keep_upgrade { headers.get(header::UPGRADE).cloned() } else { None };
+    for name in present.iter().flatten().chain(named.iter()) {
         headers.remove(name);
     }
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
-    if keep_upgrade {
-        if let Some(upgrade) = upgrade {
-            headers.insert(header::UPGRADE, upgrade);
-            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        }
+    if let Some(upgrade) = upgrade {
+        headers.insert(header::UPGRADE, upgrade);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
 }
 

@@ -18,6 +18,7 @@ use crate::{
     errors::{is_grpc, ProxyFailure},
     forward,
     listener::{serve_http, DrainWatch},
+    metrics::empty_label,
     outbound::{record, Routed},
     pool::{SendError, Wire},
     state::SharedState,
@@ -52,7 +53,7 @@ pub async fn serve_connection(state: Arc<SharedState>, stream: TcpStream, drain:
         Detected::Http1 | Detected::Http2 => {
             let handler_state = state.clone();
             let service = hyper::service::service_fn(move |request| handle(handler_state.clone(), app, request));
-            serve_http(stream, service, drain, &state.settings).await;
+            serve_http(stream, Some(detected), service, drain, &state.settings).await;
         }
     }
 }
@@ -105,7 +106,7 @@ async fn handle(
     record(
         &state,
         "inbound",
-        "".into(),
+        empty_label(),
         Routed::new(state.own_label.clone()),
         response.status().as_u16(),
         error,

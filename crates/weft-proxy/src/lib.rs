@@ -32,6 +32,7 @@ pub mod settings;
 pub mod state;
 pub mod tcp;
 pub mod transport;
+pub mod word_hash;
 
 pub use proxy::{run, BoundPorts, ProxyError};
 pub use settings::{ProxySettings, UpstreamListener};

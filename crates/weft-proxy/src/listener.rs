@@ -10,17 +10,21 @@ use std::{future::Future, io, net::SocketAddr, time::Duration};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::conn::auto,
-};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use socket2::{Domain, Socket, Type};
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::{mpsc, watch},
 };
 
-use crate::{body::Body, settings::ProxySettings};
+use crate::{
+    body::Body,
+    detect::{self, Detected},
+    settings::ProxySettings,
+};
+
+/// How long a client may take to send a request's headers (slow-header protection).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why a listener could not be bound; the message names the flag to change.
 #[derive(Debug, thiserror::Error)]
@@ -153,27 +157,56 @@ where
 
 /// Serves HTTP/1.1 (with upgrades) or HTTP/2 on one connection until it closes or the
 /// drain starts, then finishes in-flight requests and closes gracefully.
-pub async fn serve_http<S>(stream: TcpStream, service: S, mut drain: DrainWatch, settings: &ProxySettings)
-where
+///
+/// The version comes from a peek at the first bytes (`detected`, or peeked here), and
+/// the matching hyper connection type serves it directly: cheaper per read than a
+/// server that sniffs the preface through a rewinding wrapper.
+pub async fn serve_http<S>(
+    stream: TcpStream,
+    detected: Option<Detected>,
+    service: S,
+    mut drain: DrainWatch,
+    settings: &ProxySettings,
+) where
     S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = std::convert::Infallible>
         + Send
         + 'static,
     S::Future: Send + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(Some(Duration::from_secs(30)));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(settings.h2_keepalive))
-        .keep_alive_timeout(settings.h2_keepalive * 2);
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-    tokio::pin!(connection);
-    tokio::select! {
-        result = connection.as_mut() => log_connection_end(result),
-        _ = drain.signaled() => {
-            connection.as_mut().graceful_shutdown();
-            log_connection_end(connection.await);
+    let detected = match detected {
+        Some(detected) => detected,
+        // Only HTTP/1.1 versus HTTP/2 is at stake here, so wait as long as hyper's header
+        // timeout would for a client that connects early and speaks later.
+        None => detect::detect(&stream, HEADER_READ_TIMEOUT).await.unwrap_or(Detected::Http1),
+    };
+    let io = TokioIo::new(stream);
+    if detected == Detected::Http2 {
+        let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(settings.h2_keepalive))
+            .keep_alive_timeout(settings.h2_keepalive * 2)
+            .serve_connection(io, service);
+        tokio::pin!(connection);
+        tokio::select! {
+            result = connection.as_mut() => log_connection_end(result.map_err(Into::into)),
+            _ = drain.signaled() => {
+                connection.as_mut().graceful_shutdown();
+                log_connection_end(connection.await.map_err(Into::into));
+            }
+        }
+    } else {
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Some(HEADER_READ_TIMEOUT))
+            .serve_connection(io, service)
+            .with_upgrades();
+        tokio::pin!(connection);
+        tokio::select! {
+            result = connection.as_mut() => log_connection_end(result.map_err(Into::into)),
+            _ = drain.signaled() => {
+                connection.as_mut().graceful_shutdown();
+                log_connection_end(connection.await.map_err(Into::into));
+            }
         }
     }
 }

@@ -4,13 +4,25 @@
 //! so recording a request clones pointers instead of allocating strings. Cardinality is
 //! bounded by configuration: services, routes, status codes and a fixed set of reasons.
 
-use std::sync::Arc;
+use std::{cell::RefCell, collections::HashMap, hash::Hash, sync::Arc};
 
+use crate::word_hash::WordHashBuilder;
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, histogram::Histogram},
     registry::Registry,
 };
+
+/// The empty label value, shared: label values are cached by pointer, so every "none"
+/// must be the same allocation.
+pub fn empty_label() -> Arc<str> {
+    static EMPTY: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+    EMPTY.get_or_init(|| "".into()).clone()
+}
+
+/// Label sets cached per thread before the cache is cleared; a safety net should label
+/// values ever stop being shared (recording stays correct, only slower).
+const MAX_CACHED_LABEL_SETS: usize = 4096;
 
 /// Labels of `weft_requests_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -129,5 +141,103 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// The identity of one request's label set: the label values' pointers (the cache entry
+/// holds the `Arc`s, so no address is reused while it exists), status and reason.
+#[derive(PartialEq, Eq, Hash)]
+struct RequestKey {
+    metrics: usize,
+    direction: (usize, usize),
+    source: usize,
+    destination: usize,
+    route: usize,
+    status: u16,
+    /// Pointer and length: an empty literal may start where another one does.
+    error: (usize, usize),
+}
+
+/// Cached handles of one label set, and the `Arc`s that keep its key unique.
+struct CachedRequestMetrics {
+    counter: Counter,
+    histogram: Histogram,
+    _pinned: (Arc<str>, Arc<str>, Arc<str>),
+}
+
+thread_local! {
+    static REQUEST_METRICS: RefCell<HashMap<RequestKey, CachedRequestMetrics, WordHashBuilder>> =
+        RefCell::new(HashMap::default());
+}
+
+impl Metrics {
+    /// Counts one request and observes its latency. The families are looked up once per
+    /// label set and thread; afterwards recording is a pointer-keyed map hit and two
+    /// atomic updates.
+    pub fn record_request(&self, labels: RequestLabels, seconds: f64) {
+        let key = RequestKey {
+            metrics: self as *const Metrics as usize,
+            direction: (labels.direction.as_ptr() as usize, labels.direction.len()),
+            source: Arc::as_ptr(&labels.source_service) as *const u8 as usize,
+            destination: Arc::as_ptr(&labels.destination_service) as *const u8 as usize,
+            route: Arc::as_ptr(&labels.route) as *const u8 as usize,
+            status: labels.status_code,
+            error: (labels.error.as_ptr() as usize, labels.error.len()),
+        };
+        REQUEST_METRICS.with(|cache| {
+            let mut cache = cache.borrow_mut();
+            if cache.len() >= MAX_CACHED_LABEL_SETS && !cache.contains_key(&key) {
+                cache.clear();
+            }
+            let entry = cache.entry(key).or_insert_with(|| {
+                let duration_labels = DurationLabels {
+                    direction: labels.direction,
+                    source_service: labels.source_service.clone(),
+                    destination_service: labels.destination_service.clone(),
+                    route: labels.route.clone(),
+                };
+                CachedRequestMetrics {
+                    counter: self.requests.get_or_create_owned(&labels),
+                    histogram: self.request_duration.get_or_create_owned(&duration_labels),
+                    _pinned: (labels.source_service.clone(), labels.destination_service.clone(), labels.route.clone()),
+                }
+            });
+            entry.counter.inc();
+            entry.histogram.observe(seconds);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(destination: &Arc<str>, status: u16) -> RequestLabels {
+        RequestLabels {
+            direction: "outbound",
+            source_service: empty_label(),
+            destination_service: destination.clone(),
+            route: empty_label(),
+            status_code: status,
+            error: "",
+        }
+    }
+
+    #[test]
+    fn cached_recording_counts_per_label_set() {
+        let metrics = Metrics::new();
+        let (a, b): (Arc<str>, Arc<str>) = ("ns/a".into(), "ns/b".into());
+        for _ in 0..3 {
+            metrics.record_request(labels(&a, 200), 0.001);
+        }
+        metrics.record_request(labels(&a, 503), 0.001);
+        metrics.record_request(labels(&b, 200), 0.001);
+        // Equal strings in different allocations are one series.
+        metrics.record_request(labels(&"ns/b".into(), 200), 0.001);
+        REQUEST_METRICS.with(|cache| assert_eq!(cache.borrow().len(), 4, "one entry per label identity"));
+        let text = metrics.encode();
+        assert!(text.contains(r#"destination_service="ns/a",route="",status_code="200",error=""} 3"#), "{text}");
+        assert!(text.contains(r#"destination_service="ns/a",route="",status_code="503",error=""} 1"#), "{text}");
+        assert!(text.contains(r#"destination_service="ns/b",route="",status_code="200",error=""} 2"#), "{text}");
     }
 }

@@ -25,7 +25,7 @@ use crate::{
     body::{self, Body},
     errors::{is_grpc, ProxyFailure},
     forward::{self, wire_for},
-    metrics::{DurationLabels, EjectionLabels, RequestLabels, RetryLabels},
+    metrics::{empty_label, EjectionLabels, RequestLabels, RetryLabels},
     pool::SendError,
     retry::{backoff, is_idempotent, RetryBudget, TryEnd},
     state::{ServingConfig, SharedState},
@@ -45,7 +45,7 @@ pub async fn handle(
     let started = Instant::now();
     let config = state.config.load_full();
     let grpc = is_grpc(request.headers());
-    let mut routed = Routed { destination: "".into(), route: "".into() };
+    let mut routed = Routed { destination: empty_label(), route: empty_label() };
     let result = route_request(&state, &config, request, &mut routed).await;
     let (response, error) = match result {
         Ok(response) => (response, ""),
@@ -71,25 +71,18 @@ pub(crate) fn record(
 ) {
     let labels = RequestLabels {
         direction,
-        source_service: source.clone(),
-        destination_service: routed.destination.clone(),
-        route: routed.route.clone(),
-        status_code: status,
-        error,
-    };
-    state.metrics.requests.get_or_create(&labels).inc();
-    let labels = DurationLabels {
-        direction,
         source_service: source,
         destination_service: routed.destination,
         route: routed.route,
+        status_code: status,
+        error,
     };
-    state.metrics.request_duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+    state.metrics.record_request(labels, started.elapsed().as_secs_f64());
 }
 
 impl Routed {
     pub(crate) fn new(destination: Arc<str>) -> Self {
-        Routed { destination, route: "".into() }
+        Routed { destination, route: empty_label() }
     }
 }
 

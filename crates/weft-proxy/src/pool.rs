@@ -30,6 +30,7 @@ use crate::{
     body::{self, Body, BoxError},
     limits::{LimitExceeded, Limiter},
     transport::{self, ConnectError},
+    word_hash::WordHashBuilder,
 };
 
 /// Idle HTTP/1.1 connections kept per endpoint and thread; more are closed on return.
@@ -74,8 +75,8 @@ struct IdleConnection {
 }
 
 thread_local! {
-    static IDLE_HTTP1: RefCell<HashMap<SocketAddr, Vec<IdleConnection>>> = RefCell::new(HashMap::new());
-    static HTTP2: RefCell<HashMap<SocketAddr, http2::SendRequest<Body>>> = RefCell::new(HashMap::new());
+    static IDLE_HTTP1: RefCell<HashMap<SocketAddr, Vec<IdleConnection>, WordHashBuilder>> = RefCell::new(HashMap::default());
+    static HTTP2: RefCell<HashMap<SocketAddr, http2::SendRequest<Body>, WordHashBuilder>> = RefCell::new(HashMap::default());
 }
 
 impl Connector {

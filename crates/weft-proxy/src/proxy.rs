@@ -113,7 +113,7 @@ pub fn run(settings: ProxySettings) -> Result<(), ProxyError> {
                             let service = hyper::service::service_fn(move |request| {
                                 outbound::handle(handler_state.clone(), request)
                             });
-                            serve_http(stream, service, drain, &state.settings).await;
+                            serve_http(stream, None, service, drain, &state.settings).await;
                         }
                     }));
                     if let Some(inbound_listener) = inbound_listener {

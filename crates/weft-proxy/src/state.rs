@@ -66,7 +66,7 @@ impl SharedState {
     pub fn new(settings: ProxySettings, snapshot: Snapshot, version: String) -> Arc<Self> {
         let own_label: Arc<str> = match &settings.service {
             Some(service) => format!("{}/{service}", settings.namespace).into(),
-            None => "".into(),
+            None => crate::metrics::empty_label(),
         };
         let connector = Connector {
             connect_timeout: settings.connect_timeout,
