@@ -89,6 +89,12 @@ class Stack:
     def rss(self):
         return [peak_rss_mb(p) for p in self.proxy_pids]
 
+    def reset_peak_rss(self):
+        # Writing 5 to clear_refs resets VmHWM (Linux), so each load's peak is its own.
+        for p in self.proxy_pids:
+            with open(f"/proc/{p}/clear_refs", "w") as f:
+                f.write("5")
+
     def stop(self):
         for p in self.procs:
             p.send_signal(signal.SIGKILL)
@@ -307,15 +313,21 @@ def main():
             stacks[name] = make()
         for round_index in range(args.rounds):
             for name, stack in stacks.items():
+                stack.reset_peak_rss()
                 sample = run_wrk(stack, args.duration)
                 sample.update(run_oha(stack, args.duration))
+                rss_h1 = rss.setdefault(name, {}).setdefault("h1", [0.0] * len(stack.proxy_pids))
+                for i, mb in enumerate(stack.rss()):
+                    rss_h1[i] = max(rss_h1[i], mb)
                 if not name.startswith("haproxy"):
+                    stack.reset_peak_rss()
                     sample.update(run_h2load(stack, args.duration))
+                    rss_h2 = rss[name].setdefault("h2", [0.0] * len(stack.proxy_pids))
+                    for i, mb in enumerate(stack.rss()):
+                        rss_h2[i] = max(rss_h2[i], mb)
                 if round_index > 0 or args.rounds == 1:
                     results[name].append(sample)
                 print(f"round {round_index + 1}/{args.rounds} {name}: " + ", ".join(f"{k}={v:.3f}" for k, v in sample.items()), file=sys.stderr)
-        for name, stack in stacks.items():
-            rss[name] = stack.rss()
     finally:
         for stack in stacks.values():
             stack.stop()
@@ -347,8 +359,8 @@ def render(results, rss, args):
         f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} cores; {args.rounds} rounds "
         f"(first dropped) × {args.duration}s per load; median (min–max). nginx upstream, 1 KiB body, one worker thread per proxy.",
         "",
-        "| setup | wrk rps (h1, c32) | × direct | CPU-s / 1k req | p50 +ms @2k rps | p99 +ms @2k rps | h2load rps (h2c) | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| setup | wrk rps (h1, c32) | × direct | CPU-s / 1k req | p50 +ms @2k rps | p99 +ms @2k rps | h2load rps (h2c) | peak RSS MB, h1 loads | peak RSS MB, h2c load |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in results:
         rps = summary(results[name], "rps")
@@ -358,8 +370,8 @@ def render(results, rss, args):
         add50 = f"{p50[0] - direct['p50_ms'][0]:+.3f}" if p50 and direct["p50_ms"] else "n/a"
         add99 = f"{p99[0] - direct['p99_ms'][0]:+.3f}" if p99 and direct["p99_ms"] else "n/a"
         cpu = cell(name, "cpu_per_1k", "{:.4f}") if name != "direct" else "—"
-        mem = " / ".join(f"{m:.1f}" for m in rss.get(name, [])) or "—"
-        lines.append(f"| {name} | {cell(name, 'rps')} | {ratio} | {cpu} | {add50} | {add99} | {cell(name, 'h2_rps')} | {mem} |")
+        mem = {kind: " / ".join(f"{m:.1f}" for m in rss.get(name, {}).get(kind, [])) or "—" for kind in ["h1", "h2"]}
+        lines.append(f"| {name} | {cell(name, 'rps')} | {ratio} | {cpu} | {add50} | {add99} | {cell(name, 'h2_rps')} | {mem['h1']} | {mem['h2']} |")
     lines.append("")
     for kind in ["hop", "pair"]:
         weft = summary(results.get(f"weft-{kind}", []), "rps")
