@@ -84,10 +84,12 @@ async fn handle(
                 }
             })
         }
-        None => state.connector.send(app, wire, &state.inbound_limiter, request).await.map(|mut response| {
-            forward::prepare_response(&mut response, false);
-            response
-        }),
+        None => state.connector.send(app, wire, &state.inbound_limiter, request).await.map_err(|f| f.error).map(
+            |mut response| {
+                forward::prepare_response(&mut response, false);
+                response
+            },
+        ),
     };
     let (response, error) = match result {
         Ok(response) => (response, ""),

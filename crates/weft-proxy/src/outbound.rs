@@ -8,7 +8,6 @@
 
 use std::{sync::Arc, time::Instant};
 
-use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body::Body as _;
 use http_body_util::BodyExt;
@@ -17,7 +16,7 @@ use rand::Rng;
 use weft_model::{
     matching::RequestView,
     snapshot::{BackendTarget, Filter, HostLookupError, PathRewrite, RouteAction, WeightedBackend},
-    spec::RetrySpec,
+    spec::{RetryOn, RetrySpec},
 };
 
 use crate::{
@@ -26,7 +25,7 @@ use crate::{
     errors::{is_grpc, ProxyFailure},
     forward::{self, wire_for},
     metrics::{empty_label, EjectionLabels, RequestLabels, RetryLabels},
-    pool::SendError,
+    pool::{SendError, SendFailure},
     retry::{backoff, is_idempotent, RetryBudget, TryEnd},
     state::{ServingConfig, SharedState},
 };
@@ -285,23 +284,10 @@ fn redirect(filter: &Filter, parts: &http::request::Parts, authority: &str) -> R
     response
 }
 
-/// The request body, buffered when it may have to be replayed for a retry.
-enum RequestBody {
-    Streaming(Option<Incoming>),
-    Replayable(Bytes),
-}
-
-impl RequestBody {
-    fn take(&mut self) -> Option<Body> {
-        match self {
-            RequestBody::Streaming(body) => body.take().map(body::boxed),
-            RequestBody::Replayable(bytes) => {
-                Some(if bytes.is_empty() { body::empty() } else { body::full(bytes.clone()) })
-            }
-        }
-    }
-}
-
+/// Sends one request with retries. A connect failure hands the request back unsent, so
+/// retrying it needs no copy and works for any method and body. Retrying after the
+/// request was sent (5xx, reset, timeout) replays it: only for idempotent methods (or
+/// `retryNonIdempotent`) and bodies small enough to buffer.
 #[allow(clippy::too_many_arguments)]
 async fn send_with_retries(
     state: &SharedState,
@@ -313,61 +299,73 @@ async fn send_with_retries(
     incoming: Incoming,
     authority: &str,
 ) -> Result<Response<Body>, ProxyFailure> {
-    let may_retry = retries.is_some_and(|r| r.attempts > 0 && (r.retry_non_idempotent || is_idempotent(&parts.method)));
-    let mut body = if may_retry {
+    let retry_on = retries.map(|r| r.retry_on.as_slice()).unwrap_or(&[]);
+    let attempts = retries.map_or(0, |r| r.attempts);
+    if attempts > 0 {
         budget.deposit();
-        let small = incoming.is_end_stream()
-            || incoming.size_hint().exact().is_some_and(|len| len as usize <= state.settings.max_replay_body);
-        if small {
-            let bytes = incoming
-                .collect()
-                .await
-                .map_err(|e| ProxyFailure::BadRequest(format!("reading the request body failed: {e}")))?
-                .to_bytes();
-            RequestBody::Replayable(bytes)
-        } else {
-            RequestBody::Streaming(Some(incoming))
-        }
+    }
+    let replays_sent_requests = attempts > 0
+        && retry_on.iter().any(|condition| *condition != RetryOn::ConnectFailure)
+        && retries.is_some_and(|r| r.retry_non_idempotent || is_idempotent(&parts.method));
+    let bufferable = incoming.is_end_stream()
+        || incoming.size_hint().exact().is_some_and(|len| len as usize <= state.settings.max_replay_body);
+    let (replay, mut streaming) = if replays_sent_requests && bufferable {
+        let bytes = incoming
+            .collect()
+            .await
+            .map_err(|e| ProxyFailure::BadRequest(format!("reading the request body failed: {e}")))?
+            .to_bytes();
+        (Some(bytes), None)
     } else {
-        RequestBody::Streaming(Some(incoming))
+        (None, Some(incoming))
     };
-    let max_tries = match (&body, retries) {
-        (RequestBody::Replayable(_), Some(r)) if may_retry => 1 + r.attempts,
-        _ => 1,
-    };
+    let max_tries = 1 + attempts;
     let wire = wire_for(backend.protocol, is_grpc(&parts.headers));
+    let mut template = Some(parts);
+    let mut unsent: Option<Box<Request<Body>>> = None;
     let mut avoid = None;
     let mut attempt = 1;
-    let mut parts = Some(parts);
     loop {
         let permit =
             backend.limiter.start_request().map_err(|e| ProxyFailure::Overloaded(format!("{}: {e}", backend.name)))?;
         let endpoint = backend.pick(avoid).ok_or_else(|| ProxyFailure::NoEndpoints(backend.name.to_string()))?.clone();
-        // Clone the head only when another try may follow; the last try takes it.
-        let mut try_parts = if attempt < max_tries {
-            parts.clone().expect("parts kept until the last try")
-        } else {
-            parts.take().expect("parts kept until the last try")
+        let request = match unsent.take() {
+            Some(request) => *request,
+            None => {
+                // Copy the head only while a replay may still follow; the last try takes it.
+                let mut head = if replay.is_some() && attempt < max_tries { template.clone() } else { template.take() }
+                    .expect("a request head is kept while a try may need it");
+                forward::prepare(&mut head, authority, wire, false);
+                let body = match &replay {
+                    Some(bytes) if bytes.is_empty() => body::empty(),
+                    Some(bytes) => body::full(bytes.clone()),
+                    None => body::boxed(streaming.take().expect("a streaming body is sent once")),
+                };
+                Request::from_parts(head, body)
+            }
         };
-        forward::prepare(&mut try_parts, authority, wire, false);
-        let request = Request::from_parts(try_parts, body.take().expect("a streaming body is only sent once"));
         let in_flight = endpoint.start_request();
         let started = Instant::now();
         let send = state.connector.send(endpoint.address, wire, &backend.limiter, request);
         let result = match try_timeout {
-            Some(limit) => tokio::time::timeout(limit, send).await.unwrap_or(Err(SendError::Timeout(limit))),
+            Some(limit) => tokio::time::timeout(limit, send)
+                .await
+                .unwrap_or_else(|_| Err(SendFailure { error: SendError::Timeout(limit), unsent: None })),
             None => send.await,
+        };
+        let (result, returned) = match result {
+            Ok(response) => (Ok(response), None),
+            Err(failure) => (Err(failure.error), failure.unsent),
         };
         let end = match &result {
             Ok(response) => TryEnd::Status(response.status().as_u16()),
-            Err(SendError::Connect(_)) => TryEnd::ConnectFailure,
-            Err(SendError::Limit(_)) => TryEnd::ConnectFailure,
+            Err(SendError::Connect(_) | SendError::Limit(_)) => TryEnd::ConnectFailure,
             Err(SendError::Timeout(_)) => TryEnd::Timeout,
             Err(SendError::Reset(_)) => TryEnd::Reset,
         };
         let now = Instant::now();
-        if result.is_ok() {
-            endpoint.observe_rtt(now - started, now);
+        if !matches!(result, Err(SendError::Limit(_))) {
+            endpoint.observe_rtt(observed_latency(end, now - started, state.settings.connect_timeout), now);
         }
         if !matches!(result, Err(SendError::Limit(_))) {
             if let Some(length) =
@@ -384,8 +382,8 @@ async fn send_with_retries(
                     .inc();
             }
         }
-        let retry_on = retries.map(|r| r.retry_on.as_slice()).unwrap_or(&[]);
-        if attempt < max_tries && end.is_retryable(retry_on) {
+        let resendable = returned.is_some() || template.is_some();
+        if attempt < max_tries && resendable && end.is_retryable(retry_on) {
             if budget.try_withdraw() {
                 state
                     .metrics
@@ -395,6 +393,7 @@ async fn send_with_retries(
                 drop((result, in_flight, permit));
                 let pause = backoff(&retries.expect("retries configured").backoff, attempt);
                 tokio::time::sleep(pause).await;
+                unsent = returned;
                 avoid = Some(endpoint.address);
                 attempt += 1;
                 continue;
@@ -419,6 +418,16 @@ async fn send_with_retries(
                 Err(ProxyFailure::UpstreamReset { endpoint: endpoint.address, reason: error.to_string() })
             }
         };
+    }
+}
+
+/// The latency a try teaches the balancer. Failures count at least the connect timeout:
+/// a refused connection or a quick 503 is not a fast endpoint, and without the penalty
+/// latency-aware balancing would pour traffic into it (the "black hole" effect).
+fn observed_latency(end: TryEnd, elapsed: std::time::Duration, penalty: std::time::Duration) -> std::time::Duration {
+    match end {
+        TryEnd::Status(status) if !(502..=504).contains(&status) => elapsed,
+        _ => elapsed.max(penalty),
     }
 }
 
@@ -457,4 +466,23 @@ async fn send_upgrade(
     let mut response = response.map(body::boxed);
     forward::prepare_response(&mut response, false);
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn failures_are_never_cheaper_than_the_connect_timeout() {
+        let penalty = Duration::from_secs(1);
+        let quick = Duration::from_micros(200);
+        assert_eq!(observed_latency(TryEnd::Status(200), quick, penalty), quick);
+        assert_eq!(observed_latency(TryEnd::Status(500), quick, penalty), quick, "an app error is the app's answer");
+        for end in [TryEnd::Status(503), TryEnd::ConnectFailure, TryEnd::Reset, TryEnd::Timeout] {
+            assert_eq!(observed_latency(end, quick, penalty), penalty, "{end:?}");
+        }
+        assert_eq!(observed_latency(TryEnd::Timeout, Duration::from_secs(3), penalty), Duration::from_secs(3));
+    }
 }

@@ -60,6 +60,21 @@ pub enum SendError {
     Timeout(Duration),
 }
 
+/// A failed send; `unsent` hands the request back when it never left the proxy (no
+/// connection could be had), so that it can be sent elsewhere without a copy.
+#[derive(Debug)]
+pub struct SendFailure {
+    pub error: SendError,
+    /// Boxed: failures are rare, and a `Result` this large would burden every send.
+    pub unsent: Option<Box<Request<Body>>>,
+}
+
+impl SendFailure {
+    fn sent(error: SendError) -> Self {
+        SendFailure { error, unsent: None }
+    }
+}
+
 /// Connection settings shared by every send.
 #[derive(Clone, Debug)]
 pub struct Connector {
@@ -88,7 +103,7 @@ impl Connector {
         wire: Wire,
         limiter: &Arc<Limiter>,
         request: Request<Body>,
-    ) -> Result<Response<Body>, SendError> {
+    ) -> Result<Response<Body>, SendFailure> {
         match wire {
             Wire::Http1 => self.send_http1(address, limiter, request).await,
             Wire::Http2 => self.send_http2(address, limiter, request).await,
@@ -100,7 +115,7 @@ impl Connector {
         address: SocketAddr,
         limiter: &Arc<Limiter>,
         mut request: Request<Body>,
-    ) -> Result<Response<Body>, SendError> {
+    ) -> Result<Response<Body>, SendFailure> {
         // Pooled connections first; one that turns out closed hands the request back.
         while let Some(mut sender) = self.checkout_http1(address) {
             if sender.ready().await.is_err() {
@@ -110,12 +125,15 @@ impl Connector {
                 Ok(response) => return Ok(self.pooled_response(address, sender, limiter.clone(), response)),
                 Err(mut error) => match error.take_message() {
                     Some(unsent) => request = unsent,
-                    None => return Err(SendError::Reset(error.into_error())),
+                    None => return Err(SendFailure::sent(SendError::Reset(error.into_error()))),
                 },
             }
         }
-        let mut sender = self.open_http1(address, limiter).await?;
-        let response = sender.send_request(request).await.map_err(SendError::Reset)?;
+        let mut sender = match self.open_http1(address, limiter).await {
+            Ok(sender) => sender,
+            Err(error) => return Err(SendFailure { error, unsent: Some(Box::new(request)) }),
+        };
+        let response = sender.send_request(request).await.map_err(|e| SendFailure::sent(SendError::Reset(e)))?;
         Ok(self.pooled_response(address, sender, limiter.clone(), response))
     }
 
@@ -179,38 +197,50 @@ impl Connector {
         address: SocketAddr,
         limiter: &Arc<Limiter>,
         request: Request<Body>,
-    ) -> Result<Response<Body>, SendError> {
-        let existing = HTTP2.with(|pool| pool.borrow().get(&address).filter(|s| !s.is_closed()).cloned());
-        let mut sender = match existing {
-            Some(sender) => sender,
-            None => {
-                let permit = loop {
-                    if let Some(permit) = limiter.try_open_connection() {
-                        break permit;
-                    }
-                    limiter.wait_for_connection(self.connect_timeout).await.map_err(SendError::Limit)?;
-                };
-                let io = transport::connect(address, self.connect_timeout).await?;
-                let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .keep_alive_interval(self.h2_keepalive)
-                    .keep_alive_timeout(self.h2_keepalive * 2)
-                    .handshake(TokioIo::new(io))
-                    .await
-                    .map_err(SendError::Reset)?;
-                tokio::spawn(async move {
-                    if let Err(error) = connection.await {
-                        tracing::debug!(%address, %error, "upstream HTTP/2 connection ended with an error");
-                    }
-                    drop(permit);
-                });
-                HTTP2.with(|pool| pool.borrow_mut().insert(address, sender.clone()));
-                sender
-            }
+    ) -> Result<Response<Body>, SendFailure> {
+        let mut sender = match self.http2_connection(address, limiter).await {
+            Ok(sender) => sender,
+            Err(error) => return Err(SendFailure { error, unsent: Some(Box::new(request)) }),
         };
-        sender.ready().await.map_err(SendError::Reset)?;
-        let response = sender.send_request(request).await.map_err(SendError::Reset)?;
+        if let Err(error) = sender.ready().await {
+            return Err(SendFailure { error: SendError::Reset(error), unsent: Some(Box::new(request)) });
+        }
+        let response = sender.send_request(request).await.map_err(|e| SendFailure::sent(SendError::Reset(e)))?;
         Ok(response.map(body::boxed))
+    }
+
+    /// This thread's multiplexed connection to `address`, opened if there is none.
+    async fn http2_connection(
+        &self,
+        address: SocketAddr,
+        limiter: &Arc<Limiter>,
+    ) -> Result<http2::SendRequest<Body>, SendError> {
+        let existing = HTTP2.with(|pool| pool.borrow().get(&address).filter(|s| !s.is_closed()).cloned());
+        if let Some(sender) = existing {
+            return Ok(sender);
+        }
+        let permit = loop {
+            if let Some(permit) = limiter.try_open_connection() {
+                break permit;
+            }
+            limiter.wait_for_connection(self.connect_timeout).await.map_err(SendError::Limit)?;
+        };
+        let io = transport::connect(address, self.connect_timeout).await?;
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(self.h2_keepalive)
+            .keep_alive_timeout(self.h2_keepalive * 2)
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(SendError::Reset)?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%address, %error, "upstream HTTP/2 connection ended with an error");
+            }
+            drop(permit);
+        });
+        HTTP2.with(|pool| pool.borrow_mut().insert(address, sender.clone()));
+        Ok(sender)
     }
 
     /// Sends an HTTP/1.1 `Upgrade` request (e.g. WebSocket) on a connection of its own,

@@ -84,6 +84,8 @@ pub async fn serve_upstream_client(state: Arc<SharedState>, upstream: Arc<Upstre
             }
             Err(error) => {
                 tracing::debug!(endpoint = %endpoint.address, %error, "TCP connect failed; trying another endpoint");
+                // A refused connect is not a fast endpoint: penalise it in the estimate.
+                endpoint.observe_rtt(state.settings.connect_timeout, Instant::now());
                 if endpoint
                     .record_outcome(TryOutcome::ConnectFailure, &backend.outlier_detection, Instant::now(), || {
                         backend.may_eject()

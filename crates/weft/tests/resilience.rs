@@ -51,12 +51,15 @@ async fn a_twenty_times_slower_endpoint_gets_under_15_percent() {
     assert!(share < 0.15, "slow endpoint got {:.1}% ({} of {})", share * 100.0, slow.hits(), fast.hits() + slow.hits());
 }
 
+// Round robin keeps sending to the failing endpoint, so outlier detection is what
+// protects callers (p2c-ewma would route around it on its own: see the next test).
 const RETRY_5XX: &str = r#"
 apiVersion: weft.dev/v1alpha1
 kind: TrafficPolicy
 metadata: {name: svc}
 spec:
   targetRef: {kind: Service, name: svc}
+  loadBalancer: {algorithm: round-robin}
   retries: {attempts: 2, retryOn: [5xx], backoff: {base: 1ms, max: 5ms}}
   outlierDetection: {consecutive5xx: 3, interval: 10s, baseEjectionTime: 60s, maxEjectionPercent: 50}
 "#;
@@ -215,4 +218,59 @@ async fn learned_endpoint_state_survives_a_reload_and_a_reload_under_load_drops_
     let statuses = load_task.await.unwrap();
     assert!(statuses.iter().all(|&s| s == 200), "no request failed across the reload: {statuses:?}");
     assert_eq!(ejected(&proxy.config().await), vec!["\"b\"".to_string()], "the ejection survived the reload");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_failure_is_retried_even_for_a_post_since_nothing_was_sent() {
+    // One endpoint refuses connections (nothing listens there). Round robin makes sure it
+    // is tried; no retries are configured, so this is the default connect-failure retry,
+    // which works for any method because the request never left the proxy.
+    let app = TestApp::start("up").await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dir = TempDir::new("connect-retry");
+    let policy = r#"
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: svc}
+spec: {targetRef: {kind: Service, name: svc}, loadBalancer: {algorithm: round-robin}}
+"#;
+    let workloads = [("up", "app: svc", app.address), ("dead", "app: svc", dead)];
+    let config = dir.write("m.yaml", &mesh_yaml(&[("svc", "app: svc")], &workloads, policy));
+    let proxy = Proxy::start(&dir, "p", &config, &[]).await;
+    let client = client();
+    let body = bytes::Bytes::from(vec![7u8; 200_000]);
+    for _ in 0..20 {
+        let answer = send_via(&client, proxy.outbound, "POST", "svc", "/orders", &[], body.clone()).await;
+        assert_eq!(answer.status, 200, "{:?}", answer.weft_error());
+        assert_eq!(answer.json()["bodyLength"], 200_000);
+    }
+    assert_eq!(app.hits(), 20, "each POST reached the app exactly once");
+    let retried = proxy.metric_sum("weft_retries_total", &["outcome=\"retried\""]).await;
+    assert!(retried >= 1.0, "the dead endpoint was tried and the POST retried ({retried})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p2c_ewma_routes_around_a_quickly_failing_endpoint() {
+    // A fast 503 must not look like a fast endpoint.
+    let policy = r#"
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: svc}
+spec:
+  targetRef: {kind: Service, name: svc}
+  retries: {attempts: 2, retryOn: [gateway-error], backoff: {base: 1ms, max: 5ms}}
+  outlierDetection: {consecutiveGatewayErrors: 0}
+"#;
+    let (healthy, failing, _dir, proxy) = two_endpoints(policy, "").await;
+    healthy.set_delay(Duration::from_millis(2));
+    failing.set_status(503);
+    let statuses = load(&proxy, 200, 2).await;
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    assert!(
+        failing.hits() <= 10,
+        "the failing endpoint got {} of {} tries",
+        failing.hits(),
+        failing.hits() + healthy.hits()
+    );
+    assert_eq!(proxy.metric_sum("weft_ejections_total", &[]).await, 0.0, "no ejection was needed");
 }
