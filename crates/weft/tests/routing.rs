@@ -228,3 +228,40 @@ async fn a_port_in_use_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_services_own_routes_are_not_applied_again() {
+    // reviews → reviews-v2 by the parent route; reviews-v2's own route would rewrite the
+    // path and add a header if it were (wrongly) applied a second time.
+    let routes = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: parent}
+spec:
+  parentRefs: [{kind: Service, name: reviews}]
+  rules: [{backendRefs: [{name: reviews-v2, port: 80}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: v2-own}
+spec:
+  parentRefs: [{kind: Service, name: reviews-v2}]
+  rules:
+  - filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: x-applied-twice, value: "yes"}]}
+    - type: URLRewrite
+      urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /rewritten}}
+    backendRefs: [{name: reviews-v2, port: 80}]
+"#;
+    let mesh = canary(routes).await;
+    let client = client();
+    let via_parent = get_via(&client, mesh.proxy.outbound, "reviews", "/original", &[]).await;
+    assert_eq!(via_parent.app(), "v2");
+    assert_eq!(via_parent.json()["path"], "/original");
+    assert!(via_parent.json()["headers"].get("x-applied-twice").is_none());
+    // Addressed directly, reviews-v2's own route does apply.
+    let direct = get_via(&client, mesh.proxy.outbound, "reviews-v2", "/original", &[]).await;
+    assert_eq!(direct.json()["path"], "/rewritten");
+    assert_eq!(direct.json()["headers"]["x-applied-twice"], "yes");
+}
