@@ -12,15 +12,16 @@ use std::{
         atomic::{AtomicUsize, Ordering},
         Arc,
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use rand::Rng;
 use weft_model::spec::{LoadBalancerAlgorithm, OutlierDetectionSpec, Protocol};
 
 use crate::{
-    endpoint::{monotonic_nanos, EndpointState},
+    endpoint::{monotonic_nanos, EndpointState, TryOutcome},
     limits::Limiter,
+    metrics::{EjectionLabels, Metrics},
 };
 
 /// Below this share of healthy weight the balancer ignores ejections: Envoy's default
@@ -97,6 +98,18 @@ impl Backend {
         self.pick_from(healthy.iter().copied(), healthy.len(), now)
     }
 
+    /// Feeds one try's result back: the latency estimate, then outlier detection; an
+    /// ejection is logged and counted in `weft_ejections_total`.
+    pub fn record_try(&self, endpoint: &EndpointState, outcome: TryOutcome, latency: Duration, metrics: &Metrics) {
+        let now = Instant::now();
+        endpoint.observe_rtt(latency, now);
+        if let Some(length) = endpoint.record_outcome(outcome, &self.outlier_detection, now, || self.may_eject()) {
+            tracing::warn!(service = %self.name, endpoint = %endpoint.address, ?length, "endpoint ejected by outlier detection");
+            let labels = EjectionLabels { service: self.name.clone(), endpoint: endpoint.address.to_string() };
+            metrics.ejections.get_or_create(&labels).inc();
+        }
+    }
+
     /// Whether ejecting one more endpoint stays within `maxEjectionPercent` (at least
     /// one ejection is always allowed when the percentage is above zero, as Envoy does).
     pub fn may_eject(&self) -> bool {
@@ -168,10 +181,8 @@ impl Backend {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
-    use crate::endpoint::{EndpointRegistry, TryOutcome};
+    use crate::endpoint::EndpointRegistry;
 
     fn backend(registry: &EndpointRegistry, weights: &[u32], algorithm: LoadBalancerAlgorithm) -> Backend {
         let endpoints = weights

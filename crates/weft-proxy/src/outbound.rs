@@ -24,7 +24,7 @@ use crate::{
     body::{self, Body},
     errors::{is_grpc, ProxyFailure},
     forward::{self, wire_for},
-    metrics::{empty_label, EjectionLabels, RequestLabels, RetryLabels},
+    metrics::{empty_label, RequestLabels, RetryLabels},
     pool::{SendError, SendFailure},
     retry::{backoff, is_idempotent, RetryBudget, TryEnd},
     state::{ServingConfig, SharedState},
@@ -363,24 +363,10 @@ async fn send_with_retries(
             Err(SendError::Timeout(_)) => TryEnd::Timeout,
             Err(SendError::Reset(_)) => TryEnd::Reset,
         };
-        let now = Instant::now();
+        // A limit refusal says nothing about the endpoint.
         if !matches!(result, Err(SendError::Limit(_))) {
-            endpoint.observe_rtt(observed_latency(end, now - started, state.settings.connect_timeout), now);
-        }
-        if !matches!(result, Err(SendError::Limit(_))) {
-            if let Some(length) =
-                endpoint.record_outcome(end.outcome(), &backend.outlier_detection, now, || backend.may_eject())
-            {
-                tracing::warn!(service = %backend.name, endpoint = %endpoint.address, ?length, "endpoint ejected by outlier detection");
-                state
-                    .metrics
-                    .ejections
-                    .get_or_create(&EjectionLabels {
-                        service: backend.name.clone(),
-                        endpoint: endpoint.address.to_string(),
-                    })
-                    .inc();
-            }
+            let latency = observed_latency(end, started.elapsed(), state.settings.connect_timeout);
+            backend.record_try(&endpoint, end.outcome(), latency, &state.metrics);
         }
         let resendable = returned.is_some() || template.is_some();
         if attempt < max_tries && resendable && end.is_retryable(retry_on) {

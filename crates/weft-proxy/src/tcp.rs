@@ -8,7 +8,7 @@ use weft_model::snapshot::HostLookupError;
 
 use crate::{
     endpoint::TryOutcome,
-    metrics::{EjectionLabels, TcpBytesLabels, TcpLabels},
+    metrics::{TcpBytesLabels, TcpLabels},
     settings::UpstreamListener,
     state::SharedState,
     transport,
@@ -75,32 +75,19 @@ pub async fn serve_upstream_client(state: Arc<SharedState>, upstream: Arc<Upstre
             tracing::warn!(service = %backend.name, "no endpoints for TCP upstream; closing the client connection");
             return;
         };
+        let started = Instant::now();
         match transport::connect(endpoint.address, state.settings.connect_timeout).await {
             Ok(stream) => {
-                endpoint.record_outcome(TryOutcome::Success, &backend.outlier_detection, Instant::now(), || false);
+                backend.record_try(&endpoint, TryOutcome::Success, started.elapsed(), &state.metrics);
                 let _in_flight = endpoint.start_request();
                 relay(&state, "outbound", backend.name.clone(), client, stream).await;
                 return;
             }
             Err(error) => {
                 tracing::debug!(endpoint = %endpoint.address, %error, "TCP connect failed; trying another endpoint");
-                // A refused connect is not a fast endpoint: penalise it in the estimate.
-                endpoint.observe_rtt(state.settings.connect_timeout, Instant::now());
-                if endpoint
-                    .record_outcome(TryOutcome::ConnectFailure, &backend.outlier_detection, Instant::now(), || {
-                        backend.may_eject()
-                    })
-                    .is_some()
-                {
-                    state
-                        .metrics
-                        .ejections
-                        .get_or_create(&EjectionLabels {
-                            service: backend.name.clone(),
-                            endpoint: endpoint.address.to_string(),
-                        })
-                        .inc();
-                }
+                // A refused connect is not a fast endpoint: it counts the connect timeout.
+                let latency = started.elapsed().max(state.settings.connect_timeout);
+                backend.record_try(&endpoint, TryOutcome::ConnectFailure, latency, &state.metrics);
                 avoid = Some(endpoint.address);
             }
         }
