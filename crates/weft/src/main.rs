@@ -157,6 +157,11 @@ fn init_logging(filter: Option<&str>, json: bool) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log.as_deref(), cli.log_format == "json");
+    // jemalloc returns freed pages only during allocator calls unless its background
+    // thread runs: without it, memory from a burst stays resident while the proxy idles.
+    if let Err(error) = tikv_jemalloc_ctl::background_thread::write(true) {
+        tracing::debug!(%error, "jemalloc background purging is unavailable");
+    }
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
