@@ -226,7 +226,11 @@ async fn a_connect_failure_is_retried_even_for_a_post_since_nothing_was_sent() {
     // is tried; no retries are configured, so this is the default connect-failure retry,
     // which works for any method because the request never left the proxy.
     let app = TestApp::start("up").await;
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    // Bound but never listening: connects are refused, and the port stays ours, so a
+    // parallel test cannot be handed it.
+    let dead_socket = tokio::net::TcpSocket::new_v4().unwrap();
+    dead_socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let dead = dead_socket.local_addr().unwrap();
     let dir = TempDir::new("connect-retry");
     let policy = r#"
 apiVersion: weft.dev/v1alpha1
