@@ -195,7 +195,11 @@ pub async fn serve_http<S>(
             }
         }
     } else {
+        // Flattened writes (headers and small bodies copied into one buffer, one write)
+        // measured cheaper than vectored writes for proxied responses: 3% fewer
+        // instructions and ~5% less CPU per request against nginx with 1 KiB bodies.
         let connection = hyper::server::conn::http1::Builder::new()
+            .writev(false)
             .timer(TokioTimer::new())
             .header_read_timeout(Some(HEADER_READ_TIMEOUT))
             .serve_connection(io, service)

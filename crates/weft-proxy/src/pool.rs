@@ -166,7 +166,9 @@ impl Connector {
             }
         };
         let io = transport::connect(address, self.connect_timeout).await?;
-        let (sender, connection) = http1::handshake(TokioIo::new(io)).await.map_err(SendError::Reset)?;
+        // Flattened writes: see listener.rs for the measurement.
+        let (sender, connection) =
+            http1::Builder::new().writev(false).handshake(TokioIo::new(io)).await.map_err(SendError::Reset)?;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%address, %error, "upstream HTTP/1.1 connection ended with an error");
