@@ -66,13 +66,13 @@ impl Limiter {
     }
 
     /// Reserves a slot for one new upstream connection, if under `maxConnections`.
-    pub fn try_open_connection(self: &Arc<Self>) -> Option<ConnectionPermit> {
+    pub fn try_open_connection(self: &Arc<Self>) -> Result<ConnectionPermit, LimitExceeded> {
         let max = self.max_connections.load(Ordering::Relaxed);
         if self.connections.fetch_add(1, Ordering::AcqRel) >= max {
             self.connections.fetch_sub(1, Ordering::AcqRel);
-            return None;
+            return Err(LimitExceeded::MaxConnections(max));
         }
-        Some(ConnectionPermit(self.clone()))
+        Ok(ConnectionPermit(self.clone()))
     }
 
     /// Waits (at most `wait`) for a connection to free up, counting as a pending
@@ -91,11 +91,6 @@ impl Limiter {
     /// Tells one waiter that a pooled connection became idle.
     pub fn connection_returned(&self) {
         self.connection_freed.notify_one();
-    }
-
-    /// Open upstream connections now (for `/config`).
-    pub fn open_connections(&self) -> usize {
-        self.connections.load(Ordering::Relaxed)
     }
 }
 
@@ -148,7 +143,7 @@ mod tests {
     async fn connections_are_capped_and_waiters_are_woken() {
         let limiter = limiter(10, 1, 1);
         let permit = limiter.try_open_connection().unwrap();
-        assert!(limiter.try_open_connection().is_none());
+        assert_eq!(limiter.try_open_connection().unwrap_err(), LimitExceeded::MaxConnections(1));
         let waiter = {
             let limiter = limiter.clone();
             tokio::spawn(async move { limiter.wait_for_connection(Duration::from_secs(5)).await })
@@ -161,6 +156,6 @@ mod tests {
         );
         drop(permit);
         assert_eq!(waiter.await.unwrap(), Ok(()));
-        assert!(limiter.try_open_connection().is_some());
+        assert!(limiter.try_open_connection().is_ok());
     }
 }

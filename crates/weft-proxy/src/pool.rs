@@ -157,7 +157,7 @@ impl Connector {
         limiter: &Arc<Limiter>,
     ) -> Result<http1::SendRequest<Body>, SendError> {
         let permit = loop {
-            if let Some(permit) = limiter.try_open_connection() {
+            if let Ok(permit) = limiter.try_open_connection() {
                 break permit;
             }
             limiter.wait_for_connection(self.connect_timeout).await.map_err(SendError::Limit)?;
@@ -222,7 +222,7 @@ impl Connector {
             return Ok(sender);
         }
         let permit = loop {
-            if let Some(permit) = limiter.try_open_connection() {
+            if let Ok(permit) = limiter.try_open_connection() {
                 break permit;
             }
             limiter.wait_for_connection(self.connect_timeout).await.map_err(SendError::Limit)?;
@@ -253,7 +253,7 @@ impl Connector {
         limiter: &Arc<Limiter>,
         request: Request<Body>,
     ) -> Result<Response<Incoming>, SendError> {
-        let permit = limiter.try_open_connection().ok_or(SendError::Limit(LimitExceeded::MaxConnections(0)))?;
+        let permit = limiter.try_open_connection().map_err(SendError::Limit)?;
         let io = transport::connect(address, self.connect_timeout).await?;
         let (mut sender, connection) = http1::handshake(TokioIo::new(io)).await.map_err(SendError::Reset)?;
         tokio::spawn(async move {
@@ -335,10 +335,4 @@ pub fn evict_idle(idle_timeout: Duration) {
         pool.retain(|_, idle| !idle.is_empty());
     });
     HTTP2.with(|pool| pool.borrow_mut().retain(|_, sender| !sender.is_closed()));
-}
-
-/// Forgets every pooled connection of this thread (used by tests and at shutdown).
-pub fn clear_thread_pool() {
-    IDLE_HTTP1.with(|pool| pool.borrow_mut().clear());
-    HTTP2.with(|pool| pool.borrow_mut().clear());
 }

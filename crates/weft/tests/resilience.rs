@@ -7,6 +7,15 @@ use std::{sync::Arc, time::Duration};
 
 use support::*;
 
+/// A TrafficPolicy for Service `svc` with `spec_lines` (indented by two spaces) after
+/// its targetRef.
+fn svc_policy(spec_lines: &str) -> String {
+    format!(
+        "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: svc}}\nspec:\n  targetRef: {{kind: Service, name: svc}}\n{}",
+        spec_lines.trim_start_matches('\n')
+    )
+}
+
 async fn two_endpoints(policy: &str, routes: &str) -> (TestApp, TestApp, TempDir, Proxy) {
     let (a, b) = (TestApp::start("a").await, TestApp::start("b").await);
     let dir = TempDir::new("resilience");
@@ -53,20 +62,19 @@ async fn a_twenty_times_slower_endpoint_gets_under_15_percent() {
 
 // Round robin keeps sending to the failing endpoint, so outlier detection is what
 // protects callers (p2c-ewma would route around it on its own: see the next test).
-const RETRY_5XX: &str = r#"
-apiVersion: weft.dev/v1alpha1
-kind: TrafficPolicy
-metadata: {name: svc}
-spec:
-  targetRef: {kind: Service, name: svc}
+fn retry_5xx() -> String {
+    svc_policy(
+        r#"
   loadBalancer: {algorithm: round-robin}
   retries: {attempts: 2, retryOn: [5xx], backoff: {base: 1ms, max: 5ms}}
   outlierDetection: {consecutive5xx: 3, interval: 10s, baseEjectionTime: 60s, maxEjectionPercent: 50}
-"#;
+"#,
+    )
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_endpoint_is_ejected_and_retries_hide_its_errors() {
-    let (healthy, failing, _dir, proxy) = two_endpoints(RETRY_5XX, "").await;
+    let (healthy, failing, _dir, proxy) = two_endpoints(&retry_5xx(), "").await;
     failing.set_status(503);
     let statuses = load(&proxy, 200, 2).await;
     assert!(statuses.iter().all(|&s| s == 200), "clients saw errors: {statuses:?}");
@@ -88,16 +96,13 @@ async fn the_retry_budget_caps_retries_against_a_service_that_always_fails() {
     let app = TestApp::start("down").await;
     app.set_status(503);
     let dir = TempDir::new("budget");
-    let policy = r#"
-apiVersion: weft.dev/v1alpha1
-kind: TrafficPolicy
-metadata: {name: svc}
-spec:
-  targetRef: {kind: Service, name: svc}
+    let policy = svc_policy(
+        r#"
   retries: {attempts: 3, retryOn: [5xx], budget: {ratio: 0.2, minPerSecond: 1, window: 10s}, backoff: {base: 1ms, max: 2ms}}
   outlierDetection: {consecutive5xx: 0, consecutiveGatewayErrors: 0}
-"#;
-    let config = dir.write("mesh.yaml", &mesh_yaml(&[("svc", "app: svc")], &[("a", "app: svc", app.address)], policy));
+"#,
+    );
+    let config = dir.write("mesh.yaml", &mesh_yaml(&[("svc", "app: svc")], &[("a", "app: svc", app.address)], &policy));
     let proxy = Proxy::start(&dir, "p", &config, &[]).await;
     let statuses = load(&proxy, 200, 1).await;
     assert!(statuses.iter().all(|&s| s == 503), "the service's own 503 reaches the client");
@@ -133,16 +138,13 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_per_try_timeout_retries_on_another_endpoint() {
-    let policy = r#"
-apiVersion: weft.dev/v1alpha1
-kind: TrafficPolicy
-metadata: {name: svc}
-spec:
-  targetRef: {kind: Service, name: svc}
+    let policy = svc_policy(
+        r#"
   loadBalancer: {algorithm: round-robin}
   retries: {attempts: 1, perTryTimeout: 300ms, retryOn: [timeout], backoff: {base: 1ms, max: 1ms}}
-"#;
-    let (slow, fast, _dir, proxy) = two_endpoints(policy, "").await;
+"#,
+    );
+    let (slow, fast, _dir, proxy) = two_endpoints(&policy, "").await;
     slow.set_delay(Duration::from_secs(5));
     let statuses = load(&proxy, 10, 1).await;
     assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
@@ -152,15 +154,12 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_beyond_max_requests_fail_fast_with_503() {
-    let policy = r#"
-apiVersion: weft.dev/v1alpha1
-kind: TrafficPolicy
-metadata: {name: svc}
-spec:
-  targetRef: {kind: Service, name: svc}
+    let policy = svc_policy(
+        r#"
   connectionLimits: {maxRequests: 2}
-"#;
-    let (a, b, _dir, proxy) = two_endpoints(policy, "").await;
+"#,
+    );
+    let (a, b, _dir, proxy) = two_endpoints(&policy, "").await;
     a.set_delay(Duration::from_millis(800));
     b.set_delay(Duration::from_millis(800));
     let statuses = load(&proxy, 6, 6).await;
@@ -172,7 +171,7 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn learned_endpoint_state_survives_a_reload_and_a_reload_under_load_drops_nothing() {
-    let (healthy, failing, dir, proxy) = two_endpoints(RETRY_5XX, "").await;
+    let (healthy, failing, dir, proxy) = two_endpoints(&retry_5xx(), "").await;
     failing.set_status(503);
     let statuses = load(&proxy, 60, 2).await;
     assert!(statuses.iter().all(|&s| s == 200));
@@ -200,7 +199,7 @@ async fn learned_endpoint_state_survives_a_reload_and_a_reload_under_load_drops_
             statuses
         })
     };
-    let extra = format!("{RETRY_5XX}\n---\napiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {{name: other}}\nspec: {{selector: {{app: other}}, ports: [{{port: 80}}]}}\n");
+    let extra = format!("{}\n---\napiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {{name: other}}\nspec: {{selector: {{app: other}}, ports: [{{port: 80}}]}}\n", retry_5xx());
     dir.write(
         "mesh.yaml",
         &mesh_yaml(
@@ -232,14 +231,9 @@ async fn a_connect_failure_is_retried_even_for_a_post_since_nothing_was_sent() {
     dead_socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let dead = dead_socket.local_addr().unwrap();
     let dir = TempDir::new("connect-retry");
-    let policy = r#"
-apiVersion: weft.dev/v1alpha1
-kind: TrafficPolicy
-metadata: {name: svc}
-spec: {targetRef: {kind: Service, name: svc}, loadBalancer: {algorithm: round-robin}}
-"#;
+    let policy = svc_policy("  loadBalancer: {algorithm: round-robin}\n");
     let workloads = [("up", "app: svc", app.address), ("dead", "app: svc", dead)];
-    let config = dir.write("m.yaml", &mesh_yaml(&[("svc", "app: svc")], &workloads, policy));
+    let config = dir.write("m.yaml", &mesh_yaml(&[("svc", "app: svc")], &workloads, &policy));
     let proxy = Proxy::start(&dir, "p", &config, &[]).await;
     let client = client();
     let body = bytes::Bytes::from(vec![7u8; 200_000]);
@@ -256,16 +250,13 @@ spec: {targetRef: {kind: Service, name: svc}, loadBalancer: {algorithm: round-ro
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p2c_ewma_routes_around_a_quickly_failing_endpoint() {
     // A fast 503 must not look like a fast endpoint.
-    let policy = r#"
-apiVersion: weft.dev/v1alpha1
-kind: TrafficPolicy
-metadata: {name: svc}
-spec:
-  targetRef: {kind: Service, name: svc}
+    let policy = svc_policy(
+        r#"
   retries: {attempts: 2, retryOn: [gateway-error], backoff: {base: 1ms, max: 5ms}}
   outlierDetection: {consecutiveGatewayErrors: 0}
-"#;
-    let (healthy, failing, _dir, proxy) = two_endpoints(policy, "").await;
+"#,
+    );
+    let (healthy, failing, _dir, proxy) = two_endpoints(&policy, "").await;
     healthy.set_delay(Duration::from_millis(2));
     failing.set_status(503);
     let statuses = load(&proxy, 200, 2).await;
