@@ -12,7 +12,7 @@ Loads, interleaved round-robin over the setups for every round (the first round 
 warm-up and dropped; median, min and max of the rest are reported):
   wrk  -t1 -c32            saturation: requests/s, and proxy CPU seconds per 1k requests
   oha  -q 2000 (corrected) added p50/p99 latency over direct at a fixed 2,000 requests/s
-  h2load -c32 -m10 (h2c)   HTTP/2 requests/s (weft and envoy; haproxy is h1-only here)
+  h2load -c32 -m10 (h2c)   HTTP/2 requests/s (haproxy on a second `proto h2` frontend)
 Plus each proxy's peak RSS (VmHWM).
 
 Usage: bench/bench.py [--rounds 6] [--duration 5] [--out bench/results/latest.md]
@@ -74,6 +74,7 @@ class Stack:
     def __init__(self, name, tmp):
         self.name, self.tmp, self.procs, self.proxy_pids = name, tmp, [], []
         self.port, self.host = None, "127.0.0.1"
+        self.h2_port = None  # where h2c clients connect, when not `port`
 
     def spawn(self, args, proxy=True, **kw):
         log = open(os.path.join(self.tmp, f"{self.name}-{len(self.procs)}.log"), "w")
@@ -176,6 +177,12 @@ def haproxy_stack(tmp, name, upstream, pair):
     hops = 2 if pair else 1
     for hop in range(hops):
         port = free_port()
+        # HAProxy serves h2c only on a frontend declared `proto h2`: the client-facing
+        # hop gets a second one for h2load.
+        h2_frontend = ""
+        if hop == hops - 1:
+            stack.h2_port = free_port()
+            h2_frontend = f"frontend f2\n  bind 127.0.0.1:{stack.h2_port} proto h2\n  default_backend b\n"
         cfg = os.path.join(tmp, f"{name}-{hop}.cfg")
         with open(cfg, "w") as f:
             f.write(f"""global
@@ -190,7 +197,7 @@ defaults
 frontend f
   bind 127.0.0.1:{port}
   default_backend b
-backend b
+{h2_frontend}backend b
   http-reuse always
   server s1 127.0.0.1:{target}
 """)
@@ -271,7 +278,7 @@ def run_oha(stack, duration):
 
 def run_h2load(stack, duration):
     out = subprocess.run(["h2load", "-c32", "-m10", "-t1", "-D", str(duration), "-H", f":authority: {stack.host}",
-                          f"http://127.0.0.1:{stack.port}/"], capture_output=True, text=True).stdout
+                          f"http://127.0.0.1:{stack.h2_port or stack.port}/"], capture_output=True, text=True).stdout
     m = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
     ok = re.search(r"status codes: (\d+) 2xx", out)
     if not m or not ok or int(ok.group(1)) == 0:
@@ -319,7 +326,7 @@ def main():
                 rss_h1 = rss.setdefault(name, {}).setdefault("h1", [0.0] * len(stack.proxy_pids))
                 for i, mb in enumerate(stack.rss()):
                     rss_h1[i] = max(rss_h1[i], mb)
-                if not name.startswith("haproxy"):
+                if name != "direct":
                     stack.reset_peak_rss()
                     sample.update(run_h2load(stack, args.duration))
                     rss_h2 = rss[name].setdefault("h2", [0.0] * len(stack.proxy_pids))
@@ -379,8 +386,11 @@ def render(results, rss, args):
             other = summary(results.get(f"{peer}-{kind}", []), "rps")
             weft_cpu = summary(results.get(f"weft-{kind}", []), "cpu_per_1k")
             other_cpu = summary(results.get(f"{peer}-{kind}", []), "cpu_per_1k")
+            weft_h2 = summary(results.get(f"weft-{kind}", []), "h2_rps")
+            other_h2 = summary(results.get(f"{peer}-{kind}", []), "h2_rps")
             if weft and other and weft_cpu and other_cpu:
-                lines.append(f"- weft/{peer} {kind}: throughput ×{weft[0] / other[0]:.2f}, CPU per request ×{weft_cpu[0] / other_cpu[0]:.2f}")
+                h2 = f", h2c throughput ×{weft_h2[0] / other_h2[0]:.2f}" if weft_h2 and other_h2 else ""
+                lines.append(f"- weft/{peer} {kind}: throughput ×{weft[0] / other[0]:.2f}, CPU per request ×{weft_cpu[0] / other_cpu[0]:.2f}{h2}")
     return "\n".join(lines) + "\n"
 
 
