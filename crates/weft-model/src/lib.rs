@@ -18,7 +18,7 @@ pub mod spec;
 mod validate;
 
 pub use duration::GoDuration;
-pub use parse::{parse_documents, ConfigError};
+pub use parse::{parse_documents, parse_with_documents, ConfigError, ConfigErrors, ParsedDocument};
 pub use resource::{Metadata, Resource, ResourceKind};
 pub use snapshot::{compile, Snapshot};
 

@@ -60,6 +60,20 @@ impl fmt::Display for ConfigErrors {
 
 /// Parses and validates every document in `text`; `source_name` is used in errors.
 pub fn parse_documents(source_name: &str, text: &str) -> Result<Vec<Resource>, ConfigErrors> {
+    parse_with_documents(source_name, text).map(|parsed| parsed.into_iter().map(|p| p.resource).collect())
+}
+
+/// A validated resource together with the document it came from, as the user wrote it
+/// (with `metadata.namespace` filled in), as JSON. The control plane stores the document,
+/// so that `weft get -o yaml` gives back what was applied and re-parsing it is exact.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParsedDocument {
+    pub resource: Resource,
+    pub document: serde_json::Value,
+}
+
+/// [`parse_documents`], keeping each document's text as JSON alongside.
+pub fn parse_with_documents(source_name: &str, text: &str) -> Result<Vec<ParsedDocument>, ConfigErrors> {
     let mut resources = Vec::new();
     let mut errors = Vec::new();
     let mut seen = HashSet::new();
@@ -83,8 +97,8 @@ pub fn parse_documents(source_name: &str, text: &str) -> Result<Vec<Resource>, C
         if value.is_null() {
             continue; // an empty document, e.g. a trailing `---`
         }
-        match parse_one(&value) {
-            Ok(resource) => {
+        match parse_one(&value).and_then(|resource| Ok((as_json(&value, &resource)?, resource))) {
+            Ok((document, resource)) => {
                 let key = (resource.kind(), resource.key());
                 if !seen.insert(key) {
                     errors.push(error(
@@ -97,7 +111,7 @@ pub fn parse_documents(source_name: &str, text: &str) -> Result<Vec<Resource>, C
                         ),
                     ));
                 } else {
-                    resources.push(resource);
+                    resources.push(ParsedDocument { resource, document });
                 }
             }
             Err((path, message)) => errors.push(error(Some(describe(&value)), &path, message)),
@@ -108,6 +122,15 @@ pub fn parse_documents(source_name: &str, text: &str) -> Result<Vec<Resource>, C
     } else {
         Err(ConfigErrors(errors))
     }
+}
+
+/// The document as JSON, with the defaulted namespace written out.
+fn as_json(value: &Value, resource: &Resource) -> Result<serde_json::Value, FieldError> {
+    let mut document = serde_json::to_value(value).map_err(|e| (String::new(), format!("cannot be stored: {e}")))?;
+    if let Some(metadata) = document.get_mut("metadata").and_then(serde_json::Value::as_object_mut) {
+        metadata.insert("namespace".into(), resource.metadata.namespace.clone().into());
+    }
+    Ok(document)
 }
 
 /// `Kind name`, best effort, for error messages.
@@ -240,6 +263,16 @@ spec:
         assert!(parse_documents("f", &doc).unwrap_err().to_string().contains("apiVersion"));
         let twice = format!("{GOOD}\n{GOOD}");
         assert!(parse_documents("f", &twice).unwrap_err().to_string().contains("duplicate"));
+    }
+
+    #[test]
+    fn documents_are_kept_as_written_and_reparse_to_the_same_resources() {
+        let parsed = parse_with_documents("mesh.yaml", GOOD).unwrap();
+        assert_eq!(parsed[0].document["metadata"]["namespace"], "default");
+        assert_eq!(parsed[1].document["spec"]["rules"][0]["timeouts"]["request"], "5s");
+        let json: Vec<String> = parsed.iter().map(|p| p.document.to_string()).collect();
+        let again = parse_documents("stored", &json.join("\n---\n")).unwrap();
+        assert_eq!(again, parsed.into_iter().map(|p| p.resource).collect::<Vec<_>>());
     }
 
     #[test]

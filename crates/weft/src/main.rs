@@ -6,6 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
 
+mod cli;
 mod demo_app;
 use clap::{Args, Parser, Subcommand};
 use weft_model::GoDuration;
@@ -34,6 +35,59 @@ struct Cli {
 enum Command {
     /// Run a sidecar proxy beside one service instance.
     Proxy(Box<ProxyArgs>),
+    /// Run the control plane: the resource store and the HTTP API.
+    Control(ControlArgs),
+    /// Create or update resources from YAML files; all documents are validated first and
+    /// applied together or not at all.
+    Apply {
+        /// A YAML file, a directory of them, or `-` for stdin; repeatable.
+        #[arg(short = 'f', long = "filename", value_name = "PATH", required = true)]
+        files: Vec<PathBuf>,
+        /// Validate and print what would change, without changing anything.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        server: cli::ServerArgs,
+    },
+    /// List resources of a kind (`services`, `workloads`, `httproutes`, `grpcroutes`,
+    /// `trafficpolicies`, or `all`), or show one.
+    Get {
+        kind: String,
+        name: Option<String>,
+        /// Namespace; all namespaces when listing without it.
+        #[arg(short = 'n', long, value_name = "NS")]
+        namespace: Option<String>,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: cli::Output,
+        #[command(flatten)]
+        server: cli::ServerArgs,
+    },
+    /// Delete one resource (`weft delete service reviews`) or those named in files (`-f`).
+    Delete {
+        /// KIND NAME.
+        #[arg(num_args = 0..=2, value_name = "KIND NAME")]
+        target: Vec<String>,
+        #[arg(short = 'f', long = "filename", value_name = "PATH")]
+        files: Vec<PathBuf>,
+        #[arg(short = 'n', long, default_value = weft_model::DEFAULT_NAMESPACE, value_name = "NS")]
+        namespace: String,
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        server: cli::ServerArgs,
+    },
+    /// Explain one Service: its routes, policy, endpoints, and unresolved references.
+    Describe {
+        /// `service` (or `svc`).
+        kind: String,
+        name: String,
+        #[arg(short = 'n', long, default_value = weft_model::DEFAULT_NAMESPACE, value_name = "NS")]
+        namespace: String,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: cli::Output,
+        #[command(flatten)]
+        server: cli::ServerArgs,
+    },
     /// Check a configuration file without running anything; prints every error.
     Validate {
         /// The YAML file of resources.
@@ -54,6 +108,21 @@ enum Command {
         #[arg(long, default_value_t = 0.0, value_name = "RATE")]
         error_rate: f64,
     },
+}
+
+/// `weft control`: the control plane.
+#[derive(Args)]
+struct ControlArgs {
+    /// HTTP API address (JSON under /api/v1). Port 0 picks a free port.
+    #[arg(long, default_value = weft_control::control::DEFAULT_API_ADDR, value_name = "ADDR")]
+    api_addr: SocketAddr,
+    /// Directory of the embedded store (created if missing). Default:
+    /// $XDG_DATA_HOME/weft or ~/.local/share/weft.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Write the bound addresses as JSON to this file (useful with port 0).
+    #[arg(long, value_name = "PATH")]
+    ports_file: Option<PathBuf>,
 }
 
 /// `weft proxy`: the data plane.
@@ -171,9 +240,51 @@ fn main() -> ExitCode {
     }
 }
 
+/// Runs one operator command on a small runtime of its own.
+fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(future: F) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(future)
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(error) => {
+            tracing::warn!(%error, "cannot watch SIGTERM; stop with Ctrl-C");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Proxy(args) => weft_proxy::run(args.into_settings()).context("weft proxy"),
+        Command::Control(args) => {
+            let settings = weft_control::ControlSettings {
+                api_addr: args.api_addr,
+                data_dir: args.data_dir.unwrap_or_else(weft_control::default_data_dir),
+                ports_file: args.ports_file,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(weft_control::run(settings, shutdown_signal())).context("weft control")
+        }
+        Command::Apply { files, dry_run, server } => {
+            block_on(async { cli::apply(&cli::ApiClient::new(&server)?, &files, dry_run).await })
+        }
+        Command::Get { kind, name, namespace, output, server } => block_on(async {
+            cli::get(&cli::ApiClient::new(&server)?, &kind, name.as_deref(), namespace.as_deref(), output).await
+        }),
+        Command::Delete { target, files, namespace, dry_run, server } => {
+            block_on(async { cli::delete(&cli::ApiClient::new(&server)?, &target, &files, &namespace, dry_run).await })
+        }
+        Command::Describe { kind, name, namespace, output, server } => {
+            block_on(async { cli::describe(&cli::ApiClient::new(&server)?, &kind, &name, &namespace, output).await })
+        }
         Command::Validate { file } => {
             let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let resources = weft_model::parse_documents(&file.display().to_string(), &text)?;

@@ -193,6 +193,97 @@ impl Drop for Proxy {
     }
 }
 
+/// A running `weft control` process on its own data directory, killed on drop.
+pub struct Control {
+    pub child: Child,
+    pub api: SocketAddr,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Control {
+    /// Starts `weft control` on an ephemeral API port and waits until it answers.
+    pub async fn start(dir: &TempDir, name: &str) -> Control {
+        let data_dir = dir.0.join(format!("{name}-data"));
+        Control::start_on(dir, name, &data_dir, "127.0.0.1:0").await
+    }
+
+    /// Starts a control plane on `data_dir` (to restart one on the same store).
+    pub async fn start_on(dir: &TempDir, name: &str, data_dir: &Path, api_addr: &str) -> Control {
+        let ports_file = dir.0.join(format!("{name}.ports.json"));
+        let _ = std::fs::remove_file(&ports_file);
+        let log = dir.0.join(format!("{name}.log"));
+        let child = Command::new(WEFT)
+            .args(["control", "--api-addr", api_addr, "--data-dir"])
+            .arg(data_dir)
+            .arg("--ports-file")
+            .arg(&ports_file)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("weft binary starts");
+        let mut control = Control { child, api: ([0, 0, 0, 0], 0).into(), data_dir: data_dir.to_path_buf(), log };
+        let ports: Value = eventually(Duration::from_secs(20), &format!("{name} to write its ports file"), || {
+            if let Some(status) = control.child.try_wait().unwrap() {
+                panic!(
+                    "control {name} exited early ({status}):\n{}",
+                    std::fs::read_to_string(&control.log).unwrap_or_default()
+                );
+            }
+            let text = std::fs::read_to_string(&ports_file).ok();
+            async move { text.and_then(|t| serde_json::from_str(&t).ok()) }
+        })
+        .await;
+        control.api = ports["api"].as_str().unwrap().parse().unwrap();
+        control
+    }
+
+    /// `http://ADDR`, for `--server`.
+    pub fn server(&self) -> String {
+        format!("http://{}", self.api)
+    }
+
+    /// Runs a `weft` CLI command against this control plane: (success, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        self.cli_with_stdin(args, None)
+    }
+
+    pub fn cli_with_stdin(&self, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+        use std::io::Write;
+        let mut child = Command::new(WEFT)
+            .args(args)
+            .env("WEFT_SERVER", self.server())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        if let Some(text) = stdin {
+            child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        }
+        drop(child.stdin.take());
+        let output = child.wait_with_output().unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
+    /// Stops the process (SIGKILL: a crash, as far as the store can tell).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// Sums matching samples in a Prometheus text exposition.
 pub fn metric_sum(text: &str, metric: &str, labels: &[&str]) -> f64 {
     text.lines()

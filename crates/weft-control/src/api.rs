@@ -1,0 +1,222 @@
+//! The HTTP API (`/api/v1`, JSON) that the CLI and the dashboard use.
+//!
+//! Writes take YAML text exactly as `weft apply` reads it from files, so that the server
+//! judges every document with the same parser the proxies use, and names the source, the
+//! document and the field path in its refusal.
+
+use std::sync::Arc;
+
+use axum::{
+    extract::{Path, Query, State},
+    http::{header, HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Json, Router,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use weft_model::ResourceKind;
+
+use crate::{
+    catalog::{parse_sources, Catalog, CatalogError, Entry, Source},
+    describe::describe_service,
+    kinds::{parse_kind, plural},
+    store::ObjectKey,
+};
+
+/// Builds the router over `catalog`.
+pub fn router(catalog: Arc<Catalog>) -> Router {
+    Router::new()
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/apply", post(apply))
+        .route("/api/v1/delete", post(delete_documents))
+        .route("/api/v1/resources", get(list_all))
+        .route("/api/v1/resources/{kind}", get(list_kind))
+        .route("/api/v1/resources/{kind}/{namespace}/{name}", get(get_one).delete(delete_one))
+        .route("/api/v1/services/{namespace}/{name}/describe", get(describe))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such API path; see README, HTTP API") })
+        .with_state(catalog)
+}
+
+/// A refusal: `{"error": "...", "details": [...]}` with a fitting status.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    details: Vec<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError { status, message: message.into(), details: Vec::new() }
+    }
+}
+
+impl From<CatalogError> for ApiError {
+    fn from(error: CatalogError) -> Self {
+        match error {
+            CatalogError::Invalid(errors) => ApiError {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                message: format!("refused: {} invalid document(s); nothing was changed", errors.0.len()),
+                details: errors.0.iter().map(ToString::to_string).collect(),
+            },
+            CatalogError::Empty(message) => ApiError::new(StatusCode::BAD_REQUEST, message),
+            CatalogError::NotFound(key) => ApiError::new(StatusCode::NOT_FOUND, format!("{key} not found")),
+            CatalogError::Store(error) => {
+                tracing::error!(%error, "store failure");
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("{error}; nothing was changed"))
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({"error": self.message, "details": self.details}))).into_response()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WriteParams {
+    #[serde(default)]
+    dry_run: bool,
+    /// The file name to use in error messages.
+    source: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ListParams {
+    namespace: Option<String>,
+}
+
+/// One resource as the API returns it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Item {
+    kind: String,
+    namespace: String,
+    name: String,
+    revision: u64,
+    created_revision: u64,
+    document: serde_json::Value,
+    /// False for a stored document this release cannot read.
+    readable: bool,
+}
+
+fn item(key: ObjectKey, entry: Entry) -> Item {
+    Item {
+        kind: key.kind,
+        namespace: key.namespace,
+        name: key.name,
+        revision: entry.stored.revision,
+        created_revision: entry.stored.created_revision,
+        document: entry.stored.document,
+        readable: entry.resource.is_some(),
+    }
+}
+
+fn kind(word: &str) -> Result<ResourceKind, ApiError> {
+    parse_kind(word).map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, m))
+}
+
+async fn status(State(catalog): State<Arc<Catalog>>) -> Json<serde_json::Value> {
+    Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "store": catalog.store_description(),
+        "revision": catalog.revision(),
+    }))
+}
+
+/// Write bodies: JSON `{"sources": [{"name", "text"}]}` (what the CLI sends, one entry
+/// per file), or bare YAML (for curl), named by `?source=`.
+fn sources(headers: &HeaderMap, params: &WriteParams, body: String) -> Result<Vec<Source>, ApiError> {
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !is_json {
+        return Ok(vec![Source::new(params.source.as_deref().unwrap_or("request body"), body)]);
+    }
+    #[derive(Deserialize)]
+    struct Sources {
+        sources: Vec<Source>,
+    }
+    serde_json::from_str::<Sources>(&body).map(|s| s.sources).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("a JSON body must be {{\"sources\": [{{\"name\", \"text\"}}]}}: {e}"),
+        )
+    })
+}
+
+async fn apply(
+    State(catalog): State<Arc<Catalog>>,
+    Query(params): Query<WriteParams>,
+    headers: HeaderMap,
+    body: String,
+) -> Result<impl IntoResponse, ApiError> {
+    let sources = sources(&headers, &params, body)?;
+    Ok(Json(catalog.apply(&sources, params.dry_run).await?))
+}
+
+async fn delete_documents(
+    State(catalog): State<Arc<Catalog>>,
+    Query(params): Query<WriteParams>,
+    headers: HeaderMap,
+    body: String,
+) -> Result<impl IntoResponse, ApiError> {
+    // The documents must be valid to name what to delete: a typo must not delete the
+    // wrong thing, and must not silently delete nothing.
+    let documents = parse_sources(&sources(&headers, &params, body)?)?;
+    let keys = documents
+        .iter()
+        .map(|d| ObjectKey::new(d.resource.kind(), &d.resource.metadata.namespace, &d.resource.metadata.name))
+        .collect();
+    Ok(Json(catalog.delete(keys, true, params.dry_run).await?))
+}
+
+async fn list_all(State(catalog): State<Arc<Catalog>>, Query(params): Query<ListParams>) -> Json<serde_json::Value> {
+    let (revision, entries) = catalog.list(None, params.namespace.as_deref());
+    let items: Vec<Item> = entries.into_iter().map(|(k, e)| item(k, e)).collect();
+    Json(json!({"revision": revision, "items": items}))
+}
+
+async fn list_kind(
+    State(catalog): State<Arc<Catalog>>,
+    Path(word): Path<String>,
+    Query(params): Query<ListParams>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let kind = kind(&word)?;
+    let (revision, entries) = catalog.list(Some(kind), params.namespace.as_deref());
+    let items: Vec<Item> = entries.into_iter().map(|(k, e)| item(k, e)).collect();
+    Ok(Json(json!({"revision": revision, "kind": plural(kind), "items": items})))
+}
+
+async fn get_one(
+    State(catalog): State<Arc<Catalog>>,
+    Path((word, namespace, name)): Path<(String, String, String)>,
+) -> Result<Json<Item>, ApiError> {
+    let key = ObjectKey::new(kind(&word)?, &namespace, &name);
+    let entry = catalog.get(&key).ok_or_else(|| ApiError::from(CatalogError::NotFound(key.clone())))?;
+    Ok(Json(item(key, entry)))
+}
+
+async fn delete_one(
+    State(catalog): State<Arc<Catalog>>,
+    Path((word, namespace, name)): Path<(String, String, String)>,
+    Query(params): Query<WriteParams>,
+) -> Result<impl IntoResponse, ApiError> {
+    let key = ObjectKey::new(kind(&word)?, &namespace, &name);
+    Ok(Json(catalog.delete(vec![key], false, params.dry_run).await?))
+}
+
+async fn describe(
+    State(catalog): State<Arc<Catalog>>,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Result<impl IntoResponse, ApiError> {
+    let (revision, resources) = catalog.resources();
+    let description = describe_service(&resources, &namespace, &name)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("Service {namespace}/{name} not found")))?;
+    Ok(Json(json!({"revision": revision, "service": description})))
+}

@@ -1,0 +1,150 @@
+//! `weft describe service`: one Service as the mesh sees it — its ports, the routes
+//! attached to it, its effective policy, its endpoints, and every reference around it
+//! that points at nothing.
+
+use serde::Serialize;
+use weft_model::{
+    resource::ResourceSpec,
+    snapshot::{compile, Endpoint, ServicePolicy},
+    spec::ServicePort,
+    Resource,
+};
+
+/// The description of one Service.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceDescription {
+    pub namespace: String,
+    pub name: String,
+    pub selector: std::collections::BTreeMap<String, String>,
+    pub ports: Vec<ServicePort>,
+    /// `HTTPRoute ns/name` of every route whose parentRefs name this Service.
+    pub routes: Vec<String>,
+    pub policy: ServicePolicy,
+    pub endpoints: Vec<EndpointDescription>,
+    /// Dangling references from or to this Service's routes and policies.
+    pub unresolved: Vec<String>,
+}
+
+/// One endpoint of one port.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointDescription {
+    pub port: u16,
+    #[serde(flatten)]
+    pub endpoint: Endpoint,
+    /// Health as last reported; `unknown` for workloads listed by hand, whose proxies
+    /// report nothing.
+    pub health: &'static str,
+}
+
+/// Describes Service `namespace/name` among `resources`; `None` if there is no such
+/// Service.
+pub fn describe_service(resources: &[Resource], namespace: &str, name: &str) -> Option<ServiceDescription> {
+    let service = resources.iter().find_map(|r| match &r.spec {
+        ResourceSpec::Service(spec) if r.metadata.namespace == namespace && r.metadata.name == name => Some(spec),
+        _ => None,
+    })?;
+    let snapshot = compile(resources, namespace);
+    let compiled = &snapshot.services[snapshot.service(namespace, name)?];
+
+    let mut routes = Vec::new();
+    for resource in resources {
+        let parents = match &resource.spec {
+            ResourceSpec::HttpRoute(spec) => &spec.parent_refs,
+            ResourceSpec::GrpcRoute(spec) => &spec.parent_refs,
+            _ => continue,
+        };
+        let route_ns = &resource.metadata.namespace;
+        if parents.iter().any(|p| p.name == name && p.namespace.as_deref().unwrap_or(route_ns) == namespace) {
+            routes.push(format!("{} {route_ns}/{}", resource.kind().as_str(), resource.metadata.name));
+        }
+    }
+    let policies: Vec<String> = resources
+        .iter()
+        .filter_map(|r| match &r.spec {
+            ResourceSpec::TrafficPolicy(spec)
+                if spec.target_ref.kind == "Service"
+                    && spec.target_ref.name == name
+                    && spec.target_ref.namespace.as_deref().unwrap_or(&r.metadata.namespace) == namespace =>
+            {
+                Some(format!("TrafficPolicy {}/{}", r.metadata.namespace, r.metadata.name))
+            }
+            _ => None,
+        })
+        .collect();
+    let service_ref = format!("Service {namespace}/{name}");
+    let unresolved = snapshot
+        .unresolved
+        .iter()
+        .filter(|line| {
+            line.contains(&service_ref)
+                || routes.iter().chain(&policies).any(|owner| line.starts_with(&owner.replacen(' ', "/", 1)))
+        })
+        .cloned()
+        .collect();
+
+    let endpoints = compiled
+        .ports
+        .iter()
+        .flat_map(|port| {
+            port.endpoints.iter().map(|endpoint| EndpointDescription {
+                port: port.port,
+                endpoint: endpoint.clone(),
+                health: "unknown",
+            })
+        })
+        .collect();
+    Some(ServiceDescription {
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+        selector: service.selector.clone(),
+        ports: service.ports.clone(),
+        routes,
+        policy: compiled.policy.clone(),
+        endpoints,
+        unresolved,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MESH: &str = r#"
+apiVersion: weft.dev/v1alpha1
+kind: Service
+metadata: {name: reviews}
+spec: {selector: {app: reviews}, ports: [{port: 80, protocol: http}]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Workload
+metadata: {name: reviews-1}
+spec: {labels: {app: reviews}, address: "127.0.0.1:9080", zone: a}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: canary}
+spec:
+  parentRefs: [{kind: Service, name: reviews, port: 80}]
+  rules: [{backendRefs: [{name: reviews-v2, port: 80}]}]
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: reviews}
+spec: {targetRef: {kind: Service, name: reviews}, loadBalancer: {algorithm: round-robin}}
+"#;
+
+    #[test]
+    fn shows_routes_policy_endpoints_and_what_is_unresolved() {
+        let resources = weft_model::parse_documents("mesh", MESH).unwrap();
+        let described = describe_service(&resources, "default", "reviews").unwrap();
+        assert_eq!(described.routes, vec!["HTTPRoute default/canary"]);
+        assert_eq!(described.policy.source.as_deref(), Some("default/reviews"));
+        assert_eq!(described.endpoints.len(), 1);
+        assert_eq!(described.endpoints[0].endpoint.zone.as_deref(), Some("a"));
+        assert_eq!(described.unresolved.len(), 1, "{:?}", described.unresolved);
+        assert!(described.unresolved[0].contains("reviews-v2"), "{:?}", described.unresolved);
+        assert!(describe_service(&resources, "default", "ratings").is_none());
+    }
+}

@@ -1,0 +1,19 @@
+//! weft's control plane: the desired state (resources in a durable store), and the HTTP
+//! API operators drive it with.
+//!
+//! [`store`] keeps resources with revisions behind one trait; [`catalog`] is the only
+//! writer and holds the parsed state every reader works from; [`api`] serves it as JSON;
+//! [`describe`] explains one Service; [`kinds`] is the vocabulary of kind names.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod catalog;
+pub mod control;
+pub mod describe;
+pub mod kinds;
+pub mod registry;
+pub mod store;
+pub mod views;
+
+pub use control::{default_data_dir, run, ControlError, ControlSettings};

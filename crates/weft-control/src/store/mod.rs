@@ -1,0 +1,113 @@
+//! Where the desired state lives: resources, each with a revision, behind one trait so
+//! that the embedded store (one control plane, local disk) and etcd (several replicas)
+//! are interchangeable.
+//!
+//! The store holds documents, not typed resources: every document was validated before
+//! it was written, and is validated again by whoever reads it, with the same code.
+
+pub mod embedded;
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use weft_model::ResourceKind;
+
+/// Identifies one resource: its kind, namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ObjectKey {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    pub fn new(kind: ResourceKind, namespace: &str, name: &str) -> Self {
+        ObjectKey { kind: kind.as_str().to_string(), namespace: namespace.to_string(), name: name.to_string() }
+    }
+
+    /// The key as stored: `Kind/namespace/name`. Names cannot hold `/` (validation
+    /// refuses it), so the encoding is unambiguous.
+    pub fn encode(&self) -> String {
+        format!("{}/{}/{}", self.kind, self.namespace, self.name)
+    }
+
+    pub fn decode(text: &str) -> Option<Self> {
+        let mut parts = text.splitn(3, '/');
+        Some(ObjectKey {
+            kind: parts.next()?.to_string(),
+            namespace: parts.next()?.to_string(),
+            name: parts.next()?.to_string(),
+        })
+    }
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+    }
+}
+
+/// One stored resource.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StoredObject {
+    /// The store revision of the commit that last changed it.
+    pub revision: u64,
+    /// The store revision of the commit that created it.
+    pub created_revision: u64,
+    /// The document as applied (JSON).
+    pub document: serde_json::Value,
+}
+
+/// Every stored resource, as of one revision.
+#[derive(Clone, Debug, Default)]
+pub struct StoreContents {
+    pub revision: u64,
+    pub objects: BTreeMap<ObjectKey, StoredObject>,
+}
+
+/// One atomic change: all of it is committed, or none.
+#[derive(Clone, Debug, Default)]
+pub struct Change {
+    pub puts: Vec<(ObjectKey, serde_json::Value)>,
+    pub deletes: Vec<ObjectKey>,
+}
+
+impl Change {
+    pub fn is_empty(&self) -> bool {
+        self.puts.is_empty() && self.deletes.is_empty()
+    }
+}
+
+/// What a committed change did, for watchers that keep a copy of the contents.
+#[derive(Clone, Debug)]
+pub struct Committed {
+    pub revision: u64,
+    pub puts: Vec<(ObjectKey, StoredObject)>,
+    pub deletes: Vec<ObjectKey>,
+}
+
+/// Why the store could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the store at {path}: {reason}")]
+    Open { path: String, reason: String },
+    #[error("the store failed: {0}")]
+    Backend(String),
+    #[error("a stored record is corrupt ({key}): {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+/// A resource store with a global revision.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Everything stored, and the revision it was read at.
+    async fn load(&self) -> Result<StoreContents, StoreError>;
+
+    /// Commits `change` atomically and durably (committed means on disk, or on a quorum),
+    /// at a new revision. Deleting a key that is absent is not an error.
+    async fn commit(&self, change: Change) -> Result<Committed, StoreError>;
+
+    /// A short description for logs and `/api/v1/status`: `embedded:/path`, `etcd:...`.
+    fn describe(&self) -> String;
+}

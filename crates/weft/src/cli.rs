@@ -1,0 +1,339 @@
+//! The operator commands (`apply`, `get`, `delete`, `describe`): thin clients of the
+//! control plane's HTTP API that read files and print what came back.
+
+use std::{
+    io::Read,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use clap::Args;
+use http_body_util::{BodyExt, Full};
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use serde_json::{json, Value};
+use weft_control::{
+    catalog::Source,
+    kinds::{parse_kind, plural, ALL_KINDS},
+};
+
+/// Where the control plane's API is.
+#[derive(Args, Clone, Debug)]
+pub struct ServerArgs {
+    /// The control plane's HTTP API.
+    #[arg(long, env = "WEFT_SERVER", default_value = "http://127.0.0.1:15080", value_name = "URL")]
+    pub server: String,
+}
+
+/// A JSON client of `/api/v1`.
+pub struct ApiClient {
+    base: String,
+    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+}
+
+impl ApiClient {
+    pub fn new(server: &ServerArgs) -> anyhow::Result<Self> {
+        let base = server.server.trim_end_matches('/').to_string();
+        if !base.starts_with("http://") {
+            bail!("--server must be an http:// URL such as http://127.0.0.1:15080, got {base:?}");
+        }
+        Ok(ApiClient { base, client: Client::builder(TokioExecutor::new()).build_http() })
+    }
+
+    /// Sends one request; a refusal becomes an error carrying the server's message and
+    /// details, one per line.
+    pub async fn call(&self, method: http::Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        let uri = format!("{}{path}", self.base);
+        let mut request = http::Request::builder().method(method).uri(&uri);
+        let bytes = match body {
+            Some(body) => {
+                request = request.header(http::header::CONTENT_TYPE, "application/json");
+                Bytes::from(body.to_string())
+            }
+            None => Bytes::new(),
+        };
+        let request = request.body(Full::new(bytes)).with_context(|| format!("bad server URL {uri}"))?;
+        let response = self.client.request(request).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach the control plane at {}: {}; start one with `weft control`, or point --server \
+                 (or WEFT_SERVER) at it",
+                self.base,
+                std::error::Error::source(&e).map(ToString::to_string).unwrap_or_else(|| e.to_string())
+            )
+        })?;
+        let status = response.status();
+        let body = response.into_body().collect().await.context("reading the control plane's answer")?.to_bytes();
+        let value: Value = serde_json::from_slice(&body)
+            .with_context(|| format!("the control plane answered {status} with a body that is not JSON"))?;
+        if !status.is_success() {
+            let mut message = value["error"].as_str().unwrap_or("request failed").to_string();
+            for detail in value["details"].as_array().into_iter().flatten() {
+                message.push_str(&format!("\n  {}", detail.as_str().unwrap_or_default()));
+            }
+            bail!("{message}");
+        }
+        Ok(value)
+    }
+}
+
+/// Reads `-f` arguments: files, directories (their `.yaml`, `.yml` and `.json` files in
+/// name order, not recursing) or `-` for stdin.
+pub fn read_sources(paths: &[PathBuf]) -> anyhow::Result<Vec<Source>> {
+    let mut sources = Vec::new();
+    for path in paths {
+        if path.as_os_str() == "-" {
+            let mut text = String::new();
+            std::io::stdin().read_to_string(&mut text).context("reading stdin")?;
+            sources.push(Source::new("stdin", text));
+        } else if path.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+                .with_context(|| format!("cannot read directory {}", path.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml" || x == "json"))
+                .collect();
+            files.sort();
+            if files.is_empty() {
+                bail!("{} holds no .yaml, .yml or .json files", path.display());
+            }
+            for file in files {
+                sources.push(read_file(&file)?);
+            }
+        } else {
+            sources.push(read_file(path)?);
+        }
+    }
+    Ok(sources)
+}
+
+fn read_file(path: &Path) -> anyhow::Result<Source> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(Source::new(path.display().to_string(), text))
+}
+
+/// Prints an apply or delete report as `kind/name action` lines.
+pub fn print_report(report: &Value) {
+    let suffix = if report["dryRun"].as_bool() == Some(true) { " (dry run)" } else { "" };
+    for result in report["results"].as_array().into_iter().flatten() {
+        let kind = result["kind"].as_str().unwrap_or_default().to_ascii_lowercase();
+        let namespace = result["namespace"].as_str().unwrap_or_default();
+        let name = result["name"].as_str().unwrap_or_default();
+        let ns = if namespace == weft_model::DEFAULT_NAMESPACE { String::new() } else { format!(" -n {namespace}") };
+        println!("{kind}/{name}{ns} {}{suffix}", result["action"].as_str().unwrap_or_default());
+    }
+}
+
+/// `weft apply`.
+pub async fn apply(api: &ApiClient, files: &[PathBuf], dry_run: bool) -> anyhow::Result<()> {
+    if files.is_empty() {
+        bail!("nothing to apply: give -f FILE, -f DIR or -f - (stdin)");
+    }
+    let sources = read_sources(files)?;
+    let report = api
+        .call(http::Method::POST, &format!("/api/v1/apply?dryRun={dry_run}"), Some(json!({"sources": sources})))
+        .await?;
+    print_report(&report);
+    Ok(())
+}
+
+/// `weft delete KIND NAME` or `weft delete -f FILE`.
+pub async fn delete(
+    api: &ApiClient,
+    target: &[String],
+    files: &[PathBuf],
+    namespace: &str,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    let report = match (target, files.is_empty()) {
+        ([kind, name], true) => {
+            let kind = plural(parse_kind(kind).map_err(anyhow::Error::msg)?);
+            let path = format!("/api/v1/resources/{kind}/{namespace}/{name}?dryRun={dry_run}");
+            api.call(http::Method::DELETE, &path, None).await?
+        }
+        ([], false) => {
+            let sources = read_sources(files)?;
+            api.call(http::Method::POST, &format!("/api/v1/delete?dryRun={dry_run}"), Some(json!({"sources": sources})))
+                .await?
+        }
+        _ => bail!("give either KIND NAME (weft delete service reviews) or -f FILE, not both"),
+    };
+    print_report(&report);
+    Ok(())
+}
+
+/// Output formats of `weft get`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Yaml,
+    Json,
+}
+
+/// `weft get KIND [NAME]`.
+pub async fn get(
+    api: &ApiClient,
+    kind: &str,
+    name: Option<&str>,
+    namespace: Option<&str>,
+    output: Output,
+) -> anyhow::Result<()> {
+    let kinds = if kind == "all" { ALL_KINDS.to_vec() } else { vec![parse_kind(kind).map_err(anyhow::Error::msg)?] };
+    let mut items = Vec::new();
+    for kind in &kinds {
+        match name {
+            Some(name) => {
+                let ns = namespace.unwrap_or(weft_model::DEFAULT_NAMESPACE);
+                items.push(
+                    api.call(http::Method::GET, &format!("/api/v1/resources/{}/{ns}/{name}", plural(*kind)), None)
+                        .await?,
+                );
+            }
+            None => {
+                let query = namespace.map(|ns| format!("?namespace={ns}")).unwrap_or_default();
+                let list =
+                    api.call(http::Method::GET, &format!("/api/v1/resources/{}{query}", plural(*kind)), None).await?;
+                items.extend(list["items"].as_array().cloned().unwrap_or_default());
+            }
+        }
+    }
+    let documents: Vec<&Value> = items.iter().map(|i| &i["document"]).collect();
+    match output {
+        Output::Json if name.is_some() => println!("{}", serde_json::to_string_pretty(documents[0])?),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&json!({"items": documents}))?),
+        Output::Yaml => {
+            for (i, document) in documents.iter().enumerate() {
+                if i > 0 {
+                    println!("---");
+                }
+                print!("{}", serde_norway::to_string(document)?);
+            }
+        }
+        Output::Table => print_table(&kinds, &items),
+    }
+    Ok(())
+}
+
+fn print_table(kinds: &[weft_model::ResourceKind], items: &[Value]) {
+    if items.is_empty() {
+        let what: Vec<&str> = kinds.iter().map(|k| plural(*k)).collect();
+        eprintln!("no {} found", what.join(", "));
+        return;
+    }
+    let mut rows = vec![["KIND", "NAMESPACE", "NAME", "REVISION", "SUMMARY"].map(String::from).to_vec()];
+    for item in items {
+        rows.push(vec![
+            item["kind"].as_str().unwrap_or_default().to_string(),
+            item["namespace"].as_str().unwrap_or_default().to_string(),
+            item["name"].as_str().unwrap_or_default().to_string(),
+            item["revision"].to_string(),
+            summary(item["kind"].as_str().unwrap_or_default(), &item["document"]["spec"]),
+        ]);
+    }
+    print_rows(&rows);
+}
+
+/// Prints rows as aligned columns.
+pub fn print_rows(rows: &[Vec<String>]) {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> =
+        (0..columns).map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.len()).max().unwrap_or(0)).collect();
+    for row in rows {
+        let line: Vec<String> =
+            row.iter().enumerate().map(|(c, cell)| format!("{cell:<width$}", width = widths[c])).collect();
+        println!("{}", line.join("   ").trim_end());
+    }
+}
+
+/// One line on what a resource says, for tables.
+fn summary(kind: &str, spec: &Value) -> String {
+    let labels = |v: &Value| {
+        v.as_object()
+            .map(|m| {
+                m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default())).collect::<Vec<_>>().join(",")
+            })
+            .unwrap_or_default()
+    };
+    match kind {
+        "Service" => {
+            let ports: Vec<String> = spec["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| format!("{}/{}", p["port"], p["protocol"].as_str().unwrap_or("http")))
+                .collect();
+            format!("ports {} selector {}", ports.join(","), labels(&spec["selector"]))
+        }
+        "Workload" => format!("{} {}", spec["address"].as_str().unwrap_or_default(), labels(&spec["labels"])),
+        "HTTPRoute" | "GRPCRoute" => {
+            let parents: Vec<&str> =
+                spec["parentRefs"].as_array().into_iter().flatten().filter_map(|p| p["name"].as_str()).collect();
+            let rules = spec["rules"].as_array().map_or(0, Vec::len);
+            format!("parents {} rules {rules}", parents.join(","))
+        }
+        "TrafficPolicy" => format!("target {}", spec["targetRef"]["name"].as_str().unwrap_or_default()),
+        _ => String::new(),
+    }
+}
+
+/// `weft describe service NAME`.
+pub async fn describe(api: &ApiClient, kind: &str, name: &str, namespace: &str, output: Output) -> anyhow::Result<()> {
+    if parse_kind(kind).map_err(anyhow::Error::msg)? != weft_model::ResourceKind::Service {
+        bail!("describe supports services today (weft describe service NAME); use `weft get {kind} {name} -o yaml`");
+    }
+    let answer = api.call(http::Method::GET, &format!("/api/v1/services/{namespace}/{name}/describe"), None).await?;
+    let service = &answer["service"];
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(service)?),
+        Output::Yaml => print!("{}", serde_norway::to_string(service)?),
+        Output::Table => print_description(service),
+    }
+    Ok(())
+}
+
+fn print_description(service: &Value) {
+    let list = |v: &Value| v.as_array().cloned().unwrap_or_default();
+    println!(
+        "Service:    {}/{}",
+        service["namespace"].as_str().unwrap_or_default(),
+        service["name"].as_str().unwrap_or_default()
+    );
+    let selector = service["selector"].as_object().map(|m| {
+        m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default())).collect::<Vec<_>>().join(",")
+    });
+    println!("Selector:   {}", selector.unwrap_or_default());
+    let ports: Vec<String> = list(&service["ports"])
+        .iter()
+        .map(|p| format!("{}/{}", p["port"], p["protocol"].as_str().unwrap_or("http")))
+        .collect();
+    println!("Ports:      {}", ports.join(", "));
+    let routes: Vec<String> = list(&service["routes"]).iter().filter_map(|r| r.as_str().map(String::from)).collect();
+    println!("Routes:     {}", if routes.is_empty() { "<none>".to_string() } else { routes.join(", ") });
+    let policy = &service["policy"];
+    println!(
+        "Policy:     {} (loadBalancer {})",
+        policy["source"].as_str().map(|s| format!("TrafficPolicy {s}")).unwrap_or_else(|| "<defaults>".into()),
+        policy["loadBalancer"].as_str().unwrap_or_default()
+    );
+    let endpoints = list(&service["endpoints"]);
+    println!("Endpoints:  {}", if endpoints.is_empty() { "<none>" } else { "" });
+    if !endpoints.is_empty() {
+        let mut rows = vec![["  PORT", "WORKLOAD", "ADDRESS", "ZONE", "WEIGHT", "HEALTH"].map(String::from).to_vec()];
+        for e in &endpoints {
+            rows.push(vec![
+                format!("  {}", e["port"]),
+                e["workload"].as_str().unwrap_or_default().to_string(),
+                e["address"].as_str().unwrap_or_default().to_string(),
+                e["zone"].as_str().unwrap_or("-").to_string(),
+                e["weight"].to_string(),
+                e["health"].as_str().unwrap_or_default().to_string(),
+            ]);
+        }
+        print_rows(&rows);
+    }
+    let unresolved = list(&service["unresolved"]);
+    if !unresolved.is_empty() {
+        println!("Unresolved:");
+        for line in unresolved {
+            println!("  {}", line.as_str().unwrap_or_default());
+        }
+    }
+}
