@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use axum::{
-    extract::{Path, Query, State},
+    extract::{FromRef, Path, Query, State},
     http::{header, HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -20,12 +20,32 @@ use weft_model::ResourceKind;
 use crate::{
     catalog::{parse_sources, Catalog, CatalogError, Entry, Source},
     describe::describe_service,
+    discovery::Hub,
     kinds::{parse_kind, plural},
     store::ObjectKey,
 };
 
-/// Builds the router over `catalog`.
-pub fn router(catalog: Arc<Catalog>) -> Router {
+/// What the handlers share.
+#[derive(Clone)]
+struct AppState {
+    catalog: Arc<Catalog>,
+    hub: Arc<Hub>,
+}
+
+impl FromRef<AppState> for Arc<Catalog> {
+    fn from_ref(state: &AppState) -> Self {
+        state.catalog.clone()
+    }
+}
+
+impl FromRef<AppState> for Arc<Hub> {
+    fn from_ref(state: &AppState) -> Self {
+        state.hub.clone()
+    }
+}
+
+/// Builds the router over `hub` (and its catalog).
+pub fn router(hub: Arc<Hub>) -> Router {
     Router::new()
         .route("/api/v1/status", get(status))
         .route("/api/v1/apply", post(apply))
@@ -34,8 +54,9 @@ pub fn router(catalog: Arc<Catalog>) -> Router {
         .route("/api/v1/resources/{kind}", get(list_kind))
         .route("/api/v1/resources/{kind}/{namespace}/{name}", get(get_one).delete(delete_one))
         .route("/api/v1/services/{namespace}/{name}/describe", get(describe))
+        .route("/api/v1/proxies", get(proxies))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such API path; see README, HTTP API") })
-        .with_state(catalog)
+        .with_state(AppState { catalog: hub.catalog.clone(), hub })
 }
 
 /// A refusal: `{"error": "...", "details": [...]}` with a fitting status.
@@ -212,11 +233,16 @@ async fn delete_one(
 }
 
 async fn describe(
-    State(catalog): State<Arc<Catalog>>,
+    State(hub): State<Arc<Hub>>,
     Path((namespace, name)): Path<(String, String)>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let (revision, resources) = catalog.resources();
-    let description = describe_service(&resources, &namespace, &name)
+    let revision = hub.catalog.revision();
+    let world = hub.world();
+    let description = describe_service(world.resources(), &hub.registry.entries(), &namespace, &name)
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("Service {namespace}/{name} not found")))?;
     Ok(Json(json!({"revision": revision, "service": description})))
+}
+
+async fn proxies(State(hub): State<Arc<Hub>>) -> Json<serde_json::Value> {
+    Json(json!({"items": hub.proxies()}))
 }

@@ -11,7 +11,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Mutex};
 use weft_model::{parse_with_documents, ConfigError, ConfigErrors, ParsedDocument, Resource, ResourceKind};
 
-use crate::store::{Change, Committed, ObjectKey, Store, StoreError, StoredObject};
+use crate::{
+    registry::{Registration, REGISTRATION_KIND},
+    store::{Change, Committed, ObjectKey, Store, StoreError, StoredObject},
+};
 
 /// One file (or stdin, or request body) of YAML documents.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -125,12 +128,13 @@ impl Catalog {
         self.read().revision
     }
 
-    /// Every entry of `kind` (all kinds if `None`) in `namespace` (all if `None`).
+    /// Every entry of `kind` (all resource kinds if `None`) in `namespace` (all if `None`).
     pub fn list(&self, kind: Option<ResourceKind>, namespace: Option<&str>) -> (u64, Vec<(ObjectKey, Entry)>) {
         let state = self.read();
         let items = state
             .objects
             .iter()
+            .filter(|(key, _)| key.kind != REGISTRATION_KIND)
             .filter(|(key, _)| kind.is_none_or(|k| key.kind == k.as_str()))
             .filter(|(key, _)| namespace.is_none_or(|ns| key.namespace == ns))
             .map(|(key, entry)| (key.clone(), entry.clone()))
@@ -142,10 +146,51 @@ impl Catalog {
         self.read().objects.get(key).cloned()
     }
 
-    /// Every readable resource, for compiling views.
-    pub fn resources(&self) -> (u64, Vec<Resource>) {
+    /// Every readable resource with its document, for compiling views.
+    pub fn documents(&self) -> (u64, Vec<(Resource, serde_json::Value)>) {
         let state = self.read();
-        (state.revision, state.objects.values().filter_map(|e| e.resource.clone()).collect())
+        let documents =
+            state.objects.values().filter_map(|e| Some((e.resource.clone()?, e.stored.document.clone()))).collect();
+        (state.revision, documents)
+    }
+
+    /// The workload registrations kept in the store.
+    pub fn registrations(&self) -> Vec<Registration> {
+        let state = self.read();
+        state
+            .objects
+            .iter()
+            .filter(|(key, _)| key.kind == REGISTRATION_KIND)
+            .filter_map(|(key, entry)| match serde_json::from_value(entry.stored.document.clone()) {
+                Ok(registration) => Some(registration),
+                Err(error) => {
+                    tracing::error!(%key, %error, "a stored registration cannot be read; it is ignored");
+                    None
+                }
+            })
+            .collect()
+    }
+
+    /// Stores a workload registration (so that it survives a restart).
+    pub async fn put_registration(&self, registration: &Registration) -> Result<(), StoreError> {
+        let key = registration_key(&registration.namespace, &registration.proxy_id);
+        let document = serde_json::to_value(registration).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let _writer = self.writer.lock().await;
+        let committed = self.store.commit(Change { puts: vec![(key, document)], deletes: vec![] }).await?;
+        self.absorb(committed, vec![]);
+        Ok(())
+    }
+
+    /// Forgets a workload registration.
+    pub async fn delete_registration(&self, namespace: &str, proxy_id: &str) -> Result<(), StoreError> {
+        let key = registration_key(namespace, proxy_id);
+        let _writer = self.writer.lock().await;
+        if !self.read().objects.contains_key(&key) {
+            return Ok(());
+        }
+        let committed = self.store.commit(Change { puts: vec![], deletes: vec![key] }).await?;
+        self.absorb(committed, vec![]);
+        Ok(())
     }
 
     /// Validates every document of every source and stores them all, or none.
@@ -278,7 +323,14 @@ fn result(key: &ObjectKey, action: Action) -> ActionResult {
     ActionResult { kind: key.kind.clone(), namespace: key.namespace.clone(), name: key.name.clone(), action }
 }
 
+fn registration_key(namespace: &str, proxy_id: &str) -> ObjectKey {
+    ObjectKey { kind: REGISTRATION_KIND.to_string(), namespace: namespace.to_string(), name: proxy_id.to_string() }
+}
+
 fn parse_stored(key: &ObjectKey, stored: &StoredObject) -> Option<Resource> {
+    if key.kind == REGISTRATION_KIND {
+        return None;
+    }
     match weft_model::parse_documents(&key.to_string(), &stored.document.to_string()) {
         Ok(mut resources) if resources.len() == 1 => resources.pop(),
         Ok(_) => None,

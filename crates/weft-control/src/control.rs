@@ -5,23 +5,37 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::Arc,
+    time::Duration,
 };
 
 use tokio::net::TcpListener;
 
+use weft_api::discovery::discovery_server::DiscoveryServer;
+
 use crate::{
     api,
     catalog::Catalog,
+    discovery::{DiscoveryService, Hub},
+    registry::Registry,
     store::{embedded::EmbeddedStore, Store, StoreError},
 };
 
 /// The default API address.
 pub const DEFAULT_API_ADDR: &str = "127.0.0.1:15080";
+/// The default discovery (gRPC) address. Loopback until proxies authenticate (mutual
+/// TLS): binding it wider lets anyone who can reach it register endpoints and read the
+/// configuration.
+pub const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:15010";
+/// How long a registration outlives its proxy's stream.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(15);
 
 /// How a control plane is run.
 #[derive(Clone, Debug)]
 pub struct ControlSettings {
     pub api_addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
+    /// How long a registered workload stays after its proxy's stream ends.
+    pub lease: Duration,
     /// Where the embedded store keeps its file.
     pub data_dir: PathBuf,
     /// Where to write the bound addresses as JSON, for scripts and tests using port 0.
@@ -63,6 +77,10 @@ pub async fn run(
 ) -> Result<(), ControlError> {
     let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&store_path(&settings.data_dir))?);
     let catalog = Arc::new(Catalog::load(store).await?);
+    let registry = Arc::new(Registry::new(settings.lease, catalog.registrations()));
+    let hub = Hub::new(catalog.clone(), registry);
+    tokio::spawn(hub.clone().maintain());
+
     let listener = TcpListener::bind(settings.api_addr).await.map_err(|source| ControlError::Bind {
         what: "API",
         flag: "api-addr",
@@ -70,13 +88,33 @@ pub async fn run(
         source,
     })?;
     let api_addr = listener.local_addr().map_err(ControlError::Serve)?;
+    let grpc_listener = TcpListener::bind(settings.grpc_addr).await.map_err(|source| ControlError::Bind {
+        what: "discovery",
+        flag: "grpc-addr",
+        addr: settings.grpc_addr,
+        source,
+    })?;
+    let grpc_addr = grpc_listener.local_addr().map_err(ControlError::Serve)?;
+    if !grpc_addr.ip().is_loopback() {
+        tracing::warn!(%grpc_addr, "discovery is served beyond loopback without authentication: anyone who reaches it can register endpoints and read the configuration");
+    }
     if let Some(path) = &settings.ports_file {
-        let text = serde_json::json!({ "api": api_addr.to_string() }).to_string();
+        let text = serde_json::json!({ "api": api_addr.to_string(), "grpc": grpc_addr.to_string() }).to_string();
         std::fs::write(path, text)
             .map_err(|source| ControlError::PortsFile { path: path.display().to_string(), source })?;
     }
-    tracing::info!(%api_addr, store = %catalog.store_description(), "control plane ready");
-    axum::serve(listener, api::router(catalog)).with_graceful_shutdown(shutdown).await.map_err(ControlError::Serve)?;
+    let (stop_grpc, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
+    let grpc = tonic::transport::Server::builder()
+        .add_service(DiscoveryServer::new(DiscoveryService::new(hub.clone())))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc_listener), async {
+            let _ = grpc_stopped.await;
+        });
+    let grpc = tokio::spawn(grpc);
+    tracing::info!(%api_addr, %grpc_addr, store = %catalog.store_description(), lease = ?settings.lease, "control plane ready");
+    axum::serve(listener, api::router(hub)).with_graceful_shutdown(shutdown).await.map_err(ControlError::Serve)?;
+    let _ = stop_grpc.send(());
+    // Open discovery streams never end by themselves; do not wait on them for long.
+    let _ = tokio::time::timeout(Duration::from_secs(2), grpc).await;
     tracing::info!("control plane stopped");
     Ok(())
 }

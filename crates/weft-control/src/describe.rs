@@ -10,6 +10,8 @@ use weft_model::{
     Resource,
 };
 
+use crate::registry::Registered;
+
 /// The description of one Service.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -38,9 +40,14 @@ pub struct EndpointDescription {
     pub health: &'static str,
 }
 
-/// Describes Service `namespace/name` among `resources`; `None` if there is no such
-/// Service.
-pub fn describe_service(resources: &[Resource], namespace: &str, name: &str) -> Option<ServiceDescription> {
+/// Describes Service `namespace/name` among `resources`, with the health of registered
+/// workloads from `registered`; `None` if there is no such Service.
+pub fn describe_service(
+    resources: &[Resource],
+    registered: &[Registered],
+    namespace: &str,
+    name: &str,
+) -> Option<ServiceDescription> {
     let service = resources.iter().find_map(|r| match &r.spec {
         ResourceSpec::Service(spec) if r.metadata.namespace == namespace && r.metadata.name == name => Some(spec),
         _ => None,
@@ -84,17 +91,42 @@ pub fn describe_service(resources: &[Resource], namespace: &str, name: &str) -> 
         .cloned()
         .collect();
 
-    let endpoints = compiled
+    let health = |workload: &str| match registered.iter().find(|r| r.registration.proxy_id == workload) {
+        Some(r) if r.healthy => "healthy",
+        Some(_) => "unhealthy",
+        None => "unknown",
+    };
+    let mut endpoints: Vec<EndpointDescription> = compiled
         .ports
         .iter()
         .flat_map(|port| {
-            port.endpoints.iter().map(|endpoint| EndpointDescription {
+            port.endpoints.iter().map(move |endpoint| EndpointDescription {
                 port: port.port,
                 endpoint: endpoint.clone(),
-                health: "unknown",
+                health: health(&endpoint.workload),
             })
         })
         .collect();
+    // Unhealthy registered workloads receive no traffic, so they are not endpoints of the
+    // compiled service; show them anyway, as an operator looking for them would expect.
+    for entry in registered.iter().filter(|e| !e.healthy) {
+        let r = &entry.registration;
+        let selected = r.namespace == namespace && service.selector.iter().all(|(k, v)| r.labels.get(k) == Some(v));
+        if selected && !service.selector.is_empty() {
+            if let (Ok(address), Some(port)) = (r.address.parse(), compiled.ports.first()) {
+                endpoints.push(EndpointDescription {
+                    port: port.port,
+                    endpoint: Endpoint {
+                        workload: r.proxy_id.clone(),
+                        address,
+                        weight: r.weight,
+                        zone: r.zone.clone(),
+                    },
+                    health: "unhealthy",
+                });
+            }
+        }
+    }
     Some(ServiceDescription {
         namespace: namespace.to_string(),
         name: name.to_string(),
@@ -138,13 +170,13 @@ spec: {targetRef: {kind: Service, name: reviews}, loadBalancer: {algorithm: roun
     #[test]
     fn shows_routes_policy_endpoints_and_what_is_unresolved() {
         let resources = weft_model::parse_documents("mesh", MESH).unwrap();
-        let described = describe_service(&resources, "default", "reviews").unwrap();
+        let described = describe_service(&resources, &[], "default", "reviews").unwrap();
         assert_eq!(described.routes, vec!["HTTPRoute default/canary"]);
         assert_eq!(described.policy.source.as_deref(), Some("default/reviews"));
         assert_eq!(described.endpoints.len(), 1);
         assert_eq!(described.endpoints[0].endpoint.zone.as_deref(), Some("a"));
         assert_eq!(described.unresolved.len(), 1, "{:?}", described.unresolved);
         assert!(described.unresolved[0].contains("reviews-v2"), "{:?}", described.unresolved);
-        assert!(describe_service(&resources, "default", "ratings").is_none());
+        assert!(describe_service(&resources, &[], "default", "ratings").is_none());
     }
 }

@@ -11,6 +11,7 @@ pub mod api;
 pub mod catalog;
 pub mod control;
 pub mod describe;
+pub mod discovery;
 pub mod kinds;
 pub mod registry;
 pub mod store;

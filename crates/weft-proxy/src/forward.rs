@@ -87,6 +87,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// The request's authority, borrowed: the URI's or the Host header's.
+pub fn authority_of<B>(request: &http::Request<B>) -> Option<&str> {
+    match request.uri().authority() {
+        Some(authority) => Some(authority.as_str()),
+        None => request.headers().get(header::HOST).and_then(|h| h.to_str().ok()),
+    }
+}
+
 /// The request's authority: the URI's (HTTP/2, absolute-form) or the Host header's.
 pub fn authority(request: &http::request::Parts) -> Option<String> {
     if let Some(authority) = request.uri.authority() {

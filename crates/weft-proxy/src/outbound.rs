@@ -42,7 +42,17 @@ pub async fn handle(
     request: Request<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let started = Instant::now();
-    let config = state.config.load_full();
+    let mut config = state.config.load_full();
+    if let Some(discovery) = state.discovery.get() {
+        // A service not seen before: ask the control plane, then route with what it sent.
+        // Boxed, so that this rare wait does not weigh on every request's future.
+        if let Some(authority) = forward::authority_of(&request) {
+            if config.snapshot.lookup_host(authority) == Err(HostLookupError::UnknownHost) {
+                Box::pin(discovery.discover(&state, authority)).await;
+                config = state.config.load_full();
+            }
+        }
+    }
     let grpc = is_grpc(request.headers());
     let mut routed = Routed { destination: empty_label(), route: empty_label() };
     let result = route_request(&state, &config, request, &mut routed).await;

@@ -10,7 +10,7 @@ use serde::Serialize;
 use weft_model::Snapshot;
 
 use crate::{
-    admin, inbound,
+    admin, discovery, health, inbound,
     listener::{self, accept_loop, serve_http, BindError, Drain},
     outbound, reload,
     settings::ProxySettings,
@@ -40,12 +40,19 @@ pub enum ProxyError {
     PortsFile { path: String, source: std::io::Error },
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// Runs a proxy until SIGTERM or SIGINT, then drains in-flight requests (at most the
 /// drain timeout) and returns. Fails before serving anything if the configuration is
 /// invalid or a listener cannot be bound.
-pub fn run(settings: ProxySettings) -> Result<(), ProxyError> {
+pub fn run(mut settings: ProxySettings) -> Result<(), ProxyError> {
+    if settings.control.is_some() && settings.config_path.is_some() {
+        return Err(ProxyError::Conflict(
+            "--config and --control both given; a proxy takes its configuration from one".into(),
+        ));
+    }
     let (snapshot, version, text) = match &settings.config_path {
         Some(path) => reload::load(path, &settings.namespace)?,
         None => (Snapshot::empty(&settings.namespace), String::new(), String::new()),
@@ -82,6 +89,19 @@ pub fn run(settings: ProxySettings) -> Result<(), ProxyError> {
         tracing::info!("no --app-addr: the inbound listener is not started");
     }
 
+    // The registered address: --advertise-addr, else the inbound listener as bound.
+    if let Some(registration) = settings.control.as_mut().and_then(|c| c.registration.as_mut()) {
+        let inbound = ports.inbound.expect("a registration needs --app-addr, hence an inbound listener");
+        if registration.address.port() == 0 {
+            registration.address.set_port(inbound.port());
+        }
+        if registration.address.ip().is_unspecified() {
+            return Err(ProxyError::Conflict(format!(
+                "the inbound listener is bound to {inbound}, which other proxies cannot dial; give --advertise-addr \
+                 IP:PORT (the address callers should use), or bind --inbound-addr to a specific IP"
+            )));
+        }
+    }
     let state = SharedState::new(settings, snapshot, version);
     let _ = state.ports.set(ports);
     let drain = Drain::new();
@@ -148,10 +168,38 @@ pub fn run(settings: ProxySettings) -> Result<(), ProxyError> {
         tokio::spawn(accept_loop(admin_listener, drain.watch(), move |stream, peer, drain| {
             admin::serve_connection(admin_state.clone(), stream, peer, drain)
         }));
-        tokio::spawn(reload::watch(state.clone(), text));
-        state.ready.store(true, Ordering::Release);
-        tracing::info!("proxy ready");
+        let (stop_discovery, discovery_stopped) = tokio::sync::watch::channel(false);
+        let mut discovery_task = None;
+        match state.settings.control.clone() {
+            None => {
+                tokio::spawn(reload::watch(state.clone(), text));
+                state.ready.store(true, Ordering::Release);
+                tracing::info!("proxy ready");
+            }
+            Some(control) => {
+                // Ready once the first view from the control plane is applied.
+                let (handle, task) = discovery::start(state.clone(), control, discovery_stopped);
+                let _ = state.discovery.set(handle.clone());
+                discovery_task = Some(tokio::spawn(task));
+                match state.settings.app_addr {
+                    Some(app) => {
+                        tokio::spawn(health::run(
+                            state.settings.health_check.clone(),
+                            app,
+                            state.settings.health_interval,
+                            handle,
+                        ));
+                    }
+                    None => handle.report_health(true, "no application".into()),
+                }
+            }
+        }
         wait_for_shutdown_signal().await;
+        // Deregister first, so that callers stop choosing this proxy while it drains.
+        let _ = stop_discovery.send(true);
+        if let Some(task) = discovery_task {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
+        }
         state.ready.store(false, Ordering::Release);
         let timeout = state.settings.drain_timeout;
         tracing::info!(?timeout, "shutting down: no new connections, draining in-flight requests");

@@ -47,6 +47,11 @@ pub struct ProxySettings {
     pub max_replay_body: usize,
     /// How often the config file is checked for changes.
     pub reload_interval: Duration,
+    /// Take configuration from a control plane instead of a file.
+    pub control: Option<crate::discovery::ControlSettings>,
+    /// How the local application's health is checked (with `control` and `app_addr`).
+    pub health_check: crate::health::HealthCheck,
+    pub health_interval: Duration,
 }
 
 impl ProxySettings {
@@ -70,6 +75,9 @@ impl ProxySettings {
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             max_replay_body: DEFAULT_MAX_REPLAY_BODY,
             reload_interval: Duration::from_secs(1),
+            control: None,
+            health_check: crate::health::HealthCheck::Tcp,
+            health_interval: Duration::from_secs(2),
         }
     }
 }

@@ -57,6 +57,8 @@ pub struct SharedState {
     pub ready: AtomicBool,
     pub ports: OnceLock<BoundPorts>,
     pub last_reload_error: Mutex<Option<String>>,
+    /// Set when the proxy takes configuration from a control plane.
+    pub discovery: OnceLock<Arc<crate::discovery::DiscoveryHandle>>,
     limiters: Mutex<HashMap<String, Arc<Limiter>>>,
     budgets: Mutex<HashMap<String, Arc<RetryBudget>>>,
 }
@@ -97,6 +99,7 @@ impl SharedState {
             ready: AtomicBool::new(false),
             ports: OnceLock::new(),
             last_reload_error: Mutex::new(None),
+            discovery: OnceLock::new(),
             limiters: Mutex::new(HashMap::new()),
             budgets: Mutex::new(HashMap::new()),
         });

@@ -176,6 +176,9 @@ pub async fn get(
     namespace: Option<&str>,
     output: Output,
 ) -> anyhow::Result<()> {
+    if matches!(kind, "proxies" | "proxy") {
+        return get_proxies(api, output).await;
+    }
     let kinds = if kind == "all" { ALL_KINDS.to_vec() } else { vec![parse_kind(kind).map_err(anyhow::Error::msg)?] };
     let mut items = Vec::new();
     for kind in &kinds {
@@ -210,6 +213,51 @@ pub async fn get(
         Output::Table => print_table(&kinds, &items),
     }
     Ok(())
+}
+
+/// `weft get proxies`: every proxy connected to this control plane.
+async fn get_proxies(api: &ApiClient, output: Output) -> anyhow::Result<()> {
+    let answer = api.call(http::Method::GET, "/api/v1/proxies", None).await?;
+    let items = answer["items"].as_array().cloned().unwrap_or_default();
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&answer)?),
+        Output::Yaml => print!("{}", serde_norway::to_string(&answer)?),
+        Output::Table if items.is_empty() => eprintln!("no proxies connected"),
+        Output::Table => {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let mut rows = vec![["PROXY", "NAMESPACE", "SERVICE", "ADDRESS", "APPLIED", "LAST NACK", "AGE"]
+                .map(String::from)
+                .to_vec()];
+            for p in &items {
+                let text = |key: &str| p[key].as_str().filter(|s| !s.is_empty()).unwrap_or("-").to_string();
+                let applied = text("appliedVersion");
+                let current = if p["appliedVersion"] == p["sentVersion"] {
+                    applied
+                } else {
+                    format!("{applied} (sent {})", text("sentVersion"))
+                };
+                rows.push(vec![
+                    text("proxyId"),
+                    text("namespace"),
+                    text("service"),
+                    text("address"),
+                    current,
+                    text("lastNack"),
+                    age(now.saturating_sub(p["connectedAt"].as_u64().unwrap_or(now))),
+                ]);
+            }
+            print_rows(&rows);
+        }
+    }
+    Ok(())
+}
+
+fn age(seconds: u64) -> String {
+    match seconds {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s => format!("{}h", s / 3600),
+    }
 }
 
 fn print_table(kinds: &[weft_model::ResourceKind], items: &[Value]) {

@@ -116,6 +116,16 @@ struct ControlArgs {
     /// HTTP API address (JSON under /api/v1). Port 0 picks a free port.
     #[arg(long, default_value = weft_control::control::DEFAULT_API_ADDR, value_name = "ADDR")]
     api_addr: SocketAddr,
+    /// Discovery gRPC address, where proxies connect (`weft proxy --control`). Until
+    /// proxies authenticate with mutual TLS, anything that reaches this port can register
+    /// endpoints and read the configuration: binding it beyond loopback is your explicit
+    /// choice.
+    #[arg(long, default_value = weft_control::control::DEFAULT_GRPC_ADDR, value_name = "ADDR")]
+    grpc_addr: SocketAddr,
+    /// How long a proxy's registered endpoint outlives its discovery stream (a proxy that
+    /// stops cleanly is removed at once).
+    #[arg(long, default_value = "15s", value_name = "DURATION")]
+    lease: GoDuration,
     /// Directory of the embedded store (created if missing). Default:
     /// $XDG_DATA_HOME/weft or ~/.local/share/weft.
     #[arg(long, value_name = "DIR")]
@@ -185,6 +195,44 @@ struct ProxyArgs {
     /// Request bodies up to this many bytes are buffered so that they can be retried.
     #[arg(long, default_value_t = weft_proxy::settings::DEFAULT_MAX_REPLAY_BODY, value_name = "BYTES")]
     max_replay_body: usize,
+    /// Take configuration from control planes (discovery gRPC `HOST:PORT`s,
+    /// comma-separated, tried in turn) instead of --config. With --service and
+    /// --app-addr, the proxy also registers its workload there.
+    #[arg(long, value_name = "ADDR[,ADDR]", value_delimiter = ',')]
+    control: Vec<String>,
+    /// Labels of the registered workload besides `app: SERVICE`, e.g. `version=v2,tier=web`.
+    #[arg(long, value_name = "K=V[,K=V]", value_delimiter = ',', value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Failure domain of the registered workload.
+    #[arg(long, value_name = "ZONE")]
+    zone: Option<String>,
+    /// Relative share of traffic of the registered workload (0 drains it).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    weight: u32,
+    /// The address other proxies should dial for this workload; needed when the inbound
+    /// listener is bound to a wildcard address (the default 0.0.0.0).
+    #[arg(long, value_name = "IP:PORT")]
+    advertise_addr: Option<SocketAddr>,
+    /// Port and protocol of the Service port this workload serves, used when no Service
+    /// resource declares them (callers address `SERVICE:PORT`).
+    #[arg(long, default_value_t = 80, value_name = "PORT")]
+    service_port: u16,
+    #[arg(long, default_value = "http", value_parser = ["http", "http2", "grpc", "tcp"])]
+    protocol: String,
+    /// How the application's health is checked and reported: `tcp` (connect), `http:/PATH`
+    /// (2xx/3xx), or `none`. Unhealthy instances get no traffic.
+    #[arg(long, default_value = "tcp", value_name = "CHECK")]
+    health_check: weft_proxy::health::HealthCheck,
+    /// How often the health check runs.
+    #[arg(long, default_value = "2s", value_name = "DURATION")]
+    health_interval: GoDuration,
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+        _ => Err(format!("{text:?} is not a label; write KEY=VALUE")),
+    }
 }
 
 impl ProxyArgs {
@@ -205,6 +253,28 @@ impl ProxyArgs {
         settings.detect_timeout = self.detect_timeout.get();
         settings.drain_timeout = self.drain_timeout.get();
         settings.max_replay_body = self.max_replay_body;
+        settings.health_check = self.health_check;
+        settings.health_interval = self.health_interval.get();
+        if !self.control.is_empty() {
+            let registration = match (&settings.service, settings.app_addr) {
+                (Some(service), Some(_)) => Some(weft_proxy::discovery::Registration {
+                    service: service.clone(),
+                    labels: self.labels.into_iter().collect(),
+                    address: self.advertise_addr.unwrap_or(settings.inbound_addr),
+                    zone: self.zone,
+                    weight: self.weight,
+                    protocol: self.protocol,
+                    service_port: self.service_port,
+                }),
+                _ => None,
+            };
+            let prefix = settings.service.clone().unwrap_or_else(|| "proxy".into());
+            settings.control = Some(weft_proxy::discovery::ControlSettings {
+                addresses: self.control,
+                proxy_id: format!("{prefix}-{:08x}", rand::random::<u32>()),
+                registration,
+            });
+        }
         settings
     }
 }
@@ -267,6 +337,8 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Control(args) => {
             let settings = weft_control::ControlSettings {
                 api_addr: args.api_addr,
+                grpc_addr: args.grpc_addr,
+                lease: args.lease.get(),
                 data_dir: args.data_dir.unwrap_or_else(weft_control::default_data_dir),
                 ports_file: args.ports_file,
             };

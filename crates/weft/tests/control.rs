@@ -101,7 +101,7 @@ async fn resources_survive_a_control_plane_crash_and_restart() {
     let data_dir = control.data_dir.clone();
     control.kill();
 
-    let control = Control::start_on(&dir, "control-again", &data_dir, "127.0.0.1:0").await;
+    let control = Control::start_on(&dir, "control-again", &data_dir, &[]).await;
     let (ok, after, err) = control.cli(&["get", "all", "-o", "yaml"]);
     assert!(ok, "{err}");
     assert_eq!(before, after);

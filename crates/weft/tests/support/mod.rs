@@ -91,12 +91,22 @@ impl Proxy {
     /// Starts `weft proxy --config <config> <args>` with ephemeral ports and waits until
     /// `/ready` answers 200.
     pub async fn start(dir: &TempDir, name: &str, config: &Path, args: &[&str]) -> Proxy {
+        Proxy::launch(dir, name, &["--config", config.to_str().unwrap()], args).await
+    }
+
+    /// Starts `weft proxy --control <control> <args>` and waits until it is ready (has
+    /// applied its first view).
+    pub async fn start_controlled(dir: &TempDir, name: &str, control: &Control, args: &[&str]) -> Proxy {
+        Proxy::launch(dir, name, &["--control", &control.grpc.to_string()], args).await
+    }
+
+    async fn launch(dir: &TempDir, name: &str, source: &[&str], args: &[&str]) -> Proxy {
         let ports_file = dir.0.join(format!("{name}.ports.json"));
         let log = dir.0.join(format!("{name}.log"));
         let mut command = Command::new(WEFT);
         command
-            .args(["proxy", "--config"])
-            .arg(config)
+            .arg("proxy")
+            .args(source)
             .args(
                 [
                     ("--outbound-addr", "127.0.0.1:0"),
@@ -197,6 +207,7 @@ impl Drop for Proxy {
 pub struct Control {
     pub child: Child,
     pub api: SocketAddr,
+    pub grpc: SocketAddr,
     pub data_dir: PathBuf,
     pub log: PathBuf,
 }
@@ -205,17 +216,19 @@ impl Control {
     /// Starts `weft control` on an ephemeral API port and waits until it answers.
     pub async fn start(dir: &TempDir, name: &str) -> Control {
         let data_dir = dir.0.join(format!("{name}-data"));
-        Control::start_on(dir, name, &data_dir, "127.0.0.1:0").await
+        Control::start_on(dir, name, &data_dir, &[]).await
     }
 
-    /// Starts a control plane on `data_dir` (to restart one on the same store).
-    pub async fn start_on(dir: &TempDir, name: &str, data_dir: &Path, api_addr: &str) -> Control {
+    /// Starts a control plane on `data_dir` (to restart one on the same store), with
+    /// extra flags.
+    pub async fn start_on(dir: &TempDir, name: &str, data_dir: &Path, extra: &[&str]) -> Control {
         let ports_file = dir.0.join(format!("{name}.ports.json"));
         let _ = std::fs::remove_file(&ports_file);
         let log = dir.0.join(format!("{name}.log"));
         let child = Command::new(WEFT)
-            .args(["control", "--api-addr", api_addr, "--data-dir"])
+            .args(["control", "--api-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
+            .args(extra)
             .arg("--ports-file")
             .arg(&ports_file)
             .env("RUST_LOG", "info")
@@ -223,7 +236,8 @@ impl Control {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("weft binary starts");
-        let mut control = Control { child, api: ([0, 0, 0, 0], 0).into(), data_dir: data_dir.to_path_buf(), log };
+        let unset: SocketAddr = ([0, 0, 0, 0], 0).into();
+        let mut control = Control { child, api: unset, grpc: unset, data_dir: data_dir.to_path_buf(), log };
         let ports: Value = eventually(Duration::from_secs(20), &format!("{name} to write its ports file"), || {
             if let Some(status) = control.child.try_wait().unwrap() {
                 panic!(
@@ -236,6 +250,7 @@ impl Control {
         })
         .await;
         control.api = ports["api"].as_str().unwrap().parse().unwrap();
+        control.grpc = ports["grpc"].as_str().unwrap().parse().unwrap();
         control
     }
 

@@ -1,0 +1,8 @@
+//! Generates the discovery protocol's Rust types and gRPC stubs from the .proto file
+//! (needs `protoc`; Debian: protobuf-compiler).
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto");
+    tonic_prost_build::configure().compile_protos(&["proto/weft/discovery/v1/discovery.proto"], &["proto"])?;
+    Ok(())
+}

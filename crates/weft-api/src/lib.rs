@@ -1,0 +1,10 @@
+//! The wire protocol between weft proxies and the control plane, generated from
+//! `proto/weft/discovery/v1/discovery.proto`. Both sides link this crate and nothing of
+//! each other.
+
+#![allow(clippy::all, missing_docs)]
+
+/// `weft.discovery.v1`: the discovery stream.
+pub mod discovery {
+    tonic::include_proto!("weft.discovery.v1");
+}

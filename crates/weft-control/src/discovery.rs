@@ -1,0 +1,316 @@
+//! The discovery server: one gRPC stream per proxy, carrying versioned views down and
+//! ACKs, NACKs, registrations, subscriptions and health up.
+//!
+//! [`Hub`] keeps the current [`World`] (desired state plus registrations), rebuilt on
+//! every change, and a record of every connected proxy for `weft get proxies`. Each
+//! stream recomputes its proxy's view when the world changes and pushes it only if it
+//! differs from what that proxy last got.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    hash::{Hash, Hasher},
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::{wrappers::ReceiverStream, Stream};
+use tonic::{Request, Response, Status, Streaming};
+use weft_api::discovery::{
+    control_message, discovery_server::Discovery, proxy_message, Config, ControlMessage, ProxyMessage,
+};
+
+use crate::{
+    catalog::Catalog,
+    registry::{Registration, Registry},
+    views::World,
+};
+
+/// At most this many services per proxy: subscriptions come from Host headers, which
+/// the proxy's callers control.
+const MAX_SUBSCRIPTIONS: usize = 10_000;
+
+/// What `weft get proxies` shows of one proxy.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyRecord {
+    pub proxy_id: String,
+    pub namespace: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    pub proxy_version: String,
+    /// Seconds since the Unix epoch when this stream opened.
+    pub connected_at: u64,
+    pub subscriptions: usize,
+    /// The last version pushed, and the last the proxy acknowledged.
+    pub sent_version: String,
+    pub applied_version: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_nack: Option<String>,
+}
+
+/// The shared state of every discovery stream.
+pub struct Hub {
+    pub catalog: Arc<Catalog>,
+    pub registry: Arc<Registry>,
+    world: ArcSwap<World>,
+    world_changed: watch::Sender<u64>,
+    proxies: Mutex<BTreeMap<String, ProxyRecord>>,
+}
+
+impl Hub {
+    /// A hub over `catalog` and `registry`, with its world built once.
+    pub fn new(catalog: Arc<Catalog>, registry: Arc<Registry>) -> Arc<Self> {
+        let world = build_world(&catalog, &registry);
+        let (world_changed, _) = watch::channel(0);
+        Arc::new(Hub {
+            catalog,
+            registry,
+            world: ArcSwap::from_pointee(world),
+            world_changed,
+            proxies: Mutex::default(),
+        })
+    }
+
+    /// The current world.
+    pub fn world(&self) -> Arc<World> {
+        self.world.load_full()
+    }
+
+    /// Every connected proxy.
+    pub fn proxies(&self) -> Vec<ProxyRecord> {
+        self.lock_proxies().values().cloned().collect()
+    }
+
+    fn lock_proxies(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, ProxyRecord>> {
+        self.proxies.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn update(&self, proxy_id: &str, change: impl FnOnce(&mut ProxyRecord)) {
+        if let Some(record) = self.lock_proxies().get_mut(proxy_id) {
+            change(record);
+        }
+    }
+
+    /// Rebuilds the world whenever the catalog or the registry changes; also expires
+    /// lapsed leases. Runs until the process ends.
+    pub async fn maintain(self: Arc<Self>) {
+        let mut catalog_changed = self.catalog.subscribe();
+        let mut registry_changed = self.registry.subscribe();
+        let mut sweep = tokio::time::interval(Duration::from_secs(1));
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                changed = catalog_changed.changed() => if changed.is_err() { return },
+                changed = registry_changed.changed() => if changed.is_err() { return },
+                _ = sweep.tick() => {
+                    for proxy_id in self.registry.expired(Instant::now()) {
+                        let namespace = self.registry.entries().into_iter()
+                            .find(|e| e.registration.proxy_id == proxy_id)
+                            .map(|e| e.registration.namespace);
+                        if self.registry.remove(&proxy_id) {
+                            tracing::info!(%proxy_id, "lease lapsed: endpoint removed");
+                        }
+                        if let Some(namespace) = namespace {
+                            if let Err(error) = self.catalog.delete_registration(&namespace, &proxy_id).await {
+                                tracing::warn!(%proxy_id, %error, "cannot forget an expired registration in the store");
+                            }
+                        }
+                    }
+                    continue;
+                }
+            }
+            self.world.store(Arc::new(build_world(&self.catalog, &self.registry)));
+            self.world_changed.send_modify(|g| *g += 1);
+        }
+    }
+}
+
+fn build_world(catalog: &Catalog, registry: &Registry) -> World {
+    let (_, documents) = catalog.documents();
+    World::new(documents, &registry.entries())
+}
+
+/// The tonic service.
+pub struct DiscoveryService {
+    hub: Arc<Hub>,
+}
+
+impl DiscoveryService {
+    pub fn new(hub: Arc<Hub>) -> Self {
+        DiscoveryService { hub }
+    }
+}
+
+type ControlStream = Pin<Box<dyn Stream<Item = Result<ControlMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Discovery for DiscoveryService {
+    type StreamStream = ControlStream;
+
+    async fn stream(&self, request: Request<Streaming<ProxyMessage>>) -> Result<Response<Self::StreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let hello = match inbound.message().await? {
+            Some(ProxyMessage { message: Some(proxy_message::Message::Hello(hello)) }) => hello,
+            _ => return Err(Status::invalid_argument("the first message on a discovery stream must be Hello")),
+        };
+        if hello.proxy_id.is_empty() {
+            return Err(Status::invalid_argument("Hello needs a proxy_id"));
+        }
+        let (sender, receiver) = mpsc::channel(4);
+        let hub = self.hub.clone();
+        tokio::spawn(async move {
+            if let Err(error) = serve_proxy(hub, hello, inbound, sender).await {
+                tracing::debug!(%error, "discovery stream ended");
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+}
+
+async fn serve_proxy(
+    hub: Arc<Hub>,
+    hello: weft_api::discovery::Hello,
+    mut inbound: Streaming<ProxyMessage>,
+    sender: mpsc::Sender<Result<ControlMessage, Status>>,
+) -> Result<(), Status> {
+    let proxy_id = hello.proxy_id.clone();
+    let namespace =
+        if hello.namespace.is_empty() { weft_model::DEFAULT_NAMESPACE.to_string() } else { hello.namespace.clone() };
+    let registration = match hello.workload.as_ref() {
+        Some(workload) => Some(registration(&proxy_id, &namespace, workload).map_err(Status::invalid_argument)?),
+        None => None,
+    };
+    let own = registration.as_ref().map(|r| format!("{}/{}", r.namespace, r.service));
+    hub.lock_proxies().insert(
+        proxy_id.clone(),
+        ProxyRecord {
+            proxy_id: proxy_id.clone(),
+            namespace: namespace.clone(),
+            service: registration.as_ref().map(|r| r.service.clone()),
+            address: registration.as_ref().map(|r| r.address.clone()),
+            proxy_version: hello.proxy_version.clone(),
+            connected_at: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            subscriptions: hello.subscriptions.len(),
+            sent_version: String::new(),
+            applied_version: hello.serving_version.clone(),
+            last_nack: None,
+        },
+    );
+    if let Some(registration) = &registration {
+        if hub.registry.register(registration.clone()) {
+            if let Err(error) = hub.catalog.put_registration(registration).await {
+                tracing::warn!(%proxy_id, %error, "cannot store a registration; it is served but will not survive a restart");
+            }
+        }
+        tracing::info!(%proxy_id, service = %registration.service, address = %registration.address, "workload registered");
+    }
+    let mut subscriptions: BTreeSet<String> = hello.subscriptions.iter().filter(|s| s.contains('/')).cloned().collect();
+    let mut world_changed = hub.world_changed.subscribe();
+    let mut last_sent: Option<u64> = None;
+    let mut nonce = 0u64;
+    let mut goodbye = false;
+    let result = loop {
+        let view = hub.world().view(own.as_deref(), &subscriptions);
+        let digest = digest(&view.text, &view.missing);
+        if last_sent != Some(digest) {
+            nonce += 1;
+            let version = format!("{digest:016x}");
+            let config = Config {
+                version: version.clone(),
+                nonce: nonce.to_string(),
+                resources: view.text,
+                missing: view.missing,
+                lease_seconds: hub.registry.lease().as_secs() as u32,
+            };
+            if sender
+                .send(Ok(ControlMessage { message: Some(control_message::Message::Config(config)) }))
+                .await
+                .is_err()
+            {
+                break Ok(());
+            }
+            hub.update(&proxy_id, |r| r.sent_version = version);
+            last_sent = Some(digest);
+        }
+        tokio::select! {
+            changed = world_changed.changed() => if changed.is_err() { break Ok(()) },
+            message = inbound.message() => match message {
+                Ok(Some(ProxyMessage { message: Some(message) })) => match message {
+                    proxy_message::Message::Ack(ack) => hub.update(&proxy_id, |r| r.applied_version = ack.version),
+                    proxy_message::Message::Nack(nack) => {
+                        tracing::warn!(%proxy_id, version = %nack.version, error = %nack.error, "proxy refused a configuration");
+                        hub.update(&proxy_id, |r| r.last_nack = Some(format!("{}: {}", nack.version, nack.error)));
+                    }
+                    proxy_message::Message::Subscribe(subscribe) => {
+                        for service in subscribe.services {
+                            if subscriptions.len() < MAX_SUBSCRIPTIONS && service.contains('/') {
+                                subscriptions.insert(service);
+                            }
+                        }
+                        let count = subscriptions.len();
+                        hub.update(&proxy_id, |r| r.subscriptions = count);
+                    }
+                    proxy_message::Message::Health(health) => hub.registry.set_health(&proxy_id, health.healthy, health.detail),
+                    proxy_message::Message::Goodbye(_) => {
+                        goodbye = true;
+                        break Ok(());
+                    }
+                    proxy_message::Message::Hello(_) => break Err(Status::invalid_argument("Hello is sent once per stream")),
+                },
+                Ok(Some(ProxyMessage { message: None })) => {}
+                Ok(None) => break Ok(()),
+                Err(status) => break Err(status),
+            },
+        }
+    };
+    hub.lock_proxies().remove(&proxy_id);
+    if goodbye {
+        if hub.registry.remove(&proxy_id) {
+            tracing::info!(%proxy_id, "proxy stopped cleanly: endpoint removed");
+        }
+        if let Err(error) = hub.catalog.delete_registration(&namespace, &proxy_id).await {
+            tracing::warn!(%proxy_id, %error, "cannot forget a registration in the store");
+        }
+    } else if registration.is_some() {
+        hub.registry.disconnected(&proxy_id);
+        tracing::info!(%proxy_id, lease = ?hub.registry.lease(), "proxy disconnected: its endpoint stays until the lease lapses");
+    }
+    result
+}
+
+fn registration(
+    proxy_id: &str,
+    namespace: &str,
+    workload: &weft_api::discovery::Workload,
+) -> Result<Registration, String> {
+    if workload.service.is_empty() {
+        return Err("a registered workload needs its service".into());
+    }
+    let mut labels: BTreeMap<String, String> = workload.labels.clone().into_iter().collect();
+    labels.insert("app".into(), workload.service.clone());
+    let port = u16::try_from(workload.service_port).map_err(|_| "service_port must be 1-65535".to_string())?;
+    Ok(Registration {
+        proxy_id: proxy_id.to_string(),
+        namespace: namespace.to_string(),
+        service: workload.service.clone(),
+        labels,
+        address: workload.address.clone(),
+        zone: (!workload.zone.is_empty()).then(|| workload.zone.clone()),
+        weight: if workload.weight == 0 { 1 } else { workload.weight },
+        protocol: if workload.protocol.is_empty() { "http".into() } else { workload.protocol.clone() },
+        service_port: if port == 0 { 80 } else { port },
+    })
+}
+
+fn digest(text: &str, missing: &[String]) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut hasher);
+    missing.hash(&mut hasher);
+    hasher.finish()
+}
