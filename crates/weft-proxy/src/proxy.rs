@@ -10,7 +10,9 @@ use serde::Serialize;
 use weft_model::Snapshot;
 
 use crate::{
-    admin, discovery, health, inbound,
+    admin,
+    app::{self, App, SpawnError},
+    discovery, health, inbound,
     listener::{self, accept_loop, serve_http, BindError, Drain},
     outbound, reload,
     settings::ProxySettings,
@@ -42,12 +44,15 @@ pub enum ProxyError {
     Runtime(std::io::Error),
     #[error("{0}")]
     Conflict(String),
+    #[error(transparent)]
+    App(#[from] SpawnError),
 }
 
 /// Runs a proxy until SIGTERM or SIGINT, then drains in-flight requests (at most the
 /// drain timeout) and returns. Fails before serving anything if the configuration is
 /// invalid or a listener cannot be bound.
-pub fn run(mut settings: ProxySettings) -> Result<(), ProxyError> {
+/// Returns the application's exit code when the proxy ran one (`--` command).
+pub fn run(mut settings: ProxySettings) -> Result<Option<i32>, ProxyError> {
     if settings.control.is_some() && settings.config_path.is_some() {
         return Err(ProxyError::Conflict(
             "--config and --control both given; a proxy takes its configuration from one".into(),
@@ -194,11 +199,46 @@ pub fn run(mut settings: ProxySettings) -> Result<(), ProxyError> {
                 }
             }
         }
-        wait_for_shutdown_signal().await;
+        let shutdown = wait_for_shutdown_signal();
+        tokio::pin!(shutdown);
+        let mut app = None;
+        let mut exit_code = None;
+        if !state.settings.app_command.is_empty() {
+            // The application starts only once the proxy serves (in control mode: once the
+            // first view is applied), so that its first request never meets a cold proxy.
+            let ready = async {
+                while !state.is_ready() {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            };
+            tokio::select! {
+                _ = ready => {
+                    let ports = state.ports.get().expect("ports are set before serving");
+                    app = Some(App::spawn(&state.settings.app_command, ports)?);
+                }
+                _ = &mut shutdown => {}
+            }
+        }
+        match app.as_mut() {
+            Some(running) => tokio::select! {
+                _ = &mut shutdown => {}
+                status = running.wait() => {
+                    let code = status.map(app::exit_code).unwrap_or(1);
+                    tracing::info!(code, "the application exited; the proxy stops too");
+                    exit_code = Some(code);
+                }
+            },
+            None => shutdown.await,
+        }
         // Deregister first, so that callers stop choosing this proxy while it drains.
         let _ = stop_discovery.send(true);
         if let Some(task) = discovery_task {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
+        }
+        // Then the application, while the outbound listener still serves its last calls.
+        if let (Some(running), None) = (app.as_mut(), exit_code) {
+            let status = running.stop(state.settings.drain_timeout).await;
+            exit_code = Some(status.map(app::exit_code).unwrap_or(1));
         }
         state.ready.store(false, Ordering::Release);
         let timeout = state.settings.drain_timeout;
@@ -208,8 +248,8 @@ pub fn run(mut settings: ProxySettings) -> Result<(), ProxyError> {
         } else {
             tracing::warn!(?timeout, "drain timeout elapsed with requests still in flight; exiting anyway");
         }
-    });
-    Ok(())
+        Ok(exit_code)
+    })
 }
 
 /// Per-worker upkeep once a second: closes expired idle pooled connections.

@@ -52,6 +52,8 @@ pub struct ProxySettings {
     /// How the local application's health is checked (with `control` and `app_addr`).
     pub health_check: crate::health::HealthCheck,
     pub health_interval: Duration,
+    /// The application to run once ready (program and arguments), if any.
+    pub app_command: Vec<String>,
 }
 
 impl ProxySettings {
@@ -78,6 +80,7 @@ impl ProxySettings {
             control: None,
             health_check: crate::health::HealthCheck::Tcp,
             health_interval: Duration::from_secs(2),
+            app_command: vec![],
         }
     }
 }

@@ -226,6 +226,11 @@ struct ProxyArgs {
     /// How often the health check runs.
     #[arg(long, default_value = "2s", value_name = "DURATION")]
     health_interval: GoDuration,
+    /// The application to run beside the proxy, after `--`: started once the proxy is
+    /// ready, stopped first on SIGTERM (the outbound listener serves until it has exited);
+    /// the proxy exits with its exit code.
+    #[arg(last = true, value_name = "APP")]
+    app: Vec<String>,
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -255,6 +260,7 @@ impl ProxyArgs {
         settings.max_replay_body = self.max_replay_body;
         settings.health_check = self.health_check;
         settings.health_interval = self.health_interval.get();
+        settings.app_command = self.app;
         if !self.control.is_empty() {
             let registration = match (&settings.service, settings.app_addr) {
                 (Some(service), Some(_)) => Some(weft_proxy::discovery::Registration {
@@ -333,7 +339,11 @@ async fn shutdown_signal() {
 
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Proxy(args) => weft_proxy::run(args.into_settings()).context("weft proxy"),
+        Command::Proxy(args) => match weft_proxy::run(args.into_settings()).context("weft proxy")? {
+            // The application's exit code becomes ours, so that batch jobs report truly.
+            Some(code) if code != 0 => std::process::exit(code),
+            _ => Ok(()),
+        },
         Command::Control(args) => {
             let settings = weft_control::ControlSettings {
                 api_addr: args.api_addr,

@@ -195,3 +195,64 @@ async fn unknown_services_are_refused_quickly_and_dead_or_sick_instances_stop_ge
     })
     .await;
 }
+
+#[tokio::test]
+async fn the_data_plane_outlives_its_control_plane_and_reconverges_after_a_restart() {
+    let dir = TempDir::new("discovery-restart");
+    let data = dir.0.join("data");
+    let mut control = Control::start_on(&dir, "control", &data, &["--lease", "2s"]).await;
+    let app = TestApp::start("details").await;
+    let _sidecar = sidecar(&dir, "details", &control, "details", "v1", &app).await;
+    let caller = Proxy::start_controlled(&dir, "caller", &control, &[]).await;
+    let http = client();
+    eventually(Duration::from_secs(10), "details is served", || {
+        let http = http.clone();
+        async move { (get_via(&http, caller.outbound, "details", "/", &[]).await.status == 200).then_some(()) }
+    })
+    .await;
+
+    // The control plane dies: every request still succeeds on the last good view.
+    control.kill();
+    for _ in 0..50 {
+        assert_eq!(get_via(&http, caller.outbound, "details", "/", &[]).await.status, 200);
+    }
+
+    // It comes back on the same store at the same discovery address: the proxies
+    // reconnect on their own, nothing expires meanwhile, and a new apply reaches them.
+    let grpc = control.grpc.to_string();
+    let api = control.api.to_string();
+    let control =
+        Control::start_on(&dir, "control-2", &data, &["--lease", "2s", "--grpc-addr", &grpc, "--api-addr", &api]).await;
+    eventually(Duration::from_secs(15), "both proxies reconnect", || {
+        let (_, out, _) = control.cli(&["get", "proxies", "-o", "json"]);
+        let proxies: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        let connected = proxies["items"].as_array().map_or(0, Vec::len);
+        async move { (connected == 2).then_some(()) }
+    })
+    .await;
+    let route = r#"
+apiVersion: weft.dev/v1alpha1
+kind: Service
+metadata: {name: details}
+spec: {selector: {app: details}, ports: [{port: 80, protocol: http}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: details-tagged}
+spec:
+  parentRefs: [{kind: Service, name: details, port: 80}]
+  rules:
+  - backendRefs: [{name: details, port: 80}]
+    filters: [{type: ResponseHeaderModifier, responseHeaderModifier: {add: [{name: x-route, value: tagged}]}}]
+"#;
+    let (ok, _, err) = control.cli_with_stdin(&["apply", "-f", "-"], Some(route));
+    assert!(ok, "{err}");
+    eventually(Duration::from_secs(10), "the new route reaches the caller", || {
+        let http = http.clone();
+        async move {
+            let answer = get_via(&http, caller.outbound, "details", "/", &[]).await;
+            (answer.status == 200 && answer.headers.get("x-route").is_some()).then_some(())
+        }
+    })
+    .await;
+}

@@ -226,7 +226,14 @@ impl Control {
         let _ = std::fs::remove_file(&ports_file);
         let log = dir.0.join(format!("{name}.log"));
         let child = Command::new(WEFT)
-            .args(["control", "--api-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--data-dir"])
+            .arg("control")
+            .args(
+                [("--api-addr", "127.0.0.1:0"), ("--grpc-addr", "127.0.0.1:0")]
+                    .into_iter()
+                    .filter(|(flag, _)| !extra.contains(flag))
+                    .flat_map(|(flag, value)| [flag, value]),
+            )
+            .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
             .arg("--ports-file")
