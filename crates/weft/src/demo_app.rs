@@ -7,13 +7,20 @@
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
+use http_body_util::BodyExt;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::conn::auto,
 };
 use rand::Rng;
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// Request headers the demo app passes on to the services it calls.
+const PROPAGATED: [&str; 5] = ["x-canary", "x-request-id", "traceparent", "tracestate", "b3"];
 
 /// What the demo app does for each request.
 #[derive(Clone, Debug)]
@@ -22,6 +29,12 @@ pub struct DemoApp {
     pub latency: Duration,
     /// Share of requests answered 500, 0.0-1.0.
     pub error_rate: f64,
+    /// Services called (through the mesh) for every request; a failed call fails the
+    /// request with 502, as a real dependency would.
+    pub calls: Vec<String>,
+    /// Where calls go: the sidecar's outbound listener (`WEFT_OUTBOUND`, set by
+    /// `weft proxy -- APP`).
+    pub outbound: Option<SocketAddr>,
 }
 
 impl DemoApp {
@@ -31,7 +44,13 @@ impl DemoApp {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}; choose another --listen address"))?;
         tracing::info!(name = %self.name, address = %listener.local_addr()?, "demo app listening");
-        let app = Arc::new(self);
+        if !self.calls.is_empty() && self.outbound.is_none() {
+            anyhow::bail!(
+                "--call needs a sidecar: run under `weft proxy ... --` (which sets WEFT_OUTBOUND) or give --outbound"
+            );
+        }
+        let client = Client::builder(TokioExecutor::new()).build_http();
+        let app = Arc::new((self, client));
         loop {
             let (stream, _) = match listener.accept().await {
                 Ok(accepted) => accepted,
@@ -46,25 +65,44 @@ impl DemoApp {
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |request| {
                     let app = app.clone();
-                    async move { Ok::<_, Infallible>(app.answer(request).await) }
+                    async move { Ok::<_, Infallible>(app.0.answer(&app.1, request).await) }
                 });
                 let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await;
             });
         }
     }
 
-    async fn answer(&self, request: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    async fn answer(&self, client: &HttpClient, request: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
         if !self.latency.is_zero() {
             tokio::time::sleep(self.latency).await;
         }
         let failed = self.error_rate > 0.0 && rand::rng().random_bool(self.error_rate.clamp(0.0, 1.0));
-        let status = if failed { StatusCode::INTERNAL_SERVER_ERROR } else { StatusCode::OK };
-        let body = format!(
-            "{{\"app\":{:?},\"status\":{},\"path\":{:?}}}\n",
-            self.name,
-            status.as_u16(),
-            request.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/")
-        );
+        let mut status = if failed { StatusCode::INTERNAL_SERVER_ERROR } else { StatusCode::OK };
+        let mut called = Vec::new();
+        // Passed on to every call, as a real service passes request context on (so the
+        // demo's canary header reaches the routing decision further down the chain).
+        let propagated: Vec<(hyper::header::HeaderName, hyper::header::HeaderValue)> = request
+            .headers()
+            .iter()
+            .filter(|(name, _)| PROPAGATED.contains(&name.as_str()))
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect();
+        if !failed {
+            for service in &self.calls {
+                let answer = self.call(client, service, &propagated).await;
+                if answer.get("status").and_then(serde_json::Value::as_u64) != Some(200) {
+                    status = StatusCode::BAD_GATEWAY;
+                }
+                called.push(answer);
+            }
+        }
+        let body = serde_json::json!({
+            "app": self.name,
+            "status": status.as_u16(),
+            "path": request.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+            "called": called,
+        });
+        let body = format!("{body}\n");
         let mut response = Response::new(Full::new(Bytes::from(body)));
         *response.status_mut() = status;
         response.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
@@ -72,5 +110,36 @@ impl DemoApp {
             response.headers_mut().insert("x-app", name);
         }
         response
+    }
+
+    /// Calls `service` through the sidecar; returns its JSON answer, or a JSON line
+    /// describing the failure.
+    async fn call(
+        &self,
+        client: &HttpClient,
+        service: &str,
+        propagated: &[(hyper::header::HeaderName, hyper::header::HeaderValue)],
+    ) -> serde_json::Value {
+        let outbound = self.outbound.expect("checked at start");
+        let mut request = Request::get(format!("http://{outbound}/"))
+            .header(hyper::header::HOST, service)
+            .body(Full::new(Bytes::new()))
+            .expect("a valid request");
+        request.headers_mut().extend(propagated.iter().cloned());
+        match client.request(request).await {
+            Ok(response) => {
+                let code = response.status().as_u16();
+                let error = response.headers().get("weft-error").and_then(|v| v.to_str().ok()).map(str::to_string);
+                let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                let mut answer: serde_json::Value =
+                    serde_json::from_slice(&body).unwrap_or_else(|_| serde_json::json!({ "service": service }));
+                answer["status"] = code.into();
+                if let Some(error) = error {
+                    answer["weftError"] = error.into();
+                }
+                answer
+            }
+            Err(error) => serde_json::json!({"service": service, "status": 0, "error": error.to_string()}),
+        }
     }
 }

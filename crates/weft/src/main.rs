@@ -7,6 +7,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 use anyhow::Context;
 
 mod cli;
+mod demo;
 mod demo_app;
 use clap::{Args, Parser, Subcommand};
 use weft_model::GoDuration;
@@ -35,6 +36,22 @@ struct Cli {
 enum Command {
     /// Run a sidecar proxy beside one service instance.
     Proxy(Box<ProxyArgs>),
+    /// Run a whole demo mesh on loopback: a control plane, six service instances behind
+    /// their sidecars, traffic, and a canary route. Ctrl-C stops everything.
+    Demo {
+        /// The control plane's API address (the CLI's default server).
+        #[arg(long, default_value = weft_control::control::DEFAULT_API_ADDR, value_name = "ADDR")]
+        api_addr: SocketAddr,
+        /// The entry proxy: an HTTP proxy into the mesh (`curl -x`).
+        #[arg(long, default_value = "127.0.0.1:15001", value_name = "ADDR")]
+        entry_addr: SocketAddr,
+        /// Generated requests per second.
+        #[arg(long, default_value_t = 20, value_name = "N")]
+        rate: u32,
+        /// Write the bound addresses as JSON to this file once the demo serves.
+        #[arg(long, value_name = "PATH")]
+        ports_file: Option<PathBuf>,
+    },
     /// Run the control plane: the resource store and the HTTP API.
     Control(ControlArgs),
     /// Create or update resources from YAML files; all documents are validated first and
@@ -107,6 +124,13 @@ enum Command {
         /// Share of requests answered with 500, between 0 and 1.
         #[arg(long, default_value_t = 0.0, value_name = "RATE")]
         error_rate: f64,
+        /// A service to call through the mesh for every request (repeatable).
+        #[arg(long = "call", value_name = "SERVICE")]
+        calls: Vec<String>,
+        /// The sidecar outbound listener calls go to; defaults to $WEFT_OUTBOUND, which
+        /// `weft proxy ... --` sets.
+        #[arg(long, env = "WEFT_OUTBOUND", value_name = "ADDR")]
+        outbound: Option<SocketAddr>,
     },
 }
 
@@ -355,6 +379,10 @@ fn run(command: Command) -> anyhow::Result<()> {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(weft_control::run(settings, shutdown_signal())).context("weft control")
         }
+        Command::Demo { api_addr, entry_addr, rate, ports_file } => {
+            let options = demo::DemoOptions { api_addr, entry_addr, rate, ports_file };
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(demo::run(options))
+        }
         Command::Apply { files, dry_run, server } => {
             block_on(async { cli::apply(&cli::ApiClient::new(&server)?, &files, dry_run).await })
         }
@@ -377,11 +405,11 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::DemoApp { listen, name, latency, error_rate } => {
+        Command::DemoApp { listen, name, latency, error_rate, calls, outbound } => {
             if !(0.0..=1.0).contains(&error_rate) {
                 anyhow::bail!("--error-rate must be between 0 and 1, got {error_rate}");
             }
-            let app = demo_app::DemoApp { name, latency: latency.get(), error_rate };
+            let app = demo_app::DemoApp { name, latency: latency.get(), error_rate, calls, outbound };
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(app.serve(listen))
         }

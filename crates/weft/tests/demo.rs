@@ -1,0 +1,91 @@
+//! `weft demo` end to end: the whole demo mesh starts, serves through every hop, takes a
+//! canary shift, and stops leaving no process behind.
+
+mod support;
+
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use support::{client, eventually, get_via, TempDir, WEFT};
+
+/// Processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(needle) {
+                found.push(cmdline);
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn the_demo_serves_through_every_hop_and_stops_cleanly() {
+    let dir = TempDir::new("demo");
+    let ports_file = dir.0.join("demo.ports.json");
+    let mut demo = Command::new(WEFT)
+        .args(["demo", "--api-addr", "127.0.0.1:0", "--entry-addr", "127.0.0.1:0", "--ports-file"])
+        .arg(&ports_file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let demo_dir = format!("weft-demo-{}", demo.id());
+    let ports: serde_json::Value = eventually(Duration::from_secs(60), "the demo to serve", || {
+        let text = std::fs::read_to_string(&ports_file).ok();
+        async move { text.and_then(|t| serde_json::from_str(&t).ok()) }
+    })
+    .await;
+    let entry = ports["entry"].as_str().unwrap().parse().unwrap();
+    let server = format!("http://{}", ports["api"].as_str().unwrap());
+
+    // A request crosses web, catalog, reviews, ratings and inventory.
+    let http = client();
+    let answer = eventually(Duration::from_secs(10), "a full-chain answer", || {
+        let http = http.clone();
+        async move {
+            let answer = get_via(&http, entry, "web", "/", &[]).await;
+            (answer.status == 200).then_some(answer)
+        }
+    })
+    .await;
+    let body = String::from_utf8_lossy(&answer.body).into_owned();
+    for hop in ["web-v1", "catalog-v1", "ratings-v1", "inventory-v1"] {
+        assert!(body.contains(hop), "{hop} missing from {body}");
+    }
+    // The canary header always reaches reviews v2 (the demo apps pass it on).
+    let canary = eventually(Duration::from_secs(10), "a canary answer", || {
+        let http = http.clone();
+        async move {
+            let answer = get_via(&http, entry, "web", "/", &[("x-canary", "true")]).await;
+            (answer.status == 200).then_some(answer)
+        }
+    })
+    .await;
+    let body = String::from_utf8_lossy(&canary.body).into_owned();
+    assert!(body.contains("reviews-v2") && !body.contains("reviews-v1"), "{body}");
+
+    let cli = |args: &[&str]| {
+        let output = Command::new(WEFT).args(args).env("WEFT_SERVER", &server).output().unwrap();
+        (output.status.success(), String::from_utf8_lossy(&output.stdout).into_owned())
+    };
+    let (ok, services) = cli(&["get", "services"]);
+    assert!(ok && services.lines().count() == 8, "{services}");
+    let (ok, proxies) = cli(&["get", "proxies"]);
+    assert!(ok && proxies.lines().count() == 8, "{proxies}");
+    let canary_file = format!("{}/canary-50.yaml", std::env::temp_dir().join(&demo_dir).display());
+    let (ok, applied) = cli(&["apply", "-f", &canary_file]);
+    assert!(ok && applied.contains("httproute/reviews-canary configured"), "{applied}");
+
+    // SIGTERM (as Ctrl-C would): everything stops, nothing is left.
+    assert!(Command::new("kill").args(["-TERM", &demo.id().to_string()]).status().unwrap().success());
+    let status = tokio::task::spawn_blocking(move || demo.wait().unwrap()).await.unwrap();
+    assert!(status.success(), "{status}");
+    let left = processes_mentioning(&demo_dir);
+    assert!(left.is_empty(), "processes left running: {left:?}");
+}
