@@ -8,17 +8,29 @@
 //! port the registrations declare), so that it is reachable before an operator writes one.
 //! An explicit Service of that name always wins.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde_json::json;
 use weft_model::{resource::ResourceSpec, Resource};
 
 use crate::registry::Registered;
 
-/// The desired state plus registrations, indexed for computing views.
+/// The desired state plus registrations, indexed for computing views: a view costs in
+/// proportion to what it holds, not to the size of the mesh (a control plane recomputes
+/// every connected proxy's view on each change).
 pub struct World {
     resources: Vec<Resource>,
-    documents: Vec<serde_json::Value>,
+    /// Each document's JSON text, rendered once.
+    texts: Vec<String>,
+    /// `namespace/name` → index, for each kind that a view follows.
+    services: HashMap<String, usize>,
+    /// Parent Service → (route index, backend Services).
+    routes_by_parent: HashMap<String, Vec<(usize, Vec<String>)>>,
+    policies_by_target: HashMap<String, Vec<usize>>,
+    /// Workloads by (namespace, `app` label), and all of a namespace's, for selectors
+    /// without `app`.
+    workloads_by_app: HashMap<(String, String), Vec<usize>>,
+    workloads_by_namespace: HashMap<String, Vec<usize>>,
 }
 
 /// One proxy's view.
@@ -36,10 +48,10 @@ impl World {
     pub fn new(stored: Vec<(Resource, serde_json::Value)>, registered: &[Registered]) -> Self {
         let mut resources = Vec::with_capacity(stored.len() + registered.len());
         let mut documents = Vec::with_capacity(stored.len() + registered.len());
-        let mut services: BTreeSet<(String, String)> = BTreeSet::new();
+        let mut declared: BTreeSet<(String, String)> = BTreeSet::new();
         for (resource, document) in stored {
             if matches!(resource.spec, ResourceSpec::Service(_)) {
-                services.insert((resource.metadata.namespace.clone(), resource.metadata.name.clone()));
+                declared.insert((resource.metadata.namespace.clone(), resource.metadata.name.clone()));
             }
             resources.push(resource);
             documents.push(document);
@@ -50,7 +62,7 @@ impl World {
         for entry in registered {
             let r = &entry.registration;
             let key = (r.namespace.clone(), r.service.clone());
-            if !services.contains(&key) {
+            if !declared.contains(&key) {
                 implied.entry(key).or_insert((r.service_port, r.protocol.clone()));
             }
             if entry.healthy {
@@ -66,7 +78,46 @@ impl World {
             });
             push_document(&mut resources, &mut documents, document);
         }
-        World { resources, documents }
+
+        let mut world = World {
+            texts: documents.iter().map(ToString::to_string).collect(),
+            resources: Vec::new(),
+            services: HashMap::new(),
+            routes_by_parent: HashMap::new(),
+            policies_by_target: HashMap::new(),
+            workloads_by_app: HashMap::new(),
+            workloads_by_namespace: HashMap::new(),
+        };
+        for (i, resource) in resources.iter().enumerate() {
+            let meta = &resource.metadata;
+            match &resource.spec {
+                ResourceSpec::Service(_) => {
+                    world.services.insert(format!("{}/{}", meta.namespace, meta.name), i);
+                }
+                ResourceSpec::HttpRoute(_) | ResourceSpec::GrpcRoute(_) => {
+                    let (parents, backends) = route_refs(resource);
+                    for parent in parents {
+                        world.routes_by_parent.entry(parent).or_default().push((i, backends.clone()));
+                    }
+                }
+                ResourceSpec::TrafficPolicy(spec) => {
+                    let target_ns = spec.target_ref.namespace.as_deref().unwrap_or(&meta.namespace);
+                    world
+                        .policies_by_target
+                        .entry(format!("{target_ns}/{}", spec.target_ref.name))
+                        .or_default()
+                        .push(i);
+                }
+                ResourceSpec::Workload(spec) => {
+                    if let Some(app) = spec.labels.get("app") {
+                        world.workloads_by_app.entry((meta.namespace.clone(), app.clone())).or_default().push(i);
+                    }
+                    world.workloads_by_namespace.entry(meta.namespace.clone()).or_default().push(i);
+                }
+            }
+        }
+        world.resources = resources;
+        world
     }
 
     /// Every resource, for describing and listing.
@@ -79,70 +130,45 @@ impl World {
     pub fn view(&self, own: Option<&str>, subscriptions: &BTreeSet<String>) -> View {
         let mut wanted: Vec<String> =
             own.into_iter().map(str::to_string).chain(subscriptions.iter().cloned()).collect();
-        let mut services: BTreeSet<String> = BTreeSet::new();
-        let mut include = vec![false; self.resources.len()];
+        let mut seen: BTreeSet<String> = BTreeSet::new();
+        let mut included: BTreeSet<usize> = BTreeSet::new();
         while let Some(service) = wanted.pop() {
-            if !services.insert(service.clone()) {
+            if !seen.insert(service.clone()) {
                 continue;
             }
-            let Some((namespace, name)) = service.split_once('/') else { continue };
-            for (i, resource) in self.resources.iter().enumerate() {
-                let meta = &resource.metadata;
-                match &resource.spec {
-                    ResourceSpec::Service(_) if meta.namespace == namespace && meta.name == name => include[i] = true,
-                    ResourceSpec::HttpRoute(_) | ResourceSpec::GrpcRoute(_) => {
-                        let (parents, backends) = route_refs(resource);
-                        if parents.iter().any(|p| p == &service) {
-                            include[i] = true;
-                            wanted.extend(backends);
-                        }
-                    }
-                    ResourceSpec::TrafficPolicy(spec) => {
-                        let target_ns = spec.target_ref.namespace.as_deref().unwrap_or(&meta.namespace);
-                        if target_ns == namespace && spec.target_ref.name == name {
-                            include[i] = true;
-                        }
-                    }
-                    _ => {}
+            if let Some(&i) = self.services.get(&service) {
+                included.insert(i);
+                if let ResourceSpec::Service(spec) = &self.resources[i].spec {
+                    included.extend(self.selected(&self.resources[i].metadata.namespace, &spec.selector));
                 }
             }
-        }
-        // Workloads picked by an included Service's selector.
-        let selectors: Vec<(&str, &BTreeMap<String, String>)> = self
-            .resources
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| include[*i])
-            .filter_map(|(_, r)| match &r.spec {
-                ResourceSpec::Service(spec) if !spec.selector.is_empty() => {
-                    Some((r.metadata.namespace.as_str(), &spec.selector))
-                }
-                _ => None,
-            })
-            .collect();
-        for (i, resource) in self.resources.iter().enumerate() {
-            if let ResourceSpec::Workload(spec) = &resource.spec {
-                include[i] = selectors.iter().any(|(ns, selector)| {
-                    *ns == resource.metadata.namespace && selector.iter().all(|(k, v)| spec.labels.get(k) == Some(v))
-                });
+            for (route, backends) in self.routes_by_parent.get(&service).into_iter().flatten() {
+                included.insert(*route);
+                wanted.extend(backends.iter().cloned());
             }
+            included.extend(self.policies_by_target.get(&service).into_iter().flatten());
         }
-        let existing: BTreeSet<String> = self
-            .resources
-            .iter()
-            .filter(|r| matches!(r.spec, ResourceSpec::Service(_)))
-            .map(|r| format!("{}/{}", r.metadata.namespace, r.metadata.name))
-            .collect();
-        let missing = subscriptions.iter().filter(|s| !existing.contains(*s)).cloned().collect();
-        let text = self
-            .documents
-            .iter()
-            .zip(&include)
-            .filter(|(_, included)| **included)
-            .map(|(document, _)| document.to_string())
-            .collect::<Vec<_>>()
-            .join("\n---\n");
+        let missing = subscriptions.iter().filter(|s| !self.services.contains_key(*s)).cloned().collect();
+        // Document order is the world's, so equal views render to equal text.
+        let text = included.iter().map(|&i| self.texts[i].as_str()).collect::<Vec<_>>().join("\n---\n");
         View { text, missing }
+    }
+
+    /// Workloads in `namespace` whose labels include `selector` (none for an empty one).
+    fn selected<'a>(
+        &'a self,
+        namespace: &str,
+        selector: &'a BTreeMap<String, String>,
+    ) -> impl Iterator<Item = usize> + 'a {
+        let candidates = match selector.get("app") {
+            _ if selector.is_empty() => None,
+            Some(app) => self.workloads_by_app.get(&(namespace.to_string(), app.clone())),
+            None => self.workloads_by_namespace.get(namespace),
+        };
+        candidates.into_iter().flatten().copied().filter(move |&i| match &self.resources[i].spec {
+            ResourceSpec::Workload(spec) => selector.iter().all(|(k, v)| spec.labels.get(k) == Some(v)),
+            _ => false,
+        })
     }
 }
 
@@ -172,5 +198,116 @@ fn route_refs(resource: &Resource) -> (Vec<String>, Vec<String>) {
             spec.rules.iter().flat_map(|r| &r.backend_refs).map(|b| name_of(&b.namespace, &b.name)).collect(),
         ),
         _ => (vec![], vec![]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::registry::Registration;
+
+    const MESH: &str = r#"
+apiVersion: weft.dev/v1alpha1
+kind: Service
+metadata: {name: reviews}
+spec: {selector: {app: reviews}, ports: [{port: 80, protocol: http}]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Service
+metadata: {name: reviews-v2}
+spec: {selector: {app: reviews, version: v2}, ports: [{port: 80, protocol: http}]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Service
+metadata: {name: billing}
+spec: {selector: {app: billing}, ports: [{port: 80, protocol: http}]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Workload
+metadata: {name: reviews-2}
+spec: {labels: {app: reviews, version: v2}, address: "127.0.0.1:9082"}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Workload
+metadata: {name: billing-1}
+spec: {labels: {app: billing}, address: "127.0.0.1:9090"}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: to-v2}
+spec:
+  parentRefs: [{kind: Service, name: reviews, port: 80}]
+  rules: [{backendRefs: [{name: reviews-v2, port: 80}]}]
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: reviews-v2}
+spec: {targetRef: {kind: Service, name: reviews-v2}, loadBalancer: {algorithm: round-robin}}
+"#;
+
+    fn world(registered: &[Registered]) -> World {
+        let stored = weft_model::parse_with_documents("mesh", MESH)
+            .unwrap()
+            .into_iter()
+            .map(|d| (d.resource, d.document))
+            .collect();
+        World::new(stored, registered)
+    }
+
+    fn names(view: &View) -> Vec<String> {
+        weft_model::parse_documents("view", &view.text)
+            .unwrap()
+            .into_iter()
+            .map(|r| format!("{} {}", r.kind().as_str(), r.metadata.name))
+            .collect()
+    }
+
+    #[test]
+    fn a_view_follows_routes_to_backends_with_their_policies_and_workloads_only() {
+        let view = world(&[]).view(None, &BTreeSet::from(["default/reviews".to_string(), "default/nope".to_string()]));
+        let names = names(&view);
+        for expected in [
+            "Service reviews",
+            "Service reviews-v2",
+            "HTTPRoute to-v2",
+            "TrafficPolicy reviews-v2",
+            "Workload reviews-2",
+        ] {
+            assert!(names.contains(&expected.to_string()), "{expected} missing from {names:?}");
+        }
+        assert!(!names.iter().any(|n| n.contains("billing")), "{names:?}");
+        assert_eq!(view.missing, vec!["default/nope"]);
+    }
+
+    #[test]
+    fn registrations_imply_a_service_unless_one_is_declared() {
+        let registration = |id: &str, service: &str| Registered {
+            registration: Registration {
+                proxy_id: id.into(),
+                namespace: "default".into(),
+                service: service.into(),
+                labels: BTreeMap::from([("app".to_string(), service.to_string())]),
+                address: "127.0.0.1:7000".into(),
+                zone: None,
+                weight: 1,
+                protocol: "grpc".into(),
+                service_port: 9000,
+            },
+            healthy: true,
+            health_detail: String::new(),
+            expires: None,
+        };
+        let mut sick = registration("billing-2", "billing");
+        sick.healthy = false;
+        let world = world(&[registration("payments-1", "payments"), sick]);
+        let view = world.view(None, &BTreeSet::from(["default/payments".to_string(), "default/billing".to_string()]));
+        assert!(view.text.contains(r#""weft.dev/implied":"true""#), "{}", view.text);
+        assert!(view.text.contains(r#""port":9000,"protocol":"grpc""#), "{}", view.text);
+        let names = names(&view);
+        assert!(names.contains(&"Workload payments-1".to_string()), "{names:?}");
+        assert!(!names.contains(&"Workload billing-2".to_string()), "an unhealthy registration is no endpoint");
+        assert_eq!(names.iter().filter(|n| *n == "Service billing").count(), 1, "the declared Service wins");
     }
 }

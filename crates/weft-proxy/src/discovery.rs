@@ -363,4 +363,66 @@ mod tests {
         );
         assert_eq!(candidates("Reviews.Prod", "default"), vec!["default/reviews.prod", "prod/reviews"]);
     }
+
+    fn view(addresses: &[&str]) -> String {
+        let mut text = String::from(
+            "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: reviews}\nspec: {selector: {app: reviews}, ports: [{port: 80}]}\n",
+        );
+        for (i, address) in addresses.iter().enumerate() {
+            text.push_str(&format!(
+                "---\napiVersion: weft.dev/v1alpha1\nkind: Workload\nmetadata: {{name: r{i}}}\nspec: {{labels: {{app: reviews}}, address: \"{address}\"}}\n"
+            ));
+        }
+        text
+    }
+
+    fn config(version: &str, resources: String) -> Config {
+        Config { version: version.into(), nonce: "1".into(), resources, missing: vec![], lease_seconds: 0 }
+    }
+
+    fn setup(lease: Duration) -> (Arc<SharedState>, Arc<DiscoveryHandle>, Applier) {
+        let state =
+            SharedState::new(crate::settings::ProxySettings::new(None), Snapshot::empty("default"), String::new());
+        let (handle, _task) = start(
+            state.clone(),
+            ControlSettings { addresses: vec![], proxy_id: "t".into(), registration: None },
+            watch::channel(false).1,
+        );
+        (state, handle, Applier { held_since: HashMap::new(), last: None, lease })
+    }
+
+    fn endpoints(state: &SharedState) -> usize {
+        state.config.load().snapshot.services[0].ports[0].endpoints.len()
+    }
+
+    #[test]
+    fn a_view_that_does_not_parse_is_refused_and_changes_nothing() {
+        let (state, handle, mut applier) = setup(Duration::from_secs(15));
+        applier.apply(&state, &handle, config("v1", view(&["127.0.0.1:1"]))).unwrap();
+        let error = applier
+            .apply(&state, &handle, config("v2", view(&["127.0.0.1:1"]).replace("port: 80", "port: eighty")))
+            .unwrap_err();
+        assert!(error.contains("spec.ports[0].port"), "{error}");
+        assert_eq!(state.config.load().version, "v1");
+        assert!(state.is_ready());
+    }
+
+    #[test]
+    fn a_sudden_drop_is_held_for_one_lease_then_accepted() {
+        let (state, handle, mut applier) = setup(Duration::from_millis(50));
+        let four = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:4"];
+        applier.apply(&state, &handle, config("v1", view(&four))).unwrap();
+        // Down to one of four: held back, the four keep serving.
+        applier.apply(&state, &handle, config("v2", view(&four[..1]))).unwrap();
+        assert_eq!(endpoints(&state), 4);
+        assert!(!applier.hold_expired());
+        // A lease later, the smaller set is accepted.
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(applier.hold_expired());
+        let last = applier.last.clone().unwrap();
+        applier.apply(&state, &handle, last).unwrap();
+        assert_eq!(endpoints(&state), 1);
+        applier.apply(&state, &handle, config("v3", view(&four[..2]))).unwrap();
+        assert_eq!(endpoints(&state), 2);
+    }
 }

@@ -137,6 +137,22 @@ spec:
     for proxy in proxies["items"].as_array().unwrap() {
         assert_eq!(proxy["appliedVersion"], proxy["sentVersion"], "{proxy}");
     }
+
+    // A bad apply is refused with its field path, and no proxy is sent anything new.
+    let bad = routes.replace(
+        "port: 80, protocol: http}]}\n---\napiVersion: gateway",
+        "port: 80, protocol: sctp}]}\n---\napiVersion: gateway",
+    );
+    assert_ne!(bad, routes);
+    let (ok, _, err) = control.cli_with_stdin(&["apply", "-f", "-"], Some(&bad));
+    assert!(!ok && err.contains("field spec.ports[0].protocol"), "{err}");
+    let (_, after, _) = control.cli(&["get", "proxies", "-o", "json"]);
+    let after: serde_json::Value = serde_json::from_str(&after).unwrap();
+    let versions = |v: &serde_json::Value| -> Vec<String> {
+        v["items"].as_array().unwrap().iter().map(|p| p["sentVersion"].to_string()).collect()
+    };
+    assert_eq!(versions(&proxies), versions(&after));
+    assert_eq!(get_via(&http, caller.outbound, "reviews", "/", &[]).await.app(), "reviews-v2");
 }
 
 #[tokio::test]
