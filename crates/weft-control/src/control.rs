@@ -70,6 +70,20 @@ fn store_path(data_dir: &Path) -> PathBuf {
     data_dir.join("store.redb")
 }
 
+/// Discovery's accept queue. Every proxy of a mesh reconnects at once when a control plane
+/// restarts; with tokio's default of 1,024, a thousand simultaneous connects to a busy
+/// control plane overflowed it and were reset (seen in bench/control-scale).
+const DISCOVERY_BACKLOG: i32 = 8192;
+
+fn bind_with_backlog(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(DISCOVERY_BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
 /// Runs the control plane until `shutdown` completes.
 pub async fn run(
     settings: ControlSettings,
@@ -88,7 +102,7 @@ pub async fn run(
         source,
     })?;
     let api_addr = listener.local_addr().map_err(ControlError::Serve)?;
-    let grpc_listener = TcpListener::bind(settings.grpc_addr).await.map_err(|source| ControlError::Bind {
+    let grpc_listener = bind_with_backlog(settings.grpc_addr).map_err(|source| ControlError::Bind {
         what: "discovery",
         flag: "grpc-addr",
         addr: settings.grpc_addr,
