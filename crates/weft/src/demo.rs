@@ -27,7 +27,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 
-/// The demo's resources, applied at start.
+/// The demo's resources, applied at start with `canary_route(90, 10)`.
 const RESOURCES: &str = r#"
 apiVersion: weft.dev/v1alpha1
 kind: Service
@@ -64,16 +64,6 @@ kind: Service
 metadata: {name: inventory}
 spec: {selector: {app: inventory}, ports: [{port: 80, protocol: http}]}
 ---
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: reviews-canary}
-spec:
-  parentRefs: [{kind: Service, name: reviews, port: 80}]
-  rules:
-  - matches: [{headers: [{name: x-canary, value: "true"}]}]
-    backendRefs: [{name: reviews-v2, port: 80}]
-  - backendRefs: [{name: reviews-v1, port: 80, weight: 90}, {name: reviews-v2, port: 80, weight: 10}]
----
 apiVersion: weft.dev/v1alpha1
 kind: TrafficPolicy
 metadata: {name: inventory}
@@ -82,17 +72,22 @@ spec:
   retries: {attempts: 2, retryOn: [5xx, connect-failure, reset], budget: {ratio: 0.5, minPerSecond: 10}}
 "#;
 
-/// The canary shifted to 50/50: the file `weft demo` suggests applying.
-const CANARY_50: &str = r#"apiVersion: gateway.networking.k8s.io/v1
+/// The reviews canary route with `v1`/`v2` weights; the header `x-canary: true` always
+/// picks v2.
+fn canary_route(v1: u32, v2: u32) -> String {
+    format!(
+        r#"apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
-metadata: {name: reviews-canary}
+metadata: {{name: reviews-canary}}
 spec:
-  parentRefs: [{kind: Service, name: reviews, port: 80}]
+  parentRefs: [{{kind: Service, name: reviews, port: 80}}]
   rules:
-  - matches: [{headers: [{name: x-canary, value: "true"}]}]
-    backendRefs: [{name: reviews-v2, port: 80}]
-  - backendRefs: [{name: reviews-v1, port: 80, weight: 50}, {name: reviews-v2, port: 80, weight: 50}]
-"#;
+  - matches: [{{headers: [{{name: x-canary, value: "true"}}]}}]
+    backendRefs: [{{name: reviews-v2, port: 80}}]
+  - backendRefs: [{{name: reviews-v1, port: 80, weight: {v1}}}, {{name: reviews-v2, port: 80, weight: {v2}}}]
+"#
+    )
+}
 
 /// One demo instance: service, version label, name, and what its app does.
 struct Instance {
@@ -237,9 +232,9 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
 
     // The demo's resources.
     let resources = dir.join("demo.yaml");
-    std::fs::write(&resources, RESOURCES)?;
+    std::fs::write(&resources, format!("{RESOURCES}---\n{}", canary_route(90, 10)))?;
     let canary = dir.join("canary-50.yaml");
-    std::fs::write(&canary, CANARY_50)?;
+    std::fs::write(&canary, canary_route(50, 50))?;
     let server = crate::cli::ServerArgs { server: format!("http://{api}") };
     let client = crate::cli::ApiClient::new(&server)?;
     let sources = crate::cli::read_sources(std::slice::from_ref(&resources))?;
