@@ -17,7 +17,7 @@ use crate::{
     catalog::Catalog,
     discovery::{DiscoveryService, Hub},
     registry::Registry,
-    store::{embedded::EmbeddedStore, Store, StoreError},
+    store::{embedded::EmbeddedStore, etcd::EtcdStore, Store, StoreError},
 };
 
 /// The default API address.
@@ -29,6 +29,35 @@ pub const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:15010";
 /// How long a registration outlives its proxy's stream.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(15);
 
+/// Where the desired state is kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreSpec {
+    /// A file under `--data-dir`: one control plane.
+    Embedded,
+    /// An etcd cluster, by client addresses (`host:port`).
+    Etcd(Vec<String>),
+}
+
+impl std::str::FromStr for StoreSpec {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        if text == "embedded" {
+            return Ok(StoreSpec::Embedded);
+        }
+        match text.strip_prefix("etcd://") {
+            Some(list) if !list.is_empty() => {
+                let endpoints: Vec<String> = list.split(',').map(|e| e.trim().to_string()).collect();
+                if endpoints.iter().any(|e| e.is_empty() || e.contains('/')) {
+                    return Err(format!("{text:?}: list etcd client addresses as etcd://HOST:PORT,HOST:PORT"));
+                }
+                Ok(StoreSpec::Etcd(endpoints))
+            }
+            _ => Err(format!("{text:?} is not a store; use `embedded` or etcd://HOST:PORT[,HOST:PORT]")),
+        }
+    }
+}
+
 /// How a control plane is run.
 #[derive(Clone, Debug)]
 pub struct ControlSettings {
@@ -36,6 +65,7 @@ pub struct ControlSettings {
     pub grpc_addr: SocketAddr,
     /// How long a registered workload stays after its proxy's stream ends.
     pub lease: Duration,
+    pub store: StoreSpec,
     /// Where the embedded store keeps its file.
     pub data_dir: PathBuf,
     /// Where to write the bound addresses as JSON, for scripts and tests using port 0.
@@ -89,7 +119,10 @@ pub async fn run(
     settings: ControlSettings,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ControlError> {
-    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&store_path(&settings.data_dir))?);
+    let store: Arc<dyn Store> = match &settings.store {
+        StoreSpec::Embedded => Arc::new(EmbeddedStore::open(&store_path(&settings.data_dir))?),
+        StoreSpec::Etcd(endpoints) => Arc::new(EtcdStore::connect(endpoints).await?),
+    };
     let catalog = Arc::new(Catalog::load(store).await?);
     let registry = Arc::new(Registry::new(settings.lease, catalog.registrations()));
     let hub = Hub::new(catalog.clone(), registry);

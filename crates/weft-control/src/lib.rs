@@ -17,4 +17,4 @@ pub mod registry;
 pub mod store;
 pub mod views;
 
-pub use control::{default_data_dir, run, ControlError, ControlSettings};
+pub use control::{default_data_dir, run, ControlError, ControlSettings, StoreSpec};

@@ -150,6 +150,10 @@ struct ControlArgs {
     /// stops cleanly is removed at once).
     #[arg(long, default_value = "15s", value_name = "DURATION")]
     lease: GoDuration,
+    /// Where resources are kept: `embedded` (a file under --data-dir, one control plane)
+    /// or `etcd://HOST:PORT[,HOST:PORT]` (an etcd cluster).
+    #[arg(long, default_value = "embedded", value_name = "STORE")]
+    store: weft_control::StoreSpec,
     /// Directory of the embedded store (created if missing). Default:
     /// $XDG_DATA_HOME/weft or ~/.local/share/weft.
     #[arg(long, value_name = "DIR")]
@@ -372,6 +376,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             let settings = weft_control::ControlSettings {
                 api_addr: args.api_addr,
                 grpc_addr: args.grpc_addr,
+                store: args.store,
                 lease: args.lease.get(),
                 data_dir: args.data_dir.unwrap_or_else(weft_control::default_data_dir),
                 ports_file: args.ports_file,

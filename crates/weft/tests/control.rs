@@ -133,11 +133,13 @@ async fn operator_mistakes_get_clear_messages() {
     let err = String::from_utf8_lossy(&third.stderr);
     assert!(!third.status.success() && err.contains("--data-dir"), "{err}");
 
-    // No control plane there at all.
-    let output = std::process::Command::new(support::WEFT)
-        .args(["get", "services", "--server", "http://127.0.0.1:1"])
-        .output()
-        .unwrap();
+    // No control plane there at all: a port held by a bound socket that never listens.
+    let held = tokio::net::TcpSocket::new_v4().unwrap();
+    held.bind(([127, 0, 0, 1], 0).into()).unwrap();
+    let nobody = held.local_addr().unwrap();
+    let server = format!("http://{nobody}");
+    let output =
+        std::process::Command::new(support::WEFT).args(["get", "services", "--server", &server]).output().unwrap();
     let err = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success() && err.contains("cannot reach the control plane at http://127.0.0.1:1"), "{err}");
+    assert!(!output.status.success() && err.contains(&format!("cannot reach the control plane at {server}")), "{err}");
 }

@@ -6,6 +6,7 @@
 //! it was written, and is validated again by whoever reads it, with the same code.
 
 pub mod embedded;
+pub mod etcd;
 
 use std::collections::BTreeMap;
 

@@ -222,6 +222,15 @@ impl Control {
     /// Starts a control plane on `data_dir` (to restart one on the same store), with
     /// extra flags.
     pub async fn start_on(dir: &TempDir, name: &str, data_dir: &Path, extra: &[&str]) -> Control {
+        match Control::try_start_on(dir, name, data_dir, extra).await {
+            Ok(control) => control,
+            Err(log) => panic!("control {name} exited early:\n{log}"),
+        }
+    }
+
+    /// As `start_on`, but a control plane that exits before it is ready is an `Err`
+    /// carrying its log.
+    pub async fn try_start_on(dir: &TempDir, name: &str, data_dir: &Path, extra: &[&str]) -> Result<Control, String> {
         let ports_file = dir.0.join(format!("{name}.ports.json"));
         let _ = std::fs::remove_file(&ports_file);
         let log = dir.0.join(format!("{name}.log"));
@@ -245,20 +254,25 @@ impl Control {
             .expect("weft binary starts");
         let unset: SocketAddr = ([0, 0, 0, 0], 0).into();
         let mut control = Control { child, api: unset, grpc: unset, data_dir: data_dir.to_path_buf(), log };
-        let ports: Value = eventually(Duration::from_secs(20), &format!("{name} to write its ports file"), || {
-            if let Some(status) = control.child.try_wait().unwrap() {
-                panic!(
-                    "control {name} exited early ({status}):\n{}",
-                    std::fs::read_to_string(&control.log).unwrap_or_default()
-                );
-            }
-            let text = std::fs::read_to_string(&ports_file).ok();
-            async move { text.and_then(|t| serde_json::from_str(&t).ok()) }
-        })
-        .await;
+        let ports: Result<Value, String> =
+            eventually(Duration::from_secs(20), &format!("{name} to write its ports file"), || {
+                let exited =
+                    control.child.try_wait().unwrap().map(|status| {
+                        format!("({status}) {}", std::fs::read_to_string(&control.log).unwrap_or_default())
+                    });
+                let text = std::fs::read_to_string(&ports_file).ok();
+                async move {
+                    match exited {
+                        Some(log) => Some(Err(log)),
+                        None => text.and_then(|t| serde_json::from_str(&t).ok()).map(Ok),
+                    }
+                }
+            })
+            .await;
+        let ports = ports?;
         control.api = ports["api"].as_str().unwrap().parse().unwrap();
         control.grpc = ports["grpc"].as_str().unwrap().parse().unwrap();
-        control
+        Ok(control)
     }
 
     /// `http://ADDR`, for `--server`.
@@ -303,6 +317,58 @@ impl Control {
 impl Drop for Control {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A single-member etcd on ephemeral loopback ports, killed on drop; `None` (with a
+/// printed reason) where etcd is not installed.
+pub struct Etcd {
+    pub child: Child,
+    pub client: SocketAddr,
+}
+
+impl Etcd {
+    pub async fn start(dir: &TempDir, name: &str) -> Option<Etcd> {
+        if Command::new("etcd").arg("--version").stdout(Stdio::null()).status().is_err() {
+            println!("SKIPPED: etcd is not installed (Debian: apt-get install etcd-server)");
+            return None;
+        }
+        let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let (client, peer) = (free(), free());
+        let log = dir.0.join(format!("{name}.log"));
+        let child = Command::new("etcd")
+            .args(["--name", name, "--data-dir"])
+            .arg(dir.0.join(format!("{name}-data")))
+            .args([
+                "--listen-client-urls",
+                &format!("http://127.0.0.1:{client}"),
+                "--advertise-client-urls",
+                &format!("http://127.0.0.1:{client}"),
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+                "--initial-cluster",
+                &format!("{name}=http://127.0.0.1:{peer}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let client: SocketAddr = ([127, 0, 0, 1], client).into();
+        eventually(Duration::from_secs(20), "etcd to answer", || async move {
+            let (status, _) = http_get(client, "/health", &[]).await.ok()?;
+            (status == 200).then_some(())
+        })
+        .await;
+        Some(Etcd { child, client })
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
