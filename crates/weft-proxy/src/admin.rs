@@ -98,6 +98,12 @@ pub fn config_json(state: &SharedState) -> serde_json::Value {
         "service": state.settings.service,
         "namespace": state.settings.namespace,
         "configFile": state.settings.config_path,
+        "control": state.settings.control.as_ref().map(|c| json!({
+            "addresses": c.addresses,
+            "proxyId": c.proxy_id,
+            "registeredAddress": c.registration.as_ref().map(|r| r.address.to_string()),
+            "subscriptions": state.discovery.get().map(|d| d.subscriptions()),
+        })),
         "lastReloadError": *state.last_reload_error.lock().expect("lock poisoned"),
         "ports": state.ports.get(),
         "ready": state.is_ready(),

@@ -97,6 +97,11 @@ impl DiscoveryHandle {
         }
     }
 
+    /// The services subscribed so far (`namespace/name`), for `/config`.
+    pub fn subscriptions(&self) -> Vec<String> {
+        self.subscribed.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()
+    }
+
     /// Reports the local application's health (sent now, and again on reconnect).
     pub fn report_health(&self, healthy: bool, detail: String) {
         let changed = self.health.send_if_modified(|current| {

@@ -72,6 +72,10 @@ async fn registered_workloads_are_reachable_by_name_and_routes_change_live() {
         }
     })
     .await;
+    // The caller learned `reviews` on first use, and says so on /config.
+    let config = caller.config().await;
+    let subscriptions = config["control"]["subscriptions"].as_array().unwrap();
+    assert!(subscriptions.iter().any(|s| s == "default/reviews"), "{subscriptions:?}");
     let (ok, out, _) = control.cli(&["get", "proxies"]);
     assert!(ok && out.matches("reviews-").count() == 2 && out.contains("proxy-"), "{out}");
     let (ok, out, _) = control.cli(&["describe", "service", "reviews"]);
