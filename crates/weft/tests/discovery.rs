@@ -116,6 +116,15 @@ spec:
   parentRefs: [{kind: Service, name: reviews, port: 80}]
   rules: [{backendRefs: [{name: reviews-v2, port: 80}]}]
 "#;
+    // The load runs before, during and after the switch.
+    let sent_at_least = |n: usize| {
+        let sent = sent.clone();
+        move || {
+            let count = sent.load(Ordering::Relaxed);
+            async move { (count >= n).then_some(()) }
+        }
+    };
+    eventually(Duration::from_secs(10), "load before the change", sent_at_least(20)).await;
     let (ok, _, err) = control.cli_with_stdin(&["apply", "-f", "-"], Some(routes));
     assert!(ok, "{err}");
     eventually(Duration::from_secs(10), "the caller routes everything to v2", || {
@@ -130,9 +139,10 @@ spec:
         }
     })
     .await;
+    let after = sent.load(Ordering::Relaxed) + 20;
+    eventually(Duration::from_secs(10), "load after the change", sent_at_least(after)).await;
     stop.store(true, Ordering::Relaxed);
     load.await.unwrap();
-    assert!(sent.load(Ordering::Relaxed) > 20);
     assert_eq!(failures.load(Ordering::Relaxed), 0, "requests failed while the route changed");
 
     // The proxies acknowledged what they serve.
