@@ -24,11 +24,24 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
     found
 }
 
+/// Stops the demo (SIGTERM, as Ctrl-C would) if the test ends early, so that a failed
+/// assertion never leaves a whole demo mesh running.
+struct DemoGuard(Option<std::process::Child>);
+
+impl Drop for DemoGuard {
+    fn drop(&mut self) {
+        if let Some(mut demo) = self.0.take() {
+            let _ = Command::new("kill").args(["-TERM", &demo.id().to_string()]).status();
+            let _ = demo.wait();
+        }
+    }
+}
+
 #[tokio::test]
 async fn the_demo_serves_through_every_hop_and_stops_cleanly() {
     let dir = TempDir::new("demo");
     let ports_file = dir.0.join("demo.ports.json");
-    let mut demo = Command::new(WEFT)
+    let demo = Command::new(WEFT)
         .args(["demo", "--api-addr", "127.0.0.1:0", "--entry-addr", "127.0.0.1:0", "--ports-file"])
         .arg(&ports_file)
         .stdout(Stdio::piped())
@@ -36,6 +49,7 @@ async fn the_demo_serves_through_every_hop_and_stops_cleanly() {
         .spawn()
         .unwrap();
     let demo_dir = format!("weft-demo-{}", demo.id());
+    let mut guard = DemoGuard(Some(demo));
     let ports: serde_json::Value = eventually(Duration::from_secs(60), "the demo to serve", || {
         let text = std::fs::read_to_string(&ports_file).ok();
         async move { text.and_then(|t| serde_json::from_str(&t).ok()) }
@@ -83,6 +97,7 @@ async fn the_demo_serves_through_every_hop_and_stops_cleanly() {
     assert!(ok && applied.contains("httproute/reviews-canary configured"), "{applied}");
 
     // SIGTERM (as Ctrl-C would): everything stops, nothing is left.
+    let mut demo = guard.0.take().unwrap();
     assert!(Command::new("kill").args(["-TERM", &demo.id().to_string()]).status().unwrap().success());
     let status = tokio::task::spawn_blocking(move || demo.wait().unwrap()).await.unwrap();
     assert!(status.success(), "{status}");
