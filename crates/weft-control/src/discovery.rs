@@ -110,16 +110,10 @@ impl Hub {
                 changed = registry_changed.changed() => if changed.is_err() { return },
                 _ = sweep.tick() => {
                     for proxy_id in self.registry.expired(Instant::now()) {
-                        let namespace = self.registry.entries().into_iter()
-                            .find(|e| e.registration.proxy_id == proxy_id)
-                            .map(|e| e.registration.namespace);
-                        if self.registry.remove(&proxy_id) {
-                            tracing::info!(%proxy_id, "lease lapsed: endpoint removed");
-                        }
-                        if let Some(namespace) = namespace {
-                            if let Err(error) = self.catalog.delete_registration(&namespace, &proxy_id).await {
-                                tracing::warn!(%proxy_id, %error, "cannot forget an expired registration in the store");
-                            }
+                        let Some(expired) = self.registry.remove(&proxy_id) else { continue };
+                        tracing::info!(%proxy_id, "lease lapsed: endpoint removed");
+                        if let Err(error) = self.catalog.delete_registration(&expired.namespace, &proxy_id).await {
+                            tracing::warn!(%proxy_id, %error, "cannot forget an expired registration in the store");
                         }
                     }
                     continue;
@@ -271,7 +265,7 @@ async fn serve_proxy(
     };
     hub.lock_proxies().remove(&proxy_id);
     if goodbye {
-        if hub.registry.remove(&proxy_id) {
+        if hub.registry.remove(&proxy_id).is_some() {
             tracing::info!(%proxy_id, "proxy stopped cleanly: endpoint removed");
         }
         if let Err(error) = hub.catalog.delete_registration(&namespace, &proxy_id).await {

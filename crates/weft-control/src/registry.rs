@@ -165,10 +165,10 @@ impl Registry {
         }
     }
 
-    /// Removes a registration (clean stop or lease expiry). Returns whether it existed.
-    pub fn remove(&self, proxy_id: &str) -> bool {
-        let removed = self.lock().remove(proxy_id).is_some();
-        if removed {
+    /// Removes a registration (clean stop or lease expiry), returning it if it existed.
+    pub fn remove(&self, proxy_id: &str) -> Option<Registration> {
+        let removed = self.lock().remove(proxy_id).map(|entry| entry.registration);
+        if removed.is_some() {
             self.changed();
         }
         removed

@@ -89,18 +89,19 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 
 /// The request's authority, borrowed: the URI's or the Host header's.
 pub fn authority_of<B>(request: &http::Request<B>) -> Option<&str> {
-    match request.uri().authority() {
-        Some(authority) => Some(authority.as_str()),
-        None => request.headers().get(header::HOST).and_then(|h| h.to_str().ok()),
-    }
+    authority_in(request.uri(), request.headers())
 }
 
 /// The request's authority: the URI's (HTTP/2, absolute-form) or the Host header's.
 pub fn authority(request: &http::request::Parts) -> Option<String> {
-    if let Some(authority) = request.uri.authority() {
-        return Some(authority.as_str().to_string());
+    authority_in(&request.uri, &request.headers).map(str::to_string)
+}
+
+fn authority_in<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
+    match uri.authority() {
+        Some(authority) => Some(authority.as_str()),
+        None => headers.get(header::HOST).and_then(|h| h.to_str().ok()),
     }
-    request.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string)
 }
 
 /// Shapes a request for `wire`: origin-form URI and a Host header for HTTP/1.1, an
