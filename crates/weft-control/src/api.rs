@@ -20,7 +20,7 @@ use weft_model::ResourceKind;
 use crate::{
     catalog::{parse_sources, Catalog, CatalogError, Entry, Source},
     describe::describe_service,
-    discovery::Hub,
+    discovery::{Hub, ProxyRecord},
     kinds::{parse_kind, plural},
     store::ObjectKey,
 };
@@ -141,11 +141,20 @@ fn kind(word: &str) -> Result<ResourceKind, ApiError> {
     parse_kind(word).map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, m))
 }
 
-async fn status(State(catalog): State<Arc<Catalog>>) -> Json<serde_json::Value> {
+async fn status(State(hub): State<Arc<Hub>>) -> Json<serde_json::Value> {
+    let cluster = hub.registry.cluster();
+    let replicas = cluster.replicas().await.unwrap_or_else(|error| {
+        tracing::warn!(%error, "cannot list control-plane replicas");
+        Vec::new()
+    });
+    let leader = cluster.leadership().borrow().is_some();
     Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
-        "store": catalog.store_description(),
-        "revision": catalog.revision(),
+        "store": hub.catalog.store_description(),
+        "revision": hub.catalog.revision(),
+        "replica": cluster.replica(),
+        "leader": leader,
+        "replicas": replicas,
     }))
 }
 
@@ -243,6 +252,76 @@ async fn describe(
     Ok(Json(json!({"revision": revision, "service": description})))
 }
 
-async fn proxies(State(hub): State<Arc<Hub>>) -> Json<serde_json::Value> {
-    Json(json!({"items": hub.proxies()}))
+#[derive(Deserialize)]
+struct ProxiesParams {
+    /// `local`: only the proxies whose streams this replica holds.
+    scope: Option<String>,
+}
+
+/// Every connected proxy: those on this replica, and those on every other replica,
+/// asked through its API. A replica that cannot be asked is named in
+/// `unreachableReplicas`, with its proxies listed from presence alone.
+async fn proxies(State(hub): State<Arc<Hub>>, Query(params): Query<ProxiesParams>) -> Json<serde_json::Value> {
+    let mut items = hub.proxies();
+    if params.scope.as_deref() == Some("local") {
+        return Json(json!({"items": items}));
+    }
+    let cluster = hub.registry.cluster();
+    let mut unreachable = Vec::new();
+    for replica in cluster.replicas().await.unwrap_or_default() {
+        if replica.id == cluster.replica() {
+            continue;
+        }
+        match peer_proxies(&replica.api).await {
+            Ok(mut found) => items.append(&mut found),
+            Err(reason) => {
+                tracing::warn!(replica = %replica.id, api = %replica.api, %reason, "cannot list the proxies of another replica");
+                unreachable.push(json!({"replica": replica.id, "api": replica.api, "reason": reason}));
+                items.extend(present_on(&hub, &replica.id));
+            }
+        }
+    }
+    items.sort_by(|a, b| (&a.namespace, &a.proxy_id).cmp(&(&b.namespace, &b.proxy_id)));
+    Json(json!({"items": items, "unreachableReplicas": unreachable}))
+}
+
+/// The proxies another replica holds, from its own API.
+async fn peer_proxies(api: &str) -> Result<Vec<ProxyRecord>, String> {
+    use http_body_util::BodyExt;
+    let uri: axum::http::Uri =
+        format!("http://{api}/api/v1/proxies?scope=local").parse().map_err(|e| format!("{e}"))?;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let ask = async {
+        let response = client.get(uri).await.map_err(|e| e.to_string())?;
+        let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        let answer: serde_json::Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+        serde_json::from_value(answer["items"].clone()).map_err(|e| e.to_string())
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(2), ask).await.map_err(|_| "no answer within 2s".to_string())?
+}
+
+/// What presence says of the proxies attached to `replica`.
+fn present_on(hub: &Hub, replica: &str) -> Vec<ProxyRecord> {
+    let presence = hub.registry.cluster().presence().borrow().clone();
+    hub.registry
+        .entries()
+        .into_iter()
+        .filter(|entry| {
+            presence.get(&entry.registration.key()).is_some_and(|token| token.split('/').next() == Some(replica))
+        })
+        .map(|entry| ProxyRecord {
+            proxy_id: entry.registration.proxy_id,
+            namespace: entry.registration.namespace,
+            service: Some(entry.registration.service),
+            address: Some(entry.registration.address),
+            proxy_version: String::new(),
+            control_plane: replica.to_string(),
+            connected_at: 0,
+            subscriptions: 0,
+            sent_version: String::new(),
+            applied_version: String::new(),
+            last_nack: None,
+        })
+        .collect()
 }

@@ -1,11 +1,19 @@
 //! The control plane's copy of the desired state: every stored resource, parsed, at one
 //! revision. All writes go through here, so that "validate everything, then commit all of
 //! it or nothing" holds for every apply and delete.
+//!
+//! The copy is fed only by the store's watch, whoever wrote: this control plane's own
+//! writes arrive the same way as another replica's, so every replica holds the same
+//! state in the same order. A write returns once its revision has arrived, so what a
+//! client just applied is what its next read shows.
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::{Arc, RwLock},
+    sync::{Arc, RwLock, Weak},
+    time::Duration,
 };
+
+use futures_util::StreamExt;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Mutex};
@@ -13,8 +21,12 @@ use weft_model::{parse_with_documents, ConfigError, ConfigErrors, ParsedDocument
 
 use crate::{
     registry::{Registration, REGISTRATION_KIND},
-    store::{Change, Committed, ObjectKey, Store, StoreError, StoredObject},
+    store::{Change, Committed, ObjectKey, Store, StoreError, StoreEvent, StoredObject},
 };
+
+/// How long a write waits to see its own revision come back through the watch before
+/// it returns anyway (the change is committed; this copy is merely behind).
+const CATCH_UP: Duration = Duration::from_secs(10);
 
 /// One file (or stdin, or request body) of YAML documents.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -84,6 +96,30 @@ pub struct Entry {
 struct State {
     revision: u64,
     objects: BTreeMap<ObjectKey, Entry>,
+    /// The readable registrations among `objects`, parsed once.
+    registrations: BTreeMap<ObjectKey, Registration>,
+}
+
+impl State {
+    fn insert(&mut self, key: ObjectKey, stored: StoredObject, resource: Option<Resource>) {
+        if key.kind == REGISTRATION_KIND {
+            match serde_json::from_value(stored.document.clone()) {
+                Ok(registration) => {
+                    self.registrations.insert(key.clone(), registration);
+                }
+                Err(error) => {
+                    tracing::error!(%key, %error, "a stored registration cannot be read; it is ignored");
+                    self.registrations.remove(&key);
+                }
+            }
+        }
+        self.objects.insert(key, Entry { stored, resource });
+    }
+
+    fn remove(&mut self, key: &ObjectKey) {
+        self.objects.remove(key);
+        self.registrations.remove(key);
+    }
 }
 
 /// The desired state and the only writer of the store.
@@ -93,25 +129,39 @@ pub struct Catalog {
     /// Serialises changes, so each is judged against the state it will replace.
     writer: Mutex<()>,
     revision: watch::Sender<u64>,
+    /// Dropped with the catalog, which ends the task following the store's watch (the
+    /// task holds the store, so it would otherwise keep it open forever).
+    _following: tokio::sync::oneshot::Sender<()>,
 }
 
 impl Catalog {
-    /// Loads everything from `store`.
-    pub async fn load(store: Arc<dyn Store>) -> Result<Self, StoreError> {
+    /// Loads everything from `store`, then follows its watch for as long as the catalog
+    /// lives.
+    pub async fn load(store: Arc<dyn Store>) -> Result<Arc<Self>, StoreError> {
         let contents = store.load().await?;
-        let mut objects = BTreeMap::new();
+        let mut state = State { revision: contents.revision, ..Default::default() };
         for (key, stored) in contents.objects {
             let resource = parse_stored(&key, &stored);
-            objects.insert(key, Entry { stored, resource });
+            state.insert(key, stored, resource);
         }
-        tracing::info!(store = %store.describe(), revision = contents.revision, resources = objects.len(), "store loaded");
+        tracing::info!(store = %store.describe(), revision = contents.revision, resources = state.objects.len(), "store loaded");
         let (revision, _) = watch::channel(contents.revision);
-        Ok(Catalog {
-            store,
-            state: RwLock::new(State { revision: contents.revision, objects }),
+        let (following, dropped) = tokio::sync::oneshot::channel();
+        let catalog = Arc::new(Catalog {
+            store: store.clone(),
+            state: RwLock::new(state),
             writer: Mutex::new(()),
             revision,
-        })
+            _following: following,
+        });
+        let follower = follow(Arc::downgrade(&catalog), store, contents.revision);
+        tokio::spawn(async move {
+            tokio::select! {
+                () = follower => {}
+                _ = dropped => {}
+            }
+        });
+        Ok(catalog)
     }
 
     /// The store backend, for status pages.
@@ -155,41 +205,23 @@ impl Catalog {
     }
 
     /// The workload registrations kept in the store.
-    pub fn registrations(&self) -> Vec<Registration> {
-        let state = self.read();
-        state
-            .objects
-            .iter()
-            .filter(|(key, _)| key.kind == REGISTRATION_KIND)
-            .filter_map(|(key, entry)| match serde_json::from_value(entry.stored.document.clone()) {
-                Ok(registration) => Some(registration),
-                Err(error) => {
-                    tracing::error!(%key, %error, "a stored registration cannot be read; it is ignored");
-                    None
-                }
-            })
-            .collect()
+    pub fn registrations(&self) -> Vec<(ObjectKey, Registration)> {
+        self.read().registrations.iter().map(|(key, registration)| (key.clone(), registration.clone())).collect()
     }
 
-    /// Stores a workload registration (so that it survives a restart).
-    pub async fn put_registration(&self, registration: &Registration) -> Result<(), StoreError> {
-        let key = registration_key(&registration.namespace, &registration.proxy_id);
-        let document = serde_json::to_value(registration).map_err(|e| StoreError::Backend(e.to_string()))?;
-        let _writer = self.writer.lock().await;
-        let committed = self.store.commit(Change { puts: vec![(key, document)], deletes: vec![] }).await?;
-        self.absorb(committed, vec![]);
-        Ok(())
+    /// The stored registration of `key`, if any.
+    pub fn registration(&self, key: &ObjectKey) -> Option<Registration> {
+        self.read().registrations.get(key).cloned()
     }
 
-    /// Forgets a workload registration.
-    pub async fn delete_registration(&self, namespace: &str, proxy_id: &str) -> Result<(), StoreError> {
-        let key = registration_key(namespace, proxy_id);
-        let _writer = self.writer.lock().await;
-        if !self.read().objects.contains_key(&key) {
+    /// Writes workload registrations (puts and deletes) in one commit. They are not
+    /// judged against anything, so they do not wait for applies.
+    pub async fn write_registrations(&self, change: Change) -> Result<(), StoreError> {
+        if change.is_empty() {
             return Ok(());
         }
-        let committed = self.store.commit(Change { puts: vec![], deletes: vec![key] }).await?;
-        self.absorb(committed, vec![]);
+        let committed = self.store.commit(change).await?;
+        self.caught_up(&committed).await;
         Ok(())
     }
 
@@ -203,7 +235,6 @@ impl Catalog {
         let _writer = self.writer.lock().await;
         let mut change = Change::default();
         let mut results = Vec::new();
-        let mut resources = Vec::new();
         {
             let state = self.read();
             for document in parsed {
@@ -217,11 +248,10 @@ impl Catalog {
                 results.push(result(&key, action));
                 if action != Action::Unchanged {
                     change.puts.push((key, document.document));
-                    resources.push(document.resource);
                 }
             }
         }
-        self.finish(change, resources, results, dry_run).await
+        self.finish(change, results, dry_run).await
     }
 
     /// Deletes `keys`, all or none; a key that does not exist is refused unless
@@ -248,41 +278,90 @@ impl Catalog {
                 change.deletes.push(key);
             }
         }
-        self.finish(change, Vec::new(), results, dry_run).await
+        self.finish(change, results, dry_run).await
     }
 
-    async fn finish(
-        &self,
-        change: Change,
-        resources: Vec<Resource>,
-        results: Vec<ActionResult>,
-        dry_run: bool,
-    ) -> Result<Report, CatalogError> {
+    async fn finish(&self, change: Change, results: Vec<ActionResult>, dry_run: bool) -> Result<Report, CatalogError> {
         if dry_run || change.is_empty() {
             return Ok(Report { revision: self.revision(), dry_run, results });
         }
         let committed = self.store.commit(change).await?;
         let revision = committed.revision;
-        self.absorb(committed, resources);
-        self.revision.send_replace(revision);
+        self.caught_up(&committed).await;
         Ok(Report { revision, dry_run, results })
     }
 
-    fn absorb(&self, committed: Committed, resources: Vec<Resource>) {
+    /// Waits until the watch has brought `committed` into this copy.
+    async fn caught_up(&self, committed: &Committed) {
+        // A change that changed nothing (deleting what another replica just deleted)
+        // produces no event to wait for.
+        if committed.puts.is_empty() && committed.deletes.is_empty() {
+            return;
+        }
+        let mut revision = self.revision.subscribe();
+        if tokio::time::timeout(CATCH_UP, revision.wait_for(|r| *r >= committed.revision)).await.is_err() {
+            tracing::warn!(
+                revision = committed.revision,
+                "committed, but the store watch has not brought the change back yet; reads may lag"
+            );
+        }
+    }
+
+    fn absorb(&self, event: StoreEvent) {
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
-        let mut resources = resources.into_iter();
-        for (key, stored) in committed.puts {
-            let resource = resources.next();
-            state.objects.insert(key, Entry { stored, resource });
-        }
-        for key in committed.deletes {
-            state.objects.remove(&key);
-        }
-        state.revision = committed.revision;
+        let revision = match event {
+            StoreEvent::Committed(committed) => {
+                if committed.revision <= state.revision {
+                    return;
+                }
+                for (key, stored) in committed.puts {
+                    let resource = parse_stored(&key, &stored);
+                    state.insert(key, stored, resource);
+                }
+                for key in &committed.deletes {
+                    state.remove(key);
+                }
+                committed.revision
+            }
+            StoreEvent::Reset(contents) => {
+                let mut fresh = State { revision: contents.revision, ..Default::default() };
+                for (key, stored) in contents.objects {
+                    let resource = parse_stored(&key, &stored);
+                    fresh.insert(key, stored, resource);
+                }
+                *state = fresh;
+                contents.revision
+            }
+        };
+        state.revision = revision;
+        drop(state);
+        self.revision.send_replace(revision);
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
         self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Feeds `catalog` from the store's watch until the catalog is dropped.
+async fn follow(catalog: Weak<Catalog>, store: Arc<dyn Store>, mut revision: u64) {
+    loop {
+        let mut events = store.watch(revision);
+        while let Some(event) = events.next().await {
+            let Some(catalog) = catalog.upgrade() else { return };
+            match event {
+                Ok(event) => {
+                    catalog.absorb(event);
+                    revision = catalog.revision();
+                }
+                Err(error) => tracing::warn!(%error, "the store watch failed; it resumes"),
+            }
+        }
+        if catalog.strong_count() == 0 {
+            return;
+        }
+        tracing::warn!(revision, "the store watch ended; watching again");
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
@@ -323,7 +402,8 @@ fn result(key: &ObjectKey, action: Action) -> ActionResult {
     ActionResult { kind: key.kind.clone(), namespace: key.namespace.clone(), name: key.name.clone(), action }
 }
 
-fn registration_key(namespace: &str, proxy_id: &str) -> ObjectKey {
+/// The store key of the registration of proxy `proxy_id` in `namespace`.
+pub fn registration_key(namespace: &str, proxy_id: &str) -> ObjectKey {
     ObjectKey { kind: REGISTRATION_KIND.to_string(), namespace: namespace.to_string(), name: proxy_id.to_string() }
 }
 
@@ -348,8 +428,15 @@ mod tests {
 
     const SERVICE: &str = "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: reviews}\nspec: {selector: {app: reviews}, ports: [{port: 80, protocol: http}]}\n";
 
-    async fn catalog(dir: &tempfile::TempDir) -> Catalog {
-        Catalog::load(Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap())).await.unwrap()
+    async fn catalog(dir: &tempfile::TempDir) -> Arc<Catalog> {
+        // A dropped catalog's watch task lets go of the file at its next turn.
+        for _ in 0..100 {
+            if let Ok(store) = EmbeddedStore::open(&dir.path().join("s.redb")) {
+                return Catalog::load(Arc::new(store)).await.unwrap();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("the store stays open after its catalog was dropped");
     }
 
     #[tokio::test]

@@ -15,9 +15,14 @@ use weft_api::discovery::discovery_server::DiscoveryServer;
 use crate::{
     api,
     catalog::Catalog,
+    cluster::{etcd::EtcdCluster, local::unix_now, local::LocalCluster, new_replica_id, Cluster, ReplicaInfo},
     discovery::{DiscoveryService, Hub},
     registry::Registry,
-    store::{embedded::EmbeddedStore, etcd::EtcdStore, Store, StoreError},
+    store::{
+        embedded::EmbeddedStore,
+        etcd::{EtcdSettings, EtcdStore},
+        Store, StoreError,
+    },
 };
 
 /// The default API address.
@@ -34,7 +39,7 @@ pub const DEFAULT_LEASE: Duration = Duration::from_secs(15);
 pub enum StoreSpec {
     /// A file under `--data-dir`: one control plane.
     Embedded,
-    /// An etcd cluster, by client addresses (`host:port`).
+    /// An etcd cluster, by client addresses (`host:port`): several replicas may share it.
     Etcd(Vec<String>),
 }
 
@@ -66,10 +71,20 @@ pub struct ControlSettings {
     /// How long a registered workload stays after its proxy's stream ends.
     pub lease: Duration,
     pub store: StoreSpec,
+    /// TLS to etcd: its CA, and a client certificate and key if it asks for one.
+    pub etcd_tls: EtcdTls,
     /// Where the embedded store keeps its file.
     pub data_dir: PathBuf,
     /// Where to write the bound addresses as JSON, for scripts and tests using port 0.
     pub ports_file: Option<PathBuf>,
+}
+
+/// Files for TLS to etcd (`--etcd-ca`, `--etcd-cert`, `--etcd-key`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EtcdTls {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
 }
 
 /// Why the control plane could not start or stopped.
@@ -81,6 +96,8 @@ pub enum ControlError {
     Bind { what: &'static str, flag: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error("cannot write the ports file {path}: {source}")]
     PortsFile { path: String, source: std::io::Error },
+    #[error("{0}")]
+    Settings(String),
     #[error("the API server failed: {0}")]
     Serve(std::io::Error),
 }
@@ -119,15 +136,12 @@ pub async fn run(
     settings: ControlSettings,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ControlError> {
-    let store: Arc<dyn Store> = match &settings.store {
-        StoreSpec::Embedded => Arc::new(EmbeddedStore::open(&store_path(&settings.data_dir))?),
-        StoreSpec::Etcd(endpoints) => Arc::new(EtcdStore::connect(endpoints).await?),
-    };
-    let catalog = Arc::new(Catalog::load(store).await?);
-    let registry = Arc::new(Registry::new(settings.lease, catalog.registrations()));
-    let hub = Hub::new(catalog.clone(), registry);
-    tokio::spawn(hub.clone().maintain());
-
+    let uses_etcd_tls = settings.etcd_tls != EtcdTls::default();
+    if settings.store == StoreSpec::Embedded && uses_etcd_tls {
+        return Err(ControlError::Settings(
+            "--etcd-ca, --etcd-cert and --etcd-key apply to an etcd store; add --store etcd://HOST:PORT".into(),
+        ));
+    }
     let listener = TcpListener::bind(settings.api_addr).await.map_err(|source| ControlError::Bind {
         what: "API",
         flag: "api-addr",
@@ -145,6 +159,34 @@ pub async fn run(
     if !grpc_addr.ip().is_loopback() {
         tracing::warn!(%grpc_addr, "discovery is served beyond loopback without authentication: anyone who reaches it can register endpoints and read the configuration");
     }
+
+    let info = ReplicaInfo {
+        id: new_replica_id(),
+        api: api_addr.to_string(),
+        grpc: grpc_addr.to_string(),
+        started_at: unix_now(),
+    };
+    let (catalog, cluster): (Arc<Catalog>, Arc<dyn Cluster>) = match &settings.store {
+        StoreSpec::Embedded => {
+            let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&store_path(&settings.data_dir))?);
+            (Catalog::load(store.clone()).await?, Arc::new(LocalCluster::new(info.clone(), store)))
+        }
+        StoreSpec::Etcd(endpoints) => {
+            let etcd = EtcdSettings {
+                endpoints: endpoints.clone(),
+                ca: settings.etcd_tls.ca.clone(),
+                cert: settings.etcd_tls.cert.clone(),
+                key: settings.etcd_tls.key.clone(),
+            };
+            let store = Arc::new(EtcdStore::connect(&etcd).await?);
+            let cluster = EtcdCluster::join(store.client(), info.clone()).await?;
+            (Catalog::load(store).await?, cluster)
+        }
+    };
+    let registry = Registry::new(catalog.clone(), cluster, settings.lease);
+    let hub = Hub::new(catalog.clone(), registry);
+    tokio::spawn(hub.clone().maintain());
+
     if let Some(path) = &settings.ports_file {
         let text = serde_json::json!({ "api": api_addr.to_string(), "grpc": grpc_addr.to_string() }).to_string();
         std::fs::write(path, text)
@@ -157,7 +199,7 @@ pub async fn run(
             let _ = grpc_stopped.await;
         });
     let grpc = tokio::spawn(grpc);
-    tracing::info!(%api_addr, %grpc_addr, store = %catalog.store_description(), lease = ?settings.lease, "control plane ready");
+    tracing::info!(%api_addr, %grpc_addr, replica = %info.id, store = %catalog.store_description(), lease = ?settings.lease, "control plane ready");
     axum::serve(listener, api::router(hub)).with_graceful_shutdown(shutdown).await.map_err(ControlError::Serve)?;
     let _ = stop_grpc.send(());
     // Open discovery streams never end by themselves; do not wait on them for long.

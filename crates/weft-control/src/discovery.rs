@@ -15,7 +15,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::{wrappers::ReceiverStream, Stream};
 use tonic::{Request, Response, Status, Streaming};
@@ -25,7 +25,7 @@ use weft_api::discovery::{
 
 use crate::{
     catalog::Catalog,
-    registry::{Registration, Registry},
+    registry::{Health, Registration, Registry},
     views::World,
 };
 
@@ -34,7 +34,7 @@ use crate::{
 const MAX_SUBSCRIPTIONS: usize = 10_000;
 
 /// What `weft get proxies` shows of one proxy.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ProxyRecord {
     pub proxy_id: String,
@@ -44,6 +44,8 @@ pub struct ProxyRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
     pub proxy_version: String,
+    /// The control-plane replica holding this proxy's stream.
+    pub control_plane: String,
     /// Seconds since the Unix epoch when this stream opened.
     pub connected_at: u64,
     pub subscriptions: usize,
@@ -97,24 +99,19 @@ impl Hub {
         }
     }
 
-    /// Rebuilds the world whenever the catalog or the registry changes; also expires
-    /// lapsed leases. Runs until the process ends.
+    /// Rebuilds the world whenever the catalog changes (registrations and their health are
+    /// stored, so they change it too); every second, notes detached registrations and, on
+    /// the leader, expires lapsed ones. Runs until the process ends.
     pub async fn maintain(self: Arc<Self>) {
         let mut catalog_changed = self.catalog.subscribe();
-        let mut registry_changed = self.registry.subscribe();
         let mut sweep = tokio::time::interval(Duration::from_secs(1));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 changed = catalog_changed.changed() => if changed.is_err() { return },
-                changed = registry_changed.changed() => if changed.is_err() { return },
                 _ = sweep.tick() => {
-                    for proxy_id in self.registry.expired(Instant::now()) {
-                        let Some(expired) = self.registry.remove(&proxy_id) else { continue };
-                        tracing::info!(%proxy_id, "lease lapsed: endpoint removed");
-                        if let Err(error) = self.catalog.delete_registration(&expired.namespace, &proxy_id).await {
-                            tracing::warn!(%proxy_id, %error, "cannot forget an expired registration in the store");
-                        }
+                    for expired in self.registry.sweep(Instant::now()).await {
+                        tracing::info!(proxy_id = %expired.name, namespace = %expired.namespace, "lease lapsed: endpoint removed");
                     }
                     continue;
                 }
@@ -189,6 +186,7 @@ async fn serve_proxy(
             service: registration.as_ref().map(|r| r.service.clone()),
             address: registration.as_ref().map(|r| r.address.clone()),
             proxy_version: hello.proxy_version.clone(),
+            control_plane: hub.registry.cluster().replica().to_string(),
             connected_at: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             subscriptions: hello.subscriptions.len(),
             sent_version: String::new(),
@@ -196,14 +194,13 @@ async fn serve_proxy(
             last_nack: None,
         },
     );
-    if let Some(registration) = &registration {
-        if hub.registry.register(registration.clone()) {
-            if let Err(error) = hub.catalog.put_registration(registration).await {
-                tracing::warn!(%proxy_id, %error, "cannot store a registration; it is served but will not survive a restart");
-            }
+    let mut attached = match &registration {
+        Some(registration) => {
+            tracing::info!(%proxy_id, service = %registration.service, address = %registration.address, "workload registered");
+            Some(hub.registry.attach(registration.clone()).await)
         }
-        tracing::info!(%proxy_id, service = %registration.service, address = %registration.address, "workload registered");
-    }
+        None => None,
+    };
     let mut subscriptions: BTreeSet<String> = hello.subscriptions.iter().filter(|s| s.contains('/')).cloned().collect();
     let mut world_changed = hub.world_changed.subscribe();
     let mut last_sent: Option<u64> = None;
@@ -250,7 +247,11 @@ async fn serve_proxy(
                         let count = subscriptions.len();
                         hub.update(&proxy_id, |r| r.subscriptions = count);
                     }
-                    proxy_message::Message::Health(health) => hub.registry.set_health(&proxy_id, health.healthy, health.detail),
+                    proxy_message::Message::Health(health) => {
+                        if let Some(attached) = attached.as_mut() {
+                            hub.registry.set_health(attached, health.healthy, health.detail);
+                        }
+                    }
                     proxy_message::Message::Goodbye(_) => {
                         goodbye = true;
                         break Ok(());
@@ -264,16 +265,13 @@ async fn serve_proxy(
         }
     };
     hub.lock_proxies().remove(&proxy_id);
-    if goodbye {
-        if hub.registry.remove(&proxy_id).is_some() {
+    if let Some(attached) = attached {
+        hub.registry.detach(attached, goodbye).await;
+        if goodbye {
             tracing::info!(%proxy_id, "proxy stopped cleanly: endpoint removed");
+        } else {
+            tracing::info!(%proxy_id, lease = ?hub.registry.lease(), "proxy disconnected: its endpoint stays until the lease lapses");
         }
-        if let Err(error) = hub.catalog.delete_registration(&namespace, &proxy_id).await {
-            tracing::warn!(%proxy_id, %error, "cannot forget a registration in the store");
-        }
-    } else if registration.is_some() {
-        hub.registry.disconnected(&proxy_id);
-        tracing::info!(%proxy_id, lease = ?hub.registry.lease(), "proxy disconnected: its endpoint stays until the lease lapses");
     }
     result
 }
@@ -299,6 +297,7 @@ fn registration(
         weight: if workload.weight == 0 { 1 } else { workload.weight },
         protocol: if workload.protocol.is_empty() { "http".into() } else { workload.protocol.clone() },
         service_port: if port == 0 { 80 } else { port },
+        health: Health::not_reported(),
     })
 }
 

@@ -4,11 +4,15 @@
 //! [`store`] keeps resources with revisions behind one trait; [`catalog`] is the only
 //! writer and holds the parsed state every reader works from; [`api`] serves it as JSON;
 //! [`describe`] explains one Service; [`kinds`] is the vocabulary of kind names.
+//! [`registry`] keeps the workloads proxies register, [`cluster`] what replicas sharing
+//! one etcd agree on (presence, leadership), [`views`] compiles each proxy's view and
+//! [`discovery`] streams it.
 
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod catalog;
+pub mod cluster;
 pub mod control;
 pub mod describe;
 pub mod discovery;
@@ -17,4 +21,4 @@ pub mod registry;
 pub mod store;
 pub mod views;
 
-pub use control::{default_data_dir, run, ControlError, ControlSettings, StoreSpec};
+pub use control::{default_data_dir, run, ControlError, ControlSettings, EtcdTls, StoreSpec};

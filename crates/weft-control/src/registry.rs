@@ -1,27 +1,62 @@
-//! Workloads registered by proxies (`weft proxy --control ... --service reviews`), each
-//! held by its proxy's discovery stream and, once the stream is gone, by a lease.
+//! Workloads registered by proxies (`weft proxy --control ... --service reviews`).
+//!
+//! A registration is a record in the store (so every replica serves it, and it survives
+//! restarts), holding the workload and the health its proxy last reported. Whether its
+//! proxy is still there is presence (see [`crate::cluster`]): while some replica holds the
+//! proxy's stream the registration never expires; once none does, its lease runs, and the
+//! leading replica deletes it a lease period later.
 //!
 //! Leases must never take the mesh down:
 //! - a registration outlives its stream by the lease period (`--lease`), so a proxy that
-//!   reconnects (to this or another control plane) keeps its endpoint throughout;
-//! - nothing expires until a full lease period after this control plane started, so a
-//!   restarted control plane does not expire proxies that have not had time to reconnect;
-//! - registrations are written to the store, so a restart does not forget them.
+//!   reconnects (to this or another replica) keeps its endpoint throughout;
+//! - nothing expires until a full lease period after the leader started leading, so a
+//!   restarted control plane, or a replica taking over from a dead leader, does not
+//!   expire proxies that have not had time to reconnect;
+//! - expiring is fenced: it deletes only while its replica leads and only registrations
+//!   whose proxies are attached nowhere at that instant.
 //!
 //! A proxy that stops cleanly says goodbye and is removed at once.
 
 use std::{
-    collections::BTreeMap,
-    sync::Mutex,
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex, Weak},
     time::{Duration, Instant},
 };
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tokio::sync::watch;
+use tokio::sync::Notify;
+
+use crate::{
+    catalog::{registration_key, Catalog},
+    cluster::{Claim, Cluster},
+    store::{Change, ObjectKey},
+};
 
 /// The store kind registrations are kept under; not a user-facing resource kind.
 pub const REGISTRATION_KIND: &str = "Registration";
+
+/// Registration writes per commit, inside etcd's default limit of 128 operations.
+const WRITE_BATCH: usize = 100;
+
+/// What a proxy last said about its application.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    pub healthy: bool,
+    pub detail: String,
+}
+
+impl Health {
+    /// A new registration receives traffic only once its proxy says its app is healthy.
+    pub fn not_reported() -> Self {
+        Health { healthy: false, detail: "not yet reported".into() }
+    }
+
+    /// Records written before health was stored were serving; keep them serving.
+    fn restored() -> Self {
+        Health { healthy: true, detail: "restored from the store".into() }
+    }
+}
 
 /// One registered workload, as stored.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -38,6 +73,8 @@ pub struct Registration {
     pub weight: u32,
     pub protocol: String,
     pub service_port: u16,
+    #[serde(default = "Health::restored")]
+    pub health: Health,
 }
 
 impl Registration {
@@ -54,143 +91,226 @@ impl Registration {
             "spec": spec,
         })
     }
+
+    /// The store key of this registration.
+    pub fn key(&self) -> ObjectKey {
+        registration_key(&self.namespace, &self.proxy_id)
+    }
+
+    /// Whether `other` registers the same workload, whatever the health.
+    fn same_workload(&self, other: &Registration) -> bool {
+        Registration { health: other.health.clone(), ..self.clone() } == *other
+    }
 }
 
-/// A registration with its liveness.
+/// A registration with its liveness, for views and listings.
 #[derive(Clone, Debug)]
 pub struct Registered {
     pub registration: Registration,
-    /// Reported by the proxy's health checks of its application; new registrations
-    /// start healthy only once the proxy says so.
     pub healthy: bool,
     pub health_detail: String,
-    /// `None` while the proxy's stream is open; else when the registration expires.
+    /// `None` while a replica holds the proxy's stream; else about when the registration
+    /// expires.
     pub expires: Option<Instant>,
+}
+
+/// A proxy stream's hold on its registration.
+pub struct Attached {
+    claim: Claim,
+    /// The record as this stream wants it stored.
+    record: Registration,
 }
 
 /// Every registered workload.
 pub struct Registry {
-    entries: Mutex<BTreeMap<String, Registered>>,
+    catalog: Arc<Catalog>,
+    cluster: Arc<dyn Cluster>,
     lease: Duration,
-    /// Nothing expires before this instant: a full lease after start.
-    grace_until: Instant,
-    /// Bumped on every change that alters what proxies should see.
-    generation: watch::Sender<u64>,
+    /// When this replica first saw each registration attached nowhere.
+    detached_since: Mutex<HashMap<ObjectKey, Instant>>,
+    /// Records to write (`None`: delete), coalesced per key.
+    pending: Mutex<BTreeMap<ObjectKey, Option<Registration>>>,
+    wake: Notify,
 }
 
 impl Registry {
-    /// A registry whose leases last `lease`, holding `restored` registrations (from the
-    /// store) as disconnected until their proxies come back.
-    pub fn new(lease: Duration, restored: Vec<Registration>) -> Self {
-        let now = Instant::now();
-        let entries = restored
-            .into_iter()
-            .map(|registration| {
-                let registered = Registered {
-                    registration: registration.clone(),
-                    // A restored endpoint was serving before the restart; keep it serving
-                    // until its proxy reports otherwise or its lease lapses.
-                    healthy: true,
-                    health_detail: "restored from the store".into(),
-                    expires: Some(now + lease),
-                };
-                (registration.proxy_id, registered)
-            })
-            .collect();
-        let (generation, _) = watch::channel(0);
-        Registry { entries: Mutex::new(entries), lease, grace_until: now + lease, generation }
+    /// A registry of the registrations in `catalog`, with leases of `lease`; starts the
+    /// task that writes registrations in batches.
+    pub fn new(catalog: Arc<Catalog>, cluster: Arc<dyn Cluster>, lease: Duration) -> Arc<Self> {
+        let registry = Arc::new(Registry {
+            catalog,
+            cluster,
+            lease,
+            detached_since: Mutex::default(),
+            pending: Mutex::default(),
+            wake: Notify::new(),
+        });
+        tokio::spawn(write_batches(Arc::downgrade(&registry)));
+        registry
     }
 
     pub fn lease(&self) -> Duration {
         self.lease
     }
 
-    /// Notified after every change.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.generation.subscribe()
+    pub fn cluster(&self) -> &Arc<dyn Cluster> {
+        &self.cluster
     }
 
-    fn changed(&self) {
-        self.generation.send_modify(|g| *g += 1);
+    fn write(&self, key: ObjectKey, record: Option<Registration>) {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(key, record);
+        self.wake.notify_one();
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Registered>> {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Registers (or re-attaches) the workload of a connected proxy. Returns whether the
-    /// stored registration changed (and must be written).
-    pub fn register(&self, registration: Registration) -> bool {
-        let mut entries = self.lock();
-        let changed = match entries.get_mut(&registration.proxy_id) {
-            Some(existing) => {
-                existing.expires = None;
-                let changed = existing.registration != registration;
-                existing.registration = registration;
-                changed
-            }
-            None => {
-                let registered = Registered {
-                    registration: registration.clone(),
-                    healthy: false,
-                    health_detail: "not yet reported".into(),
-                    expires: None,
-                };
-                entries.insert(registration.proxy_id.clone(), registered);
-                true
-            }
+    /// Registers (or re-attaches) the workload of a proxy whose stream this replica holds.
+    /// Its last stored health is kept if the workload is the same.
+    pub async fn attach(&self, mut registration: Registration) -> Attached {
+        let key = registration.key();
+        let claim = self.cluster.attach(&key).await;
+        registration.health = match self.catalog.registration(&key) {
+            Some(stored) if stored.same_workload(&registration) => stored.health,
+            _ => Health::not_reported(),
         };
-        drop(entries);
-        self.changed();
-        changed
+        self.write(key, Some(registration.clone()));
+        Attached { claim, record: registration }
     }
 
-    /// Records the application's health as the proxy reports it.
-    pub fn set_health(&self, proxy_id: &str, healthy: bool, detail: String) {
-        let mut entries = self.lock();
-        let Some(entry) = entries.get_mut(proxy_id) else { return };
-        let flipped = entry.healthy != healthy;
-        entry.healthy = healthy;
-        entry.health_detail = detail;
-        drop(entries);
-        if flipped {
-            self.changed();
+    /// Records the application's health as the proxy reports it. Only a change between
+    /// healthy and unhealthy is written: the detail alone does not change any view.
+    pub fn set_health(&self, attached: &mut Attached, healthy: bool, detail: String) {
+        if attached.record.health.healthy == healthy {
+            return;
         }
+        attached.record.health = Health { healthy, detail };
+        self.write(attached.claim.key.clone(), Some(attached.record.clone()));
     }
 
-    /// The proxy's stream ended without a goodbye: its lease starts running.
-    pub fn disconnected(&self, proxy_id: &str) {
-        if let Some(entry) = self.lock().get_mut(proxy_id) {
-            entry.expires = Some(Instant::now() + self.lease);
+    /// The stream ended. After a goodbye the registration goes at once; otherwise its
+    /// lease starts running.
+    pub async fn detach(&self, attached: Attached, goodbye: bool) {
+        if goodbye {
+            self.write(attached.claim.key.clone(), None);
         }
+        self.cluster.detach(&attached.claim).await;
     }
 
-    /// Removes a registration (clean stop or lease expiry), returning it if it existed.
-    pub fn remove(&self, proxy_id: &str) -> Option<Registration> {
-        let removed = self.lock().remove(proxy_id).map(|entry| entry.registration);
-        if removed.is_some() {
-            self.changed();
-        }
-        removed
-    }
-
-    /// Registrations whose lease has lapsed, honouring the start-up grace.
-    pub fn expired(&self, now: Instant) -> Vec<String> {
-        if now < self.grace_until {
-            return Vec::new();
-        }
-        self.lock().iter().filter(|(_, e)| e.expires.is_some_and(|t| t <= now)).map(|(id, _)| id.clone()).collect()
-    }
-
-    /// A copy of every entry, for views and listings.
+    /// Every registration with its liveness.
     pub fn entries(&self) -> Vec<Registered> {
-        self.lock().values().cloned().collect()
+        let presence = self.cluster.presence().borrow().clone();
+        let detached_since = self.detached_since.lock().unwrap_or_else(|e| e.into_inner());
+        let leading_since = *self.cluster.leadership().borrow();
+        let now = Instant::now();
+        self.catalog
+            .registrations()
+            .into_iter()
+            .map(|(key, registration)| {
+                let expires = (!presence.contains_key(&key)).then(|| {
+                    let since = detached_since.get(&key).copied().unwrap_or(now);
+                    since.max(leading_since.unwrap_or(now)) + self.lease
+                });
+                Registered {
+                    healthy: registration.health.healthy,
+                    health_detail: registration.health.detail.clone(),
+                    registration,
+                    expires,
+                }
+            })
+            .collect()
+    }
+
+    /// Notes which registrations are detached and, on the leading replica, expires those
+    /// whose lease has lapsed. Returns the expired ones.
+    pub async fn sweep(&self, now: Instant) -> Vec<ObjectKey> {
+        let presence = self.cluster.presence().borrow().clone();
+        let registrations = self.catalog.registrations();
+        let lapsed: Vec<ObjectKey> = {
+            let mut detached_since = self.detached_since.lock().unwrap_or_else(|e| e.into_inner());
+            let mut current = HashMap::with_capacity(detached_since.len());
+            for (key, _) in &registrations {
+                if !presence.contains_key(key) {
+                    current.insert(key.clone(), detached_since.get(key).copied().unwrap_or(now));
+                }
+            }
+            *detached_since = current;
+            let Some(leading_since) = *self.cluster.leadership().borrow() else { return Vec::new() };
+            detached_since
+                .iter()
+                .filter(|(_, since)| (**since).max(leading_since) + self.lease <= now)
+                .map(|(key, _)| key.clone())
+                .collect()
+        };
+        if lapsed.is_empty() {
+            return lapsed;
+        }
+        match self.cluster.expire(&lapsed).await {
+            Ok(expired) => expired,
+            Err(error) => {
+                tracing::warn!(%error, "cannot expire lapsed registrations; retrying");
+                Vec::new()
+            }
+        }
+    }
+}
+
+/// Writes pending registrations until the registry is dropped.
+async fn write_batches(registry: Weak<Registry>) {
+    loop {
+        let Some(registry) = registry.upgrade() else { return };
+        // Wakes at least every second, so a dropped registry ends this task.
+        let _ = tokio::time::timeout(Duration::from_secs(1), registry.wake.notified()).await;
+        registry.flush().await;
+    }
+}
+
+impl Registry {
+    /// Writes pending registrations, up to [`WRITE_BATCH`] per commit: a thousand proxies
+    /// registering at once (a control plane restart) make ten commits, not a thousand.
+    async fn flush(&self) {
+        loop {
+            let batch: Vec<(ObjectKey, Option<Registration>)> = {
+                let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                let keys: Vec<ObjectKey> = pending.keys().take(WRITE_BATCH).cloned().collect();
+                keys.into_iter().filter_map(|key| pending.remove_entry(&key)).collect()
+            };
+            if batch.is_empty() {
+                return;
+            }
+            let mut change = Change::default();
+            for (key, record) in &batch {
+                let stored = self.catalog.registration(key);
+                match record {
+                    Some(record) if stored.as_ref() != Some(record) => match serde_json::to_value(record) {
+                        Ok(document) => change.puts.push((key.clone(), document)),
+                        Err(error) => tracing::error!(%key, %error, "cannot encode a registration"),
+                    },
+                    None if stored.is_some() => change.deletes.push(key.clone()),
+                    _ => {}
+                }
+            }
+            if let Err(error) = self.catalog.write_registrations(change).await {
+                tracing::warn!(%error, "cannot store registrations; retrying");
+                {
+                    let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                    for (key, record) in batch {
+                        // A newer wish for the same key replaces this one.
+                        pending.entry(key).or_insert(record);
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        cluster::{local::LocalCluster, ReplicaInfo},
+        store::{embedded::EmbeddedStore, Store},
+    };
+
+    const LEASE: Duration = Duration::from_secs(10);
 
     fn registration(id: &str) -> Registration {
         Registration {
@@ -203,29 +323,85 @@ mod tests {
             weight: 1,
             protocol: "http".into(),
             service_port: 80,
+            health: Health::not_reported(),
         }
     }
 
-    #[test]
-    fn a_lease_runs_only_after_disconnect_and_never_inside_the_start_grace() {
-        let registry = Registry::new(Duration::from_millis(50), vec![]);
-        assert!(registry.register(registration("a")));
-        assert!(!registry.register(registration("a")), "re-registering the same is no change");
-        let later = Instant::now() + Duration::from_secs(1);
-        assert!(registry.expired(later).is_empty(), "connected proxies never expire");
-        registry.disconnected("a");
-        assert!(registry.expired(Instant::now()).is_empty(), "inside the start grace");
-        assert_eq!(registry.expired(later), vec!["a".to_string()]);
-        registry.register(registration("a"));
-        assert!(registry.expired(later).is_empty(), "reconnecting stops the lease");
+    async fn registry(dir: &tempfile::TempDir) -> Arc<Registry> {
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
+        let catalog = Catalog::load(store.clone()).await.unwrap();
+        let info = ReplicaInfo { id: "test".into(), api: String::new(), grpc: String::new(), started_at: 0 };
+        Registry::new(catalog, Arc::new(LocalCluster::new(info, store)), LEASE)
+    }
+
+    fn stored(registry: &Registry, id: &str) -> Option<Registration> {
+        registry.catalog.registration(&registration(id).key())
+    }
+
+    #[tokio::test]
+    async fn a_lease_runs_only_once_detached_and_never_inside_the_leaders_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = registry(&dir).await;
+        let mut attached = registry.attach(registration("a")).await;
+        registry.flush().await;
+        assert_eq!(stored(&registry, "a").unwrap().health, Health::not_reported());
+        registry.set_health(&mut attached, true, "HTTP 200".into());
+        registry.flush().await;
+        assert!(stored(&registry, "a").unwrap().health.healthy);
+
+        let now = Instant::now();
+        let later = now + LEASE * 3;
+        registry.sweep(now).await;
+        assert!(registry.sweep(later).await.is_empty(), "an attached proxy never expires");
+        assert!(registry.entries()[0].expires.is_none());
+
+        registry.detach(attached, false).await;
+        registry.sweep(now).await;
+        assert!(registry.entries()[0].expires.is_some());
+        assert!(registry.sweep(now + LEASE / 2).await.is_empty(), "inside the lease");
+        assert_eq!(registry.sweep(later).await, vec![registration("a").key()]);
+        assert!(stored(&registry, "a").is_none(), "expired means deleted from the store");
+    }
+
+    #[tokio::test]
+    async fn reattaching_stops_the_lease_and_keeps_the_stored_health() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = registry(&dir).await;
+        let mut attached = registry.attach(registration("a")).await;
+        registry.set_health(&mut attached, true, "ok".into());
+        registry.flush().await;
+        registry.detach(attached, false).await;
+        let now = Instant::now();
+        registry.sweep(now).await;
+        let attached = registry.attach(registration("a")).await;
+        assert!(attached.record.health.healthy, "same workload, same health until the proxy says otherwise");
+        assert!(registry.sweep(now + LEASE * 3).await.is_empty());
+        let moved = Registration { address: "127.0.0.1:9999".into(), ..registration("a") };
+        assert_eq!(
+            registry.attach(moved).await.record.health,
+            Health::not_reported(),
+            "a new address is a new workload"
+        );
+    }
+
+    #[tokio::test]
+    async fn goodbye_removes_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = registry(&dir).await;
+        let attached = registry.attach(registration("a")).await;
+        registry.flush().await;
+        assert!(stored(&registry, "a").is_some());
+        registry.detach(attached, true).await;
+        registry.flush().await;
+        assert!(stored(&registry, "a").is_none());
     }
 
     #[test]
-    fn restored_registrations_serve_until_their_lease_lapses() {
-        let registry = Registry::new(Duration::from_millis(50), vec![registration("a")]);
-        let entries = registry.entries();
-        assert!(entries[0].healthy && entries[0].expires.is_some());
-        assert_eq!(registry.expired(Instant::now() + Duration::from_secs(1)), vec!["a".to_string()]);
+    fn records_from_before_health_was_stored_keep_serving() {
+        let mut document = serde_json::to_value(registration("a")).unwrap();
+        document.as_object_mut().unwrap().remove("health");
+        let restored: Registration = serde_json::from_value(document).unwrap();
+        assert!(restored.health.healthy);
     }
 
     #[test]

@@ -294,6 +294,7 @@ spec: {targetRef: {kind: Service, name: reviews-v2}, loadBalancer: {algorithm: r
                 weight: 1,
                 protocol: "grpc".into(),
                 service_port: 9000,
+                health: crate::registry::Health { healthy: true, detail: String::new() },
             },
             healthy: true,
             health_detail: String::new(),

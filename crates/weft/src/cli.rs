@@ -215,7 +215,7 @@ pub async fn get(
     Ok(())
 }
 
-/// `weft get proxies`: every proxy connected to this control plane.
+/// `weft get proxies`: every connected proxy, on whichever control-plane replica.
 async fn get_proxies(api: &ApiClient, output: Output) -> anyhow::Result<()> {
     let answer = api.call(http::Method::GET, "/api/v1/proxies", None).await?;
     let items = answer["items"].as_array().cloned().unwrap_or_default();
@@ -225,9 +225,10 @@ async fn get_proxies(api: &ApiClient, output: Output) -> anyhow::Result<()> {
         Output::Table if items.is_empty() => eprintln!("no proxies connected"),
         Output::Table => {
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-            let mut rows = vec![["PROXY", "NAMESPACE", "SERVICE", "ADDRESS", "APPLIED", "LAST NACK", "AGE"]
-                .map(String::from)
-                .to_vec()];
+            let mut rows =
+                vec![["PROXY", "NAMESPACE", "SERVICE", "ADDRESS", "CONTROL PLANE", "APPLIED", "LAST NACK", "AGE"]
+                    .map(String::from)
+                    .to_vec()];
             for p in &items {
                 let text = |key: &str| p[key].as_str().filter(|s| !s.is_empty()).unwrap_or("-").to_string();
                 let applied = text("appliedVersion");
@@ -241,12 +242,24 @@ async fn get_proxies(api: &ApiClient, output: Output) -> anyhow::Result<()> {
                     text("namespace"),
                     text("service"),
                     text("address"),
+                    text("controlPlane"),
                     current,
                     text("lastNack"),
-                    age(now.saturating_sub(p["connectedAt"].as_u64().unwrap_or(now))),
+                    match p["connectedAt"].as_u64() {
+                        Some(0) | None => "-".into(),
+                        Some(at) => age(now.saturating_sub(at)),
+                    },
                 ]);
             }
             print_rows(&rows);
+            for replica in answer["unreachableReplicas"].as_array().into_iter().flatten() {
+                eprintln!(
+                    "warning: control plane {} ({}) did not answer ({}); its proxies are listed without versions",
+                    replica["replica"].as_str().unwrap_or("?"),
+                    replica["api"].as_str().unwrap_or("?"),
+                    replica["reason"].as_str().unwrap_or("?"),
+                );
+            }
         }
     }
     Ok(())

@@ -154,6 +154,16 @@ struct ControlArgs {
     /// or `etcd://HOST:PORT[,HOST:PORT]` (an etcd cluster).
     #[arg(long, default_value = "embedded", value_name = "STORE")]
     store: weft_control::StoreSpec,
+    /// TLS to etcd: the CA certificate (PEM) that signed etcd's server certificates.
+    #[arg(long, value_name = "FILE")]
+    etcd_ca: Option<PathBuf>,
+    /// TLS to etcd: a client certificate (PEM), for an etcd started with
+    /// --client-cert-auth; needs --etcd-key.
+    #[arg(long, value_name = "FILE", requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    /// TLS to etcd: the client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
     /// Directory of the embedded store (created if missing). Default:
     /// $XDG_DATA_HOME/weft or ~/.local/share/weft.
     #[arg(long, value_name = "DIR")]
@@ -228,6 +238,11 @@ struct ProxyArgs {
     /// --app-addr, the proxy also registers its workload there.
     #[arg(long, value_name = "ADDR[,ADDR]", value_delimiter = ',')]
     control: Vec<String>,
+    /// This proxy's id in the mesh, also the name of its registered workload: a stable
+    /// one (a pod or host name) lets a restarted proxy take its registration back.
+    /// Default: SERVICE-RANDOM.
+    #[arg(long, env = "WEFT_PROXY_ID", value_name = "ID", value_parser = parse_proxy_id)]
+    id: Option<String>,
     /// Labels of the registered workload besides `app: SERVICE`, e.g. `version=v2,tier=web`.
     #[arg(long, value_name = "K=V[,K=V]", value_delimiter = ',', value_parser = parse_label)]
     labels: Vec<(String, String)>,
@@ -305,11 +320,26 @@ impl ProxyArgs {
             let prefix = settings.service.clone().unwrap_or_else(|| "proxy".into());
             settings.control = Some(weft_proxy::discovery::ControlSettings {
                 addresses: self.control,
-                proxy_id: format!("{prefix}-{:08x}", rand::random::<u32>()),
+                proxy_id: self.id.unwrap_or_else(|| format!("{prefix}-{:08x}", rand::random::<u32>())),
                 registration,
             });
         }
         settings
+    }
+}
+
+/// Proxy ids name Workloads, so they follow the same rule as resource names.
+fn parse_proxy_id(text: &str) -> Result<String, String> {
+    let bytes = text.as_bytes();
+    let valid = !text.is_empty()
+        && text.len() <= 253
+        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-' || *b == b'.')
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes[text.len() - 1].is_ascii_alphanumeric();
+    if valid {
+        Ok(text.to_string())
+    } else {
+        Err("use lowercase letters, digits, '-' and '.', starting and ending with a letter or digit".into())
     }
 }
 
@@ -377,6 +407,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 api_addr: args.api_addr,
                 grpc_addr: args.grpc_addr,
                 store: args.store,
+                etcd_tls: weft_control::EtcdTls { ca: args.etcd_ca, cert: args.etcd_cert, key: args.etcd_key },
                 lease: args.lease.get(),
                 data_dir: args.data_dir.unwrap_or_else(weft_control::default_data_dir),
                 ports_file: args.ports_file,

@@ -1,64 +1,217 @@
-//! The control plane on a real etcd: resources survive the control plane, and a second
-//! replica on the same etcd (not implemented yet) is refused, not silently diverging.
+//! The control plane on a real etcd cluster: several replicas share it, any replica
+//! serves any proxy, and the mesh outlives the loss of a replica and of an etcd member.
+//! TLS to etcd, with client certificates.
 
 mod support;
 
-use std::time::Duration;
+use std::{collections::BTreeMap, process::Command, time::Duration};
 
-use support::{eventually, Control, Etcd, TempDir, WEFT};
+use serde_json::Value;
+use support::{client, eventually, get_via, http_get, Control, Etcd, EtcdTls, Proxy, TempDir, TestApp, WEFT};
 
-const MESH: &str = r#"
+async fn status(control: &Control) -> Value {
+    let (code, body) = http_get(control.api, "/api/v1/status", &[]).await.unwrap_or_default();
+    if code != 200 {
+        return Value::Null;
+    }
+    serde_json::from_slice(&body).unwrap_or_default()
+}
+
+/// Proxy id → the replica holding its stream, as `weft get proxies` on `control` says.
+fn proxies(control: &Control) -> BTreeMap<String, String> {
+    let (_, out, _) = control.cli(&["get", "proxies", "-o", "json"]);
+    let answer: Value = serde_json::from_str(&out).unwrap_or_default();
+    answer["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            (p["proxyId"].as_str().unwrap_or("").to_string(), p["controlPlane"].as_str().unwrap_or("").to_string())
+        })
+        .collect()
+}
+
+/// A route tagging every answer from `reviews` with `x-route: <tag>`.
+fn tagged_route(tag: &str) -> String {
+    format!(
+        r#"
 apiVersion: weft.dev/v1alpha1
 kind: Service
-metadata: {name: reviews}
-spec: {selector: {app: reviews}, ports: [{port: 80, protocol: http}]}
+metadata: {{name: reviews}}
+spec: {{selector: {{app: reviews}}, ports: [{{port: 80, protocol: http}}]}}
 ---
-apiVersion: weft.dev/v1alpha1
-kind: Workload
-metadata: {name: reviews-1}
-spec: {labels: {app: reviews}, address: "127.0.0.1:9081"}
-"#;
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: reviews-tagged}}
+spec:
+  parentRefs: [{{kind: Service, name: reviews, port: 80}}]
+  rules:
+  - backendRefs: [{{name: reviews, port: 80}}]
+    filters: [{{type: ResponseHeaderModifier, responseHeaderModifier: {{set: [{{name: x-route, value: {tag}}}]}}}}]
+"#
+    )
+}
+
+async fn sidecar(dir: &TempDir, name: &str, controls: &str, service: &str, app: &TestApp) -> Proxy {
+    let app_addr = app.address.to_string();
+    let args = ["--id", name, "--service", service, "--app-addr", &app_addr, "--health-interval", "200ms"];
+    Proxy::start_with_controls(dir, name, controls, &args).await
+}
 
 #[tokio::test]
-async fn resources_live_in_etcd_and_a_second_replica_is_refused() {
-    let dir = TempDir::new("etcd");
-    let Some(etcd) = Etcd::start(&dir, "etcd-1").await else { return };
-    let store = format!("etcd://{}", etcd.client);
-    let mut control = Control::start_on(&dir, "control", &dir.0.join("unused"), &["--store", &store]).await;
-    let (ok, out, err) = control.cli_with_stdin(&["apply", "-f", "-"], Some(MESH));
+async fn replicas_share_one_etcd_and_outlive_a_replica_and_an_etcd_member() {
+    let dir = TempDir::new("etcd-replicas");
+    let Some(mut etcd) = Etcd::start_cluster(&dir, "etcd", 3, None).await else { return };
+    let store = etcd.store();
+    let flags = ["--store", store.as_str(), "--lease", "3s"];
+    let mut a = Control::start_on(&dir, "control-a", &dir.0.join("a"), &flags).await;
+    // A leads before B starts, so that killing A makes B take over.
+    eventually(Duration::from_secs(20), "control-a to lead", || async {
+        (status(&a).await["leader"] == true).then_some(())
+    })
+    .await;
+    let b = Control::start_on(&dir, "control-b", &dir.0.join("b"), &flags).await;
+    let (a_id, b_id) = (status(&a).await["replica"].as_str().unwrap().to_string(), status(&b).await);
+    let b_id = b_id["replica"].as_str().unwrap().to_string();
+    eventually(Duration::from_secs(20), "each replica to list both", || async {
+        (status(&b).await["replicas"].as_array().map_or(0, Vec::len) == 2).then_some(())
+    })
+    .await;
+    assert_eq!(status(&b).await["leader"], false, "one leader");
+
+    let reviews = TestApp::start("reviews").await;
+    let ratings = TestApp::start("ratings").await;
+    let (a_first, b_first) = (format!("{},{}", a.grpc, b.grpc), format!("{},{}", b.grpc, a.grpc));
+    let _reviews_proxy = sidecar(&dir, "reviews-1", &a_first, "reviews", &reviews).await;
+    let mut ratings_proxy = sidecar(&dir, "ratings-1", &b_first, "ratings", &ratings).await;
+    let caller = Proxy::start_with_controls(&dir, "web", &a_first, &["--id", "web"]).await;
+
+    // Either replica lists every proxy, wherever its stream is.
+    let expected = BTreeMap::from([
+        ("ratings-1".to_string(), b_id.clone()),
+        ("reviews-1".to_string(), a_id.clone()),
+        ("web".to_string(), a_id.clone()),
+    ]);
+    eventually(Duration::from_secs(10), "both replicas list all three proxies", || {
+        let listed = (proxies(&a), proxies(&b));
+        let expected = &expected;
+        async move { (listed.0 == *expected && listed.1 == *expected).then_some(()) }
+    })
+    .await;
+
+    // The caller, on A, reaches a workload registered on B; an apply through B reaches it.
+    let http = client();
+    let (ok, _, err) = b.cli_with_stdin(&["apply", "-f", "-"], Some(&tagged_route("one")));
     assert!(ok, "{err}");
-    assert!(out.contains("service/reviews created"), "{out}");
-    let (_, before, _) = control.cli(&["get", "all", "-o", "yaml"]);
-    let (_, status, _) = control.cli(&["get", "services", "-o", "json"]);
-    assert!(status.contains("reviews"), "{status}");
-
-    // A second control plane on the same etcd says why it cannot run.
-    let second = std::process::Command::new(WEFT)
-        .args(["control", "--api-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--store", &store])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&second.stderr);
-    assert!(!second.status.success() && err.contains("another weft control plane"), "{err}");
-
-    // The first one dies; a new one on another host (here: another data dir) finds
-    // everything in etcd once the dead one's claim lapses.
-    control.kill();
-    let data = dir.0.join("unused-2");
-    let mut attempt = 0;
-    let control = eventually(Duration::from_secs(20), "a new control plane to claim etcd", || {
-        attempt += 1;
-        let (dir, data, store) = (&dir, &data, &store);
-        let name = format!("control-2-{attempt}");
+    eventually(Duration::from_secs(10), "the caller on A serves B's apply and B's workload", || {
+        let http = http.clone();
+        let caller = caller.outbound;
         async move {
-            match Control::try_start_on(dir, &name, data, &["--store", store]).await {
-                Ok(control) => Some(control),
-                Err(log) if log.contains("another weft control plane") => None,
-                Err(log) => panic!("{log}"),
-            }
+            let reviews = get_via(&http, caller, "reviews", "/", &[]).await;
+            let ratings = get_via(&http, caller, "ratings", "/", &[]).await;
+            let tagged = reviews.headers.get("x-route").is_some_and(|v| v == "one");
+            (tagged && reviews.app() == "reviews" && ratings.app() == "ratings").then_some(())
         }
     })
     .await;
-    let (ok, after, err) = control.cli(&["get", "all", "-o", "yaml"]);
+
+    // A (the leader) dies. Its proxies move to B, B takes the lead, no endpoint expires
+    // meanwhile, and a new apply reaches every proxy.
+    a.kill();
+    let moved = BTreeMap::from([
+        ("ratings-1".to_string(), b_id.clone()),
+        ("reviews-1".to_string(), b_id.clone()),
+        ("web".to_string(), b_id.clone()),
+    ]);
+    eventually(Duration::from_secs(20), "A's proxies to move to B", || {
+        let listed = proxies(&b);
+        let moved = &moved;
+        async move { (listed == *moved).then_some(()) }
+    })
+    .await;
+    eventually(Duration::from_secs(20), "B to take the lead", || async {
+        (status(&b).await["leader"] == true).then_some(())
+    })
+    .await;
+    for _ in 0..20 {
+        assert_eq!(get_via(&http, caller.outbound, "reviews", "/", &[]).await.app(), "reviews");
+    }
+    let (ok, _, err) = b.cli_with_stdin(&["apply", "-f", "-"], Some(&tagged_route("two")));
     assert!(ok, "{err}");
-    assert_eq!(before, after);
+    eventually(Duration::from_secs(10), "B's apply reaches the proxies that moved", || {
+        let http = http.clone();
+        let caller = caller.outbound;
+        async move {
+            let answer = get_via(&http, caller, "reviews", "/", &[]).await;
+            answer.headers.get("x-route").is_some_and(|v| v == "two").then_some(())
+        }
+    })
+    .await;
+
+    // The new leader expires a dead proxy's registration once its lease lapses: its
+    // implied Service goes with it.
+    let (ok, out, err) = b.cli(&["describe", "service", "ratings"]);
+    assert!(ok && out.contains("ratings-1"), "{out}{err}");
+    let _ = ratings_proxy.child.kill();
+    let _ = ratings_proxy.child.wait();
+    eventually(Duration::from_secs(30), "the dead proxy's registration to expire", || {
+        let (ok, _, err) = b.cli(&["describe", "service", "ratings"]);
+        async move { (!ok && err.contains("not found")).then_some(()) }
+    })
+    .await;
+    assert!(std::fs::read_to_string(&b.log).unwrap().contains("lease lapsed"));
+
+    // One etcd member dies: reads, writes and traffic go on.
+    etcd.kill_member(0);
+    for _ in 0..20 {
+        assert_eq!(get_via(&http, caller.outbound, "reviews", "/", &[]).await.app(), "reviews");
+    }
+    eventually(Duration::from_secs(20), "an apply to succeed with one etcd member down", || {
+        let (ok, _, _) = b.cli_with_stdin(&["apply", "-f", "-"], Some(&tagged_route("three")));
+        async move { ok.then_some(()) }
+    })
+    .await;
+    eventually(Duration::from_secs(10), "that apply reaches the caller", || {
+        let http = http.clone();
+        let caller = caller.outbound;
+        async move {
+            let answer = get_via(&http, caller, "reviews", "/", &[]).await;
+            answer.headers.get("x-route").is_some_and(|v| v == "three").then_some(())
+        }
+    })
+    .await;
+    let (ok, out, err) = b.cli(&["get", "httproutes", "-o", "yaml"]);
+    assert!(ok && out.contains("three"), "{out}{err}");
+}
+
+#[tokio::test]
+async fn the_control_plane_talks_tls_to_etcd_with_a_client_certificate() {
+    let dir = TempDir::new("etcd-tls");
+    let tls = EtcdTls::generate(&dir);
+    let Some(etcd) = Etcd::start_cluster(&dir, "etcd-tls", 1, Some(&tls)).await else { return };
+    let store = etcd.store();
+    let (ca, cert, key) =
+        (tls.ca.display().to_string(), tls.client_cert.display().to_string(), tls.client_key.display().to_string());
+
+    // Without the CA, or without the client certificate etcd asks for: a clear refusal.
+    for (flags, advice) in [(vec![], "--etcd-ca"), (vec!["--etcd-ca", ca.as_str()], "--etcd-cert")] {
+        let output = Command::new(WEFT)
+            .args(["control", "--api-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--store", &store])
+            .args(&flags)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success() && err.contains("etcd does not answer") && err.contains(advice), "{err}");
+    }
+    let output = Command::new(WEFT).args(["control", "--etcd-ca", &ca]).output().unwrap();
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && err.contains("apply to an etcd store"), "{err}");
+
+    let flags = ["--store", store.as_str(), "--etcd-ca", &ca, "--etcd-cert", &cert, "--etcd-key", &key];
+    let control = Control::start_on(&dir, "control", &dir.0.join("data"), &flags).await;
+    let (ok, out, err) = control.cli_with_stdin(&["apply", "-f", "-"], Some(&tagged_route("tls")));
+    assert!(ok && out.contains("httproute/reviews-tagged created"), "{out}{err}");
+    let (ok, out, err) = control.cli(&["get", "httproutes", "-o", "yaml"]);
+    assert!(ok && out.contains("tls"), "{out}{err}");
+    assert!(status(&control).await["store"].as_str().unwrap().starts_with("etcd+tls://"));
 }

@@ -3,13 +3,22 @@
 //! Every commit is one redb write transaction with immediate durability: when `commit`
 //! returns, the change is fsynced. redb's copy-on-write pages mean a crash mid-commit
 //! leaves the previous revision intact, never a half-applied change.
+//!
+//! Only this process writes the file, so its watch is an in-memory broadcast of its own
+//! commits.
 
 use std::{path::Path, sync::Arc};
 
 use async_trait::async_trait;
+use futures_util::stream::{self, BoxStream, StreamExt};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{Change, Committed, ObjectKey, Store, StoreContents, StoreError, StoredObject};
+use tokio::sync::broadcast;
+
+use super::{Change, Committed, ObjectKey, Store, StoreContents, StoreError, StoreEvent, StoredObject};
+
+/// Commits a watcher may fall behind by before it is sent everything afresh.
+const WATCH_BACKLOG: usize = 1024;
 
 /// `Kind/namespace/name` → JSON-encoded [`StoredObject`].
 const OBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("objects");
@@ -21,6 +30,7 @@ const REVISION: &str = "revision";
 pub struct EmbeddedStore {
     db: Arc<Database>,
     path: String,
+    commits: broadcast::Sender<Committed>,
 }
 
 impl EmbeddedStore {
@@ -41,7 +51,8 @@ impl EmbeddedStore {
         txn.open_table(OBJECTS).map_err(backend)?;
         txn.open_table(META).map_err(backend)?;
         txn.commit().map_err(backend)?;
-        Ok(EmbeddedStore { db: Arc::new(db), path: path.display().to_string() })
+        let (commits, _) = broadcast::channel(WATCH_BACKLOG);
+        Ok(EmbeddedStore { db: Arc::new(db), path: path.display().to_string(), commits })
     }
 }
 
@@ -67,6 +78,17 @@ fn load(db: &Database) -> Result<StoreContents, StoreError> {
         contents.objects.insert(object_key, decode(key_text, value.value())?);
     }
     Ok(contents)
+}
+
+fn read_revision(db: &Database) -> Result<u64, StoreError> {
+    let txn = db.begin_read().map_err(backend)?;
+    let meta = txn.open_table(META).map_err(backend)?;
+    Ok(meta.get(REVISION).map_err(backend)?.map(|v| v.value()).unwrap_or(0))
+}
+
+async fn reload(db: &Arc<Database>) -> Result<StoreEvent, StoreError> {
+    let db = db.clone();
+    tokio::task::spawn_blocking(move || load(&db)).await.map_err(backend)?.map(StoreEvent::Reset)
 }
 
 fn commit(db: &Database, change: Change) -> Result<Committed, StoreError> {
@@ -109,7 +131,42 @@ impl Store for EmbeddedStore {
 
     async fn commit(&self, change: Change) -> Result<Committed, StoreError> {
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || commit(&db, change)).await.map_err(backend)?
+        // Committing and announcing happen in one blocking task, so announcements leave in
+        // commit order even when commits race.
+        let commits = self.commits.clone();
+        tokio::task::spawn_blocking(move || {
+            let committed = commit(&db, change)?;
+            let _ = commits.send(committed.clone());
+            Ok(committed)
+        })
+        .await
+        .map_err(backend)?
+    }
+
+    fn watch(&self, revision: u64) -> BoxStream<'static, Result<StoreEvent, StoreError>> {
+        // Subscribe before reading, so nothing committed in between is missed; the
+        // watcher skips what the first reading already holds.
+        let receiver = self.commits.subscribe();
+        let db = self.db.clone();
+        stream::unfold((receiver, db, Some(revision)), |(mut receiver, db, check)| async move {
+            if let Some(revision) = check {
+                let current = read_revision(&db);
+                match current {
+                    Ok(current) if current == revision => {}
+                    _ => {
+                        let event = reload(&db).await;
+                        return Some((event, (receiver, db, None)));
+                    }
+                }
+            }
+            let event = match receiver.recv().await {
+                Ok(committed) => Ok(StoreEvent::Committed(committed)),
+                Err(broadcast::error::RecvError::Lagged(_)) => reload(&db).await,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            };
+            Some((event, (receiver, db, None)))
+        })
+        .boxed()
     }
 
     fn describe(&self) -> String {

@@ -4,6 +4,10 @@
 //!
 //! The store holds documents, not typed resources: every document was validated before
 //! it was written, and is validated again by whoever reads it, with the same code.
+//!
+//! Readers never trust their own writes: every change, whoever made it, reaches every
+//! control plane through [`Store::watch`], so replicas sharing one etcd all hold the same
+//! copy, in revision order.
 
 pub mod embedded;
 pub mod etcd;
@@ -11,6 +15,7 @@ pub mod etcd;
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
+use futures_util::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 use weft_model::ResourceKind;
 
@@ -88,6 +93,16 @@ pub struct Committed {
     pub deletes: Vec<ObjectKey>,
 }
 
+/// What a watch reports.
+#[derive(Clone, Debug)]
+pub enum StoreEvent {
+    /// A change committed after the previous event, by this control plane or another.
+    Committed(Committed),
+    /// The watch could not resume where it stopped (etcd compacted the history it
+    /// needed, or a slow reader fell too far behind): here is everything, afresh.
+    Reset(StoreContents),
+}
+
 /// Why the store could not do what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -108,6 +123,12 @@ pub trait Store: Send + Sync + 'static {
     /// Commits `change` atomically and durably (committed means on disk, or on a quorum),
     /// at a new revision. Deleting a key that is absent is not an error.
     async fn commit(&self, change: Change) -> Result<Committed, StoreError>;
+
+    /// Every change committed after `revision`, in order, for as long as the stream is
+    /// polled. The stream ends only if the store cannot be watched any more (the caller
+    /// then watches again from the last revision it saw); transient failures are retried
+    /// inside.
+    fn watch(&self, revision: u64) -> BoxStream<'static, Result<StoreEvent, StoreError>>;
 
     /// A short description for logs and `/api/v1/status`: `embedded:/path`, `etcd:...`.
     fn describe(&self) -> String;

@@ -73,6 +73,10 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
+        // WEFT_KEEP_TEST_DIRS=1 keeps every log and store for a look after the run.
+        if std::env::var_os("WEFT_KEEP_TEST_DIRS").is_some() {
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
@@ -98,6 +102,12 @@ impl Proxy {
     /// applied its first view).
     pub async fn start_controlled(dir: &TempDir, name: &str, control: &Control, args: &[&str]) -> Proxy {
         Proxy::launch(dir, name, &["--control", &control.grpc.to_string()], args).await
+    }
+
+    /// Starts `weft proxy --control <controls>` (a comma-separated list) and waits until
+    /// it is ready.
+    pub async fn start_with_controls(dir: &TempDir, name: &str, controls: &str, args: &[&str]) -> Proxy {
+        Proxy::launch(dir, name, &["--control", controls], args).await
     }
 
     async fn launch(dir: &TempDir, name: &str, source: &[&str], args: &[&str]) -> Proxy {
@@ -320,55 +330,185 @@ impl Drop for Control {
     }
 }
 
-/// A single-member etcd on ephemeral loopback ports, killed on drop; `None` (with a
-/// printed reason) where etcd is not installed.
+/// An etcd cluster on ephemeral loopback ports, every member killed on drop; `None`
+/// (with a printed reason) where etcd is not installed.
 pub struct Etcd {
+    pub members: Vec<EtcdMember>,
+}
+
+/// One etcd member.
+pub struct EtcdMember {
+    pub name: String,
     pub child: Child,
     pub client: SocketAddr,
 }
 
+/// Files for an etcd serving TLS and asking clients for certificates.
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl EtcdTls {
+    /// A CA, a server certificate for 127.0.0.1 and a client certificate, made with
+    /// openssl.
+    pub fn generate(dir: &TempDir) -> EtcdTls {
+        let path = |name: &str| dir.0.join(name);
+        let openssl = |args: &[&str]| {
+            let output = Command::new("openssl").args(args).current_dir(&dir.0).output().expect("openssl runs");
+            assert!(output.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        };
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        openssl(
+            &[
+                &["req", "-x509"],
+                &ec[..],
+                &["-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=test etcd CA"],
+            ]
+            .concat(),
+        );
+        std::fs::write(
+            path("server.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+        )
+        .unwrap();
+        std::fs::write(path("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+        for (name, subject) in [("server", "/CN=etcd"), ("client", "/CN=weft")] {
+            openssl(
+                &[
+                    &["req"],
+                    &ec[..],
+                    &["-keyout", &format!("{name}.key"), "-out", &format!("{name}.csr"), "-subj", subject],
+                ]
+                .concat(),
+            );
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &format!("{name}.ext"),
+                "-out",
+                &format!("{name}.crt"),
+            ]);
+        }
+        EtcdTls {
+            ca: path("ca.crt"),
+            server_cert: path("server.crt"),
+            server_key: path("server.key"),
+            client_cert: path("client.crt"),
+            client_key: path("client.key"),
+        }
+    }
+}
+
 impl Etcd {
+    /// One member.
     pub async fn start(dir: &TempDir, name: &str) -> Option<Etcd> {
+        Etcd::start_cluster(dir, name, 1, None).await
+    }
+
+    /// `size` members forming one cluster; with `tls`, clients must use TLS and present a
+    /// certificate.
+    pub async fn start_cluster(dir: &TempDir, name: &str, size: usize, tls: Option<&EtcdTls>) -> Option<Etcd> {
         if Command::new("etcd").arg("--version").stdout(Stdio::null()).status().is_err() {
             println!("SKIPPED: etcd is not installed (Debian: apt-get install etcd-server)");
             return None;
         }
         let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let (client, peer) = (free(), free());
-        let log = dir.0.join(format!("{name}.log"));
-        let child = Command::new("etcd")
-            .args(["--name", name, "--data-dir"])
-            .arg(dir.0.join(format!("{name}-data")))
-            .args([
+        let ports: Vec<(String, u16, u16)> = (0..size).map(|i| (format!("{name}-{i}"), free(), free())).collect();
+        let initial = ports
+            .iter()
+            .map(|(member, _, peer)| format!("{member}=http://127.0.0.1:{peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut members = Vec::new();
+        for (member, client, peer) in &ports {
+            let log = dir.0.join(format!("{member}.log"));
+            let mut command = Command::new("etcd");
+            command.args(["--name", member, "--data-dir"]).arg(dir.0.join(format!("{member}-data"))).args([
                 "--listen-client-urls",
-                &format!("http://127.0.0.1:{client}"),
+                &format!("{scheme}://127.0.0.1:{client}"),
                 "--advertise-client-urls",
-                &format!("http://127.0.0.1:{client}"),
+                &format!("{scheme}://127.0.0.1:{client}"),
                 "--listen-peer-urls",
                 &format!("http://127.0.0.1:{peer}"),
                 "--initial-advertise-peer-urls",
                 &format!("http://127.0.0.1:{peer}"),
                 "--initial-cluster",
-                &format!("{name}=http://127.0.0.1:{peer}"),
-            ])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let client: SocketAddr = ([127, 0, 0, 1], client).into();
-        eventually(Duration::from_secs(20), "etcd to answer", || async move {
-            let (status, _) = http_get(client, "/health", &[]).await.ok()?;
-            (status == 200).then_some(())
-        })
-        .await;
-        Some(Etcd { child, client })
+                &initial,
+                "--initial-cluster-token",
+                name,
+            ]);
+            if let Some(tls) = tls {
+                command
+                    .arg("--cert-file")
+                    .arg(&tls.server_cert)
+                    .arg("--key-file")
+                    .arg(&tls.server_key)
+                    .arg("--trusted-ca-file")
+                    .arg(&tls.ca)
+                    .arg("--client-cert-auth");
+            }
+            let child = command.stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
+            members.push(EtcdMember { name: member.clone(), child, client: ([127, 0, 0, 1], *client).into() });
+        }
+        let etcd = Etcd { members };
+        // Plain `/health` cannot check a TLS member, so ask with curl, which takes the
+        // client certificate.
+        for member in &etcd.members {
+            let mut args = vec!["-sf".to_string(), format!("{scheme}://{}/health", member.client)];
+            if let Some(tls) = tls {
+                for (flag, path) in [("--cacert", &tls.ca), ("--cert", &tls.client_cert), ("--key", &tls.client_key)] {
+                    args.extend([flag.to_string(), path.display().to_string()]);
+                }
+            }
+            eventually(Duration::from_secs(30), &format!("etcd member {} to be healthy", member.name), || {
+                let output = Command::new("curl").args(&args).output().expect("curl runs");
+                let healthy = output.status.success() && String::from_utf8_lossy(&output.stdout).contains("true");
+                async move { healthy.then_some(()) }
+            })
+            .await;
+        }
+        Some(etcd)
+    }
+
+    /// The first member's client address.
+    pub fn client(&self) -> SocketAddr {
+        self.members[0].client
+    }
+
+    /// `etcd://A,B,C` for `weft control --store`.
+    pub fn store(&self) -> String {
+        let list: Vec<String> = self.members.iter().map(|m| m.client.to_string()).collect();
+        format!("etcd://{}", list.join(","))
+    }
+
+    /// Kills member `index` (SIGKILL).
+    pub fn kill_member(&mut self, index: usize) {
+        let _ = self.members[index].child.kill();
+        let _ = self.members[index].child.wait();
     }
 }
 
 impl Drop for Etcd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for member in &mut self.members {
+            let _ = member.child.kill();
+            let _ = member.child.wait();
+        }
     }
 }
 

@@ -1,0 +1,137 @@
+//! A configuration a proxy cannot use is refused (NACK) on the discovery stream: nothing
+//! changes on that proxy, and the operator sees the refusal. Each half is tested against
+//! a real process with a scripted peer on the other end: a real proxy under a scripted
+//! control plane, and a real control plane with a scripted proxy.
+
+mod support;
+
+use std::{pin::Pin, time::Duration};
+
+use tokio::sync::mpsc;
+use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+use weft_api::discovery::{
+    control_message, discovery_client::DiscoveryClient, discovery_server, proxy_message, Config, ControlMessage, Hello,
+    Nack, ProxyMessage,
+};
+
+use support::{client, eventually, get_via, mesh_yaml, Control, Proxy, TempDir, TestApp};
+
+/// A control plane that sends the configurations the test gives it and reports what the
+/// proxy answers.
+struct ScriptedControl {
+    configs: std::sync::Mutex<Option<mpsc::Receiver<Config>>>,
+    answers: mpsc::Sender<proxy_message::Message>,
+}
+
+type ControlStream = Pin<Box<dyn Stream<Item = Result<ControlMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl discovery_server::Discovery for ScriptedControl {
+    type StreamStream = ControlStream;
+
+    async fn stream(&self, request: Request<Streaming<ProxyMessage>>) -> Result<Response<ControlStream>, Status> {
+        let mut configs = self.configs.lock().unwrap().take().ok_or_else(|| Status::unavailable("one stream only"))?;
+        let mut inbound = request.into_inner();
+        let answers = self.answers.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(ProxyMessage { message: Some(message) })) = inbound.next().await {
+                let _ = answers.send(message).await;
+            }
+        });
+        let (sender, receiver) = mpsc::channel(4);
+        tokio::spawn(async move {
+            while let Some(config) = configs.recv().await {
+                let message = ControlMessage { message: Some(control_message::Message::Config(config)) };
+                if sender.send(Ok(message)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+}
+
+fn config(version: &str, resources: String) -> Config {
+    Config { version: version.into(), nonce: version.into(), resources, missing: vec![], lease_seconds: 15 }
+}
+
+/// The next ACK or NACK, skipping Hello, health and subscriptions.
+async fn next_verdict(answers: &mut mpsc::Receiver<proxy_message::Message>) -> proxy_message::Message {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), answers.recv())
+            .await
+            .expect("the proxy answers within 10s")
+            .expect("the stream stays open");
+        if matches!(message, proxy_message::Message::Ack(_) | proxy_message::Message::Nack(_)) {
+            return message;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_proxy_refuses_a_view_it_cannot_use_and_keeps_serving_the_last_good_one() {
+    let dir = TempDir::new("nack-proxy");
+    let app = TestApp::start("details").await;
+    let (configs, configs_rx) = mpsc::channel(4);
+    let (answers_tx, mut answers) = mpsc::channel(16);
+    let control = ScriptedControl { configs: std::sync::Mutex::new(Some(configs_rx)), answers: answers_tx };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(discovery_server::DiscoveryServer::new(control))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+
+    let good = mesh_yaml(&[("details", "app: details")], &[("details-1", "app: details", app.address)], "");
+    configs.send(config("v1", good)).await.unwrap();
+    let proxy = Proxy::start_with_controls(&dir, "proxy", &address.to_string(), &[]).await;
+    assert!(matches!(next_verdict(&mut answers).await, proxy_message::Message::Ack(ack) if ack.version == "v1"));
+    let http = client();
+    assert_eq!(get_via(&http, proxy.outbound, "details", "/", &[]).await.app(), "details");
+
+    // A view with a document this proxy cannot read: refused with the reason, and the
+    // proxy serves exactly as before.
+    let bad = "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: details}\nspec: {ports: [{port: 0}]}\n";
+    configs.send(config("v2", bad.to_string())).await.unwrap();
+    match next_verdict(&mut answers).await {
+        proxy_message::Message::Nack(nack) => {
+            assert_eq!(nack.version, "v2");
+            assert!(nack.error.contains("spec.ports[0].port"), "{}", nack.error);
+        }
+        other => panic!("expected a NACK, got {other:?}"),
+    }
+    for _ in 0..10 {
+        assert_eq!(get_via(&http, proxy.outbound, "details", "/", &[]).await.app(), "details");
+    }
+    let shown = proxy.config().await;
+    assert_eq!(shown["version"], "v1", "{shown}");
+}
+
+#[tokio::test]
+async fn the_operator_sees_which_proxy_refused_which_version() {
+    let dir = TempDir::new("nack-control");
+    let control = Control::start(&dir, "control").await;
+    let mut discovery = DiscoveryClient::connect(format!("http://{}", control.grpc)).await.unwrap();
+    let (outbound, outbound_rx) = mpsc::channel(4);
+    let hello = Hello { proxy_id: "scripted-1".into(), proxy_version: "test".into(), ..Default::default() };
+    outbound.send(ProxyMessage { message: Some(proxy_message::Message::Hello(hello)) }).await.unwrap();
+    let mut inbound = discovery.stream(ReceiverStream::new(outbound_rx)).await.unwrap().into_inner();
+    let Some(ControlMessage { message: Some(control_message::Message::Config(config)) }) =
+        inbound.message().await.unwrap()
+    else {
+        panic!("the control plane sends a configuration first");
+    };
+    let nack = Nack { version: config.version.clone(), nonce: config.nonce, error: "cannot compile: test".into() };
+    outbound.send(ProxyMessage { message: Some(proxy_message::Message::Nack(nack)) }).await.unwrap();
+
+    let row = eventually(Duration::from_secs(10), "the NACK to show in `weft get proxies`", || {
+        let (_, out, _) = control.cli(&["get", "proxies"]);
+        async move {
+            out.lines().find(|line| line.starts_with("scripted-1") && line.contains("cannot compile")).map(String::from)
+        }
+    })
+    .await;
+    assert!(row.contains(&config.version), "{row}");
+}
