@@ -42,7 +42,15 @@ struct Args {
     rounds: usize,
     #[arg(long, default_value = "target/release/weft")]
     weft: PathBuf,
+    /// The control plane's store: `embedded`, or `etcd://HOST:PORT[,...]` (an empty etcd;
+    /// the bench writes under /weft/).
+    #[arg(long, default_value = "embedded")]
+    store: String,
 }
+
+/// Documents per apply when loading the desired state: inside etcd's default limit of
+/// 128 operations per transaction.
+const APPLY_CHUNK: usize = 100;
 
 /// Set once measuring is over, when the streams' ends are expected.
 static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -65,12 +73,13 @@ impl Drop for ControlPlane {
     }
 }
 
-fn start_control(weft: &PathBuf) -> anyhow::Result<ControlPlane> {
+fn start_control(weft: &PathBuf, store: &str) -> anyhow::Result<ControlPlane> {
     let dir = std::env::temp_dir().join(format!("weft-control-scale-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let ports = dir.join("ports.json");
     let child = Command::new(weft)
         .args(["control", "--api-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--lease", "60s", "--log", "warn"])
+        .args(["--store", store])
         .arg("--data-dir")
         .arg(dir.join("data"))
         .arg("--ports-file")
@@ -208,15 +217,15 @@ async fn main() -> anyhow::Result<()> {
     if let Err(error) = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, want, want) {
         eprintln!("cannot raise the open-file limit to {want} ({error}); run as root or raise it with ulimit -n");
     }
-    let control = start_control(&args.weft)?;
+    let control = start_control(&args.weft, &args.store)?;
     let pid = control.child.id();
 
     // The desired state: services, and the static share of the endpoints.
     let started = Instant::now();
-    let mut yaml: String = (0..args.services).map(service).collect();
+    let mut documents: Vec<String> = (0..args.services).map(service).collect();
     let static_endpoints = args.endpoints.saturating_sub(args.proxies);
     for i in 0..static_endpoints {
-        yaml.push_str(&format!(
+        documents.push(format!(
             "apiVersion: weft.dev/v1alpha1\nkind: Workload\nmetadata: {{name: wl-{i}}}\nspec: {{labels: {{app: svc-{}}}, address: \"10.{}.{}.{}:8080\"}}\n---\n",
             i % args.services,
             i / 65536,
@@ -224,7 +233,9 @@ async fn main() -> anyhow::Result<()> {
             i % 256
         ));
     }
-    apply(&control.api, yaml).await?;
+    for chunk in documents.chunks(APPLY_CHUNK) {
+        apply(&control.api, chunk.concat()).await?;
+    }
     println!(
         "applied {} services and {static_endpoints} workloads in {:.2}s",
         args.services,
