@@ -179,6 +179,9 @@ pub async fn run(
                 key: settings.etcd_tls.key.clone(),
             };
             let store = Arc::new(EtcdStore::connect(&etcd).await?);
+            if let Err(error) = store.finish_records().await {
+                tracing::warn!(%error, "cannot finish copying a large apply left by a crash; it stays in force");
+            }
             let cluster = EtcdCluster::join(store.client(), info.clone()).await?;
             (Catalog::load(store).await?, cluster)
         }

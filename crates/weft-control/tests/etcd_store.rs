@@ -115,3 +115,76 @@ async fn two_catalogs_on_one_etcd_see_each_others_writes() {
     tokio::time::timeout(Duration::from_secs(10), seen.wait_for(|r| *r >= report.revision)).await.unwrap().unwrap();
     assert!(one.get(&service).is_none());
 }
+
+fn services(count: usize) -> String {
+    (0..count).map(|i| SERVICE.replace("name: reviews", &format!("name: svc-{i}"))).collect::<Vec<_>>().join("---\n")
+}
+
+#[tokio::test]
+async fn a_large_apply_is_one_change_for_every_reader_and_lands_on_the_keys() {
+    let Some((etcd, store)) = etcd().await else { return };
+    let settings = EtcdSettings { endpoints: vec![etcd.client.clone()], ..Default::default() };
+    let one = Catalog::load(Arc::new(store)).await.unwrap();
+    let two = Catalog::load(Arc::new(EtcdStore::connect(&settings).await.unwrap())).await.unwrap();
+
+    // Another replica never sees part of the apply: every state it passes through holds
+    // none of the 250 Services or all of them.
+    let mut changes = two.subscribe();
+    let watcher = {
+        let two = two.clone();
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while changes.changed().await.is_ok() {
+                let count = two.list(Some(ResourceKind::Service), None).1.len();
+                seen.push(count);
+                if count == 250 {
+                    break;
+                }
+            }
+            seen
+        })
+    };
+    let report = one.apply(&[Source::new("big.yaml", services(250))], false).await.unwrap();
+    assert_eq!(report.results.len(), 250);
+    let seen = tokio::time::timeout(Duration::from_secs(10), watcher).await.unwrap().unwrap();
+    assert!(seen.iter().all(|count| *count == 0 || *count == 250), "{seen:?}");
+
+    // Once the apply has answered, the record is copied onto the resources' own keys.
+    let mut client = etcd_client::Client::connect([etcd.client.as_str()], None).await.unwrap();
+    let records = client.get("/weft/objects/~applies/", Some(etcd_client::GetOptions::new().with_prefix())).await;
+    assert_eq!(records.unwrap().kvs().len(), 0);
+    let keys =
+        client.get("/weft/objects/Service/", Some(etcd_client::GetOptions::new().with_prefix().with_count_only()));
+    assert_eq!(keys.await.unwrap().count(), 250);
+
+    // A later small change of one of them wins over the record's copy of it.
+    let changed = SERVICE.replace("name: reviews", "name: svc-7").replace("port: 80", "port: 8080");
+    one.apply(&[Source::new("small.yaml", changed)], false).await.unwrap();
+    let key = ObjectKey::new(ResourceKind::Service, "default", "svc-7");
+    assert_eq!(one.get(&key).unwrap().stored.document["spec"]["ports"][0]["port"], 8080);
+}
+
+#[tokio::test]
+async fn a_record_left_by_a_crash_stays_in_force_and_is_finished() {
+    let Some((etcd, store)) = etcd().await else { return };
+    let document: serde_json::Value = serde_json::from_str(
+        r#"{"apiVersion": "weft.dev/v1alpha1", "kind": "Service", "metadata": {"name": "leftover"},
+            "spec": {"selector": {"app": "leftover"}, "ports": [{"port": 80, "protocol": "http"}]}}"#,
+    )
+    .unwrap();
+    let key = ObjectKey::new(ResourceKind::Service, "default", "leftover");
+    let record = json!({"puts": [[key, document]], "deletes": []});
+    let mut client = etcd_client::Client::connect([etcd.client.as_str()], None).await.unwrap();
+    client.put("/weft/objects/~applies/00000000000000000001-dead", record.to_string(), None).await.unwrap();
+
+    let catalog = Catalog::load(Arc::new(store)).await.unwrap();
+    assert!(catalog.get(&key).is_some_and(|entry| entry.resource.is_some()), "the record is in force");
+
+    let settings = EtcdSettings { endpoints: vec![etcd.client.clone()], ..Default::default() };
+    EtcdStore::connect(&settings).await.unwrap().finish_records().await.unwrap();
+    let records = client.get("/weft/objects/~applies/", Some(etcd_client::GetOptions::new().with_prefix())).await;
+    assert_eq!(records.unwrap().kvs().len(), 0);
+    let copied = client.get("/weft/objects/Service/default/leftover", None).await.unwrap();
+    assert_eq!(copied.kvs().len(), 1);
+    assert!(catalog.get(&key).is_some(), "copying changes nothing readers see");
+}

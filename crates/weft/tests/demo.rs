@@ -26,10 +26,27 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
 
 /// Stops the demo (SIGTERM, as Ctrl-C would) if the test ends early, so that a failed
 /// assertion never leaves a whole demo mesh running.
-struct DemoGuard(Option<std::process::Child>);
+/// On a failure it first prints the logs of the demo and of every process it started, so
+/// that a failure in CI explains itself.
+struct DemoGuard(Option<std::process::Child>, Vec<std::path::PathBuf>);
 
 impl Drop for DemoGuard {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let mut logs = self.1.clone();
+            if let Some(demo) = &self.0 {
+                let dir = std::env::temp_dir().join(format!("weft-demo-{}", demo.id()));
+                logs.extend(std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path()));
+            }
+            for path in logs.iter().filter(|p| p.extension().is_some_and(|e| e == "log")) {
+                let log = std::fs::read_to_string(path).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(60).collect();
+                eprintln!("--- {}, last 60 lines ---", path.display());
+                for line in tail.into_iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
         if let Some(mut demo) = self.0.take() {
             let _ = Command::new("kill").args(["-TERM", &demo.id().to_string()]).status();
             let _ = demo.wait();
@@ -41,15 +58,17 @@ impl Drop for DemoGuard {
 async fn the_demo_serves_through_every_hop_and_stops_cleanly() {
     let dir = TempDir::new("demo");
     let ports_file = dir.0.join("demo.ports.json");
+    let log = dir.0.join("demo.log");
     let demo = Command::new(WEFT)
         .args(["demo", "--api-addr", "127.0.0.1:0", "--entry-addr", "127.0.0.1:0", "--ports-file"])
         .arg(&ports_file)
+        .env("RUST_LOG", "info,weft_proxy=debug")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     let demo_dir = format!("weft-demo-{}", demo.id());
-    let mut guard = DemoGuard(Some(demo));
+    let mut guard = DemoGuard(Some(demo), vec![log]);
     let ports: serde_json::Value = eventually(Duration::from_secs(60), "the demo to serve", || {
         let text = std::fs::read_to_string(&ports_file).ok();
         async move { text.and_then(|t| serde_json::from_str(&t).ok()) }
@@ -64,6 +83,14 @@ async fn the_demo_serves_through_every_hop_and_stops_cleanly() {
         let http = http.clone();
         async move {
             let answer = get_via(&http, entry, "web", "/", &[]).await;
+            if answer.status != 200 {
+                eprintln!(
+                    "not yet: {} {:?} {}",
+                    answer.status,
+                    answer.weft_error(),
+                    String::from_utf8_lossy(&answer.body)
+                );
+            }
             (answer.status == 200).then_some(answer)
         }
     })

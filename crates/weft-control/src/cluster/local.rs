@@ -98,3 +98,8 @@ impl Cluster for LocalCluster {
 pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
+
+/// Nanoseconds since the Unix epoch, for ids that sort by time.
+pub fn unix_now_nanos() -> u128 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
+}

@@ -3,9 +3,14 @@
 //! `/weft/objects/Kind/namespace/name`, values the documents as JSON; revisions are etcd's
 //! own (a resource's `mod_revision` and `create_revision`, the cluster's revision).
 //!
-//! Every apply is one etcd transaction, so it is atomic; etcd caps a transaction at 128
-//! operations unless started with a larger `--max-txn-ops`, and a larger apply is refused
-//! with that advice.
+//! Every apply is atomic however many resources it holds. A change of up to
+//! [`DIRECT_OPS`] resources is one etcd transaction on their keys. A larger one would pass
+//! etcd's limit of 128 operations per transaction, so it is written as one record,
+//! `/weft/objects/~applies/<id>`, holding the whole change: readers apply a record as one
+//! change, at its revision, the moment it is written. The writer then copies it onto the
+//! resources' own keys in chunks, each key only if nothing newer has written it since, and
+//! deletes the record; a record left behind by a crash stays in force for readers, and the
+//! next large apply, or the next control plane to start, finishes copying it.
 //!
 //! Every replica learns every change, its own included, from one etcd watch on the
 //! objects prefix. A broken watch resumes from the last revision seen; if etcd has
@@ -18,12 +23,50 @@ use etcd_client::{
     Certificate, Client, ConnectOptions, DeleteOptions, EventType, GetOptions, Identity, PutOptions, TlsOptions, Txn,
     TxnOp, TxnOpResponse, WatchOptions, WatchResponse, WatchStream,
 };
+use etcd_client::{Compare, CompareOp};
 use futures_util::stream::{self, BoxStream, StreamExt};
+use serde::{Deserialize, Serialize};
 
 use super::{Change, Committed, ObjectKey, Store, StoreContents, StoreError, StoreEvent, StoredObject};
 
 /// Where resources (and registrations) are kept.
 pub(crate) const OBJECTS: &str = "/weft/objects/";
+/// Large changes, each one record, inside [`OBJECTS`] so that the one watch sees them.
+const APPLIES: &str = "/weft/objects/~applies/";
+/// Changes of up to this many resources are one transaction on the resources' keys;
+/// larger ones are a record. Inside etcd's default of 128 operations per transaction.
+pub const DIRECT_OPS: usize = 100;
+/// Keys per transaction when copying a record onto the resources' keys (a compare and a
+/// write each).
+const COPY_CHUNK: usize = 50;
+
+/// A large change, as one record.
+#[derive(Debug, Serialize, Deserialize)]
+struct ApplyRecord {
+    puts: Vec<(ObjectKey, serde_json::Value)>,
+    deletes: Vec<ObjectKey>,
+}
+
+impl ApplyRecord {
+    /// Lays this record, written at `revision`, over `objects`: each key it names changes
+    /// unless the key has been written since.
+    fn overlay(self, revision: u64, objects: &mut std::collections::BTreeMap<ObjectKey, StoredObject>) {
+        for (key, document) in self.puts {
+            match objects.get(&key) {
+                Some(existing) if existing.revision >= revision => {}
+                existing => {
+                    let created_revision = existing.map_or(revision, |e| e.created_revision);
+                    objects.insert(key, StoredObject { revision, created_revision, document });
+                }
+            }
+        }
+        for key in self.deletes {
+            if objects.get(&key).is_some_and(|existing| existing.revision < revision) {
+                objects.remove(&key);
+            }
+        }
+    }
+}
 
 /// How to reach etcd.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -75,10 +118,10 @@ pub struct EtcdStore {
 
 pub(crate) fn backend(error: etcd_client::Error) -> StoreError {
     let text = error.to_string();
-    if text.contains("too many operations in txn request") {
+    if text.contains("request is too large") || text.contains("message length too large") {
         return StoreError::Backend(format!(
-            "{text}: etcd allows 128 operations per transaction by default; split the apply, or start etcd with a \
-             larger --max-txn-ops"
+            "{text}: a large apply is one etcd record, and etcd takes records up to 1.5 MiB by default; split the \
+             apply, or start etcd with a larger --max-request-bytes"
         ));
     }
     StoreError::Backend(format!("etcd: {text}"))
@@ -132,6 +175,45 @@ impl EtcdStore {
         Ok(EtcdStore { client, description })
     }
 
+    /// Commits a large change as one record, then copies it onto the resources' keys.
+    async fn commit_record(&self, change: Change) -> Result<Committed, StoreError> {
+        let record = ApplyRecord { puts: change.puts, deletes: change.deletes };
+        let value = serde_json::to_vec(&record).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let id = format!("{APPLIES}{:020}-{:08x}", crate::cluster::local::unix_now_nanos(), rand::random::<u32>());
+        let response = retrying(|| {
+            let (mut client, id, value) = (self.client.clone(), id.clone(), value.clone());
+            async move { client.put(id, value, None).await }
+        })
+        .await
+        .map_err(backend)?;
+        let revision = response.header().map_or(0, |h| h.revision()) as u64;
+        // Earlier records a crash left behind first, so that the copies land in order.
+        let (_, leftovers) = load_with_records(&self.client).await?;
+        for (key, at, leftover) in leftovers.iter().filter(|(_, at, _)| *at < revision) {
+            if let Err(error) = copy_record(&self.client, key, *at, leftover).await {
+                tracing::warn!(%error, "cannot finish copying an earlier large apply; it stays in force");
+            }
+        }
+        if let Err(error) = copy_record(&self.client, id.as_bytes(), revision, &record).await {
+            tracing::warn!(%error, "a large apply is committed, but copying it onto its resources' keys stopped; it stays in force and is finished later");
+        }
+        let puts = record
+            .puts
+            .into_iter()
+            .map(|(key, document)| (key, StoredObject { revision, created_revision: revision, document }))
+            .collect();
+        Ok(Committed { revision, puts, deletes: record.deletes })
+    }
+
+    /// Finishes copying large applies that a crash left as records.
+    pub async fn finish_records(&self) -> Result<(), StoreError> {
+        let (_, records) = load_with_records(&self.client).await?;
+        for (key, revision, record) in records {
+            copy_record(&self.client, &key, revision, &record).await?;
+        }
+        Ok(())
+    }
+
     /// The connection, shared with the replica coordination that uses the same etcd.
     pub fn client(&self) -> Client {
         self.client.clone()
@@ -154,7 +236,18 @@ fn stored(kv: &etcd_client::KeyValue) -> Result<(ObjectKey, StoredObject), Store
     ))
 }
 
-async fn load(client: &mut Client) -> Result<StoreContents, StoreError> {
+fn record(kv: &etcd_client::KeyValue) -> Result<ApplyRecord, StoreError> {
+    serde_json::from_slice(kv.value())
+        .map_err(|e| StoreError::Corrupt { key: String::from_utf8_lossy(kv.key()).into_owned(), reason: e.to_string() })
+}
+
+fn is_record(key: &[u8]) -> bool {
+    key.starts_with(APPLIES.as_bytes())
+}
+
+/// Everything, with records not yet copied laid over the keys, and those records (to
+/// finish copying them).
+async fn load_with_records(client: &Client) -> Result<(StoreContents, Vec<(Vec<u8>, u64, ApplyRecord)>), StoreError> {
     let response = retrying(|| {
         let mut client = client.clone();
         async move { client.get(OBJECTS, Some(GetOptions::new().with_prefix())).await }
@@ -163,11 +256,79 @@ async fn load(client: &mut Client) -> Result<StoreContents, StoreError> {
     .map_err(backend)?;
     let revision = response.header().map_or(0, |h| h.revision()) as u64;
     let mut contents = StoreContents { revision, ..Default::default() };
+    let mut records = Vec::new();
     for kv in response.kvs() {
-        let (key, object) = stored(kv)?;
-        contents.objects.insert(key, object);
+        if is_record(kv.key()) {
+            records.push((kv.key().to_vec(), kv.mod_revision() as u64, record(kv)?));
+        } else {
+            let (key, object) = stored(kv)?;
+            contents.objects.insert(key, object);
+        }
     }
-    Ok(contents)
+    records.sort_by_key(|(_, revision, _)| *revision);
+    let mut overlaid = Vec::with_capacity(records.len());
+    for (key, revision, record) in records {
+        let copy = ApplyRecord { puts: record.puts.clone(), deletes: record.deletes.clone() };
+        record.overlay(revision, &mut contents.objects);
+        overlaid.push((key, revision, copy));
+    }
+    Ok((contents, overlaid))
+}
+
+async fn load(client: &mut Client) -> Result<StoreContents, StoreError> {
+    Ok(load_with_records(client).await?.0)
+}
+
+/// Copies a record written at `revision` onto the resources' keys (a key written since is
+/// left alone), then deletes it.
+async fn copy_record(
+    client: &Client,
+    record_key: &[u8],
+    revision: u64,
+    record: &ApplyRecord,
+) -> Result<(), StoreError> {
+    let mut ops: Vec<(String, Option<Vec<u8>>)> = Vec::with_capacity(record.puts.len() + record.deletes.len());
+    for (key, document) in &record.puts {
+        let value = serde_json::to_vec(document).map_err(|e| StoreError::Backend(e.to_string()))?;
+        ops.push((format!("{OBJECTS}{}", key.encode()), Some(value)));
+    }
+    ops.extend(record.deletes.iter().map(|key| (format!("{OBJECTS}{}", key.encode()), None)));
+    let txn = |chunk: &[(String, Option<Vec<u8>>)]| {
+        let compares: Vec<Compare> = chunk
+            .iter()
+            .map(|(key, _)| Compare::mod_revision(key.as_str(), CompareOp::Less, revision as i64))
+            .collect();
+        let writes: Vec<TxnOp> = chunk
+            .iter()
+            .map(|(key, value)| match value {
+                Some(value) => TxnOp::put(key.as_str(), value.clone(), None),
+                None => TxnOp::delete(key.as_str(), None),
+            })
+            .collect();
+        Txn::new().when(compares).and_then(writes)
+    };
+    let run = |txn: Txn| {
+        retrying(move || {
+            let (mut client, txn) = (client.clone(), txn.clone());
+            async move { client.txn(txn).await }
+        })
+    };
+    for chunk in ops.chunks(COPY_CHUNK) {
+        if !run(txn(chunk)).await.map_err(backend)?.succeeded() {
+            // Some key was written after the record: copy the others one by one.
+            for op in chunk {
+                run(txn(std::slice::from_ref(op))).await.map_err(backend)?;
+            }
+        }
+    }
+    let key = record_key.to_vec();
+    retrying(|| {
+        let (mut client, key) = (client.clone(), key.clone());
+        async move { client.delete(key, None).await }
+    })
+    .await
+    .map_err(backend)?;
+    Ok(())
 }
 
 /// One replica's watch on the objects prefix, resumed across failures.
@@ -237,6 +398,21 @@ impl Watch {
                 self.ready.push_back(StoreEvent::Committed(Committed { revision, puts: vec![], deletes: vec![] }));
             }
             let Some(StoreEvent::Committed(committed)) = self.ready.back_mut() else { unreachable!() };
+            if is_record(kv.key()) {
+                // A record's deletion (once copied) changes nothing; its writing is the change.
+                if event.event_type() == EventType::Put {
+                    match record(kv) {
+                        Ok(record) => {
+                            committed.puts.extend(record.puts.into_iter().map(|(key, document)| {
+                                (key, StoredObject { revision, created_revision: revision, document })
+                            }));
+                            committed.deletes.extend(record.deletes);
+                        }
+                        Err(error) => tracing::error!(%error, "a large apply's record is unreadable; it is ignored"),
+                    }
+                }
+                continue;
+            }
             match event.event_type() {
                 EventType::Put => match stored(kv) {
                     Ok(put) => committed.puts.push(put),
@@ -271,6 +447,9 @@ impl Store for EtcdStore {
     }
 
     async fn commit(&self, change: Change) -> Result<Committed, StoreError> {
+        if change.puts.len() + change.deletes.len() > DIRECT_OPS {
+            return self.commit_record(change).await;
+        }
         let mut ops = Vec::with_capacity(change.puts.len() + change.deletes.len());
         for (key, document) in &change.puts {
             let value = serde_json::to_vec(document).map_err(|e| StoreError::Backend(e.to_string()))?;
