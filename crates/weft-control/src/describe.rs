@@ -36,8 +36,9 @@ pub struct EndpointDescription {
     #[serde(flatten)]
     pub endpoint: Endpoint,
     /// Health as last reported; `unknown` for workloads listed by hand, whose proxies
-    /// report nothing.
-    pub health: &'static str,
+    /// report nothing. A registered workload whose proxy is connected to no control plane
+    /// says so, with about when its lease lapses.
+    pub health: String,
 }
 
 /// Describes Service `namespace/name` among `resources`, with the health of registered
@@ -91,10 +92,18 @@ pub fn describe_service(
         .cloned()
         .collect();
 
-    let health = |workload: &str| match registered.iter().find(|r| r.registration.proxy_id == workload) {
-        Some(r) if r.healthy => "healthy",
-        Some(_) => "unhealthy",
-        None => "unknown",
+    let now = std::time::Instant::now();
+    let health = |workload: &str| {
+        let Some(entry) = registered.iter().find(|r| r.registration.proxy_id == workload) else {
+            return "unknown".to_string();
+        };
+        let state = if entry.healthy { "healthy" } else { "unhealthy" };
+        match entry.expires {
+            Some(at) => {
+                format!("{state}, proxy disconnected, expires in ~{}s", at.saturating_duration_since(now).as_secs())
+            }
+            None => state.to_string(),
+        }
     };
     let mut endpoints: Vec<EndpointDescription> = compiled
         .ports
@@ -110,6 +119,7 @@ pub fn describe_service(
     // Unhealthy registered workloads receive no traffic, so they are not endpoints of the
     // compiled service; show them anyway, as an operator looking for them would expect.
     for entry in registered.iter().filter(|e| !e.healthy) {
+        let health = health(&entry.registration.proxy_id);
         let r = &entry.registration;
         let selected = r.namespace == namespace && service.selector.iter().all(|(k, v)| r.labels.get(k) == Some(v));
         if selected && !service.selector.is_empty() {
@@ -122,7 +132,7 @@ pub fn describe_service(
                         weight: r.weight,
                         zone: r.zone.clone(),
                     },
-                    health: "unhealthy",
+                    health,
                 });
             }
         }

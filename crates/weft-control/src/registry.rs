@@ -204,9 +204,10 @@ impl Registry {
             .registrations()
             .into_iter()
             .map(|(key, registration)| {
+                // The leader knows its own grace; another replica can only estimate.
                 let expires = (!presence.contains_key(&key)).then(|| {
                     let since = detached_since.get(&key).copied().unwrap_or(now);
-                    since.max(leading_since.unwrap_or(now)) + self.lease
+                    since.max(leading_since.unwrap_or(since)) + self.lease
                 });
                 Registered {
                     healthy: registration.health.healthy,

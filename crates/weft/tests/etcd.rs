@@ -154,6 +154,11 @@ async fn replicas_share_one_etcd_and_outlive_a_replica_and_an_etcd_member() {
     assert!(ok && out.contains("ratings-1"), "{out}{err}");
     let _ = ratings_proxy.child.kill();
     let _ = ratings_proxy.child.wait();
+    eventually(Duration::from_secs(15), "describe to show the proxy gone, its lease running", || {
+        let (_, out, _) = b.cli(&["describe", "service", "ratings"]);
+        async move { out.contains("proxy disconnected, expires in").then_some(()) }
+    })
+    .await;
     eventually(Duration::from_secs(30), "the dead proxy's registration to expire", || {
         let (ok, _, err) = b.cli(&["describe", "service", "ratings"]);
         async move { (!ok && err.contains("not found")).then_some(()) }
