@@ -52,6 +52,19 @@ spec:
     )
 }
 
+/// Waits until `caller` serves reviews through the route tagged `tag`.
+async fn route_reaches(caller: &Proxy, tag: &str, what: &str) {
+    let http = client();
+    eventually(Duration::from_secs(10), what, || {
+        let http = http.clone();
+        async move {
+            let answer = get_via(&http, caller.outbound, "reviews", "/", &[]).await;
+            answer.headers.get("x-route").is_some_and(|v| v == tag).then_some(())
+        }
+    })
+    .await;
+}
+
 async fn sidecar(dir: &TempDir, name: &str, controls: &str, service: &str, app: &TestApp) -> Proxy {
     let app_addr = app.address.to_string();
     let args = ["--id", name, "--service", service, "--app-addr", &app_addr, "--health-interval", "200ms"];
@@ -138,15 +151,7 @@ async fn replicas_share_one_etcd_and_outlive_a_replica_and_an_etcd_member() {
     }
     let (ok, _, err) = b.cli_with_stdin(&["apply", "-f", "-"], Some(&tagged_route("two")));
     assert!(ok, "{err}");
-    eventually(Duration::from_secs(10), "B's apply reaches the proxies that moved", || {
-        let http = http.clone();
-        let caller = caller.outbound;
-        async move {
-            let answer = get_via(&http, caller, "reviews", "/", &[]).await;
-            answer.headers.get("x-route").is_some_and(|v| v == "two").then_some(())
-        }
-    })
-    .await;
+    route_reaches(&caller, "two", "B's apply reaches the proxies that moved").await;
 
     // The new leader expires a dead proxy's registration once its lease lapses: its
     // implied Service goes with it.
@@ -176,15 +181,7 @@ async fn replicas_share_one_etcd_and_outlive_a_replica_and_an_etcd_member() {
         async move { ok.then_some(()) }
     })
     .await;
-    eventually(Duration::from_secs(10), "that apply reaches the caller", || {
-        let http = http.clone();
-        let caller = caller.outbound;
-        async move {
-            let answer = get_via(&http, caller, "reviews", "/", &[]).await;
-            answer.headers.get("x-route").is_some_and(|v| v == "three").then_some(())
-        }
-    })
-    .await;
+    route_reaches(&caller, "three", "that apply reaches the caller").await;
     let (ok, out, err) = b.cli(&["get", "httproutes", "-o", "yaml"]);
     assert!(ok && out.contains("three"), "{out}{err}");
 }

@@ -29,7 +29,7 @@ use etcd_client::{
 };
 use tokio::sync::watch;
 
-use super::{Claim, Cluster, Presence, ReplicaInfo};
+use super::{drop_claim, note_claim, Claim, Cluster, Presence, ReplicaInfo};
 use crate::store::{
     etcd::{backend, retrying, OBJECTS},
     ObjectKey, StoreError,
@@ -315,10 +315,9 @@ impl Cluster for EtcdCluster {
         let token = format!("{}/{}", self.id, self.next_token.fetch_add(1, Ordering::Relaxed));
         self.claims.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), (token.clone(), false));
         self.write_claim(key, &token, self.current_lease()).await;
-        self.presence.send_modify(|presence| {
-            Arc::make_mut(presence).insert(key.clone(), token.clone());
-        });
-        Claim { key: key.clone(), token }
+        let claim = Claim { key: key.clone(), token };
+        note_claim(&self.presence, &claim);
+        claim
     }
 
     async fn detach(&self, claim: &Claim) {
@@ -342,13 +341,7 @@ impl Cluster for EtcdCluster {
             // The claim lapses with this replica's session anyway.
             tracing::warn!(key = %claim.key, %error, "cannot release a proxy's presence on etcd");
         }
-        self.presence.send_if_modified(|presence| {
-            if presence.get(&claim.key) != Some(&claim.token) {
-                return false;
-            }
-            Arc::make_mut(presence).remove(&claim.key);
-            true
-        });
+        drop_claim(&self.presence, claim);
     }
 
     fn presence(&self) -> watch::Receiver<Presence> {

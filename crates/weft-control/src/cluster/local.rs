@@ -14,7 +14,7 @@ use std::{
 use async_trait::async_trait;
 use tokio::sync::{watch, Mutex};
 
-use super::{Claim, Cluster, Presence, ReplicaInfo};
+use super::{drop_claim, note_claim, Claim, Cluster, Presence, ReplicaInfo};
 use crate::store::{Change, ObjectKey, Store, StoreError};
 
 /// The single replica.
@@ -54,21 +54,13 @@ impl Cluster for LocalCluster {
         let _gate = self.gate.lock().await;
         let token = self.next_token.fetch_add(1, Ordering::Relaxed).to_string();
         let claim = Claim { key: key.clone(), token: format!("{}/{token}", self.id) };
-        self.presence.send_modify(|presence| {
-            Arc::make_mut(presence).insert(key.clone(), claim.token.clone());
-        });
+        note_claim(&self.presence, &claim);
         claim
     }
 
     async fn detach(&self, claim: &Claim) {
         let _gate = self.gate.lock().await;
-        self.presence.send_if_modified(|presence| {
-            if presence.get(&claim.key) != Some(&claim.token) {
-                return false;
-            }
-            Arc::make_mut(presence).remove(&claim.key);
-            true
-        });
+        drop_claim(&self.presence, claim);
     }
 
     fn presence(&self) -> watch::Receiver<Presence> {

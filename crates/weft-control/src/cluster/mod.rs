@@ -72,6 +72,24 @@ pub trait Cluster: Send + Sync + 'static {
     async fn replicas(&self) -> Result<Vec<ReplicaInfo>, StoreError>;
 }
 
+/// Notes `claim` in this replica's copy of presence.
+fn note_claim(presence: &watch::Sender<Presence>, claim: &Claim) {
+    presence.send_modify(|presence| {
+        Arc::make_mut(presence).insert(claim.key.clone(), claim.token.clone());
+    });
+}
+
+/// Drops `claim` from this replica's copy of presence, unless a later claim replaced it.
+fn drop_claim(presence: &watch::Sender<Presence>, claim: &Claim) {
+    presence.send_if_modified(|presence| {
+        if presence.get(&claim.key) != Some(&claim.token) {
+            return false;
+        }
+        Arc::make_mut(presence).remove(&claim.key);
+        true
+    });
+}
+
 /// A replica id unique across hosts and restarts: `host-pid-random`.
 pub fn new_replica_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
