@@ -361,7 +361,10 @@ mod tests {
         assert!(registry.entries()[0].expires.is_some());
         assert!(registry.sweep(now + LEASE / 2).await.is_empty(), "inside the lease");
         assert_eq!(registry.sweep(later).await, vec![registration("a").key()]);
-        assert!(stored(&registry, "a").is_none(), "expired means deleted from the store");
+        // The deletion reaches the catalog through the store's watch.
+        let mut catalog = registry.catalog.subscribe();
+        let gone = catalog.wait_for(|_| stored(&registry, "a").is_none());
+        tokio::time::timeout(Duration::from_secs(5), gone).await.expect("expired means deleted from the store").unwrap();
     }
 
     #[tokio::test]
