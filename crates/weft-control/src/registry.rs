@@ -131,6 +131,9 @@ pub struct Registry {
     /// Records to write (`None`: delete), coalesced per key.
     pending: Mutex<BTreeMap<ObjectKey, Option<Registration>>>,
     wake: Notify,
+    /// The records of the streams this replica holds, by key, with their claim's token:
+    /// what must be in the store while those streams last.
+    held: Mutex<HashMap<ObjectKey, (String, Registration)>>,
 }
 
 impl Registry {
@@ -144,6 +147,7 @@ impl Registry {
             detached_since: Mutex::default(),
             pending: Mutex::default(),
             wake: Notify::new(),
+            held: Mutex::default(),
         });
         tokio::spawn(write_batches(Arc::downgrade(&registry)));
         registry
@@ -162,6 +166,11 @@ impl Registry {
         self.wake.notify_one();
     }
 
+    fn hold(&self, attached: &Attached) {
+        let held = (attached.claim.token.clone(), attached.record.clone());
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).insert(attached.claim.key.clone(), held);
+    }
+
     /// Registers (or re-attaches) the workload of a proxy whose stream this replica holds.
     /// Its last stored health is kept if the workload is the same.
     pub async fn attach(&self, mut registration: Registration) -> Attached {
@@ -172,7 +181,9 @@ impl Registry {
             _ => Health::not_reported(),
         };
         self.write(key, Some(registration.clone()));
-        Attached { claim, record: registration }
+        let attached = Attached { claim, record: registration };
+        self.hold(&attached);
+        attached
     }
 
     /// Records the application's health as the proxy reports it. Only a change between
@@ -183,11 +194,18 @@ impl Registry {
         }
         attached.record.health = Health { healthy, detail };
         self.write(attached.claim.key.clone(), Some(attached.record.clone()));
+        self.hold(attached);
     }
 
     /// The stream ended. After a goodbye the registration goes at once; otherwise its
     /// lease starts running.
     pub async fn detach(&self, attached: Attached, goodbye: bool) {
+        {
+            let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            if held.get(&attached.claim.key).is_some_and(|(token, _)| *token == attached.claim.token) {
+                held.remove(&attached.claim.key);
+            }
+        }
         if goodbye {
             self.write(attached.claim.key.clone(), None);
         }
@@ -219,9 +237,29 @@ impl Registry {
             .collect()
     }
 
+    /// Writes again the record of every stream this replica holds that the store lost:
+    /// a leader expired it while this replica was cut off from etcd longer than a lease,
+    /// say. The proxy is alive and attached here, so its endpoint must be too.
+    fn restore_held(&self) {
+        let lost: Vec<(ObjectKey, Registration)> = {
+            let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            held.iter()
+                .filter(|(key, _)| !pending.contains_key(*key) && self.catalog.registration(key).is_none())
+                .map(|(key, (_, record))| (key.clone(), record.clone()))
+                .collect()
+        };
+        for (key, record) in lost {
+            tracing::warn!(%key, "the store lost the registration of a proxy this replica holds; writing it again");
+            self.write(key, Some(record));
+        }
+    }
+
     /// Notes which registrations are detached and, on the leading replica, expires those
-    /// whose lease has lapsed. Returns the expired ones.
+    /// whose lease has lapsed; restores the registrations of held streams the store lost.
+    /// Returns the expired ones.
     pub async fn sweep(&self, now: Instant) -> Vec<ObjectKey> {
+        self.restore_held();
         let presence = self.cluster.presence().borrow().clone();
         let registrations = self.catalog.registrations();
         let lapsed: Vec<ObjectKey> = {
@@ -364,7 +402,10 @@ mod tests {
         // The deletion reaches the catalog through the store's watch.
         let mut catalog = registry.catalog.subscribe();
         let gone = catalog.wait_for(|_| stored(&registry, "a").is_none());
-        tokio::time::timeout(Duration::from_secs(5), gone).await.expect("expired means deleted from the store").unwrap();
+        tokio::time::timeout(Duration::from_secs(5), gone)
+            .await
+            .expect("expired means deleted from the store")
+            .unwrap();
     }
 
     #[tokio::test]
@@ -386,6 +427,31 @@ mod tests {
             Health::not_reported(),
             "a new address is a new workload"
         );
+    }
+
+    #[tokio::test]
+    async fn a_held_registration_the_store_lost_is_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = registry(&dir).await;
+        let mut attached = registry.attach(registration("a")).await;
+        registry.set_health(&mut attached, true, "ok".into());
+        registry.flush().await;
+        // As a leader would that believed the proxy gone.
+        let key = registration("a").key();
+        registry.catalog.write_registrations(Change { puts: vec![], deletes: vec![key] }).await.unwrap();
+        assert!(stored(&registry, "a").is_none());
+        registry.sweep(Instant::now()).await;
+        registry.flush().await;
+        let restored = stored(&registry, "a").expect("written again");
+        assert!(restored.health.healthy, "as the stream last knew it");
+
+        // Once the stream has ended, a lost record stays lost.
+        registry.detach(attached, false).await;
+        let key = registration("a").key();
+        registry.catalog.write_registrations(Change { puts: vec![], deletes: vec![key] }).await.unwrap();
+        registry.sweep(Instant::now()).await;
+        registry.flush().await;
+        assert!(stored(&registry, "a").is_none());
     }
 
     #[tokio::test]

@@ -217,3 +217,44 @@ async fn the_control_plane_talks_tls_to_etcd_with_a_client_certificate() {
     assert!(ok && out.contains("tls"), "{out}{err}");
     assert!(status(&control).await["store"].as_str().unwrap().starts_with("etcd+tls://"));
 }
+
+#[tokio::test]
+async fn a_replica_cut_off_longer_than_a_lease_gets_its_proxies_back_when_it_returns() {
+    let dir = TempDir::new("etcd-paused");
+    let Some(etcd) = Etcd::start(&dir, "etcd").await else { return };
+    let store = etcd.store();
+    let flags = ["--store", store.as_str(), "--lease", "2s"];
+    let a = Control::start_on(&dir, "control-a", &dir.0.join("a"), &flags).await;
+    eventually(Duration::from_secs(20), "control-a to lead", || async {
+        (status(&a).await["leader"] == true).then_some(())
+    })
+    .await;
+    let b = Control::start_on(&dir, "control-b", &dir.0.join("b"), &flags).await;
+    let ratings = TestApp::start("ratings").await;
+    let _ratings_proxy = sidecar(&dir, "ratings-1", &b.grpc.to_string(), "ratings", &ratings).await;
+    let caller = Proxy::start_with_controls(&dir, "web", &a.grpc.to_string(), &["--id", "web"]).await;
+    let http = client();
+    let reachable = || {
+        let http = http.clone();
+        let caller = caller.outbound;
+        async move { (get_via(&http, caller, "ratings", "/", &[]).await.app() == "ratings").then_some(()) }
+    };
+    eventually(Duration::from_secs(10), "ratings, registered on B, to be reachable from A", reachable).await;
+
+    // B freezes (a long pause, a partition from etcd): its etcd session lapses, so the
+    // leader A sees ratings-1 attached nowhere and expires it after the lease.
+    let signal = |name: &str| Command::new("kill").args([name, &b.child.id().to_string()]).status().unwrap();
+    assert!(signal("-STOP").success());
+    eventually(Duration::from_secs(30), "the leader to expire the frozen replica's proxy", || {
+        let (ok, _, _) = a.cli(&["describe", "service", "ratings"]);
+        async move { (!ok).then_some(()) }
+    })
+    .await;
+
+    // B comes back: it opens a new session, claims its streams again and writes back the
+    // registration the store lost; ratings is reachable again, with no proxy restarted.
+    assert!(signal("-CONT").success());
+    eventually(Duration::from_secs(30), "ratings to be back", reachable).await;
+    let (ok, out, err) = a.cli(&["describe", "service", "ratings"]);
+    assert!(ok && out.contains("ratings-1") && !out.contains("disconnected"), "{out}{err}");
+}
