@@ -1,0 +1,36 @@
+//! Workload identities for weft: who a proxy is, proven by a certificate the mesh's own
+//! certificate authority signed.
+//!
+//! [`spiffe`] names identities (`spiffe://<trust-domain>/ns/<namespace>/sa/<account>`);
+//! [`authority`] is the CA the control plane runs: it makes or loads a root, and signs a
+//! proxy's key into a short-lived certificate carrying the identity the control plane
+//! vouches for, never the one the request asks for; [`verify`] checks a peer's chain
+//! against a trust bundle and reads its one SPIFFE identity, as both ends of a mesh TLS
+//! connection must.
+//!
+//! Keys are ECDSA P-256 throughout, signed and verified with ring.
+
+#![forbid(unsafe_code)]
+
+pub mod authority;
+pub mod spiffe;
+pub mod verify;
+
+pub use authority::{Authority, SignedCertificate};
+pub use spiffe::{SpiffeId, TrustDomain};
+pub use verify::verify_workload_certificate;
+
+/// Why an identity could not be made, signed or verified.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("{0:?} is not a valid trust domain: use lowercase letters, digits, '.', '-' and '_' (at most 255)")]
+    TrustDomain(String),
+    #[error("{id:?} is not a SPIFFE ID: {reason}")]
+    SpiffeId { id: String, reason: String },
+    #[error("the CA certificate or key is unusable: {0}")]
+    Authority(String),
+    #[error("the certificate signing request is unusable: {0}")]
+    Request(String),
+    #[error("the peer's certificate is refused: {0}")]
+    Refused(String),
+}
