@@ -77,9 +77,13 @@ fn start_control(weft: &PathBuf, store: &str) -> anyhow::Result<ControlPlane> {
     let dir = std::env::temp_dir().join(format!("weft-control-scale-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let ports = dir.join("ports.json");
+    let key_file = dir.join("ca-encryption.key");
+    std::fs::write(&key_file, "ab".repeat(32))?;
     let child = Command::new(weft)
         .args(["control", "--api-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--lease", "60s", "--log", "warn"])
         .args(["--store", store])
+        // A shared store keeps the CA's key encrypted.
+        .args(["--ca-encryption-key", &key_file.display().to_string()])
         .arg("--data-dir")
         .arg(dir.join("data"))
         .arg("--ports-file")

@@ -153,6 +153,8 @@ async fn status(State(hub): State<Arc<Hub>>) -> Json<serde_json::Value> {
         "store": hub.catalog.store_description(),
         "revision": hub.catalog.revision(),
         "replica": cluster.replica(),
+        "trustDomain": hub.authority.trust_domain().as_str(),
+        "caRoot": hub.authority.root_hash(),
         "leader": leader,
         "replicas": replicas,
     }))

@@ -184,7 +184,7 @@ impl Catalog {
         let items = state
             .objects
             .iter()
-            .filter(|(key, _)| key.kind != REGISTRATION_KIND)
+            .filter(|(key, _)| !key.is_internal())
             .filter(|(key, _)| kind.is_none_or(|k| key.kind == k.as_str()))
             .filter(|(key, _)| namespace.is_none_or(|ns| key.namespace == ns))
             .map(|(key, entry)| (key.clone(), entry.clone()))
@@ -408,7 +408,7 @@ pub fn registration_key(namespace: &str, proxy_id: &str) -> ObjectKey {
 }
 
 fn parse_stored(key: &ObjectKey, stored: &StoredObject) -> Option<Resource> {
-    if key.kind == REGISTRATION_KIND {
+    if key.is_internal() {
         return None;
     }
     match weft_model::parse_documents(&key.to_string(), &stored.document.to_string()) {

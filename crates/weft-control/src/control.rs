@@ -14,6 +14,7 @@ use weft_api::discovery::discovery_server::DiscoveryServer;
 
 use crate::{
     api,
+    ca::{self, CaError, CaSettings},
     catalog::Catalog,
     cluster::{etcd::EtcdCluster, local::unix_now, local::LocalCluster, new_replica_id, Cluster, ReplicaInfo},
     discovery::{DiscoveryService, Hub},
@@ -77,6 +78,9 @@ pub struct ControlSettings {
     pub data_dir: PathBuf,
     /// Where to write the bound addresses as JSON, for scripts and tests using port 0.
     pub ports_file: Option<PathBuf>,
+    /// The certificate authority: trust domain, an operator's CA, the key that encrypts
+    /// it in a shared store.
+    pub ca: CaSettings,
 }
 
 /// Files for TLS to etcd (`--etcd-ca`, `--etcd-cert`, `--etcd-key`).
@@ -92,6 +96,8 @@ pub struct EtcdTls {
 pub enum ControlError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Ca(#[from] CaError),
     #[error("cannot listen on {what} address {addr}: {source}; pick a free port with --{flag}, or stop the process using it")]
     Bind { what: &'static str, flag: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error("cannot write the ports file {path}: {source}")]
@@ -166,10 +172,10 @@ pub async fn run(
         grpc: grpc_addr.to_string(),
         started_at: unix_now(),
     };
-    let (catalog, cluster): (Arc<Catalog>, Arc<dyn Cluster>) = match &settings.store {
+    let (store, cluster): (Arc<dyn Store>, Arc<dyn Cluster>) = match &settings.store {
         StoreSpec::Embedded => {
             let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&store_path(&settings.data_dir))?);
-            (Catalog::load(store.clone()).await?, Arc::new(LocalCluster::new(info.clone(), store)))
+            (store.clone(), Arc::new(LocalCluster::new(info.clone(), store)))
         }
         StoreSpec::Etcd(endpoints) => {
             let etcd = EtcdSettings {
@@ -183,11 +189,16 @@ pub async fn run(
                 tracing::warn!(%error, "cannot finish copying a large apply left by a crash; it stays in force");
             }
             let cluster = EtcdCluster::join(store.client(), info.clone()).await?;
-            (Catalog::load(store).await?, cluster)
+            (store, cluster)
         }
     };
+    let catalog = Catalog::load(store.clone()).await?;
+    let shared_store = matches!(settings.store, StoreSpec::Etcd(_));
+    let authority = Arc::new(
+        ca::establish(&catalog, store.as_ref(), &settings.ca, shared_store, std::time::SystemTime::now()).await?,
+    );
     let registry = Registry::new(catalog.clone(), cluster, settings.lease);
-    let hub = Hub::new(catalog.clone(), registry);
+    let hub = Hub::new(catalog.clone(), registry, authority);
     tokio::spawn(hub.clone().maintain());
 
     if let Some(path) = &settings.ports_file {

@@ -23,6 +23,8 @@ use weft_api::discovery::{
     control_message, discovery_server::Discovery, proxy_message, Config, ControlMessage, ProxyMessage,
 };
 
+use weft_identity::Authority;
+
 use crate::{
     catalog::Catalog,
     registry::{Health, Registration, Registry},
@@ -60,6 +62,9 @@ pub struct ProxyRecord {
 pub struct Hub {
     pub catalog: Arc<Catalog>,
     pub registry: Arc<Registry>,
+    /// The mesh's CA; its root is the trust bundle pushed to every proxy.
+    pub authority: Arc<Authority>,
+    trust_bundle: String,
     world: ArcSwap<World>,
     world_changed: watch::Sender<u64>,
     proxies: Mutex<BTreeMap<String, ProxyRecord>>,
@@ -67,12 +72,15 @@ pub struct Hub {
 
 impl Hub {
     /// A hub over `catalog` and `registry`, with its world built once.
-    pub fn new(catalog: Arc<Catalog>, registry: Arc<Registry>) -> Arc<Self> {
+    pub fn new(catalog: Arc<Catalog>, registry: Arc<Registry>, authority: Arc<Authority>) -> Arc<Self> {
         let world = build_world(&catalog, &registry);
         let (world_changed, _) = watch::channel(0);
+        let trust_bundle = weft_identity::authority::pem_of(std::slice::from_ref(authority.root()));
         Arc::new(Hub {
             catalog,
             registry,
+            authority,
+            trust_bundle,
             world: ArcSwap::from_pointee(world),
             world_changed,
             proxies: Mutex::default(),
@@ -208,7 +216,7 @@ async fn serve_proxy(
     let mut goodbye = false;
     let result = loop {
         let view = hub.world().view(own.as_deref(), &subscriptions);
-        let digest = digest(&view.text, &view.missing);
+        let digest = digest(&view.text, &view.missing, &hub.trust_bundle);
         if last_sent != Some(digest) {
             nonce += 1;
             let version = format!("{digest:016x}");
@@ -218,6 +226,7 @@ async fn serve_proxy(
                 resources: view.text,
                 missing: view.missing,
                 lease_seconds: hub.registry.lease().as_secs() as u32,
+                trust_bundle: hub.trust_bundle.clone(),
             };
             if sender
                 .send(Ok(ControlMessage { message: Some(control_message::Message::Config(config)) }))
@@ -301,9 +310,10 @@ fn registration(
     })
 }
 
-fn digest(text: &str, missing: &[String]) -> u64 {
+fn digest(text: &str, missing: &[String], trust_bundle: &str) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     text.hash(&mut hasher);
     missing.hash(&mut hasher);
+    trust_bundle.hash(&mut hasher);
     hasher.finish()
 }

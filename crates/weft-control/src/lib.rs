@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod ca;
 pub mod catalog;
 pub mod cluster;
 pub mod control;
@@ -21,4 +22,5 @@ pub mod registry;
 pub mod store;
 pub mod views;
 
+pub use ca::CaSettings;
 pub use control::{default_data_dir, run, ControlError, ControlSettings, EtcdTls, StoreSpec};

@@ -70,11 +70,8 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn to_pem(certificates: &[CertificateDer<'_>]) -> String {
+/// Certificates as PEM, one block each.
+pub fn pem_of(certificates: &[CertificateDer<'_>]) -> String {
     let pems: Vec<pem::Pem> = certificates.iter().map(|der| pem::Pem::new("CERTIFICATE", der.to_vec())).collect();
     pem::encode_many_config(&pems, pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF))
 }
@@ -122,6 +119,12 @@ impl Authority {
         let Some(signing) = certificates.first() else {
             return Err(authority_error("the certificate file holds no certificate"));
         };
+        if key_pem.contains("BEGIN EC PRIVATE KEY") {
+            return Err(authority_error(
+                "the key is in SEC1 form (BEGIN EC PRIVATE KEY); convert it to PKCS#8 with: openssl pkcs8 -topk8 \
+                 -nocrypt -in KEY -out KEY.pkcs8",
+            ));
+        }
         let key = KeyPair::from_pem(key_pem).map_err(|e| authority_error(format!("cannot read the key: {e}")))?;
         if key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
             return Err(authority_error("the key must be ECDSA P-256"));
@@ -163,7 +166,7 @@ impl Authority {
 
     /// The signing certificate and the chain above it, PEM (to store, with the key).
     pub fn certificates_pem(&self) -> String {
-        to_pem(&self.certificates)
+        pem_of(&self.certificates)
     }
 
     /// The signing key, PEM. Secret: the store keeps it, the API never shows it.
@@ -179,7 +182,7 @@ impl Authority {
     /// SHA-256 of the root certificate (hex): what a join token carries so that a proxy
     /// can check, on first contact, that it talks to the right control plane.
     pub fn root_hash(&self) -> String {
-        hex(ring::digest::digest(&ring::digest::SHA256, self.root()).as_ref())
+        hex::encode(ring::digest::digest(&ring::digest::SHA256, self.root()))
     }
 
     /// Signs the key in `request` (a DER PKCS#10 request, ECDSA P-256) into a certificate
@@ -217,14 +220,14 @@ impl Authority {
         params.not_before = OffsetDateTime::from(not_before);
         params.not_after = OffsetDateTime::from(not_after);
         let serial = random_serial();
-        let serial_hex = hex(serial.as_ref());
+        let serial_hex = hex::encode(serial.as_ref());
         params.serial_number = Some(serial);
         params.use_authority_key_identifier_extension = true;
         let leaf = params.signed_by(&request.public_key, &self.issuer).map_err(authority_error)?;
         // The presented chain: the leaf and every intermediate, not the root.
         let mut chain = vec![leaf.der().clone()];
         chain.extend(self.certificates[..self.certificates.len() - 1].iter().cloned());
-        Ok(SignedCertificate { chain_pem: to_pem(&chain), chain, serial: serial_hex, not_before, not_after })
+        Ok(SignedCertificate { chain_pem: pem_of(&chain), chain, serial: serial_hex, not_before, not_after })
     }
 }
 
@@ -277,7 +280,7 @@ mod tests {
         assert_eq!(now.duration_since(signed.not_before).unwrap(), CLOCK_SKEW);
         let (_, parsed) = x509_parser::parse_x509_certificate(&signed.chain[0]).unwrap();
         assert!(!parsed.is_ca());
-        assert_eq!(hex(parsed.raw_serial()), signed.serial);
+        assert_eq!(hex::encode(parsed.raw_serial()), signed.serial);
     }
 
     #[test]

@@ -103,6 +103,7 @@ pub fn config_json(state: &SharedState) -> serde_json::Value {
             "proxyId": c.proxy_id,
             "registeredAddress": c.registration.as_ref().map(|r| r.address.to_string()),
             "subscriptions": state.discovery.get().map(|d| d.subscriptions()),
+            "trustBundle": state.discovery.get().map(|d| d.trust_bundle()),
         })),
         "lastReloadError": *state.last_reload_error.lock().expect("lock poisoned"),
         "ports": state.ports.get(),

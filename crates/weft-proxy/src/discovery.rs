@@ -65,9 +65,17 @@ pub struct DiscoveryHandle {
     /// Bumped after every view applied (or refused), so waiting requests look again.
     applied: watch::Sender<u64>,
     health: watch::Sender<(bool, String)>,
+    /// The mesh's root certificates (PEM), as the control plane last pushed them: what
+    /// peers' workload certificates must chain to.
+    trust_bundle: Mutex<String>,
 }
 
 impl DiscoveryHandle {
+    /// The trust bundle last received (PEM; empty before the first view).
+    pub fn trust_bundle(&self) -> String {
+        self.trust_bundle.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Makes sure the services `authority` may name are subscribed, and waits (at most
     /// [`DISCOVERY_WAIT`]) until the view has them or the control plane says they do not
     /// exist. Returns at once for names already known to be missing.
@@ -149,6 +157,7 @@ pub fn start(
         missing: Mutex::new(BTreeSet::new()),
         applied,
         health,
+        trust_bundle: Mutex::default(),
     });
     let task = run(state, settings, handle.clone(), requests, shutdown);
     (handle, task)
@@ -302,6 +311,9 @@ impl Applier {
                 state.install(snapshot, config.version.clone());
                 *state.last_reload_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 *handle.missing.lock().unwrap_or_else(|e| e.into_inner()) = config.missing.iter().cloned().collect();
+                if !config.trust_bundle.is_empty() {
+                    *handle.trust_bundle.lock().unwrap_or_else(|e| e.into_inner()) = config.trust_bundle.clone();
+                }
                 state.ready.store(true, std::sync::atomic::Ordering::Release);
                 Ok(())
             }
@@ -382,7 +394,7 @@ mod tests {
     }
 
     fn config(version: &str, resources: String) -> Config {
-        Config { version: version.into(), nonce: "1".into(), resources, missing: vec![], lease_seconds: 0 }
+        Config { version: version.into(), nonce: "1".into(), resources, lease_seconds: 0, ..Default::default() }
     }
 
     fn setup(lease: Duration) -> (Arc<SharedState>, Arc<DiscoveryHandle>, Applier) {

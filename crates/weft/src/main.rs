@@ -171,6 +171,25 @@ struct ControlArgs {
     /// Write the bound addresses as JSON to this file (useful with port 0).
     #[arg(long, value_name = "PATH")]
     ports_file: Option<PathBuf>,
+    /// The mesh's trust domain, in every workload identity
+    /// (spiffe://DOMAIN/ns/NS/sa/ACCOUNT). Fixed when the CA is made, at first start.
+    #[arg(long, default_value = weft_control::ca::DEFAULT_TRUST_DOMAIN, value_name = "DOMAIN", value_parser = parse_trust_domain)]
+    trust_domain: weft_identity::TrustDomain,
+    /// At first start, use this CA certificate (PEM: a root, or an intermediate followed
+    /// by its chain up to the root) instead of making a root. Needs --ca-key.
+    #[arg(long, value_name = "FILE", requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// The ECDSA P-256 key of --ca-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// 32 bytes (raw, or 64 hex digits) that encrypt the CA's key in the store. Required
+    /// with an etcd store, the same file on every replica.
+    #[arg(long, value_name = "FILE")]
+    ca_encryption_key: Option<PathBuf>,
+}
+
+fn parse_trust_domain(text: &str) -> Result<weft_identity::TrustDomain, String> {
+    weft_identity::TrustDomain::new(text).map_err(|e| e.to_string())
 }
 
 /// `weft proxy`: the data plane.
@@ -429,6 +448,12 @@ fn run(command: Command) -> anyhow::Result<()> {
                 lease: args.lease.get(),
                 data_dir: args.data_dir.unwrap_or_else(weft_control::default_data_dir),
                 ports_file: args.ports_file,
+                ca: weft_control::CaSettings {
+                    trust_domain: args.trust_domain,
+                    cert: args.ca_cert,
+                    key: args.ca_key,
+                    encryption_key: args.ca_encryption_key,
+                },
             };
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(weft_control::run(settings, shutdown_signal())).context("weft control")

@@ -65,6 +65,33 @@ async fn route_reaches(caller: &Proxy, tag: &str, what: &str) {
     .await;
 }
 
+/// `base64 ARG` on `input`.
+fn base64(arg: &str, input: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new("base64")
+        .arg(arg)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    String::from_utf8_lossy(&child.wait_with_output().unwrap().stdout).into_owned()
+}
+
+/// The value etcd holds at `key`, read through etcd's JSON gateway with curl.
+fn etcd_value(etcd: &Etcd, key: &str) -> String {
+    let body = format!(r#"{{"key": "{}"}}"#, base64("-w0", key));
+    let url = format!("http://{}/v3/kv/range", etcd.client());
+    let output = Command::new("curl").args(["-sf", "-X", "POST", &url, "-d", &body]).output().unwrap();
+    let answer: Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+    base64("-d", answer["kvs"][0]["value"].as_str().unwrap_or_default())
+}
+
+/// A key file for `--ca-encryption-key`, shared by every replica of a test.
+fn encryption_key(dir: &TempDir) -> String {
+    dir.write("ca-encryption.key", &"ab".repeat(32)).display().to_string()
+}
+
 async fn sidecar(dir: &TempDir, name: &str, controls: &str, service: &str, app: &TestApp) -> Proxy {
     let app_addr = app.address.to_string();
     let args = ["--id", name, "--service", service, "--app-addr", &app_addr, "--health-interval", "200ms"];
@@ -75,8 +102,8 @@ async fn sidecar(dir: &TempDir, name: &str, controls: &str, service: &str, app: 
 async fn replicas_share_one_etcd_and_outlive_a_replica_and_an_etcd_member() {
     let dir = TempDir::new("etcd-replicas");
     let Some(mut etcd) = Etcd::start_cluster(&dir, "etcd", 3, None).await else { return };
-    let store = etcd.store();
-    let flags = ["--store", store.as_str(), "--lease", "3s"];
+    let (store, key) = (etcd.store(), encryption_key(&dir));
+    let flags = ["--store", store.as_str(), "--lease", "3s", "--ca-encryption-key", &key];
     let mut a = Control::start_on(&dir, "control-a", &dir.0.join("a"), &flags).await;
     // A leads before B starts, so that killing A makes B take over.
     eventually(Duration::from_secs(20), "control-a to lead", || async {
@@ -91,6 +118,19 @@ async fn replicas_share_one_etcd_and_outlive_a_replica_and_an_etcd_member() {
     })
     .await;
     assert_eq!(status(&b).await["leader"], false, "one leader");
+
+    // One CA for every replica, its key encrypted in etcd; a replica without the key file
+    // is refused, saying which flag it needs.
+    let root = status(&a).await["caRoot"].clone();
+    assert!(root.is_string() && root == status(&b).await["caRoot"], "{root}");
+    let stored = etcd_value(&etcd, "/weft/objects/CertificateAuthority/default/mesh");
+    assert!(stored.contains("sealed") && !stored.contains("PRIVATE KEY"), "{stored}");
+    let output = Command::new(WEFT)
+        .args(["control", "--api-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--store", &store])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && err.contains("--ca-encryption-key"), "{err}");
 
     let reviews = TestApp::start("reviews").await;
     let ratings = TestApp::start("ratings").await;
@@ -111,6 +151,10 @@ async fn replicas_share_one_etcd_and_outlive_a_replica_and_an_etcd_member() {
         async move { (listed.0 == *expected && listed.1 == *expected).then_some(()) }
     })
     .await;
+
+    // Every proxy holds the trust bundle: the CA's root.
+    let bundle = caller.config().await["control"]["trustBundle"].as_str().unwrap_or_default().to_string();
+    assert!(bundle.starts_with("-----BEGIN CERTIFICATE-----"), "{bundle}");
 
     // The caller, on A, reaches a workload registered on B; an apply through B reaches it.
     let http = client();
@@ -209,7 +253,19 @@ async fn the_control_plane_talks_tls_to_etcd_with_a_client_certificate() {
     let err = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success() && err.contains("apply to an etcd store"), "{err}");
 
-    let flags = ["--store", store.as_str(), "--etcd-ca", &ca, "--etcd-cert", &cert, "--etcd-key", &key];
+    let encryption = encryption_key(&dir);
+    let flags = [
+        "--store",
+        store.as_str(),
+        "--etcd-ca",
+        &ca,
+        "--etcd-cert",
+        &cert,
+        "--etcd-key",
+        &key,
+        "--ca-encryption-key",
+        &encryption,
+    ];
     let control = Control::start_on(&dir, "control", &dir.0.join("data"), &flags).await;
     let (ok, out, err) = control.cli_with_stdin(&["apply", "-f", "-"], Some(&tagged_route("tls")));
     assert!(ok && out.contains("httproute/reviews-tagged created"), "{out}{err}");
@@ -222,8 +278,8 @@ async fn the_control_plane_talks_tls_to_etcd_with_a_client_certificate() {
 async fn a_replica_cut_off_longer_than_a_lease_gets_its_proxies_back_when_it_returns() {
     let dir = TempDir::new("etcd-paused");
     let Some(etcd) = Etcd::start(&dir, "etcd").await else { return };
-    let store = etcd.store();
-    let flags = ["--store", store.as_str(), "--lease", "2s"];
+    let (store, key) = (etcd.store(), encryption_key(&dir));
+    let flags = ["--store", store.as_str(), "--lease", "2s", "--ca-encryption-key", &key];
     let a = Control::start_on(&dir, "control-a", &dir.0.join("a"), &flags).await;
     eventually(Duration::from_secs(20), "control-a to lead", || async {
         (status(&a).await["leader"] == true).then_some(())

@@ -53,7 +53,7 @@ impl discovery_server::Discovery for ScriptedControl {
 }
 
 fn config(version: &str, resources: String) -> Config {
-    Config { version: version.into(), nonce: version.into(), resources, missing: vec![], lease_seconds: 15 }
+    Config { version: version.into(), nonce: version.into(), resources, lease_seconds: 15, ..Default::default() }
 }
 
 /// The next ACK or NACK, skipping Hello, health and subscriptions.

@@ -143,6 +143,16 @@ impl Store for EmbeddedStore {
         .map_err(backend)?
     }
 
+    async fn create(&self, key: ObjectKey, document: serde_json::Value) -> Result<bool, StoreError> {
+        // Only this process writes the file, and it creates a key once at start: a read
+        // then a write is enough.
+        if self.load().await?.objects.contains_key(&key) {
+            return Ok(false);
+        }
+        self.commit(Change { puts: vec![(key, document)], deletes: vec![] }).await?;
+        Ok(true)
+    }
+
     fn watch(&self, revision: u64) -> BoxStream<'static, Result<StoreEvent, StoreError>> {
         // Subscribe before reading, so nothing committed in between is missed; the
         // watcher skips what the first reading already holds.

@@ -486,6 +486,26 @@ impl Store for EtcdStore {
         Ok(Committed { revision, puts, deletes })
     }
 
+    async fn create(&self, key: ObjectKey, document: serde_json::Value) -> Result<bool, StoreError> {
+        let value = serde_json::to_vec(&document).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let path = format!("{OBJECTS}{}", key.encode());
+        let txn = Txn::new()
+            .when([Compare::create_revision(path.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(path.as_str(), value, None)])
+            .or_else([TxnOp::get(path.as_str(), None)]);
+        let response = retrying(|| {
+            let (mut client, txn) = (self.client.clone(), txn.clone());
+            async move { client.txn(txn).await }
+        })
+        .await
+        .map_err(backend)?;
+        // A retried create may meet its own first attempt: the same value counts as made.
+        let ours = response.op_responses().iter().any(|op| {
+            matches!(op, TxnOpResponse::Get(get) if get.kvs().first().is_some_and(|kv| serde_json::from_slice::<serde_json::Value>(kv.value()).ok().as_ref() == Some(&document)))
+        });
+        Ok(response.succeeded() || ours)
+    }
+
     fn watch(&self, revision: u64) -> BoxStream<'static, Result<StoreEvent, StoreError>> {
         let watch = Watch {
             client: self.client.clone(),

@@ -27,7 +27,16 @@ pub struct ObjectKey {
     pub name: String,
 }
 
+/// Kinds the control plane keeps for itself, never listed or served as resources:
+/// workload registrations and the certificate authority.
+pub const INTERNAL_KINDS: [&str; 2] = ["Registration", "CertificateAuthority"];
+
 impl ObjectKey {
+    /// Whether this is one of the [`INTERNAL_KINDS`].
+    pub fn is_internal(&self) -> bool {
+        INTERNAL_KINDS.contains(&self.kind.as_str())
+    }
+
     pub fn new(kind: ResourceKind, namespace: &str, name: &str) -> Self {
         ObjectKey { kind: kind.as_str().to_string(), namespace: namespace.to_string(), name: name.to_string() }
     }
@@ -123,6 +132,10 @@ pub trait Store: Send + Sync + 'static {
     /// Commits `change` atomically and durably (committed means on disk, or on a quorum),
     /// at a new revision. Deleting a key that is absent is not an error.
     async fn commit(&self, change: Change) -> Result<Committed, StoreError>;
+
+    /// Stores `document` at `key` only if nothing is there: `false` if something was (made
+    /// by another control plane that got there first).
+    async fn create(&self, key: ObjectKey, document: serde_json::Value) -> Result<bool, StoreError>;
 
     /// Every change committed after `revision`, in order, for as long as the stream is
     /// polled. The stream ends only if the store cannot be watched any more (the caller

@@ -1,0 +1,100 @@
+//! The control plane as the mesh's certificate authority: it makes a root at first start
+//! and keeps it, never shows it through the API, fixes the trust domain, and takes an
+//! operator's CA instead when given one.
+
+mod support;
+
+use std::process::Command;
+
+use serde_json::Value;
+use support::{http_get, Control, TempDir, WEFT};
+
+async fn status(control: &Control) -> Value {
+    let (_, body) = http_get(control.api, "/api/v1/status", &[]).await.unwrap();
+    serde_json::from_slice(&body).unwrap()
+}
+
+fn openssl(dir: &TempDir, args: &[&str]) -> Vec<u8> {
+    let output = Command::new("openssl").args(args).current_dir(&dir.0).output().expect("openssl runs");
+    assert!(output.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    output.stdout
+}
+
+#[tokio::test]
+async fn the_ca_is_made_once_kept_secret_and_fixes_the_trust_domain() {
+    let dir = TempDir::new("identity-ca");
+    let data = dir.0.join("data");
+    let mut control = Control::start_on(&dir, "control", &data, &[]).await;
+    let first = status(&control).await;
+    assert_eq!(first["trustDomain"], "weft.local");
+    let root = first["caRoot"].as_str().unwrap().to_string();
+    assert_eq!(root.len(), 64, "a SHA-256, hex: {root}");
+
+    // Nothing of it is served as a resource.
+    let (ok, out, _) = control.cli(&["get", "all", "-o", "yaml"]);
+    assert!(ok && !out.contains("CertificateAuthority") && !out.contains("PRIVATE"), "{out}");
+    let (_, body) = http_get(control.api, "/api/v1/resources", &[]).await.unwrap();
+    assert!(!String::from_utf8_lossy(&body).contains("PRIVATE"));
+
+    // A restart signs with the same root; a different trust domain is refused.
+    control.kill();
+    let control = Control::start_on(&dir, "control-2", &data, &[]).await;
+    assert_eq!(status(&control).await["caRoot"], root.as_str());
+    drop(control);
+    let refused = Control::try_start_on(&dir, "control-3", &data, &["--trust-domain", "other.org"]).await;
+    let log = refused.err().expect("another trust domain is refused");
+    assert!(log.contains("fixed when the CA is made"), "{log}");
+}
+
+#[tokio::test]
+async fn an_operators_ca_is_used_instead_of_a_generated_root() {
+    let dir = TempDir::new("identity-operator-ca");
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    openssl(
+        &dir,
+        &[
+            &["req", "-x509"][..],
+            &ec[..],
+            &["-keyout", "ca.key", "-out", "ca.crt", "-days", "30", "-subj", "/O=example/CN=example mesh CA"],
+            &["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+        ]
+        .concat(),
+    );
+    let der = openssl(&dir, &["x509", "-in", "ca.crt", "-outform", "der"]);
+    let expected = String::from_utf8_lossy(&openssl_stdin(&dir, &["dgst", "-sha256", "-r"], &der)).to_string();
+    let expected = expected.split_whitespace().next().unwrap().to_string();
+
+    let (cert, key) = (dir.0.join("ca.crt").display().to_string(), dir.0.join("ca.key").display().to_string());
+    let control =
+        Control::start_on(&dir, "control", &dir.0.join("data"), &["--ca-cert", &cert, "--ca-key", &key]).await;
+    assert_eq!(status(&control).await["caRoot"], expected.as_str());
+
+    // A key that is not the certificate's, or one in a form the CA cannot read: refused,
+    // saying so.
+    openssl(&dir, &["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "other.key"]);
+    openssl(&dir, &["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "sec1.key"]);
+    for (file, reason) in [("other.key", "does not belong to the certificate"), ("sec1.key", "openssl pkcs8 -topk8")] {
+        let output = Command::new(WEFT)
+            .args(["control", "--api-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.0.join(format!("data-{file}")))
+            .args(["--ca-cert", &cert, "--ca-key", &dir.0.join(file).display().to_string()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success() && err.contains(reason), "{err}");
+        assert_eq!(err.matches("unusable").count(), 1, "said once: {err}");
+    }
+}
+
+fn openssl_stdin(dir: &TempDir, args: &[&str], input: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut child = Command::new("openssl")
+        .args(args)
+        .current_dir(&dir.0)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap().stdout
+}
