@@ -60,6 +60,8 @@ type Seen = Arc<Mutex<Vec<Option<Instant>>>>;
 
 struct ControlPlane {
     child: Child,
+    /// The admin token applies need.
+    token: String,
     api: String,
     grpc: String,
     _dir: PathBuf,
@@ -96,8 +98,13 @@ fn start_control(weft: &PathBuf, store: &str) -> anyhow::Result<ControlPlane> {
         if let Some(value) =
             std::fs::read_to_string(&ports).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         {
+            let token = std::fs::read_to_string(dir.join("data").join("admin-token"))
+                .context("the control plane wrote no admin token")?
+                .trim()
+                .to_string();
             return Ok(ControlPlane {
                 child,
+                token,
                 api: value["api"].as_str().unwrap_or_default().to_string(),
                 grpc: value["grpc"].as_str().unwrap_or_default().to_string(),
                 _dir: dir,
@@ -110,10 +117,11 @@ fn start_control(weft: &PathBuf, store: &str) -> anyhow::Result<ControlPlane> {
     }
 }
 
-async fn apply(api: &str, yaml: String) -> anyhow::Result<()> {
+async fn apply(control: &ControlPlane, yaml: String) -> anyhow::Result<()> {
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let request =
-        http::Request::post(format!("http://{api}/api/v1/apply?source=bench")).body(Full::new(Bytes::from(yaml)))?;
+    let request = http::Request::post(format!("http://{}/api/v1/apply?source=bench", control.api))
+        .header(http::header::AUTHORIZATION, format!("Bearer {}", control.token))
+        .body(Full::new(Bytes::from(yaml)))?;
     let response = client.request(request).await?;
     let status = response.status();
     let body = response.into_body().collect().await?.to_bytes();
@@ -238,7 +246,7 @@ async fn main() -> anyhow::Result<()> {
         ));
     }
     for chunk in documents.chunks(APPLY_CHUNK) {
-        apply(&control.api, chunk.concat()).await?;
+        apply(&control, chunk.concat()).await?;
     }
     println!(
         "applied {} services and {static_endpoints} workloads in {:.2}s",
@@ -309,7 +317,7 @@ async fn main() -> anyhow::Result<()> {
         *marker.lock().unwrap() = text;
         seen.lock().unwrap().iter_mut().for_each(|s| *s = None);
         let t0 = Instant::now();
-        apply(&control.api, marker_route(round)).await?;
+        apply(&control, marker_route(round)).await?;
         let deadline = t0 + Duration::from_secs(30);
         loop {
             let done = seen.lock().unwrap().iter().all(Option::is_some);

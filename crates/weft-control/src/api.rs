@@ -7,10 +7,11 @@
 use std::sync::Arc;
 
 use axum::{
-    extract::{FromRef, Path, Query, State},
+    extract::{FromRef, Path, Query, Request, State},
     http::{header, HeaderMap, StatusCode},
+    middleware::{self, Next},
     response::{IntoResponse, Response},
-    routing::{get, post},
+    routing::{delete, get, post},
     Json, Router,
 };
 use serde::{Deserialize, Serialize};
@@ -18,6 +19,7 @@ use serde_json::json;
 use weft_model::ResourceKind;
 
 use crate::{
+    admin_token::AdminToken,
     catalog::{parse_sources, Catalog, CatalogError, Entry, Source},
     describe::describe_service,
     discovery::{Hub, ProxyRecord},
@@ -30,6 +32,13 @@ use crate::{
 struct AppState {
     catalog: Arc<Catalog>,
     hub: Arc<Hub>,
+    admin: Arc<AdminToken>,
+}
+
+impl FromRef<AppState> for Arc<AdminToken> {
+    fn from_ref(state: &AppState) -> Self {
+        state.admin.clone()
+    }
 }
 
 impl FromRef<AppState> for Arc<Catalog> {
@@ -44,19 +53,47 @@ impl FromRef<AppState> for Arc<Hub> {
     }
 }
 
-/// Builds the router over `hub` (and its catalog).
-pub fn router(hub: Arc<Hub>) -> Router {
-    Router::new()
-        .route("/api/v1/status", get(status))
+/// Builds the router over `hub` (and its catalog). Every call that changes the mesh needs
+/// the admin token.
+pub fn router(hub: Arc<Hub>, admin: Arc<AdminToken>) -> Router {
+    let state = AppState { catalog: hub.catalog.clone(), hub, admin };
+    let writes = Router::new()
         .route("/api/v1/apply", post(apply))
         .route("/api/v1/delete", post(delete_documents))
+        .route("/api/v1/resources/{kind}/{namespace}/{name}", delete(delete_one))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
+    Router::new()
+        .route("/api/v1/status", get(status))
         .route("/api/v1/resources", get(list_all))
         .route("/api/v1/resources/{kind}", get(list_kind))
-        .route("/api/v1/resources/{kind}/{namespace}/{name}", get(get_one).delete(delete_one))
+        .route("/api/v1/resources/{kind}/{namespace}/{name}", get(get_one))
         .route("/api/v1/services/{namespace}/{name}/describe", get(describe))
         .route("/api/v1/proxies", get(proxies))
+        .merge(writes)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such API path; see README, HTTP API") })
-        .with_state(AppState { catalog: hub.catalog.clone(), hub })
+        .with_state(state)
+}
+
+/// Lets a request through only with `Authorization: Bearer <admin token>`.
+async fn require_admin(State(admin): State<Arc<AdminToken>>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(token) if admin.accepts(token) => next.run(request).await,
+        Some(_) => {
+            ApiError::new(StatusCode::UNAUTHORIZED, "the admin token is wrong; nothing was changed").into_response()
+        }
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "changing the mesh needs the admin token: give the CLI --admin-token-file (or WEFT_TOKEN_FILE, or \
+             WEFT_TOKEN); the control plane wrote it to <data-dir>/admin-token on the host where it first started; \
+             nothing was changed",
+        )
+        .into_response(),
+    }
 }
 
 /// A refusal: `{"error": "...", "details": [...]}` with a fitting status.

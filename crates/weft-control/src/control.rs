@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use weft_api::discovery::discovery_server::DiscoveryServer;
 
 use crate::{
+    admin_token::{self, AdminTokenError},
     api,
     ca::{self, CaError, CaSettings},
     catalog::Catalog,
@@ -98,6 +99,8 @@ pub enum ControlError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Ca(#[from] CaError),
+    #[error(transparent)]
+    AdminToken(#[from] AdminTokenError),
     #[error("cannot listen on {what} address {addr}: {source}; pick a free port with --{flag}, or stop the process using it")]
     Bind { what: &'static str, flag: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error("cannot write the ports file {path}: {source}")]
@@ -197,6 +200,7 @@ pub async fn run(
     let authority = Arc::new(
         ca::establish(&catalog, store.as_ref(), &settings.ca, shared_store, std::time::SystemTime::now()).await?,
     );
+    let admin = Arc::new(admin_token::establish(&catalog, store.as_ref(), &settings.data_dir).await?);
     let registry = Registry::new(catalog.clone(), cluster, settings.lease);
     let hub = Hub::new(catalog.clone(), registry, authority);
     tokio::spawn(hub.clone().maintain());
@@ -214,7 +218,10 @@ pub async fn run(
         });
     let grpc = tokio::spawn(grpc);
     tracing::info!(%api_addr, %grpc_addr, replica = %info.id, store = %catalog.store_description(), lease = ?settings.lease, "control plane ready");
-    axum::serve(listener, api::router(hub)).with_graceful_shutdown(shutdown).await.map_err(ControlError::Serve)?;
+    axum::serve(listener, api::router(hub, admin))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(ControlError::Serve)?;
     let _ = stop_grpc.send(());
     // Open discovery streams never end by themselves; do not wait on them for long.
     let _ = tokio::time::timeout(Duration::from_secs(2), grpc).await;

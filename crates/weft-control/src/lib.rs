@@ -10,6 +10,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin_token;
 pub mod api;
 pub mod ca;
 pub mod catalog;

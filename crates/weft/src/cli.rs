@@ -23,12 +23,37 @@ pub struct ServerArgs {
     /// The control plane's HTTP API.
     #[arg(long, env = "WEFT_SERVER", default_value = "http://127.0.0.1:15080", value_name = "URL")]
     pub server: String,
+    /// The file holding the admin token, which changes need (the control plane writes it
+    /// to <data-dir>/admin-token at first start). Default: that file under the default
+    /// data directory, if it is there. WEFT_TOKEN gives the token itself.
+    #[arg(long, env = "WEFT_TOKEN_FILE", value_name = "FILE")]
+    pub admin_token_file: Option<std::path::PathBuf>,
+}
+
+impl ServerArgs {
+    /// The admin token: WEFT_TOKEN, else --admin-token-file, else the default data
+    /// directory's file. `None` if none is there (reads still work).
+    fn admin_token(&self) -> anyhow::Result<Option<String>> {
+        if let Some(token) = std::env::var("WEFT_TOKEN").ok().filter(|t| !t.trim().is_empty()) {
+            return Ok(Some(token.trim().to_string()));
+        }
+        let (path, explicit) = match &self.admin_token_file {
+            Some(path) => (path.clone(), true),
+            None => (weft_control::default_data_dir().join(weft_control::admin_token::ADMIN_TOKEN_FILE), false),
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(text.trim().to_string())),
+            Err(_) if !explicit => Ok(None),
+            Err(error) => bail!("cannot read the admin token from {}: {error}", path.display()),
+        }
+    }
 }
 
 /// A JSON client of `/api/v1`.
 pub struct ApiClient {
     base: String,
     client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    token: Option<String>,
 }
 
 impl ApiClient {
@@ -37,7 +62,7 @@ impl ApiClient {
         if !base.starts_with("http://") {
             bail!("--server must be an http:// URL such as http://127.0.0.1:15080, got {base:?}");
         }
-        Ok(ApiClient { base, client: Client::builder(TokioExecutor::new()).build_http() })
+        Ok(ApiClient { base, client: Client::builder(TokioExecutor::new()).build_http(), token: server.admin_token()? })
     }
 
     /// Sends one request; a refusal becomes an error carrying the server's message and
@@ -45,6 +70,9 @@ impl ApiClient {
     pub async fn call(&self, method: http::Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
         let uri = format!("{}{path}", self.base);
         let mut request = http::Request::builder().method(method).uri(&uri);
+        if let Some(token) = &self.token {
+            request = request.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
         let bytes = match body {
             Some(body) => {
                 request = request.header(http::header::CONTENT_TYPE, "application/json");

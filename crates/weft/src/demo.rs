@@ -235,7 +235,8 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     std::fs::write(&resources, format!("{RESOURCES}---\n{}", canary_route(90, 10)))?;
     let canary = dir.join("canary-50.yaml");
     std::fs::write(&canary, canary_route(50, 50))?;
-    let server = crate::cli::ServerArgs { server: format!("http://{api}") };
+    let token_file = dir.join("store").join(weft_control::admin_token::ADMIN_TOKEN_FILE);
+    let server = crate::cli::ServerArgs { server: format!("http://{api}"), admin_token_file: Some(token_file.clone()) };
     let client = crate::cli::ApiClient::new(&server)?;
     let sources = crate::cli::read_sources(std::slice::from_ref(&resources))?;
     client
@@ -324,10 +325,16 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     if let Some(path) = &options.ports_file {
         std::fs::write(
             path,
-            serde_json::json!({"api": api, "grpc": grpc, "entry": entry_addr.to_string()}).to_string(),
+            serde_json::json!({
+                "api": api,
+                "grpc": grpc,
+                "entry": entry_addr.to_string(),
+                "adminTokenFile": token_file.display().to_string(),
+            })
+            .to_string(),
         )?;
     }
-    print_welcome(&api, &grpc, entry_addr, &canary, &dir, options.rate);
+    print_welcome(&api, &grpc, entry_addr, &canary, &token_file, &dir, options.rate);
 
     // Traffic until stopped.
     let sent = Arc::new(AtomicU64::new(0));
@@ -386,7 +393,7 @@ async fn wait_for_stop() {
     }
 }
 
-fn print_welcome(api: &str, grpc: &str, entry: SocketAddr, canary: &Path, dir: &Path, rate: u32) {
+fn print_welcome(api: &str, grpc: &str, entry: SocketAddr, canary: &Path, token_file: &Path, dir: &Path, rate: u32) {
     let server = if api == "127.0.0.1:15080" { String::new() } else { format!("export WEFT_SERVER=http://{api}\n  ") };
     println!(
         r#"
@@ -406,9 +413,11 @@ Try:
   weft describe service reviews
   curl -x http://{entry} http://web/
   curl -x http://{entry} -H 'x-canary: true' http://web/     # always reviews v2
+  export WEFT_TOKEN_FILE={token_file}   # changes need the admin token
   weft apply -f {canary}    # shift the canary to 50/50
 "#,
         dir = dir.display(),
+        token_file = token_file.display(),
         canary = canary.display(),
     );
 }

@@ -112,7 +112,12 @@ async fn the_demo_serves_through_every_hop_and_stops_cleanly() {
     assert!(body.contains("reviews-v2") && !body.contains("reviews-v1"), "{body}");
 
     let cli = |args: &[&str]| {
-        let output = Command::new(WEFT).args(args).env("WEFT_SERVER", &server).output().unwrap();
+        let output = Command::new(WEFT)
+            .args(args)
+            .env("WEFT_SERVER", &server)
+            .env("WEFT_TOKEN_FILE", ports["adminTokenFile"].as_str().unwrap())
+            .output()
+            .unwrap();
         (output.status.success(), String::from_utf8_lossy(&output.stdout).into_owned())
     };
     let (ok, services) = cli(&["get", "services"]);

@@ -110,7 +110,9 @@ async fn replicas_share_one_etcd_and_outlive_a_replica_and_an_etcd_member() {
         (status(&a).await["leader"] == true).then_some(())
     })
     .await;
-    let b = Control::start_on(&dir, "control-b", &dir.0.join("b"), &flags).await;
+    let mut b = Control::start_on(&dir, "control-b", &dir.0.join("b"), &flags).await;
+    // The admin token was made by A, on A's host: an operator copies it.
+    b.token_file = a.token_file.clone();
     let (a_id, b_id) = (status(&a).await["replica"].as_str().unwrap().to_string(), status(&b).await);
     let b_id = b_id["replica"].as_str().unwrap().to_string();
     eventually(Duration::from_secs(20), "each replica to list both", || async {

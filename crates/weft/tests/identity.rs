@@ -98,3 +98,46 @@ fn openssl_stdin(dir: &TempDir, args: &[&str], input: &[u8]) -> Vec<u8> {
     child.stdin.take().unwrap().write_all(input).unwrap();
     child.wait_with_output().unwrap().stdout
 }
+
+#[tokio::test]
+async fn changes_need_the_admin_token_and_reads_do_not() {
+    let dir = TempDir::new("identity-admin");
+    let control = Control::start(&dir, "control").await;
+    let token = std::fs::read_to_string(&control.token_file).unwrap().trim().to_string();
+    let log = std::fs::read_to_string(&control.log).unwrap();
+    assert!(log.contains("admin-token") && !log.contains(&token), "the path is logged, never the token");
+
+    let service = "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: reviews}\nspec: {selector: {app: reviews}, ports: [{port: 80, protocol: http}]}\n";
+    let url = format!("http://{}/api/v1/apply?source=curl", control.api);
+    let apply = |auth: Option<&str>| {
+        let mut args = vec!["-s".to_string(), "-o".into(), "/dev/stderr".into(), "-w".into(), "%{http_code}".into()];
+        if let Some(auth) = auth {
+            args.extend(["-H".to_string(), format!("Authorization: Bearer {auth}")]);
+        }
+        args.extend(["--data-binary".to_string(), service.to_string(), url.clone()]);
+        let output = Command::new("curl").args(&args).output().unwrap();
+        (String::from_utf8_lossy(&output.stdout).into_owned(), String::from_utf8_lossy(&output.stderr).into_owned())
+    };
+    let (code, body) = apply(None);
+    assert_eq!(code, "401", "{body}");
+    assert!(body.contains("--admin-token-file"), "{body}");
+    let (code, body) = apply(Some("weft-admin-guess"));
+    assert!(code == "401" && body.contains("wrong"), "{code} {body}");
+    let (code, body) = apply(Some(&token));
+    assert_eq!(code, "200", "{body}");
+
+    // Reads need no token; the CLI finds it through WEFT_TOKEN_FILE, and says when the
+    // file it was given is missing.
+    let (status, _) = http_get(control.api, "/api/v1/resources/services", &[]).await.unwrap();
+    assert_eq!(status, 200);
+    let (ok, out, err) = control.cli(&["delete", "service", "reviews"]);
+    assert!(ok && out.contains("deleted"), "{out}{err}");
+    let output = Command::new(WEFT)
+        .args(["delete", "service", "reviews"])
+        .env("WEFT_SERVER", control.server())
+        .env("WEFT_TOKEN_FILE", dir.0.join("nope"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && err.contains("cannot read the admin token"), "{err}");
+}

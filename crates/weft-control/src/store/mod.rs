@@ -28,8 +28,8 @@ pub struct ObjectKey {
 }
 
 /// Kinds the control plane keeps for itself, never listed or served as resources:
-/// workload registrations and the certificate authority.
-pub const INTERNAL_KINDS: [&str; 2] = ["Registration", "CertificateAuthority"];
+/// workload registrations, the certificate authority and the admin token's hash.
+pub const INTERNAL_KINDS: [&str; 3] = ["Registration", "CertificateAuthority", "AdminToken"];
 
 impl ObjectKey {
     /// Whether this is one of the [`INTERNAL_KINDS`].

@@ -220,6 +220,9 @@ pub struct Control {
     pub grpc: SocketAddr,
     pub data_dir: PathBuf,
     pub log: PathBuf,
+    /// The admin token the CLI uses: `<data-dir>/admin-token` unless a test points it at
+    /// another replica's.
+    pub token_file: PathBuf,
 }
 
 impl Control {
@@ -263,7 +266,8 @@ impl Control {
             .spawn()
             .expect("weft binary starts");
         let unset: SocketAddr = ([0, 0, 0, 0], 0).into();
-        let mut control = Control { child, api: unset, grpc: unset, data_dir: data_dir.to_path_buf(), log };
+        let token_file = data_dir.join("admin-token");
+        let mut control = Control { child, api: unset, grpc: unset, data_dir: data_dir.to_path_buf(), log, token_file };
         let ports: Result<Value, String> =
             eventually(Duration::from_secs(20), &format!("{name} to write its ports file"), || {
                 let exited =
@@ -300,6 +304,7 @@ impl Control {
         let mut child = Command::new(WEFT)
             .args(args)
             .env("WEFT_SERVER", self.server())
+            .env("WEFT_TOKEN_FILE", &self.token_file)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
