@@ -23,6 +23,7 @@ use crate::{
     catalog::{parse_sources, Catalog, CatalogError, Entry, Source},
     describe::describe_service,
     discovery::{Hub, ProxyRecord},
+    join_tokens::{self, JoinTokenError},
     kinds::{parse_kind, plural},
     store::ObjectKey,
 };
@@ -61,6 +62,8 @@ pub fn router(hub: Arc<Hub>, admin: Arc<AdminToken>) -> Router {
         .route("/api/v1/apply", post(apply))
         .route("/api/v1/delete", post(delete_documents))
         .route("/api/v1/resources/{kind}/{namespace}/{name}", delete(delete_one))
+        .route("/api/v1/tokens", post(create_token).get(list_tokens))
+        .route("/api/v1/tokens/{id}", delete(revoke_token))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
         .route("/api/v1/status", get(status))
@@ -72,6 +75,62 @@ pub fn router(hub: Arc<Hub>, admin: Arc<AdminToken>) -> Router {
         .merge(writes)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such API path; see README, HTTP API") })
         .with_state(state)
+}
+
+/// `POST /api/v1/tokens` body.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TokenRequest {
+    service: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    /// Defaults to the service's name.
+    #[serde(default)]
+    service_account: Option<String>,
+    /// A duration such as `720h`.
+    #[serde(default)]
+    ttl: Option<String>,
+}
+
+async fn create_token(State(hub): State<Arc<Hub>>, Json(request): Json<TokenRequest>) -> Result<Response, ApiError> {
+    let ttl = match &request.ttl {
+        Some(text) => text
+            .parse::<weft_model::GoDuration>()
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("ttl {text:?}: {e}")))?
+            .get(),
+        None => join_tokens::DEFAULT_TTL,
+    };
+    let namespace = request.namespace.as_deref().unwrap_or(weft_model::DEFAULT_NAMESPACE);
+    let account = request.service_account.as_deref().unwrap_or(&request.service);
+    let authority = &hub.authority;
+    let made = join_tokens::create(
+        &hub.catalog,
+        authority.trust_domain(),
+        &authority.root_hash(),
+        namespace,
+        account,
+        ttl,
+        std::time::SystemTime::now(),
+    )
+    .await
+    .map_err(token_error)?;
+    Ok(Json(made).into_response())
+}
+
+async fn list_tokens(State(hub): State<Arc<Hub>>) -> Json<serde_json::Value> {
+    Json(json!({"items": join_tokens::list(&hub.catalog)}))
+}
+
+async fn revoke_token(State(hub): State<Arc<Hub>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    Ok(Json(join_tokens::revoke(&hub.catalog, &id).await.map_err(token_error)?).into_response())
+}
+
+fn token_error(error: JoinTokenError) -> ApiError {
+    match error {
+        JoinTokenError::Store(error) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("{error}")),
+        JoinTokenError::Unknown => ApiError::new(StatusCode::NOT_FOUND, "no such join token"),
+        other => ApiError::new(StatusCode::BAD_REQUEST, other.to_string()),
+    }
 }
 
 /// Lets a request through only with `Authorization: Bearer <admin token>`.

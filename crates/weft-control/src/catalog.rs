@@ -209,14 +209,26 @@ impl Catalog {
         self.read().registrations.iter().map(|(key, registration)| (key.clone(), registration.clone())).collect()
     }
 
+    /// The documents of every stored record of internal `kind`.
+    pub fn internal(&self, kind: &str) -> Vec<serde_json::Value> {
+        let state = self.read();
+        state
+            .objects
+            .iter()
+            .filter(|(key, _)| key.kind == kind)
+            .map(|(_, entry)| entry.stored.document.clone())
+            .collect()
+    }
+
     /// The stored registration of `key`, if any.
     pub fn registration(&self, key: &ObjectKey) -> Option<Registration> {
         self.read().registrations.get(key).cloned()
     }
 
-    /// Writes workload registrations (puts and deletes) in one commit. They are not
-    /// judged against anything, so they do not wait for applies.
-    pub async fn write_registrations(&self, change: Change) -> Result<(), StoreError> {
+    /// Writes records of the [`crate::store::INTERNAL_KINDS`] (registrations, join
+    /// tokens; puts and deletes) in one commit. They are not judged against anything, so
+    /// they do not wait for applies.
+    pub async fn write_internal(&self, change: Change) -> Result<(), StoreError> {
         if change.is_empty() {
             return Ok(());
         }

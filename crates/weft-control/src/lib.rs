@@ -18,6 +18,7 @@ pub mod cluster;
 pub mod control;
 pub mod describe;
 pub mod discovery;
+pub mod join_tokens;
 pub mod kinds;
 pub mod registry;
 pub mod store;

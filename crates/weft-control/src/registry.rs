@@ -326,7 +326,7 @@ impl Registry {
                     _ => {}
                 }
             }
-            if let Err(error) = self.catalog.write_registrations(change).await {
+            if let Err(error) = self.catalog.write_internal(change).await {
                 tracing::warn!(%error, "cannot store registrations; retrying");
                 {
                     let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -438,7 +438,7 @@ mod tests {
         registry.flush().await;
         // As a leader would that believed the proxy gone.
         let key = registration("a").key();
-        registry.catalog.write_registrations(Change { puts: vec![], deletes: vec![key] }).await.unwrap();
+        registry.catalog.write_internal(Change { puts: vec![], deletes: vec![key] }).await.unwrap();
         assert!(stored(&registry, "a").is_none());
         registry.sweep(Instant::now()).await;
         registry.flush().await;
@@ -448,7 +448,7 @@ mod tests {
         // Once the stream has ended, a lost record stays lost.
         registry.detach(attached, false).await;
         let key = registration("a").key();
-        registry.catalog.write_registrations(Change { puts: vec![], deletes: vec![key] }).await.unwrap();
+        registry.catalog.write_internal(Change { puts: vec![], deletes: vec![key] }).await.unwrap();
         registry.sweep(Instant::now()).await;
         registry.flush().await;
         assert!(stored(&registry, "a").is_none());

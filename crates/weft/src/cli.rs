@@ -426,3 +426,65 @@ fn print_description(service: &Value) {
         }
     }
 }
+
+/// What `weft token` does.
+pub enum TokenCommand {
+    Create { service: String, namespace: String, service_account: Option<String>, ttl: String, server: ServerArgs },
+    List { server: ServerArgs },
+    Revoke { id: String, server: ServerArgs },
+}
+
+/// `weft token create|list|revoke`.
+pub async fn token(command: TokenCommand) -> anyhow::Result<()> {
+    match command {
+        TokenCommand::Create { service, namespace, service_account, ttl, server } => {
+            let body = serde_json::json!({
+                "service": service,
+                "namespace": namespace,
+                "serviceAccount": service_account,
+                "ttl": ttl,
+            });
+            let made = ApiClient::new(&server)?.call(http::Method::POST, "/api/v1/tokens", Some(body)).await?;
+            eprintln!(
+                "join token {} for {}, valid until {} (unix time); give it to the proxy with --token-file",
+                made["id"].as_str().unwrap_or("?"),
+                made["identity"].as_str().unwrap_or("?"),
+                made["expiresAt"],
+            );
+            println!("{}", made["token"].as_str().unwrap_or_default());
+        }
+        TokenCommand::List { server } => {
+            let answer = ApiClient::new(&server)?.call(http::Method::GET, "/api/v1/tokens", None).await?;
+            let items = answer["items"].as_array().cloned().unwrap_or_default();
+            if items.is_empty() {
+                eprintln!("no join tokens");
+                return Ok(());
+            }
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let mut rows = vec![["ID", "IDENTITY", "STATE", "EXPIRES IN"].map(String::from).to_vec()];
+            for item in &items {
+                let expires = item["expiresAt"].as_u64().unwrap_or(0);
+                let state = if item["revoked"] == true {
+                    "revoked"
+                } else if expires <= now {
+                    "expired"
+                } else {
+                    "valid"
+                };
+                rows.push(vec![
+                    item["id"].as_str().unwrap_or("-").to_string(),
+                    item["identity"].as_str().unwrap_or("-").to_string(),
+                    state.to_string(),
+                    if expires > now { age(expires - now) } else { "-".to_string() },
+                ]);
+            }
+            print_rows(&rows);
+        }
+        TokenCommand::Revoke { id, server } => {
+            let path = format!("/api/v1/tokens/{id}");
+            let revoked = ApiClient::new(&server)?.call(http::Method::DELETE, &path, None).await?;
+            println!("join token {} for {} revoked", id, revoked["identity"].as_str().unwrap_or("?"));
+        }
+    }
+    Ok(())
+}

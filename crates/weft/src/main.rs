@@ -105,6 +105,9 @@ enum Command {
         #[command(flatten)]
         server: cli::ServerArgs,
     },
+    /// Join tokens, with which new proxies prove which workload they are.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Check a configuration file without running anything; prints every error.
     Validate {
         /// The YAML file of resources.
@@ -131,6 +134,39 @@ enum Command {
         /// `weft proxy ... --` sets.
         #[arg(long, env = "WEFT_OUTBOUND", value_name = "ADDR")]
         outbound: Option<SocketAddr>,
+    },
+}
+
+/// `weft token ...`.
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Make a join token for one workload identity; prints the token alone on stdout
+    /// (keep it like a password: it admits a proxy as that workload until it expires).
+    Create {
+        /// The service the workload runs; its identity is spiffe://DOMAIN/ns/NS/sa/ACCOUNT.
+        #[arg(long)]
+        service: String,
+        #[arg(short = 'n', long, default_value = weft_model::DEFAULT_NAMESPACE, value_name = "NS")]
+        namespace: String,
+        /// The service account; defaults to the service's name.
+        #[arg(long, value_name = "ACCOUNT")]
+        service_account: Option<String>,
+        /// How long the token admits proxies.
+        #[arg(long, default_value = "720h", value_name = "DURATION")]
+        ttl: GoDuration,
+        #[command(flatten)]
+        server: cli::ServerArgs,
+    },
+    /// List join tokens (never their secrets).
+    List {
+        #[command(flatten)]
+        server: cli::ServerArgs,
+    },
+    /// Revoke a join token by its id: no proxy can join with it any more.
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        server: cli::ServerArgs,
     },
 }
 
@@ -347,6 +383,16 @@ impl ProxyArgs {
     }
 }
 
+fn command_for_cli(command: TokenCommand) -> cli::TokenCommand {
+    match command {
+        TokenCommand::Create { service, namespace, service_account, ttl, server } => {
+            cli::TokenCommand::Create { service, namespace, service_account, ttl: ttl.to_string(), server }
+        }
+        TokenCommand::List { server } => cli::TokenCommand::List { server },
+        TokenCommand::Revoke { id, server } => cli::TokenCommand::Revoke { id, server },
+    }
+}
+
 /// Proxy ids name Workloads, so they follow the same rule as resource names.
 fn parse_proxy_id(text: &str) -> Result<String, String> {
     let bytes = text.as_bytes();
@@ -474,6 +520,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Describe { kind, name, namespace, output, server } => {
             block_on(async { cli::describe(&cli::ApiClient::new(&server)?, &kind, &name, &namespace, output).await })
         }
+        Command::Token(command) => block_on(cli::token(command_for_cli(command))),
         Command::Validate { file } => {
             let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let resources = weft_model::parse_documents(&file.display().to_string(), &text)?;

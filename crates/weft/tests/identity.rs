@@ -141,3 +141,38 @@ async fn changes_need_the_admin_token_and_reads_do_not() {
     let err = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success() && err.contains("cannot read the admin token"), "{err}");
 }
+
+#[tokio::test]
+async fn join_tokens_are_made_listed_and_revoked_by_the_operator() {
+    let dir = TempDir::new("identity-tokens");
+    let control = Control::start(&dir, "control").await;
+    let root = status(&control).await["caRoot"].as_str().unwrap().to_string();
+
+    let (ok, token, err) = control.cli(&["token", "create", "--service", "reviews", "--ttl", "1h"]);
+    assert!(ok, "{err}");
+    let token = token.trim();
+    assert!(token.starts_with("wj1.") && token.ends_with(&root), "the token carries the root's hash: {token}");
+    assert!(err.contains("spiffe://weft.local/ns/default/sa/reviews"), "{err}");
+    let id = token.split('.').nth(1).unwrap();
+
+    let (ok, listed, _) = control.cli(&["token", "list"]);
+    assert!(ok && listed.contains(id) && listed.contains("valid"), "{listed}");
+    assert!(!listed.contains(token.split('.').nth(2).unwrap()), "never the secret: {listed}");
+    let (ok, out, err) = control.cli(&["token", "revoke", id]);
+    assert!(ok && out.contains("revoked"), "{out}{err}");
+    let (_, listed, _) = control.cli(&["token", "list"]);
+    assert!(listed.contains("revoked"), "{listed}");
+
+    // Operator mistakes, and no admin token.
+    let (ok, _, err) = control.cli(&["token", "create", "--service", "Bad Name"]);
+    assert!(!ok && err.contains("check --service"), "{err}");
+    let (ok, _, err) = control.cli(&["token", "revoke", "0000"]);
+    assert!(!ok && err.contains("no such join token"), "{err}");
+    let output = Command::new(WEFT)
+        .args(["token", "create", "--service", "reviews"])
+        .env("WEFT_SERVER", control.server())
+        .env("WEFT_TOKEN", "wrong")
+        .output()
+        .unwrap();
+    assert!(!output.status.success() && String::from_utf8_lossy(&output.stderr).contains("admin token is wrong"));
+}

@@ -28,8 +28,9 @@ pub struct ObjectKey {
 }
 
 /// Kinds the control plane keeps for itself, never listed or served as resources:
-/// workload registrations, the certificate authority and the admin token's hash.
-pub const INTERNAL_KINDS: [&str; 3] = ["Registration", "CertificateAuthority", "AdminToken"];
+/// workload registrations, the certificate authority, the admin token's hash and join
+/// tokens.
+pub const INTERNAL_KINDS: [&str; 4] = ["Registration", "CertificateAuthority", "AdminToken", "JoinToken"];
 
 impl ObjectKey {
     /// Whether this is one of the [`INTERNAL_KINDS`].
