@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod authz;
 pub mod duration;
 pub mod matching;
 pub mod parse;

@@ -4,10 +4,12 @@
 //! silently ignored. Fields that exist upstream (Gateway API) but are not implemented yet
 //! are declared and refused by validation with a message that says so.
 
+mod authorization;
 mod policy;
 mod route;
 mod service;
 
+pub use authorization::*;
 pub use policy::*;
 pub use route::*;
 pub use service::*;
