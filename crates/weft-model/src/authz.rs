@@ -141,7 +141,7 @@ fn compile_operation(operation: &AuthorizationOperation) -> Result<Operation, St
         if path != "*" && !path.starts_with('/') {
             return Err(format!("path {path:?}: paths start with '/' (or are '*')"));
         }
-        if path.ends_with('*') && path.len() > 1 && normalize_path(path.trim_end_matches('*')).is_err() {
+        if path.ends_with('*') && path.len() > 1 && normalize_path(path.trim_end_matches('*')).is_none() {
             return Err(format!("path {path:?} cannot be normalised"));
         }
     }
@@ -223,7 +223,7 @@ impl Authorizer {
 
     /// Judges one request.
     pub fn decide(&self, caller: &Caller<'_>, call: &Call<'_>) -> Decision {
-        let Ok(path) = normalize_path(call.path) else {
+        let Some(path) = normalize_path(call.path) else {
             return Decision::Deny { policy: "(a path that cannot be normalised)".into() };
         };
         let matching = |policy: &&Policy| policy.rules.iter().any(|rule| rule.matches(caller, call, &path));
@@ -245,24 +245,23 @@ impl Authorizer {
     }
 }
 
-/// The path part of `raw` (no query), with unreserved percent-escapes decoded, empty and
-/// `.` segments dropped and `..` resolved. Refuses encoded `/` or `\`, other encoded
-/// bytes that are not unreserved characters stay encoded, and `..` above the root is an
-/// error.
-pub fn normalize_path(raw: &str) -> Result<String, ()> {
+/// The path part of `raw` (no query), with unreserved percent-escapes decoded (others
+/// stay encoded), empty and `.` segments dropped and `..` resolved. `None` for what must
+/// be refused: an encoded `/` or `\`, a bad escape, non-ASCII, or `..` above the root.
+pub fn normalize_path(raw: &str) -> Option<String> {
     let path = raw.split(['?', '#']).next().unwrap_or("");
     if !path.starts_with('/') || path.contains('\\') || !path.is_ascii() {
-        return Err(());
+        return None;
     }
     let mut decoded = String::with_capacity(path.len());
     let bytes = path.as_bytes();
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let hex = path.get(i + 1..i + 3).ok_or(())?;
-            let byte = u8::from_str_radix(hex, 16).map_err(|_| ())?;
+            let hex = path.get(i + 1..i + 3)?;
+            let byte = u8::from_str_radix(hex, 16).ok()?;
             match byte {
-                b'/' | b'\\' => return Err(()),
+                b'/' | b'\\' => return None,
                 b if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') => decoded.push(b as char),
                 _ => {
                     decoded.push('%');
@@ -280,7 +279,7 @@ pub fn normalize_path(raw: &str) -> Result<String, ()> {
         match segment {
             "" | "." => {}
             ".." => {
-                segments.pop().ok_or(())?;
+                segments.pop()?;
             }
             other => segments.push(other),
         }
@@ -290,7 +289,7 @@ pub fn normalize_path(raw: &str) -> Result<String, ()> {
     if trailing {
         normalized.push('/');
     }
-    Ok(normalized)
+    Some(normalized)
 }
 
 #[cfg(test)]
@@ -415,10 +414,10 @@ rules:
             ("/%61%62c", "/abc"),
             ("/a%20b", "/a%20b"),
         ] {
-            assert_eq!(normalize_path(raw).as_deref(), Ok(normalized), "{raw}");
+            assert_eq!(normalize_path(raw).as_deref(), Some(normalized), "{raw}");
         }
         for raw in ["", "a", "/..", "/a/../..", "/a%2fb", "/a%5Cb", "/a\\b", "/a%2", "/a%zz"] {
-            assert!(normalize_path(raw).is_err(), "{raw}");
+            assert!(normalize_path(raw).is_none(), "{raw}");
         }
     }
 }
