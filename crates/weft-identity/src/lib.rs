@@ -6,7 +6,7 @@
 //! proxy's key into a short-lived certificate carrying the identity the control plane
 //! vouches for, never the one the request asks for; [`verify`] checks a peer's chain
 //! against a trust bundle and reads its one SPIFFE identity, as both ends of a mesh TLS
-//! connection must.
+//! connection must; [`tls`] builds the rustls configurations of both ends on it.
 //!
 //! Keys are ECDSA P-256 throughout, signed and verified with ring.
 
@@ -14,6 +14,7 @@
 
 pub mod authority;
 pub mod spiffe;
+pub mod tls;
 pub mod verify;
 
 pub use authority::{Authority, SignedCertificate};
