@@ -21,6 +21,7 @@ pub mod discovery;
 pub mod join_tokens;
 pub mod kinds;
 pub mod registry;
+pub mod signing;
 pub mod store;
 pub mod views;
 
