@@ -250,15 +250,10 @@ pub fn new_key_and_request() -> Result<(String, Vec<u8>), IdentityError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::verify::{verify_workload_certificate, Usage};
-
-    fn domain() -> TrustDomain {
-        TrustDomain::new("weft.local").unwrap()
-    }
-
-    fn id(account: &str) -> SpiffeId {
-        SpiffeId::workload(&domain(), "default", account).unwrap()
-    }
+    use crate::{
+        testing::{domain, id},
+        verify::{verify_workload_certificate, Usage},
+    };
 
     #[test]
     fn a_signed_certificate_carries_the_given_identity_not_the_requested_one() {

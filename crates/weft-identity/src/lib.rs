@@ -35,3 +35,18 @@ pub enum IdentityError {
     #[error("the peer's certificate is refused: {0}")]
     Refused(String),
 }
+
+/// What the tests of every module share.
+#[cfg(test)]
+pub(crate) mod testing {
+    use crate::{SpiffeId, TrustDomain};
+
+    pub fn domain() -> TrustDomain {
+        TrustDomain::new("weft.local").unwrap()
+    }
+
+    /// `spiffe://weft.local/ns/default/sa/<account>`.
+    pub fn id(account: &str) -> SpiffeId {
+        SpiffeId::workload(&domain(), "default", account).unwrap()
+    }
+}

@@ -35,21 +35,6 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn system_time(now: UnixTime) -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_secs(now.as_secs())
-}
-
-fn chain<'a>(end_entity: &CertificateDer<'a>, intermediates: &[CertificateDer<'a>]) -> Vec<CertificateDer<'a>> {
-    let mut chain = Vec::with_capacity(1 + intermediates.len());
-    chain.push(end_entity.clone());
-    chain.extend(intermediates.iter().cloned());
-    chain
-}
-
-fn refused(error: IdentityError) -> TlsError {
-    TlsError::General(error.to_string())
-}
-
 /// What both verifiers share: the bundle and how signatures are checked.
 #[derive(Debug)]
 struct Trust {
@@ -61,6 +46,40 @@ struct Trust {
 impl Trust {
     fn new(roots: Vec<CertificateDer<'static>>, trust_domain: TrustDomain) -> Self {
         Trust { roots, trust_domain, algorithms: provider().signature_verification_algorithms }
+    }
+
+    /// The peer's identity, if `end_entity` and `intermediates` chain to the bundle.
+    fn identity(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: Usage,
+    ) -> Result<SpiffeId, TlsError> {
+        let mut chain = Vec::with_capacity(1 + intermediates.len());
+        chain.push(end_entity.clone());
+        chain.extend(intermediates.iter().cloned());
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(now.as_secs());
+        verify_workload_certificate(&chain, &self.roots, &self.trust_domain, now, usage)
+            .map_err(|error| TlsError::General(error.to_string()))
+    }
+
+    fn tls12(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn tls13(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        verify_tls13_signature(message, cert, dss, &self.algorithms)
     }
 }
 
@@ -80,15 +99,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, TlsError> {
-        let chain = chain(end_entity, intermediates);
-        let id = verify_workload_certificate(
-            &chain,
-            &self.trust.roots,
-            &self.trust.trust_domain,
-            system_time(now),
-            Usage::Server,
-        )
-        .map_err(refused)?;
+        let id = self.trust.identity(end_entity, intermediates, now, Usage::Server)?;
         if id != self.expected {
             return Err(TlsError::General(format!("the server is {id}, not {} as the mesh says", self.expected)));
         }
@@ -101,7 +112,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        verify_tls12_signature(message, cert, dss, &self.trust.algorithms)
+        self.trust.tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -110,7 +121,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        verify_tls13_signature(message, cert, dss, &self.trust.algorithms)
+        self.trust.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -135,15 +146,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, TlsError> {
-        let chain = chain(end_entity, intermediates);
-        verify_workload_certificate(
-            &chain,
-            &self.trust.roots,
-            &self.trust.trust_domain,
-            system_time(now),
-            Usage::Client,
-        )
-        .map_err(refused)?;
+        self.trust.identity(end_entity, intermediates, now, Usage::Client)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -153,7 +156,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        verify_tls12_signature(message, cert, dss, &self.trust.algorithms)
+        self.trust.tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -162,7 +165,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        verify_tls13_signature(message, cert, dss, &self.trust.algorithms)
+        self.trust.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -226,25 +229,32 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
-    use crate::authority::{new_key_and_request, Authority};
+    use crate::{
+        authority::{new_key_and_request, Authority},
+        testing::{domain, id},
+    };
 
-    fn domain() -> TrustDomain {
-        TrustDomain::new("weft.local").unwrap()
-    }
-
-    fn id(account: &str) -> SpiffeId {
-        SpiffeId::workload(&domain(), "default", account).unwrap()
-    }
-
-    fn workload(authority: &Authority, account: &str, lifetime: Duration, roots: &Authority) -> WorkloadTls {
+    /// A workload `account` signed by `authority` at `issued` for `lifetime`, trusting
+    /// `roots`' root.
+    fn workload_issued(
+        authority: &Authority,
+        account: &str,
+        lifetime: Duration,
+        roots: &Authority,
+        issued: SystemTime,
+    ) -> WorkloadTls {
         let (key_pem, request) = new_key_and_request().unwrap();
-        let signed = authority.sign(&request, &id(account), lifetime, SystemTime::now()).unwrap();
+        let signed = authority.sign(&request, &id(account), lifetime, issued).unwrap();
         WorkloadTls {
             chain: signed.chain,
             key: PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap(),
             roots: vec![roots.root().clone()],
             trust_domain: domain(),
         }
+    }
+
+    fn workload(authority: &Authority, account: &str, lifetime: Duration, roots: &Authority) -> WorkloadTls {
+        workload_issued(authority, account, lifetime, roots, SystemTime::now())
     }
 
     /// One handshake over loopback TCP, then a byte each way; the server's verdict, the
@@ -320,17 +330,8 @@ mod tests {
         assert!(server.unwrap_err().contains("not issued by this mesh's CA"));
         assert!(client.is_err());
 
-        let expired = {
-            let (key_pem, request) = new_key_and_request().unwrap();
-            let long_ago = SystemTime::now() - Duration::from_secs(7200);
-            let signed = ca.sign(&request, &id("web"), Duration::from_secs(60), long_ago).unwrap();
-            WorkloadTls {
-                chain: signed.chain,
-                key: PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap(),
-                roots: vec![ca.root().clone()],
-                trust_domain: domain(),
-            }
-        };
+        let long_ago = SystemTime::now() - Duration::from_secs(7200);
+        let expired = workload_issued(&ca, "web", Duration::from_secs(60), &ca, long_ago);
         let (server, _, _) = handshake(&expired, id("reviews"), &reviews).await;
         assert!(server.unwrap_err().contains("expired"));
     }

@@ -98,16 +98,14 @@ mod tests {
     use rcgen::{CertificateParams, KeyPair, SanType, PKCS_ECDSA_P256_SHA256};
 
     use super::*;
-    use crate::authority::{new_key_and_request, Authority};
-
-    fn domain() -> TrustDomain {
-        TrustDomain::new("weft.local").unwrap()
-    }
+    use crate::{
+        authority::{new_key_and_request, Authority},
+        testing::{domain, id},
+    };
 
     fn signed(authority: &Authority, now: SystemTime, lifetime: Duration) -> Vec<CertificateDer<'static>> {
         let (_, request) = new_key_and_request().unwrap();
-        let id = SpiffeId::workload(&domain(), "default", "reviews").unwrap();
-        authority.sign(&request, &id, lifetime, now).unwrap().chain
+        authority.sign(&request, &id("reviews"), lifetime, now).unwrap().chain
     }
 
     #[test]
