@@ -109,16 +109,13 @@ pub async fn establish(catalog: &Catalog, store: &dyn Store, data_dir: &Path) ->
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use crate::store::embedded::EmbeddedStore;
+    use crate::catalog::test_catalog;
 
     #[tokio::test]
     async fn the_token_is_made_once_written_privately_and_only_its_hash_is_stored() {
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
-        let catalog = Catalog::load(store.clone()).await.unwrap();
+        let (catalog, store) = test_catalog(dir.path()).await;
         let made = establish(&catalog, store.as_ref(), dir.path()).await.unwrap();
         let path = made.file.clone().unwrap();
         let token = std::fs::read_to_string(&path).unwrap();

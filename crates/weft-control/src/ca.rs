@@ -207,10 +207,8 @@ fn open(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use crate::store::embedded::EmbeddedStore;
+    use crate::catalog::test_catalog;
 
     fn settings(dir: &tempfile::TempDir, domain: &str, encryption_key: Option<&[u8]>) -> CaSettings {
         let encryption_key = encryption_key.map(|bytes| {
@@ -221,15 +219,10 @@ mod tests {
         CaSettings { trust_domain: TrustDomain::new(domain).unwrap(), cert: None, key: None, encryption_key }
     }
 
-    async fn open_store(dir: &tempfile::TempDir) -> (Arc<Catalog>, Arc<dyn Store>) {
-        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
-        (Catalog::load(store.clone()).await.unwrap(), store)
-    }
-
     #[tokio::test]
     async fn the_ca_is_made_once_and_found_again() {
         let dir = tempfile::tempdir().unwrap();
-        let (catalog, store) = open_store(&dir).await;
+        let (catalog, store) = test_catalog(dir.path()).await;
         let now = SystemTime::now();
         let plain = settings(&dir, "weft.local", None);
         let made = establish(&catalog, store.as_ref(), &plain, false, now).await.unwrap();
@@ -248,7 +241,7 @@ mod tests {
     #[tokio::test]
     async fn a_shared_store_keeps_the_key_sealed() {
         let dir = tempfile::tempdir().unwrap();
-        let (catalog, store) = open_store(&dir).await;
+        let (catalog, store) = test_catalog(dir.path()).await;
         let now = SystemTime::now();
         let error = establish(&catalog, store.as_ref(), &settings(&dir, "weft.local", None), true, now).await;
         assert!(error.err().unwrap().to_string().contains("--ca-encryption-key"));

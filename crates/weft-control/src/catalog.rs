@@ -355,6 +355,15 @@ impl Catalog {
     }
 }
 
+/// A catalog over a fresh embedded store in `dir`, and that store: what unit tests of
+/// everything built on the catalog start from.
+#[cfg(test)]
+pub(crate) async fn test_catalog(dir: &std::path::Path) -> (Arc<Catalog>, Arc<dyn Store>) {
+    let store: Arc<dyn Store> =
+        Arc::new(crate::store::embedded::EmbeddedStore::open(&dir.join("s.redb")).expect("a fresh store opens"));
+    (Catalog::load(store.clone()).await.expect("an empty store loads"), store)
+}
+
 /// Feeds `catalog` from the store's watch until the catalog is dropped.
 async fn follow(catalog: Weak<Catalog>, store: Arc<dyn Store>, mut revision: u64) {
     loop {

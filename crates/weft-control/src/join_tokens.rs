@@ -189,16 +189,13 @@ pub fn check(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use crate::store::{embedded::EmbeddedStore, Store};
+    use crate::catalog::test_catalog;
 
     #[tokio::test]
     async fn a_token_admits_its_own_workload_only_until_it_expires_or_is_revoked() {
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
-        let catalog = Catalog::load(store).await.unwrap();
+        let (catalog, _) = test_catalog(dir.path()).await;
         let domain = TrustDomain::new("weft.local").unwrap();
         let now = SystemTime::now();
         let root = "ab".repeat(32);

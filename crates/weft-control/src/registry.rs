@@ -345,8 +345,8 @@ impl Registry {
 mod tests {
     use super::*;
     use crate::{
+        catalog::test_catalog,
         cluster::{local::LocalCluster, ReplicaInfo},
-        store::{embedded::EmbeddedStore, Store},
     };
 
     const LEASE: Duration = Duration::from_secs(10);
@@ -367,8 +367,7 @@ mod tests {
     }
 
     async fn registry(dir: &tempfile::TempDir) -> Arc<Registry> {
-        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
-        let catalog = Catalog::load(store.clone()).await.unwrap();
+        let (catalog, store) = test_catalog(dir.path()).await;
         let info = ReplicaInfo { id: "test".into(), api: String::new(), grpc: String::new(), started_at: 0 };
         Registry::new(catalog, Arc::new(LocalCluster::new(info, store)), LEASE)
     }

@@ -64,18 +64,15 @@ pub fn issue(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use weft_identity::{authority::new_key_and_request, verify::Usage, TrustDomain};
 
     use super::*;
-    use crate::store::{embedded::EmbeddedStore, Store};
+    use crate::catalog::test_catalog;
 
     #[tokio::test]
     async fn the_identity_comes_from_the_token_and_renewals_keep_it() {
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
-        let catalog = Catalog::load(store).await.unwrap();
+        let (catalog, _) = test_catalog(dir.path()).await;
         let domain = TrustDomain::new("weft.local").unwrap();
         let now = SystemTime::now();
         let authority = Authority::generate(&domain, now).unwrap();

@@ -188,7 +188,7 @@ impl EtcdStore {
         .map_err(backend)?;
         let revision = response.header().map_or(0, |h| h.revision()) as u64;
         // Earlier records a crash left behind first, so that the copies land in order.
-        let (_, leftovers) = load_with_records(&self.client).await?;
+        let leftovers = pending_records(&self.client).await?;
         for (key, at, leftover) in leftovers.iter().filter(|(_, at, _)| *at < revision) {
             if let Err(error) = copy_record(&self.client, key, *at, leftover).await {
                 tracing::warn!(%error, "cannot finish copying an earlier large apply; it stays in force");
@@ -207,7 +207,7 @@ impl EtcdStore {
 
     /// Finishes copying large applies that a crash left as records.
     pub async fn finish_records(&self) -> Result<(), StoreError> {
-        let (_, records) = load_with_records(&self.client).await?;
+        let records = pending_records(&self.client).await?;
         for (key, revision, record) in records {
             copy_record(&self.client, &key, revision, &record).await?;
         }
@@ -245,38 +245,50 @@ fn is_record(key: &[u8]) -> bool {
     key.starts_with(APPLIES.as_bytes())
 }
 
-/// Everything, with records not yet copied laid over the keys, and those records (to
-/// finish copying them).
-async fn load_with_records(client: &Client) -> Result<(StoreContents, Vec<(Vec<u8>, u64, ApplyRecord)>), StoreError> {
-    let response = retrying(|| {
+/// A record not yet copied onto its resources' keys: its key, its revision, the change.
+type PendingRecord = (Vec<u8>, u64, ApplyRecord);
+
+/// Every key under `prefix`, at one revision.
+async fn get_prefix(client: &Client, prefix: &'static str) -> Result<etcd_client::GetResponse, StoreError> {
+    retrying(|| {
         let mut client = client.clone();
-        async move { client.get(OBJECTS, Some(GetOptions::new().with_prefix())).await }
+        async move { client.get(prefix, Some(GetOptions::new().with_prefix())).await }
     })
     .await
-    .map_err(backend)?;
+    .map_err(backend)
+}
+
+fn pending_record(kv: &etcd_client::KeyValue) -> Result<PendingRecord, StoreError> {
+    Ok((kv.key().to_vec(), kv.mod_revision() as u64, record(kv)?))
+}
+
+/// Everything, with the records not yet copied laid over the keys, oldest first.
+async fn load(client: &mut Client) -> Result<StoreContents, StoreError> {
+    let response = get_prefix(client, OBJECTS).await?;
     let revision = response.header().map_or(0, |h| h.revision()) as u64;
     let mut contents = StoreContents { revision, ..Default::default() };
     let mut records = Vec::new();
     for kv in response.kvs() {
         if is_record(kv.key()) {
-            records.push((kv.key().to_vec(), kv.mod_revision() as u64, record(kv)?));
+            records.push(pending_record(kv)?);
         } else {
             let (key, object) = stored(kv)?;
             contents.objects.insert(key, object);
         }
     }
     records.sort_by_key(|(_, revision, _)| *revision);
-    let mut overlaid = Vec::with_capacity(records.len());
-    for (key, revision, record) in records {
-        let copy = ApplyRecord { puts: record.puts.clone(), deletes: record.deletes.clone() };
+    for (_, revision, record) in records {
         record.overlay(revision, &mut contents.objects);
-        overlaid.push((key, revision, copy));
     }
-    Ok((contents, overlaid))
+    Ok(contents)
 }
 
-async fn load(client: &mut Client) -> Result<StoreContents, StoreError> {
-    Ok(load_with_records(client).await?.0)
+/// The records not yet copied, oldest first: only their prefix is read.
+async fn pending_records(client: &Client) -> Result<Vec<PendingRecord>, StoreError> {
+    let response = get_prefix(client, APPLIES).await?;
+    let mut records = response.kvs().iter().map(pending_record).collect::<Result<Vec<_>, _>>()?;
+    records.sort_by_key(|(_, revision, _)| *revision);
+    Ok(records)
 }
 
 /// Copies a record written at `revision` onto the resources' keys (a key written since is
