@@ -182,6 +182,19 @@ async fn unknown_services_are_refused_quickly_and_dead_or_sick_instances_stop_ge
     let caller = Proxy::start_controlled(&dir, "caller", &control, &[]).await;
     let http = client();
 
+    // Round robin, so that "every instance serves" is a fact about membership; p2c-ewma
+    // rightly starves the slowest of three for as long as its estimate takes to decay.
+    let policy = r#"
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: ratings}
+spec:
+  targetRef: {kind: Service, name: ratings}
+  loadBalancer: {algorithm: round-robin}
+"#;
+    let (ok, _, err) = control.cli_with_stdin(&["apply", "-f", "-"], Some(policy));
+    assert!(ok, "{err}");
+
     let answer = get_via(&http, caller.outbound, "nosuch", "/", &[]).await;
     assert_eq!(answer.status, 404);
     assert!(answer.weft_error().unwrap_or_default().contains("unknown"), "{:?}", answer.weft_error());
