@@ -41,6 +41,9 @@ impl fmt::Display for TrustDomain {
     }
 }
 
+/// The path of the control plane's identity.
+const CONTROL_PLANE_PATH: &str = "ns/weft-system/sa/weft-control";
+
 /// A workload identity.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SpiffeId {
@@ -60,6 +63,17 @@ impl SpiffeId {
     /// The identity weft gives a workload: `ns/<namespace>/sa/<service-account>`.
     pub fn workload(trust_domain: &TrustDomain, namespace: &str, account: &str) -> Result<Self, IdentityError> {
         SpiffeId::parse(&format!("spiffe://{trust_domain}/ns/{namespace}/sa/{account}"))
+    }
+
+    /// The control plane's own identity in `trust_domain`, which proxies require of it:
+    /// `ns/weft-system/sa/weft-control`.
+    pub fn control_plane(trust_domain: &TrustDomain) -> Self {
+        SpiffeId { trust_domain: trust_domain.clone(), path: CONTROL_PLANE_PATH.to_string() }
+    }
+
+    /// Whether this is a control plane's identity (in any trust domain).
+    pub fn is_control_plane(&self) -> bool {
+        self.path == CONTROL_PLANE_PATH
     }
 
     /// Reads a SPIFFE ID from its URI form.

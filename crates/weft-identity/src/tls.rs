@@ -1,23 +1,40 @@
-//! TLS between meshed proxies: TLS 1.3 only, both sides present workload certificates,
-//! and each side checks the other's SPIFFE identity rather than a host name.
+//! TLS with workload identities: between meshed proxies, and between proxies and the
+//! control plane. TLS 1.3 only; both sides present certificates the mesh's CA signed, and
+//! each checks the other's SPIFFE identity rather than a host name.
 //!
-//! The outbound side knows, from the control plane, which identity the endpoint it dials
-//! must have, and refuses any other ([`SpiffeServerVerifier`]). The inbound side accepts
-//! any identity of the trust domain and hands it to authorization
-//! ([`SpiffeClientVerifier`]; read it back with [`peer_identity`]). Both go through
-//! [`verify_workload_certificate`]: a chain to the bundle, exactly one SPIFFE URI SAN, no
-//! CA certificate as a leaf.
+//! A [`Credentials`] holds what one party presents and trusts: its certificate chain and
+//! key, and the trust bundle. It is swapped whole when the certificate is renewed or the
+//! bundle changes, and every configuration built on it uses the new one from its next
+//! handshake, so renewal never touches an open connection.
+//!
+//! The calling side knows which identity its peer must have (from the control plane, for
+//! a workload; the control plane's fixed one otherwise) and refuses any other
+//! ([`SpiffeServerVerifier`]). The called side accepts any identity of the trust domain
+//! and hands it to authorization ([`SpiffeClientVerifier`]; read it back with
+//! [`peer_identity`]). Both go through [`verify_workload_certificate`]: a chain to the
+//! bundle, exactly one SPIFFE URI SAN, no CA certificate as a leaf.
+//!
+//! A proxy's first contact with the control plane has no bundle yet: it pins the root by
+//! the hash its join token carries ([`bootstrap_client_config`]), as kubeadm's join does.
 
 use std::{
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
 
+use arc_swap::ArcSwap;
 use rustls::{
-    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    client::{
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+        ResolvesClientCert,
+    },
     crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms},
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime},
-    server::danger::{ClientCertVerified, ClientCertVerifier},
+    server::{
+        danger::{ClientCertVerified, ClientCertVerifier},
+        ClientHello, ResolvesServerCert,
+    },
+    sign::CertifiedKey,
     ClientConfig, DigitallySignedStruct, DistinguishedName, Error as TlsError, ServerConfig, SignatureScheme,
 };
 
@@ -30,22 +47,177 @@ use crate::{
 /// so the inbound side needs no sniffing for meshed traffic.
 pub const ALPN_HTTP2: &[u8] = b"weft/h2";
 pub const ALPN_TCP: &[u8] = b"weft/tcp";
+/// ALPN of the control channel (gRPC over HTTP/2).
+pub const ALPN_GRPC: &[u8] = b"h2";
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// What both verifiers share: the bundle and how signatures are checked.
+fn unusable(error: impl std::fmt::Display) -> IdentityError {
+    IdentityError::Authority(format!("the certificate or key is unusable: {error}"))
+}
+
+/// One issued certificate with its key and the bundle it was issued under.
+#[derive(Debug)]
+pub struct Issued {
+    /// What the certificate proves.
+    pub identity: SpiffeId,
+    /// The chain presented in handshakes, with the key that signs them.
+    pub certified: Arc<CertifiedKey>,
+    /// The roots peers' certificates must chain to.
+    pub roots: Vec<CertificateDer<'static>>,
+    /// Hex serial, as tools print it.
+    pub serial: String,
+    /// The issuing certificate's subject.
+    pub issuer: String,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+impl Issued {
+    /// Reads `chain` (leaf first) and checks that `key` belongs to it. The identity is the
+    /// leaf's one SPIFFE URI SAN.
+    pub fn new(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        roots: Vec<CertificateDer<'static>>,
+    ) -> Result<Self, IdentityError> {
+        let leaf = chain.first().ok_or_else(|| unusable("the chain is empty"))?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(leaf).map_err(unusable)?;
+        let identity = peer_identity(Some(&chain[..1])).ok_or_else(|| unusable("it names no SPIFFE ID"))?;
+        let time = |t: x509_parser::time::ASN1Time| {
+            let seconds = t.timestamp();
+            SystemTime::UNIX_EPOCH + Duration::from_secs(seconds.max(0) as u64)
+        };
+        let validity = parsed.validity();
+        let certified = CertifiedKey::from_der(chain.clone(), key, &provider()).map_err(unusable)?;
+        Ok(Issued {
+            identity,
+            serial: hex::encode(parsed.raw_serial()),
+            issuer: parsed.issuer().to_string(),
+            not_before: time(validity.not_before),
+            not_after: time(validity.not_after),
+            certified: Arc::new(certified),
+            roots,
+        })
+    }
+
+    /// The trust domain of this identity, which peers must share.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        self.identity.trust_domain()
+    }
+
+    /// The moment to renew: `share` of the way through the certificate's life.
+    pub fn renew_at(&self, share: f64) -> SystemTime {
+        let life = self.not_after.duration_since(self.not_before).unwrap_or_default();
+        self.not_before + life.mul_f64(share.clamp(0.0, 1.0))
+    }
+}
+
+/// A party's current certificate, key and trust bundle, replaced whole on renewal.
+#[derive(Debug)]
+pub struct Credentials {
+    current: ArcSwap<Issued>,
+}
+
+impl Credentials {
+    pub fn new(issued: Issued) -> Arc<Self> {
+        Arc::new(Credentials { current: ArcSwap::from_pointee(issued) })
+    }
+
+    /// What is presented and trusted now.
+    pub fn current(&self) -> Arc<Issued> {
+        self.current.load_full()
+    }
+
+    /// Takes a renewed certificate or a new bundle; handshakes from now on use it.
+    pub fn replace(&self, issued: Issued) {
+        self.current.store(Arc::new(issued));
+    }
+
+    /// The calling side's configuration for peers that must prove `expected`.
+    pub fn client_config(self: &Arc<Self>, expected: SpiffeId, alpn: &[&[u8]]) -> Result<ClientConfig, IdentityError> {
+        let verifier =
+            SpiffeServerVerifier { trust: Trust::new(Bundle::Credentials(self.clone())), expected: Expected::Exactly(expected) };
+        let mut config = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(unusable)?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_cert_resolver(Arc::new(Presented(self.clone())));
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(config)
+    }
+
+    /// The called side's configuration: callers present a certificate of this trust
+    /// domain, required unless `client_certificate` is [`ClientCertificate::Optional`]
+    /// (the control plane, which proxies first reach with a join token instead).
+    pub fn server_config(
+        self: &Arc<Self>,
+        client_certificate: ClientCertificate,
+        alpn: &[&[u8]],
+    ) -> Result<ServerConfig, IdentityError> {
+        let verifier = SpiffeClientVerifier {
+            trust: Trust::new(Bundle::Credentials(self.clone())),
+            mandatory: client_certificate == ClientCertificate::Required,
+        };
+        let mut config = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(unusable)?
+            .with_client_cert_verifier(Arc::new(verifier))
+            .with_cert_resolver(Arc::new(Presented(self.clone())));
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(config)
+    }
+}
+
+/// Whether the called side requires a client certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientCertificate {
+    Required,
+    Optional,
+}
+
+/// Presents the current certificate, in either role.
+#[derive(Debug)]
+struct Presented(Arc<Credentials>);
+
+impl ResolvesServerCert for Presented {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.current.load().certified.clone())
+    }
+}
+
+impl ResolvesClientCert for Presented {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.current.load().certified.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Where a verifier finds the roots it trusts.
+#[derive(Debug)]
+enum Bundle {
+    /// A party's own current bundle (follows renewals and rotations).
+    Credentials(Arc<Credentials>),
+    /// A root pinned by its hash at bootstrap: set by the first handshake that presents it.
+    Pinned { sha256: String, found: Mutex<Option<CertificateDer<'static>>> },
+}
+
+/// What every verifier shares: the bundle and how signatures are checked.
 #[derive(Debug)]
 struct Trust {
-    roots: Vec<CertificateDer<'static>>,
-    trust_domain: TrustDomain,
+    bundle: Bundle,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
 impl Trust {
-    fn new(roots: Vec<CertificateDer<'static>>, trust_domain: TrustDomain) -> Self {
-        Trust { roots, trust_domain, algorithms: provider().signature_verification_algorithms }
+    fn new(bundle: Bundle) -> Self {
+        Trust { bundle, algorithms: provider().signature_verification_algorithms }
     }
 
     /// The peer's identity, if `end_entity` and `intermediates` chain to the bundle.
@@ -60,8 +232,32 @@ impl Trust {
         chain.push(end_entity.clone());
         chain.extend(intermediates.iter().cloned());
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(now.as_secs());
-        verify_workload_certificate(&chain, &self.roots, &self.trust_domain, now, usage)
-            .map_err(|error| TlsError::General(error.to_string()))
+        let refused = |error: IdentityError| TlsError::General(error.to_string());
+        match &self.bundle {
+            Bundle::Credentials(credentials) => {
+                let current = credentials.current.load();
+                verify_workload_certificate(&chain, &current.roots, current.trust_domain(), now, usage).map_err(refused)
+            }
+            Bundle::Pinned { sha256, found } => {
+                // The peer sends the root along; it is trusted only if it is the pinned one.
+                let root = intermediates
+                    .iter()
+                    .find(|c| hex::encode(ring::digest::digest(&ring::digest::SHA256, c)) == *sha256)
+                    .ok_or_else(|| {
+                        TlsError::General(
+                            "the control plane's CA is not the one the join token names: check --control and the token"
+                                .into(),
+                        )
+                    })?;
+                let claimed = peer_identity(Some(&chain[..1]))
+                    .ok_or_else(|| TlsError::General("the control plane's certificate names no SPIFFE ID".into()))?;
+                let roots = [root.clone().into_owned()];
+                let id = verify_workload_certificate(&chain, &roots, claimed.trust_domain(), now, usage)
+                    .map_err(refused)?;
+                *found.lock().unwrap_or_else(|e| e.into_inner()) = Some(roots[0].clone());
+                Ok(id)
+            }
+        }
     }
 
     fn tls12(
@@ -83,11 +279,36 @@ impl Trust {
     }
 }
 
-/// Accepts a server only if it proves `expected`.
+/// What a caller requires of the server.
+#[derive(Debug)]
+enum Expected {
+    Exactly(SpiffeId),
+    /// A control plane of whatever trust domain the pinned root serves.
+    ControlPlane,
+}
+
+/// Accepts a server only if it proves the expected identity.
 #[derive(Debug)]
 pub struct SpiffeServerVerifier {
     trust: Trust,
-    expected: SpiffeId,
+    expected: Expected,
+}
+
+impl SpiffeServerVerifier {
+    fn check(&self, id: SpiffeId) -> Result<ServerCertVerified, TlsError> {
+        let fine = match &self.expected {
+            Expected::Exactly(expected) => &id == expected,
+            Expected::ControlPlane => id.is_control_plane(),
+        };
+        if !fine {
+            let wanted = match &self.expected {
+                Expected::Exactly(expected) => expected.to_string(),
+                Expected::ControlPlane => "a weft control plane".to_string(),
+            };
+            return Err(TlsError::General(format!("the server is {id}, not {wanted} as the mesh says")));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
 }
 
 impl ServerCertVerifier for SpiffeServerVerifier {
@@ -100,10 +321,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, TlsError> {
         let id = self.trust.identity(end_entity, intermediates, now, Usage::Server)?;
-        if id != self.expected {
-            return Err(TlsError::General(format!("the server is {id}, not {} as the mesh says", self.expected)));
-        }
-        Ok(ServerCertVerified::assertion())
+        self.check(id)
     }
 
     fn verify_tls12_signature(
@@ -129,15 +347,20 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     }
 }
 
-/// Requires a client certificate proving any identity of the trust domain.
+/// Checks a caller's certificate: any identity of the trust domain.
 #[derive(Debug)]
 pub struct SpiffeClientVerifier {
     trust: Trust,
+    mandatory: bool,
 }
 
 impl ClientCertVerifier for SpiffeClientVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         &[]
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
     }
 
     fn verify_client_cert(
@@ -173,43 +396,34 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     }
 }
 
-/// A proxy's own certificate and key, and the bundle it trusts.
-pub struct WorkloadTls {
-    pub chain: Vec<CertificateDer<'static>>,
-    pub key: PrivateKeyDer<'static>,
-    pub roots: Vec<CertificateDer<'static>>,
-    pub trust_domain: TrustDomain,
+/// The root a bootstrap connection pinned, once its handshake succeeded.
+#[derive(Clone, Debug)]
+pub struct PinnedRoot(Arc<SpiffeServerVerifier>);
+
+impl PinnedRoot {
+    pub fn root(&self) -> Option<CertificateDer<'static>> {
+        match &self.0.trust.bundle {
+            Bundle::Pinned { found, .. } => found.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            Bundle::Credentials(_) => None,
+        }
+    }
 }
 
-impl WorkloadTls {
-    /// The outbound side's configuration for one peer, which must prove `expected`.
-    pub fn client_config(&self, expected: SpiffeId, alpn: &[u8]) -> Result<ClientConfig, IdentityError> {
-        let verifier =
-            SpiffeServerVerifier { trust: Trust::new(self.roots.clone(), self.trust_domain.clone()), expected };
-        let mut config = ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| IdentityError::Authority(e.to_string()))?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(verifier))
-            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
-            .map_err(|e| IdentityError::Authority(format!("this proxy's certificate or key is unusable: {e}")))?;
-        config.alpn_protocols = vec![alpn.to_vec()];
-        Ok(config)
-    }
-
-    /// The inbound side's configuration: every meshed caller must present a workload
-    /// certificate of this trust domain.
-    pub fn server_config(&self) -> Result<ServerConfig, IdentityError> {
-        let verifier = SpiffeClientVerifier { trust: Trust::new(self.roots.clone(), self.trust_domain.clone()) };
-        let mut config = ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| IdentityError::Authority(e.to_string()))?
-            .with_client_cert_verifier(Arc::new(verifier))
-            .with_single_cert(self.chain.clone(), self.key.clone_key())
-            .map_err(|e| IdentityError::Authority(format!("this proxy's certificate or key is unusable: {e}")))?;
-        config.alpn_protocols = vec![ALPN_HTTP2.to_vec(), ALPN_TCP.to_vec()];
-        Ok(config)
-    }
+/// A proxy's first connection to the control plane, before it has a certificate or a
+/// bundle: no client certificate, and the server must present a control-plane identity
+/// chaining to the root whose SHA-256 (hex, of its DER) is `root_sha256`, sent along in
+/// its chain. The returned handle gives that root once the handshake succeeded.
+pub fn bootstrap_client_config(root_sha256: &str) -> Result<(ClientConfig, PinnedRoot), IdentityError> {
+    let bundle = Bundle::Pinned { sha256: root_sha256.to_ascii_lowercase(), found: Mutex::new(None) };
+    let verifier = Arc::new(SpiffeServerVerifier { trust: Trust::new(bundle), expected: Expected::ControlPlane });
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(unusable)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier.clone())
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN_GRPC.to_vec()];
+    Ok((config, PinnedRoot(verifier)))
 }
 
 /// The SPIFFE identity of a peer whose certificate a verifier above accepted.
@@ -236,37 +450,42 @@ mod tests {
 
     /// A workload `account` signed by `authority` at `issued` for `lifetime`, trusting
     /// `roots`' root.
+    fn issued_at(
+        authority: &Authority,
+        id: &SpiffeId,
+        lifetime: Duration,
+        roots: &Authority,
+        issued: SystemTime,
+    ) -> Issued {
+        let (key_pem, request) = new_key_and_request().unwrap();
+        let signed = authority.sign(&request, id, lifetime, issued).unwrap();
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+        Issued::new(signed.chain, key, vec![roots.root().clone()]).unwrap()
+    }
+
     fn workload_issued(
         authority: &Authority,
         account: &str,
         lifetime: Duration,
         roots: &Authority,
         issued: SystemTime,
-    ) -> WorkloadTls {
-        let (key_pem, request) = new_key_and_request().unwrap();
-        let signed = authority.sign(&request, &id(account), lifetime, issued).unwrap();
-        WorkloadTls {
-            chain: signed.chain,
-            key: PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap(),
-            roots: vec![roots.root().clone()],
-            trust_domain: domain(),
-        }
+    ) -> Arc<Credentials> {
+        Credentials::new(issued_at(authority, &id(account), lifetime, roots, issued))
     }
 
-    fn workload(authority: &Authority, account: &str, lifetime: Duration, roots: &Authority) -> WorkloadTls {
+    fn workload(authority: &Authority, account: &str, lifetime: Duration, roots: &Authority) -> Arc<Credentials> {
         workload_issued(authority, account, lifetime, roots, SystemTime::now())
     }
 
     /// One handshake over loopback TCP, then a byte each way; the server's verdict, the
     /// client's, and who the server saw.
-    async fn handshake(
-        client: &WorkloadTls,
-        expected: SpiffeId,
-        server: &WorkloadTls,
+    async fn exchange(
+        client: ClientConfig,
+        server: ServerConfig,
     ) -> (Result<(), String>, Result<(), String>, Option<SpiffeId>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server.server_config().unwrap()));
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
         let serving = tokio::spawn(async move {
             let (socket, _) = listener.accept().await.unwrap();
             match acceptor.accept(socket).await {
@@ -280,7 +499,7 @@ mod tests {
                 Err(error) => (Err(error.to_string()), None),
             }
         });
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(client.client_config(expected, ALPN_HTTP2).unwrap()));
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
         let socket = tokio::net::TcpStream::connect(address).await.unwrap();
         let name = ServerName::try_from("127.0.0.1").unwrap();
         let client_result = match connector.connect(name, socket).await {
@@ -297,6 +516,16 @@ mod tests {
         };
         let (server_result, peer) = serving.await.unwrap();
         (server_result, client_result, peer)
+    }
+
+    async fn handshake(
+        client: &Arc<Credentials>,
+        expected: SpiffeId,
+        server: &Arc<Credentials>,
+    ) -> (Result<(), String>, Result<(), String>, Option<SpiffeId>) {
+        let client = client.client_config(expected, &[ALPN_HTTP2]).unwrap();
+        let server = server.server_config(ClientCertificate::Required, &[ALPN_HTTP2, ALPN_TCP]).unwrap();
+        exchange(client, server).await
     }
 
     #[tokio::test]
@@ -334,5 +563,56 @@ mod tests {
         let expired = workload_issued(&ca, "web", Duration::from_secs(60), &ca, long_ago);
         let (server, _, _) = handshake(&expired, id("reviews"), &reviews).await;
         assert!(server.unwrap_err().contains("expired"));
+    }
+
+    #[tokio::test]
+    async fn a_renewed_certificate_is_presented_from_the_next_handshake() {
+        let ca = Authority::generate(&domain(), SystemTime::now()).unwrap();
+        let web = workload(&ca, "web", Duration::from_secs(3600), &ca);
+        let reviews = workload(&ca, "reviews", Duration::from_secs(3600), &ca);
+        let server = reviews.server_config(ClientCertificate::Required, &[ALPN_HTTP2]).unwrap();
+        let client = web.client_config(id("reviews"), &[ALPN_HTTP2]).unwrap();
+        let (_, _, peer) = exchange(client.clone(), server.clone()).await;
+        assert_eq!(peer, Some(id("web")));
+        let first = web.current().serial.clone();
+        web.replace(issued_at(&ca, &id("web"), Duration::from_secs(3600), &ca, SystemTime::now()));
+        assert_ne!(web.current().serial, first);
+        let (server_result, client_result, peer) = exchange(client, server).await;
+        assert_eq!((server_result, client_result, peer), (Ok(()), Ok(()), Some(id("web"))));
+    }
+
+    #[tokio::test]
+    async fn a_bootstrapping_proxy_trusts_only_the_root_its_token_names() {
+        let ca = Authority::generate(&domain(), SystemTime::now()).unwrap();
+        let control_id = SpiffeId::control_plane(&domain());
+        let mut control = issued_at(&ca, &control_id, Duration::from_secs(3600), &ca, SystemTime::now());
+        // The control plane sends its root along, for bootstrapping proxies to pin.
+        let mut chain = control.certified.cert.clone();
+        chain.push(ca.root().clone());
+        control.certified = Arc::new(CertifiedKey::new(chain, control.certified.key.clone()));
+        let control = Credentials::new(control);
+        let server = || control.server_config(ClientCertificate::Optional, &[ALPN_GRPC]).unwrap();
+
+        let (client, pinned) = bootstrap_client_config(&ca.root_hash()).unwrap();
+        let (server_result, client_result, peer) = exchange(client, server()).await;
+        assert_eq!((server_result, client_result, peer), (Ok(()), Ok(()), None));
+        assert_eq!(pinned.root().as_ref(), Some(ca.root()));
+
+        let other = Authority::generate(&domain(), SystemTime::now()).unwrap();
+        let (client, pinned) = bootstrap_client_config(&other.root_hash()).unwrap();
+        let (_, client_result, _) = exchange(client, server()).await;
+        assert!(client_result.unwrap_err().contains("not the one the join token names"));
+        assert_eq!(pinned.root(), None);
+
+        // A workload of the mesh cannot pose as the control plane.
+        let mut impostor = issued_at(&ca, &id("web"), Duration::from_secs(3600), &ca, SystemTime::now());
+        let mut chain = impostor.certified.cert.clone();
+        chain.push(ca.root().clone());
+        impostor.certified = Arc::new(CertifiedKey::new(chain, impostor.certified.key.clone()));
+        let impostor = Credentials::new(impostor);
+        let (client, _) = bootstrap_client_config(&ca.root_hash()).unwrap();
+        let server = impostor.server_config(ClientCertificate::Optional, &[ALPN_GRPC]).unwrap();
+        let (_, client_result, _) = exchange(client, server).await;
+        assert!(client_result.unwrap_err().contains("not a weft control plane"));
     }
 }
