@@ -10,7 +10,7 @@ use std::{
 
 use tokio::net::TcpListener;
 
-use weft_api::discovery::discovery_server::DiscoveryServer;
+use weft_api::discovery::{discovery_server::DiscoveryServer, identity_server::IdentityServer};
 
 use crate::{
     admin_token::{self, AdminTokenError},
@@ -18,8 +18,10 @@ use crate::{
     ca::{self, CaError, CaSettings},
     catalog::Catalog,
     cluster::{etcd::EtcdCluster, local::unix_now, local::LocalCluster, new_replica_id, Cluster, ReplicaInfo},
+    control_tls,
     discovery::{DiscoveryService, Hub},
     registry::Registry,
+    signing_service::SigningService,
     store::{
         embedded::EmbeddedStore,
         etcd::{EtcdSettings, EtcdStore},
@@ -29,10 +31,9 @@ use crate::{
 
 /// The default API address.
 pub const DEFAULT_API_ADDR: &str = "127.0.0.1:15080";
-/// The default discovery (gRPC) address. Loopback until proxies authenticate (mutual
-/// TLS): binding it wider lets anyone who can reach it register endpoints and read the
-/// configuration.
-pub const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:15010";
+/// The default discovery (gRPC) address: every interface, since every call on it is
+/// authenticated (TLS; a join token or a workload certificate).
+pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:15010";
 /// How long a registration outlives its proxy's stream.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(15);
 
@@ -82,6 +83,8 @@ pub struct ControlSettings {
     /// The certificate authority: trust domain, an operator's CA, the key that encrypts
     /// it in a shared store.
     pub ca: CaSettings,
+    /// How long workload certificates last (`--cert-lifetime`).
+    pub cert_lifetime: Duration,
 }
 
 /// Files for TLS to etcd (`--etcd-ca`, `--etcd-cert`, `--etcd-key`).
@@ -99,6 +102,8 @@ pub enum ControlError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Ca(#[from] CaError),
+    #[error("cannot make the control plane's own certificate: {0}")]
+    Identity(#[from] weft_identity::IdentityError),
     #[error(transparent)]
     AdminToken(#[from] AdminTokenError),
     #[error("cannot listen on {what} address {addr}: {source}; pick a free port with --{flag}, or stop the process using it")]
@@ -165,8 +170,11 @@ pub async fn run(
         source,
     })?;
     let grpc_addr = grpc_listener.local_addr().map_err(ControlError::Serve)?;
-    if !grpc_addr.ip().is_loopback() {
-        tracing::warn!(%grpc_addr, "discovery is served beyond loopback without authentication: anyone who reaches it can register endpoints and read the configuration");
+    if settings.cert_lifetime < Duration::from_secs(10) {
+        return Err(ControlError::Settings(format!(
+            "--cert-lifetime {:?} is too short for proxies to renew in time; use at least 10s",
+            settings.cert_lifetime
+        )));
     }
 
     let info = ReplicaInfo {
@@ -202,8 +210,10 @@ pub async fn run(
     );
     let admin = Arc::new(admin_token::establish(&catalog, store.as_ref(), &settings.data_dir).await?);
     let registry = Registry::new(catalog.clone(), cluster, settings.lease);
-    let hub = Hub::new(catalog.clone(), registry, authority);
+    let hub = Hub::new(catalog.clone(), registry, authority.clone());
     tokio::spawn(hub.clone().maintain());
+    let credentials = control_tls::control_credentials(authority, control_tls::CONTROL_CERT_LIFETIME)?;
+    let tls = control_tls::server_config(&credentials)?;
 
     if let Some(path) = &settings.ports_file {
         let text = serde_json::json!({ "api": api_addr.to_string(), "grpc": grpc_addr.to_string() }).to_string();
@@ -213,11 +223,12 @@ pub async fn run(
     let (stop_grpc, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
     let grpc = tonic::transport::Server::builder()
         .add_service(DiscoveryServer::new(DiscoveryService::new(hub.clone())))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc_listener), async {
+        .add_service(IdentityServer::new(SigningService::new(hub.clone(), settings.cert_lifetime)))
+        .serve_with_incoming_shutdown(control_tls::incoming(grpc_listener, tls), async {
             let _ = grpc_stopped.await;
         });
     let grpc = tokio::spawn(grpc);
-    tracing::info!(%api_addr, %grpc_addr, replica = %info.id, store = %catalog.store_description(), lease = ?settings.lease, "control plane ready");
+    tracing::info!(%api_addr, %grpc_addr, replica = %info.id, store = %catalog.store_description(), lease = ?settings.lease, cert_lifetime = ?settings.cert_lifetime, "control plane ready");
     axum::serve(listener, api::router(hub, admin))
         .with_graceful_shutdown(shutdown)
         .await

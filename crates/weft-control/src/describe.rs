@@ -131,6 +131,7 @@ pub fn describe_service(
                         address,
                         weight: r.weight,
                         zone: r.zone.clone(),
+                        identity: r.identity.as_deref().map(Into::into),
                     },
                     health,
                 });

@@ -23,10 +23,11 @@ use weft_api::discovery::{
     control_message, discovery_server::Discovery, proxy_message, Config, ControlMessage, ProxyMessage,
 };
 
-use weft_identity::Authority;
+use weft_identity::{Authority, SpiffeId};
 
 use crate::{
     catalog::Catalog,
+    control_tls::Peer,
     registry::{Health, Registration, Registry},
     views::World,
 };
@@ -85,6 +86,11 @@ impl Hub {
             world_changed,
             proxies: Mutex::default(),
         })
+    }
+
+    /// The mesh's roots (PEM), pushed to every proxy.
+    pub fn trust_bundle(&self) -> &str {
+        &self.trust_bundle
     }
 
     /// The current world.
@@ -153,6 +159,14 @@ impl Discovery for DiscoveryService {
     type StreamStream = ControlStream;
 
     async fn stream(&self, request: Request<Streaming<ProxyMessage>>) -> Result<Response<Self::StreamStream>, Status> {
+        let identity = request.extensions().get::<Peer>().and_then(|peer| peer.identity.clone());
+        let identity =
+            match identity {
+                Some(identity) if !identity.is_control_plane() && identity.workload_parts().is_some() => identity,
+                _ => return Err(Status::unauthenticated(
+                    "the discovery stream needs the proxy's workload certificate: start the proxy with --token-file",
+                )),
+            };
         let mut inbound = request.into_inner();
         let hello = match inbound.message().await? {
             Some(ProxyMessage { message: Some(proxy_message::Message::Hello(hello)) }) => hello,
@@ -161,10 +175,24 @@ impl Discovery for DiscoveryService {
         if hello.proxy_id.is_empty() {
             return Err(Status::invalid_argument("Hello needs a proxy_id"));
         }
+        let (namespace, account) = identity.workload_parts().expect("checked above");
+        let asked = if hello.namespace.is_empty() { weft_model::DEFAULT_NAMESPACE } else { &hello.namespace };
+        if asked != namespace {
+            return Err(Status::permission_denied(format!(
+                "this proxy is {identity}, so it belongs to namespace {namespace}, not {asked}: check --namespace"
+            )));
+        }
+        if let Some(workload) = hello.workload.as_ref().filter(|w| w.service != account) {
+            return Err(Status::permission_denied(format!(
+                "this proxy is {identity}, so it may register service {account}, not {}: use a join token made with \
+                 weft token create --service {}",
+                workload.service, workload.service
+            )));
+        }
         let (sender, receiver) = mpsc::channel(4);
         let hub = self.hub.clone();
         tokio::spawn(async move {
-            if let Err(error) = serve_proxy(hub, hello, inbound, sender).await {
+            if let Err(error) = serve_proxy(hub, hello, identity, inbound, sender).await {
                 tracing::debug!(%error, "discovery stream ended");
             }
         });
@@ -175,6 +203,7 @@ impl Discovery for DiscoveryService {
 async fn serve_proxy(
     hub: Arc<Hub>,
     hello: weft_api::discovery::Hello,
+    identity: SpiffeId,
     mut inbound: Streaming<ProxyMessage>,
     sender: mpsc::Sender<Result<ControlMessage, Status>>,
 ) -> Result<(), Status> {
@@ -182,7 +211,9 @@ async fn serve_proxy(
     let namespace =
         if hello.namespace.is_empty() { weft_model::DEFAULT_NAMESPACE.to_string() } else { hello.namespace.clone() };
     let registration = match hello.workload.as_ref() {
-        Some(workload) => Some(registration(&proxy_id, &namespace, workload).map_err(Status::invalid_argument)?),
+        Some(workload) => {
+            Some(registration(&proxy_id, &namespace, workload, &identity).map_err(Status::invalid_argument)?)
+        }
         None => None,
     };
     let own = registration.as_ref().map(|r| format!("{}/{}", r.namespace, r.service));
@@ -289,6 +320,7 @@ fn registration(
     proxy_id: &str,
     namespace: &str,
     workload: &weft_api::discovery::Workload,
+    identity: &SpiffeId,
 ) -> Result<Registration, String> {
     if workload.service.is_empty() {
         return Err("a registered workload needs its service".into());
@@ -307,6 +339,7 @@ fn registration(
         protocol: if workload.protocol.is_empty() { "http".into() } else { workload.protocol.clone() },
         service_port: if port == 0 { 80 } else { port },
         health: Health::not_reported(),
+        identity: Some(identity.to_string()),
     })
 }
 

@@ -11,7 +11,7 @@
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use weft_identity::{SpiffeId, TrustDomain};
+use weft_identity::{join_token::JoinToken, SpiffeId, TrustDomain};
 
 use crate::{
     catalog::Catalog,
@@ -22,7 +22,6 @@ use crate::{
 pub const JOIN_TOKEN_KIND: &str = "JoinToken";
 /// How long a token lasts unless `--ttl` says otherwise.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(720 * 3600);
-const PREFIX: &str = "wj1";
 
 /// A join token as stored (and listed): never the secret.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,7 +108,8 @@ pub async fn create(
     };
     let document = serde_json::to_value(&record).map_err(|e| JoinTokenError::Invalid(e.to_string()))?;
     catalog.write_internal(Change { puts: vec![(key(&id), document)], deletes: vec![] }).await?;
-    Ok(NewJoinToken { token: format!("{PREFIX}.{id}.{secret}.{root_hash}"), record })
+    let token = JoinToken { id: &id, secret: &secret, root_hash }.to_string();
+    Ok(NewJoinToken { token, record })
 }
 
 /// Every token, newest expiry first, without secrets.
@@ -134,25 +134,9 @@ pub async fn revoke(catalog: &Catalog, id: &str) -> Result<JoinTokenRecord, Join
     Ok(record)
 }
 
-/// The parts of a presented token.
-pub struct PresentedToken<'a> {
-    pub id: &'a str,
-    secret: &'a str,
-    /// SHA-256 of the root the proxy will trust, hex.
-    pub root_hash: &'a str,
-}
-
-/// Splits `wj1.<id>.<secret>.<root>`.
-pub fn parse(token: &str) -> Result<PresentedToken<'_>, JoinTokenError> {
-    let mut parts = token.trim().split('.');
-    match (parts.next(), parts.next(), parts.next(), parts.next(), parts.next()) {
-        (Some(PREFIX), Some(id), Some(secret), Some(root_hash), None)
-            if !id.is_empty() && !secret.is_empty() && root_hash.len() == 64 =>
-        {
-            Ok(PresentedToken { id, secret, root_hash })
-        }
-        _ => Err(JoinTokenError::Malformed),
-    }
+/// Reads a presented token.
+pub fn parse(token: &str) -> Result<JoinToken<'_>, JoinTokenError> {
+    JoinToken::parse(token).ok_or(JoinTokenError::Malformed)
 }
 
 /// Checks a presented token for the workload `namespace`/`account` at `now`; returns the
@@ -161,7 +145,7 @@ pub fn check(
     catalog: &Catalog,
     token: &str,
     namespace: &str,
-    account: &str,
+    account: Option<&str>,
     now: SystemTime,
 ) -> Result<SpiffeId, JoinTokenError> {
     let presented = parse(token)?;
@@ -177,12 +161,12 @@ pub fn check(
     if unix(now) >= record.expires_at {
         return Err(JoinTokenError::Expired(record.id));
     }
-    if record.namespace != namespace || record.service_account != account {
-        return Err(JoinTokenError::OtherIdentity {
-            id: record.id,
-            identity: record.identity,
-            asked: format!("namespace {namespace}, service account {account}"),
-        });
+    if record.namespace != namespace || account.is_some_and(|account| record.service_account != account) {
+        let asked = match account {
+            Some(account) => format!("namespace {namespace}, service account {account}"),
+            None => format!("namespace {namespace}"),
+        };
+        return Err(JoinTokenError::OtherIdentity { id: record.id, identity: record.identity, asked });
     }
     SpiffeId::parse(&record.identity).map_err(|_| JoinTokenError::Unknown)
 }
@@ -204,20 +188,22 @@ mod tests {
         assert!(made.token.ends_with(&root));
         assert!(!serde_json::to_string(&list(&catalog)).unwrap().contains(parse(&made.token).unwrap().secret));
 
-        let id = check(&catalog, &made.token, "default", "reviews", now).unwrap();
+        let id = check(&catalog, &made.token, "default", Some("reviews"), now).unwrap();
+        assert_eq!(check(&catalog, &made.token, "default", None, now).unwrap(), id, "the token's own account");
+        assert!(check(&catalog, &made.token, "shop", None, now).is_err(), "but only in its namespace");
         assert_eq!(id.to_string(), "spiffe://weft.local/ns/default/sa/reviews");
         // Again, after a restart of the proxy: still good.
-        assert!(check(&catalog, &made.token, "default", "reviews", now + hour / 2).is_ok());
-        let other = check(&catalog, &made.token, "default", "ratings", now).unwrap_err();
+        assert!(check(&catalog, &made.token, "default", Some("reviews"), now + hour / 2).is_ok());
+        let other = check(&catalog, &made.token, "default", Some("ratings"), now).unwrap_err();
         assert!(matches!(other, JoinTokenError::OtherIdentity { .. }), "{other}");
-        let late = check(&catalog, &made.token, "default", "reviews", now + hour).unwrap_err();
+        let late = check(&catalog, &made.token, "default", Some("reviews"), now + hour).unwrap_err();
         assert!(matches!(late, JoinTokenError::Expired(_)), "{late}");
         let forged = made.token.replacen(parse(&made.token).unwrap().secret, &"00".repeat(32), 1);
-        assert!(matches!(check(&catalog, &forged, "default", "reviews", now), Err(JoinTokenError::Unknown)));
-        assert!(matches!(check(&catalog, "nonsense", "default", "reviews", now), Err(JoinTokenError::Malformed)));
+        assert!(matches!(check(&catalog, &forged, "default", Some("reviews"), now), Err(JoinTokenError::Unknown)));
+        assert!(matches!(check(&catalog, "nonsense", "default", Some("reviews"), now), Err(JoinTokenError::Malformed)));
 
         revoke(&catalog, &made.record.id).await.unwrap();
-        let revoked = check(&catalog, &made.token, "default", "reviews", now).unwrap_err();
+        let revoked = check(&catalog, &made.token, "default", Some("reviews"), now).unwrap_err();
         assert!(matches!(revoked, JoinTokenError::Revoked(_)), "{revoked}");
         assert!(list(&catalog)[0].revoked);
         assert!(catalog.list(None, None).1.is_empty(), "tokens are no resources");

@@ -6,7 +6,8 @@
 //! [`describe`] explains one Service; [`kinds`] is the vocabulary of kind names.
 //! [`registry`] keeps the workloads proxies register, [`cluster`] what replicas sharing
 //! one etcd agree on (presence, leadership), [`views`] compiles each proxy's view and
-//! [`discovery`] streams it.
+//! [`discovery`] streams it. [`control_tls`] is the TLS listener both run on, and
+//! [`signing_service`] signs proxies' certificates there.
 
 #![forbid(unsafe_code)]
 
@@ -16,12 +17,14 @@ pub mod ca;
 pub mod catalog;
 pub mod cluster;
 pub mod control;
+pub mod control_tls;
 pub mod describe;
 pub mod discovery;
 pub mod join_tokens;
 pub mod kinds;
 pub mod registry;
 pub mod signing;
+pub mod signing_service;
 pub mod store;
 pub mod views;
 

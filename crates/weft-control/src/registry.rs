@@ -75,6 +75,9 @@ pub struct Registration {
     pub service_port: u16,
     #[serde(default = "Health::restored")]
     pub health: Health,
+    /// The SPIFFE ID the proxy's certificate proved: what callers require of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 impl Registration {
@@ -83,6 +86,9 @@ impl Registration {
         let mut spec = json!({"labels": self.labels, "address": self.address, "weight": self.weight});
         if let Some(zone) = &self.zone {
             spec["zone"] = json!(zone);
+        }
+        if let Some(identity) = &self.identity {
+            spec["identity"] = json!(identity);
         }
         json!({
             "apiVersion": weft_model::resource::WEFT_API_VERSION,
@@ -363,6 +369,7 @@ mod tests {
             protocol: "http".into(),
             service_port: 80,
             health: Health::not_reported(),
+            identity: None,
         }
     }
 

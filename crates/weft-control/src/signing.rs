@@ -22,8 +22,9 @@ pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 /// How a proxy proves who it is when it asks for a certificate.
 pub enum Proof<'a> {
-    /// A join token, for the workload `namespace`/`account`.
-    Token { token: &'a str, namespace: &'a str, account: &'a str },
+    /// A join token, for the workload `namespace`/`account` (`None`: the token's own
+    /// account).
+    Token { token: &'a str, namespace: &'a str, account: Option<&'a str> },
     /// The identity its current certificate proved on this connection.
     Certificate(&'a SpiffeId),
 }
@@ -89,7 +90,7 @@ mod tests {
         .unwrap();
 
         let (_, request) = new_key_and_request().unwrap();
-        let proof = Proof::Token { token: &made.token, namespace: "default", account: "reviews" };
+        let proof = Proof::Token { token: &made.token, namespace: "default", account: Some("reviews") };
         let (identity, signed) = issue(&catalog, &authority, proof, &request, DEFAULT_CERT_LIFETIME, now).unwrap();
         assert_eq!(identity.to_string(), "spiffe://weft.local/ns/default/sa/reviews");
         let roots = [authority.root().clone()];
@@ -104,17 +105,17 @@ mod tests {
         assert_eq!(renewed, identity);
 
         // The token does not admit another workload, nor a proxy of another mesh.
-        let proof = Proof::Token { token: &made.token, namespace: "default", account: "admin" };
+        let proof = Proof::Token { token: &made.token, namespace: "default", account: Some("admin") };
         let error = issue(&catalog, &authority, proof, &request, DEFAULT_CERT_LIFETIME, now).unwrap_err();
         assert!(matches!(error, SigningError::Token(JoinTokenError::OtherIdentity { .. })), "{error}");
         let other = Authority::generate(&domain, now).unwrap();
-        let proof = Proof::Token { token: &made.token, namespace: "default", account: "reviews" };
+        let proof = Proof::Token { token: &made.token, namespace: "default", account: Some("reviews") };
         let error = issue(&catalog, &other, proof, &request, DEFAULT_CERT_LIFETIME, now).unwrap_err();
         assert!(matches!(error, SigningError::OtherMesh), "{error}");
 
         // Once revoked, the token admits no one.
         join_tokens::revoke(&catalog, &made.record.id).await.unwrap();
-        let proof = Proof::Token { token: &made.token, namespace: "default", account: "reviews" };
+        let proof = Proof::Token { token: &made.token, namespace: "default", account: Some("reviews") };
         let error = issue(&catalog, &authority, proof, &request, DEFAULT_CERT_LIFETIME, now).unwrap_err();
         assert!(matches!(error, SigningError::Token(JoinTokenError::Revoked(_))), "{error}");
     }

@@ -295,6 +295,7 @@ spec: {targetRef: {kind: Service, name: reviews-v2}, loadBalancer: {algorithm: r
                 protocol: "grpc".into(),
                 service_port: 9000,
                 health: crate::registry::Health { healthy: true, detail: String::new() },
+                identity: None,
             },
             healthy: true,
             health_detail: String::new(),

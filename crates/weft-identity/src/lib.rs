@@ -8,11 +8,14 @@
 //! against a trust bundle and reads its one SPIFFE identity, as both ends of a mesh TLS
 //! connection must; [`tls`] builds the rustls configurations of both ends on it.
 //!
+//! [`join_token`] is the format of the token a proxy joins with.
+//!
 //! Keys are ECDSA P-256 throughout, signed and verified with ring.
 
 #![forbid(unsafe_code)]
 
 pub mod authority;
+pub mod join_token;
 pub mod spiffe;
 pub mod tls;
 pub mod verify;

@@ -138,8 +138,10 @@ impl Credentials {
 
     /// The calling side's configuration for peers that must prove `expected`.
     pub fn client_config(self: &Arc<Self>, expected: SpiffeId, alpn: &[&[u8]]) -> Result<ClientConfig, IdentityError> {
-        let verifier =
-            SpiffeServerVerifier { trust: Trust::new(Bundle::Credentials(self.clone())), expected: Expected::Exactly(expected) };
+        let verifier = SpiffeServerVerifier {
+            trust: Trust::new(Bundle::Credentials(self.clone())),
+            expected: Expected::Exactly(expected),
+        };
         let mut config = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(unusable)?
@@ -252,8 +254,8 @@ impl Trust {
                 let claimed = peer_identity(Some(&chain[..1]))
                     .ok_or_else(|| TlsError::General("the control plane's certificate names no SPIFFE ID".into()))?;
                 let roots = [root.clone().into_owned()];
-                let id = verify_workload_certificate(&chain, &roots, claimed.trust_domain(), now, usage)
-                    .map_err(refused)?;
+                let id =
+                    verify_workload_certificate(&chain, &roots, claimed.trust_domain(), now, usage).map_err(refused)?;
                 *found.lock().unwrap_or_else(|e| e.into_inner()) = Some(roots[0].clone());
                 Ok(id)
             }

@@ -66,6 +66,10 @@ pub struct Endpoint {
     pub weight: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
+    /// The SPIFFE ID the endpoint's proxy proves: callers speak mutual TLS to it and
+    /// refuse any other identity. `None` for an unmeshed endpoint (plaintext).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<Arc<str>>,
 }
 
 /// One match of one route rule, in precedence order within its port.
@@ -329,6 +333,7 @@ pub fn compile(resources: &[Resource], namespace: &str) -> Snapshot {
                     address: SocketAddr::new(workload.address.ip(), target_port),
                     weight: workload.weight,
                     zone: workload.zone.clone(),
+                    identity: workload.identity.as_deref().map(Arc::from),
                 });
             }
         }
@@ -686,7 +691,8 @@ spec:
                 workload: "r2".into(),
                 address: "127.0.0.1:9082".parse().unwrap(),
                 weight: 3,
-                zone: Some("a".into())
+                zone: Some("a".into()),
+                identity: None,
             }]
         );
     }

@@ -73,11 +73,10 @@ fn service(spec: &ServiceSpec) -> Checked {
 }
 
 fn workload(spec: &WorkloadSpec) -> Checked {
-    if spec.identity.is_some() {
-        return fail(
-            "identity",
-            "workload identities are not implemented yet in this weft release (they arrive with mutual TLS); remove the field",
-        );
+    if let Some(identity) = &spec.identity {
+        if let Err(error) = weft_identity::SpiffeId::parse(identity) {
+            return fail("identity", error.to_string());
+        }
     }
     if spec.address.port() == 0 {
         return fail("address", "address needs a port, e.g. 127.0.0.1:9080");

@@ -50,6 +50,8 @@ pub struct ControlSettings {
     /// This proxy's id: unique per process, and its workload's name.
     pub proxy_id: String,
     pub registration: Option<Registration>,
+    /// The join token and the identity this proxy asks for.
+    pub identity: crate::identity::IdentitySettings,
 }
 
 enum Outgoing {
@@ -214,12 +216,9 @@ async fn session(
     shutdown: &mut watch::Receiver<bool>,
     applier: &mut Applier,
 ) -> Result<(), String> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| format!("bad --control address {address}: {e}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5));
-    let channel = endpoint.connect().await.map_err(|e| format!("cannot connect: {e}"))?;
+    let credentials = state.identity.get().ok_or("this proxy has no certificate yet")?;
+    let config = crate::identity::control_client_config(credentials)?;
+    let channel = crate::identity::control_channel(address, config).await?;
     let mut client = DiscoveryClient::new(channel);
     let (sender, receiver) = mpsc::channel::<ProxyMessage>(16);
     let send = |message: proxy_message::Message| ProxyMessage { message: Some(message) };
@@ -402,7 +401,17 @@ mod tests {
             SharedState::new(crate::settings::ProxySettings::new(None), Snapshot::empty("default"), String::new());
         let (handle, _task) = start(
             state.clone(),
-            ControlSettings { addresses: vec![], proxy_id: "t".into(), registration: None },
+            ControlSettings {
+                addresses: vec![],
+                proxy_id: "t".into(),
+                registration: None,
+                identity: crate::identity::IdentitySettings {
+                    token: crate::identity::JoinTokenSecret::new(&format!("wj1.t.s.{}", "0".repeat(64)), "test")
+                        .unwrap(),
+                    namespace: "default".into(),
+                    service_account: None,
+                },
+            },
             watch::channel(false).1,
         );
         (state, handle, Applier { held_since: HashMap::new(), last: None, lease })

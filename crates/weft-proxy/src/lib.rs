@@ -22,6 +22,7 @@ pub mod endpoint;
 pub mod errors;
 pub mod forward;
 pub mod health;
+pub mod identity;
 pub mod inbound;
 pub mod limits;
 pub mod listener;

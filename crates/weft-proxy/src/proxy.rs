@@ -12,7 +12,7 @@ use weft_model::Snapshot;
 use crate::{
     admin,
     app::{self, App, SpawnError},
-    discovery, health, inbound,
+    discovery, health, identity, inbound,
     listener::{self, accept_loop, serve_http, BindError, Drain},
     outbound, reload,
     settings::ProxySettings,
@@ -46,6 +46,8 @@ pub enum ProxyError {
     Conflict(String),
     #[error(transparent)]
     App(#[from] SpawnError),
+    #[error("{0}")]
+    Join(String),
 }
 
 /// Runs a proxy until SIGTERM or SIGINT, then drains in-flight requests (at most the
@@ -182,6 +184,21 @@ pub fn run(mut settings: ProxySettings) -> Result<Option<i32>, ProxyError> {
                 tracing::info!("proxy ready");
             }
             Some(control) => {
+                // First a certificate: the discovery stream, and every meshed connection,
+                // authenticate with it. Nothing is ready before it.
+                let credentials = tokio::select! {
+                    joined = identity::join(&control.addresses, &control.identity) => {
+                        joined.map_err(|error| ProxyError::Join(error.to_string()))?
+                    }
+                    _ = wait_for_shutdown_signal() => return Ok(None),
+                };
+                let _ = state.identity.set(credentials.clone());
+                tokio::spawn(identity::keep_renewed(
+                    control.addresses.clone(),
+                    credentials,
+                    control.identity.clone(),
+                    discovery_stopped.clone(),
+                ));
                 // Ready once the first view from the control plane is applied.
                 let (handle, task) = discovery::start(state.clone(), control, discovery_stopped);
                 let _ = state.discovery.set(handle.clone());

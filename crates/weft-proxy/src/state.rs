@@ -59,6 +59,8 @@ pub struct SharedState {
     pub last_reload_error: Mutex<Option<String>>,
     /// Set when the proxy takes configuration from a control plane.
     pub discovery: OnceLock<Arc<crate::discovery::DiscoveryHandle>>,
+    /// This proxy's certificate, key and trust bundle, once it has joined the mesh.
+    pub identity: OnceLock<Arc<weft_identity::tls::Credentials>>,
     limiters: Mutex<HashMap<String, Arc<Limiter>>>,
     budgets: Mutex<HashMap<String, Arc<RetryBudget>>>,
 }
@@ -100,6 +102,7 @@ impl SharedState {
             ports: OnceLock::new(),
             last_reload_error: Mutex::new(None),
             discovery: OnceLock::new(),
+            identity: OnceLock::new(),
             limiters: Mutex::new(HashMap::new()),
             budgets: Mutex::new(HashMap::new()),
         });

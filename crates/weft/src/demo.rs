@@ -244,15 +244,18 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         .await
         .context("applying the demo's resources")?;
 
-    // The service instances, each behind its sidecar.
+    // The service instances, each behind its sidecar, joining with its service's token.
     for instance in &INSTANCES {
         let name = format!("{}-{}", instance.service, instance.version);
+        let join_token = join_token_file(&client, &dir, instance.service).await?;
         let app_port = free_port()?;
         let ports_file = dir.join(format!("{name}.ports.json"));
         let mut args: Vec<String> = [
             "proxy",
             "--control",
             &grpc,
+            "--token-file",
+            &join_token.display().to_string(),
             "--service",
             instance.service,
             "--labels",
@@ -292,10 +295,13 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
 
     // The entry proxy: the user's (and the traffic generator's) way into the mesh.
     let entry_ports = dir.join("entry.ports.json");
+    let join_token = join_token_file(&client, &dir, "entry").await?;
     let args: Vec<String> = [
         "proxy",
         "--control",
         &grpc,
+        "--token-file",
+        &join_token.display().to_string(),
         "--outbound-addr",
         &options.entry_addr.to_string(),
         "--admin-addr",
@@ -391,6 +397,25 @@ async fn wait_for_stop() {
         _ = tokio::signal::ctrl_c() => {}
         _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
     }
+}
+
+/// Makes a join token for `service` (once per service) and writes it to a file only this
+/// user can read, as an operator would.
+async fn join_token_file(client: &crate::cli::ApiClient, dir: &Path, service: &str) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(format!("{service}.join-token"));
+    if path.exists() {
+        return Ok(path);
+    }
+    let body = serde_json::json!({ "service": service, "ttl": "24h" });
+    let made = client
+        .call(http::Method::POST, "/api/v1/tokens", Some(body))
+        .await
+        .with_context(|| format!("making a join token for {service}"))?;
+    let token = made["token"].as_str().context("the control plane answered without a token")?;
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+    std::io::Write::write_all(&mut file, token.as_bytes())?;
+    Ok(path)
 }
 
 fn print_welcome(api: &str, grpc: &str, entry: SocketAddr, canary: &Path, token_file: &Path, dir: &Path, rate: u32) {

@@ -176,10 +176,9 @@ struct ControlArgs {
     /// HTTP API address (JSON under /api/v1). Port 0 picks a free port.
     #[arg(long, default_value = weft_control::control::DEFAULT_API_ADDR, value_name = "ADDR")]
     api_addr: SocketAddr,
-    /// Discovery gRPC address, where proxies connect (`weft proxy --control`). Until
-    /// proxies authenticate with mutual TLS, anything that reaches this port can register
-    /// endpoints and read the configuration: binding it beyond loopback is your explicit
-    /// choice.
+    /// Discovery and certificate signing (gRPC over TLS), where proxies connect
+    /// (`weft proxy --control`). Every call is authenticated: a join token, then the
+    /// proxy's certificate.
     #[arg(long, default_value = weft_control::control::DEFAULT_GRPC_ADDR, value_name = "ADDR")]
     grpc_addr: SocketAddr,
     /// How long a proxy's registered endpoint outlives its discovery stream (a proxy that
@@ -222,6 +221,10 @@ struct ControlArgs {
     /// with an etcd store, the same file on every replica.
     #[arg(long, value_name = "FILE")]
     ca_encryption_key: Option<PathBuf>,
+    /// How long the workload certificates this CA signs last; proxies renew at about 70%
+    /// of it.
+    #[arg(long, default_value = "24h", value_name = "DURATION")]
+    cert_lifetime: GoDuration,
 }
 
 fn parse_trust_domain(text: &str) -> Result<weft_identity::TrustDomain, String> {
@@ -291,8 +294,16 @@ struct ProxyArgs {
     /// Take configuration from control planes (discovery gRPC `HOST:PORT`s,
     /// comma-separated, tried in turn) instead of --config. With --service and
     /// --app-addr, the proxy also registers its workload there.
-    #[arg(long, value_name = "ADDR[,ADDR]", value_delimiter = ',')]
+    #[arg(long, value_name = "ADDR[,ADDR]", value_delimiter = ',', requires = "token_file")]
     control: Vec<String>,
+    /// With --control: the join token (from `weft token create`) this proxy joins the
+    /// mesh with. It is read once at start; keep the file readable by the proxy only.
+    #[arg(long, env = "WEFT_JOIN_TOKEN_FILE", value_name = "PATH", requires = "control")]
+    token_file: Option<PathBuf>,
+    /// The service account of this proxy's identity; defaults to the one the token was
+    /// made for.
+    #[arg(long, value_name = "ACCOUNT")]
+    service_account: Option<String>,
     /// This proxy's id in the mesh, also the name of its registered workload: a stable
     /// one (a pod or host name) lets a restarted proxy take its registration back.
     /// Default: SERVICE-RANDOM.
@@ -339,7 +350,7 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
 }
 
 impl ProxyArgs {
-    fn into_settings(self) -> ProxySettings {
+    fn into_settings(self) -> anyhow::Result<ProxySettings> {
         let mut settings = ProxySettings::new(self.config);
         settings.service = self.service;
         settings.namespace = self.namespace;
@@ -373,13 +384,23 @@ impl ProxyArgs {
                 _ => None,
             };
             let prefix = settings.service.clone().unwrap_or_else(|| "proxy".into());
+            let path = self.token_file.expect("clap requires --token-file with --control");
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read the join token file {} (--token-file)", path.display()))?;
+            let token = weft_proxy::identity::JoinTokenSecret::new(&text, &format!("--token-file {}", path.display()))
+                .map_err(anyhow::Error::msg)?;
             settings.control = Some(weft_proxy::discovery::ControlSettings {
                 addresses: self.control,
                 proxy_id: self.id.unwrap_or_else(|| format!("{prefix}-{:08x}", rand::random::<u32>())),
                 registration,
+                identity: weft_proxy::identity::IdentitySettings {
+                    token,
+                    namespace: settings.namespace.clone(),
+                    service_account: self.service_account,
+                },
             });
         }
-        settings
+        Ok(settings)
     }
 }
 
@@ -479,7 +500,7 @@ async fn shutdown_signal() {
 
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Proxy(args) => match weft_proxy::run(args.into_settings()).context("weft proxy")? {
+        Command::Proxy(args) => match weft_proxy::run(args.into_settings()?).context("weft proxy")? {
             // The application's exit code becomes ours, so that batch jobs report truly.
             Some(code) if code != 0 => std::process::exit(code),
             _ => Ok(()),
@@ -500,6 +521,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                     key: args.ca_key,
                     encryption_key: args.ca_encryption_key,
                 },
+                cert_lifetime: args.cert_lifetime.get(),
             };
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(weft_control::run(settings, shutdown_signal())).context("weft control")

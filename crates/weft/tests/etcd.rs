@@ -92,10 +92,10 @@ fn encryption_key(dir: &TempDir) -> String {
     dir.write("ca-encryption.key", &"ab".repeat(32)).display().to_string()
 }
 
-async fn sidecar(dir: &TempDir, name: &str, controls: &str, service: &str, app: &TestApp) -> Proxy {
+async fn sidecar(dir: &TempDir, name: &str, controls: &str, issuer: &Control, service: &str, app: &TestApp) -> Proxy {
     let app_addr = app.address.to_string();
     let args = ["--id", name, "--service", service, "--app-addr", &app_addr, "--health-interval", "200ms"];
-    Proxy::start_with_controls(dir, name, controls, &args).await
+    Proxy::start_with_controls(dir, name, controls, issuer, &args).await
 }
 
 #[tokio::test]
@@ -137,9 +137,9 @@ async fn replicas_share_one_etcd_and_outlive_a_replica_and_an_etcd_member() {
     let reviews = TestApp::start("reviews").await;
     let ratings = TestApp::start("ratings").await;
     let (a_first, b_first) = (format!("{},{}", a.grpc, b.grpc), format!("{},{}", b.grpc, a.grpc));
-    let _reviews_proxy = sidecar(&dir, "reviews-1", &a_first, "reviews", &reviews).await;
-    let mut ratings_proxy = sidecar(&dir, "ratings-1", &b_first, "ratings", &ratings).await;
-    let caller = Proxy::start_with_controls(&dir, "web", &a_first, &["--id", "web"]).await;
+    let _reviews_proxy = sidecar(&dir, "reviews-1", &a_first, &a, "reviews", &reviews).await;
+    let mut ratings_proxy = sidecar(&dir, "ratings-1", &b_first, &b, "ratings", &ratings).await;
+    let caller = Proxy::start_with_controls(&dir, "web", &a_first, &a, &["--id", "web"]).await;
 
     // Either replica lists every proxy, wherever its stream is.
     let expected = BTreeMap::from([
@@ -289,8 +289,8 @@ async fn a_replica_cut_off_longer_than_a_lease_gets_its_proxies_back_when_it_ret
     .await;
     let b = Control::start_on(&dir, "control-b", &dir.0.join("b"), &flags).await;
     let ratings = TestApp::start("ratings").await;
-    let _ratings_proxy = sidecar(&dir, "ratings-1", &b.grpc.to_string(), "ratings", &ratings).await;
-    let caller = Proxy::start_with_controls(&dir, "web", &a.grpc.to_string(), &["--id", "web"]).await;
+    let _ratings_proxy = sidecar(&dir, "ratings-1", &b.grpc.to_string(), &a, "ratings", &ratings).await;
+    let caller = Proxy::start_with_controls(&dir, "web", &a.grpc.to_string(), &a, &["--id", "web"]).await;
     let http = client();
     let reachable = || {
         let http = http.clone();

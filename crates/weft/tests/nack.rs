@@ -5,15 +5,22 @@
 
 mod support;
 
-use std::{pin::Pin, time::Duration};
+use std::{
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use tokio::sync::mpsc;
 use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use weft_api::discovery::{
-    control_message, discovery_client::DiscoveryClient, discovery_server, proxy_message, Config, ControlMessage, Hello,
-    Nack, ProxyMessage,
+    control_message, discovery_client::DiscoveryClient, discovery_server, identity_server, proxy_message, Config,
+    ControlMessage, Hello, Nack, ProxyMessage, SignRequest, SignResponse,
 };
+use weft_control::control_tls;
+use weft_identity::{authority::pem_of, Authority, SpiffeId, TrustDomain};
+use weft_proxy::identity::{control_channel, control_client_config, join, IdentitySettings, JoinTokenSecret};
 
 use support::{client, eventually, get_via, mesh_yaml, Control, Proxy, TempDir, TestApp};
 
@@ -52,6 +59,25 @@ impl discovery_server::Discovery for ScriptedControl {
     }
 }
 
+/// A CA that signs whatever it is asked, as `spiffe://weft.local/ns/default/sa/proxy`:
+/// the scripted control plane's half of a proxy joining.
+struct ScriptedSigner {
+    authority: Arc<Authority>,
+}
+
+#[tonic::async_trait]
+impl identity_server::Identity for ScriptedSigner {
+    async fn sign(&self, request: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
+        let id = SpiffeId::workload(self.authority.trust_domain(), "default", "proxy").unwrap();
+        let signed = self
+            .authority
+            .sign(&request.into_inner().csr, &id, Duration::from_secs(3600), SystemTime::now())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let trust_bundle = pem_of(std::slice::from_ref(self.authority.root()));
+        Ok(Response::new(SignResponse { certificate_chain: signed.chain_pem, trust_bundle }))
+    }
+}
+
 fn config(version: &str, resources: String) -> Config {
     Config { version: version.into(), nonce: version.into(), resources, lease_seconds: 15, ..Default::default() }
 }
@@ -76,17 +102,24 @@ async fn a_proxy_refuses_a_view_it_cannot_use_and_keeps_serving_the_last_good_on
     let (configs, configs_rx) = mpsc::channel(4);
     let (answers_tx, mut answers) = mpsc::channel(16);
     let control = ScriptedControl { configs: std::sync::Mutex::new(Some(configs_rx)), answers: answers_tx };
+    // It speaks TLS and signs certificates as a real one does, with a CA of its own.
+    let domain = TrustDomain::new("weft.local").unwrap();
+    let authority = Arc::new(Authority::generate(&domain, SystemTime::now()).unwrap());
+    let credentials = control_tls::control_credentials(authority.clone(), Duration::from_secs(3600)).unwrap();
+    let tls = control_tls::server_config(&credentials).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(discovery_server::DiscoveryServer::new(control))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            .add_service(identity_server::IdentityServer::new(ScriptedSigner { authority: authority.clone() }))
+            .serve_with_incoming(control_tls::incoming(listener, tls)),
     );
+    let token = dir.write("proxy.join-token", &format!("wj1.scripted.secret.{}", authority.root_hash()));
 
     let good = mesh_yaml(&[("details", "app: details")], &[("details-1", "app: details", app.address)], "");
     configs.send(config("v1", good)).await.unwrap();
-    let proxy = Proxy::start_with_controls(&dir, "proxy", &address.to_string(), &[]).await;
+    let proxy = Proxy::start_with_token(&dir, "proxy", &address.to_string(), &token, &[]).await;
     assert!(matches!(next_verdict(&mut answers).await, proxy_message::Message::Ack(ack) if ack.version == "v1"));
     let http = client();
     assert_eq!(get_via(&http, proxy.outbound, "details", "/", &[]).await.app(), "details");
@@ -113,7 +146,17 @@ async fn a_proxy_refuses_a_view_it_cannot_use_and_keeps_serving_the_last_good_on
 async fn the_operator_sees_which_proxy_refused_which_version() {
     let dir = TempDir::new("nack-control");
     let control = Control::start(&dir, "control").await;
-    let mut discovery = DiscoveryClient::connect(format!("http://{}", control.grpc)).await.unwrap();
+    // It joins as a real proxy does, with a join token, and streams over mutual TLS.
+    let token = std::fs::read_to_string(control.join_token(&dir, "scripted", "default")).unwrap();
+    let settings = IdentitySettings {
+        token: JoinTokenSecret::new(&token, "the test's token").unwrap(),
+        namespace: "default".into(),
+        service_account: None,
+    };
+    let grpc = control.grpc.to_string();
+    let credentials = join(std::slice::from_ref(&grpc), &settings).await.unwrap();
+    let channel = control_channel(&grpc, control_client_config(&credentials).unwrap()).await.unwrap();
+    let mut discovery = DiscoveryClient::new(channel);
     let (outbound, outbound_rx) = mpsc::channel(4);
     let hello = Hello { proxy_id: "scripted-1".into(), proxy_version: "test".into(), ..Default::default() };
     outbound.send(ProxyMessage { message: Some(proxy_message::Message::Hello(hello)) }).await.unwrap();

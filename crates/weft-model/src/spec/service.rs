@@ -69,7 +69,8 @@ pub struct WorkloadSpec {
     /// Relative share of traffic; 0 drains the instance.
     #[serde(default = "default_weight")]
     pub weight: u32,
-    /// SPIFFE identity; refused until mutual TLS is implemented.
+    /// The SPIFFE ID its proxy proves, so callers use mutual TLS to it; set by the control
+    /// plane for registered workloads. Without it the workload is reached in plaintext.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
 }

@@ -100,14 +100,30 @@ impl Proxy {
 
     /// Starts `weft proxy --control <control> <args>` and waits until it is ready (has
     /// applied its first view).
+    /// It joins with a join token `control` makes for its `--service` (else for `name`).
     pub async fn start_controlled(dir: &TempDir, name: &str, control: &Control, args: &[&str]) -> Proxy {
-        Proxy::launch(dir, name, &["--control", &control.grpc.to_string()], args).await
+        Proxy::start_with_controls(dir, name, &control.grpc.to_string(), control, args).await
     }
 
-    /// Starts `weft proxy --control <controls>` (a comma-separated list) and waits until
-    /// it is ready.
-    pub async fn start_with_controls(dir: &TempDir, name: &str, controls: &str, args: &[&str]) -> Proxy {
-        Proxy::launch(dir, name, &["--control", controls], args).await
+    /// Starts `weft proxy --control <controls>` (a comma-separated list) with a join
+    /// token `issuer` makes, and waits until it is ready.
+    pub async fn start_with_controls(
+        dir: &TempDir,
+        name: &str,
+        controls: &str,
+        issuer: &Control,
+        args: &[&str],
+    ) -> Proxy {
+        let flag = |name: &str| args.iter().position(|a| *a == name).map(|i| args[i + 1]);
+        let service = flag("--service").unwrap_or(name);
+        let token = issuer.join_token(dir, service, flag("--namespace").unwrap_or("default"));
+        Proxy::start_with_token(dir, name, controls, &token, args).await
+    }
+
+    /// Starts `weft proxy --control <controls> --token-file <token>` and waits until it
+    /// is ready.
+    pub async fn start_with_token(dir: &TempDir, name: &str, controls: &str, token: &Path, args: &[&str]) -> Proxy {
+        Proxy::launch(dir, name, &["--control", controls, "--token-file", token.to_str().unwrap()], args).await
     }
 
     async fn launch(dir: &TempDir, name: &str, source: &[&str], args: &[&str]) -> Proxy {
@@ -320,6 +336,18 @@ impl Control {
             String::from_utf8_lossy(&output.stdout).into_owned(),
             String::from_utf8_lossy(&output.stderr).into_owned(),
         )
+    }
+
+    /// A join token for `namespace`/`service`, in a file under `dir` (made once per
+    /// identity).
+    pub fn join_token(&self, dir: &TempDir, service: &str, namespace: &str) -> PathBuf {
+        let path = dir.0.join(format!("{namespace}.{service}.join-token"));
+        if !path.exists() {
+            let (ok, token, err) = self.cli(&["token", "create", "--service", service, "--namespace", namespace]);
+            assert!(ok, "weft token create --service {service}: {err}");
+            std::fs::write(&path, token.trim()).unwrap();
+        }
+        path
     }
 
     /// Stops the process (SIGKILL: a crash, as far as the store can tell).
