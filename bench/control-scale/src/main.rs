@@ -1,5 +1,6 @@
 //! Control-plane scale: one process simulating N proxies (each a real discovery stream
-//! that registers a workload, subscribes to services and ACKs every push) against a real
+//! that joins with a join token, registers a workload over mutual TLS, subscribes to
+//! services and ACKs every push) against a real
 //! `weft control`, measuring the time from an apply to each proxy's ACK of the change,
 //! and the control plane's RSS and CPU.
 //!
@@ -22,6 +23,7 @@ use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use rand::seq::IndexedRandom;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use weft_proxy::identity::{self, IdentitySettings, JoinTokenSecret};
 use weft_api::discovery::{
     control_message, discovery_client::DiscoveryClient, proxy_message, Ack, Health, Hello, ProxyMessage, Workload,
 };
@@ -117,18 +119,31 @@ fn start_control(weft: &PathBuf, store: &str) -> anyhow::Result<ControlPlane> {
     }
 }
 
-async fn apply(control: &ControlPlane, yaml: String) -> anyhow::Result<()> {
+async fn post(control: &ControlPlane, path: &str, body: String) -> anyhow::Result<Bytes> {
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let request = http::Request::post(format!("http://{}/api/v1/apply?source=bench", control.api))
+    let request = http::Request::post(format!("http://{}{path}", control.api))
         .header(http::header::AUTHORIZATION, format!("Bearer {}", control.token))
-        .body(Full::new(Bytes::from(yaml)))?;
+        .header(http::header::CONTENT_TYPE, if body.starts_with('{') { "application/json" } else { "application/yaml" })
+        .body(Full::new(Bytes::from(body)))?;
     let response = client.request(request).await?;
     let status = response.status();
     let body = response.into_body().collect().await?.to_bytes();
     if !status.is_success() {
-        bail!("apply refused: {}", String::from_utf8_lossy(&body));
+        bail!("{path} refused: {}", String::from_utf8_lossy(&body));
     }
-    Ok(())
+    Ok(body)
+}
+
+async fn apply(control: &ControlPlane, yaml: String) -> anyhow::Result<()> {
+    post(control, "/api/v1/apply?source=bench", yaml).await.map(drop)
+}
+
+/// A join token for `service`, as `weft token create --service` makes one.
+async fn join_token(control: &ControlPlane, service: &str) -> anyhow::Result<JoinTokenSecret> {
+    let body = serde_json::json!({ "service": service, "ttl": "1h" }).to_string();
+    let answer: serde_json::Value = serde_json::from_slice(&post(control, "/api/v1/tokens", body).await?)?;
+    JoinTokenSecret::new(answer["token"].as_str().unwrap_or_default(), "the control plane's answer")
+        .map_err(anyhow::Error::msg)
 }
 
 fn service(i: usize) -> String {
@@ -162,29 +177,24 @@ fn rss_and_cpu(pid: u32) -> (f64, f64) {
 async fn simulated_proxy(
     index: usize,
     grpc: String,
+    token: JoinTokenSecret,
     subscriptions: Vec<String>,
     seen: Seen,
     marker: Arc<Mutex<String>>,
     connected: mpsc::Sender<()>,
 ) -> anyhow::Result<()> {
-    // As a real proxy does, retry with backoff: a thousand simultaneous connects can
-    // overflow the listen backlog.
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))?;
-    let mut pause = Duration::from_millis(50);
-    let channel = loop {
-        match endpoint.connect().await {
-            Ok(channel) => break channel,
-            Err(_) if pause < Duration::from_secs(5) => {
-                tokio::time::sleep(pause.mul_f64(0.5 + rand::random::<f64>())).await;
-                pause *= 2;
-            }
-            Err(error) => return Err(error.into()),
-        }
-    };
+    // As a real proxy does: join with the token (a key made here, a signing request),
+    // then stream over mutual TLS with the certificate.
+    let settings = IdentitySettings { token, namespace: "default".into(), service_account: None };
+    let credentials = identity::join(std::slice::from_ref(&grpc), &settings).await?;
+    let channel = identity::control_channel(&grpc, identity::control_client_config(&credentials).map_err(anyhow::Error::msg)?)
+        .await
+        .map_err(anyhow::Error::msg)?;
     let mut client = DiscoveryClient::new(channel);
     let (sender, receiver) = mpsc::channel(8);
     let message = |m: proxy_message::Message| ProxyMessage { message: Some(m) };
     let service = format!("svc-{}", index % 1000);
+    // The simulated proxies of one service share its token, as replicas of a workload do.
     let address = format!("127.{}.{}.{}:15006", 1 + index / 65536, (index / 256) % 256, index % 256);
     sender
         .send(message(proxy_message::Message::Hello(Hello {
@@ -254,6 +264,14 @@ async fn main() -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
 
+    // A join token per service whose workloads the simulated proxies run.
+    let started = Instant::now();
+    let mut tokens = Vec::new();
+    for service in 0..args.proxies.min(1000) {
+        tokens.push(join_token(&control, &format!("svc-{service}")).await?);
+    }
+    println!("made {} join tokens in {:.2}s", tokens.len(), started.elapsed().as_secs_f64());
+
     // The proxies.
     let seen: Seen = Arc::new(Mutex::new(vec![None; args.proxies]));
     let marker = Arc::new(Mutex::new(String::new()));
@@ -266,6 +284,7 @@ async fn main() -> anyhow::Result<()> {
         subscriptions.insert("default/svc-0".into());
         let (grpc, seen, marker, connected) =
             (control.grpc.clone(), seen.clone(), marker.clone(), connected_tx.clone());
+        let token = tokens[index % tokens.len()].clone();
         tokio::spawn(async move {
             let subscriptions: Vec<String> = subscriptions.into_iter().collect();
             // As a real proxy does, start over with backoff when the stream fails.
@@ -274,6 +293,7 @@ async fn main() -> anyhow::Result<()> {
                 let result = simulated_proxy(
                     index,
                     grpc.clone(),
+                    token.clone(),
                     subscriptions.clone(),
                     seen.clone(),
                     marker.clone(),

@@ -136,6 +136,9 @@ pub struct Registry {
     detached_since: Mutex<HashMap<ObjectKey, Instant>>,
     /// Records to write (`None`: delete), coalesced per key.
     pending: Mutex<BTreeMap<ObjectKey, Option<Registration>>>,
+    /// Keys taken from `pending` whose commit has not returned: neither pending nor in
+    /// the catalog yet, but not lost either.
+    writing: Mutex<std::collections::HashSet<ObjectKey>>,
     wake: Notify,
     /// The records of the streams this replica holds, by key, with their claim's token:
     /// what must be in the store while those streams last.
@@ -152,6 +155,7 @@ impl Registry {
             lease,
             detached_since: Mutex::default(),
             pending: Mutex::default(),
+            writing: Mutex::default(),
             wake: Notify::new(),
             held: Mutex::default(),
         });
@@ -250,8 +254,11 @@ impl Registry {
         let lost: Vec<(ObjectKey, Registration)> = {
             let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
             let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            let writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
             held.iter()
-                .filter(|(key, _)| !pending.contains_key(*key) && self.catalog.registration(key).is_none())
+                .filter(|(key, _)| {
+                    !pending.contains_key(*key) && !writing.contains(*key) && self.catalog.registration(key).is_none()
+                })
                 .map(|(key, (_, record))| (key.clone(), record.clone()))
                 .collect()
         };
@@ -315,6 +322,7 @@ impl Registry {
             let batch: Vec<(ObjectKey, Option<Registration>)> = {
                 let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
                 let keys: Vec<ObjectKey> = pending.keys().take(WRITE_BATCH).cloned().collect();
+                self.writing.lock().unwrap_or_else(|e| e.into_inner()).extend(keys.iter().cloned());
                 keys.into_iter().filter_map(|key| pending.remove_entry(&key)).collect()
             };
             if batch.is_empty() {
@@ -332,15 +340,20 @@ impl Registry {
                     _ => {}
                 }
             }
-            if let Err(error) = self.catalog.write_internal(change).await {
-                tracing::warn!(%error, "cannot store registrations; retrying");
-                {
-                    let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-                    for (key, record) in batch {
+            let result = self.catalog.write_internal(change).await;
+            {
+                let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                let mut writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+                for (key, record) in batch {
+                    writing.remove(&key);
+                    if result.is_err() {
                         // A newer wish for the same key replaces this one.
                         pending.entry(key).or_insert(record);
                     }
                 }
+            }
+            if let Err(error) = result {
+                tracing::warn!(%error, "cannot store registrations; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
