@@ -23,10 +23,10 @@ use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use rand::seq::IndexedRandom;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use weft_proxy::identity::{self, IdentitySettings, JoinTokenSecret};
 use weft_api::discovery::{
     control_message, discovery_client::DiscoveryClient, proxy_message, Ack, Health, Hello, ProxyMessage, Workload,
 };
+use weft_proxy::identity::{self, IdentitySettings, JoinTokenSecret};
 
 #[derive(Parser)]
 struct Args {
@@ -187,9 +187,10 @@ async fn simulated_proxy(
     // then stream over mutual TLS with the certificate.
     let settings = IdentitySettings { token, namespace: "default".into(), service_account: None };
     let credentials = identity::join(std::slice::from_ref(&grpc), &settings).await?;
-    let channel = identity::control_channel(&grpc, identity::control_client_config(&credentials).map_err(anyhow::Error::msg)?)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let channel =
+        identity::control_channel(&grpc, identity::control_client_config(&credentials).map_err(anyhow::Error::msg)?)
+            .await
+            .map_err(anyhow::Error::msg)?;
     let mut client = DiscoveryClient::new(channel);
     let (sender, receiver) = mpsc::channel(8);
     let message = |m: proxy_message::Message| ProxyMessage { message: Some(m) };

@@ -47,6 +47,11 @@ use crate::{
 /// so the inbound side needs no sniffing for meshed traffic.
 pub const ALPN_HTTP2: &[u8] = b"weft/h2";
 pub const ALPN_TCP: &[u8] = b"weft/tcp";
+/// Why a bootstrap handshake failed when the control plane's root is not the token's:
+/// a wrong `--control` address or a token of another mesh, which no retry fixes.
+pub const WRONG_ROOT: &str =
+    "the control plane's CA is not the one the join token names: check --control and the token";
+
 /// ALPN of the control channel (gRPC over HTTP/2).
 pub const ALPN_GRPC: &[u8] = b"h2";
 
@@ -245,12 +250,7 @@ impl Trust {
                 let root = intermediates
                     .iter()
                     .find(|c| hex::encode(ring::digest::digest(&ring::digest::SHA256, c)) == *sha256)
-                    .ok_or_else(|| {
-                        TlsError::General(
-                            "the control plane's CA is not the one the join token names: check --control and the token"
-                                .into(),
-                        )
-                    })?;
+                    .ok_or_else(|| TlsError::General(WRONG_ROOT.into()))?;
                 let claimed = peer_identity(Some(&chain[..1]))
                     .ok_or_else(|| TlsError::General("the control plane's certificate names no SPIFFE ID".into()))?;
                 let roots = [root.clone().into_owned()];

@@ -105,6 +105,18 @@ pub fn config_json(state: &SharedState) -> serde_json::Value {
             "subscriptions": state.discovery.get().map(|d| d.subscriptions()),
             "trustBundle": state.discovery.get().map(|d| d.trust_bundle()),
         })),
+        "identity": state.identity.get().map(|credentials| {
+            let issued = credentials.current();
+            let unix = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            json!({
+                "id": issued.identity.to_string(),
+                "serial": issued.serial,
+                "issuer": issued.issuer,
+                "notBefore": unix(issued.not_before),
+                "notAfter": unix(issued.not_after),
+                "expiresInSeconds": issued.not_after.duration_since(std::time::SystemTime::now()).map_or(0, |d| d.as_secs()),
+            })
+        }),
         "lastReloadError": *state.last_reload_error.lock().expect("lock poisoned"),
         "ports": state.ports.get(),
         "ready": state.is_ready(),

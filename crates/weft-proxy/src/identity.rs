@@ -31,7 +31,7 @@ use weft_api::discovery::{identity_client::IdentityClient, SignRequest};
 use weft_identity::{
     authority::new_key_and_request,
     join_token::JoinToken,
-    tls::{bootstrap_client_config, Credentials, Issued, ALPN_GRPC},
+    tls::{bootstrap_client_config, Credentials, Issued, ALPN_GRPC, WRONG_ROOT},
     SpiffeId,
 };
 
@@ -177,7 +177,13 @@ async fn sign(
 async fn join_once(address: &str, settings: &IdentitySettings) -> Result<Issued, JoinError> {
     let (config, pinned) =
         bootstrap_client_config(settings.token.root_hash()).map_err(|e| JoinError::Unavailable(e.to_string()))?;
-    let channel = control_channel(address, Arc::new(config)).await.map_err(JoinError::Unavailable)?;
+    let channel = control_channel(address, Arc::new(config)).await.map_err(|error| {
+        if error.contains(WRONG_ROOT) {
+            JoinError::Refused(format!("{address}: {WRONG_ROOT}"))
+        } else {
+            JoinError::Unavailable(error)
+        }
+    })?;
     let (chain, key, roots) = sign(channel, Some(&settings.token), settings).await?;
     // The bundle came over a connection to the pinned root; it must hold that root.
     let pinned = pinned.root().ok_or_else(|| JoinError::Unavailable("the handshake pinned no root".into()))?;

@@ -300,8 +300,8 @@ struct ProxyArgs {
     /// mesh with. It is read once at start; keep the file readable by the proxy only.
     #[arg(long, env = "WEFT_JOIN_TOKEN_FILE", value_name = "PATH", requires = "control")]
     token_file: Option<PathBuf>,
-    /// The service account of this proxy's identity; defaults to the one the token was
-    /// made for.
+    /// The service account of this proxy's identity: --service by default, else the one
+    /// the token was made for.
     #[arg(long, value_name = "ACCOUNT")]
     service_account: Option<String>,
     /// This proxy's id in the mesh, also the name of its registered workload: a stable
@@ -396,7 +396,8 @@ impl ProxyArgs {
                 identity: weft_proxy::identity::IdentitySettings {
                     token,
                     namespace: settings.namespace.clone(),
-                    service_account: self.service_account,
+                    // An identity's service account is its service's name unless given.
+                    service_account: self.service_account.or_else(|| settings.service.clone()),
                 },
             });
         }

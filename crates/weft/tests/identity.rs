@@ -4,10 +4,10 @@
 
 mod support;
 
-use std::process::Command;
+use std::{process::Command, time::Duration};
 
 use serde_json::Value;
-use support::{http_get, Control, TempDir, WEFT};
+use support::{eventually, http_get, Control, Proxy, TempDir, WEFT};
 
 async fn status(control: &Control) -> Value {
     let (_, body) = http_get(control.api, "/api/v1/status", &[]).await.unwrap();
@@ -175,4 +175,71 @@ async fn join_tokens_are_made_listed_and_revoked_by_the_operator() {
         .output()
         .unwrap();
     assert!(!output.status.success() && String::from_utf8_lossy(&output.stderr).contains("admin token is wrong"));
+}
+
+/// Runs `weft proxy --control` with `token` as `service` and waits for it to give up:
+/// (exited with failure, its log).
+async fn refused_proxy(dir: &TempDir, control: &Control, name: &str, token: &str, service: &str) -> (bool, String) {
+    let token_file = dir.write(&format!("{name}.join-token"), token);
+    let log = dir.0.join(format!("{name}.log"));
+    let mut child = Command::new(WEFT)
+        .args(["proxy", "--control", &control.grpc.to_string(), "--token-file", token_file.to_str().unwrap()])
+        .args(["--service", service, "--outbound-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let status = eventually(Duration::from_secs(15), &format!("{name} to give up"), || {
+        let status = child.try_wait().unwrap();
+        async move { status }
+    })
+    .await;
+    (!status.success(), std::fs::read_to_string(&log).unwrap())
+}
+
+#[tokio::test]
+async fn a_proxy_joins_only_with_a_live_token_for_its_own_workload_of_this_mesh() {
+    let dir = TempDir::new("identity-join");
+    let control = Control::start(&dir, "control").await;
+    let token = |args: &[&str]| {
+        let (ok, token, err) = control.cli(&[&["token", "create"], args].concat());
+        assert!(ok, "{err}");
+        token.trim().to_string()
+    };
+
+    // The right token joins: the proxy serves, with the identity the token names.
+    let reviews = token(&["--service", "reviews"]);
+    let token_file = dir.write("reviews.join-token", &reviews);
+    let proxy = Proxy::start_with_token(&dir, "reviews", &control.grpc.to_string(), &token_file, &[]).await;
+    let shown = proxy.config().await;
+    assert_eq!(shown["identity"]["id"], "spiffe://weft.local/ns/default/sa/reviews", "{shown}");
+    assert!(shown["identity"]["serial"].as_str().is_some_and(|s| !s.is_empty()), "{shown}");
+
+    // The same token for another workload is refused, and so is an expired, a revoked,
+    // a made-up token, and one of another mesh.
+    let (failed, log) = refused_proxy(&dir, &control, "impostor", &reviews, "ratings").await;
+    assert!(failed && log.contains("is for spiffe://weft.local/ns/default/sa/reviews, not for"), "{log}");
+    let short = token(&["--service", "ratings", "--ttl", "1s"]);
+    let short_id = short.split('.').nth(1).unwrap().to_string();
+    eventually(Duration::from_secs(15), "the short token to expire", || {
+        let (_, listed, _) = control.cli(&["token", "list"]);
+        let expired = listed.lines().any(|line| line.starts_with(&short_id) && line.contains("expired"));
+        async move { expired.then_some(()) }
+    })
+    .await;
+    let (failed, log) = refused_proxy(&dir, &control, "late", &short, "ratings").await;
+    assert!(log.contains("has expired"), "{log}");
+    assert!(failed, "{log}");
+    let revoked = token(&["--service", "ratings"]);
+    let (ok, _, err) = control.cli(&["token", "revoke", revoked.split('.').nth(1).unwrap()]);
+    assert!(ok, "{err}");
+    let (failed, log) = refused_proxy(&dir, &control, "revoked", &revoked, "ratings").await;
+    assert!(failed && log.contains("has been revoked"), "{log}");
+    let forged = format!("wj1.{}.0000.{}", revoked.split('.').nth(1).unwrap(), revoked.split('.').nth(3).unwrap());
+    let (failed, log) = refused_proxy(&dir, &control, "forged", &forged, "ratings").await;
+    assert!(failed && log.contains("not known to this mesh"), "{log}");
+    let other = Control::start(&dir, "other").await;
+    let (ok, foreign, err) = other.cli(&["token", "create", "--service", "ratings"]);
+    assert!(ok, "{err}");
+    let (failed, log) = refused_proxy(&dir, &control, "foreign", foreign.trim(), "ratings").await;
+    assert!(failed && log.contains("not the one the join token names"), "{log}");
 }
