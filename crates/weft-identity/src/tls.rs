@@ -78,6 +78,9 @@ pub struct Issued {
     pub issuer: String,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
+    /// When this party received it: `notBefore` is backdated for clock skew, so the life
+    /// left is counted from here.
+    pub received: SystemTime,
 }
 
 impl Issued {
@@ -105,6 +108,7 @@ impl Issued {
             not_after: time(validity.not_after),
             certified: Arc::new(certified),
             roots,
+            received: SystemTime::now(),
         })
     }
 
@@ -113,10 +117,11 @@ impl Issued {
         self.identity.trust_domain()
     }
 
-    /// The moment to renew: `share` of the way through the certificate's life.
+    /// The moment to renew: `share` of the way from receipt to expiry.
     pub fn renew_at(&self, share: f64) -> SystemTime {
-        let life = self.not_after.duration_since(self.not_before).unwrap_or_default();
-        self.not_before + life.mul_f64(share.clamp(0.0, 1.0))
+        let start = self.received.max(self.not_before);
+        let life = self.not_after.duration_since(start).unwrap_or_default();
+        start + life.mul_f64(share.clamp(0.0, 1.0))
     }
 }
 

@@ -1,4 +1,5 @@
-//! Protocol detection on inbound connections: HTTP/1, HTTP/2 (prior knowledge), or opaque.
+//! Protocol detection on inbound connections: HTTP/1, HTTP/2 (prior knowledge), a TLS
+//! handshake (a meshed caller, on a proxy with an identity), or opaque.
 //!
 //! Detection peeks at most [`PEEK_LIMIT`] bytes without consuming them and gives up after
 //! a timeout, treating a silent client as opaque TCP (server-first protocols speak
@@ -20,6 +21,8 @@ const METHODS: [&[u8]; 9] =
 pub enum Detected {
     Http1,
     Http2,
+    /// A TLS ClientHello: a record of type handshake (22), version 3.x.
+    Tls,
     Opaque,
 }
 
@@ -27,6 +30,13 @@ pub enum Detected {
 pub fn classify(peeked: &[u8]) -> Option<Detected> {
     if peeked.is_empty() {
         return None;
+    }
+    if peeked[0] == 0x16 {
+        return match peeked.get(1) {
+            None => None,
+            Some(0x03) => Some(Detected::Tls),
+            Some(_) => Some(Detected::Opaque),
+        };
     }
     if peeked.len() >= H2_PREFACE.len() && peeked.starts_with(H2_PREFACE) {
         return Some(Detected::Http2);
@@ -72,7 +82,9 @@ mod tests {
         assert_eq!(classify(H2_PREFACE), Some(Detected::Http2));
         assert_eq!(classify(b"PRI * HTTP/2.0"), None, "a partial preface waits");
         assert_eq!(classify(b"GE"), None);
-        assert_eq!(classify(b"\x16\x03\x01"), Some(Detected::Opaque), "TLS is opaque");
+        assert_eq!(classify(b"\x16\x03\x01"), Some(Detected::Tls));
+        assert_eq!(classify(b"\x16"), None, "one byte of a record header waits");
+        assert_eq!(classify(b"\x16\x01"), Some(Detected::Opaque));
         assert_eq!(classify(b"HELO example"), Some(Detected::Opaque));
     }
 }

@@ -59,6 +59,8 @@ pub struct EndpointState {
     ejected_until: AtomicU64,
     rtt: Mutex<RttEstimate>,
     outlier: Mutex<OutlierState>,
+    /// Plaintext or mutual TLS (and with which identity), set from each configuration.
+    security: arc_swap::ArcSwap<crate::transport::PeerSecurity>,
 }
 
 #[derive(Debug)]
@@ -89,7 +91,18 @@ impl EndpointState {
                 measured: false,
             }),
             outlier: Mutex::new(OutlierState::default()),
+            security: arc_swap::ArcSwap::from_pointee(crate::transport::PeerSecurity::Plaintext),
         }
+    }
+
+    /// How connections to this endpoint are secured.
+    pub fn security(&self) -> Arc<crate::transport::PeerSecurity> {
+        self.security.load_full()
+    }
+
+    /// Sets how connections to this endpoint are secured, from a new configuration.
+    pub fn set_security(&self, security: Arc<crate::transport::PeerSecurity>) {
+        self.security.store(security);
     }
 
     /// Requests currently in flight to this endpoint.

@@ -10,28 +10,39 @@ use std::{net::SocketAddr, sync::Arc, time::Instant};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use tokio::net::TcpStream;
+use weft_identity::{
+    tls::{ALPN_HTTP2, ALPN_TCP},
+    SpiffeId,
+};
 use weft_model::spec::Protocol;
+
+/// How long a caller's TLS handshake may take.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 use crate::{
     body::{self, Body},
     detect::{detect, Detected},
     errors::{is_grpc, ProxyFailure},
     forward,
-    listener::{serve_http, DrainWatch},
+    listener::{serve_http, serve_http_on, DrainWatch},
     metrics::empty_label,
     outbound::{record, Routed},
     pool::{SendError, Wire},
     state::SharedState,
-    tcp, transport,
+    tcp,
+    transport::{self, Upstream},
 };
 
 /// Serves one accepted inbound connection.
 pub async fn serve_connection(state: Arc<SharedState>, stream: TcpStream, drain: DrainWatch) {
     let Some(app) = state.settings.app_addr else { return };
+    let tls = state.inbound_tls();
     let config = state.config.load_full();
     let own = config.own_service.map(|i| &config.snapshot.services[i]);
     let opaque_by_declaration = own.is_some_and(|s| s.ports.iter().all(|p| p.protocol == Protocol::Tcp));
-    let detected = if opaque_by_declaration {
+    // A proxy with an identity must see whether a caller speaks mesh TLS, even on ports
+    // declared tcp; a silent (server-first) plaintext client waits out the detect timeout.
+    let detected = if opaque_by_declaration && tls.is_none() {
         Detected::Opaque
     } else {
         match detect(&stream, state.settings.detect_timeout).await {
@@ -43,24 +54,75 @@ pub async fn serve_connection(state: Arc<SharedState>, stream: TcpStream, drain:
         }
     };
     drop(config);
-    match detected {
-        Detected::Opaque => match transport::connect(app, state.settings.connect_timeout).await {
+    match (detected, tls) {
+        (Detected::Tls, Some(tls)) => serve_mesh_connection(state, app, stream, tls, drain).await,
+        (Detected::Opaque | Detected::Tls, _) => {
+            match transport::connect_tcp(app, state.settings.connect_timeout).await {
+                Ok(upstream) => tcp::relay(&state, "inbound", state.own_label.clone(), stream, upstream).await,
+                Err(error) => {
+                    tracing::warn!(%app, %error, "cannot connect to the local application; closing the inbound TCP connection")
+                }
+            }
+        }
+        (Detected::Http1 | Detected::Http2, _) => {
+            let handler_state = state.clone();
+            let service = hyper::service::service_fn(move |request| handle(handler_state.clone(), app, None, request));
+            serve_http(stream, Some(detected), service, drain, &state.settings).await;
+        }
+    }
+}
+
+/// A connection from another proxy: mutual TLS, then the protocol its ALPN names.
+async fn serve_mesh_connection(
+    state: Arc<SharedState>,
+    app: SocketAddr,
+    stream: TcpStream,
+    tls: Arc<rustls::ServerConfig>,
+    drain: DrainWatch,
+) {
+    let remote = stream.peer_addr().ok();
+    let accepted = tokio::time::timeout(
+        state.settings.detect_timeout.max(HANDSHAKE_TIMEOUT),
+        tokio_rustls::TlsAcceptor::from(tls).accept(stream),
+    )
+    .await;
+    let stream = match accepted {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            tracing::info!(?remote, %error, "refused an inbound TLS connection");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(?remote, "an inbound TLS handshake timed out");
+            return;
+        }
+    };
+    let (_, connection) = stream.get_ref();
+    let peer = weft_identity::tls::peer_identity(connection.peer_certificates()).map(Arc::new);
+    let alpn = connection.alpn_protocol().map(<[u8]>::to_vec);
+    match alpn.as_deref() {
+        Some(ALPN_HTTP2) | Some(transport::ALPN_HTTP1) => {
+            let http2 = alpn.as_deref() == Some(ALPN_HTTP2);
+            let handler_state = state.clone();
+            let service =
+                hyper::service::service_fn(move |request| handle(handler_state.clone(), app, peer.clone(), request));
+            serve_http_on(stream, http2, service, drain, &state.settings).await;
+        }
+        Some(ALPN_TCP) => match transport::connect_tcp(app, state.settings.connect_timeout).await {
             Ok(upstream) => tcp::relay(&state, "inbound", state.own_label.clone(), stream, upstream).await,
             Err(error) => {
                 tracing::warn!(%app, %error, "cannot connect to the local application; closing the inbound TCP connection")
             }
         },
-        Detected::Http1 | Detected::Http2 => {
-            let handler_state = state.clone();
-            let service = hyper::service::service_fn(move |request| handle(handler_state.clone(), app, request));
-            serve_http(stream, Some(detected), service, drain, &state.settings).await;
-        }
+        _ => tracing::info!(?remote, "a mesh TLS connection named no weft protocol (ALPN); closed"),
     }
 }
 
 async fn handle(
     state: Arc<SharedState>,
     app: SocketAddr,
+    // The caller's identity, proven by mutual TLS; `None` for a plaintext caller.
+    peer: Option<Arc<SpiffeId>>,
     mut request: Request<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let started = Instant::now();
@@ -73,23 +135,28 @@ async fn handle(
     let request = Request::from_parts(parts, body::boxed(incoming));
     let result = match upgrade {
         Some(downstream) => {
-            state.connector.send_upgrade(app, &state.inbound_limiter, request).await.map(|mut response| {
-                if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                    forward::spawn_tunnel(downstream, hyper::upgrade::on(&mut response));
-                    let mut response = response.map(body::boxed);
-                    forward::prepare_response(&mut response, true);
-                    response
-                } else {
-                    response.map(body::boxed)
-                }
-            })
+            state.connector.send_upgrade(Upstream::App(app), &state.inbound_limiter, request).await.map(
+                |mut response| {
+                    if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                        forward::spawn_tunnel(downstream, hyper::upgrade::on(&mut response));
+                        let mut response = response.map(body::boxed);
+                        forward::prepare_response(&mut response, true);
+                        response
+                    } else {
+                        response.map(body::boxed)
+                    }
+                },
+            )
         }
-        None => state.connector.send(app, wire, &state.inbound_limiter, request).await.map_err(|f| f.error).map(
-            |mut response| {
+        None => state
+            .connector
+            .send(Upstream::App(app), wire, &state.inbound_limiter, request)
+            .await
+            .map_err(|f| f.error)
+            .map(|mut response| {
                 forward::prepare_response(&mut response, false);
                 response
-            },
-        ),
+            }),
     };
     let (response, error) = match result {
         Ok(response) => (response, ""),
@@ -109,7 +176,7 @@ async fn handle(
         &state,
         "inbound",
         empty_label(),
-        Routed::new(state.own_label.clone()),
+        Routed::new(state.own_label.clone(), peer.is_some()),
         response.status().as_u16(),
         error,
         started,

@@ -165,7 +165,7 @@ pub async fn serve_http<S>(
     stream: TcpStream,
     detected: Option<Detected>,
     service: S,
-    mut drain: DrainWatch,
+    drain: DrainWatch,
     settings: &ProxySettings,
 ) where
     S: ProxyService,
@@ -177,8 +177,18 @@ pub async fn serve_http<S>(
         // timeout would for a client that connects early and speaks later.
         None => detect::detect(&stream, HEADER_READ_TIMEOUT).await.unwrap_or(Detected::Http1),
     };
+    serve_http_on(stream, detected == Detected::Http2, service, drain, settings).await;
+}
+
+/// Serves HTTP/2 (`http2`) or HTTP/1.1 on any connection, TLS ones included.
+pub async fn serve_http_on<I, S>(stream: I, http2: bool, service: S, mut drain: DrainWatch, settings: &ProxySettings)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: ProxyService,
+    S::Future: Send + 'static,
+{
     let io = TokioIo::new(stream);
-    if detected == Detected::Http2 {
+    if http2 {
         let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(settings.h2_keepalive))
@@ -204,8 +214,9 @@ trait GracefulConnection: Future<Output = Result<(), hyper::Error>> {
     fn start_graceful_shutdown(self: Pin<&mut Self>);
 }
 
-impl<S> GracefulConnection for hyper::server::conn::http1::UpgradeableConnection<TokioIo<TcpStream>, S>
+impl<I, S> GracefulConnection for hyper::server::conn::http1::UpgradeableConnection<TokioIo<I>, S>
 where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: ProxyService,
     S::Future: Send + 'static,
 {
@@ -214,8 +225,9 @@ where
     }
 }
 
-impl<S> GracefulConnection for hyper::server::conn::http2::Connection<TokioIo<TcpStream>, S, TokioExecutor>
+impl<I, S> GracefulConnection for hyper::server::conn::http2::Connection<TokioIo<I>, S, TokioExecutor>
 where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: ProxyService,
     S::Future: Send + 'static,
 {

@@ -34,6 +34,8 @@ pub struct RequestLabels {
     pub status_code: u16,
     /// Empty when the application answered; else the proxy's reason.
     pub error: &'static str,
+    /// `true` when the hop between proxies was mutual TLS.
+    pub tls: &'static str,
 }
 
 /// Labels of `weft_request_duration_seconds`.
@@ -156,6 +158,7 @@ struct RequestKey {
     status: u16,
     /// Pointer and length: an empty literal may start where another one does.
     error: (usize, usize),
+    tls: bool,
 }
 
 /// Cached handles of one label set, and the `Arc`s that keep its key unique.
@@ -183,6 +186,7 @@ impl Metrics {
             route: Arc::as_ptr(&labels.route) as *const u8 as usize,
             status: labels.status_code,
             error: (labels.error.as_ptr() as usize, labels.error.len()),
+            tls: labels.tls == "true",
         };
         REQUEST_METRICS.with(|cache| {
             let mut cache = cache.borrow_mut();
@@ -220,6 +224,7 @@ mod tests {
             route: empty_label(),
             status_code: status,
             error: "",
+            tls: "false",
         }
     }
 
@@ -234,10 +239,25 @@ mod tests {
         metrics.record_request(labels(&b, 200), 0.001);
         // Equal strings in different allocations are one series.
         metrics.record_request(labels(&"ns/b".into(), 200), 0.001);
-        REQUEST_METRICS.with(|cache| assert_eq!(cache.borrow().len(), 4, "one entry per label identity"));
+        // The same request over mutual TLS is a series of its own.
+        metrics.record_request(RequestLabels { tls: "true", ..labels(&a, 200) }, 0.001);
+        REQUEST_METRICS.with(|cache| assert_eq!(cache.borrow().len(), 5, "one entry per label identity"));
         let text = metrics.encode();
-        assert!(text.contains(r#"destination_service="ns/a",route="",status_code="200",error=""} 3"#), "{text}");
-        assert!(text.contains(r#"destination_service="ns/a",route="",status_code="503",error=""} 1"#), "{text}");
-        assert!(text.contains(r#"destination_service="ns/b",route="",status_code="200",error=""} 2"#), "{text}");
+        assert!(
+            text.contains(r#"destination_service="ns/a",route="",status_code="200",error="",tls="false"} 3"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"destination_service="ns/a",route="",status_code="503",error="",tls="false"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"destination_service="ns/b",route="",status_code="200",error="",tls="false"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"destination_service="ns/a",route="",status_code="200",error="",tls="true"} 1"#),
+            "{text}"
+        );
     }
 }

@@ -28,12 +28,15 @@ use crate::{
     pool::{SendError, SendFailure},
     retry::{backoff, is_idempotent, RetryBudget, TryEnd},
     state::{ServingConfig, SharedState},
+    transport::Upstream,
 };
 
 /// What a request was routed to, for its metrics.
 pub(crate) struct Routed {
     destination: Arc<str>,
     route: Arc<str>,
+    /// Whether the hop is mutual TLS (the backend's endpoints are meshed).
+    tls: bool,
 }
 
 /// Handles one outbound request end to end, always producing a response.
@@ -54,7 +57,7 @@ pub async fn handle(
         }
     }
     let grpc = is_grpc(request.headers());
-    let mut routed = Routed { destination: empty_label(), route: empty_label() };
+    let mut routed = Routed { destination: empty_label(), route: empty_label(), tls: false };
     let result = route_request(&state, &config, request, &mut routed).await;
     let (response, error) = match result {
         Ok(response) => (response, ""),
@@ -85,13 +88,14 @@ pub(crate) fn record(
         route: routed.route,
         status_code: status,
         error,
+        tls: if routed.tls { "true" } else { "false" },
     };
     state.metrics.record_request(labels, started.elapsed().as_secs_f64());
 }
 
 impl Routed {
-    pub(crate) fn new(destination: Arc<str>) -> Self {
-        Routed { destination, route: empty_label() }
+    pub(crate) fn new(destination: Arc<str>, tls: bool) -> Self {
+        Routed { destination, route: empty_label(), tls }
     }
 }
 
@@ -164,6 +168,7 @@ async fn route_request(
         BackendTarget::Unresolved(what) => return Err(ProxyFailure::UnresolvedBackend(what)),
     };
     let backend = config.backends[backend_service][backend_port].clone();
+    routed.tls = backend.endpoints.first().is_some_and(|e| Upstream::Endpoint(&e.state).is_meshed());
     let retries = service.policy.retries.as_ref();
     let try_timeout = try_timeout.or(retries.and_then(|r| r.per_try_timeout).map(|d| d.0));
     let budget = &config.budgets[service_index];
@@ -356,7 +361,7 @@ async fn send_with_retries(
         };
         let in_flight = endpoint.start_request();
         let started = Instant::now();
-        let send = state.connector.send(endpoint.address, wire, &backend.limiter, request);
+        let send = state.connector.send(Upstream::Endpoint(&endpoint), wire, &backend.limiter, request);
         let result = match try_timeout {
             Some(limit) => tokio::time::timeout(limit, send)
                 .await
@@ -441,15 +446,17 @@ async fn send_upgrade(
     forward::prepare(&mut parts, authority, crate::pool::Wire::Http1, true);
     let request = Request::from_parts(parts, body::boxed(incoming));
     let mut response =
-        state.connector.send_upgrade(endpoint.address, &backend.limiter, request).await.map_err(|e| match e {
-            SendError::Connect(error) => {
-                ProxyFailure::ConnectFailed { endpoint: endpoint.address, reason: error.to_string() }
+        state.connector.send_upgrade(Upstream::Endpoint(&endpoint), &backend.limiter, request).await.map_err(|e| {
+            match e {
+                SendError::Connect(error) => {
+                    ProxyFailure::ConnectFailed { endpoint: endpoint.address, reason: error.to_string() }
+                }
+                SendError::Limit(error) => ProxyFailure::Overloaded(format!("{}: {error}", backend.name)),
+                SendError::Reset(error) => {
+                    ProxyFailure::UpstreamReset { endpoint: endpoint.address, reason: error.to_string() }
+                }
+                SendError::Timeout(_) => ProxyFailure::TryTimeout,
             }
-            SendError::Limit(error) => ProxyFailure::Overloaded(format!("{}: {error}", backend.name)),
-            SendError::Reset(error) => {
-                ProxyFailure::UpstreamReset { endpoint: endpoint.address, reason: error.to_string() }
-            }
-            SendError::Timeout(_) => ProxyFailure::TryTimeout,
         })?;
     drop(permit);
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {

@@ -29,7 +29,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use crate::{
     body::{self, Body, BoxError},
     limits::{LimitExceeded, Limiter},
-    transport::{self, ConnectError},
+    transport::{self, Carried, ConnectError, Upstream},
     word_hash::WordHashBuilder,
 };
 
@@ -96,23 +96,24 @@ impl Connector {
     /// idle. Opening a new connection counts against `limiter`'s `maxConnections`.
     pub async fn send(
         &self,
-        address: SocketAddr,
+        upstream: Upstream<'_>,
         wire: Wire,
         limiter: &Arc<Limiter>,
         request: Request<Body>,
     ) -> Result<Response<Body>, SendFailure> {
         match wire {
-            Wire::Http1 => self.send_http1(address, limiter, request).await,
-            Wire::Http2 => self.send_http2(address, limiter, request).await,
+            Wire::Http1 => self.send_http1(upstream, limiter, request).await,
+            Wire::Http2 => self.send_http2(upstream, limiter, request).await,
         }
     }
 
     async fn send_http1(
         &self,
-        address: SocketAddr,
+        upstream: Upstream<'_>,
         limiter: &Arc<Limiter>,
         mut request: Request<Body>,
     ) -> Result<Response<Body>, SendFailure> {
+        let address = upstream.address();
         // Pooled connections first; one that turns out closed hands the request back.
         while let Some(mut sender) = self.checkout_http1(address) {
             if sender.ready().await.is_err() {
@@ -126,7 +127,7 @@ impl Connector {
                 },
             }
         }
-        let mut sender = match self.open_http1(address, limiter).await {
+        let mut sender = match self.open_http1(upstream, limiter).await {
             Ok(sender) => sender,
             Err(error) => return Err(SendFailure { error, unsent: Some(Box::new(request)) }),
         };
@@ -150,9 +151,10 @@ impl Connector {
 
     async fn open_http1(
         &self,
-        address: SocketAddr,
+        upstream: Upstream<'_>,
         limiter: &Arc<Limiter>,
     ) -> Result<http1::SendRequest<Body>, SendError> {
+        let address = upstream.address();
         let permit = loop {
             if let Ok(permit) = limiter.try_open_connection() {
                 break permit;
@@ -162,7 +164,7 @@ impl Connector {
                 return Ok(sender);
             }
         };
-        let io = transport::connect(address, self.connect_timeout).await?;
+        let io = transport::connect(upstream, Carried::Http1, self.connect_timeout).await?;
         // Flattened writes: see listener.rs for the measurement.
         let (sender, connection) =
             http1::Builder::new().writev(false).handshake(TokioIo::new(io)).await.map_err(SendError::Reset)?;
@@ -193,11 +195,11 @@ impl Connector {
 
     async fn send_http2(
         &self,
-        address: SocketAddr,
+        upstream: Upstream<'_>,
         limiter: &Arc<Limiter>,
         request: Request<Body>,
     ) -> Result<Response<Body>, SendFailure> {
-        let mut sender = match self.http2_connection(address, limiter).await {
+        let mut sender = match self.http2_connection(upstream, limiter).await {
             Ok(sender) => sender,
             Err(error) => return Err(SendFailure { error, unsent: Some(Box::new(request)) }),
         };
@@ -211,9 +213,10 @@ impl Connector {
     /// This thread's multiplexed connection to `address`, opened if there is none.
     async fn http2_connection(
         &self,
-        address: SocketAddr,
+        upstream: Upstream<'_>,
         limiter: &Arc<Limiter>,
     ) -> Result<http2::SendRequest<Body>, SendError> {
+        let address = upstream.address();
         let existing = HTTP2.with(|pool| pool.borrow().get(&address).filter(|s| !s.is_closed()).cloned());
         if let Some(sender) = existing {
             return Ok(sender);
@@ -224,7 +227,7 @@ impl Connector {
             }
             limiter.wait_for_connection(self.connect_timeout).await.map_err(SendError::Limit)?;
         };
-        let io = transport::connect(address, self.connect_timeout).await?;
+        let io = transport::connect(upstream, Carried::Http2, self.connect_timeout).await?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(self.h2_keepalive)
@@ -246,12 +249,13 @@ impl Connector {
     /// which becomes the upgraded tunnel and is never pooled.
     pub async fn send_upgrade(
         &self,
-        address: SocketAddr,
+        upstream: Upstream<'_>,
         limiter: &Arc<Limiter>,
         request: Request<Body>,
     ) -> Result<Response<Incoming>, SendError> {
+        let address = upstream.address();
         let permit = limiter.try_open_connection().map_err(SendError::Limit)?;
-        let io = transport::connect(address, self.connect_timeout).await?;
+        let io = transport::connect(upstream, Carried::Http1, self.connect_timeout).await?;
         let (mut sender, connection) = http1::handshake(TokioIo::new(io)).await.map_err(SendError::Reset)?;
         tokio::spawn(async move {
             if let Err(error) = connection.with_upgrades().await {

@@ -15,6 +15,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+use weft_identity::tls::{ClientCertificate, ALPN_HTTP2, ALPN_TCP};
 use weft_model::{snapshot::ServicePolicy, Snapshot};
 
 use crate::{
@@ -26,6 +27,7 @@ use crate::{
     proxy::BoundPorts,
     retry::RetryBudget,
     settings::ProxySettings,
+    transport::{MeshPeer, PeerSecurity},
 };
 
 /// One immutable serving configuration.
@@ -63,6 +65,12 @@ pub struct SharedState {
     pub identity: OnceLock<Arc<weft_identity::tls::Credentials>>,
     limiters: Mutex<HashMap<String, Arc<Limiter>>>,
     budgets: Mutex<HashMap<String, Arc<RetryBudget>>>,
+    /// How each peer identity is reached, built once per identity (TLS configurations
+    /// keep their session caches), and plaintext for the unmeshed.
+    peers: Mutex<HashMap<Arc<str>, Arc<PeerSecurity>>>,
+    plaintext: Arc<PeerSecurity>,
+    /// The inbound side's TLS configuration, built on first use from `identity`.
+    inbound_tls: OnceLock<Arc<rustls::ServerConfig>>,
 }
 
 impl SharedState {
@@ -105,9 +113,57 @@ impl SharedState {
             identity: OnceLock::new(),
             limiters: Mutex::new(HashMap::new()),
             budgets: Mutex::new(HashMap::new()),
+            peers: Mutex::new(HashMap::new()),
+            plaintext: Arc::new(PeerSecurity::Plaintext),
+            inbound_tls: OnceLock::new(),
         });
         state.install(snapshot, version);
         state
+    }
+
+    /// The TLS configuration meshed callers are served with; `None` until this proxy
+    /// has an identity.
+    pub fn inbound_tls(&self) -> Option<Arc<rustls::ServerConfig>> {
+        let credentials = self.identity.get()?;
+        if let Some(config) = self.inbound_tls.get() {
+            return Some(config.clone());
+        }
+        let alpn = [ALPN_HTTP2, crate::transport::ALPN_HTTP1, ALPN_TCP];
+        match credentials.server_config(ClientCertificate::Required, &alpn) {
+            Ok(config) => Some(self.inbound_tls.get_or_init(|| Arc::new(config)).clone()),
+            Err(error) => {
+                tracing::error!(%error, "cannot build the inbound TLS configuration");
+                None
+            }
+        }
+    }
+
+    /// How to reach a peer with `identity` (`None`: an unmeshed endpoint).
+    fn peer_security(&self, identity: Option<&Arc<str>>) -> Arc<PeerSecurity> {
+        let Some(identity) = identity else { return self.plaintext.clone() };
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(known) = peers.get(identity) {
+            return known.clone();
+        }
+        let security = match self.identity.get() {
+            Some(credentials) => match MeshPeer::new(identity, credentials) {
+                Ok(peer) => PeerSecurity::Mutual(Arc::new(peer)),
+                Err(error) => PeerSecurity::Unavailable(format!("endpoint identity {identity}: {error}").into()),
+            },
+            None => PeerSecurity::Unavailable(
+                format!(
+                    "the endpoint is meshed ({identity}) and needs mutual TLS, but this proxy has no workload \
+                     identity: run it with --control and --token-file"
+                )
+                .into(),
+            ),
+        };
+        let security = Arc::new(security);
+        // Only usable answers are kept: an identity may arrive later.
+        if matches!(*security, PeerSecurity::Mutual(_)) {
+            peers.insert(identity.clone(), security.clone());
+        }
+        security
     }
 
     /// Builds a serving config from `snapshot` and publishes it atomically.
@@ -127,10 +183,10 @@ impl SharedState {
                         let endpoints = port
                             .endpoints
                             .iter()
-                            .map(|e| WeightedEndpoint {
-                                state: self.endpoints.get(e.address),
-                                weight: e.weight,
-                                workload: e.workload.clone(),
+                            .map(|e| {
+                                let state = self.endpoints.get(e.address);
+                                state.set_security(self.peer_security(e.identity.as_ref()));
+                                WeightedEndpoint { state, weight: e.weight, workload: e.workload.clone() }
                             })
                             .collect();
                         Arc::new(Backend::new(

@@ -3,7 +3,10 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
-use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+};
 use weft_model::snapshot::HostLookupError;
 
 use crate::{
@@ -22,8 +25,8 @@ pub async fn relay(
     state: &SharedState,
     direction: &'static str,
     destination: Arc<str>,
-    mut client: TcpStream,
-    mut upstream: TcpStream,
+    mut client: impl AsyncRead + AsyncWrite + Unpin,
+    mut upstream: impl AsyncRead + AsyncWrite + Unpin,
 ) {
     state
         .metrics
@@ -76,7 +79,8 @@ pub async fn serve_upstream_client(state: Arc<SharedState>, upstream: Arc<Upstre
             return;
         };
         let started = Instant::now();
-        match transport::connect(endpoint.address, state.settings.connect_timeout).await {
+        let upstream = transport::Upstream::Endpoint(&endpoint);
+        match transport::connect(upstream, transport::Carried::Tcp, state.settings.connect_timeout).await {
             Ok(stream) => {
                 backend.record_try(&endpoint, TryOutcome::Success, started.elapsed(), &state.metrics);
                 let _in_flight = endpoint.start_request();

@@ -99,7 +99,7 @@ async fn admin_serves_config_metrics_and_probes() {
     assert_eq!(answer.status, 200);
     let metrics = a.metrics().await;
     assert!(metrics.contains("# TYPE weft_requests counter"), "{metrics}");
-    assert!(metrics.contains("weft_requests_total{direction=\"outbound\",source_service=\"default/client\",destination_service=\"default/web\",route=\"\",status_code=\"200\",error=\"\"} 1"), "{metrics}");
+    assert!(metrics.contains("weft_requests_total{direction=\"outbound\",source_service=\"default/client\",destination_service=\"default/web\",route=\"\",status_code=\"200\",error=\"\",tls=\"false\"} 1"), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,160 @@
+//! Automatic mutual TLS between meshed proxies: every hop between proxies is TLS 1.3
+//! with workload certificates, each side checks the other's SPIFFE identity, and
+//! certificates rotate under load without a failed request. Outside peers are real
+//! tools: openssl s_client and curl.
+
+mod support;
+
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use support::{client, eventually, get_via, Control, Proxy, TempDir, TestApp};
+
+async fn sidecar(dir: &TempDir, control: &Control, service: &str, app: &TestApp, extra: &[&str]) -> Proxy {
+    let app_addr = app.address.to_string();
+    let args = [&["--service", service, "--app-addr", &app_addr, "--health-interval", "200ms"], extra].concat();
+    Proxy::start_controlled(dir, service, control, &args).await
+}
+
+/// `openssl s_client` to `address` with ALPN `alpn`, sending `request`; (stdout, stderr).
+fn s_client(address: std::net::SocketAddr, alpn: &str, extra: &[&str], request: &str) -> (String, String) {
+    use std::io::Write;
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-connect", &address.to_string(), "-alpn", alpn, "-tls1_3", "-ign_eof"])
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl runs");
+    child.stdin.take().unwrap().write_all(request.as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    (String::from_utf8_lossy(&output.stdout).into_owned(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+// Multi-threaded: openssl and curl block a thread while the test's app serves them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshed_hops_are_mutual_tls_and_outsiders_without_a_mesh_certificate_are_refused() {
+    let dir = TempDir::new("mtls-hops");
+    let control = Control::start(&dir, "control").await;
+    let app = TestApp::start("reviews").await;
+    let reviews = sidecar(&dir, &control, "reviews", &app, &[]).await;
+    let web = Proxy::start_controlled(&dir, "web", &control, &[]).await;
+    let http = client();
+    eventually(Duration::from_secs(10), "reviews to be served through the mesh", || {
+        let http = http.clone();
+        async move { (get_via(&http, web.outbound, "reviews", "/", &[]).await.app() == "reviews").then_some(()) }
+    })
+    .await;
+    // Both sides count the hop as mutual TLS.
+    assert!(web.metric_sum("weft_requests_total", &["direction=\"outbound\"", "tls=\"true\""]).await >= 1.0);
+    assert!(reviews.metric_sum("weft_requests_total", &["direction=\"inbound\"", "tls=\"true\""]).await >= 1.0);
+
+    let inbound = reviews.inbound.unwrap();
+    let request = "GET / HTTP/1.1\r\nHost: reviews\r\nConnection: close\r\n\r\n";
+    // No client certificate: refused.
+    let (out, err) = s_client(inbound, "weft/h1", &[], request);
+    assert!(!out.contains("200 OK") && err.contains("certificate required"), "{out}\n{err}");
+    // A certificate with a mesh-looking identity from another CA: refused.
+    let key = dir.0.join("stranger.key");
+    let cert = dir.0.join("stranger.crt");
+    let made = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1"])
+        .args(["-subj", "/CN=stranger", "-addext", "subjectAltName=URI:spiffe://weft.local/ns/default/sa/web"])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE", "-addext", "extendedKeyUsage=clientAuth"])
+        .args(["-keyout", key.to_str().unwrap(), "-out", cert.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let (out, err) =
+        s_client(inbound, "weft/h1", &["-cert", cert.to_str().unwrap(), "-key", key.to_str().unwrap()], request);
+    assert!(!out.contains("200 OK"), "{out}\n{err}");
+    eventually(Duration::from_secs(5), "the refusal in the reviews proxy's log", || {
+        let log = reviews.log();
+        async move { log.contains("not issued by this mesh's CA").then_some(()) }
+    })
+    .await;
+
+    // PERMISSIVE (the default): an unmeshed plaintext client still reaches the app, and
+    // is counted as such.
+    let (ok, out, err) = support::curl(&["-sf", "-H", "Host: reviews", &format!("http://{inbound}/")]);
+    assert!(ok && out.contains("reviews"), "{out}{err}");
+    assert!(reviews.metric_sum("weft_requests_total", &["direction=\"inbound\"", "tls=\"false\""]).await >= 1.0);
+}
+
+#[tokio::test]
+async fn a_caller_refuses_an_endpoint_that_proves_another_identity() {
+    let dir = TempDir::new("mtls-impostor");
+    let control = Control::start(&dir, "control").await;
+    let app = TestApp::start("reviews").await;
+    let reviews = sidecar(&dir, &control, "reviews", &app, &[]).await;
+    let web = Proxy::start_controlled(&dir, "web", &control, &[]).await;
+    // An operator's Workload claims that reviews' proxy serves `ratings` as ratings.
+    let yaml = format!(
+        "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {{name: ratings}}\nspec: {{selector: {{app: ratings}}, ports: [{{port: 80, protocol: http}}]}}\n---\napiVersion: weft.dev/v1alpha1\nkind: Workload\nmetadata: {{name: ratings-1}}\nspec: {{labels: {{app: ratings}}, address: \"{}\", identity: \"spiffe://weft.local/ns/default/sa/ratings\"}}\n",
+        reviews.inbound.unwrap()
+    );
+    let (ok, _, err) = control.cli_with_stdin(&["apply", "-f", "-"], Some(&yaml));
+    assert!(ok, "{err}");
+    let http = client();
+    let answer = eventually(Duration::from_secs(10), "the impostor to be refused", || {
+        let http = http.clone();
+        async move {
+            let answer = get_via(&http, web.outbound, "ratings", "/", &[]).await;
+            answer.weft_error().is_some_and(|e| e.contains("mutual TLS")).then_some(answer)
+        }
+    })
+    .await;
+    let error = answer.weft_error().unwrap_or_default();
+    assert!(answer.status >= 500, "{}", answer.status);
+    assert!(error.contains("not spiffe://weft.local/ns/default/sa/ratings"), "{error}");
+    assert_eq!(app.hits(), 0, "nothing reached the app through the impostor's route");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_rotate_under_steady_load_without_a_failed_request() {
+    let dir = TempDir::new("mtls-rotation");
+    let control = Control::start_on(&dir, "control", &dir.0.join("data"), &["--cert-lifetime", "10s"]).await;
+    let app = TestApp::start("reviews").await;
+    let reviews = sidecar(&dir, &control, "reviews", &app, &[]).await;
+    let web = Proxy::start_controlled(&dir, "web", &control, &[]).await;
+    let http = client();
+    eventually(Duration::from_secs(10), "reviews to be served", || {
+        let http = http.clone();
+        async move { (get_via(&http, web.outbound, "reviews", "/", &[]).await.status == 200).then_some(()) }
+    })
+    .await;
+    let serial = |proxy: &Proxy| {
+        let admin = proxy.admin;
+        async move {
+            let (_, body) = support::http_get(admin, "/config", &[]).await.unwrap();
+            let config: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            config["identity"]["serial"].as_str().unwrap().to_string()
+        }
+    };
+    let mut seen_web = vec![serial(&web).await];
+    let mut seen_reviews = vec![serial(&reviews).await];
+    // Steady load until each proxy has renewed twice: every request must succeed.
+    let (mut sent, mut failed) = (0, Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen_web.len() < 3 || seen_reviews.len() < 3 {
+        assert!(Instant::now() < deadline, "no two renewals within 60s: web {seen_web:?}, reviews {seen_reviews:?}");
+        for _ in 0..20 {
+            let answer = get_via(&http, web.outbound, "reviews", "/", &[("connection", "close")]).await;
+            sent += 1;
+            if answer.status != 200 {
+                failed.push((answer.status, answer.weft_error()));
+            }
+        }
+        for (proxy, seen) in [(&web, &mut seen_web), (&reviews, &mut seen_reviews)] {
+            let now = serial(proxy).await;
+            if seen.last() != Some(&now) {
+                seen.push(now);
+            }
+        }
+    }
+    assert!(failed.is_empty(), "{} of {sent} requests failed during rotation: {failed:?}", failed.len());
+    assert!(web.log().contains("renewed this proxy's certificate"));
+}
