@@ -129,12 +129,19 @@ pub struct Catalog {
     /// Serialises changes, so each is judged against the state it will replace.
     writer: Mutex<()>,
     revision: watch::Sender<u64>,
+    /// The CA's trust domain, which a MeshConfig may only repeat.
+    trust_domain: std::sync::OnceLock<String>,
     /// Dropped with the catalog, which ends the task following the store's watch (the
     /// task holds the store, so it would otherwise keep it open forever).
     _following: tokio::sync::oneshot::Sender<()>,
 }
 
 impl Catalog {
+    /// Fixes the trust domain MeshConfigs are checked against (the CA's).
+    pub fn set_trust_domain(&self, trust_domain: &str) {
+        let _ = self.trust_domain.set(trust_domain.to_string());
+    }
+
     /// Loads everything from `store`, then follows its watch for as long as the catalog
     /// lives.
     pub async fn load(store: Arc<dyn Store>) -> Result<Arc<Self>, StoreError> {
@@ -152,6 +159,7 @@ impl Catalog {
             state: RwLock::new(state),
             writer: Mutex::new(()),
             revision,
+            trust_domain: std::sync::OnceLock::new(),
             _following: following,
         });
         let follower = follow(Arc::downgrade(&catalog), store, contents.revision);
@@ -239,7 +247,20 @@ impl Catalog {
 
     /// Validates every document of every source and stores them all, or none.
     pub async fn apply(&self, sources: &[Source], dry_run: bool) -> Result<Report, CatalogError> {
-        let parsed = parse_sources(sources)?;
+        let trust_domain = self.trust_domain.get().cloned();
+        let parsed = parse_sources_checked(sources, |resource| match (&resource.spec, &trust_domain) {
+            (weft_model::resource::ResourceSpec::MeshConfig(mesh), Some(ours)) => match &mesh.trust_domain {
+                Some(theirs) if theirs != ours => Some((
+                    "spec.trustDomain".to_string(),
+                    format!(
+                        "this mesh's trust domain is {ours}, fixed when its CA was made; a MeshConfig cannot \
+                         change it (leave the field out, or write {ours})"
+                    ),
+                )),
+                _ => None,
+            },
+            _ => None,
+        })?;
         if parsed.is_empty() {
             let names: Vec<&str> = sources.iter().map(|s| s.name.as_str()).collect();
             return Err(CatalogError::Empty(format!("no documents to apply in {}", names.join(", "))));
@@ -388,6 +409,15 @@ async fn follow(catalog: Weak<Catalog>, store: Arc<dyn Store>, mut revision: u64
 
 /// Parses every source; a resource named twice, even in different sources, is refused.
 pub fn parse_sources(sources: &[Source]) -> Result<Vec<ParsedDocument>, CatalogError> {
+    parse_sources_checked(sources, |_| None)
+}
+
+/// [`parse_sources`], with `check` judging each resource against this mesh (a field
+/// path and a reason when it is refused).
+fn parse_sources_checked(
+    sources: &[Source],
+    check: impl Fn(&Resource) -> Option<(String, String)>,
+) -> Result<Vec<ParsedDocument>, CatalogError> {
     let mut parsed = Vec::new();
     let mut errors = Vec::new();
     let mut seen: HashMap<ObjectKey, String> = HashMap::new();
@@ -404,6 +434,15 @@ pub fn parse_sources(sources: &[Source]) -> Result<Vec<ParsedDocument>, CatalogE
                             resource: Some(format!("{} {}", key.kind, key.name)),
                             path: "metadata.name".into(),
                             message: format!("{key} is also defined in {first}: each resource may appear once"),
+                        });
+                    }
+                    if let Some((path, message)) = check(&document.resource) {
+                        errors.push(ConfigError {
+                            source_name: source.name.clone(),
+                            index: index + 1,
+                            resource: Some(format!("{} {}", key.kind, key.name)),
+                            path,
+                            message,
                         });
                     }
                     parsed.push(document);

@@ -208,6 +208,7 @@ pub async fn run(
     let authority = Arc::new(
         ca::establish(&catalog, store.as_ref(), &settings.ca, shared_store, std::time::SystemTime::now()).await?,
     );
+    catalog.set_trust_domain(authority.trust_domain().as_str());
     let admin = Arc::new(admin_token::establish(&catalog, store.as_ref(), &settings.data_dir).await?);
     let registry = Registry::new(catalog.clone(), cluster, settings.lease);
     let hub = Hub::new(catalog.clone(), registry, authority.clone());

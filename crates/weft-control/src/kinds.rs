@@ -4,12 +4,14 @@
 use weft_model::ResourceKind;
 
 /// Every kind, in the order `weft get all` lists them.
-pub const ALL_KINDS: [ResourceKind; 5] = [
+pub const ALL_KINDS: [ResourceKind; 7] = [
     ResourceKind::Service,
     ResourceKind::Workload,
     ResourceKind::HttpRoute,
     ResourceKind::GrpcRoute,
     ResourceKind::TrafficPolicy,
+    ResourceKind::AuthorizationPolicy,
+    ResourceKind::MeshConfig,
 ];
 
 /// Resolves a kind as typed on a command line or in a URL: the YAML name in any case,
@@ -22,10 +24,12 @@ pub fn parse_kind(word: &str) -> Result<ResourceKind, String> {
         "httproute" | "httproutes" => ResourceKind::HttpRoute,
         "grpcroute" | "grpcroutes" => ResourceKind::GrpcRoute,
         "trafficpolicy" | "trafficpolicies" | "tp" => ResourceKind::TrafficPolicy,
+        "authorizationpolicy" | "authorizationpolicies" | "ap" => ResourceKind::AuthorizationPolicy,
+        "meshconfig" | "meshconfigs" => ResourceKind::MeshConfig,
         _ => {
             return Err(format!(
                 "unknown kind {word:?}; use one of services (svc), workloads (wl), httproutes, grpcroutes, \
-                 trafficpolicies (tp)"
+                 trafficpolicies (tp), authorizationpolicies (ap), meshconfigs"
             ))
         }
     };
@@ -40,6 +44,8 @@ pub fn plural(kind: ResourceKind) -> &'static str {
         ResourceKind::HttpRoute => "httproutes",
         ResourceKind::GrpcRoute => "grpcroutes",
         ResourceKind::TrafficPolicy => "trafficpolicies",
+        ResourceKind::AuthorizationPolicy => "authorizationpolicies",
+        ResourceKind::MeshConfig => "meshconfigs",
     }
 }
 

@@ -27,6 +27,11 @@ pub struct World {
     /// Parent Service → (route index, backend Services).
     routes_by_parent: HashMap<String, Vec<(usize, Vec<String>)>>,
     policies_by_target: HashMap<String, Vec<usize>>,
+    /// Target Service → AuthorizationPolicies: only in the view of the Service's own
+    /// proxies, which enforce them.
+    authorization_by_target: HashMap<String, Vec<usize>>,
+    /// The MeshConfig, in every view.
+    mesh_config: Option<usize>,
     /// Workloads by (namespace, `app` label), and all of a namespace's, for selectors
     /// without `app`.
     workloads_by_app: HashMap<(String, String), Vec<usize>>,
@@ -85,6 +90,8 @@ impl World {
             services: HashMap::new(),
             routes_by_parent: HashMap::new(),
             policies_by_target: HashMap::new(),
+            authorization_by_target: HashMap::new(),
+            mesh_config: None,
             workloads_by_app: HashMap::new(),
             workloads_by_namespace: HashMap::new(),
         };
@@ -108,6 +115,15 @@ impl World {
                         .or_default()
                         .push(i);
                 }
+                ResourceSpec::AuthorizationPolicy(spec) => {
+                    let target_ns = spec.target_ref.namespace.as_deref().unwrap_or(&meta.namespace);
+                    world
+                        .authorization_by_target
+                        .entry(format!("{target_ns}/{}", spec.target_ref.name))
+                        .or_default()
+                        .push(i);
+                }
+                ResourceSpec::MeshConfig(_) => world.mesh_config = Some(i),
                 ResourceSpec::Workload(spec) => {
                     if let Some(app) = spec.labels.get("app") {
                         world.workloads_by_app.entry((meta.namespace.clone(), app.clone())).or_default().push(i);
@@ -132,6 +148,11 @@ impl World {
             own.into_iter().map(str::to_string).chain(subscriptions.iter().cloned()).collect();
         let mut seen: BTreeSet<String> = BTreeSet::new();
         let mut included: BTreeSet<usize> = BTreeSet::new();
+        // Its own inbound side: who may call it, and the mesh-wide defaults.
+        included.extend(self.mesh_config);
+        if let Some(own) = own {
+            included.extend(self.authorization_by_target.get(own).into_iter().flatten());
+        }
         while let Some(service) = wanted.pop() {
             if !seen.insert(service.clone()) {
                 continue;

@@ -124,6 +124,13 @@ struct Policy {
     rules: Vec<Rule>,
 }
 
+impl Rule {
+    /// The rule `{}`: matches every request.
+    fn everything() -> Self {
+        Rule { from: Vec::new(), to: Vec::new(), when: Vec::new() }
+    }
+}
+
 fn compile_source(source: &AuthorizationSource) -> Result<Source, String> {
     for principal in &source.principals {
         if principal != "*" && !principal.starts_with("spiffe://") && !principal.starts_with('*') {
@@ -200,7 +207,34 @@ pub struct Authorizer {
     default: DefaultPolicy,
 }
 
+/// Without policies: allows everything, as a mesh without MeshConfig does.
+impl Default for Authorizer {
+    fn default() -> Self {
+        Authorizer { deny: Vec::new(), allow: Vec::new(), default: DefaultPolicy::Allow }
+    }
+}
+
+impl std::fmt::Debug for Authorizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names = |policies: &[Policy]| policies.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
+        f.debug_struct("Authorizer")
+            .field("deny", &names(&self.deny))
+            .field("allow", &names(&self.allow))
+            .field("default", &self.default)
+            .finish()
+    }
+}
+
 impl Authorizer {
+    /// Denies every request, naming `reason` as the policy.
+    pub fn deny_all(reason: String) -> Self {
+        Authorizer {
+            deny: vec![Policy { name: reason, rules: vec![Rule::everything()] }],
+            allow: Vec::new(),
+            default: DefaultPolicy::Deny,
+        }
+    }
+
     /// Compiles `policies` (name, spec) for one Service; refuses a malformed pattern,
     /// naming the policy.
     pub fn new(policies: &[(&str, &AuthorizationPolicySpec)], default: DefaultPolicy) -> Result<Self, String> {

@@ -171,6 +171,12 @@ fn parse_one(value: &Value) -> Result<Resource, FieldError> {
     }
     let metadata: Metadata = typed(value.get("metadata"), "metadata")?;
     validate::metadata(&metadata).map_err(|(p, m)| (format!("metadata.{p}"), m))?;
+    if kind == ResourceKind::MeshConfig && metadata.name != crate::resource::MESH_CONFIG_NAME {
+        return Err(("metadata.name".into(), "there is one MeshConfig and it is named mesh".into()));
+    }
+    if kind == ResourceKind::MeshConfig && metadata.namespace != crate::DEFAULT_NAMESPACE {
+        return Err(("metadata.namespace".into(), "the MeshConfig is mesh-wide: leave out the namespace".into()));
+    }
     let spec_value = value.get("spec");
     let spec = match kind {
         ResourceKind::Service => ResourceSpec::Service(typed(spec_value, "spec")?),
@@ -178,6 +184,8 @@ fn parse_one(value: &Value) -> Result<Resource, FieldError> {
         ResourceKind::HttpRoute => ResourceSpec::HttpRoute(Box::new(typed(spec_value, "spec")?)),
         ResourceKind::GrpcRoute => ResourceSpec::GrpcRoute(Box::new(typed(spec_value, "spec")?)),
         ResourceKind::TrafficPolicy => ResourceSpec::TrafficPolicy(Box::new(typed(spec_value, "spec")?)),
+        ResourceKind::AuthorizationPolicy => ResourceSpec::AuthorizationPolicy(Box::new(typed(spec_value, "spec")?)),
+        ResourceKind::MeshConfig => ResourceSpec::MeshConfig(typed(spec_value, "spec")?),
     };
     validate::spec(&spec).map_err(|(p, m)| (format!("spec.{p}"), m))?;
     Ok(Resource { metadata, spec })
@@ -251,10 +259,18 @@ spec:
     }
 
     #[test]
-    fn unimplemented_kind_is_refused_with_reason() {
-        let doc = "apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {}\n";
+    fn unknown_kinds_and_a_second_mesh_config_are_refused_with_reason() {
+        let doc = "apiVersion: weft.dev/v1alpha1\nkind: Gateway\nmetadata: {name: a}\nspec: {}\n";
         let text = parse_documents("f", doc).unwrap_err().to_string();
-        assert!(text.contains("not implemented yet"), "{text}");
+        assert!(text.contains("unknown kind") && text.contains("AuthorizationPolicy"), "{text}");
+        let doc = "apiVersion: weft.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: other}\nspec: {mtls: STRICT}\n";
+        let text = parse_documents("f", doc).unwrap_err().to_string();
+        assert!(text.contains("metadata.name") && text.contains("named mesh"), "{text}");
+        let doc = "apiVersion: weft.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\nspec: {mtls: STRICT}\n";
+        assert!(parse_documents("f", doc).is_ok());
+        let doc = "apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {targetRef: {kind: Service, name: r}, action: ALLOW, rules: [{to: [{paths: [\"/a*b\"]}]}]}\n";
+        let text = parse_documents("f", doc).unwrap_err().to_string();
+        assert!(text.contains("spec.rules[0]"), "{text}");
     }
 
     #[test]

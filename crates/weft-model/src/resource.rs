@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::spec::{GrpcRouteSpec, HttpRouteSpec, ServiceSpec, TrafficPolicySpec, WorkloadSpec};
+use crate::spec::{
+    AuthorizationPolicySpec, GrpcRouteSpec, HttpRouteSpec, MeshConfigSpec, ServiceSpec, TrafficPolicySpec, WorkloadSpec,
+};
 
 /// The API group of weft's own kinds.
 pub const WEFT_API_VERSION: &str = "weft.dev/v1alpha1";
@@ -43,7 +45,12 @@ pub enum ResourceKind {
     #[serde(rename = "GRPCRoute")]
     GrpcRoute,
     TrafficPolicy,
+    AuthorizationPolicy,
+    MeshConfig,
 }
+
+/// The name of the one MeshConfig.
+pub const MESH_CONFIG_NAME: &str = "mesh";
 
 impl ResourceKind {
     /// The kind's name as written in YAML.
@@ -54,6 +61,8 @@ impl ResourceKind {
             ResourceKind::HttpRoute => "HTTPRoute",
             ResourceKind::GrpcRoute => "GRPCRoute",
             ResourceKind::TrafficPolicy => "TrafficPolicy",
+            ResourceKind::AuthorizationPolicy => "AuthorizationPolicy",
+            ResourceKind::MeshConfig => "MeshConfig",
         }
     }
 
@@ -74,16 +83,12 @@ impl ResourceKind {
             "HTTPRoute" => ResourceKind::HttpRoute,
             "GRPCRoute" => ResourceKind::GrpcRoute,
             "TrafficPolicy" => ResourceKind::TrafficPolicy,
-            "AuthorizationPolicy" | "MeshConfig" => {
-                return Err(format!(
-                    "kind {kind} is not implemented yet in this weft release (it arrives with \
-                     mutual TLS and authorization); remove the document to proceed"
-                ))
-            }
+            "AuthorizationPolicy" => ResourceKind::AuthorizationPolicy,
+            "MeshConfig" => ResourceKind::MeshConfig,
             other => {
                 return Err(format!(
                     "unknown kind {other:?}; weft understands Service, Workload, HTTPRoute, \
-                     GRPCRoute and TrafficPolicy"
+                     GRPCRoute, TrafficPolicy, AuthorizationPolicy and MeshConfig"
                 ))
             }
         })
@@ -109,6 +114,8 @@ pub enum ResourceSpec {
     #[serde(rename = "GRPCRoute")]
     GrpcRoute(Box<GrpcRouteSpec>),
     TrafficPolicy(Box<TrafficPolicySpec>),
+    AuthorizationPolicy(Box<AuthorizationPolicySpec>),
+    MeshConfig(MeshConfigSpec),
 }
 
 impl Resource {
@@ -120,6 +127,8 @@ impl Resource {
             ResourceSpec::HttpRoute(_) => ResourceKind::HttpRoute,
             ResourceSpec::GrpcRoute(_) => ResourceKind::GrpcRoute,
             ResourceSpec::TrafficPolicy(_) => ResourceKind::TrafficPolicy,
+            ResourceSpec::AuthorizationPolicy(_) => ResourceKind::AuthorizationPolicy,
+            ResourceSpec::MeshConfig(_) => ResourceKind::MeshConfig,
         }
     }
 

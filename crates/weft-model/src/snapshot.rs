@@ -19,6 +19,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
+    authz::Authorizer,
     matching::{NamedMatcher, PathMatcher, Pattern, RequestMatcher, ValueMatcher},
     resource::{Resource, ResourceSpec},
     spec::*,
@@ -43,6 +44,14 @@ pub struct CompiledService {
     pub name: String,
     pub ports: Vec<CompiledPort>,
     pub policy: ServicePolicy,
+    /// Whether its inbound side accepts plaintext: the Service's own `mtls`, else
+    /// MeshConfig's.
+    pub mtls: MtlsMode,
+    /// The AuthorizationPolicies judging its inbound requests, by name.
+    pub authorization_policies: Vec<String>,
+    /// Those policies compiled, with MeshConfig's default.
+    #[serde(skip)]
+    pub authorizer: Arc<Authorizer>,
 }
 
 /// One Service port.
@@ -270,27 +279,37 @@ pub fn compile(resources: &[Resource], namespace: &str) -> Snapshot {
     let mut services: Vec<CompiledService> = Vec::new();
     let mut workloads = Vec::new();
     let mut policies: BTreeMap<(String, String), Vec<(&str, &TrafficPolicySpec)>> = BTreeMap::new();
+    let mut authorization: BTreeMap<(String, String), Vec<(&str, &AuthorizationPolicySpec)>> = BTreeMap::new();
+    let mut mesh = MeshConfigSpec::default();
+    let mut own_mtls: Vec<Option<MtlsMode>> = Vec::new();
     let mut routes: Vec<(&Resource, RouteSource)> = Vec::new();
 
     for resource in resources {
         let meta = &resource.metadata;
         match &resource.spec {
-            ResourceSpec::Service(spec) => services.push(CompiledService {
-                namespace: meta.namespace.clone(),
-                name: meta.name.clone(),
-                ports: spec
-                    .ports
-                    .iter()
-                    .map(|p| CompiledPort {
-                        port: p.port,
-                        name: p.name.clone(),
-                        protocol: p.protocol,
-                        endpoints: vec![],
-                        routes: None,
-                    })
-                    .collect(),
-                policy: ServicePolicy::default(),
-            }),
+            ResourceSpec::Service(spec) => {
+                own_mtls.push(spec.mtls);
+                services.push(CompiledService {
+                    namespace: meta.namespace.clone(),
+                    name: meta.name.clone(),
+                    ports: spec
+                        .ports
+                        .iter()
+                        .map(|p| CompiledPort {
+                            port: p.port,
+                            name: p.name.clone(),
+                            protocol: p.protocol,
+                            endpoints: vec![],
+                            routes: None,
+                        })
+                        .collect(),
+                    policy: ServicePolicy::default(),
+                    // Settled below, once MeshConfig is known.
+                    mtls: spec.mtls.unwrap_or(MtlsMode::Permissive),
+                    authorization_policies: Vec::new(),
+                    authorizer: Arc::default(),
+                })
+            }
             ResourceSpec::Workload(spec) => workloads.push((meta, spec)),
             ResourceSpec::HttpRoute(spec) => routes.push((resource, RouteSource::Http(spec))),
             ResourceSpec::GrpcRoute(spec) => routes.push((resource, RouteSource::Grpc(spec))),
@@ -298,6 +317,11 @@ pub fn compile(resources: &[Resource], namespace: &str) -> Snapshot {
                 let ns = spec.target_ref.namespace.clone().unwrap_or_else(|| meta.namespace.clone());
                 policies.entry((ns, spec.target_ref.name.clone())).or_default().push((&meta.name, spec));
             }
+            ResourceSpec::AuthorizationPolicy(spec) => {
+                let ns = spec.target_ref.namespace.clone().unwrap_or_else(|| meta.namespace.clone());
+                authorization.entry((ns, spec.target_ref.name.clone())).or_default().push((&meta.name, spec));
+            }
+            ResourceSpec::MeshConfig(spec) => mesh = spec.clone(),
         }
     }
     services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
@@ -406,6 +430,35 @@ pub fn compile(resources: &[Resource], namespace: &str) -> Snapshot {
         table.sort_by(|a, b| a.1.cmp(&b.1).then(a.2.cmp(&b.2)));
         table.sort_by_key(|(rule, _, _)| rule.matcher.precedence());
         services[service].ports[port].routes = Some(table.into_iter().map(|(rule, _, _)| rule).collect());
+    }
+
+    // Inbound security: the mode, and who may call.
+    for (service, own) in services.iter_mut().zip(own_mtls) {
+        service.mtls = own.unwrap_or(mesh.mtls);
+    }
+    let default_authorizer = Arc::new(Authorizer::new(&[], mesh.default_policy).expect("no policies compile"));
+    for service in &mut services {
+        service.authorizer = default_authorizer.clone();
+    }
+    for ((ns, name), mut list) in authorization {
+        list.sort_by_key(|(policy_name, _)| *policy_name);
+        let Some(service) = services.iter_mut().find(|s| s.namespace == ns && s.name == name) else {
+            for (policy_name, _) in &list {
+                unresolved.push(format!(
+                    "AuthorizationPolicy {ns}/{policy_name}: targets Service {ns}/{name}, which does not exist"
+                ));
+            }
+            continue;
+        };
+        service.authorization_policies = list.iter().map(|(policy_name, _)| format!("{ns}/{policy_name}")).collect();
+        let named: Vec<(&str, &AuthorizationPolicySpec)> =
+            list.iter().zip(&service.authorization_policies).map(|((_, spec), name)| (name.as_str(), *spec)).collect();
+        service.authorizer = Arc::new(Authorizer::new(&named, mesh.default_policy).unwrap_or_else(|error| {
+            // Validation refuses malformed patterns, so this is a document from another
+            // release: deny everything rather than let a policy we cannot read allow.
+            unresolved.push(format!("{error}: every request to {ns}/{name} is denied"));
+            Authorizer::deny_all(error)
+        }));
     }
 
     let mut hosts = HashMap::new();

@@ -47,7 +47,32 @@ pub(crate) fn spec(spec: &ResourceSpec) -> Checked {
         ResourceSpec::HttpRoute(r) => http_route(r),
         ResourceSpec::GrpcRoute(r) => grpc_route(r),
         ResourceSpec::TrafficPolicy(p) => traffic_policy(p),
+        ResourceSpec::AuthorizationPolicy(p) => authorization_policy(p),
+        ResourceSpec::MeshConfig(m) => mesh_config(m),
     }
+}
+
+fn authorization_policy(spec: &AuthorizationPolicySpec) -> Checked {
+    core_group("targetRef.group", spec.target_ref.group.as_deref())?;
+    if spec.target_ref.kind != "Service" {
+        return fail("targetRef.kind", "an AuthorizationPolicy targets a Service");
+    }
+    for (i, rule) in spec.rules.iter().enumerate() {
+        let single = AuthorizationPolicySpec { rules: vec![rule.clone()], ..spec.clone() };
+        if let Err(error) = crate::authz::Authorizer::new(&[("", &single)], Default::default()) {
+            return fail(format!("rules[{i}]"), error.trim_start_matches("AuthorizationPolicy : ").to_string());
+        }
+    }
+    Ok(())
+}
+
+fn mesh_config(spec: &MeshConfigSpec) -> Checked {
+    if let Some(domain) = &spec.trust_domain {
+        if let Err(error) = weft_identity::TrustDomain::new(domain) {
+            return fail("trustDomain", error.to_string());
+        }
+    }
+    Ok(())
 }
 
 fn service(spec: &ServiceSpec) -> Checked {

@@ -42,6 +42,8 @@ pub enum ProxyFailure {
     NoApplication,
     /// The request itself is malformed (e.g. no Host).
     BadRequest(String),
+    /// An AuthorizationPolicy (or MeshConfig's default) denied the caller.
+    Forbidden { caller: String, policy: String },
 }
 
 impl ProxyFailure {
@@ -61,6 +63,7 @@ impl ProxyFailure {
             ProxyFailure::TryTimeout => "per-try-timeout",
             ProxyFailure::NoApplication => "no-application",
             ProxyFailure::BadRequest(_) => "bad-request",
+            ProxyFailure::Forbidden { .. } => "forbidden",
         }
     }
 
@@ -75,6 +78,7 @@ impl ProxyFailure {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ProxyFailure::RequestTimeout | ProxyFailure::TryTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyFailure::Forbidden { .. } => StatusCode::FORBIDDEN,
         }
     }
 
@@ -85,6 +89,7 @@ impl ProxyFailure {
             StatusCode::BAD_REQUEST => 3,            // INVALID_ARGUMENT
             StatusCode::INTERNAL_SERVER_ERROR => 13, // INTERNAL
             StatusCode::GATEWAY_TIMEOUT => 4,        // DEADLINE_EXCEEDED
+            StatusCode::FORBIDDEN => 7,              // PERMISSION_DENIED
             _ => 14,                                 // UNAVAILABLE
         }
     }
@@ -128,6 +133,7 @@ impl fmt::Display for ProxyFailure {
             ProxyFailure::TryTimeout => write!(f, "{reason}: the per-try timeout elapsed"),
             ProxyFailure::NoApplication => write!(f, "{reason}: this proxy has no --app-addr for inbound traffic"),
             ProxyFailure::BadRequest(why) => write!(f, "{reason}: {why}"),
+            ProxyFailure::Forbidden { caller, policy } => write!(f, "{reason}: {caller} denied by {policy}"),
         }
     }
 }
@@ -153,6 +159,7 @@ mod tests {
             ),
             (ProxyFailure::NoEndpoints("ns/x".into()), 503, 14),
             (ProxyFailure::RequestTimeout, 504, 4),
+            (ProxyFailure::Forbidden { caller: "a".into(), policy: "default/p".into() }, 403, 7),
         ];
         for (failure, status, grpc) in cases {
             let reason = failure.reason();

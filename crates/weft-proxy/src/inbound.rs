@@ -14,7 +14,10 @@ use weft_identity::{
     tls::{ALPN_HTTP2, ALPN_TCP},
     SpiffeId,
 };
-use weft_model::spec::Protocol;
+use weft_model::{
+    authz::{Call, Caller, Decision},
+    spec::{MtlsMode, Protocol},
+};
 
 /// How long a caller's TLS handshake may take.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -25,7 +28,7 @@ use crate::{
     errors::{is_grpc, ProxyFailure},
     forward,
     listener::{serve_http, serve_http_on, DrainWatch},
-    metrics::empty_label,
+    metrics::{empty_label, AuthzLabels},
     outbound::{record, Routed},
     pool::{SendError, Wire},
     state::SharedState,
@@ -40,6 +43,7 @@ pub async fn serve_connection(state: Arc<SharedState>, stream: TcpStream, drain:
     let config = state.config.load_full();
     let own = config.own_service.map(|i| &config.snapshot.services[i]);
     let opaque_by_declaration = own.is_some_and(|s| s.ports.iter().all(|p| p.protocol == Protocol::Tcp));
+    let strict = own.filter(|s| s.mtls == MtlsMode::Strict).map(|s| format!("{}/{}", s.namespace, s.name));
     // A proxy with an identity must see whether a caller speaks mesh TLS, even on ports
     // declared tcp; a silent (server-first) plaintext client waits out the detect timeout.
     let detected = if opaque_by_declaration && tls.is_none() {
@@ -54,16 +58,13 @@ pub async fn serve_connection(state: Arc<SharedState>, stream: TcpStream, drain:
         }
     };
     drop(config);
+    if let (Some(service), false) = (&strict, detected == Detected::Tls && tls.is_some()) {
+        tracing::info!(remote = ?stream.peer_addr().ok(), %service, "refused a plaintext connection: the Service's mtls is STRICT");
+        return;
+    }
     match (detected, tls) {
         (Detected::Tls, Some(tls)) => serve_mesh_connection(state, app, stream, tls, drain).await,
-        (Detected::Opaque | Detected::Tls, _) => {
-            match transport::connect_tcp(app, state.settings.connect_timeout).await {
-                Ok(upstream) => tcp::relay(&state, "inbound", state.own_label.clone(), stream, upstream).await,
-                Err(error) => {
-                    tracing::warn!(%app, %error, "cannot connect to the local application; closing the inbound TCP connection")
-                }
-            }
-        }
+        (Detected::Opaque | Detected::Tls, _) => relay_to_app(&state, app, None, stream).await,
         (Detected::Http1 | Detected::Http2, _) => {
             let handler_state = state.clone();
             let service = hyper::service::service_fn(move |request| handle(handler_state.clone(), app, None, request));
@@ -108,13 +109,73 @@ async fn serve_mesh_connection(
                 hyper::service::service_fn(move |request| handle(handler_state.clone(), app, peer.clone(), request));
             serve_http_on(stream, http2, service, drain, &state.settings).await;
         }
-        Some(ALPN_TCP) => match transport::connect_tcp(app, state.settings.connect_timeout).await {
-            Ok(upstream) => tcp::relay(&state, "inbound", state.own_label.clone(), stream, upstream).await,
-            Err(error) => {
-                tracing::warn!(%app, %error, "cannot connect to the local application; closing the inbound TCP connection")
-            }
-        },
+        Some(ALPN_TCP) => relay_to_app(&state, app, peer.as_deref(), stream).await,
         _ => tracing::info!(?remote, "a mesh TLS connection named no weft protocol (ALPN); closed"),
+    }
+}
+
+/// Judges one request (or, with no method, a TCP connection) from `peer` against this
+/// proxy's own Service, and counts the decision. Without an own Service nothing applies.
+fn authorize(
+    state: &SharedState,
+    peer: Option<&SpiffeId>,
+    method: &str,
+    path: &str,
+    port: Option<u16>,
+    headers: Option<&http::HeaderMap>,
+) -> Result<(), ProxyFailure> {
+    let config = state.config.load();
+    let Some(own) = config.own_service else { return Ok(()) };
+    let service = &config.snapshot.services[own];
+    let principal = peer.map(ToString::to_string);
+    let caller =
+        Caller { principal: principal.as_deref(), namespace: peer.and_then(|p| p.workload_parts()).map(|(ns, _)| ns) };
+    let header = |name: &str| headers.and_then(|h| h.get(name)).and_then(|v| v.to_str().ok());
+    let port = port.unwrap_or_else(|| service.ports.first().map_or(0, |p| p.port));
+    let decision = service.authorizer.decide(&caller, &Call { method, path, port, header: &header });
+    let (label, policy) = match &decision {
+        Decision::Allow { policy } => ("allow", policy.clone().unwrap_or_default()),
+        Decision::Deny { policy } => ("deny", policy.clone()),
+    };
+    state.metrics.authz_decisions.get_or_create(&AuthzLabels { decision: label, policy: policy.clone() }).inc();
+    match decision {
+        Decision::Allow { .. } => Ok(()),
+        Decision::Deny { policy } => {
+            let caller = principal.unwrap_or_else(|| "an unauthenticated (plaintext) caller".into());
+            tracing::debug!(%caller, %policy, "request denied by authorization");
+            Err(ProxyFailure::Forbidden { caller, policy })
+        }
+    }
+}
+
+/// Relays an opaque TCP connection from `peer` to the application, if authorization
+/// allows it.
+async fn relay_to_app(
+    state: &SharedState,
+    app: SocketAddr,
+    peer: Option<&SpiffeId>,
+    stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+) {
+    if !authorize_connection(state, peer) {
+        return;
+    }
+    match transport::connect_tcp(app, state.settings.connect_timeout).await {
+        Ok(upstream) => tcp::relay(state, "inbound", state.own_label.clone(), stream, upstream).await,
+        Err(error) => {
+            tracing::warn!(%app, %error, "cannot connect to the local application; closing the inbound TCP connection")
+        }
+    }
+}
+
+/// [`authorize`] for an opaque TCP connection: HTTP-only conditions (methods, paths,
+/// headers) never match it. A denied connection is closed.
+fn authorize_connection(state: &SharedState, peer: Option<&SpiffeId>) -> bool {
+    match authorize(state, peer, "", "/", None, None) {
+        Ok(()) => true,
+        Err(failure) => {
+            tracing::info!(%failure, "closed an inbound TCP connection");
+            false
+        }
     }
 }
 
@@ -130,6 +191,15 @@ async fn handle(
     let upgrade = forward::is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
     let (mut parts, incoming) = request.into_parts();
     let authority = forward::authority(&parts).unwrap_or_else(|| app.to_string());
+    let port = authority.rsplit_once(':').and_then(|(_, port)| port.parse().ok());
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    if let Err(failure) = authorize(&state, peer.as_deref(), parts.method.as_str(), path, port, Some(&parts.headers)) {
+        let reason = failure.reason();
+        let response = failure.into_response(grpc);
+        let routed = Routed::new(state.own_label.clone(), peer.is_some());
+        record(&state, "inbound", empty_label(), routed, response.status().as_u16(), reason, started);
+        return Ok(response);
+    }
     let wire = if parts.version == http::Version::HTTP_2 { Wire::Http2 } else { Wire::Http1 };
     forward::prepare(&mut parts, &authority, wire, upgrade.is_some());
     let request = Request::from_parts(parts, body::boxed(incoming));

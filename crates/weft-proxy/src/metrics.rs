@@ -78,6 +78,16 @@ pub struct EjectionLabels {
     pub endpoint: String,
 }
 
+/// Labels of `weft_authz_decisions_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    /// `allow` or `deny`.
+    pub decision: &'static str,
+    /// The policy that decided, or what did when none matched (`(default: deny)`, ...);
+    /// empty when the default allowed.
+    pub policy: String,
+}
+
 /// Labels of `weft_config_reloads_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
@@ -94,6 +104,7 @@ pub struct Metrics {
     pub retries: Family<RetryLabels, Counter>,
     pub ejections: Family<EjectionLabels, Counter>,
     pub config_reloads: Family<ReloadLabels, Counter>,
+    pub authz_decisions: Family<AuthzLabels, Counter>,
 }
 
 /// Latency buckets from 0.5 ms to ~33 s, doubling: covers sidecar-added microseconds
@@ -129,7 +140,23 @@ impl Metrics {
         registry.register("ejections", "Endpoints ejected by outlier detection", ejections.clone());
         let config_reloads = Family::default();
         registry.register("config_reloads", "Configuration loads, by result", config_reloads.clone());
-        Metrics { registry, requests, request_duration, tcp_connections, tcp_bytes, retries, ejections, config_reloads }
+        let authz_decisions = Family::default();
+        registry.register(
+            "authz_decisions",
+            "Inbound requests and connections judged by authorization, by decision and deciding policy",
+            authz_decisions.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            request_duration,
+            tcp_connections,
+            tcp_bytes,
+            retries,
+            ejections,
+            config_reloads,
+            authz_decisions,
+        }
     }
 
     /// The Prometheus text exposition of every family.

@@ -71,6 +71,8 @@ pub struct SharedState {
     plaintext: Arc<PeerSecurity>,
     /// The inbound side's TLS configuration, built on first use from `identity`.
     inbound_tls: OnceLock<Arc<rustls::ServerConfig>>,
+    /// Whether the STRICT-but-reachable-application warning was given.
+    warned_open_app: AtomicBool,
 }
 
 impl SharedState {
@@ -116,6 +118,7 @@ impl SharedState {
             peers: Mutex::new(HashMap::new()),
             plaintext: Arc::new(PeerSecurity::Plaintext),
             inbound_tls: OnceLock::new(),
+            warned_open_app: AtomicBool::new(false),
         });
         state.install(snapshot, version);
         state
@@ -206,6 +209,12 @@ impl SharedState {
             self.settings.service.as_deref().and_then(|name| snapshot.service(&self.settings.namespace, name));
         for unresolved in &snapshot.unresolved {
             tracing::warn!(reference = %unresolved, "unresolved reference: requests that need it get 500");
+        }
+        let strict = own_service.is_some_and(|i| snapshot.services[i].mtls == weft_model::spec::MtlsMode::Strict);
+        if let (true, Some(app)) = (strict, self.settings.app_addr) {
+            if !app.ip().is_loopback() && !self.warned_open_app.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(%app, "this Service's mtls is STRICT, but its application listens on a non-loopback address: callers that reach it directly bypass mutual TLS and authorization; bind the application to 127.0.0.1");
+            }
         }
         let previous = self.config.swap(Arc::new(ServingConfig {
             snapshot: Arc::new(snapshot),

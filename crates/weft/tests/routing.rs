@@ -203,10 +203,10 @@ async fn invalid_config_is_refused_at_start_with_the_field_path() {
     assert!(stderr.contains("bad.yaml: document 1 (Service web), field spec.ports[0].protocol"), "{stderr}");
     assert!(stderr.contains("quic"), "{stderr}");
 
-    // An unimplemented kind is refused with a reason, not ignored.
+    // An unimplemented field is refused with a reason, not ignored.
     let config = dir.write(
-        "authz.yaml",
-        "apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: a}\nspec: {}\n",
+        "limits.yaml",
+        "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: a}\nspec: {targetRef: {kind: Service, name: web}, rateLimit: {}}\n",
     );
     let output = std::process::Command::new(WEFT).args(["validate"]).arg(&config).output().unwrap();
     assert!(!output.status.success());

@@ -13,6 +13,10 @@ pub struct ServiceSpec {
     pub selector: BTreeMap<String, String>,
     /// At least one port.
     pub ports: Vec<ServicePort>,
+    /// Overrides MeshConfig's `mtls` for this Service's inbound side, so that a mesh can
+    /// move to STRICT one Service at a time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<super::MtlsMode>,
 }
 
 /// One port of a service.

@@ -649,6 +649,7 @@ pub fn client() -> Client<HttpConnector, Full<Bytes>> {
 }
 
 /// A finished response: status, headers, body.
+#[derive(Debug)]
 pub struct Answer {
     pub status: u16,
     pub headers: http::HeaderMap,
