@@ -71,6 +71,7 @@ pub fn router(hub: Arc<Hub>, admin: Arc<AdminToken>) -> Router {
         .route("/api/v1/resources/{kind}", get(list_kind))
         .route("/api/v1/resources/{kind}/{namespace}/{name}", get(get_one))
         .route("/api/v1/services/{namespace}/{name}/describe", get(describe))
+        .route("/api/v1/workloads/{namespace}/{name}/describe", get(describe_workload))
         .route("/api/v1/proxies", get(proxies))
         .merge(writes)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such API path; see README, HTTP API") })
@@ -360,10 +361,17 @@ struct ProxiesParams {
 /// asked through its API. A replica that cannot be asked is named in
 /// `unreachableReplicas`, with its proxies listed from presence alone.
 async fn proxies(State(hub): State<Arc<Hub>>, Query(params): Query<ProxiesParams>) -> Json<serde_json::Value> {
-    let mut items = hub.proxies();
     if params.scope.as_deref() == Some("local") {
-        return Json(json!({"items": items}));
+        return Json(json!({"items": hub.proxies()}));
     }
+    let (items, unreachable) = every_proxy(&hub).await;
+    Json(json!({"items": items, "unreachableReplicas": unreachable}))
+}
+
+/// The proxies of every replica (asked through their APIs), and the replicas that did
+/// not answer (their proxies as presence knows them).
+async fn every_proxy(hub: &Hub) -> (Vec<ProxyRecord>, Vec<serde_json::Value>) {
+    let mut items = hub.proxies();
     let cluster = hub.registry.cluster();
     let mut unreachable = Vec::new();
     for replica in cluster.replicas().await.unwrap_or_default() {
@@ -375,12 +383,61 @@ async fn proxies(State(hub): State<Arc<Hub>>, Query(params): Query<ProxiesParams
             Err(reason) => {
                 tracing::warn!(replica = %replica.id, api = %replica.api, %reason, "cannot list the proxies of another replica");
                 unreachable.push(json!({"replica": replica.id, "api": replica.api, "reason": reason}));
-                items.extend(present_on(&hub, &replica.id));
+                items.extend(present_on(hub, &replica.id));
             }
         }
     }
     items.sort_by(|a, b| (&a.namespace, &a.proxy_id).cmp(&(&b.namespace, &b.proxy_id)));
-    Json(json!({"items": items, "unreachableReplicas": unreachable}))
+    (items, unreachable)
+}
+
+/// One workload: its resource (registered or declared), its registration's health, and
+/// its proxy with the identity and certificate it presents.
+async fn describe_workload(
+    State(hub): State<Arc<Hub>>,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let world = hub.world();
+    let resource = world
+        .resources()
+        .iter()
+        .find(|r| {
+            r.kind() == weft_model::ResourceKind::Workload
+                && r.metadata.namespace == namespace
+                && r.metadata.name == name
+        })
+        .cloned();
+    let registered = hub
+        .registry
+        .entries()
+        .into_iter()
+        .find(|e| e.registration.namespace == namespace && e.registration.proxy_id == name);
+    let (proxies, _) = every_proxy(&hub).await;
+    let proxy = proxies.into_iter().find(|p| p.namespace == namespace && p.proxy_id == name);
+    if resource.is_none() && registered.is_none() && proxy.is_none() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("workload {namespace}/{name} not found (see weft get workloads, weft get proxies)"),
+        ));
+    }
+    let registration = registered.map(|e| {
+        json!({
+            "service": e.registration.service,
+            "address": e.registration.address,
+            "healthy": e.healthy,
+            "health": e.health_detail,
+            "identity": e.registration.identity,
+        })
+    });
+    Ok(Json(json!({
+        "workload": {
+            "namespace": namespace,
+            "name": name,
+            "resource": resource,
+            "registration": registration,
+            "proxy": proxy,
+        }
+    })))
 }
 
 /// The proxies another replica holds, from its own API.
@@ -420,6 +477,8 @@ fn present_on(hub: &Hub, replica: &str) -> Vec<ProxyRecord> {
             sent_version: String::new(),
             applied_version: String::new(),
             last_nack: None,
+            identity: entry.registration.identity,
+            certificate: None,
         })
         .collect()
 }

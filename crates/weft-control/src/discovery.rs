@@ -57,6 +57,23 @@ pub struct ProxyRecord {
     pub applied_version: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_nack: Option<String>,
+    /// The SPIFFE ID its certificate proved on this stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// The certificate it says it presents now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<CertificateRecord>,
+}
+
+/// A proxy's current certificate, as it reports it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateRecord {
+    pub serial: String,
+    pub issuer: String,
+    /// Seconds since the Unix epoch: when the proxy received it, and its expiry.
+    pub received: u64,
+    pub not_after: u64,
 }
 
 /// The shared state of every discovery stream.
@@ -231,6 +248,8 @@ async fn serve_proxy(
             sent_version: String::new(),
             applied_version: hello.serving_version.clone(),
             last_nack: None,
+            identity: Some(identity.to_string()),
+            certificate: None,
         },
     );
     let mut attached = match &registration {
@@ -292,6 +311,14 @@ async fn serve_proxy(
                             hub.registry.set_health(attached, health.healthy, health.detail);
                         }
                     }
+                    proxy_message::Message::Certificate(certificate) => hub.update(&proxy_id, |r| {
+                        r.certificate = Some(CertificateRecord {
+                            serial: certificate.serial,
+                            issuer: certificate.issuer,
+                            received: certificate.received,
+                            not_after: certificate.not_after,
+                        })
+                    }),
                     proxy_message::Message::Goodbye(_) => {
                         goodbye = true;
                         break Ok(());

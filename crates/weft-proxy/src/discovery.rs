@@ -249,6 +249,18 @@ async fn session(
         .map_err(|status| format!("the control plane refused the stream: {}", status.message()))?
         .into_inner();
     tracing::info!(control = %address, "discovery stream open");
+    // The certificate presented now, and again whenever renewal changes it.
+    let certificate = |issued: &weft_identity::tls::Issued| {
+        let unix = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        weft_api::discovery::Certificate {
+            serial: issued.serial.clone(),
+            issuer: issued.issuer.clone(),
+            received: unix(issued.received),
+            not_after: unix(issued.not_after),
+        }
+    };
+    let mut reported = credentials.current().serial.clone();
+    let _ = sender.send(send(proxy_message::Message::Certificate(certificate(&credentials.current())))).await;
     let mut hold_check = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -277,6 +289,11 @@ async fn session(
                 }
             }
             _ = hold_check.tick() => {
+                let current = credentials.current();
+                if current.serial != reported {
+                    reported = current.serial.clone();
+                    let _ = sender.send(send(proxy_message::Message::Certificate(certificate(&current)))).await;
+                }
                 if applier.hold_expired() {
                     if let Some(config) = applier.last.clone() {
                         let _ = applier.apply(state, handle, config);

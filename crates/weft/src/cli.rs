@@ -365,8 +365,23 @@ fn summary(kind: &str, spec: &Value) -> String {
 
 /// `weft describe service NAME`.
 pub async fn describe(api: &ApiClient, kind: &str, name: &str, namespace: &str, output: Output) -> anyhow::Result<()> {
-    if parse_kind(kind).map_err(anyhow::Error::msg)? != weft_model::ResourceKind::Service {
-        bail!("describe supports services today (weft describe service NAME); use `weft get {kind} {name} -o yaml`");
+    let kind = parse_kind(kind).map_err(anyhow::Error::msg)?;
+    if kind == weft_model::ResourceKind::Workload {
+        let answer =
+            api.call(http::Method::GET, &format!("/api/v1/workloads/{namespace}/{name}/describe"), None).await?;
+        let workload = &answer["workload"];
+        match output {
+            Output::Json => println!("{}", serde_json::to_string_pretty(workload)?),
+            Output::Yaml => print!("{}", serde_norway::to_string(workload)?),
+            Output::Table => print_workload(workload),
+        }
+        return Ok(());
+    }
+    if kind != weft_model::ResourceKind::Service {
+        bail!(
+            "describe supports services and workloads (weft describe service|workload NAME); use `weft get {} {name} -o yaml`",
+            plural(kind)
+        );
     }
     let answer = api.call(http::Method::GET, &format!("/api/v1/services/{namespace}/{name}/describe"), None).await?;
     let service = &answer["service"];
@@ -376,6 +391,114 @@ pub async fn describe(api: &ApiClient, kind: &str, name: &str, namespace: &str, 
         Output::Table => print_description(service),
     }
     Ok(())
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// "in 5h12m" / "3m ago", for certificate expiry.
+fn relative(at: u64) -> String {
+    let now = unix_now();
+    let (seconds, future) = if at >= now { (at - now, true) } else { (now - at, false) };
+    let text = if seconds >= 3600 {
+        format!("{}h{:02}m", seconds / 3600, (seconds % 3600) / 60)
+    } else if seconds >= 60 {
+        format!("{}m{:02}s", seconds / 60, seconds % 60)
+    } else {
+        format!("{seconds}s")
+    };
+    if future {
+        format!("in {text}")
+    } else {
+        format!("{text} ago")
+    }
+}
+
+fn print_workload(workload: &Value) {
+    let text = |v: &Value| v.as_str().unwrap_or("-").to_string();
+    println!("Workload:     {}/{}", text(&workload["namespace"]), text(&workload["name"]));
+    let registration = &workload["registration"];
+    let spec = &workload["resource"]["spec"];
+    if registration.is_object() {
+        println!("Service:      {}", text(&registration["service"]));
+        println!("Address:      {}", text(&registration["address"]));
+        let health = if registration["healthy"] == true { "healthy" } else { "unhealthy" };
+        println!("Health:       {health} ({})", text(&registration["health"]));
+    } else if spec.is_object() {
+        println!("Address:      {}", text(&spec["address"]));
+        println!("Declared:     by a Workload resource (not registered by a proxy)");
+    }
+    let proxy = &workload["proxy"];
+    let identity = proxy["identity"].as_str().or(registration["identity"].as_str()).or(spec["identity"].as_str());
+    println!("Identity:     {}", identity.unwrap_or("none (plaintext)"));
+    let certificate = &proxy["certificate"];
+    if certificate.is_object() {
+        println!("Certificate:  serial {}", text(&certificate["serial"]));
+        println!("  Issuer:     {}", text(&certificate["issuer"]));
+        let not_after = certificate["notAfter"].as_u64().unwrap_or(0);
+        println!("  Expires:    {} ({not_after})", relative(not_after));
+    } else if proxy.is_object() {
+        println!("Certificate:  not reported");
+    }
+    if proxy.is_object() {
+        println!(
+            "Proxy:        version {}, control plane {}",
+            text(&proxy["proxyVersion"]),
+            text(&proxy["controlPlane"])
+        );
+    } else {
+        println!("Proxy:        not connected");
+    }
+}
+
+/// `weft check`: what needs an operator's attention in the mesh's identities.
+pub async fn check(api: &ApiClient) -> anyhow::Result<()> {
+    let answer = api.call(http::Method::GET, "/api/v1/proxies", None).await?;
+    let proxies = answer["items"].as_array().cloned().unwrap_or_default();
+    let mut problems = Vec::new();
+    for proxy in &proxies {
+        let name = format!(
+            "{}/{}",
+            proxy["namespace"].as_str().unwrap_or_default(),
+            proxy["proxyId"].as_str().unwrap_or_default()
+        );
+        if proxy["identity"].as_str().is_none() {
+            problems.push(format!("{name}: no workload identity (its traffic cannot use mutual TLS)"));
+            continue;
+        }
+        let certificate = &proxy["certificate"];
+        let (Some(received), Some(not_after)) = (certificate["received"].as_u64(), certificate["notAfter"].as_u64())
+        else {
+            continue;
+        };
+        let now = unix_now();
+        let life = not_after.saturating_sub(received).max(1);
+        if not_after <= now {
+            problems.push(format!("{name}: certificate {} expired {}", certificate["serial"], relative(not_after)));
+        } else if (not_after - now) * 5 < life {
+            // Proxies renew at ~70% of the life: under 20% left means renewal is failing.
+            problems.push(format!(
+                "{name}: certificate {} expires {} and has not been renewed; see that proxy's log",
+                certificate["serial"].as_str().unwrap_or_default(),
+                relative(not_after)
+            ));
+        }
+    }
+    for unreachable in answer["unreachableReplicas"].as_array().cloned().unwrap_or_default() {
+        problems.push(format!(
+            "control-plane replica {} did not answer; its proxies were not checked",
+            unreachable["replica"].as_str().unwrap_or_default()
+        ));
+    }
+    if problems.is_empty() {
+        println!("ok: {} proxies, every one with a current workload certificate", proxies.len());
+        return Ok(());
+    }
+    for problem in &problems {
+        println!("{problem}");
+    }
+    bail!("{} problem(s) found", problems.len())
 }
 
 fn print_description(service: &Value) {

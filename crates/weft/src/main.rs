@@ -93,15 +93,22 @@ enum Command {
         #[command(flatten)]
         server: cli::ServerArgs,
     },
-    /// Explain one Service: its routes, policy, endpoints, and unresolved references.
+    /// Explain one Service (its routes, policy, endpoints, unresolved references) or one
+    /// Workload (its health, identity and certificate).
     Describe {
-        /// `service` (or `svc`).
+        /// `service` (`svc`) or `workload` (`wl`).
         kind: String,
         name: String,
         #[arg(short = 'n', long, default_value = weft_model::DEFAULT_NAMESPACE, value_name = "NS")]
         namespace: String,
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: cli::Output,
+        #[command(flatten)]
+        server: cli::ServerArgs,
+    },
+    /// Report what needs attention: proxies without a workload identity, certificates
+    /// near expiry (renewal failing). Exits non-zero when something does.
+    Check {
         #[command(flatten)]
         server: cli::ServerArgs,
     },
@@ -544,6 +551,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             block_on(async { cli::describe(&cli::ApiClient::new(&server)?, &kind, &name, &namespace, output).await })
         }
         Command::Token(command) => block_on(cli::token(command_for_cli(command))),
+        Command::Check { server } => block_on(async { cli::check(&cli::ApiClient::new(&server)?).await }),
         Command::Validate { file } => {
             let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let resources = weft_model::parse_documents(&file.display().to_string(), &text)?;

@@ -118,8 +118,8 @@ async fn certificates_rotate_under_steady_load_without_a_failed_request() {
     let dir = TempDir::new("mtls-rotation");
     let control = Control::start_on(&dir, "control", &dir.0.join("data"), &["--cert-lifetime", "10s"]).await;
     let app = TestApp::start("reviews").await;
-    let reviews = sidecar(&dir, &control, "reviews", &app, &[]).await;
-    let web = Proxy::start_controlled(&dir, "web", &control, &[]).await;
+    let reviews = sidecar(&dir, &control, "reviews", &app, &["--id", "reviews-1"]).await;
+    let web = Proxy::start_controlled(&dir, "web", &control, &["--id", "web"]).await;
     let http = client();
     eventually(Duration::from_secs(10), "reviews to be served", || {
         let http = http.clone();
@@ -157,4 +157,30 @@ async fn certificates_rotate_under_steady_load_without_a_failed_request() {
     }
     assert!(failed.is_empty(), "{} of {sent} requests failed during rotation: {failed:?}", failed.len());
     assert!(web.log().contains("renewed this proxy's certificate"));
+
+    // The operator sees each workload's identity and current certificate.
+    let shown = eventually(Duration::from_secs(5), "describe to show the current certificate", || {
+        let (ok, out, err) = control.cli(&["describe", "workload", "reviews-1"]);
+        assert!(ok, "{err}");
+        let serial = serial(&reviews);
+        async move {
+            let serial = serial.await;
+            out.contains(&format!("serial {serial}")).then_some(out)
+        }
+    })
+    .await;
+    assert!(shown.contains("Identity:     spiffe://weft.local/ns/default/sa/reviews"), "{shown}");
+    assert!(shown.contains("Expires:    in "), "{shown}");
+    let (ok, out, err) = control.cli(&["check"]);
+    assert!(ok && out.starts_with("ok: "), "{out}{err}");
+    // A proxy that stops renewing (frozen here) shows up in `weft check`.
+    let pid = web.child.id().to_string();
+    assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    let report = eventually(Duration::from_secs(20), "weft check to flag the frozen proxy", || {
+        let (ok, out, _) = control.cli(&["check"]);
+        async move { (!ok && out.contains("default/web")).then_some(out) }
+    })
+    .await;
+    assert!(Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    assert!(report.contains("has not been renewed") || report.contains("expired"), "{report}");
 }
