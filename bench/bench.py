@@ -15,7 +15,14 @@ warm-up and dropped; median, min and max of the rest are reported):
   h2load -c32 -m10 (h2c)   HTTP/2 requests/s (haproxy on a second `proto h2` frontend)
 Plus each proxy's peak RSS (VmHWM).
 
-Usage: bench/bench.py [--rounds 6] [--duration 5] [--out bench/results/latest.md]
+With --mtls, the mutual-TLS suite instead: weft-pair (plaintext, the baseline),
+weft-mtls-pair (a real control plane, join tokens, mutual TLS between the proxies),
+haproxy-tls-pair and envoy-tls-pair (TLS 1.3 with client certificates between the two
+proxies, made by openssl), on the same loads; plus the new-connection rate through each
+pair in TCP mode (wrk with `Connection: close`: every request is a new client
+connection, hence a new TLS handshake between the proxies).
+
+Usage: bench/bench.py [--mtls] [--rounds 6] [--duration 5] [--out bench/results/latest.md]
 """
 
 import argparse
@@ -249,6 +256,171 @@ static_resources:
     return stack
 
 
+def make_certs(tmp):
+    """A CA, and a server and a client certificate it signs (ECDSA P-256), for the peers."""
+    d = os.path.join(tmp, "pki")
+    os.makedirs(d, exist_ok=True)
+
+    def run(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
+        "-subj", "/CN=bench-ca", "-keyout", f"{d}/ca.key", "-out", f"{d}/ca.crt")
+    for role in ["server", "client"]:
+        run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", f"/CN={role}",
+            "-keyout", f"{d}/{role}.key", "-out", f"{d}/{role}.csr")
+        ext = f"{d}/{role}.ext"
+        with open(ext, "w") as f:
+            f.write(f"subjectAltName=DNS:{role},IP:127.0.0.1\nextendedKeyUsage={'serverAuth' if role == 'server' else 'clientAuth'}\n")
+        run("x509", "-req", "-in", f"{d}/{role}.csr", "-CA", f"{d}/ca.crt", "-CAkey", f"{d}/ca.key", "-CAcreateserial",
+            "-days", "2", "-extfile", ext, "-out", f"{d}/{role}.crt")
+        with open(f"{d}/{role}.pem", "w") as f:
+            f.write(open(f"{d}/{role}.crt").read() + open(f"{d}/{role}.key").read())
+    return d
+
+
+def weft_mtls_stack(tmp, name, upstream, tcp=False):
+    """A control plane, an inbound proxy registered for nginx and an outbound proxy, each
+    joined with its own token: every hop between them is mutual TLS."""
+    stack = Stack(name, tmp)
+    data = os.path.join(tmp, f"{name}-control")
+    api, grpc = free_port(), free_port()
+    stack.spawn([WEFT, "control", "--api-addr", f"127.0.0.1:{api}", "--grpc-addr", f"127.0.0.1:{grpc}",
+                 "--data-dir", data, "--log", "warn"], proxy=False)
+    wait_port(api, what=name, log_dir=tmp)
+    env = dict(os.environ, WEFT_SERVER=f"http://127.0.0.1:{api}", WEFT_TOKEN_FILE=os.path.join(data, "admin-token"))
+
+    def token(service):
+        out = subprocess.run([WEFT, "token", "create", "--service", service], env=env, check=True,
+                             capture_output=True, text=True).stdout.strip()
+        path = os.path.join(tmp, f"{name}-{service}.token")
+        with open(path, "w") as f:
+            f.write(out)
+        return path
+
+    inbound, in_admin, outbound, out_admin = free_port(), free_port(), free_port(), free_port()
+    stack.spawn([WEFT, "proxy", "--control", f"127.0.0.1:{grpc}", "--token-file", token("upstream"),
+                 "--service", "upstream", "--app-addr", f"127.0.0.1:{upstream}", "--inbound-addr", f"127.0.0.1:{inbound}",
+                 "--outbound-addr", "127.0.0.1:0", "--admin-addr", f"127.0.0.1:{in_admin}", "--log", "warn"])
+    args = [WEFT, "proxy", "--control", f"127.0.0.1:{grpc}", "--token-file", token("client"),
+            "--outbound-addr", f"127.0.0.1:{outbound}", "--admin-addr", f"127.0.0.1:{out_admin}", "--log", "warn"]
+    tcp_port = free_port()
+    if tcp:
+        args += ["--upstream", f"upstream:80=127.0.0.1:{tcp_port}"]
+    stack.spawn(args)
+    for port in [in_admin, out_admin, outbound]:
+        wait_port(port, what=name, log_dir=tmp)
+    # The outbound discovers `upstream` on first use; wait until it is served over mTLS.
+    deadline = time.time() + 30
+    while True:
+        try:
+            request = urllib.request.Request(f"http://127.0.0.1:{outbound}/", headers={"Host": "upstream"})
+            if urllib.request.urlopen(request, timeout=2).status == 200:
+                break
+        except OSError:
+            pass
+        if time.time() > deadline:
+            raise SystemExit(f"{name}: upstream not served through the mesh; see the logs in {tmp}")
+        time.sleep(0.2)
+    stack.port, stack.host = (tcp_port, "127.0.0.1") if tcp else (outbound, "upstream")
+    return stack
+
+
+def haproxy_tls_stack(tmp, name, upstream, pki, tcp=False):
+    """Two HAProxies with TLS 1.3 and client certificates between them."""
+    stack = Stack(name, tmp)
+    mode = "tcp" if tcp else "http"
+    inner, outer = free_port(), free_port()
+    tls = "ssl-min-ver TLSv1.3 ca-file {pki}/ca.crt verify required".format(pki=pki)
+    configs = [
+        (inner, f"frontend f\n  bind 127.0.0.1:{inner} ssl crt {pki}/server.pem {tls}\n  default_backend b\n"
+                f"backend b\n  server s1 127.0.0.1:{upstream}\n"),
+        (outer, f"frontend f\n  bind 127.0.0.1:{outer}\n  default_backend b\n"
+                f"backend b\n{'' if tcp else '  http-reuse always' + chr(10)}  server s1 127.0.0.1:{inner} ssl crt {pki}/client.pem {tls}\n"),
+    ]
+    for i, (port, body) in enumerate(configs):
+        cfg = os.path.join(tmp, f"{name}-{i}.cfg")
+        with open(cfg, "w") as f:
+            f.write(f"global\n  nbthread 1\n  maxconn 4096\ndefaults\n  mode {mode}\n  timeout connect 5s\n"
+                    f"  timeout client 30s\n  timeout server 30s\n{'' if tcp else '  option http-keep-alive' + chr(10)}{body}")
+        stack.spawn(["haproxy", "-f", cfg, "-db"])
+        wait_port(port, what=name, log_dir=tmp)
+    stack.port = outer
+    return stack
+
+
+def envoy_tls_stack(tmp, name, upstream, pki, tcp=False):
+    """Two Envoys with TLS 1.3 and client certificates between them."""
+    stack = Stack(name, tmp)
+    params = "tls_params: {tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3}"
+
+    def context(kind, role, extra=""):
+        return (f'{{name: envoy.transport_sockets.tls, typed_config: {{"@type": '
+                f'type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.{kind}, {extra}common_tls_context: {{'
+                f'{params}, tls_certificates: [{{certificate_chain: {{filename: {pki}/{role}.crt}}, '
+                f'private_key: {{filename: {pki}/{role}.key}}}}], validation_context: {{trusted_ca: {{filename: {pki}/ca.crt}}}}}}}}}}')
+
+    def listener(port, downstream_tls):
+        if tcp:
+            chain = ('- name: envoy.filters.network.tcp_proxy\n        typed_config: {"@type": '
+                     'type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: bench, cluster: upstream}')
+        else:
+            chain = """- name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: bench
+          codec_type: AUTO
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes: [{match: {prefix: "/"}, route: {cluster: upstream}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}"""
+        socket = f"\n      transport_socket: {context('DownstreamTlsContext', 'server', 'require_client_certificate: true, ')}" if downstream_tls else ""
+        return f"""  - address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      {chain}{socket}
+"""
+
+    inner, outer = free_port(), free_port()
+    for i, (port, target, downstream_tls, upstream_tls) in enumerate(
+            [(inner, upstream, True, False), (outer, inner, False, True)]):
+        admin = free_port()
+        cluster_tls = f"\n    transport_socket: {context('UpstreamTlsContext', 'client')}" if upstream_tls else ""
+        cfg = os.path.join(tmp, f"{name}-{i}.yaml")
+        with open(cfg, "w") as f:
+            f.write(f"""admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
+static_resources:
+  listeners:
+{listener(port, downstream_tls)}  clusters:
+  - name: upstream
+    type: STATIC{cluster_tls}
+    load_assignment:
+      cluster_name: upstream
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {target}}}}}}}}}]}}]
+""")
+        stack.spawn(["envoy", "-c", cfg, "--concurrency", "1", "--log-level", "warn", "--base-id", str(free_port())])
+        wait_port(port, timeout=30, what=name, log_dir=tmp)
+    stack.port = outer
+    return stack
+
+
+def run_handshakes(stack, duration):
+    """New connections per second through a TCP-mode pair: each request on its own
+    client connection, so each one is a new TLS handshake between the proxies."""
+    cpu0 = stack.cpu()
+    out = subprocess.run(["wrk", "-t1", "-c16", f"-d{duration}s", "-H", "Connection: close",
+                          f"http://127.0.0.1:{stack.port}/"], capture_output=True, text=True).stdout
+    cpu = stack.cpu() - cpu0
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    if requests == 0 or re.search(r"Non-2xx or 3xx responses: (\d+)", out):
+        raise SystemExit(f"wrk (new connections) against {stack.name} saw errors:\n{out}")
+    return {"conn_per_s": requests / duration, "cpu_per_1k_conn": cpu / requests * 1000}
+
+
 def direct_stack(tmp, upstream):
     stack = Stack("direct", tmp)
     stack.port = upstream
@@ -292,7 +464,10 @@ def main():
     parser.add_argument("--duration", type=int, default=5, help="seconds per load per setup (default 5)")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "latest.md"))
     parser.add_argument("--only", default="", help="comma-separated setup names to run (default: all)")
+    parser.add_argument("--mtls", action="store_true", help="the mutual-TLS suite (writes bench/results/mtls.md)")
     args = parser.parse_args()
+    if args.mtls and args.out.endswith("latest.md"):
+        args.out = os.path.join(ROOT, "bench", "results", "mtls.md")
     for tool in ["nginx", "wrk", "h2load", "oha", "haproxy", "envoy"]:
         if not shutil.which(tool):
             raise SystemExit(f"{tool} is not installed; see bench/README.md for the one-time setup")
@@ -310,16 +485,42 @@ def main():
         "envoy-hop": lambda: envoy_stack(tmp, "envoy-hop", upstream, False),
         "envoy-pair": lambda: envoy_stack(tmp, "envoy-pair", upstream, True),
     }
+    handshake_setups = {}
+    if args.mtls:
+        pki = make_certs(tmp)
+        setups = {
+            "direct": setups["direct"],
+            "weft-pair": setups["weft-pair"],
+            "weft-mtls-pair": lambda: weft_mtls_stack(tmp, "weft-mtls-pair", upstream),
+            "haproxy-tls-pair": lambda: haproxy_tls_stack(tmp, "haproxy-tls-pair", upstream, pki),
+            "envoy-tls-pair": lambda: envoy_tls_stack(tmp, "envoy-tls-pair", upstream, pki),
+        }
+        handshake_setups = {
+            "weft-mtls-tcp": lambda: weft_mtls_stack(tmp, "weft-mtls-tcp", upstream, tcp=True),
+            "haproxy-tls-tcp": lambda: haproxy_tls_stack(tmp, "haproxy-tls-tcp", upstream, pki, tcp=True),
+            "envoy-tls-tcp": lambda: envoy_tls_stack(tmp, "envoy-tls-tcp", upstream, pki, tcp=True),
+        }
     if args.only:
         setups = {k: v for k, v in setups.items() if k in args.only.split(",") or k == "direct"}
+        handshake_setups = {k: v for k, v in handshake_setups.items() if k in args.only.split(",")}
     stacks = {}
     results = {name: [] for name in setups}
+    handshakes = {name: [] for name in handshake_setups}
     rss = {}
     try:
         for name, make in setups.items():
             stacks[name] = make()
+        for name, make in handshake_setups.items():
+            stacks[name] = make()
         for round_index in range(args.rounds):
+            for name in handshake_setups:
+                sample = run_handshakes(stacks[name], args.duration)
+                if round_index > 0 or args.rounds == 1:
+                    handshakes[name].append(sample)
+                print(f"round {round_index + 1}/{args.rounds} {name}: " + ", ".join(f"{k}={v:.3f}" for k, v in sample.items()), file=sys.stderr)
             for name, stack in stacks.items():
+                if name in handshake_setups:
+                    continue
                 stack.reset_peak_rss()
                 sample = run_wrk(stack, args.duration)
                 sample.update(run_oha(stack, args.duration))
@@ -341,6 +542,8 @@ def main():
         os.killpg(nginx.pid, signal.SIGKILL)
         nginx.wait()
     report = render(results, rss, args)
+    if args.mtls:
+        report += render_mtls(results, handshakes)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         f.write(report)
@@ -391,6 +594,32 @@ def render(results, rss, args):
             if weft and other and weft_cpu and other_cpu:
                 h2 = f", h2c throughput ×{weft_h2[0] / other_h2[0]:.2f}" if weft_h2 and other_h2 else ""
                 lines.append(f"- weft/{peer} {kind}: throughput ×{weft[0] / other[0]:.2f}, CPU per request ×{weft_cpu[0] / other_cpu[0]:.2f}{h2}")
+    return "\n".join(lines) + "\n"
+
+
+def render_mtls(results, handshakes):
+    """The mutual-TLS comparisons: weft's cost of mTLS, and weft against the peers."""
+    lines = ["", "| setup (TCP mode, new connection per request) | connections/s | CPU-s / 1k connections |", "|---|---|---|"]
+    for name, samples in handshakes.items():
+        def cell(key, fmt):
+            s = summary(samples, key)
+            return f"{fmt.format(s[0])} ({fmt.format(s[1])}–{fmt.format(s[2])})" if s else "n/a"
+        lines.append(f"| {name} | {cell('conn_per_s', '{:.0f}')} | {cell('cpu_per_1k_conn', '{:.3f}')} |")
+    lines.append("")
+    plain, mtls = summary(results.get("weft-pair", []), "rps"), summary(results.get("weft-mtls-pair", []), "rps")
+    plain_cpu, mtls_cpu = summary(results.get("weft-pair", []), "cpu_per_1k"), summary(results.get("weft-mtls-pair", []), "cpu_per_1k")
+    if plain and mtls and plain_cpu and mtls_cpu:
+        lines.append(f"- weft mTLS pair / weft plaintext pair: throughput ×{mtls[0] / plain[0]:.2f}, CPU per request ×{mtls_cpu[0] / plain_cpu[0]:.2f}")
+    for peer in ["haproxy", "envoy"]:
+        other, other_cpu = summary(results.get(f"{peer}-tls-pair", []), "rps"), summary(results.get(f"{peer}-tls-pair", []), "cpu_per_1k")
+        weft_h2, other_h2 = summary(results.get("weft-mtls-pair", []), "h2_rps"), summary(results.get(f"{peer}-tls-pair", []), "h2_rps")
+        if mtls and other and mtls_cpu and other_cpu:
+            h2 = f", h2c throughput ×{weft_h2[0] / other_h2[0]:.2f}" if weft_h2 and other_h2 else ""
+            lines.append(f"- weft mTLS pair / {peer} TLS pair: throughput ×{mtls[0] / other[0]:.2f}, CPU per request ×{mtls_cpu[0] / other_cpu[0]:.2f}{h2}")
+        weft_conn, other_conn = summary(handshakes.get("weft-mtls-tcp", []), "conn_per_s"), summary(handshakes.get(f"{peer}-tls-tcp", []), "conn_per_s")
+        weft_cc, other_cc = summary(handshakes.get("weft-mtls-tcp", []), "cpu_per_1k_conn"), summary(handshakes.get(f"{peer}-tls-tcp", []), "cpu_per_1k_conn")
+        if weft_conn and other_conn and weft_cc and other_cc:
+            lines.append(f"- new connections, weft / {peer}: rate ×{weft_conn[0] / other_conn[0]:.2f}, CPU per connection ×{weft_cc[0] / other_cc[0]:.2f}")
     return "\n".join(lines) + "\n"
 
 
