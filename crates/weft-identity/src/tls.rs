@@ -146,6 +146,27 @@ impl Credentials {
         self.current.store(Arc::new(issued));
     }
 
+    /// Trusts `roots` from now on, keeping the certificate: the control plane pushed a new
+    /// bundle (a root rotation adds a root, and later drops the old one). `false` when
+    /// nothing changed.
+    pub fn set_roots(&self, roots: Vec<CertificateDer<'static>>) -> bool {
+        let current = self.current.load_full();
+        if roots.is_empty() || current.roots == roots {
+            return false;
+        }
+        self.current.store(Arc::new(Issued {
+            identity: current.identity.clone(),
+            certified: current.certified.clone(),
+            roots,
+            serial: current.serial.clone(),
+            issuer: current.issuer.clone(),
+            not_before: current.not_before,
+            not_after: current.not_after,
+            received: current.received,
+        }));
+        true
+    }
+
     /// The calling side's configuration for peers that must prove `expected`.
     pub fn client_config(self: &Arc<Self>, expected: SpiffeId, alpn: &[&[u8]]) -> Result<ClientConfig, IdentityError> {
         let verifier = SpiffeServerVerifier {
@@ -621,5 +642,22 @@ mod tests {
         let server = impostor.server_config(ClientCertificate::Optional, &[ALPN_GRPC]).unwrap();
         let (_, client_result, _) = exchange(client, server).await;
         assert!(client_result.unwrap_err().contains("not a weft control plane"));
+    }
+
+    #[tokio::test]
+    async fn a_new_bundle_admits_peers_of_a_new_root_alongside_the_old() {
+        let old = Authority::generate(&domain(), SystemTime::now()).unwrap();
+        let new = Authority::generate(&domain(), SystemTime::now()).unwrap();
+        let reviews = workload(&old, "reviews", Duration::from_secs(3600), &old);
+        // A caller renewed under the new root (and trusting both) is refused by a server
+        // that trusts only the old root, until the server receives the overlap bundle.
+        let web = workload(&new, "web", Duration::from_secs(3600), &new);
+        assert!(web.set_roots(vec![new.root().clone(), old.root().clone()]));
+        let (server, _, _) = handshake(&web, id("reviews"), &reviews).await;
+        assert!(server.unwrap_err().contains("not issued by this mesh's CA"));
+        assert!(reviews.set_roots(vec![old.root().clone(), new.root().clone()]));
+        assert!(!reviews.set_roots(vec![old.root().clone(), new.root().clone()]), "unchanged");
+        let (server, client, peer) = handshake(&web, id("reviews"), &reviews).await;
+        assert_eq!((server, client, peer), (Ok(()), Ok(()), Some(id("web"))));
     }
 }

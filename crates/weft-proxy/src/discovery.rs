@@ -311,6 +311,21 @@ async fn session(
     }
 }
 
+/// Makes the pushed bundle the one peers are verified against (a root rotation adds a
+/// root before certificates from it appear, and drops the old one after).
+fn apply_trust_bundle(state: &SharedState, bundle: &str) {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let Some(credentials) = state.identity.get() else { return };
+    match CertificateDer::pem_slice_iter(bundle.as_bytes()).collect::<Result<Vec<_>, _>>() {
+        Ok(roots) => {
+            if credentials.set_roots(roots) {
+                tracing::info!("the mesh's trust bundle changed; peers are verified against the new one");
+            }
+        }
+        Err(error) => tracing::warn!(%error, "the pushed trust bundle is unreadable; keeping the current one"),
+    }
+}
+
 impl Applier {
     fn apply(&mut self, state: &SharedState, handle: &DiscoveryHandle, config: Config) -> Result<(), String> {
         if config.lease_seconds > 0 {
@@ -329,6 +344,7 @@ impl Applier {
                 *handle.missing.lock().unwrap_or_else(|e| e.into_inner()) = config.missing.iter().cloned().collect();
                 if !config.trust_bundle.is_empty() {
                     *handle.trust_bundle.lock().unwrap_or_else(|e| e.into_inner()) = config.trust_bundle.clone();
+                    apply_trust_bundle(state, &config.trust_bundle);
                 }
                 state.ready.store(true, std::sync::atomic::Ordering::Release);
                 Ok(())
