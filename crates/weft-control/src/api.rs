@@ -64,6 +64,8 @@ pub fn router(hub: Arc<Hub>, admin: Arc<AdminToken>) -> Router {
         .route("/api/v1/resources/{kind}/{namespace}/{name}", delete(delete_one))
         .route("/api/v1/tokens", post(create_token).get(list_tokens))
         .route("/api/v1/tokens/{id}", delete(revoke_token))
+        .route("/api/v1/ca/rotate", post(rotate_ca))
+        .route("/api/v1/ca/rotation/finish", post(finish_rotation))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
         .route("/api/v1/status", get(status))
@@ -103,7 +105,8 @@ async fn create_token(State(hub): State<Arc<Hub>>, Json(request): Json<TokenRequ
     };
     let namespace = request.namespace.as_deref().unwrap_or(weft_model::DEFAULT_NAMESPACE);
     let account = request.service_account.as_deref().unwrap_or(&request.service);
-    let authority = &hub.authority;
+    let ca = hub.ca();
+    let authority = &ca.authority;
     let made = join_tokens::create(
         &hub.catalog,
         authority.trust_domain(),
@@ -116,6 +119,42 @@ async fn create_token(State(hub): State<Arc<Hub>>, Json(request): Json<TokenRequ
     .await
     .map_err(token_error)?;
     Ok(Json(made).into_response())
+}
+
+/// `POST /api/v1/ca/rotation/finish` query.
+#[derive(Deserialize)]
+struct FinishParams {
+    #[serde(default)]
+    force: bool,
+}
+
+fn rotation_answer(ca: &crate::ca::CaState) -> Json<serde_json::Value> {
+    Json(json!({"caRoot": ca.authority.root_hash(), "caRoots": ca.root_hashes(), "caRotatedAt": ca.rotated_at}))
+}
+
+async fn rotate_ca(State(hub): State<Arc<Hub>>) -> Result<Json<serde_json::Value>, ApiError> {
+    let ca = hub
+        .keeper
+        .rotate(&hub.catalog, &hub.ca(), std::time::SystemTime::now())
+        .await
+        .map_err(|e| ApiError::new(StatusCode::CONFLICT, e.to_string()))?;
+    let answer = rotation_answer(&ca);
+    hub.install_ca(ca);
+    Ok(answer)
+}
+
+async fn finish_rotation(
+    State(hub): State<Arc<Hub>>,
+    Query(params): Query<FinishParams>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let ca = hub
+        .keeper
+        .finish_rotation(&hub.catalog, &hub.ca(), hub.cert_lifetime, params.force, std::time::SystemTime::now())
+        .await
+        .map_err(|e| ApiError::new(StatusCode::CONFLICT, e.to_string()))?;
+    let answer = rotation_answer(&ca);
+    hub.install_ca(ca);
+    Ok(answer)
 }
 
 async fn list_tokens(State(hub): State<Arc<Hub>>) -> Json<serde_json::Value> {
@@ -245,13 +284,16 @@ async fn status(State(hub): State<Arc<Hub>>) -> Json<serde_json::Value> {
         Vec::new()
     });
     let leader = cluster.leadership().borrow().is_some();
+    let ca = hub.ca();
     Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "store": hub.catalog.store_description(),
         "revision": hub.catalog.revision(),
         "replica": cluster.replica(),
-        "trustDomain": hub.authority.trust_domain().as_str(),
-        "caRoot": hub.authority.root_hash(),
+        "trustDomain": ca.authority.trust_domain().as_str(),
+        "caRoot": ca.authority.root_hash(),
+        "caRoots": ca.root_hashes(),
+        "caRotatedAt": ca.rotated_at,
         "leader": leader,
         "replicas": replicas,
     }))

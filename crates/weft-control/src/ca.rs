@@ -10,6 +10,7 @@
 use std::{path::PathBuf, time::SystemTime};
 
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use rustls::pki_types::{pem::PemObject, CertificateDer};
 use serde::{Deserialize, Serialize};
 use weft_identity::{Authority, IdentityError, TrustDomain};
 
@@ -65,6 +66,8 @@ pub enum CaError {
     HalfAnOperatorCa,
     #[error("the stored CA record is unreadable: {0}")]
     Corrupt(String),
+    #[error("{0}")]
+    Rotation(String),
 }
 
 /// The CA as stored.
@@ -75,6 +78,64 @@ struct StoredAuthority {
     /// The signing certificate, then its chain up to the root (PEM).
     certificates: String,
     key: StoredKey,
+    /// During a rotation: the roots it replaced, still trusted (PEM).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    previous_roots: Vec<String>,
+    /// During a rotation: the current root certified by each previous one (PEM), so that
+    /// a party trusting only an old root verifies the new chains.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    bridges: Vec<String>,
+    /// When the last rotation started (seconds since the Unix epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rotated_at: Option<u64>,
+}
+
+/// The CA in use: the signing authority, and what it trusts and presents.
+pub struct CaState {
+    pub authority: Authority,
+    /// The trust bundle: the current root first, then those a rotation still trusts.
+    pub roots: Vec<CertificateDer<'static>>,
+    /// `roots` as PEM, as pushed to proxies.
+    pub bundle_pem: String,
+    /// Bridges, then every root: appended to the control plane's own chain, so that a
+    /// proxy joining with a token of either root can verify it.
+    pub presented: Vec<CertificateDer<'static>>,
+    pub rotated_at: Option<u64>,
+}
+
+impl CaState {
+    /// A CA with no rotation in progress.
+    pub fn from_authority(authority: Authority) -> Self {
+        CaState::new(authority, Vec::new(), Vec::new(), None)
+    }
+
+    fn new(
+        authority: Authority,
+        previous: Vec<CertificateDer<'static>>,
+        bridges: Vec<CertificateDer<'static>>,
+        rotated_at: Option<u64>,
+    ) -> Self {
+        let mut roots = vec![authority.root().clone()];
+        roots.extend(previous);
+        let mut presented = bridges;
+        presented.extend(roots.iter().cloned());
+        CaState { bundle_pem: weft_identity::authority::pem_of(&roots), roots, presented, authority, rotated_at }
+    }
+
+    /// SHA-256 (hex) of each trusted root, the current one first.
+    pub fn root_hashes(&self) -> Vec<String> {
+        self.roots.iter().map(|r| hex::encode(ring::digest::digest(&ring::digest::SHA256, r))).collect()
+    }
+}
+
+fn certificates(pems: &[String]) -> Result<Vec<CertificateDer<'static>>, CaError> {
+    let mut all = Vec::new();
+    for pem in pems {
+        for certificate in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            all.push(certificate.map_err(|e| CaError::Corrupt(e.to_string()))?);
+        }
+    }
+    Ok(all)
 }
 
 #[derive(Serialize, Deserialize)]
@@ -136,6 +197,113 @@ impl SealingKey {
     }
 }
 
+/// What reads, rotates and re-reads the stored CA: the settings and the sealing key.
+pub struct CaKeeper {
+    settings: CaSettings,
+    sealing: Option<SealingKey>,
+}
+
+impl CaKeeper {
+    /// The CA the store holds now, if any.
+    pub fn current(&self, catalog: &Catalog) -> Option<Result<CaState, CaError>> {
+        let entry = catalog.get(&ca_key())?;
+        Some(open(entry.stored.document, &self.settings, self.sealing.as_ref(), SystemTime::now()))
+    }
+
+    /// The revision of the stored CA, to notice a rotation made by any replica.
+    pub fn revision(&self, catalog: &Catalog) -> Option<u64> {
+        catalog.get(&ca_key()).map(|entry| entry.stored.revision)
+    }
+
+    /// Starts a rotation: a new root signs from now on; the old one stays trusted, and
+    /// bridged, until [`CaKeeper::finish_rotation`].
+    pub async fn rotate(&self, catalog: &Catalog, current: &CaState, now: SystemTime) -> Result<CaState, CaError> {
+        if current.authority.certificates_pem()
+            != weft_identity::authority::pem_of(std::slice::from_ref(current.authority.root()))
+        {
+            return Err(CaError::Rotation(
+                "this mesh signs with an operator's intermediate CA: rotate it at its own root, then restart with the new \
+                 --ca-cert and --ca-key on a new store"
+                    .into(),
+            ));
+        }
+        let (next, bridge) = current.authority.successor(now)?;
+        let previous: Vec<CertificateDer<'static>> = current.roots.clone();
+        // Older bridges certify the previous root, not the new one: only this one stays.
+        let bridges = vec![bridge];
+        let rotated_at = Some(unix(now));
+        self.write(catalog, &next, &previous, &bridges, rotated_at).await?;
+        tracing::info!(old = %current.authority.root_hash(), new = %next.root_hash(), "started a root rotation");
+        Ok(CaState::new(next, previous, bridges, rotated_at))
+    }
+
+    /// Ends a rotation: only the current root is trusted. Refused while certificates from
+    /// an old root may still be in use (less than `cert_lifetime` since the rotation),
+    /// unless `force`.
+    pub async fn finish_rotation(
+        &self,
+        catalog: &Catalog,
+        current: &CaState,
+        cert_lifetime: std::time::Duration,
+        force: bool,
+        now: SystemTime,
+    ) -> Result<CaState, CaError> {
+        let Some(rotated_at) = current.rotated_at.filter(|_| current.roots.len() > 1) else {
+            return Err(CaError::Rotation("no rotation is in progress: start one with weft ca rotate".into()));
+        };
+        let safe_at = rotated_at + cert_lifetime.as_secs();
+        if unix(now) < safe_at && !force {
+            return Err(CaError::Rotation(format!(
+                "certificates from the old root may be in use for another {}s (one certificate lifetime after the \
+                 rotation): finish then, or use --force if every proxy has renewed (weft check)",
+                safe_at - unix(now)
+            )));
+        }
+        let authority = Authority::from_pem(
+            current.authority.trust_domain(),
+            &current.authority.certificates_pem(),
+            current.authority.key_pem(),
+            now,
+        )?;
+        self.write(catalog, &authority, &[], &[], current.rotated_at).await?;
+        tracing::info!(root = %authority.root_hash(), "finished the root rotation: the old root is no longer trusted");
+        Ok(CaState::new(authority, Vec::new(), Vec::new(), current.rotated_at))
+    }
+
+    async fn write(
+        &self,
+        catalog: &Catalog,
+        authority: &Authority,
+        previous: &[CertificateDer<'static>],
+        bridges: &[CertificateDer<'static>],
+        rotated_at: Option<u64>,
+    ) -> Result<(), CaError> {
+        let trust_domain = authority.trust_domain().as_str();
+        let key = match &self.sealing {
+            Some(sealing) => sealing.seal(authority.key_pem(), trust_domain),
+            None => StoredKey::Plain { pem: authority.key_pem().to_string() },
+        };
+        let pem = |c: &CertificateDer<'static>| weft_identity::authority::pem_of(std::slice::from_ref(c));
+        let record = StoredAuthority {
+            trust_domain: trust_domain.into(),
+            certificates: authority.certificates_pem(),
+            key,
+            previous_roots: previous.iter().map(pem).collect(),
+            bridges: bridges.iter().map(pem).collect(),
+            rotated_at,
+        };
+        let document = serde_json::to_value(&record).map_err(|e| CaError::Corrupt(e.to_string()))?;
+        catalog
+            .write_internal(crate::store::Change { puts: vec![(ca_key(), document)], deletes: vec![] })
+            .await
+            .map_err(|e| CaError::Rotation(format!("cannot store the CA: {e}")))
+    }
+}
+
+fn unix(time: SystemTime) -> u64 {
+    time.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
 /// Finds the CA in the store, or makes it (first start) and stores it. `sealed`: the
 /// store is shared (etcd), so the key is stored encrypted.
 pub async fn establish(
@@ -144,13 +312,24 @@ pub async fn establish(
     settings: &CaSettings,
     sealed: bool,
     now: SystemTime,
-) -> Result<Authority, CaError> {
+) -> Result<(CaState, CaKeeper), CaError> {
     let sealing = settings.encryption_key.as_ref().map(SealingKey::load).transpose()?;
     if sealed && sealing.is_none() {
         return Err(CaError::EncryptionKeyNeeded);
     }
+    let state = establish_state(catalog, store, settings, sealing.as_ref(), now).await?;
+    Ok((state, CaKeeper { settings: settings.clone(), sealing }))
+}
+
+async fn establish_state(
+    catalog: &Catalog,
+    store: &dyn Store,
+    settings: &CaSettings,
+    sealing: Option<&SealingKey>,
+    now: SystemTime,
+) -> Result<CaState, CaError> {
     if let Some(entry) = catalog.get(&ca_key()) {
-        return open(entry.stored.document, settings, sealing.as_ref(), now);
+        return open(entry.stored.document, settings, sealing, now);
     }
     let authority = match (&settings.cert, &settings.key) {
         (Some(cert), Some(key)) => {
@@ -162,20 +341,27 @@ pub async fn establish(
         _ => return Err(CaError::HalfAnOperatorCa),
     };
     let trust_domain = settings.trust_domain.as_str();
-    let key = match &sealing {
+    let key = match sealing {
         Some(sealing) => sealing.seal(authority.key_pem(), trust_domain),
         None => StoredKey::Plain { pem: authority.key_pem().to_string() },
     };
-    let record = StoredAuthority { trust_domain: trust_domain.into(), certificates: authority.certificates_pem(), key };
+    let record = StoredAuthority {
+        trust_domain: trust_domain.into(),
+        certificates: authority.certificates_pem(),
+        key,
+        previous_roots: Vec::new(),
+        bridges: Vec::new(),
+        rotated_at: None,
+    };
     let document = serde_json::to_value(&record).map_err(|e| CaError::Corrupt(e.to_string()))?;
     if store.create(ca_key(), document).await? {
         tracing::info!(trust_domain, root = %authority.root_hash(), "made the mesh's certificate authority");
-        return Ok(authority);
+        return Ok(CaState::new(authority, Vec::new(), Vec::new(), None));
     }
     // Another replica made it first: use that one, so that every replica signs alike.
     let contents = store.load().await?;
     let stored = contents.objects.get(&ca_key()).ok_or_else(|| CaError::Corrupt("it vanished".into()))?;
-    open(stored.document.clone(), settings, sealing.as_ref(), now)
+    open(stored.document.clone(), settings, sealing, now)
 }
 
 fn open(
@@ -183,7 +369,7 @@ fn open(
     settings: &CaSettings,
     sealing: Option<&SealingKey>,
     now: SystemTime,
-) -> Result<Authority, CaError> {
+) -> Result<CaState, CaError> {
     let stored: StoredAuthority = serde_json::from_value(document).map_err(|e| CaError::Corrupt(e.to_string()))?;
     if stored.trust_domain != settings.trust_domain.as_str() {
         return Err(CaError::TrustDomain { stored: stored.trust_domain, asked: settings.trust_domain.to_string() });
@@ -202,7 +388,9 @@ fn open(
     };
     let authority = Authority::from_pem(&settings.trust_domain, &stored.certificates, &key, now)?;
     tracing::info!(trust_domain = %settings.trust_domain, root = %authority.root_hash(), "loaded the mesh's certificate authority");
-    Ok(authority)
+    let previous = certificates(&stored.previous_roots)?;
+    let bridges = certificates(&stored.bridges)?;
+    Ok(CaState::new(authority, previous, bridges, stored.rotated_at))
 }
 
 #[cfg(test)]
@@ -225,12 +413,12 @@ mod tests {
         let (catalog, store) = test_catalog(dir.path()).await;
         let now = SystemTime::now();
         let plain = settings(&dir, "weft.local", None);
-        let made = establish(&catalog, store.as_ref(), &plain, false, now).await.unwrap();
+        let (made, _) = establish(&catalog, store.as_ref(), &plain, false, now).await.unwrap();
         // The catalog learns of it through the watch.
         let mut revision = catalog.subscribe();
         revision.wait_for(|_| catalog.get(&ca_key()).is_some()).await.unwrap();
-        let found = establish(&catalog, store.as_ref(), &plain, false, now).await.unwrap();
-        assert_eq!(found.root_hash(), made.root_hash());
+        let (found, _) = establish(&catalog, store.as_ref(), &plain, false, now).await.unwrap();
+        assert_eq!(found.authority.root_hash(), made.authority.root_hash());
         assert!(catalog.list(None, None).1.is_empty(), "never listed as a resource");
 
         let other = settings(&dir, "other.org", None);
@@ -248,14 +436,14 @@ mod tests {
 
         let key = [7u8; 32];
         let sealed = settings(&dir, "weft.local", Some(&key));
-        let made = establish(&catalog, store.as_ref(), &sealed, true, now).await.unwrap();
+        let (made, _) = establish(&catalog, store.as_ref(), &sealed, true, now).await.unwrap();
         let mut revision = catalog.subscribe();
         revision.wait_for(|_| catalog.get(&ca_key()).is_some()).await.unwrap();
         let stored = catalog.get(&ca_key()).unwrap().stored.document.to_string();
         assert!(!stored.contains("PRIVATE KEY"), "{stored}");
 
-        let again = establish(&catalog, store.as_ref(), &sealed, true, now).await.unwrap();
-        assert_eq!(again.root_hash(), made.root_hash());
+        let (again, _) = establish(&catalog, store.as_ref(), &sealed, true, now).await.unwrap();
+        assert_eq!(again.authority.root_hash(), made.authority.root_hash());
         let hex_key = hex::encode([9u8; 32]);
         let wrong = settings(&dir, "weft.local", Some(hex_key.as_bytes()));
         let error = establish(&catalog, store.as_ref(), &wrong, true, now).await.err().unwrap().to_string();

@@ -205,15 +205,14 @@ pub async fn run(
     };
     let catalog = Catalog::load(store.clone()).await?;
     let shared_store = matches!(settings.store, StoreSpec::Etcd(_));
-    let authority = Arc::new(
-        ca::establish(&catalog, store.as_ref(), &settings.ca, shared_store, std::time::SystemTime::now()).await?,
-    );
-    catalog.set_trust_domain(authority.trust_domain().as_str());
+    let (ca, keeper) =
+        ca::establish(&catalog, store.as_ref(), &settings.ca, shared_store, std::time::SystemTime::now()).await?;
+    catalog.set_trust_domain(ca.authority.trust_domain().as_str());
     let admin = Arc::new(admin_token::establish(&catalog, store.as_ref(), &settings.data_dir).await?);
     let registry = Registry::new(catalog.clone(), cluster, settings.lease);
-    let hub = Hub::new(catalog.clone(), registry, authority.clone());
+    let hub = Hub::new(catalog.clone(), registry, ca, keeper, settings.cert_lifetime);
     tokio::spawn(hub.clone().maintain());
-    let credentials = control_tls::control_credentials(authority, control_tls::CONTROL_CERT_LIFETIME)?;
+    let credentials = control_tls::control_credentials(&hub, control_tls::CONTROL_CERT_LIFETIME)?;
     let tls = control_tls::server_config(&credentials)?;
 
     if let Some(path) = &settings.ports_file {

@@ -20,32 +20,38 @@ use tokio_stream::wrappers::ReceiverStream;
 use weft_identity::{
     authority::new_key_and_request,
     tls::{ClientCertificate, Credentials, Issued, ALPN_GRPC},
-    Authority, IdentityError, SpiffeId,
+    IdentityError, SpiffeId,
 };
+
+use crate::{ca::CaState, discovery::Hub};
 
 /// How long the control plane's own certificate lasts; renewed at half of it.
 pub const CONTROL_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// A handshake that takes longer than this is dropped, so idle sockets cannot pile up.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A certificate for the control plane's identity, with the root appended.
-pub fn issue_control_certificate(authority: &Authority, lifetime: Duration) -> Result<Issued, IdentityError> {
+/// A certificate for the control plane's identity, with the bridges and roots appended
+/// (for proxies that pin a root by a join token's hash).
+pub fn issue_control_certificate(ca: &CaState, lifetime: Duration) -> Result<Issued, IdentityError> {
+    let authority = &ca.authority;
     let (key_pem, request) = new_key_and_request()?;
     let id = SpiffeId::control_plane(authority.trust_domain());
     let signed = authority.sign(&request, &id, lifetime, std::time::SystemTime::now())?;
     let mut chain = signed.chain;
-    chain.push(authority.root().clone());
+    chain.extend(ca.presented.iter().cloned());
     let key = rustls::pki_types::pem::PemObject::from_pem_slice(key_pem.as_bytes())
         .map_err(|e: rustls::pki_types::pem::Error| IdentityError::Authority(e.to_string()))?;
     let key: PrivateKeyDer<'static> = key;
-    Issued::new(chain, key, vec![authority.root().clone()])
+    Issued::new(chain, key, ca.roots.clone())
 }
 
 /// The control plane's credentials, renewed in the background for as long as they are
-/// in use.
-pub fn control_credentials(authority: Arc<Authority>, lifetime: Duration) -> Result<Arc<Credentials>, IdentityError> {
-    let credentials = Credentials::new(issue_control_certificate(&authority, lifetime)?);
+/// in use (and re-issued by the hub when the CA changes).
+pub fn control_credentials(hub: &Arc<Hub>, lifetime: Duration) -> Result<Arc<Credentials>, IdentityError> {
+    let credentials = Credentials::new(issue_control_certificate(&hub.ca(), lifetime)?);
+    let _ = hub.control_credentials.set(credentials.clone());
     let weak = Arc::downgrade(&credentials);
+    let hub = Arc::downgrade(hub);
     tokio::spawn(async move {
         loop {
             let Some(credentials) = weak.upgrade() else { return };
@@ -53,8 +59,8 @@ pub fn control_credentials(authority: Arc<Authority>, lifetime: Duration) -> Res
             drop(credentials);
             let wait = renew_at.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::from_secs(1));
             tokio::time::sleep(wait).await;
-            let Some(credentials) = weak.upgrade() else { return };
-            match issue_control_certificate(&authority, lifetime) {
+            let (Some(credentials), Some(hub)) = (weak.upgrade(), hub.upgrade()) else { return };
+            match issue_control_certificate(&hub.ca(), lifetime) {
                 Ok(issued) => {
                     tracing::info!(serial = %issued.serial, "renewed the control plane's certificate");
                     credentials.replace(issued);

@@ -23,9 +23,10 @@ use weft_api::discovery::{
     control_message, discovery_server::Discovery, proxy_message, Config, ControlMessage, ProxyMessage,
 };
 
-use weft_identity::{Authority, SpiffeId};
+use weft_identity::SpiffeId;
 
 use crate::{
+    ca::{CaKeeper, CaState},
     catalog::Catalog,
     control_tls::Peer,
     registry::{Health, Registration, Registry},
@@ -80,9 +81,15 @@ pub struct CertificateRecord {
 pub struct Hub {
     pub catalog: Arc<Catalog>,
     pub registry: Arc<Registry>,
-    /// The mesh's CA; its root is the trust bundle pushed to every proxy.
-    pub authority: Arc<Authority>,
-    trust_bundle: String,
+    /// The mesh's CA, and the trust bundle pushed to every proxy; replaced when a root
+    /// rotation starts or ends (on any replica).
+    ca: ArcSwap<CaState>,
+    pub keeper: CaKeeper,
+    ca_revision: Mutex<Option<u64>>,
+    /// The control plane's own certificate, re-issued when the CA changes.
+    pub control_credentials: std::sync::OnceLock<Arc<weft_identity::tls::Credentials>>,
+    /// How long workload certificates last (`--cert-lifetime`).
+    pub cert_lifetime: Duration,
     world: ArcSwap<World>,
     world_changed: watch::Sender<u64>,
     proxies: Mutex<BTreeMap<String, ProxyRecord>>,
@@ -90,24 +97,69 @@ pub struct Hub {
 
 impl Hub {
     /// A hub over `catalog` and `registry`, with its world built once.
-    pub fn new(catalog: Arc<Catalog>, registry: Arc<Registry>, authority: Arc<Authority>) -> Arc<Self> {
+    pub fn new(
+        catalog: Arc<Catalog>,
+        registry: Arc<Registry>,
+        ca: CaState,
+        keeper: CaKeeper,
+        cert_lifetime: Duration,
+    ) -> Arc<Self> {
         let world = build_world(&catalog, &registry);
         let (world_changed, _) = watch::channel(0);
-        let trust_bundle = weft_identity::authority::pem_of(std::slice::from_ref(authority.root()));
+        let ca_revision = Mutex::new(keeper.revision(&catalog));
         Arc::new(Hub {
             catalog,
             registry,
-            authority,
-            trust_bundle,
+            ca: ArcSwap::from_pointee(ca),
+            keeper,
+            ca_revision,
+            control_credentials: std::sync::OnceLock::new(),
+            cert_lifetime,
             world: ArcSwap::from_pointee(world),
             world_changed,
             proxies: Mutex::default(),
         })
     }
 
+    /// The CA in use.
+    pub fn ca(&self) -> Arc<CaState> {
+        self.ca.load_full()
+    }
+
     /// The mesh's roots (PEM), pushed to every proxy.
-    pub fn trust_bundle(&self) -> &str {
-        &self.trust_bundle
+    pub fn trust_bundle(&self) -> String {
+        self.ca.load().bundle_pem.clone()
+    }
+
+    /// Puts `ca` in use: signing, the control plane's own certificate, and the bundle
+    /// pushed to every proxy.
+    pub fn install_ca(&self, ca: CaState) {
+        let roots = ca.root_hashes();
+        if let Some(credentials) = self.control_credentials.get() {
+            match crate::control_tls::issue_control_certificate(&ca, crate::control_tls::CONTROL_CERT_LIFETIME) {
+                Ok(issued) => credentials.replace(issued),
+                Err(error) => tracing::error!(%error, "cannot re-issue the control plane's certificate"),
+            }
+        }
+        self.ca.store(Arc::new(ca));
+        *self.ca_revision.lock().unwrap_or_else(|e| e.into_inner()) = self.keeper.revision(&self.catalog);
+        tracing::info!(?roots, "the CA changed; pushing the new trust bundle");
+        self.world_changed.send_modify(|g| *g += 1);
+    }
+
+    /// Follows a CA changed in the store by another replica.
+    fn follow_ca(&self) {
+        let revision = self.keeper.revision(&self.catalog);
+        if revision == *self.ca_revision.lock().unwrap_or_else(|e| e.into_inner()) {
+            return;
+        }
+        match self.keeper.current(&self.catalog) {
+            Some(Ok(ca)) => self.install_ca(ca),
+            Some(Err(error)) => {
+                tracing::error!(%error, "the stored CA changed but cannot be read; signing with the previous one")
+            }
+            None => {}
+        }
     }
 
     /// The current world.
@@ -147,6 +199,7 @@ impl Hub {
                     continue;
                 }
             }
+            self.follow_ca();
             self.world.store(Arc::new(build_world(&self.catalog, &self.registry)));
             self.world_changed.send_modify(|g| *g += 1);
         }
@@ -266,7 +319,8 @@ async fn serve_proxy(
     let mut goodbye = false;
     let result = loop {
         let view = hub.world().view(own.as_deref(), &subscriptions);
-        let digest = digest(&view.text, &view.missing, &hub.trust_bundle);
+        let trust_bundle = hub.trust_bundle();
+        let digest = digest(&view.text, &view.missing, &trust_bundle);
         if last_sent != Some(digest) {
             nonce += 1;
             let version = format!("{digest:016x}");
@@ -276,7 +330,7 @@ async fn serve_proxy(
                 resources: view.text,
                 missing: view.missing,
                 lease_seconds: hub.registry.lease().as_secs() as u32,
-                trust_bundle: hub.trust_bundle.clone(),
+                trust_bundle,
             };
             if sender
                 .send(Ok(ControlMessage { message: Some(control_message::Message::Config(config)) }))

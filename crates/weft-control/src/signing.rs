@@ -9,9 +9,10 @@
 
 use std::time::{Duration, SystemTime};
 
-use weft_identity::{Authority, SignedCertificate, SpiffeId};
+use weft_identity::{SignedCertificate, SpiffeId};
 
 use crate::{
+    ca::CaState,
     catalog::Catalog,
     join_tokens::{self, JoinTokenError},
 };
@@ -43,7 +44,7 @@ pub enum SigningError {
 /// Signs the key in `request` (DER PKCS#10) for the identity `proof` establishes.
 pub fn issue(
     catalog: &Catalog,
-    authority: &Authority,
+    ca: &CaState,
     proof: Proof<'_>,
     request: &[u8],
     lifetime: Duration,
@@ -51,21 +52,23 @@ pub fn issue(
 ) -> Result<(SpiffeId, SignedCertificate), SigningError> {
     let identity = match proof {
         Proof::Token { token, namespace, account } => {
-            if join_tokens::parse(token)?.root_hash != authority.root_hash() {
+            // During a rotation, tokens of the old root still join.
+            let presented = join_tokens::parse(token)?.root_hash;
+            if !ca.root_hashes().iter().any(|hash| hash == presented) {
                 return Err(SigningError::OtherMesh);
             }
             join_tokens::check(catalog, token, namespace, account, now)?
         }
         Proof::Certificate(identity) => identity.clone(),
     };
-    let signed = authority.sign(request, &identity, lifetime, now)?;
+    let signed = ca.authority.sign(request, &identity, lifetime, now)?;
     tracing::info!(%identity, serial = %signed.serial, "issued a workload certificate");
     Ok((identity, signed))
 }
 
 #[cfg(test)]
 mod tests {
-    use weft_identity::{authority::new_key_and_request, verify::Usage, TrustDomain};
+    use weft_identity::{authority::new_key_and_request, verify::Usage, Authority, TrustDomain};
 
     use super::*;
     use crate::catalog::test_catalog;
@@ -76,7 +79,8 @@ mod tests {
         let (catalog, _) = test_catalog(dir.path()).await;
         let domain = TrustDomain::new("weft.local").unwrap();
         let now = SystemTime::now();
-        let authority = Authority::generate(&domain, now).unwrap();
+        let ca = CaState::from_authority(Authority::generate(&domain, now).unwrap());
+        let authority = &ca.authority;
         let made = join_tokens::create(
             &catalog,
             &domain,
@@ -91,7 +95,7 @@ mod tests {
 
         let (_, request) = new_key_and_request().unwrap();
         let proof = Proof::Token { token: &made.token, namespace: "default", account: Some("reviews") };
-        let (identity, signed) = issue(&catalog, &authority, proof, &request, DEFAULT_CERT_LIFETIME, now).unwrap();
+        let (identity, signed) = issue(&catalog, &ca, proof, &request, DEFAULT_CERT_LIFETIME, now).unwrap();
         assert_eq!(identity.to_string(), "spiffe://weft.local/ns/default/sa/reviews");
         let roots = [authority.root().clone()];
         let proved =
@@ -101,14 +105,14 @@ mod tests {
         // A renewal on the strength of the certificate: same identity, new key.
         let (_, request) = new_key_and_request().unwrap();
         let (renewed, _) =
-            issue(&catalog, &authority, Proof::Certificate(&proved), &request, DEFAULT_CERT_LIFETIME, now).unwrap();
+            issue(&catalog, &ca, Proof::Certificate(&proved), &request, DEFAULT_CERT_LIFETIME, now).unwrap();
         assert_eq!(renewed, identity);
 
         // The token does not admit another workload, nor a proxy of another mesh.
         let proof = Proof::Token { token: &made.token, namespace: "default", account: Some("admin") };
-        let error = issue(&catalog, &authority, proof, &request, DEFAULT_CERT_LIFETIME, now).unwrap_err();
+        let error = issue(&catalog, &ca, proof, &request, DEFAULT_CERT_LIFETIME, now).unwrap_err();
         assert!(matches!(error, SigningError::Token(JoinTokenError::OtherIdentity { .. })), "{error}");
-        let other = Authority::generate(&domain, now).unwrap();
+        let other = CaState::from_authority(Authority::generate(&domain, now).unwrap());
         let proof = Proof::Token { token: &made.token, namespace: "default", account: Some("reviews") };
         let error = issue(&catalog, &other, proof, &request, DEFAULT_CERT_LIFETIME, now).unwrap_err();
         assert!(matches!(error, SigningError::OtherMesh), "{error}");
@@ -116,7 +120,7 @@ mod tests {
         // Once revoked, the token admits no one.
         join_tokens::revoke(&catalog, &made.record.id).await.unwrap();
         let proof = Proof::Token { token: &made.token, namespace: "default", account: Some("reviews") };
-        let error = issue(&catalog, &authority, proof, &request, DEFAULT_CERT_LIFETIME, now).unwrap_err();
+        let error = issue(&catalog, &ca, proof, &request, DEFAULT_CERT_LIFETIME, now).unwrap_err();
         assert!(matches!(error, SigningError::Token(JoinTokenError::Revoked(_))), "{error}");
     }
 }

@@ -47,20 +47,16 @@ impl Identity for SigningService {
             }
         };
         let now = std::time::SystemTime::now();
-        let (_, signed) =
-            signing::issue(&self.hub.catalog, &self.hub.authority, proof, &request.csr, self.lifetime, now).map_err(
-                |error| {
-                    let remote = peer.as_ref().map(|p| p.remote.to_string()).unwrap_or_default();
-                    tracing::warn!(%remote, %error, "refused to sign a certificate");
-                    match error {
-                        SigningError::Token(JoinTokenError::Store(_)) => Status::unavailable(error.to_string()),
-                        SigningError::Token(_) | SigningError::OtherMesh => {
-                            Status::permission_denied(error.to_string())
-                        }
-                        SigningError::Identity(_) => Status::invalid_argument(error.to_string()),
-                    }
-                },
-            )?;
+        let (_, signed) = signing::issue(&self.hub.catalog, &self.hub.ca(), proof, &request.csr, self.lifetime, now)
+            .map_err(|error| {
+                let remote = peer.as_ref().map(|p| p.remote.to_string()).unwrap_or_default();
+                tracing::warn!(%remote, %error, "refused to sign a certificate");
+                match error {
+                    SigningError::Token(JoinTokenError::Store(_)) => Status::unavailable(error.to_string()),
+                    SigningError::Token(_) | SigningError::OtherMesh => Status::permission_denied(error.to_string()),
+                    SigningError::Identity(_) => Status::invalid_argument(error.to_string()),
+                }
+            })?;
         Ok(Response::new(SignResponse {
             certificate_chain: signed.chain_pem,
             trust_bundle: self.hub.trust_bundle().to_string(),

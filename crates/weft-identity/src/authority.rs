@@ -81,19 +81,7 @@ impl Authority {
     /// [`ROOT_LIFETIME`], carrying the trust domain's own SPIFFE ID.
     pub fn generate(trust_domain: &TrustDomain, now: SystemTime) -> Result<Self, IdentityError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(authority_error)?;
-        let mut params = CertificateParams::default();
-        let mut name = DistinguishedName::new();
-        name.push(DnType::OrganizationName, "weft");
-        name.push(DnType::CommonName, format!("weft root CA for {trust_domain}"));
-        params.distinguished_name = name;
-        let uri = trust_domain.id().try_into().map_err(authority_error)?;
-        params.subject_alt_names = vec![SanType::URI(uri)];
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages =
-            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-        params.not_before = OffsetDateTime::from(now - CLOCK_SKEW);
-        params.not_after = OffsetDateTime::from(now + ROOT_LIFETIME);
-        params.serial_number = Some(random_serial());
+        let params = root_params(trust_domain, now)?;
         let certificate = params.self_signed(&key).map_err(authority_error)?;
         Ok(Authority {
             trust_domain: trust_domain.clone(),
@@ -102,6 +90,34 @@ impl Authority {
             not_after: now + ROOT_LIFETIME,
             issuer: Issuer::new(params, key),
         })
+    }
+
+    /// Makes the root that replaces this CA's in a rotation, and a bridge: the new root's
+    /// subject and key, certified by this CA. A party that trusts only the old root (a
+    /// proxy joining with a token made before the rotation) verifies new chains through
+    /// the bridge.
+    pub fn successor(&self, now: SystemTime) -> Result<(Authority, CertificateDer<'static>), IdentityError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(authority_error)?;
+        let params = root_params(&self.trust_domain, now)?;
+        let certificate = params.self_signed(&key).map_err(authority_error)?;
+        // The bridge cannot outlive the CA that vouches for it.
+        let bridge_params = {
+            let mut bridge = root_params(&self.trust_domain, now)?;
+            bridge.distinguished_name = params.distinguished_name.clone();
+            bridge.serial_number = Some(random_serial());
+            bridge.not_after = OffsetDateTime::from((now + ROOT_LIFETIME).min(self.not_after));
+            bridge.use_authority_key_identifier_extension = true;
+            bridge
+        };
+        let bridge = bridge_params.signed_by(&key, &self.issuer).map_err(authority_error)?;
+        let next = Authority {
+            trust_domain: self.trust_domain.clone(),
+            certificates: vec![certificate.der().clone()],
+            key_pem: key.serialize_pem(),
+            not_after: now + ROOT_LIFETIME,
+            issuer: Issuer::from_ca_cert_der(certificate.der(), key).map_err(authority_error)?,
+        };
+        Ok((next, bridge.der().clone()))
     }
 
     /// Loads a CA: `certificates_pem` holds the signing certificate first, then, for an
@@ -231,6 +247,38 @@ impl Authority {
     }
 }
 
+/// A root's fields: ECDSA P-256, valid for [`ROOT_LIFETIME`], carrying the trust domain's
+/// own SPIFFE ID, named with its making time and a random tag (so that the roots of a
+/// rotation differ, even within a second).
+fn root_params(trust_domain: &TrustDomain, now: SystemTime) -> Result<CertificateParams, IdentityError> {
+    let mut params = CertificateParams::default();
+    let mut name = DistinguishedName::new();
+    name.push(DnType::OrganizationName, "weft");
+    let made = OffsetDateTime::from(now);
+    name.push(
+        DnType::CommonName,
+        format!(
+            "weft root CA for {trust_domain} ({:04}-{:02}-{:02} {:02}:{:02}:{:02}, {})",
+            made.year(),
+            u8::from(made.month()),
+            made.day(),
+            made.hour(),
+            made.minute(),
+            made.second(),
+            hex::encode(rand::random::<[u8; 4]>())
+        ),
+    );
+    params.distinguished_name = name;
+    let uri = trust_domain.id().try_into().map_err(authority_error)?;
+    params.subject_alt_names = vec![SanType::URI(uri)];
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.not_before = OffsetDateTime::from(now - CLOCK_SKEW);
+    params.not_after = OffsetDateTime::from(now + ROOT_LIFETIME);
+    params.serial_number = Some(random_serial());
+    Ok(params)
+}
+
 fn from_unix(seconds: i64) -> SystemTime {
     if seconds >= 0 {
         SystemTime::UNIX_EPOCH + Duration::from_secs(seconds as u64)
@@ -254,6 +302,24 @@ mod tests {
         testing::{domain, id},
         verify::{verify_workload_certificate, Usage},
     };
+
+    #[test]
+    fn a_successor_is_trusted_through_its_bridge_by_those_who_know_only_the_old_root() {
+        let now = SystemTime::now();
+        let old = Authority::generate(&domain(), now).unwrap();
+        let (next, bridge) = old.successor(now).unwrap();
+        assert_ne!(next.root_hash(), old.root_hash());
+        let (_, request) = new_key_and_request().unwrap();
+        let signed = next.sign(&request, &id("reviews"), Duration::from_secs(3600), now).unwrap();
+        let verify = |chain: &[CertificateDer<'static>], root: &CertificateDer<'static>| {
+            verify_workload_certificate(chain, std::slice::from_ref(root), &domain(), now, Usage::Server)
+        };
+        assert_eq!(verify(&signed.chain, next.root()).unwrap(), id("reviews"));
+        assert!(verify(&signed.chain, old.root()).is_err(), "the old root alone does not know the new one");
+        let mut bridged = signed.chain.clone();
+        bridged.push(bridge);
+        assert_eq!(verify(&bridged, old.root()).unwrap(), id("reviews"));
+    }
 
     #[test]
     fn a_signed_certificate_carries_the_given_identity_not_the_requested_one() {

@@ -452,6 +452,28 @@ fn print_workload(workload: &Value) {
     }
 }
 
+/// `weft ca rotate` (`finish: None`) and `weft ca finish-rotation` (`Some(force)`).
+pub async fn ca(api: &ApiClient, finish: Option<bool>) -> anyhow::Result<()> {
+    let path = match finish {
+        None => "/api/v1/ca/rotate".to_string(),
+        Some(force) => format!("/api/v1/ca/rotation/finish?force={force}"),
+    };
+    let answer = api.call(http::Method::POST, &path, None).await?;
+    let roots: Vec<&str> =
+        answer["caRoots"].as_array().map(|r| r.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+    match finish {
+        None => eprintln!(
+            "rotation started: new root {}; still trusted: {}. Proxies get the new bundle now and new certificates as they \
+             renew; make new join tokens (old ones work until the rotation is finished). Finish with weft ca \
+             finish-rotation after one certificate lifetime.",
+            answer["caRoot"].as_str().unwrap_or_default(),
+            roots.get(1..).map(|r| r.join(", ")).unwrap_or_default()
+        ),
+        Some(_) => eprintln!("rotation finished: only root {} is trusted", answer["caRoot"].as_str().unwrap_or_default()),
+    }
+    Ok(())
+}
+
 /// `weft check`: what needs an operator's attention in the mesh's identities.
 pub async fn check(api: &ApiClient) -> anyhow::Result<()> {
     let answer = api.call(http::Method::GET, "/api/v1/proxies", None).await?;

@@ -115,6 +115,9 @@ enum Command {
     /// Join tokens, with which new proxies prove which workload they are.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The mesh's certificate authority: rotate its root.
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Check a configuration file without running anything; prints every error.
     Validate {
         /// The YAML file of resources.
@@ -172,6 +175,25 @@ enum TokenCommand {
     /// Revoke a join token by its id: no proxy can join with it any more.
     Revoke {
         id: String,
+        #[command(flatten)]
+        server: cli::ServerArgs,
+    },
+}
+
+/// `weft ca ...`.
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Start a root rotation: a new root signs from now on; the old one stays trusted
+    /// (and join tokens made for it still work) until the rotation is finished.
+    Rotate {
+        #[command(flatten)]
+        server: cli::ServerArgs,
+    },
+    /// Finish a rotation: only the new root is trusted. Refused until one certificate
+    /// lifetime has passed since the rotation (every proxy has renewed), unless --force.
+    FinishRotation {
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         server: cli::ServerArgs,
     },
@@ -551,6 +573,12 @@ fn run(command: Command) -> anyhow::Result<()> {
             block_on(async { cli::describe(&cli::ApiClient::new(&server)?, &kind, &name, &namespace, output).await })
         }
         Command::Token(command) => block_on(cli::token(command_for_cli(command))),
+        Command::Ca(CaCommand::Rotate { server }) => {
+            block_on(async { cli::ca(&cli::ApiClient::new(&server)?, None).await })
+        }
+        Command::Ca(CaCommand::FinishRotation { force, server }) => {
+            block_on(async { cli::ca(&cli::ApiClient::new(&server)?, Some(force)).await })
+        }
         Command::Check { server } => block_on(async { cli::check(&cli::ApiClient::new(&server)?).await }),
         Command::Validate { file } => {
             let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;

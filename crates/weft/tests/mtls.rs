@@ -184,3 +184,81 @@ async fn certificates_rotate_under_steady_load_without_a_failed_request() {
     assert!(Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
     assert!(report.contains("has not been renewed") || report.contains("expired"), "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_rotation_keeps_traffic_flowing_and_old_tokens_work_until_it_is_finished() {
+    let dir = TempDir::new("mtls-root-rotation");
+    let control = Control::start_on(&dir, "control", &dir.0.join("data"), &["--cert-lifetime", "10s"]).await;
+    let app = TestApp::start("reviews").await;
+    let reviews = sidecar(&dir, &control, "reviews", &app, &["--id", "reviews-1"]).await;
+    let web = Proxy::start_controlled(&dir, "web", &control, &["--id", "web"]).await;
+    let old_token = control.join_token(&dir, "reviews", "default");
+    let http = client();
+    eventually(Duration::from_secs(10), "reviews to be served", || {
+        let http = http.clone();
+        async move { (get_via(&http, web.outbound, "reviews", "/", &[]).await.status == 200).then_some(()) }
+    })
+    .await;
+    let config = |proxy: &Proxy| {
+        let admin = proxy.admin;
+        async move {
+            let (_, body) = support::http_get(admin, "/config", &[]).await.unwrap();
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap()
+        }
+    };
+    let old_issuer = config(&web).await["identity"]["issuer"].as_str().unwrap().to_string();
+
+    let (ok, _, err) = control.cli(&["ca", "rotate"]);
+    assert!(ok && err.contains("rotation started"), "{err}");
+    // Steady load until both proxies present certificates of the new root.
+    let (mut sent, mut failed) = (0, Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        assert!(Instant::now() < deadline, "the proxies did not move to the new root within 40s");
+        for _ in 0..20 {
+            let answer = get_via(&http, web.outbound, "reviews", "/", &[("connection", "close")]).await;
+            sent += 1;
+            if answer.status != 200 {
+                failed.push((answer.status, answer.weft_error()));
+            }
+        }
+        let issuers = [config(&web).await, config(&reviews).await].map(|c| c["identity"]["issuer"].to_string());
+        if issuers.iter().all(|issuer| !issuer.contains(&old_issuer)) {
+            break;
+        }
+    }
+    assert!(failed.is_empty(), "{} of {sent} requests failed during the rotation: {failed:?}", failed.len());
+    // A proxy joining with a token made before the rotation still gets in.
+    let late = Proxy::start_with_token(&dir, "late", &control.grpc.to_string(), &old_token, &[]).await;
+    assert_eq!(get_via(&http, late.outbound, "reviews", "/", &[]).await.status, 200);
+
+    // Finishing is refused while old certificates may live, then done.
+    let (ok, _, err) = control.cli(&["ca", "finish-rotation"]);
+    assert!(!ok && err.contains("may be in use"), "{err}");
+    eventually(Duration::from_secs(20), "the rotation to be finished", || {
+        let (ok, _, _) = control.cli(&["ca", "finish-rotation"]);
+        async move { ok.then_some(()) }
+    })
+    .await;
+    eventually(Duration::from_secs(10), "the proxies to trust only the new root", || {
+        let web = config(&web);
+        async move {
+            let bundle = web.await["control"]["trustBundle"].as_str().unwrap_or_default().to_string();
+            (bundle.matches("BEGIN CERTIFICATE").count() == 1).then_some(())
+        }
+    })
+    .await;
+    for _ in 0..20 {
+        assert_eq!(get_via(&http, web.outbound, "reviews", "/", &[("connection", "close")]).await.status, 200);
+    }
+    // The old root is gone: its tokens no longer join.
+    let log = dir.0.join("refused.log");
+    let status = Command::new(support::WEFT)
+        .args(["proxy", "--control", &control.grpc.to_string(), "--token-file", old_token.to_str().unwrap()])
+        .args(["--outbound-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .status()
+        .unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success() && text.contains("not the one the join token names"), "{text}");
+}

@@ -18,7 +18,7 @@ use weft_api::discovery::{
     control_message, discovery_client::DiscoveryClient, discovery_server, identity_server, proxy_message, Config,
     ControlMessage, Hello, Nack, ProxyMessage, SignRequest, SignResponse,
 };
-use weft_control::control_tls;
+use weft_control::{ca::CaState, control_tls};
 use weft_identity::{authority::pem_of, Authority, SpiffeId, TrustDomain};
 use weft_proxy::identity::{control_channel, control_client_config, join, IdentitySettings, JoinTokenSecret};
 
@@ -62,18 +62,18 @@ impl discovery_server::Discovery for ScriptedControl {
 /// A CA that signs whatever it is asked, as `spiffe://weft.local/ns/default/sa/proxy`:
 /// the scripted control plane's half of a proxy joining.
 struct ScriptedSigner {
-    authority: Arc<Authority>,
+    ca: Arc<CaState>,
 }
 
 #[tonic::async_trait]
 impl identity_server::Identity for ScriptedSigner {
     async fn sign(&self, request: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
-        let id = SpiffeId::workload(self.authority.trust_domain(), "default", "proxy").unwrap();
-        let signed = self
-            .authority
+        let authority = &self.ca.authority;
+        let id = SpiffeId::workload(authority.trust_domain(), "default", "proxy").unwrap();
+        let signed = authority
             .sign(&request.into_inner().csr, &id, Duration::from_secs(3600), SystemTime::now())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let trust_bundle = pem_of(std::slice::from_ref(self.authority.root()));
+        let trust_bundle = pem_of(std::slice::from_ref(authority.root()));
         Ok(Response::new(SignResponse { certificate_chain: signed.chain_pem, trust_bundle }))
     }
 }
@@ -104,18 +104,19 @@ async fn a_proxy_refuses_a_view_it_cannot_use_and_keeps_serving_the_last_good_on
     let control = ScriptedControl { configs: std::sync::Mutex::new(Some(configs_rx)), answers: answers_tx };
     // It speaks TLS and signs certificates as a real one does, with a CA of its own.
     let domain = TrustDomain::new("weft.local").unwrap();
-    let authority = Arc::new(Authority::generate(&domain, SystemTime::now()).unwrap());
-    let credentials = control_tls::control_credentials(authority.clone(), Duration::from_secs(3600)).unwrap();
+    let ca = Arc::new(CaState::from_authority(Authority::generate(&domain, SystemTime::now()).unwrap()));
+    let issued = control_tls::issue_control_certificate(&ca, Duration::from_secs(3600)).unwrap();
+    let credentials = weft_identity::tls::Credentials::new(issued);
     let tls = control_tls::server_config(&credentials).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(discovery_server::DiscoveryServer::new(control))
-            .add_service(identity_server::IdentityServer::new(ScriptedSigner { authority: authority.clone() }))
+            .add_service(identity_server::IdentityServer::new(ScriptedSigner { ca: ca.clone() }))
             .serve_with_incoming(control_tls::incoming(listener, tls)),
     );
-    let token = dir.write("proxy.join-token", &format!("wj1.scripted.secret.{}", authority.root_hash()));
+    let token = dir.write("proxy.join-token", &format!("wj1.scripted.secret.{}", ca.authority.root_hash()));
 
     let good = mesh_yaml(&[("details", "app: details")], &[("details-1", "app: details", app.address)], "");
     configs.send(config("v1", good)).await.unwrap();
