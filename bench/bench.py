@@ -215,6 +215,22 @@ frontend f
     return stack
 
 
+# Envoy's HTTP proxying filter, routing everything to the cluster `upstream`.
+ENVOY_HTTP_FILTER = """- name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: bench
+          codec_type: AUTO
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes: [{match: {prefix: "/"}, route: {cluster: upstream}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}"""
+
+
 def envoy_stack(tmp, name, upstream, pair):
     stack = Stack(name, tmp)
     target = upstream
@@ -229,19 +245,7 @@ static_resources:
   - address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
     filter_chains:
     - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: bench
-          codec_type: AUTO
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes: [{{match: {{prefix: "/"}}, route: {{cluster: upstream}}}}]
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+      {ENVOY_HTTP_FILTER}
   clusters:
   - name: upstream
     type: STATIC
@@ -365,19 +369,7 @@ def envoy_tls_stack(tmp, name, upstream, pki, tcp=False):
             chain = ('- name: envoy.filters.network.tcp_proxy\n        typed_config: {"@type": '
                      'type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: bench, cluster: upstream}')
         else:
-            chain = """- name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: bench
-          codec_type: AUTO
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes: [{match: {prefix: "/"}, route: {cluster: upstream}}]
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}"""
+            chain = ENVOY_HTTP_FILTER
         socket = f"\n      transport_socket: {context('DownstreamTlsContext', 'server', 'require_client_certificate: true, ')}" if downstream_tls else ""
         return f"""  - address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
     filter_chains:

@@ -113,26 +113,49 @@ async fn a_caller_refuses_an_endpoint_that_proves_another_identity() {
     assert_eq!(app.hits(), 0, "nothing reached the app through the impostor's route");
 }
 
+/// A control plane issuing 10-second certificates, `reviews-1` serving reviews, and a
+/// caller `web` that reaches it.
+struct Mesh {
+    dir: TempDir,
+    control: Control,
+    app: TestApp,
+    reviews: Proxy,
+    web: Proxy,
+    http: support::HttpClient,
+}
+
+impl Mesh {
+    async fn start(name: &str) -> Mesh {
+        let dir = TempDir::new(name);
+        let control = Control::start_on(&dir, "control", &dir.0.join("data"), &["--cert-lifetime", "10s"]).await;
+        let app = TestApp::start("reviews").await;
+        let reviews = sidecar(&dir, &control, "reviews", &app, &["--id", "reviews-1"]).await;
+        let web = Proxy::start_controlled(&dir, "web", &control, &["--id", "web"]).await;
+        let http = client();
+        eventually(Duration::from_secs(10), "reviews to be served", || {
+            let http = http.clone();
+            async move { (get_via(&http, web.outbound, "reviews", "/", &[]).await.status == 200).then_some(()) }
+        })
+        .await;
+        Mesh { dir, control, app, reviews, web, http }
+    }
+}
+
+/// A proxy's `/config`.
+fn proxy_config(proxy: &Proxy) -> impl std::future::Future<Output = serde_json::Value> {
+    let admin = proxy.admin;
+    async move {
+        let (_, body) = support::http_get(admin, "/config", &[]).await.unwrap();
+        serde_json::from_slice(&body).unwrap()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_rotate_under_steady_load_without_a_failed_request() {
-    let dir = TempDir::new("mtls-rotation");
-    let control = Control::start_on(&dir, "control", &dir.0.join("data"), &["--cert-lifetime", "10s"]).await;
-    let app = TestApp::start("reviews").await;
-    let reviews = sidecar(&dir, &control, "reviews", &app, &["--id", "reviews-1"]).await;
-    let web = Proxy::start_controlled(&dir, "web", &control, &["--id", "web"]).await;
-    let http = client();
-    eventually(Duration::from_secs(10), "reviews to be served", || {
-        let http = http.clone();
-        async move { (get_via(&http, web.outbound, "reviews", "/", &[]).await.status == 200).then_some(()) }
-    })
-    .await;
+    let Mesh { dir, control, app: _app, reviews, web, http } = Mesh::start("mtls-rotation").await;
     let serial = |proxy: &Proxy| {
-        let admin = proxy.admin;
-        async move {
-            let (_, body) = support::http_get(admin, "/config", &[]).await.unwrap();
-            let config: serde_json::Value = serde_json::from_slice(&body).unwrap();
-            config["identity"]["serial"].as_str().unwrap().to_string()
-        }
+        let config = proxy_config(proxy);
+        async move { config.await["identity"]["serial"].as_str().unwrap().to_string() }
     };
     let mut seen_web = vec![serial(&web).await];
     let mut seen_reviews = vec![serial(&reviews).await];
@@ -187,25 +210,9 @@ async fn certificates_rotate_under_steady_load_without_a_failed_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_root_rotation_keeps_traffic_flowing_and_old_tokens_work_until_it_is_finished() {
-    let dir = TempDir::new("mtls-root-rotation");
-    let control = Control::start_on(&dir, "control", &dir.0.join("data"), &["--cert-lifetime", "10s"]).await;
-    let app = TestApp::start("reviews").await;
-    let reviews = sidecar(&dir, &control, "reviews", &app, &["--id", "reviews-1"]).await;
-    let web = Proxy::start_controlled(&dir, "web", &control, &["--id", "web"]).await;
+    let Mesh { dir, control, app: _app, reviews, web, http } = Mesh::start("mtls-root-rotation").await;
     let old_token = control.join_token(&dir, "reviews", "default");
-    let http = client();
-    eventually(Duration::from_secs(10), "reviews to be served", || {
-        let http = http.clone();
-        async move { (get_via(&http, web.outbound, "reviews", "/", &[]).await.status == 200).then_some(()) }
-    })
-    .await;
-    let config = |proxy: &Proxy| {
-        let admin = proxy.admin;
-        async move {
-            let (_, body) = support::http_get(admin, "/config", &[]).await.unwrap();
-            serde_json::from_slice::<serde_json::Value>(&body).unwrap()
-        }
-    };
+    let config = proxy_config;
     let old_issuer = config(&web).await["identity"]["issuer"].as_str().unwrap().to_string();
 
     let (ok, _, err) = control.cli(&["ca", "rotate"]);

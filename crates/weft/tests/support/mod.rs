@@ -643,8 +643,11 @@ impl Drop for TestApp {
     }
 }
 
+/// The HTTP client tests send through proxies with.
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
 /// A pooling HTTP/1.1 client for sending many requests through a proxy.
-pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+pub fn client() -> HttpClient {
     Client::builder(TokioExecutor::new()).pool_max_idle_per_host(64).build_http()
 }
 
