@@ -425,7 +425,8 @@ fn print_welcome(api: &str, grpc: &str, entry: SocketAddr, canary: &Path, token_
 weft demo is running. Ctrl-C stops everything.
 
   control plane API    http://{api}
-  discovery (gRPC)     {grpc}
+  discovery (gRPC)     {grpc}  (TLS; every sidecar joined with a join token)
+  security             every hop between sidecars is mutual TLS with SPIFFE identities
   mesh entry           http://{entry}  (an HTTP proxy into the mesh)
   services             web -> catalog -> reviews (v1 90% / v2 10%) -> ratings (slow, 150ms)
                                      -> inventory (fails 20%, retried by the mesh)
@@ -436,6 +437,7 @@ Try:
   {server}weft get services
   weft get proxies
   weft describe service reviews
+  weft check                 # every sidecar's identity and certificate
   curl -x http://{entry} http://web/
   curl -x http://{entry} -H 'x-canary: true' http://web/     # always reviews v2
   export WEFT_TOKEN_FILE={token_file}   # changes need the admin token

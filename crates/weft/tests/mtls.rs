@@ -152,7 +152,7 @@ fn proxy_config(proxy: &Proxy) -> impl std::future::Future<Output = serde_json::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_rotate_under_steady_load_without_a_failed_request() {
-    let Mesh { dir, control, app: _app, reviews, web, http } = Mesh::start("mtls-rotation").await;
+    let Mesh { dir: _dir, control, app: _app, reviews, web, http } = Mesh::start("mtls-rotation").await;
     let serial = |proxy: &Proxy| {
         let config = proxy_config(proxy);
         async move { config.await["identity"]["serial"].as_str().unwrap().to_string() }
