@@ -289,7 +289,7 @@ async fn a_replica_cut_off_longer_than_a_lease_gets_its_proxies_back_when_it_ret
     .await;
     let b = Control::start_on(&dir, "control-b", &dir.0.join("b"), &flags).await;
     let ratings = TestApp::start("ratings").await;
-    let _ratings_proxy = sidecar(&dir, "ratings-1", &b.grpc.to_string(), &a, "ratings", &ratings).await;
+    let ratings_proxy = sidecar(&dir, "ratings-1", &b.grpc.to_string(), &a, "ratings", &ratings).await;
     let caller = Proxy::start_with_controls(&dir, "web", &a.grpc.to_string(), &a, &["--id", "web"]).await;
     let http = client();
     let reachable = || {
@@ -315,4 +315,27 @@ async fn a_replica_cut_off_longer_than_a_lease_gets_its_proxies_back_when_it_ret
     eventually(Duration::from_secs(30), "ratings to be back", reachable).await;
     let (ok, out, err) = a.cli(&["describe", "service", "ratings"]);
     assert!(ok && out.contains("ratings-1") && !out.contains("disconnected"), "{out}{err}");
+
+    // A root rotation started on A reaches B through etcd: B signs with the new root, and
+    // B's proxy receives the bundle with both roots; traffic between them flows on.
+    let (ok, _, err) = a.cli(&["ca", "rotate"]);
+    assert!(ok, "{err}");
+    let rotated = status(&a).await;
+    eventually(Duration::from_secs(10), "replica B to follow the rotation", || async {
+        let b_status = status(&b).await;
+        (b_status["caRoot"] == rotated["caRoot"] && b_status["caRoots"].as_array().map_or(0, Vec::len) == 2)
+            .then_some(())
+    })
+    .await;
+    eventually(Duration::from_secs(10), "B's proxy to trust both roots", || {
+        let admin = ratings_proxy.admin;
+        async move {
+            let (_, body) = http_get(admin, "/config", &[]).await.ok()?;
+            let config: Value = serde_json::from_slice(&body).ok()?;
+            let bundle = config["control"]["trustBundle"].as_str().unwrap_or_default().to_string();
+            (bundle.matches("BEGIN CERTIFICATE").count() == 2).then_some(())
+        }
+    })
+    .await;
+    eventually(Duration::from_secs(10), "ratings to stay reachable after the rotation", reachable).await;
 }
