@@ -70,7 +70,8 @@ async fn policies_decide_who_may_call_and_strict_mode_refuses_plaintext() {
     let (reviews_app, ratings_app) = (TestApp::start("reviews").await, TestApp::start("ratings").await);
     let reviews = sidecar(&dir, &control, "reviews", &reviews_app).await;
     let ratings = sidecar(&dir, &control, "ratings", &ratings_app).await;
-    let web = Proxy::start_controlled(&dir, "web", &control, &[]).await;
+    // web also forwards opaque TCP to reviews, to check that TCP is judged too.
+    let web = Proxy::start_controlled(&dir, "web", &control, &["--upstream", "reviews=127.0.0.1:0"]).await;
     let batch = Proxy::start_controlled(&dir, "batch", &control, &[]).await;
     let http = client();
 
@@ -112,12 +113,29 @@ async fn policies_decide_who_may_call_and_strict_mode_refuses_plaintext() {
     // gRPC callers get PERMISSION_DENIED.
     let grpc = get_via(&http, batch.outbound, "reviews", "/reviews/1", &[("content-type", "application/grpc")]).await;
     assert_eq!(grpc.headers.get("grpc-status").map(|v| v.to_str().unwrap().to_string()), Some("7".into()));
+    // Opaque TCP from web: the only ALLOW rule needs a method and a path, which a TCP
+    // connection never has, so it is closed without reaching the app.
+    let unmatched = ["decision=\"deny\"", "policy=\"(no ALLOW policy matched)\""];
+    let denials_before = reviews.metric_sum("weft_authz_decisions_total", &unmatched).await;
+    let tcp = web.upstreams["reviews"];
+    let (ok, out, err) = support::curl(&["-s", "-H", "Host: reviews", &format!("http://{tcp}/reviews/1")]);
+    assert!(!ok && !out.contains("reviews"), "TCP was let through: {out}{err}");
+    assert_eq!(reviews.metric_sum("weft_authz_decisions_total", &unmatched).await, denials_before + 1.0);
     // No policy on ratings: MeshConfig's `authenticated` admits any mesh identity.
     assert_eq!(call(&batch, "GET", "ratings", "/").await.app(), "ratings");
     // STRICT: plaintext to an inbound port is refused outright.
     let (ok, status) = plaintext(reviews.inbound.unwrap(), "reviews");
     assert!(!ok || status == 0, "plaintext was served: {status}");
     assert_eq!(reviews_app.hits(), hits_before + 1, "only the allowed request reached the app");
+    // A STRICT workload whose application listens beyond loopback is warned about: callers
+    // reaching the application directly would bypass mutual TLS and authorization.
+    let args = ["--service", "exposed", "--app-addr", "192.0.2.1:9080", "--health-check", "none"];
+    let exposed = Proxy::start_controlled(&dir, "exposed", &control, &args).await;
+    eventually(Duration::from_secs(10), "the STRICT warning about the exposed application", || {
+        let log = exposed.log();
+        async move { log.contains("listens on a non-loopback address").then_some(()) }
+    })
+    .await;
     let denials =
         reviews.metric_sum("weft_authz_decisions_total", &["decision=\"deny\"", "policy=\"default/deny-admin\""]).await;
     assert!(denials >= 4.0, "{denials}");
