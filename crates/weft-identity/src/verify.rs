@@ -57,6 +57,9 @@ pub fn verify_workload_certificate(
                     "the certificate was not issued by this mesh's CA".to_string()
                 }
                 webpki::Error::CaUsedAsEndEntity => "a CA certificate cannot be a workload's".to_string(),
+                webpki::Error::InvalidCertValidity => {
+                    "the certificate's validity period is malformed (notAfter before notBefore)".to_string()
+                }
                 other => format!("the certificate chain does not verify: {other}"),
             })
         })?;

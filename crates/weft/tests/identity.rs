@@ -7,7 +7,7 @@ mod support;
 use std::{process::Command, time::Duration};
 
 use serde_json::Value;
-use support::{eventually, http_get, Control, Proxy, TempDir, WEFT};
+use support::{eventually, http_get, Control, Proxy, TempDir, TestApp, WEFT};
 
 async fn status(control: &Control) -> Value {
     let (_, body) = http_get(control.api, "/api/v1/status", &[]).await.unwrap();
@@ -46,7 +46,8 @@ async fn the_ca_is_made_once_kept_secret_and_fixes_the_trust_domain() {
     assert!(log.contains("fixed when the CA is made"), "{log}");
 }
 
-#[tokio::test]
+// Multi-threaded: openssl blocks a thread while the test's app serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operators_ca_is_used_instead_of_a_generated_root() {
     let dir = TempDir::new("identity-operator-ca");
     let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
@@ -68,6 +69,57 @@ async fn an_operators_ca_is_used_instead_of_a_generated_root() {
     let control =
         Control::start_on(&dir, "control", &dir.0.join("data"), &["--ca-cert", &cert, "--ca-key", &key]).await;
     assert_eq!(status(&control).await["caRoot"], expected.as_str());
+
+    // A peer outside weft holding a certificate of this CA for a mesh identity is served
+    // by a meshed workload (the operator's own tooling, say); once that certificate has
+    // expired it is refused.
+    let app = TestApp::start("reviews").await;
+    let app_addr = app.address.to_string();
+    let reviews =
+        Proxy::start_controlled(&dir, "reviews", &control, &["--service", "reviews", "--app-addr", &app_addr]).await;
+    openssl(&dir, &[&["req"][..], &ec[..], &["-keyout", "web.key", "-out", "web.csr", "-subj", "/O=example"]].concat());
+    let extensions =
+        "subjectAltName=critical,URI:spiffe://weft.local/ns/default/sa/web\nbasicConstraints=critical,CA:FALSE\n\
+                      keyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n";
+    std::fs::write(dir.0.join("web.ext"), extensions).unwrap();
+    openssl(
+        &dir,
+        &["x509", "-req", "-in", "web.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1"]
+            .into_iter()
+            .chain(["-extfile", "web.ext", "-out", "web.crt"])
+            .collect::<Vec<_>>(),
+    );
+    // The same identity, valid for one day in 2020 (`openssl ca` takes explicit dates).
+    std::fs::write(dir.0.join("index.txt"), "").unwrap();
+    std::fs::write(dir.0.join("serial.txt"), "01\n").unwrap();
+    let config = "[ca]\ndefault_ca = c\n[c]\ndatabase = index.txt\nnew_certs_dir = .\nserial = serial.txt\n\
+                  default_md = sha256\npolicy = p\n[p]\norganizationName = optional\n";
+    std::fs::write(dir.0.join("ca.cnf"), config).unwrap();
+    openssl(
+        &dir,
+        &["ca", "-batch", "-config", "ca.cnf", "-cert", "ca.crt", "-keyfile", "ca.key", "-in", "web.csr", "-notext"]
+            .into_iter()
+            .chain(["-out", "expired.crt", "-startdate", "20200101000000Z", "-enddate", "20200102000000Z"])
+            .chain(["-extfile", "web.ext"])
+            .collect::<Vec<_>>(),
+    );
+    let inbound = reviews.inbound.unwrap();
+    let request = "GET / HTTP/1.1\r\nHost: reviews\r\nConnection: close\r\n\r\n";
+    let key = dir.0.join("web.key").display().to_string();
+    let with = |file: &str| ["-cert".to_string(), dir.0.join(file).display().to_string(), "-key".into(), key.clone()];
+    let valid = with("web.crt");
+    let (out, err) =
+        support::s_client(inbound, "weft/h1", &valid.iter().map(String::as_str).collect::<Vec<_>>(), request);
+    assert!(out.contains("200 OK") && out.contains("reviews"), "{out}\n{err}");
+    let expired = with("expired.crt");
+    let (out, err) =
+        support::s_client(inbound, "weft/h1", &expired.iter().map(String::as_str).collect::<Vec<_>>(), request);
+    assert!(!out.contains("200 OK"), "{out}\n{err}");
+    eventually(Duration::from_secs(5), "the refusal of the expired certificate in the log", || {
+        let log = reviews.log();
+        async move { log.contains("the certificate has expired").then_some(()) }
+    })
+    .await;
 
     // A key that is not the certificate's, or one in a form the CA cannot read: refused,
     // saying so.

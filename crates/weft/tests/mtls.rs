@@ -6,7 +6,7 @@
 mod support;
 
 use std::{
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -16,22 +16,6 @@ async fn sidecar(dir: &TempDir, control: &Control, service: &str, app: &TestApp,
     let app_addr = app.address.to_string();
     let args = [&["--service", service, "--app-addr", &app_addr, "--health-interval", "200ms"], extra].concat();
     Proxy::start_controlled(dir, service, control, &args).await
-}
-
-/// `openssl s_client` to `address` with ALPN `alpn`, sending `request`; (stdout, stderr).
-fn s_client(address: std::net::SocketAddr, alpn: &str, extra: &[&str], request: &str) -> (String, String) {
-    use std::io::Write;
-    let mut child = Command::new("openssl")
-        .args(["s_client", "-connect", &address.to_string(), "-alpn", alpn, "-tls1_3", "-ign_eof"])
-        .args(extra)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("openssl runs");
-    child.stdin.take().unwrap().write_all(request.as_bytes()).unwrap();
-    let output = child.wait_with_output().unwrap();
-    (String::from_utf8_lossy(&output.stdout).into_owned(), String::from_utf8_lossy(&output.stderr).into_owned())
 }
 
 // Multi-threaded: openssl and curl block a thread while the test's app serves them.
@@ -55,7 +39,7 @@ async fn meshed_hops_are_mutual_tls_and_outsiders_without_a_mesh_certificate_are
     let inbound = reviews.inbound.unwrap();
     let request = "GET / HTTP/1.1\r\nHost: reviews\r\nConnection: close\r\n\r\n";
     // No client certificate: refused.
-    let (out, err) = s_client(inbound, "weft/h1", &[], request);
+    let (out, err) = support::s_client(inbound, "weft/h1", &[], request);
     assert!(!out.contains("200 OK") && err.contains("certificate required"), "{out}\n{err}");
     // A certificate with a mesh-looking identity from another CA: refused.
     let key = dir.0.join("stranger.key");
@@ -68,8 +52,12 @@ async fn meshed_hops_are_mutual_tls_and_outsiders_without_a_mesh_certificate_are
         .output()
         .unwrap();
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
-    let (out, err) =
-        s_client(inbound, "weft/h1", &["-cert", cert.to_str().unwrap(), "-key", key.to_str().unwrap()], request);
+    let (out, err) = support::s_client(
+        inbound,
+        "weft/h1",
+        &["-cert", cert.to_str().unwrap(), "-key", key.to_str().unwrap()],
+        request,
+    );
     assert!(!out.contains("200 OK"), "{out}\n{err}");
     eventually(Duration::from_secs(5), "the refusal in the reviews proxy's log", || {
         let log = reviews.log();

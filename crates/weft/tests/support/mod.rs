@@ -754,3 +754,19 @@ pub fn mesh_yaml(services: &[(&str, &str)], workloads: &[(&str, &str, SocketAddr
     yaml.push_str(extra);
     yaml
 }
+
+/// `openssl s_client` to `address` with ALPN `alpn`, sending `request`; (stdout, stderr).
+pub fn s_client(address: std::net::SocketAddr, alpn: &str, extra: &[&str], request: &str) -> (String, String) {
+    use std::io::Write;
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-connect", &address.to_string(), "-alpn", alpn, "-tls1_3", "-ign_eof"])
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl runs");
+    child.stdin.take().unwrap().write_all(request.as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    (String::from_utf8_lossy(&output.stdout).into_owned(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
