@@ -163,6 +163,9 @@ pub async fn run(
         source,
     })?;
     let api_addr = listener.local_addr().map_err(ControlError::Serve)?;
+    if !api_addr.ip().is_loopback() {
+        tracing::warn!(%api_addr, "the HTTP API is served beyond loopback in plain HTTP: the admin token crosses the network in the clear; keep it on a trusted network");
+    }
     let grpc_listener = bind_with_backlog(settings.grpc_addr).map_err(|source| ControlError::Bind {
         what: "discovery",
         flag: "grpc-addr",
