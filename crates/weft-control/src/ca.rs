@@ -301,7 +301,7 @@ impl CaKeeper {
 }
 
 fn unix(time: SystemTime) -> u64 {
-    time.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    weft_identity::unix_seconds(time)
 }
 
 /// Finds the CA in the store, or makes it (first start) and stores it. `sealed`: the

@@ -296,7 +296,7 @@ async fn serve_proxy(
             address: registration.as_ref().map(|r| r.address.clone()),
             proxy_version: hello.proxy_version.clone(),
             control_plane: hub.registry.cluster().replica().to_string(),
-            connected_at: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            connected_at: weft_identity::unix_seconds(SystemTime::now()),
             subscriptions: hello.subscriptions.len(),
             sent_version: String::new(),
             applied_version: hello.serving_version.clone(),

@@ -68,7 +68,7 @@ fn sha256_hex(text: &str) -> String {
 }
 
 fn unix(time: SystemTime) -> u64 {
-    time.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    weft_identity::unix_seconds(time)
 }
 
 /// A freshly made token: the only time the secret exists outside the proxy's file.

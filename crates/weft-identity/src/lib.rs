@@ -24,6 +24,12 @@ pub use authority::{Authority, SignedCertificate};
 pub use spiffe::{SpiffeId, TrustDomain};
 pub use verify::verify_workload_certificate;
 
+/// Seconds since the Unix epoch, as certificates, tokens and the API state times (0
+/// for a clock before 1970).
+pub fn unix_seconds(time: std::time::SystemTime) -> u64 {
+    time.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
 /// Why an identity could not be made, signed or verified.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {

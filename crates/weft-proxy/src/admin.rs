@@ -107,13 +107,12 @@ pub fn config_json(state: &SharedState) -> serde_json::Value {
         })),
         "identity": state.identity.get().map(|credentials| {
             let issued = credentials.current();
-            let unix = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
             json!({
                 "id": issued.identity.to_string(),
                 "serial": issued.serial,
                 "issuer": issued.issuer,
-                "notBefore": unix(issued.not_before),
-                "notAfter": unix(issued.not_after),
+                "notBefore": weft_identity::unix_seconds(issued.not_before),
+                "notAfter": weft_identity::unix_seconds(issued.not_after),
                 "expiresInSeconds": issued.not_after.duration_since(std::time::SystemTime::now()).map_or(0, |d| d.as_secs()),
             })
         }),

@@ -250,14 +250,11 @@ async fn session(
         .into_inner();
     tracing::info!(control = %address, "discovery stream open");
     // The certificate presented now, and again whenever renewal changes it.
-    let certificate = |issued: &weft_identity::tls::Issued| {
-        let unix = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        weft_api::discovery::Certificate {
-            serial: issued.serial.clone(),
-            issuer: issued.issuer.clone(),
-            received: unix(issued.received),
-            not_after: unix(issued.not_after),
-        }
+    let certificate = |issued: &weft_identity::tls::Issued| weft_api::discovery::Certificate {
+        serial: issued.serial.clone(),
+        issuer: issued.issuer.clone(),
+        received: weft_identity::unix_seconds(issued.received),
+        not_after: weft_identity::unix_seconds(issued.not_after),
     };
     let mut reported = credentials.current().serial.clone();
     let _ = sender.send(send(proxy_message::Message::Certificate(certificate(&credentials.current())))).await;

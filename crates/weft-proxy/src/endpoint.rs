@@ -100,6 +100,11 @@ impl EndpointState {
         self.security.load_full()
     }
 
+    /// Whether connections to this endpoint use mutual TLS (per request: no clone).
+    pub fn is_meshed(&self) -> bool {
+        !matches!(**self.security.load(), crate::transport::PeerSecurity::Plaintext)
+    }
+
     /// Sets how connections to this endpoint are secured, from a new configuration.
     pub fn set_security(&self, security: Arc<crate::transport::PeerSecurity>) {
         self.security.store(security);

@@ -99,7 +99,8 @@ async fn serve_mesh_connection(
         }
     };
     let (_, connection) = stream.get_ref();
-    let peer = weft_identity::tls::peer_identity(connection.peer_certificates()).map(Arc::new);
+    let peer =
+        weft_identity::tls::peer_identity(connection.peer_certificates()).map(|id| Arc::new(MeshCaller::new(&id)));
     let alpn = connection.alpn_protocol().map(<[u8]>::to_vec);
     match alpn.as_deref() {
         Some(ALPN_HTTP2) | Some(transport::ALPN_HTTP1) => {
@@ -114,11 +115,24 @@ async fn serve_mesh_connection(
     }
 }
 
+/// A meshed caller as its certificate proved it, rendered once per connection: every
+/// request on it is judged on these strings.
+struct MeshCaller {
+    principal: String,
+    namespace: Option<String>,
+}
+
+impl MeshCaller {
+    fn new(id: &SpiffeId) -> Self {
+        MeshCaller { principal: id.to_string(), namespace: id.workload_parts().map(|(ns, _)| ns.to_string()) }
+    }
+}
+
 /// Judges one request (or, with no method, a TCP connection) from `peer` against this
 /// proxy's own Service, and counts the decision. Without an own Service nothing applies.
 fn authorize(
     state: &SharedState,
-    peer: Option<&SpiffeId>,
+    peer: Option<&MeshCaller>,
     method: &str,
     path: &str,
     port: Option<u16>,
@@ -127,9 +141,8 @@ fn authorize(
     let config = state.config.load();
     let Some(own) = config.own_service else { return Ok(()) };
     let service = &config.snapshot.services[own];
-    let principal = peer.map(ToString::to_string);
     let caller =
-        Caller { principal: principal.as_deref(), namespace: peer.and_then(|p| p.workload_parts()).map(|(ns, _)| ns) };
+        Caller { principal: peer.map(|p| p.principal.as_str()), namespace: peer.and_then(|p| p.namespace.as_deref()) };
     let header = |name: &str| headers.and_then(|h| h.get(name)).and_then(|v| v.to_str().ok());
     let port = port.unwrap_or_else(|| service.ports.first().map_or(0, |p| p.port));
     let decision = service.authorizer.decide(&caller, &Call { method, path, port, header: &header });
@@ -141,7 +154,7 @@ fn authorize(
     match decision {
         Decision::Allow { .. } => Ok(()),
         Decision::Deny { policy } => {
-            let caller = principal.unwrap_or_else(|| "an unauthenticated (plaintext) caller".into());
+            let caller = peer.map_or_else(|| "an unauthenticated (plaintext) caller".into(), |p| p.principal.clone());
             tracing::debug!(%caller, %policy, "request denied by authorization");
             Err(ProxyFailure::Forbidden { caller, policy })
         }
@@ -153,7 +166,7 @@ fn authorize(
 async fn relay_to_app(
     state: &SharedState,
     app: SocketAddr,
-    peer: Option<&SpiffeId>,
+    peer: Option<&MeshCaller>,
     stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 ) {
     if !authorize_connection(state, peer) {
@@ -169,7 +182,7 @@ async fn relay_to_app(
 
 /// [`authorize`] for an opaque TCP connection: HTTP-only conditions (methods, paths,
 /// headers) never match it. A denied connection is closed.
-fn authorize_connection(state: &SharedState, peer: Option<&SpiffeId>) -> bool {
+fn authorize_connection(state: &SharedState, peer: Option<&MeshCaller>) -> bool {
     match authorize(state, peer, "", "/", None, None) {
         Ok(()) => true,
         Err(failure) => {
@@ -183,7 +196,7 @@ async fn handle(
     state: Arc<SharedState>,
     app: SocketAddr,
     // The caller's identity, proven by mutual TLS; `None` for a plaintext caller.
-    peer: Option<Arc<SpiffeId>>,
+    peer: Option<Arc<MeshCaller>>,
     mut request: Request<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let started = Instant::now();

@@ -168,7 +168,7 @@ async fn route_request(
         BackendTarget::Unresolved(what) => return Err(ProxyFailure::UnresolvedBackend(what)),
     };
     let backend = config.backends[backend_service][backend_port].clone();
-    routed.tls = backend.endpoints.first().is_some_and(|e| Upstream::Endpoint(&e.state).is_meshed());
+    routed.tls = backend.endpoints.first().is_some_and(|e| e.state.is_meshed());
     let retries = service.policy.retries.as_ref();
     let try_timeout = try_timeout.or(retries.and_then(|r| r.per_try_timeout).map(|d| d.0));
     let budget = &config.budgets[service_index];

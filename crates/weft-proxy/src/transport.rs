@@ -112,14 +112,6 @@ impl Upstream<'_> {
             Upstream::Endpoint(endpoint) => endpoint.address,
         }
     }
-
-    /// Whether connections to it use mutual TLS.
-    pub fn is_meshed(&self) -> bool {
-        match self {
-            Upstream::App(_) => false,
-            Upstream::Endpoint(endpoint) => !matches!(*endpoint.security(), PeerSecurity::Plaintext),
-        }
-    }
 }
 
 /// An upstream connection: plaintext or mutual TLS.

@@ -252,7 +252,7 @@ async fn get_proxies(api: &ApiClient, output: Output) -> anyhow::Result<()> {
         Output::Yaml => print!("{}", serde_norway::to_string(&answer)?),
         Output::Table if items.is_empty() => eprintln!("no proxies connected"),
         Output::Table => {
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let now = unix_now();
             let mut rows =
                 vec![["PROXY", "NAMESPACE", "SERVICE", "ADDRESS", "CONTROL PLANE", "APPLIED", "LAST NACK", "AGE"]
                     .map(String::from)
@@ -394,7 +394,7 @@ pub async fn describe(api: &ApiClient, kind: &str, name: &str, namespace: &str, 
 }
 
 fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    weft_identity::unix_seconds(std::time::SystemTime::now())
 }
 
 /// "in 5h12m" / "3m ago", for certificate expiry.
@@ -605,7 +605,7 @@ pub async fn token(command: TokenCommand) -> anyhow::Result<()> {
                 eprintln!("no join tokens");
                 return Ok(());
             }
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let now = unix_now();
             let mut rows = vec![["ID", "IDENTITY", "STATE", "EXPIRES IN"].map(String::from).to_vec()];
             for item in &items {
                 let expires = item["expiresAt"].as_u64().unwrap_or(0);

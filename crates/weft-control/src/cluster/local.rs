@@ -88,7 +88,7 @@ impl Cluster for LocalCluster {
 
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    weft_identity::unix_seconds(SystemTime::now())
 }
 
 /// Nanoseconds since the Unix epoch, for ids that sort by time.
