@@ -1,7 +1,7 @@
 //! Workload identities for weft: who a proxy is, proven by a certificate the mesh's own
 //! certificate authority signed.
 //!
-//! [`spiffe`] names identities (`spiffe://<trust-domain>/ns/<namespace>/sa/<account>`);
+//! [`spiffe`] (re-exported from `weft-model`) names identities (`spiffe://<trust-domain>/ns/<namespace>/sa/<account>`);
 //! [`authority`] is the CA the control plane runs: it makes or loads a root, and signs a
 //! proxy's key into a short-lived certificate carrying the identity the control plane
 //! vouches for, never the one the request asks for; [`verify`] checks a peer's chain
@@ -16,7 +16,10 @@
 
 pub mod authority;
 pub mod join_token;
-pub mod spiffe;
+/// SPIFFE IDs and trust domains, defined with the resource model (which names them too).
+pub mod spiffe {
+    pub use weft_model::spiffe::*;
+}
 pub mod tls;
 pub mod verify;
 
@@ -30,13 +33,18 @@ pub fn unix_seconds(time: std::time::SystemTime) -> u64 {
     time.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// `time` as RFC 3339 in UTC to the second (`2026-12-02T08:00:26Z`), as logs and the
+/// CLI show certificate and token times.
+pub fn rfc3339(time: std::time::SystemTime) -> String {
+    let format = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
+    time::OffsetDateTime::from(time).format(format).unwrap_or_else(|_| format!("{}s", unix_seconds(time)))
+}
+
 /// Why an identity could not be made, signed or verified.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
-    #[error("{0:?} is not a valid trust domain: use lowercase letters, digits, '.', '-' and '_' (at most 255)")]
-    TrustDomain(String),
-    #[error("{id:?} is not a SPIFFE ID: {reason}")]
-    SpiffeId { id: String, reason: String },
+    #[error(transparent)]
+    Spiffe(#[from] weft_model::SpiffeError),
     #[error("the CA certificate or key is unusable: {0}")]
     Authority(String),
     #[error("the certificate signing request is unusable: {0}")]
@@ -52,6 +60,12 @@ pub(crate) mod testing {
 
     pub fn domain() -> TrustDomain {
         TrustDomain::new("weft.local").unwrap()
+    }
+
+    #[test]
+    fn times_are_shown_as_rfc3339() {
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_198_426);
+        assert_eq!(crate::rfc3339(at), "2026-12-02T08:00:26Z");
     }
 
     /// `spiffe://weft.local/ns/default/sa/<account>`.

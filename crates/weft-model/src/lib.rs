@@ -16,12 +16,14 @@ pub mod parse;
 pub mod resource;
 pub mod snapshot;
 pub mod spec;
+pub mod spiffe;
 mod validate;
 
 pub use duration::GoDuration;
 pub use parse::{parse_documents, parse_with_documents, ConfigError, ConfigErrors, ParsedDocument};
 pub use resource::{Metadata, Resource, ResourceKind};
 pub use snapshot::{compile, Snapshot};
+pub use spiffe::{SpiffeError, SpiffeId, TrustDomain};
 
 /// The namespace a resource or proxy lives in when none is given, as in Kubernetes.
 pub const DEFAULT_NAMESPACE: &str = "default";

@@ -68,7 +68,7 @@ fn authorization_policy(spec: &AuthorizationPolicySpec) -> Checked {
 
 fn mesh_config(spec: &MeshConfigSpec) -> Checked {
     if let Some(domain) = &spec.trust_domain {
-        if let Err(error) = weft_identity::TrustDomain::new(domain) {
+        if let Err(error) = crate::spiffe::TrustDomain::new(domain) {
             return fail("trustDomain", error.to_string());
         }
     }
@@ -99,7 +99,7 @@ fn service(spec: &ServiceSpec) -> Checked {
 
 fn workload(spec: &WorkloadSpec) -> Checked {
     if let Some(identity) = &spec.identity {
-        if let Err(error) = weft_identity::SpiffeId::parse(identity) {
+        if let Err(error) = crate::spiffe::SpiffeId::parse(identity) {
             return fail("identity", error.to_string());
         }
     }

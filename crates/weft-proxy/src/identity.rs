@@ -220,7 +220,7 @@ pub async fn join(addresses: &[String], settings: &IdentitySettings) -> Result<A
         let address = &addresses[attempt % addresses.len()];
         match join_once(address, settings).await {
             Ok(issued) => {
-                tracing::info!(identity = %issued.identity, serial = %issued.serial, expires = ?issued.not_after, "joined the mesh");
+                tracing::info!(identity = %issued.identity, serial = %issued.serial, expires = %weft_identity::rfc3339(issued.not_after), "joined the mesh");
                 return Ok(Credentials::new(issued));
             }
             Err(JoinError::Refused(reason)) => return Err(JoinError::Refused(reason)),
@@ -264,7 +264,7 @@ pub async fn keep_renewed(
             };
             match result {
                 Ok(issued) => {
-                    tracing::info!(serial = %issued.serial, expires = ?issued.not_after, "renewed this proxy's certificate");
+                    tracing::info!(serial = %issued.serial, expires = %weft_identity::rfc3339(issued.not_after), "renewed this proxy's certificate");
                     credentials.replace(issued);
                     break;
                 }

@@ -106,12 +106,8 @@ async fn admin_serves_config_metrics_and_probes() {
 async fn admin_config_answers_loopback_only_when_bound_wider() {
     // The admin port bound to all interfaces; a client on a non-loopback address of this
     // host must be refused /config but may scrape /metrics.
-    let Some(ip) = non_loopback_ip() else {
-        eprintln!(
-            "SKIPPED admin_config_answers_loopback_only_when_bound_wider: this host has no non-loopback IPv4 address"
-        );
-        return;
-    };
+    let Some(address) = NonLoopback::get() else { return };
+    let ip = address.ip;
     let dir = TempDir::new("admin-wide");
     let config = dir.write("m.yaml", &mesh_yaml(&[], &[], ""));
     let proxy = Proxy::start(&dir, "p", &config, &["--admin-addr", "0.0.0.0:0"]).await;
@@ -122,14 +118,6 @@ async fn admin_config_answers_loopback_only_when_bound_wider() {
     assert_eq!(status, 200);
     let (status, _) = http_get(proxy.admin, "/config", &[]).await.unwrap();
     assert_eq!(status, 200, "loopback still gets /config");
-}
-
-fn non_loopback_ip() -> Option<std::net::IpAddr> {
-    // The address the kernel would use toward a documentation-range address; no packet is sent.
-    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
-    socket.connect("192.0.2.1:9").ok()?;
-    let ip = socket.local_addr().ok()?.ip();
-    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -46,6 +46,78 @@ where
     }
 }
 
+/// Whether this run is CI's (`CI` set to `true` or `1`; `.ci/run` sets it).
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+}
+
+/// Says that the calling test cannot run on this machine, and why. Outside CI it prints
+/// `SKIPPED` and the test passes; in CI it fails, so that a broken install step turns CI
+/// red instead of hiding behind green.
+pub fn skip(reason: &str) {
+    let test = std::thread::current().name().unwrap_or("a test").to_string();
+    assert!(!in_ci(), "{test} cannot run: {reason}; CI must provide it (see .ci/run), so this is a failure there");
+    println!("SKIPPED {test}: {reason}");
+}
+
+/// A non-loopback IPv4 address of this host that a test can listen on and connect to.
+///
+/// As root the test makes its own (a veth interface with an address from
+/// 10.254.0.0/16, removed on drop), so the test never depends on how the host is
+/// networked; otherwise it borrows the host's primary address, if it has one.
+pub struct NonLoopback {
+    pub ip: std::net::IpAddr,
+    link: Option<String>,
+}
+
+impl NonLoopback {
+    /// Makes or finds one; `None` (after [`skip`]) when neither is possible.
+    pub fn get() -> Option<NonLoopback> {
+        if is_root() {
+            static NEXT: AtomicUsize = AtomicUsize::new(1);
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let tag = (std::process::id() as usize * 7 + n) % 60_000;
+            let (link, peer) = (format!("wt{tag}a"), format!("wt{tag}b"));
+            let ip = format!("10.254.{}.{}", tag / 250, tag % 250 + 1);
+            let ip_cmd = |args: &[&str]| Command::new("ip").args(args).status().is_ok_and(|s| s.success());
+            if ip_cmd(&["link", "add", &link, "type", "veth", "peer", "name", &peer])
+                && ip_cmd(&["addr", "add", &format!("{ip}/32"), "dev", &link])
+                && ip_cmd(&["link", "set", &link, "up"])
+            {
+                return Some(NonLoopback { ip: ip.parse().unwrap(), link: Some(link) });
+            }
+            let _ = Command::new("ip").args(["link", "del", &link]).status();
+        }
+        // The address the kernel would use toward a documentation-range address; no
+        // packet is sent.
+        let found = std::net::UdpSocket::bind("0.0.0.0:0")
+            .and_then(|socket| socket.connect("192.0.2.1:9").and_then(|()| socket.local_addr()))
+            .ok()
+            .map(|addr| addr.ip())
+            .filter(|ip| !ip.is_loopback() && !ip.is_unspecified());
+        match found {
+            Some(ip) => Some(NonLoopback { ip, link: None }),
+            None => {
+                skip("this host has no non-loopback IPv4 address, and only root can make one (ip link add ... veth)");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for NonLoopback {
+    fn drop(&mut self) {
+        if let Some(link) = &self.link {
+            let _ = Command::new("ip").args(["link", "del", link]).status();
+        }
+    }
+}
+
+/// Whether the tests run as root (network namespaces, interfaces).
+pub fn is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
 /// A temporary directory removed on drop.
 pub struct TempDir(pub PathBuf);
 
@@ -456,7 +528,7 @@ impl Etcd {
     /// certificate.
     pub async fn start_cluster(dir: &TempDir, name: &str, size: usize, tls: Option<&EtcdTls>) -> Option<Etcd> {
         if Command::new("etcd").arg("--version").stdout(Stdio::null()).status().is_err() {
-            println!("SKIPPED: etcd is not installed (Debian: apt-get install etcd-server)");
+            skip("etcd is not installed (Debian: apt-get install etcd-server)");
             return None;
         }
         let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();

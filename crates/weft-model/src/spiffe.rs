@@ -3,24 +3,35 @@
 //! well-formed one (peers may come from another SPIFFE issuer), following the SPIFFE ID
 //! specification: lowercase trust domain; path segments of letters, digits, `.`, `-` and
 //! `_`, none empty, `.` or `..`; no query, fragment, port or user info.
+//!
+//! They live in the model crate, not with the certificate code, because resources name
+//! identities too (`Workload.spec.identity`, authorization principals): validating a
+//! document must not pull a TLS stack into every crate that reads one.
 
 use std::fmt;
 
-use crate::IdentityError;
+/// Why a text is not a trust domain or a SPIFFE ID.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpiffeError {
+    #[error("{0:?} is not a valid trust domain: use lowercase letters, digits, '.', '-' and '_' (at most 255)")]
+    TrustDomain(String),
+    #[error("{id:?} is not a SPIFFE ID: {reason}")]
+    SpiffeId { id: String, reason: String },
+}
 
 /// A trust domain: the scope of one root of trust (`weft.local` by default).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TrustDomain(String);
 
 impl TrustDomain {
-    pub fn new(name: &str) -> Result<Self, IdentityError> {
+    pub fn new(name: &str) -> Result<Self, SpiffeError> {
         let valid = !name.is_empty()
             && name.len() <= 255
             && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'));
         if valid {
             Ok(TrustDomain(name.to_string()))
         } else {
-            Err(IdentityError::TrustDomain(name.to_string()))
+            Err(SpiffeError::TrustDomain(name.to_string()))
         }
     }
 
@@ -61,7 +72,7 @@ fn segment_ok(segment: &str) -> bool {
 
 impl SpiffeId {
     /// The identity weft gives a workload: `ns/<namespace>/sa/<service-account>`.
-    pub fn workload(trust_domain: &TrustDomain, namespace: &str, account: &str) -> Result<Self, IdentityError> {
+    pub fn workload(trust_domain: &TrustDomain, namespace: &str, account: &str) -> Result<Self, SpiffeError> {
         SpiffeId::parse(&format!("spiffe://{trust_domain}/ns/{namespace}/sa/{account}"))
     }
 
@@ -77,8 +88,8 @@ impl SpiffeId {
     }
 
     /// Reads a SPIFFE ID from its URI form.
-    pub fn parse(text: &str) -> Result<Self, IdentityError> {
-        let fail = |reason: &str| IdentityError::SpiffeId { id: text.to_string(), reason: reason.to_string() };
+    pub fn parse(text: &str) -> Result<Self, SpiffeError> {
+        let fail = |reason: &str| SpiffeError::SpiffeId { id: text.to_string(), reason: reason.to_string() };
         let rest = text.strip_prefix("spiffe://").ok_or_else(|| fail("it must start with spiffe://"))?;
         if rest.contains(['?', '#']) {
             return Err(fail("it cannot have a query or a fragment"));
