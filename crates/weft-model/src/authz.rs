@@ -29,8 +29,10 @@ pub struct Call<'a> {
     pub method: &'a str,
     /// As received: path and maybe query.
     pub path: &'a str,
-    /// The Service port.
-    pub port: u16,
+    /// The Service port, when the caller's proxy conveyed it (inside mutual TLS);
+    /// `None` when it cannot be known (a plaintext caller): port-scoped rules then fail
+    /// closed, a DENY applying and an ALLOW not.
+    pub port: Option<u16>,
     /// The first value of a request header (names are lowercase).
     pub header: &'a dyn Fn(&str) -> Option<&'a str>,
 }
@@ -185,15 +187,28 @@ fn compile_rule(rule: &AuthorizationRule) -> Result<Rule, String> {
     })
 }
 
+/// How a port condition judges a call whose port is unknown: it matches in a DENY
+/// policy and not in an ALLOW one, so not knowing the port never opens anything.
+#[derive(Clone, Copy)]
+enum UnknownPort {
+    Matches,
+    DoesNotMatch,
+}
+
 impl Rule {
-    fn matches(&self, caller: &Caller<'_>, call: &Call<'_>, path: &str) -> bool {
+    fn matches(&self, caller: &Caller<'_>, call: &Call<'_>, path: &str, unknown_port: UnknownPort) -> bool {
         let from = self.from.is_empty()
             || self.from.iter().any(|s| any(&s.principals, caller.principal) && any(&s.namespaces, caller.namespace));
+        let port_matches = |ports: &[u16]| match call.port {
+            _ if ports.is_empty() => true,
+            Some(port) => ports.contains(&port),
+            None => matches!(unknown_port, UnknownPort::Matches),
+        };
         let to = self.to.is_empty()
             || self.to.iter().any(|o| {
                 (o.methods.is_empty() || o.methods.iter().any(|m| m == call.method))
                     && any(&o.paths, Some(path))
-                    && (o.ports.is_empty() || o.ports.contains(&call.port))
+                    && port_matches(&o.ports)
             });
         let when = self.when.iter().all(|c| any(&c.values, (call.header)(&c.header)));
         from && to && when
@@ -260,12 +275,15 @@ impl Authorizer {
         let Some(path) = normalize_path(call.path) else {
             return Decision::Deny { policy: "(a path that cannot be normalised)".into() };
         };
-        let matching = |policy: &&Policy| policy.rules.iter().any(|rule| rule.matches(caller, call, &path));
-        if let Some(policy) = self.deny.iter().find(matching) {
+        let path = path.as_str();
+        let matching = |unknown_port| {
+            move |policy: &&Policy| policy.rules.iter().any(|rule| rule.matches(caller, call, path, unknown_port))
+        };
+        if let Some(policy) = self.deny.iter().find(matching(UnknownPort::Matches)) {
             return Decision::Deny { policy: policy.name.clone() };
         }
         if !self.allow.is_empty() {
-            return match self.allow.iter().find(matching) {
+            return match self.allow.iter().find(matching(UnknownPort::DoesNotMatch)) {
                 Some(policy) => Decision::Allow { policy: Some(policy.name.clone()) },
                 None => Decision::Deny { policy: "(no ALLOW policy matched)".into() },
             };
@@ -344,7 +362,7 @@ mod tests {
 
     fn decide(authorizer: &Authorizer, caller: &Caller<'_>, method: &str, path: &str) -> Decision {
         let header = |name: &str| (name == "x-debug").then_some("1");
-        authorizer.decide(caller, &Call { method, path, port: 80, header: &header })
+        authorizer.decide(caller, &Call { method, path, port: Some(80), header: &header })
     }
 
     #[test]
@@ -415,11 +433,25 @@ rules:
         assert!(decide(&authorizer, &caller(WEB), "DELETE", "/x").allowed());
         assert!(!decide(&authorizer, &caller("spiffe://weft.local/ns/default/sa/other"), "GET", "/").allowed());
         let no_header = |_: &str| None;
-        let call = Call { method: "GET", path: "/", port: 80, header: &no_header };
+        let call = Call { method: "GET", path: "/", port: Some(80), header: &no_header };
         assert!(!authorizer.decide(&caller(WEB), &call).allowed(), "the header condition must hold");
         let header = |_: &str| Some("1");
-        let call = Call { method: "GET", path: "/", port: 8080, header: &header };
+        let call = Call { method: "GET", path: "/", port: Some(8080), header: &header };
         assert!(!authorizer.decide(&caller(WEB), &call).allowed(), "another port");
+    }
+
+    #[test]
+    fn an_unknown_port_fails_closed() {
+        let deny = policy("targetRef: {kind: Service, name: r}\naction: DENY\nrules: [{to: [{ports: [80]}]}]\n");
+        let allow = policy("targetRef: {kind: Service, name: r}\naction: ALLOW\nrules: [{to: [{ports: [8080]}]}]\n");
+        let no_header = |_: &str| None;
+        let call = |port| Call { method: "GET", path: "/", port, header: &no_header };
+        let denying = Authorizer::new(&[("no-80", &deny)], DefaultPolicy::Allow).unwrap();
+        assert_eq!(denying.decide(&caller(WEB), &call(None)), Decision::Deny { policy: "no-80".into() });
+        assert!(denying.decide(&caller(WEB), &call(Some(8080))).allowed());
+        let allowing = Authorizer::new(&[("only-8080", &allow)], DefaultPolicy::Allow).unwrap();
+        assert!(!allowing.decide(&caller(WEB), &call(None)).allowed(), "an ALLOW for a port needs the port");
+        assert!(allowing.decide(&caller(WEB), &call(Some(8080))).allowed());
     }
 
     #[test]

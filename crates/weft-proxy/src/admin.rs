@@ -85,6 +85,7 @@ pub fn config_json(state: &SharedState) -> serde_json::Value {
                     "port": config.snapshot.services[service].ports[port].port,
                     "workload": endpoint.workload,
                     "address": endpoint.state.address,
+                    "identity": endpoint.state.key.identity.as_deref(),
                     "weight": endpoint.weight,
                     "rttEstimateMs": endpoint.state.rtt_estimate().as_secs_f64() * 1000.0,
                     "inFlight": endpoint.state.in_flight(),

@@ -7,7 +7,6 @@
 //! everything. Consistent hashing and zone preference will be further [`Algorithm`]s.
 
 use std::{
-    net::SocketAddr,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -77,10 +76,11 @@ impl Backend {
 
     /// Picks an endpoint, avoiding `avoid` (the endpoint a retry just failed on) when
     /// another is available. `None` only when there are no endpoints at all.
-    pub fn pick(&self, avoid: Option<SocketAddr>) -> Option<&Arc<EndpointState>> {
+    pub fn pick(&self, avoid: Option<&EndpointState>) -> Option<&Arc<EndpointState>> {
         let now = Instant::now();
         let now_nanos = monotonic_nanos(now);
-        let usable = |e: &WeightedEndpoint| !e.state.is_ejected(now_nanos) && Some(e.state.address) != avoid;
+        let avoided = |e: &WeightedEndpoint| avoid.is_some_and(|a| std::ptr::eq(a, &*e.state));
+        let usable = |e: &WeightedEndpoint| !e.state.is_ejected(now_nanos) && !avoided(e);
         if self.endpoints.iter().all(usable) {
             return self.pick_from(self.endpoints.iter().enumerate().map(|(i, _)| i), self.endpoints.len(), now);
         }
@@ -88,8 +88,7 @@ impl Backend {
         let healthy_weight: u64 = healthy.iter().map(|&i| self.endpoints[i].weight as u64).sum();
         if healthy.is_empty() || healthy_weight * 100 < self.total_weight * PANIC_THRESHOLD_PERCENT {
             // Panic mode: too little is healthy; spread over everything but the avoided.
-            let others: Vec<usize> =
-                (0..self.endpoints.len()).filter(|&i| Some(self.endpoints[i].state.address) != avoid).collect();
+            let others: Vec<usize> = (0..self.endpoints.len()).filter(|&i| !avoided(&self.endpoints[i])).collect();
             if others.is_empty() {
                 return self.endpoints.first().map(|e| &e.state);
             }
@@ -189,7 +188,10 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, &weight)| WeightedEndpoint {
-                state: registry.get(SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16))),
+                state: registry.get(crate::endpoint::EndpointKey::app(std::net::SocketAddr::from((
+                    [127, 0, 0, 1],
+                    1000 + i as u16,
+                )))),
                 weight,
                 workload: format!("w{i}"),
             })
@@ -252,9 +254,9 @@ mod tests {
     fn a_retry_avoids_the_endpoint_that_failed() {
         let registry = EndpointRegistry::default();
         let backend = backend(&registry, &[1, 1], LoadBalancerAlgorithm::P2cEwma);
-        let first = backend.endpoints[0].state.address;
+        let first = &backend.endpoints[0].state;
         for _ in 0..50 {
-            assert_ne!(backend.pick(Some(first)).unwrap().address, first);
+            assert!(!Arc::ptr_eq(backend.pick(Some(first)).unwrap(), first));
         }
     }
 }

@@ -1,12 +1,17 @@
 //! What the proxy learns about each endpoint at run time: a peak-EWMA latency estimate,
 //! the requests in flight, and outlier-detection (ejection) state.
 //!
-//! One [`EndpointState`] exists per endpoint address and is shared by every Service and
-//! snapshot that lists the address; [`EndpointRegistry`] hands out the same `Arc` across
-//! configuration swaps, so nothing learned is reset by a config change.
+//! One [`EndpointState`] exists per [`EndpointKey`] (the address, the identity the peer
+//! must prove, the protocol, and the Service port conveyed to a meshed peer) and is
+//! shared by every Service and snapshot that lists that endpoint; [`EndpointRegistry`]
+//! hands out the same `Arc` across configuration swaps, so nothing learned is reset by a
+//! config change. Two Workloads at one address with different identities are two
+//! endpoints: neither's security can leak into the other's, and pooled connections are
+//! keyed the same way (`pool.rs`).
 
 use std::{
     collections::HashMap,
+    hash::{Hash, Hasher},
     net::SocketAddr,
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -15,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use weft_model::spec::OutlierDetectionSpec;
+use weft_model::spec::{OutlierDetectionSpec, Protocol};
 
 /// RTT assumed for an endpoint never measured: optimistic enough that new endpoints are
 /// tried soon, pessimistic enough that one slow first response is not chased.
@@ -50,16 +55,56 @@ impl TryOutcome {
     }
 }
 
+/// What makes one endpoint distinct from another: two endpoints that differ in any part
+/// share no learned state and no connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointKey {
+    pub address: SocketAddr,
+    /// The SPIFFE ID the peer must prove over mutual TLS; `None`: plaintext.
+    pub identity: Option<Arc<str>>,
+    /// What the Service port carries.
+    pub protocol: Protocol,
+    /// The Service port the caller resolved, conveyed to a meshed peer inside the TLS
+    /// session (so that its authorization judges the real port); 0 for plaintext, which
+    /// conveys nothing.
+    pub service_port: u16,
+}
+
+impl EndpointKey {
+    /// The key of an endpoint reached over `protocol` through Service port `port`.
+    pub fn new(address: SocketAddr, identity: Option<Arc<str>>, protocol: Protocol, port: u16) -> Self {
+        let service_port = if identity.is_some() { port } else { 0 };
+        EndpointKey { address, identity, protocol, service_port }
+    }
+
+    /// The local application: plaintext, HTTP.
+    pub fn app(address: SocketAddr) -> Self {
+        EndpointKey { address, identity: None, protocol: Protocol::Http, service_port: 0 }
+    }
+}
+
+/// The identity stays out of the hash (equal keys still hash alike): keys that differ by
+/// identity alone are rare, and hashing a SPIFFE ID on every pool lookup is not free.
+impl Hash for EndpointKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.address.hash(state);
+        self.service_port.hash(state);
+        self.protocol.hash(state);
+    }
+}
+
 /// Runtime state of one endpoint.
 #[derive(Debug)]
 pub struct EndpointState {
+    pub key: EndpointKey,
     pub address: SocketAddr,
     in_flight: AtomicUsize,
     /// 0 when not ejected, else [`monotonic_nanos`] of the ejection's end.
     ejected_until: AtomicU64,
     rtt: Mutex<RttEstimate>,
     outlier: Mutex<OutlierState>,
-    /// Plaintext or mutual TLS (and with which identity), set from each configuration.
+    /// How the key's identity is reached: plaintext, mutual TLS, or not yet possible (no
+    /// credentials of this proxy's own yet); only ever changes within the key's identity.
     security: arc_swap::ArcSwap<crate::transport::PeerSecurity>,
 }
 
@@ -80,9 +125,10 @@ struct OutlierState {
 }
 
 impl EndpointState {
-    fn new(address: SocketAddr) -> Self {
+    fn new(key: EndpointKey) -> Self {
         EndpointState {
-            address,
+            address: key.address,
+            key,
             in_flight: AtomicUsize::new(0),
             ejected_until: AtomicU64::new(0),
             rtt: Mutex::new(RttEstimate {
@@ -230,27 +276,33 @@ impl Drop for InFlight {
     }
 }
 
-/// Hands out one shared [`EndpointState`] per address for as long as any snapshot uses it.
+/// Hands out one shared [`EndpointState`] per key for as long as any snapshot uses it.
 #[derive(Debug, Default)]
 pub struct EndpointRegistry {
-    states: Mutex<HashMap<SocketAddr, Weak<EndpointState>>>,
+    states: Mutex<HashMap<EndpointKey, Weak<EndpointState>>>,
 }
 
 impl EndpointRegistry {
-    /// The state for `address`, the same `Arc` as before if it is still in use.
-    pub fn get(&self, address: SocketAddr) -> Arc<EndpointState> {
+    /// The state for `key`, the same `Arc` as before if it is still in use.
+    pub fn get(&self, key: EndpointKey) -> Arc<EndpointState> {
         let mut states = self.states.lock().expect("registry lock poisoned");
-        if let Some(state) = states.get(&address).and_then(Weak::upgrade) {
+        if let Some(state) = states.get(&key).and_then(Weak::upgrade) {
             return state;
         }
-        let state = Arc::new(EndpointState::new(address));
-        states.insert(address, Arc::downgrade(&state));
+        let state = Arc::new(EndpointState::new(key.clone()));
+        states.insert(key, Arc::downgrade(&state));
         state
     }
 
-    /// Forgets addresses no snapshot uses any more.
+    /// Forgets endpoints no snapshot uses any more.
     pub fn prune(&self) {
         self.states.lock().expect("registry lock poisoned").retain(|_, state| state.strong_count() > 0);
+    }
+
+    /// Whether some snapshot still uses the endpoint `key`: pooled connections of keys
+    /// that are gone are closed rather than kept for their idle timeout.
+    pub fn is_current(&self, key: &EndpointKey) -> bool {
+        self.states.lock().expect("registry lock poisoned").get(key).is_some_and(|state| state.strong_count() > 0)
     }
 }
 
@@ -262,21 +314,40 @@ mod tests {
         OutlierDetectionSpec { consecutive5xx: 3, ..OutlierDetectionSpec::default() }
     }
 
+    fn key(identity: Option<&str>) -> EndpointKey {
+        EndpointKey::new("127.0.0.1:1".parse().unwrap(), identity.map(Arc::from), Protocol::Http, 80)
+    }
+
     #[test]
     fn registry_keeps_state_across_lookups() {
         let registry = EndpointRegistry::default();
-        let a = registry.get("127.0.0.1:1".parse().unwrap());
+        let a = registry.get(key(None));
         a.observe_rtt(Duration::from_millis(50), Instant::now());
-        let again = registry.get("127.0.0.1:1".parse().unwrap());
+        let again = registry.get(key(None));
         assert!(Arc::ptr_eq(&a, &again));
+        assert!(registry.is_current(&key(None)));
         drop((a, again));
         registry.prune();
         assert!(registry.states.lock().unwrap().is_empty());
+        assert!(!registry.is_current(&key(None)));
+    }
+
+    #[test]
+    fn one_address_with_other_security_is_another_endpoint() {
+        let registry = EndpointRegistry::default();
+        let plaintext = registry.get(key(None));
+        let reviews = registry.get(key(Some("spiffe://weft.local/ns/default/sa/reviews")));
+        let ratings = registry.get(key(Some("spiffe://weft.local/ns/default/sa/ratings")));
+        assert!(!Arc::ptr_eq(&plaintext, &reviews) && !Arc::ptr_eq(&reviews, &ratings));
+        assert_eq!(plaintext.key.service_port, 0, "plaintext conveys no port");
+        assert_eq!(reviews.key.service_port, 80);
+        let grpc = EndpointKey { protocol: Protocol::Grpc, ..reviews.key.clone() };
+        assert!(!Arc::ptr_eq(&registry.get(grpc), &reviews), "another protocol is another endpoint");
     }
 
     #[test]
     fn peak_is_taken_at_once_and_decays_slowly() {
-        let state = EndpointState::new("127.0.0.1:1".parse().unwrap());
+        let state = EndpointState::new(key(None));
         let now = Instant::now();
         state.observe_rtt(Duration::from_millis(100), now);
         state.observe_rtt(Duration::from_millis(1), now + Duration::from_millis(10));
@@ -288,7 +359,7 @@ mod tests {
 
     #[test]
     fn consecutive_errors_eject_with_growing_length_and_success_resets() {
-        let state = EndpointState::new("127.0.0.1:1".parse().unwrap());
+        let state = EndpointState::new(key(None));
         let policy = policy();
         let now = Instant::now();
         for _ in 0..2 {
@@ -316,7 +387,7 @@ mod tests {
 
     #[test]
     fn max_ejection_percent_is_respected() {
-        let state = EndpointState::new("127.0.0.1:1".parse().unwrap());
+        let state = EndpointState::new(key(None));
         let policy = policy();
         for _ in 0..5 {
             assert_eq!(state.record_outcome(TryOutcome::ConnectFailure, &policy, Instant::now(), || false), None);

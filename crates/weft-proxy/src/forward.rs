@@ -104,6 +104,27 @@ fn authority_in<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
     }
 }
 
+/// Refuses a request whose authority is ambiguous, before anything routes or judges it:
+/// more than one `Host` header (RFC 9112 §3.2 requires 400), or an HTTP/2 request whose
+/// `Host` names another authority than its `:authority` (RFC 9113 §8.3.1). Either would
+/// let one part of the mesh route on one name while another judges the other.
+///
+/// An HTTP/1.1 absolute-form request may carry a different `Host`: its URI wins and the
+/// `Host` sent on is rewritten from it ([`prepare`]), as RFC 9112 §3.2.2 has proxies do.
+pub fn check_authority(parts: &http::request::Parts) -> Result<(), &'static str> {
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err("the request has more than one Host header");
+    }
+    if let (Version::HTTP_2, Some(host), Some(authority)) = (parts.version, host, parts.uri.authority()) {
+        if !host.as_bytes().eq_ignore_ascii_case(authority.as_str().as_bytes()) {
+            return Err("the request's Host header and :authority disagree");
+        }
+    }
+    Ok(())
+}
+
 /// Shapes a request for `wire`: origin-form URI and a Host header for HTTP/1.1, an
 /// absolute URI (`:scheme`, `:authority`) for HTTP/2.
 pub fn prepare(parts: &mut http::request::Parts, authority: &str, wire: Wire, upgrade: bool) {
@@ -192,6 +213,19 @@ mod tests {
         assert!(!headers.contains_key(header::CONNECTION));
         assert_eq!(headers[header::TE], "trailers");
         assert_eq!(headers["x-end-to-end"], "1");
+    }
+
+    #[test]
+    fn ambiguous_authorities_are_refused() {
+        let parts = |request: http::request::Builder| request.body(()).unwrap().into_parts().0;
+        let two_hosts = parts(Request::get("/").header("host", "a").header("host", "b"));
+        assert!(check_authority(&two_hosts).unwrap_err().contains("more than one Host"));
+        let h2 = |host: &str| parts(Request::get("http://reviews/").version(Version::HTTP_2).header("host", host));
+        assert!(check_authority(&h2("reviews:8080")).unwrap_err().contains("disagree"));
+        assert_eq!(check_authority(&h2("REVIEWS")), Ok(()), "host names compare without case");
+        let absolute = parts(Request::get("http://reviews/").header("host", "other"));
+        assert_eq!(check_authority(&absolute), Ok(()), "HTTP/1.1 absolute form: the URI wins");
+        assert_eq!(check_authority(&parts(Request::get("/").header("host", "reviews"))), Ok(()));
     }
 
     #[test]

@@ -99,8 +99,9 @@ async fn serve_mesh_connection(
         }
     };
     let (_, connection) = stream.get_ref();
-    let peer =
-        weft_identity::tls::peer_identity(connection.peer_certificates()).map(|id| Arc::new(MeshCaller::new(&id)));
+    let port = transport::conveyed_port(connection.server_name());
+    let peer = weft_identity::tls::peer_identity(connection.peer_certificates())
+        .map(|id| Arc::new(MeshCaller::new(&id, port)));
     let alpn = connection.alpn_protocol().map(<[u8]>::to_vec);
     match alpn.as_deref() {
         Some(ALPN_HTTP2) | Some(transport::ALPN_HTTP1) => {
@@ -116,26 +117,30 @@ async fn serve_mesh_connection(
 }
 
 /// A meshed caller as its certificate proved it, rendered once per connection: every
-/// request on it is judged on these strings.
+/// request on it is judged on these strings, and on the Service port its proxy conveyed
+/// in the TLS server name. The port is the caller proxy's word, never the application's:
+/// a `Host` header is written by the application, so it decides nothing here.
 struct MeshCaller {
     principal: String,
     namespace: Option<String>,
+    /// `None` when the caller's proxy conveyed no port (then port rules fail closed).
+    port: Option<u16>,
 }
 
 impl MeshCaller {
-    fn new(id: &SpiffeId) -> Self {
-        MeshCaller { principal: id.to_string(), namespace: id.workload_parts().map(|(ns, _)| ns.to_string()) }
+    fn new(id: &SpiffeId, port: Option<u16>) -> Self {
+        MeshCaller { principal: id.to_string(), namespace: id.workload_parts().map(|(ns, _)| ns.to_string()), port }
     }
 }
 
 /// Judges one request (or, with no method, a TCP connection) from `peer` against this
 /// proxy's own Service, and counts the decision. Without an own Service nothing applies.
+/// The Service port is the one `peer`'s proxy conveyed; a plaintext caller's is unknown.
 fn authorize(
     state: &SharedState,
     peer: Option<&MeshCaller>,
     method: &str,
     path: &str,
-    port: Option<u16>,
     headers: Option<&http::HeaderMap>,
 ) -> Result<(), ProxyFailure> {
     let config = state.config.load();
@@ -144,7 +149,7 @@ fn authorize(
     let caller =
         Caller { principal: peer.map(|p| p.principal.as_str()), namespace: peer.and_then(|p| p.namespace.as_deref()) };
     let header = |name: &str| headers.and_then(|h| h.get(name)).and_then(|v| v.to_str().ok());
-    let port = port.unwrap_or_else(|| service.ports.first().map_or(0, |p| p.port));
+    let port = peer.and_then(|p| p.port);
     let decision = service.authorizer.decide(&caller, &Call { method, path, port, header: &header });
     let (label, policy) = match &decision {
         Decision::Allow { policy } => ("allow", policy.clone().unwrap_or_default()),
@@ -183,7 +188,7 @@ async fn relay_to_app(
 /// [`authorize`] for an opaque TCP connection: HTTP-only conditions (methods, paths,
 /// headers) never match it. A denied connection is closed.
 fn authorize_connection(state: &SharedState, peer: Option<&MeshCaller>) -> bool {
-    match authorize(state, peer, "", "/", None, None) {
+    match authorize(state, peer, "", "/", None) {
         Ok(()) => true,
         Err(failure) => {
             tracing::info!(%failure, "closed an inbound TCP connection");
@@ -204,9 +209,11 @@ async fn handle(
     let upgrade = forward::is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
     let (mut parts, incoming) = request.into_parts();
     let authority = forward::authority(&parts).unwrap_or_else(|| app.to_string());
-    let port = authority.rsplit_once(':').and_then(|(_, port)| port.parse().ok());
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    if let Err(failure) = authorize(&state, peer.as_deref(), parts.method.as_str(), path, port, Some(&parts.headers)) {
+    let judged = forward::check_authority(&parts)
+        .map_err(|reason| ProxyFailure::BadRequest(reason.into()))
+        .and_then(|()| authorize(&state, peer.as_deref(), parts.method.as_str(), path, Some(&parts.headers)));
+    if let Err(failure) = judged {
         let reason = failure.reason();
         let response = failure.into_response(grpc);
         let routed = Routed::new(state.own_label.clone(), peer.is_some());

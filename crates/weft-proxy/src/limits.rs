@@ -4,16 +4,23 @@
 //!
 //! One [`Limiter`] per Service, kept across configuration swaps (its counters are live
 //! state); a swap only updates the maxima.
+//!
+//! `maxConnections` counts every open upstream connection, idle ones included, across
+//! all workers; but each worker's idle connections sit in its own thread-local pool
+//! (`pool.rs`), out of the other workers' reach. So a worker that finds the limit reached
+//! while connections idle elsewhere asks for them ([`Limiter::reclaim_idle`]): every
+//! worker's housekeeping closes idle connections of that limiter, which frees their
+//! permits. The limit stays exact and no worker starves behind another's idle pool.
 
 use std::{
     sync::{
         atomic::{AtomicUsize, Ordering},
-        Arc,
+        Arc, OnceLock,
     },
     time::Duration,
 };
 
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use weft_model::spec::ConnectionLimitsSpec;
 
 /// Live counters and maxima for one backend Service.
@@ -25,8 +32,57 @@ pub struct Limiter {
     requests: AtomicUsize,
     connections: AtomicUsize,
     pending: AtomicUsize,
+    /// Pooled connections idle now, in any worker.
+    idle: AtomicUsize,
+    /// Idle connections some worker waits to see closed.
+    reclaim_wanted: AtomicUsize,
     /// Woken when a connection closes or returns idle to the pool.
     connection_freed: Notify,
+}
+
+/// Bumped whenever some limiter wants idle connections closed; every worker watches it.
+fn reclaim_signal() -> &'static watch::Sender<u64> {
+    static SIGNAL: OnceLock<watch::Sender<u64>> = OnceLock::new();
+    SIGNAL.get_or_init(|| watch::channel(0).0)
+}
+
+/// A worker's view of reclaim requests: [`ReclaimWatch::requested`] completes when some
+/// limiter asked for idle connections since the last call.
+pub struct ReclaimWatch(watch::Receiver<u64>);
+
+impl ReclaimWatch {
+    pub fn new() -> Self {
+        ReclaimWatch(reclaim_signal().subscribe())
+    }
+
+    pub async fn requested(&mut self) {
+        // The sender is static: it never closes.
+        let _ = self.0.changed().await;
+    }
+}
+
+impl Default for ReclaimWatch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Counts one pooled connection as idle while it lives.
+#[derive(Debug)]
+pub struct IdleMark(Arc<Limiter>);
+
+impl IdleMark {
+    /// Whether a worker waits for an idle connection of this limiter to close; if so,
+    /// that request is taken (the caller closes this connection).
+    pub fn reclaim_wanted(&self) -> bool {
+        self.0.reclaim_wanted.fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| w.checked_sub(1)).is_ok()
+    }
+}
+
+impl Drop for IdleMark {
+    fn drop(&mut self) {
+        self.0.idle.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Which limit refused a request.
@@ -88,9 +144,24 @@ impl Limiter {
         woken.map_err(|_| LimitExceeded::MaxConnections(self.max_connections.load(Ordering::Relaxed)))
     }
 
-    /// Tells one waiter that a pooled connection became idle.
-    pub fn connection_returned(&self) {
+    /// Tells one waiter that a pooled connection became idle; the mark counts it idle
+    /// until the connection is checked out or closed.
+    pub fn connection_returned(self: &Arc<Self>) -> IdleMark {
+        self.idle.fetch_add(1, Ordering::AcqRel);
         self.connection_freed.notify_one();
+        IdleMark(self.clone())
+    }
+
+    /// Called at `maxConnections`: if connections of this limiter idle (in this worker's
+    /// pool or another's), asks every worker to close one, so that its permit frees.
+    pub fn reclaim_idle(&self) {
+        let idle = self.idle.load(Ordering::Acquire);
+        if idle == 0 {
+            return;
+        }
+        // At most as many requests as there are idle connections.
+        let _ = self.reclaim_wanted.fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| (w < idle).then_some(w + 1));
+        reclaim_signal().send_modify(|generation| *generation = generation.wrapping_add(1));
     }
 }
 
@@ -157,5 +228,23 @@ mod tests {
         drop(permit);
         assert_eq!(waiter.await.unwrap(), Ok(()));
         assert!(limiter.try_open_connection().is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_waiter_asks_workers_to_close_idle_connections() {
+        let limiter = limiter(10, 1, 1);
+        let mut reclaim = ReclaimWatch::new();
+        limiter.reclaim_idle();
+        let nothing_idle = tokio::time::timeout(Duration::from_millis(50), reclaim.requested()).await;
+        assert!(nothing_idle.is_err(), "with nothing idle, nobody is asked");
+        let idle = limiter.connection_returned();
+        assert!(!idle.reclaim_wanted());
+        limiter.reclaim_idle();
+        limiter.reclaim_idle();
+        reclaim.requested().await;
+        assert!(idle.reclaim_wanted(), "one idle connection is asked for");
+        assert!(!idle.reclaim_wanted(), "and only as many as are idle");
+        drop(idle);
+        assert_eq!(limiter.idle.load(Ordering::Relaxed), 0);
     }
 }

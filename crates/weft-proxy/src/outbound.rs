@@ -6,7 +6,13 @@
 //! balancing, outlier detection and connection limits from the backend Service that owns
 //! the endpoint. A backend Service's own routes are not applied again.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Instant,
+};
 
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body::Body as _;
@@ -107,6 +113,7 @@ async fn route_request(
 ) -> Result<Response<Body>, ProxyFailure> {
     let downstream_upgrade = forward::is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
     let (mut parts, incoming) = request.into_parts();
+    forward::check_authority(&parts).map_err(|reason| ProxyFailure::BadRequest(reason.into()))?;
     let mut authority =
         forward::authority(&parts).ok_or_else(|| ProxyFailure::BadRequest("the request has no Host".into()))?;
     let snapshot = &config.snapshot;
@@ -168,21 +175,25 @@ async fn route_request(
         BackendTarget::Unresolved(what) => return Err(ProxyFailure::UnresolvedBackend(what)),
     };
     let backend = config.backends[backend_service][backend_port].clone();
-    routed.tls = backend.endpoints.first().is_some_and(|e| e.state.is_meshed());
+    // Set by each try to the security of the endpoint it used: the `tls` label describes
+    // the hop the response (or failure) came from, not the backend's first endpoint.
+    let meshed = AtomicBool::new(false);
     let retries = service.policy.retries.as_ref();
     let try_timeout = try_timeout.or(retries.and_then(|r| r.per_try_timeout).map(|d| d.0));
     let budget = &config.budgets[service_index];
 
     let exchange = async {
         if let Some(downstream_upgrade) = downstream_upgrade {
-            return send_upgrade(state, &backend, parts, incoming, &authority, downstream_upgrade).await;
+            return send_upgrade(state, &backend, parts, incoming, &authority, downstream_upgrade, &meshed).await;
         }
-        send_with_retries(state, &backend, budget, retries, try_timeout, parts, incoming, &authority).await
+        send_with_retries(state, &backend, budget, retries, try_timeout, parts, incoming, &authority, &meshed).await
     };
-    let mut response = match request_timeout {
-        Some(limit) => tokio::time::timeout(limit, exchange).await.map_err(|_| ProxyFailure::RequestTimeout)??,
-        None => exchange.await?,
+    let result = match request_timeout {
+        Some(limit) => tokio::time::timeout(limit, exchange).await.unwrap_or(Err(ProxyFailure::RequestTimeout)),
+        None => exchange.await,
     };
+    routed.tls = meshed.load(Ordering::Relaxed);
+    let mut response = result?;
     for filter in response_filters {
         if let Filter::ResponseHeaderModifier(modifier) = filter {
             modify_headers(response.headers_mut(), modifier);
@@ -313,6 +324,7 @@ async fn send_with_retries(
     parts: http::request::Parts,
     incoming: Incoming,
     authority: &str,
+    meshed: &AtomicBool,
 ) -> Result<Response<Body>, ProxyFailure> {
     let retry_on = retries.map(|r| r.retry_on.as_slice()).unwrap_or(&[]);
     let attempts = retries.map_or(0, |r| r.attempts);
@@ -338,12 +350,14 @@ async fn send_with_retries(
     let wire = wire_for(backend.protocol, is_grpc(&parts.headers));
     let mut template = Some(parts);
     let mut unsent: Option<Box<Request<Body>>> = None;
-    let mut avoid = None;
+    let mut avoid: Option<Arc<crate::endpoint::EndpointState>> = None;
     let mut attempt = 1;
     loop {
         let permit =
             backend.limiter.start_request().map_err(|e| ProxyFailure::Overloaded(format!("{}: {e}", backend.name)))?;
-        let endpoint = backend.pick(avoid).ok_or_else(|| ProxyFailure::NoEndpoints(backend.name.to_string()))?.clone();
+        let endpoint =
+            backend.pick(avoid.as_deref()).ok_or_else(|| ProxyFailure::NoEndpoints(backend.name.to_string()))?.clone();
+        meshed.store(endpoint.is_meshed(), Ordering::Relaxed);
         let request = match unsent.take() {
             Some(request) => *request,
             None => {
@@ -395,7 +409,7 @@ async fn send_with_retries(
                 let pause = backoff(&retries.expect("retries configured").backoff, attempt);
                 tokio::time::sleep(pause).await;
                 unsent = returned;
-                avoid = Some(endpoint.address);
+                avoid = Some(endpoint);
                 attempt += 1;
                 continue;
             }
@@ -432,6 +446,7 @@ fn observed_latency(end: TryEnd, elapsed: std::time::Duration, penalty: std::tim
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn send_upgrade(
     state: &SharedState,
     backend: &Arc<Backend>,
@@ -439,10 +454,12 @@ async fn send_upgrade(
     incoming: Incoming,
     authority: &str,
     downstream_upgrade: hyper::upgrade::OnUpgrade,
+    meshed: &AtomicBool,
 ) -> Result<Response<Body>, ProxyFailure> {
     let permit =
         backend.limiter.start_request().map_err(|e| ProxyFailure::Overloaded(format!("{}: {e}", backend.name)))?;
     let endpoint = backend.pick(None).ok_or_else(|| ProxyFailure::NoEndpoints(backend.name.to_string()))?.clone();
+    meshed.store(endpoint.is_meshed(), Ordering::Relaxed);
     forward::prepare(&mut parts, authority, crate::pool::Wire::Http1, true);
     let request = Request::from_parts(parts, body::boxed(incoming));
     let mut response =

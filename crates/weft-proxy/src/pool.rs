@@ -4,13 +4,15 @@
 //! Each worker is a single-threaded runtime, so the pool is thread-local: no lock on the
 //! hot path. An HTTP/1.1 connection returns to the pool when its response body ends (the
 //! most recently used first, as it is the likeliest still open). Pooled connections are
-//! keyed by endpoint address, so configuration swaps keep them. A request that a stale
+//! keyed by [`EndpointKey`] — address, the identity the peer proved, protocol and the
+//! Service port conveyed to it — so configuration swaps keep them, while a connection
+//! opened under other security (plaintext before the endpoint was meshed, another
+//! identity) is never reused and closes at the next eviction. A request that a stale
 //! pooled connection refuses before sending anything is re-sent on a fresh connection.
 
 use std::{
     cell::RefCell,
     collections::HashMap,
-    net::SocketAddr,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -28,7 +30,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::{
     body::{self, Body, BoxError},
-    limits::{LimitExceeded, Limiter},
+    endpoint::EndpointKey,
+    limits::{IdleMark, LimitExceeded, Limiter},
     transport::{self, Carried, ConnectError, Upstream},
     word_hash::WordHashBuilder,
 };
@@ -83,12 +86,13 @@ pub struct Connector {
 struct IdleConnection {
     sender: http1::SendRequest<Body>,
     idle_since: Instant,
-    limiter: Arc<Limiter>,
+    /// Counts it as idle for its limiter (see `limits.rs`: idle connections reclaimed).
+    mark: IdleMark,
 }
 
 thread_local! {
-    static IDLE_HTTP1: RefCell<HashMap<SocketAddr, Vec<IdleConnection>, WordHashBuilder>> = RefCell::new(HashMap::default());
-    static HTTP2: RefCell<HashMap<SocketAddr, http2::SendRequest<Body>, WordHashBuilder>> = RefCell::new(HashMap::default());
+    static IDLE_HTTP1: RefCell<HashMap<EndpointKey, Vec<IdleConnection>, WordHashBuilder>> = RefCell::new(HashMap::default());
+    static HTTP2: RefCell<HashMap<EndpointKey, http2::SendRequest<Body>, WordHashBuilder>> = RefCell::new(HashMap::default());
 }
 
 impl Connector {
@@ -113,14 +117,14 @@ impl Connector {
         limiter: &Arc<Limiter>,
         mut request: Request<Body>,
     ) -> Result<Response<Body>, SendFailure> {
-        let address = upstream.address();
+        let key = upstream.key();
         // Pooled connections first; one that turns out closed hands the request back.
-        while let Some(mut sender) = self.checkout_http1(address) {
+        while let Some(mut sender) = self.checkout_http1(&key) {
             if sender.ready().await.is_err() {
                 continue;
             }
             match sender.try_send_request(request).await {
-                Ok(response) => return Ok(self.pooled_response(address, sender, limiter.clone(), response)),
+                Ok(response) => return Ok(self.pooled_response(&key, sender, limiter.clone(), response)),
                 Err(mut error) => match error.take_message() {
                     Some(unsent) => request = unsent,
                     None => return Err(SendFailure::sent(SendError::Reset(error.into_error()))),
@@ -132,13 +136,13 @@ impl Connector {
             Err(error) => return Err(SendFailure { error, unsent: Some(Box::new(request)) }),
         };
         let response = sender.send_request(request).await.map_err(|e| SendFailure::sent(SendError::Reset(e)))?;
-        Ok(self.pooled_response(address, sender, limiter.clone(), response))
+        Ok(self.pooled_response(&key, sender, limiter.clone(), response))
     }
 
-    fn checkout_http1(&self, address: SocketAddr) -> Option<http1::SendRequest<Body>> {
+    fn checkout_http1(&self, key: &EndpointKey) -> Option<http1::SendRequest<Body>> {
         IDLE_HTTP1.with(|pool| {
             let mut pool = pool.borrow_mut();
-            let idle = pool.get_mut(&address)?;
+            let idle = pool.get_mut(key)?;
             while let Some(connection) = idle.pop() {
                 if connection.sender.is_closed() || connection.idle_since.elapsed() > self.idle_timeout {
                     continue; // dropping the sender closes the connection
@@ -159,8 +163,9 @@ impl Connector {
             if let Ok(permit) = limiter.try_open_connection() {
                 break permit;
             }
+            limiter.reclaim_idle();
             limiter.wait_for_connection(self.connect_timeout).await.map_err(SendError::Limit)?;
-            if let Some(sender) = self.checkout_http1(address) {
+            if let Some(sender) = self.checkout_http1(&upstream.key()) {
                 return Ok(sender);
             }
         };
@@ -179,17 +184,13 @@ impl Connector {
 
     fn pooled_response(
         &self,
-        address: SocketAddr,
+        key: &EndpointKey,
         sender: http1::SendRequest<Body>,
         limiter: Arc<Limiter>,
         response: Response<Incoming>,
     ) -> Response<Body> {
         response.map(|incoming| {
-            body::boxed(PooledBody {
-                inner: incoming,
-                home: Some(IdleConnection { sender, idle_since: Instant::now(), limiter }),
-                address,
-            })
+            body::boxed(PooledBody { inner: incoming, home: Some((sender, limiter)), key: key.clone() })
         })
     }
 
@@ -217,7 +218,8 @@ impl Connector {
         limiter: &Arc<Limiter>,
     ) -> Result<http2::SendRequest<Body>, SendError> {
         let address = upstream.address();
-        let existing = HTTP2.with(|pool| pool.borrow().get(&address).filter(|s| !s.is_closed()).cloned());
+        let key = upstream.key();
+        let existing = HTTP2.with(|pool| pool.borrow().get(&*key).filter(|s| !s.is_closed()).cloned());
         if let Some(sender) = existing {
             return Ok(sender);
         }
@@ -225,6 +227,7 @@ impl Connector {
             if let Ok(permit) = limiter.try_open_connection() {
                 break permit;
             }
+            limiter.reclaim_idle();
             limiter.wait_for_connection(self.connect_timeout).await.map_err(SendError::Limit)?;
         };
         let io = transport::connect(upstream, Carried::Http2, self.connect_timeout).await?;
@@ -241,7 +244,7 @@ impl Connector {
             }
             drop(permit);
         });
-        HTTP2.with(|pool| pool.borrow_mut().insert(address, sender.clone()));
+        HTTP2.with(|pool| pool.borrow_mut().insert(key.into_owned(), sender.clone()));
         Ok(sender)
     }
 
@@ -270,21 +273,20 @@ impl Connector {
 /// A response body that puts its HTTP/1.1 connection back in the pool when it ends.
 struct PooledBody {
     inner: Incoming,
-    home: Option<IdleConnection>,
-    address: SocketAddr,
+    /// The connection and its limiter, until the body ends and it goes back to the pool.
+    home: Option<(http1::SendRequest<Body>, Arc<Limiter>)>,
+    key: EndpointKey,
 }
 
 impl PooledBody {
     fn release(&mut self) {
-        if let Some(mut connection) = self.home.take() {
-            connection.idle_since = Instant::now();
-            let limiter = connection.limiter.clone();
+        if let Some((sender, limiter)) = self.home.take() {
             // No count cap here: every pooled connection still holds its `maxConnections`
             // permit, and idle ones expire after `idle_timeout`. A fixed cap below the
             // concurrency closed and reopened connections on every burst (a 320-stream
             // h2c load opened ~1,000 upstream connections in 3 s behind a cap of 256).
-            IDLE_HTTP1.with(|pool| pool.borrow_mut().entry(self.address).or_default().push(connection));
-            limiter.connection_returned();
+            let connection = IdleConnection { sender, idle_since: Instant::now(), mark: limiter.connection_returned() };
+            IDLE_HTTP1.with(|pool| pool.borrow_mut().entry(self.key.clone()).or_default().push(connection));
         }
     }
 }
@@ -323,15 +325,32 @@ impl Drop for PooledBody {
     }
 }
 
-/// Closes this thread's idle HTTP/1.1 connections older than `idle_timeout`, and drops
-/// HTTP/2 connections that have closed.
-pub fn evict_idle(idle_timeout: Duration) {
+/// Closes this thread's idle HTTP/1.1 connections that a worker at `maxConnections`
+/// waits for (`limits.rs`), so that their permits free.
+pub fn reclaim_idle() {
     IDLE_HTTP1.with(|pool| {
         let mut pool = pool.borrow_mut();
         for idle in pool.values_mut() {
+            idle.retain(|connection| !connection.mark.reclaim_wanted());
+        }
+        pool.retain(|_, idle| !idle.is_empty());
+    });
+}
+
+/// Closes this thread's idle HTTP/1.1 connections older than `idle_timeout` or to an
+/// endpoint that is no longer `current` (its address now has another identity, say),
+/// and drops HTTP/2 connections that have closed or are no longer current (open
+/// streams finish: hyper closes the connection once the last one ends).
+pub fn evict_idle(idle_timeout: Duration, current: impl Fn(&EndpointKey) -> bool) {
+    IDLE_HTTP1.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        for (key, idle) in pool.iter_mut() {
+            if !current(key) {
+                idle.clear();
+            }
             idle.retain(|c| !c.sender.is_closed() && c.idle_since.elapsed() <= idle_timeout);
         }
         pool.retain(|_, idle| !idle.is_empty());
     });
-    HTTP2.with(|pool| pool.borrow_mut().retain(|_, sender| !sender.is_closed()));
+    HTTP2.with(|pool| pool.borrow_mut().retain(|key, sender| !sender.is_closed() && current(key)));
 }

@@ -84,7 +84,11 @@ pub fn run(mut settings: ProxySettings) -> Result<Option<i32>, ProxyError> {
         outbound: local(&outbound_listeners),
         inbound: inbound_listeners.as_deref().map(local),
         admin: admin_listener.local_addr().expect("bound listener has an address"),
-        upstreams: upstream_listeners.iter().map(|(u, l)| (u.service.clone(), local(l))).collect(),
+        // `SERVICE`, or `SERVICE:PORT` for an upstream to one port of it.
+        upstreams: upstream_listeners
+            .iter()
+            .map(|(u, l)| (u.port.map_or_else(|| u.service.clone(), |port| format!("{}:{port}", u.service)), local(l)))
+            .collect(),
     };
     if let Some(path) = &settings.ports_file {
         let json = serde_json::to_string_pretty(&ports).expect("ports serialize");
@@ -131,7 +135,7 @@ pub fn run(mut settings: ProxySettings) -> Result<Option<i32>, ProxyError> {
             .spawn(move || {
                 runtime.block_on(async move {
                     let mut tasks = tokio::task::JoinSet::new();
-                    tasks.spawn(housekeeping(state.settings.idle_timeout, watch.clone()));
+                    tasks.spawn(housekeeping(state.clone(), watch.clone()));
                     let outbound_state = state.clone();
                     tasks.spawn(accept_loop(outbound_listener, watch.clone(), move |stream, _peer, drain| {
                         let state = outbound_state.clone();
@@ -269,18 +273,24 @@ pub fn run(mut settings: ProxySettings) -> Result<Option<i32>, ProxyError> {
     })
 }
 
-/// Per-worker upkeep once a second: closes expired idle pooled connections.
+/// Per-worker upkeep: once a second, closes pooled connections that expired or whose
+/// endpoint is gone (or now has other security); at once, idle connections another
+/// worker at `maxConnections` waits for.
 ///
 /// The tick also keeps the worker's timer wheel armed within a second, which matters on
 /// the hot path: tokio wakes its driver through an eventfd write whenever a new timer is
 /// due sooner than the driver's next wake, so without a nearer timer every request's
 /// 30s header-read timeout would cost a syscall and an extra loop turn.
-async fn housekeeping(idle_timeout: std::time::Duration, mut drain: listener::DrainWatch) {
+async fn housekeeping(state: Arc<SharedState>, mut drain: listener::DrainWatch) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reclaim = crate::limits::ReclaimWatch::new();
+    let app = state.settings.app_addr.map(crate::endpoint::EndpointKey::app);
+    let current = |key: &crate::endpoint::EndpointKey| app.as_ref() == Some(key) || state.endpoints.is_current(key);
     loop {
         tokio::select! {
-            _ = tick.tick() => crate::pool::evict_idle(idle_timeout),
+            _ = tick.tick() => crate::pool::evict_idle(state.settings.idle_timeout, current),
+            _ = reclaim.requested() => crate::pool::reclaim_idle(),
             _ = drain.signaled() => return,
         }
     }

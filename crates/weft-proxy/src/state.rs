@@ -20,7 +20,7 @@ use weft_model::{snapshot::ServicePolicy, Snapshot};
 
 use crate::{
     balance::{Backend, WeightedEndpoint},
-    endpoint::EndpointRegistry,
+    endpoint::{EndpointKey, EndpointRegistry},
     limits::Limiter,
     metrics::Metrics,
     pool::Connector,
@@ -187,7 +187,8 @@ impl SharedState {
                             .endpoints
                             .iter()
                             .map(|e| {
-                                let state = self.endpoints.get(e.address);
+                                let key = EndpointKey::new(e.address, e.identity.clone(), port.protocol, port.port);
+                                let state = self.endpoints.get(key);
                                 state.set_security(self.peer_security(e.identity.as_ref()));
                                 WeightedEndpoint { state, weight: e.weight, workload: e.workload.clone() }
                             })

@@ -1,7 +1,7 @@
 //! Opaque TCP forwarding: `--upstream` listeners toward a Service, and inbound
 //! connections that are not HTTP.
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{sync::Arc, time::Instant};
 
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt},
@@ -72,9 +72,9 @@ pub async fn serve_upstream_client(state: Arc<SharedState>, upstream: Arc<Upstre
         }
     };
     let backend = config.backends[service][port].clone();
-    let mut avoid: Option<SocketAddr> = None;
+    let mut avoid: Option<Arc<crate::endpoint::EndpointState>> = None;
     for _ in 0..CONNECT_TRIES {
-        let Some(endpoint) = backend.pick(avoid).cloned() else {
+        let Some(endpoint) = backend.pick(avoid.as_deref()).cloned() else {
             tracing::warn!(service = %backend.name, "no endpoints for TCP upstream; closing the client connection");
             return;
         };
@@ -92,7 +92,7 @@ pub async fn serve_upstream_client(state: Arc<SharedState>, upstream: Arc<Upstre
                 // A refused connect is not a fast endpoint: it counts the connect timeout.
                 let latency = started.elapsed().max(state.settings.connect_timeout);
                 backend.record_try(&endpoint, TryOutcome::ConnectFailure, latency, &state.metrics);
-                avoid = Some(endpoint.address);
+                avoid = Some(endpoint);
             }
         }
     }

@@ -26,7 +26,7 @@ use weft_identity::{
     SpiffeId,
 };
 
-use crate::endpoint::EndpointState;
+use crate::endpoint::{EndpointKey, EndpointState};
 
 /// ALPN of HTTP/1.1 between proxies (kept as the application spoke it, so upgrades
 /// such as WebSocket work unchanged).
@@ -96,6 +96,36 @@ impl MeshPeer {
     }
 }
 
+/// The DNS suffix of the server names that convey a Service port to a meshed peer
+/// (`.invalid` is reserved: no real host has such a name).
+const PORT_NAME_SUFFIX: &str = ".weft.invalid";
+
+/// The TLS server name a caller sends a meshed endpoint: the Service port it resolved,
+/// which the inbound side's authorization judges (`port-80.`), then the endpoint's
+/// address, so that session resumption stays per endpoint.
+///
+/// The caller's application cannot touch it: it only writes a Host header, which the
+/// inbound side no longer reads for the port.
+fn port_server_name(port: u16, address: SocketAddr) -> ServerName<'static> {
+    let ip = match address.ip() {
+        std::net::IpAddr::V4(ip) => hex(&ip.octets()),
+        std::net::IpAddr::V6(ip) => hex(&ip.octets()),
+    };
+    let name = format!("port-{port}.a{ip}-{}{PORT_NAME_SUFFIX}", address.port());
+    ServerName::try_from(name).unwrap_or_else(|_| ServerName::IpAddress(address.ip().into()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The Service port a meshed caller conveyed in its TLS server name, if any.
+pub fn conveyed_port(server_name: Option<&str>) -> Option<u16> {
+    let name = server_name?.strip_suffix(PORT_NAME_SUFFIX)?;
+    let (first, _) = name.split_once('.')?;
+    first.strip_prefix("port-")?.parse().ok().filter(|&port| port != 0)
+}
+
 /// Where a connection goes.
 #[derive(Clone, Copy)]
 pub enum Upstream<'a> {
@@ -110,6 +140,14 @@ impl Upstream<'_> {
         match self {
             Upstream::App(address) => *address,
             Upstream::Endpoint(endpoint) => endpoint.address,
+        }
+    }
+
+    /// What pooled connections to this upstream are keyed by.
+    pub fn key(&self) -> std::borrow::Cow<'_, EndpointKey> {
+        match self {
+            Upstream::App(address) => std::borrow::Cow::Owned(EndpointKey::app(*address)),
+            Upstream::Endpoint(endpoint) => std::borrow::Cow::Borrowed(&endpoint.key),
         }
     }
 }
@@ -145,10 +183,14 @@ pub async fn connect(upstream: Upstream<'_>, carried: Carried, timeout: Duration
         Some(PeerSecurity::Mutual(peer)) => peer.clone(),
     };
     let address = upstream.address();
+    let port = match upstream {
+        Upstream::Endpoint(endpoint) => endpoint.key.service_port,
+        Upstream::App(_) => 0,
+    };
     let handshake = async {
         let stream = connect_tcp(address, timeout).await?;
-        // The verifier checks the SPIFFE identity; the name only feeds session resumption.
-        let name = ServerName::IpAddress(address.ip().into());
+        // The verifier checks the SPIFFE identity; the name conveys the Service port.
+        let name = port_server_name(port, address);
         tokio_rustls::TlsConnector::from(peer.config(carried).clone())
             .connect(name, stream)
             .await
@@ -204,6 +246,25 @@ impl AsyncWrite for UpstreamIo {
         match self.get_mut() {
             UpstreamIo::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
             UpstreamIo::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_service_port_survives_the_server_name() {
+        for address in ["10.0.0.7:15006", "[fd00::7]:15006"] {
+            let name = match port_server_name(8080, address.parse().unwrap()) {
+                ServerName::DnsName(name) => name.as_ref().to_string(),
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(conveyed_port(Some(&name)), Some(8080), "{name}");
+        }
+        for forged in [None, Some("reviews"), Some("port-80.example.com"), Some("port-x.a-1.weft.invalid")] {
+            assert_eq!(conveyed_port(forged), None, "{forged:?}");
         }
     }
 }

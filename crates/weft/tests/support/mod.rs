@@ -794,6 +794,48 @@ pub async fn http_get(address: SocketAddr, path: &str, headers: &[(&str, &str)])
     Ok((status, body))
 }
 
+/// Writes `request` as is to a fresh connection and reads until the peer closes (at
+/// most 10 s): the whole answer as text, for requests no well-behaved client would send.
+pub async fn raw_exchange(address: SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await.expect("connect");
+    stream.write_all(request).await.expect("write the request");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// The status of an HTTP/1.1 answer read by [`raw_exchange`] (0 if there is none).
+pub fn raw_status(answer: &str) -> u16 {
+    answer
+        .strip_prefix("HTTP/1.1 ")
+        .or_else(|| answer.strip_prefix("HTTP/1.0 "))
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0)
+}
+
+/// One HTTP/2 (prior knowledge) request on a fresh connection to `address`, with the
+/// URI `uri` (its authority becomes `:authority`) and `headers` as given, `Host`
+/// included.
+pub async fn h2_request(address: SocketAddr, uri: &str, headers: &[(&str, &str)]) -> Result<Answer, String> {
+    let stream = tokio::net::TcpStream::connect(address).await.map_err(|e| e.to_string())?;
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    let mut request = Request::get(uri);
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let response =
+        sender.send_request(request.body(Full::new(Bytes::new())).unwrap()).await.map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok(Answer { status, headers, body })
+}
+
 /// Runs curl with `args`; returns (exit ok, stdout, stderr). Skips with a message when
 /// curl is missing rather than passing silently.
 pub fn curl(args: &[&str]) -> (bool, String, String) {
