@@ -521,6 +521,7 @@ fn present_on(hub: &Hub, replica: &str) -> Vec<ProxyRecord> {
             last_nack: None,
             identity: entry.registration.identity,
             certificate: None,
+            stream: 0,
         })
         .collect()
 }

@@ -64,6 +64,10 @@ pub struct ProxyRecord {
     /// The certificate it says it presents now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<CertificateRecord>,
+    /// Which stream holds the record: a proxy that reconnects opens a new stream before
+    /// the old one has ended, and the old one must not remove the new one's record.
+    #[serde(skip)]
+    pub stream: u64,
 }
 
 /// A proxy's current certificate, as it reports it.
@@ -92,8 +96,13 @@ pub struct Hub {
     pub cert_lifetime: Duration,
     world: ArcSwap<World>,
     world_changed: watch::Sender<u64>,
-    proxies: Mutex<BTreeMap<String, ProxyRecord>>,
+    /// Connected proxies by (namespace, proxy id).
+    proxies: Mutex<BTreeMap<ProxyKey, ProxyRecord>>,
+    next_stream: std::sync::atomic::AtomicU64,
 }
+
+/// A proxy's (namespace, id): ids are unique per namespace, as Workload names are.
+type ProxyKey = (String, String);
 
 impl Hub {
     /// A hub over `catalog` and `registry`, with its world built once.
@@ -118,6 +127,7 @@ impl Hub {
             world: ArcSwap::from_pointee(world),
             world_changed,
             proxies: Mutex::default(),
+            next_stream: std::sync::atomic::AtomicU64::new(1),
         })
     }
 
@@ -172,14 +182,47 @@ impl Hub {
         self.lock_proxies().values().cloned().collect()
     }
 
-    fn lock_proxies(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, ProxyRecord>> {
+    fn lock_proxies(&self) -> std::sync::MutexGuard<'_, BTreeMap<ProxyKey, ProxyRecord>> {
         self.proxies.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn update(&self, proxy_id: &str, change: impl FnOnce(&mut ProxyRecord)) {
-        if let Some(record) = self.lock_proxies().get_mut(proxy_id) {
+    fn update(&self, key: &ProxyKey, stream: u64, change: impl FnOnce(&mut ProxyRecord)) {
+        if let Some(record) = self.lock_proxies().get_mut(key).filter(|r| r.stream == stream) {
             change(record);
         }
+    }
+
+    /// Records a new stream for `record`'s proxy, if its identity may hold that proxy id:
+    /// a registration, a connected proxy and a declared Workload of that name each belong
+    /// to whoever made them, and no other identity may take, overwrite or remove them.
+    /// The check and the record are one step under the lock, so two streams racing for
+    /// one id cannot both pass. Returns the stream's number.
+    fn claim_proxy(&self, mut record: ProxyRecord) -> Result<u64, Status> {
+        let identity = record.identity.clone().unwrap_or_default();
+        let key = (record.namespace.clone(), record.proxy_id.clone());
+        let mut proxies = self.lock_proxies();
+        let taken_by = |owner: Option<&str>| owner.is_some_and(|owner| owner != identity);
+        let refusal = |what: &str| {
+            Status::permission_denied(format!(
+                "proxy id {} in namespace {} is {what}; this proxy is {identity}: give it another --id",
+                record.proxy_id, record.namespace
+            ))
+        };
+        if let Some(live) = proxies.get(&key).filter(|live| taken_by(live.identity.as_deref())) {
+            return Err(refusal(&format!("connected as {}", live.identity.as_deref().unwrap_or("?"))));
+        }
+        let stored = self.catalog.registration(&crate::catalog::registration_key(&key.0, &key.1));
+        if let Some(stored) = stored.filter(|stored| taken_by(stored.identity.as_deref())) {
+            return Err(refusal(&format!("registered by {}", stored.identity.as_deref().unwrap_or("an unmeshed proxy"))));
+        }
+        let declared = crate::store::ObjectKey::new(weft_model::ResourceKind::Workload, &key.0, &key.1);
+        if self.catalog.get(&declared).is_some() {
+            return Err(refusal("the name of a declared Workload resource"));
+        }
+        record.stream = self.next_stream.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let stream = record.stream;
+        proxies.insert(key, record);
+        Ok(stream)
     }
 
     /// Rebuilds the world whenever the catalog changes (registrations and their health are
@@ -259,43 +302,20 @@ impl Discovery for DiscoveryService {
                 workload.service, workload.service
             )));
         }
-        let (sender, receiver) = mpsc::channel(4);
-        let hub = self.hub.clone();
-        tokio::spawn(async move {
-            if let Err(error) = serve_proxy(hub, hello, identity, inbound, sender).await {
-                tracing::debug!(%error, "discovery stream ended");
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
-    }
-}
-
-async fn serve_proxy(
-    hub: Arc<Hub>,
-    hello: weft_api::discovery::Hello,
-    identity: SpiffeId,
-    mut inbound: Streaming<ProxyMessage>,
-    sender: mpsc::Sender<Result<ControlMessage, Status>>,
-) -> Result<(), Status> {
-    let proxy_id = hello.proxy_id.clone();
-    let namespace =
-        if hello.namespace.is_empty() { weft_model::DEFAULT_NAMESPACE.to_string() } else { hello.namespace.clone() };
-    let registration = match hello.workload.as_ref() {
-        Some(workload) => {
-            Some(registration(&proxy_id, &namespace, workload, &identity).map_err(Status::invalid_argument)?)
-        }
-        None => None,
-    };
-    let own = registration.as_ref().map(|r| format!("{}/{}", r.namespace, r.service));
-    hub.lock_proxies().insert(
-        proxy_id.clone(),
-        ProxyRecord {
-            proxy_id: proxy_id.clone(),
+        let namespace = asked.to_string();
+        let registration = match hello.workload.as_ref() {
+            Some(workload) => Some(
+                registration(&hello.proxy_id, &namespace, workload, &identity).map_err(Status::invalid_argument)?,
+            ),
+            None => None,
+        };
+        let stream = self.hub.claim_proxy(ProxyRecord {
+            proxy_id: hello.proxy_id.clone(),
             namespace: namespace.clone(),
             service: registration.as_ref().map(|r| r.service.clone()),
             address: registration.as_ref().map(|r| r.address.clone()),
             proxy_version: hello.proxy_version.clone(),
-            control_plane: hub.registry.cluster().replica().to_string(),
+            control_plane: self.hub.registry.cluster().replica().to_string(),
             connected_at: weft_identity::unix_seconds(SystemTime::now()),
             subscriptions: hello.subscriptions.len(),
             sent_version: String::new(),
@@ -303,8 +323,32 @@ async fn serve_proxy(
             last_nack: None,
             identity: Some(identity.to_string()),
             certificate: None,
-        },
-    );
+            stream: 0,
+        })?;
+        let (sender, receiver) = mpsc::channel(4);
+        let hub = self.hub.clone();
+        let key = (namespace, hello.proxy_id.clone());
+        tokio::spawn(async move {
+            if let Err(error) = serve_proxy(hub, hello, key, stream, registration, inbound, sender).await {
+                tracing::debug!(%error, "discovery stream ended");
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+}
+
+/// Serves one proxy's stream, whose record `claim_proxy` made (`stream`).
+async fn serve_proxy(
+    hub: Arc<Hub>,
+    hello: weft_api::discovery::Hello,
+    key: ProxyKey,
+    stream: u64,
+    registration: Option<Registration>,
+    mut inbound: Streaming<ProxyMessage>,
+    sender: mpsc::Sender<Result<ControlMessage, Status>>,
+) -> Result<(), Status> {
+    let proxy_id = key.1.clone();
+    let own = registration.as_ref().map(|r| format!("{}/{}", r.namespace, r.service));
     let mut attached = match &registration {
         Some(registration) => {
             tracing::info!(%proxy_id, service = %registration.service, address = %registration.address, "workload registered");
@@ -339,17 +383,17 @@ async fn serve_proxy(
             {
                 break Ok(());
             }
-            hub.update(&proxy_id, |r| r.sent_version = version);
+            hub.update(&key, stream, |r| r.sent_version = version);
             last_sent = Some(digest);
         }
         tokio::select! {
             changed = world_changed.changed() => if changed.is_err() { break Ok(()) },
             message = inbound.message() => match message {
                 Ok(Some(ProxyMessage { message: Some(message) })) => match message {
-                    proxy_message::Message::Ack(ack) => hub.update(&proxy_id, |r| r.applied_version = ack.version),
+                    proxy_message::Message::Ack(ack) => hub.update(&key, stream, |r| r.applied_version = ack.version),
                     proxy_message::Message::Nack(nack) => {
                         tracing::warn!(%proxy_id, version = %nack.version, error = %nack.error, "proxy refused a configuration");
-                        hub.update(&proxy_id, |r| r.last_nack = Some(format!("{}: {}", nack.version, nack.error)));
+                        hub.update(&key, stream, |r| r.last_nack = Some(format!("{}: {}", nack.version, nack.error)));
                     }
                     proxy_message::Message::Subscribe(subscribe) => {
                         for service in subscribe.services {
@@ -358,14 +402,14 @@ async fn serve_proxy(
                             }
                         }
                         let count = subscriptions.len();
-                        hub.update(&proxy_id, |r| r.subscriptions = count);
+                        hub.update(&key, stream, |r| r.subscriptions = count);
                     }
                     proxy_message::Message::Health(health) => {
                         if let Some(attached) = attached.as_mut() {
                             hub.registry.set_health(attached, health.healthy, health.detail);
                         }
                     }
-                    proxy_message::Message::Certificate(certificate) => hub.update(&proxy_id, |r| {
+                    proxy_message::Message::Certificate(certificate) => hub.update(&key, stream, |r| {
                         r.certificate = Some(CertificateRecord {
                             serial: certificate.serial,
                             issuer: certificate.issuer,
@@ -385,7 +429,12 @@ async fn serve_proxy(
             },
         }
     };
-    hub.lock_proxies().remove(&proxy_id);
+    {
+        let mut proxies = hub.lock_proxies();
+        if proxies.get(&key).is_some_and(|r| r.stream == stream) {
+            proxies.remove(&key);
+        }
+    }
     if let Some(attached) = attached {
         hub.registry.detach(attached, goodbye).await;
         if goodbye {

@@ -273,6 +273,56 @@ fn split_host_port(authority: &str) -> (&str, Option<u16>) {
     }
 }
 
+
+/// Whether a Service selects a workload, and if not, why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Selection {
+    Selected,
+    /// Another namespace, labels that lack the selector's, or an empty selector.
+    NotMatching,
+    /// The labels match, but the workload is meshed and its identity may not serve the
+    /// Service.
+    IdentityMayNotServe,
+}
+
+/// Whether the Service in `service_namespace` with `selector` selects a workload of
+/// `workload_namespace` with `labels` and `identity`.
+///
+/// Labels alone decide for an unmeshed workload, as in Kubernetes. A meshed one (a weft
+/// identity `spiffe://TD/ns/NS/sa/ACCOUNT`) is selected only by Services of its own
+/// namespace whose selector says `app: ACCOUNT`: a proxy registers with labels it chooses
+/// itself (`--labels`), and without that pin a proxy of `web` could claim `tier: backend`
+/// and take the traffic of a Service selecting `{tier: backend}`. Registered workloads
+/// always carry `app: SERVICE`, and their identity's account is that service's name.
+pub fn selects(
+    service_namespace: &str,
+    selector: &BTreeMap<String, String>,
+    workload_namespace: &str,
+    labels: &BTreeMap<String, String>,
+    identity: Option<&str>,
+) -> Selection {
+    let matches = !selector.is_empty()
+        && service_namespace == workload_namespace
+        && selector.iter().all(|(k, v)| labels.get(k) == Some(v));
+    if !matches {
+        return Selection::NotMatching;
+    }
+    let identity = identity.and_then(|id| crate::spiffe::SpiffeId::parse(id).ok());
+    let may_serve = match identity.as_ref().and_then(|id| id.workload_parts()) {
+        // An identity of another shape (another SPIFFE issuer's, declared by the operator)
+        // names no account to pin.
+        None => true,
+        Some((namespace, account)) => {
+            namespace == service_namespace && selector.get("app").is_some_and(|app| app == account)
+        }
+    };
+    if may_serve {
+        Selection::Selected
+    } else {
+        Selection::IdentityMayNotServe
+    }
+}
+
 /// Compiles `resources` into the view of a proxy in `namespace`.
 pub fn compile(resources: &[Resource], namespace: &str) -> Snapshot {
     let mut unresolved = Vec::new();
@@ -326,7 +376,8 @@ pub fn compile(resources: &[Resource], namespace: &str) -> Snapshot {
     }
     services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
 
-    // Endpoints: workloads in the Service's namespace whose labels include the selector.
+    // Endpoints: workloads in the Service's namespace whose labels include the selector
+    // (and, when meshed, whose identity may serve the Service: see `selects`).
     let selectors: HashMap<(&str, &str), &BTreeMap<String, String>> = resources
         .iter()
         .filter_map(|r| match &r.spec {
@@ -340,9 +391,20 @@ pub fn compile(resources: &[Resource], namespace: &str) -> Snapshot {
             continue; // as in Kubernetes: no selector, no endpoints
         }
         for (meta, workload) in &workloads {
-            let selected =
-                meta.namespace == service.namespace && selector.iter().all(|(k, v)| workload.labels.get(k) == Some(v));
-            if !selected || workload.weight == 0 {
+            let selection =
+                selects(&service.namespace, selector, &meta.namespace, &workload.labels, workload.identity.as_deref());
+            if selection == Selection::IdentityMayNotServe {
+                unresolved.push(format!(
+                    "Workload {}/{}: matches the selector of Service {}/{}, but its identity {} may serve only \
+                     Services whose selector names its service account as app; not selected",
+                    meta.namespace,
+                    meta.name,
+                    service.namespace,
+                    service.name,
+                    workload.identity.as_deref().unwrap_or_default()
+                ));
+            }
+            if selection != Selection::Selected || workload.weight == 0 {
                 continue;
             }
             for port in &mut service.ports {
@@ -730,6 +792,23 @@ spec:
 
     fn snapshot() -> Snapshot {
         compile(&parse_documents("mesh.yaml", MESH).unwrap(), "default")
+    }
+
+    #[test]
+    fn a_meshed_workload_serves_only_services_that_pin_its_account() {
+        let labels = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let web_backend = labels(&[("app", "web"), ("tier", "backend")]);
+        let web = Some("spiffe://weft.local/ns/default/sa/web");
+        let tier = labels(&[("tier", "backend")]);
+        let pinned = labels(&[("app", "web")]);
+        assert_eq!(selects("default", &tier, "default", &web_backend, None), Selection::Selected, "unmeshed: labels");
+        assert_eq!(selects("default", &tier, "default", &web_backend, web), Selection::IdentityMayNotServe);
+        assert_eq!(selects("default", &pinned, "default", &web_backend, web), Selection::Selected);
+        assert_eq!(selects("shop", &pinned, "shop", &web_backend, web), Selection::IdentityMayNotServe, "other ns");
+        assert_eq!(selects("default", &pinned, "shop", &web_backend, None), Selection::NotMatching);
+        let foreign = Some("spiffe://other.org/payments/api");
+        assert_eq!(selects("default", &tier, "default", &web_backend, foreign), Selection::Selected);
+        assert_eq!(selects("default", &BTreeMap::new(), "default", &web_backend, None), Selection::NotMatching);
     }
 
     #[test]

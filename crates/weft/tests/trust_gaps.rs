@@ -300,3 +300,72 @@ async fn max_connections_is_exact_across_workers_and_starves_none() {
     let overloaded = proxy.metric_sum("weft_requests_total", &["error=\"overloaded\""]).await;
     assert_eq!(overloaded, 0.0);
 }
+
+/// Opens a discovery stream as the workload `account` (joined with its own join token)
+/// and says `hello`: the control plane's answer to it.
+async fn hello_as(control: &Control, dir: &TempDir, account: &str, hello: weft_api::discovery::Hello) -> Result<(), tonic::Status> {
+    use weft_api::discovery::{discovery_client::DiscoveryClient, proxy_message, ProxyMessage};
+    use weft_proxy::identity::{control_channel, control_client_config, join, IdentitySettings, JoinTokenSecret};
+    let token = std::fs::read_to_string(control.join_token(dir, account, "default")).unwrap();
+    let settings = IdentitySettings {
+        token: JoinTokenSecret::new(&token, "the test's token").unwrap(),
+        namespace: "default".into(),
+        service_account: None,
+    };
+    let grpc = control.grpc.to_string();
+    let credentials = join(std::slice::from_ref(&grpc), &settings).await.unwrap();
+    let channel = control_channel(&grpc, control_client_config(&credentials).unwrap()).await.unwrap();
+    let (outbound, outbound_rx) = tokio::sync::mpsc::channel(4);
+    outbound.send(ProxyMessage { message: Some(proxy_message::Message::Hello(hello)) }).await.unwrap();
+    let answer = DiscoveryClient::new(channel).stream(tokio_stream::wrappers::ReceiverStream::new(outbound_rx)).await;
+    answer.map(drop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_can_neither_take_another_workloads_registration_nor_its_services_traffic() {
+    use weft_api::discovery::{Hello, Workload};
+    let dir = TempDir::new("registrations");
+    let control = Control::start(&dir, "control").await;
+    let reviews_app = TestApp::start("reviews").await;
+    let reviews = sidecar(&dir, &control, "reviews", &reviews_app, &["--id", "reviews-1"]).await;
+    let declared = workload("declared-1", "app: other", "127.0.0.1:9".parse().unwrap(), None);
+    apply(&control, &declared);
+
+    // web's certificate, reviews' proxy id: refused, whether it registers or only listens,
+    // and a declared Workload's name is no more available.
+    let web_workload = Workload { service: "web".into(), address: "127.0.0.1:9".into(), ..Default::default() };
+    let taking = Hello { proxy_id: "reviews-1".into(), workload: Some(web_workload.clone()), ..Default::default() };
+    let refused = hello_as(&control, &dir, "web", taking).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("sa/reviews") && refused.message().contains("--id"), "{}", refused.message());
+    let listening = Hello { proxy_id: "reviews-1".into(), ..Default::default() };
+    assert_eq!(hello_as(&control, &dir, "web", listening).await.unwrap_err().code(), tonic::Code::PermissionDenied);
+    let squatting = Hello { proxy_id: "declared-1".into(), workload: Some(web_workload), ..Default::default() };
+    let refused = hello_as(&control, &dir, "web", squatting).await.unwrap_err();
+    assert!(refused.message().contains("declared Workload"), "{}", refused.message());
+    // reviews' registration is untouched: its identity, its address, its traffic.
+    let (ok, out, err) = control.cli(&["describe", "workload", "reviews-1", "-o", "json"]);
+    assert!(ok, "{err}");
+    let described: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(described["registration"]["identity"], "spiffe://weft.local/ns/default/sa/reviews", "{described}");
+    assert_eq!(described["registration"]["address"], reviews.inbound.unwrap().to_string());
+
+    // Free labels: a web proxy that claims tier=backend is not selected by a Service that
+    // selects {tier: backend}, which names no account; one that pins app: web selects it.
+    let web_app = TestApp::start("web").await;
+    let _web = sidecar(&dir, &control, "web", &web_app, &["--labels", "tier=backend"]).await;
+    let services = "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: backend}\nspec: {selector: {tier: backend}, ports: [{port: 80, protocol: http}]}\n---\napiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: web-backend}\nspec: {selector: {app: web, tier: backend}, ports: [{port: 80, protocol: http}]}\n";
+    apply(&control, services);
+    let caller = Proxy::start_controlled(&dir, "caller", &control, &[]).await;
+    let http = client();
+    eventually(Duration::from_secs(10), "web-backend to be served by web", || {
+        let answer = get_via(&http, caller.outbound, "web-backend", "/", &[]);
+        async move { (answer.await.app() == "web").then_some(()) }
+    })
+    .await;
+    let answer = get_via(&http, caller.outbound, "backend", "/", &[]).await;
+    assert_eq!((answer.status, answer.weft_error().unwrap_or_default().starts_with("no-endpoints")), (503, true), "{answer:?}");
+    let (_, out, _) = control.cli(&["describe", "service", "backend"]);
+    assert!(out.contains("may serve only Services whose selector names its service account as app"), "{out}");
+    assert_eq!(get_via(&http, caller.outbound, "reviews", "/", &[]).await.app(), "reviews");
+}
