@@ -86,6 +86,8 @@ fn start_control(weft: &PathBuf, store: &str) -> anyhow::Result<ControlPlane> {
     let child = Command::new(weft)
         .args(["control", "--api-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--lease", "60s", "--log", "warn"])
         .args(["--store", store])
+        // Plain HTTP on loopback: this measures discovery, not the API's TLS.
+        .arg("--api-http")
         // A shared store keeps the CA's key encrypted.
         .args(["--ca-encryption-key", &key_file.display().to_string()])
         .arg("--data-dir")

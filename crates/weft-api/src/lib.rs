@@ -2,9 +2,10 @@
 //! `proto/weft/discovery/v1/discovery.proto`. Both sides link this crate and nothing of
 //! each other.
 
-#![allow(clippy::all, missing_docs)]
+pub mod channel;
 
-/// `weft.discovery.v1`: the discovery stream.
+/// `weft.discovery.v1`: the discovery stream, signing, and replicas asking each other.
+#[allow(clippy::all, missing_docs)]
 pub mod discovery {
     tonic::include_proto!("weft.discovery.v1");
 }

@@ -88,6 +88,11 @@ struct StoredAuthority {
     /// When the last rotation started (seconds since the Unix epoch).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     rotated_at: Option<u64>,
+    /// Every bridge ever made and every root a finished rotation retired (PEM): presented
+    /// by the HTTPS API only, so that an operator token made under an old root still
+    /// verifies the control plane (see [`CaState::lineage`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    lineage: Vec<String>,
 }
 
 /// The CA in use: the signing authority, and what it trusts and presents.
@@ -101,12 +106,17 @@ pub struct CaState {
     /// proxy joining with a token of either root can verify it.
     pub presented: Vec<CertificateDer<'static>>,
     pub rotated_at: Option<u64>,
+    /// Every bridge ever made and every retired root: the path from any root this mesh
+    /// ever had to the current one. Only the HTTPS API presents it (after `presented`),
+    /// for operator tokens that pin an old root; proxies' join tokens stop at the end of
+    /// a rotation, as they should.
+    pub lineage: Vec<CertificateDer<'static>>,
 }
 
 impl CaState {
     /// A CA with no rotation in progress.
     pub fn from_authority(authority: Authority) -> Self {
-        CaState::new(authority, Vec::new(), Vec::new(), None)
+        CaState::new(authority, Vec::new(), Vec::new(), None, Vec::new())
     }
 
     fn new(
@@ -114,17 +124,33 @@ impl CaState {
         previous: Vec<CertificateDer<'static>>,
         bridges: Vec<CertificateDer<'static>>,
         rotated_at: Option<u64>,
+        lineage: Vec<CertificateDer<'static>>,
     ) -> Self {
         let mut roots = vec![authority.root().clone()];
         roots.extend(previous);
         let mut presented = bridges;
         presented.extend(roots.iter().cloned());
-        CaState { bundle_pem: weft_identity::authority::pem_of(&roots), roots, presented, authority, rotated_at }
+        CaState {
+            bundle_pem: weft_identity::authority::pem_of(&roots),
+            roots,
+            presented,
+            authority,
+            rotated_at,
+            lineage,
+        }
     }
 
     /// SHA-256 (hex) of each trusted root, the current one first.
     pub fn root_hashes(&self) -> Vec<String> {
         self.roots.iter().map(|r| hex::encode(ring::digest::digest(&ring::digest::SHA256, r))).collect()
+    }
+
+    /// SHA-256 (hex) of every root the mesh trusts or trusted (and of the bridges, which
+    /// no token names): what an operator token of this mesh may carry.
+    pub fn known_root_hashes(&self) -> Vec<String> {
+        let mut hashes = self.root_hashes();
+        hashes.extend(self.lineage.iter().map(|c| hex::encode(ring::digest::digest(&ring::digest::SHA256, c))));
+        hashes
     }
 }
 
@@ -232,9 +258,11 @@ impl CaKeeper {
         // Older bridges certify the previous root, not the new one: only this one stays.
         let bridges = vec![bridge];
         let rotated_at = Some(unix(now));
-        self.write(catalog, &next, &previous, &bridges, rotated_at).await?;
+        let mut lineage = current.lineage.clone();
+        lineage.extend(bridges.iter().cloned());
+        self.write(catalog, &next, &previous, &bridges, rotated_at, &lineage).await?;
         tracing::info!(old = %current.authority.root_hash(), new = %next.root_hash(), "started a root rotation");
-        Ok(CaState::new(next, previous, bridges, rotated_at))
+        Ok(CaState::new(next, previous, bridges, rotated_at, lineage))
     }
 
     /// Ends a rotation: only the current root is trusted. Refused while certificates from
@@ -265,9 +293,11 @@ impl CaKeeper {
             current.authority.key_pem(),
             now,
         )?;
-        self.write(catalog, &authority, &[], &[], current.rotated_at).await?;
+        let mut lineage = current.lineage.clone();
+        lineage.extend(current.roots[1..].iter().cloned());
+        self.write(catalog, &authority, &[], &[], current.rotated_at, &lineage).await?;
         tracing::info!(root = %authority.root_hash(), "finished the root rotation: the old root is no longer trusted");
-        Ok(CaState::new(authority, Vec::new(), Vec::new(), current.rotated_at))
+        Ok(CaState::new(authority, Vec::new(), Vec::new(), current.rotated_at, lineage))
     }
 
     async fn write(
@@ -277,6 +307,7 @@ impl CaKeeper {
         previous: &[CertificateDer<'static>],
         bridges: &[CertificateDer<'static>],
         rotated_at: Option<u64>,
+        lineage: &[CertificateDer<'static>],
     ) -> Result<(), CaError> {
         let trust_domain = authority.trust_domain().as_str();
         let key = match &self.sealing {
@@ -291,6 +322,7 @@ impl CaKeeper {
             previous_roots: previous.iter().map(pem).collect(),
             bridges: bridges.iter().map(pem).collect(),
             rotated_at,
+            lineage: lineage.iter().map(pem).collect(),
         };
         let document = serde_json::to_value(&record).map_err(|e| CaError::Corrupt(e.to_string()))?;
         catalog
@@ -352,11 +384,12 @@ async fn establish_state(
         previous_roots: Vec::new(),
         bridges: Vec::new(),
         rotated_at: None,
+        lineage: Vec::new(),
     };
     let document = serde_json::to_value(&record).map_err(|e| CaError::Corrupt(e.to_string()))?;
     if store.create(ca_key(), document).await? {
         tracing::info!(trust_domain, root = %authority.root_hash(), "made the mesh's certificate authority");
-        return Ok(CaState::new(authority, Vec::new(), Vec::new(), None));
+        return Ok(CaState::from_authority(authority));
     }
     // Another replica made it first: use that one, so that every replica signs alike.
     let contents = store.load().await?;
@@ -390,7 +423,8 @@ fn open(
     tracing::info!(trust_domain = %settings.trust_domain, root = %authority.root_hash(), "loaded the mesh's certificate authority");
     let previous = certificates(&stored.previous_roots)?;
     let bridges = certificates(&stored.bridges)?;
-    Ok(CaState::new(authority, previous, bridges, stored.rotated_at))
+    let lineage = certificates(&stored.lineage)?;
+    Ok(CaState::new(authority, previous, bridges, stored.rotated_at, lineage))
 }
 
 #[cfg(test)]

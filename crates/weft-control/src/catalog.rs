@@ -20,6 +20,8 @@ use tokio::sync::{watch, Mutex};
 use weft_model::{parse_with_documents, ConfigError, ConfigErrors, ParsedDocument, Resource, ResourceKind};
 
 use crate::{
+    audit,
+    operator_tokens::Operator,
     registry::{Registration, REGISTRATION_KIND},
     store::{Change, Committed, ObjectKey, Store, StoreError, StoreEvent, StoredObject},
 };
@@ -228,6 +230,17 @@ impl Catalog {
             .collect()
     }
 
+    /// Every stored record of internal `kind`, with the revision that wrote it.
+    pub fn internal_entries(&self, kind: &str) -> Vec<(u64, serde_json::Value)> {
+        let state = self.read();
+        state
+            .objects
+            .iter()
+            .filter(|(key, _)| key.kind == kind)
+            .map(|(_, entry)| (entry.stored.revision, entry.stored.document.clone()))
+            .collect()
+    }
+
     /// The stored registration of `key`, if any.
     pub fn registration(&self, key: &ObjectKey) -> Option<Registration> {
         self.read().registrations.get(key).cloned()
@@ -245,8 +258,9 @@ impl Catalog {
         Ok(())
     }
 
-    /// Validates every document of every source and stores them all, or none.
-    pub async fn apply(&self, sources: &[Source], dry_run: bool) -> Result<Report, CatalogError> {
+    /// Validates every document of every source and stores them all, or none; each
+    /// change is recorded in the audit log, as `operator`'s, in the same commit.
+    pub async fn apply(&self, sources: &[Source], dry_run: bool, operator: &Operator) -> Result<Report, CatalogError> {
         let trust_domain = self.trust_domain.get().cloned();
         let parsed = parse_sources_checked(sources, |resource| match (&resource.spec, &trust_domain) {
             (weft_model::resource::ResourceSpec::MeshConfig(mesh), Some(ours)) => match &mesh.trust_domain {
@@ -268,45 +282,56 @@ impl Catalog {
         let _writer = self.writer.lock().await;
         let mut change = Change::default();
         let mut results = Vec::new();
+        let mut audits = Vec::new();
+        let now = std::time::SystemTime::now();
         {
             let state = self.read();
             for document in parsed {
                 let meta = &document.resource.metadata;
                 let key = ObjectKey::new(document.resource.kind(), &meta.namespace, &meta.name);
-                let action = match state.objects.get(&key) {
+                let before = state.objects.get(&key).map(|entry| entry.stored.document.clone());
+                let action = match &before {
                     None => Action::Created,
-                    Some(entry) if entry.stored.document == document.document => Action::Unchanged,
+                    Some(before) if *before == document.document => Action::Unchanged,
                     Some(_) => Action::Configured,
                 };
                 results.push(result(&key, action));
                 if action != Action::Unchanged {
+                    let after = Some(document.document.clone());
+                    audits.push(audit::record(operator, "apply", (&key).into(), before, after, now));
                     change.puts.push((key, document.document));
                 }
             }
         }
+        change.puts.extend(audits);
         self.finish(change, results, dry_run).await
     }
 
     /// Deletes `keys`, all or none; a key that does not exist is refused unless
-    /// `ignore_missing` (as for `weft delete -f`, where some may already be gone).
+    /// `ignore_missing` (as for `weft delete -f`, where some may already be gone). Each
+    /// deletion is recorded in the audit log, as `operator`'s, in the same commit.
     pub async fn delete(
         &self,
         keys: Vec<ObjectKey>,
         ignore_missing: bool,
         dry_run: bool,
+        operator: &Operator,
     ) -> Result<Report, CatalogError> {
         let _writer = self.writer.lock().await;
         let mut change = Change::default();
         let mut results = Vec::new();
+        let now = std::time::SystemTime::now();
         {
             let state = self.read();
             for key in keys {
-                if !state.objects.contains_key(&key) {
+                let Some(entry) = state.objects.get(&key) else {
                     if ignore_missing {
                         continue;
                     }
                     return Err(CatalogError::NotFound(key));
-                }
+                };
+                let before = Some(entry.stored.document.clone());
+                change.puts.push(audit::record(operator, "delete", (&key).into(), before, None, now));
                 results.push(result(&key, Action::Deleted));
                 change.deletes.push(key);
             }
@@ -484,6 +509,7 @@ fn parse_stored(key: &ObjectKey, stored: &StoredObject) -> Option<Resource> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::operator_tokens::Operator;
     use crate::store::embedded::EmbeddedStore;
 
     const SERVICE: &str = "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: reviews}\nspec: {selector: {app: reviews}, ports: [{port: 80, protocol: http}]}\n";
@@ -504,14 +530,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let catalog = catalog(&dir).await;
-            let report = catalog.apply(&[Source::new("a.yaml", SERVICE)], false).await.unwrap();
+            let report = catalog
+                .apply(&[Source::new("a.yaml", SERVICE)], false, &Operator::control_plane("test"))
+                .await
+                .unwrap();
             assert_eq!(report.results[0].action, Action::Created);
             assert_eq!(
-                catalog.apply(&[Source::new("a.yaml", SERVICE)], false).await.unwrap().results[0].action,
+                catalog
+                    .apply(&[Source::new("a.yaml", SERVICE)], false, &Operator::control_plane("test"))
+                    .await
+                    .unwrap()
+                    .results[0]
+                    .action,
                 Action::Unchanged
             );
             let changed = SERVICE.replace("port: 80", "port: 8080");
-            let report = catalog.apply(&[Source::new("a.yaml", changed)], false).await.unwrap();
+            let report = catalog
+                .apply(&[Source::new("a.yaml", changed)], false, &Operator::control_plane("test"))
+                .await
+                .unwrap();
             assert_eq!((report.results[0].action, report.revision), (Action::Configured, 2));
         }
         let catalog = catalog(&dir).await;
@@ -527,7 +564,11 @@ mod tests {
         let catalog = catalog(&dir).await;
         let text =
             format!("{SERVICE}---\n{}", SERVICE.replace("reviews}\n", "ratings}\n").replace("port: 80", "port: 0"));
-        let error = catalog.apply(&[Source::new("two.yaml", text)], false).await.unwrap_err().to_string();
+        let error = catalog
+            .apply(&[Source::new("two.yaml", text)], false, &Operator::control_plane("test"))
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("two.yaml: document 2 (Service ratings), field spec.ports[0].port"), "{error}");
         assert_eq!(catalog.list(None, None).1.len(), 0);
         assert_eq!(catalog.revision(), 0);
@@ -538,7 +579,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let catalog = catalog(&dir).await;
         let sources = [Source::new("a.yaml", SERVICE), Source::new("b.yaml", SERVICE)];
-        let error = catalog.apply(&sources, false).await.unwrap_err().to_string();
+        let error = catalog.apply(&sources, false, &Operator::control_plane("test")).await.unwrap_err().to_string();
         assert!(error.contains("b.yaml: document 1") && error.contains("also defined in a.yaml"), "{error}");
     }
 
@@ -546,13 +587,22 @@ mod tests {
     async fn dry_run_and_delete() {
         let dir = tempfile::tempdir().unwrap();
         let catalog = catalog(&dir).await;
-        assert_eq!(catalog.apply(&[Source::new("a", SERVICE)], true).await.unwrap().results[0].action, Action::Created);
+        assert_eq!(
+            catalog.apply(&[Source::new("a", SERVICE)], true, &Operator::control_plane("test")).await.unwrap().results
+                [0]
+            .action,
+            Action::Created
+        );
         assert_eq!(catalog.list(None, None).1.len(), 0);
-        catalog.apply(&[Source::new("a", SERVICE)], false).await.unwrap();
+        catalog.apply(&[Source::new("a", SERVICE)], false, &Operator::control_plane("test")).await.unwrap();
         let key = ObjectKey::new(ResourceKind::Service, "default", "reviews");
         let missing = ObjectKey::new(ResourceKind::Service, "default", "nope");
-        assert!(matches!(catalog.delete(vec![missing.clone()], false, false).await, Err(CatalogError::NotFound(_))));
-        let report = catalog.delete(vec![key.clone(), missing], true, false).await.unwrap();
+        assert!(matches!(
+            catalog.delete(vec![missing.clone()], false, false, &Operator::control_plane("test")).await,
+            Err(CatalogError::NotFound(_))
+        ));
+        let report =
+            catalog.delete(vec![key.clone(), missing], true, false, &Operator::control_plane("test")).await.unwrap();
         assert_eq!(report.results.len(), 1);
         assert!(catalog.get(&key).is_none());
     }

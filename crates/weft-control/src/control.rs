@@ -10,10 +10,11 @@ use std::{
 
 use tokio::net::TcpListener;
 
-use weft_api::discovery::{discovery_server::DiscoveryServer, identity_server::IdentityServer};
+use weft_api::discovery::{
+    discovery_server::DiscoveryServer, identity_server::IdentityServer, replicas_server::ReplicasServer,
+};
 
 use crate::{
-    admin_token::{self, AdminTokenError},
     api,
     ca::{self, CaError, CaSettings},
     catalog::Catalog,
@@ -85,6 +86,15 @@ pub struct ControlSettings {
     pub ca: CaSettings,
     /// How long workload certificates last (`--cert-lifetime`).
     pub cert_lifetime: Duration,
+    /// HTTPS for the API: the mesh CA's certificate, the operator's, or (loopback only)
+    /// plain HTTP.
+    pub api_tls: crate::api_tls::ApiTlsSettings,
+    /// The host other replicas reach this one at (`--advertise-host`), when the bound
+    /// addresses are wildcards.
+    pub advertise_host: Option<String>,
+    /// How many audit entries, and for how long, are kept.
+    pub audit_max_entries: usize,
+    pub audit_max_age: Duration,
 }
 
 /// Files for TLS to etcd (`--etcd-ca`, `--etcd-cert`, `--etcd-key`).
@@ -105,7 +115,7 @@ pub enum ControlError {
     #[error("cannot make the control plane's own certificate: {0}")]
     Identity(#[from] weft_identity::IdentityError),
     #[error(transparent)]
-    AdminToken(#[from] AdminTokenError),
+    OperatorToken(#[from] crate::operator_tokens::OperatorTokenError),
     #[error("cannot listen on {what} address {addr}: {source}; pick a free port with --{flag}, or stop the process using it")]
     Bind { what: &'static str, flag: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error("cannot write the ports file {path}: {source}")]
@@ -114,6 +124,8 @@ pub enum ControlError {
     Settings(String),
     #[error("the API server failed: {0}")]
     Serve(std::io::Error),
+    #[error(transparent)]
+    ApiTls(#[from] crate::api_tls::ApiTlsError),
 }
 
 /// `$XDG_DATA_HOME/weft`, else `~/.local/share/weft`, else `./weft-data`.
@@ -145,6 +157,43 @@ fn bind_with_backlog(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
+/// `addr` as other replicas should dial it: a wildcard address becomes
+/// `--advertise-host` (or this host's primary address).
+fn advertised(addr: SocketAddr, host: Option<&str>) -> String {
+    if !addr.ip().is_unspecified() {
+        return addr.to_string();
+    }
+    let host = host.map(str::to_string).or_else(|| {
+        // The address the kernel would use toward a documentation-range address; no
+        // packet is sent.
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+        socket.connect("192.0.2.1:9").ok()?;
+        Some(socket.local_addr().ok()?.ip().to_string())
+    });
+    match host {
+        Some(host) if host.contains(':') && !host.starts_with('[') => format!("[{host}]:{}", addr.port()),
+        Some(host) => format!("{host}:{}", addr.port()),
+        None => format!("127.0.0.1:{}", addr.port()),
+    }
+}
+
+/// On the leading replica, every minute: drops audit entries beyond the configured count
+/// or age.
+async fn prune_audit_log(hub: Arc<Hub>, max_entries: usize, max_age: Duration) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        if hub.registry.cluster().leadership().borrow().is_none() {
+            continue;
+        }
+        match crate::audit::prune(&hub.catalog, max_entries, max_age, std::time::SystemTime::now()).await {
+            Ok(0) => {}
+            Ok(pruned) => tracing::info!(pruned, "pruned the audit log"),
+            Err(error) => tracing::warn!(%error, "cannot prune the audit log"),
+        }
+    }
+}
+
 /// Runs the control plane until `shutdown` completes.
 pub async fn run(
     settings: ControlSettings,
@@ -163,8 +212,8 @@ pub async fn run(
         source,
     })?;
     let api_addr = listener.local_addr().map_err(ControlError::Serve)?;
-    if !api_addr.ip().is_loopback() {
-        tracing::warn!(%api_addr, "the HTTP API is served beyond loopback in plain HTTP: the admin token crosses the network in the clear; keep it on a trusted network");
+    if settings.api_tls == crate::api_tls::ApiTlsSettings::Plaintext && !api_addr.ip().is_loopback() {
+        return Err(crate::api_tls::ApiTlsError::PlaintextBeyondLoopback(api_addr).into());
     }
     let grpc_listener = bind_with_backlog(settings.grpc_addr).map_err(|source| ControlError::Bind {
         what: "discovery",
@@ -182,8 +231,8 @@ pub async fn run(
 
     let info = ReplicaInfo {
         id: new_replica_id(),
-        api: api_addr.to_string(),
-        grpc: grpc_addr.to_string(),
+        api: advertised(api_addr, settings.advertise_host.as_deref()),
+        grpc: advertised(grpc_addr, settings.advertise_host.as_deref()),
         started_at: unix_now(),
     };
     let (store, cluster): (Arc<dyn Store>, Arc<dyn Cluster>) = match &settings.store {
@@ -211,15 +260,31 @@ pub async fn run(
     let (ca, keeper) =
         ca::establish(&catalog, store.as_ref(), &settings.ca, shared_store, std::time::SystemTime::now()).await?;
     catalog.set_trust_domain(ca.authority.trust_domain().as_str());
-    let admin = Arc::new(admin_token::establish(&catalog, store.as_ref(), &settings.data_dir).await?);
+    crate::operator_tokens::establish(&catalog, store.as_ref(), &settings.data_dir, &ca.authority.root_hash()).await?;
     let registry = Registry::new(catalog.clone(), cluster, settings.lease);
     let hub = Hub::new(catalog.clone(), registry, ca, keeper, settings.cert_lifetime);
     tokio::spawn(hub.clone().maintain());
     let credentials = control_tls::control_credentials(&hub, control_tls::CONTROL_CERT_LIFETIME)?;
     let tls = control_tls::server_config(&credentials)?;
 
+    let api_tls = crate::api_tls::setup(&settings.api_tls, api_addr, &hub.ca())?;
+    let scheme = if api_tls.is_some() { "https" } else { "http" };
+    if let Some((_, certificate)) = &api_tls {
+        let _ = hub.api_certificate.set(certificate.clone());
+        let hub = Arc::downgrade(&hub);
+        crate::api_tls::keep_renewed(certificate, move || {
+            hub.upgrade().map(|hub| hub.ca()).expect("the hub outlives its API")
+        });
+    }
+    tokio::spawn(prune_audit_log(hub.clone(), settings.audit_max_entries, settings.audit_max_age));
+
     if let Some(path) = &settings.ports_file {
-        let text = serde_json::json!({ "api": api_addr.to_string(), "grpc": grpc_addr.to_string() }).to_string();
+        let text = serde_json::json!({
+            "api": api_addr.to_string(),
+            "grpc": grpc_addr.to_string(),
+            "server": format!("{scheme}://{api_addr}"),
+        })
+        .to_string();
         std::fs::write(path, text)
             .map_err(|source| ControlError::PortsFile { path: path.display().to_string(), source })?;
     }
@@ -227,15 +292,13 @@ pub async fn run(
     let grpc = tonic::transport::Server::builder()
         .add_service(DiscoveryServer::new(DiscoveryService::new(hub.clone())))
         .add_service(IdentityServer::new(SigningService::new(hub.clone(), settings.cert_lifetime)))
+        .add_service(ReplicasServer::new(crate::replicas::ReplicasService::new(hub.clone())))
         .serve_with_incoming_shutdown(control_tls::incoming(grpc_listener, tls), async {
             let _ = grpc_stopped.await;
         });
     let grpc = tokio::spawn(grpc);
-    tracing::info!(%api_addr, %grpc_addr, replica = %info.id, store = %catalog.store_description(), lease = ?settings.lease, cert_lifetime = ?settings.cert_lifetime, "control plane ready");
-    axum::serve(listener, api::router(hub, admin))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(ControlError::Serve)?;
+    tracing::info!(api = %format!("{scheme}://{api_addr}"), %grpc_addr, replica = %info.id, store = %catalog.store_description(), lease = ?settings.lease, cert_lifetime = ?settings.cert_lifetime, "control plane ready");
+    crate::api_tls::serve(listener, api::router(hub), api_tls.map(|(config, _)| config), shutdown).await;
     let _ = stop_grpc.send(());
     // Open discovery streams never end by themselves; do not wait on them for long.
     let _ = tokio::time::timeout(Duration::from_secs(2), grpc).await;

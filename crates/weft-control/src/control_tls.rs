@@ -87,6 +87,8 @@ pub struct Peer {
     pub remote: SocketAddr,
     /// The identity its client certificate proved; `None` before bootstrap.
     pub identity: Option<SpiffeId>,
+    /// That certificate's serial (normalized hex), for revocation checks.
+    pub serial: Option<String>,
 }
 
 /// One accepted, handshaken connection.
@@ -171,8 +173,13 @@ pub fn incoming(
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
                     Ok(Ok(stream)) => {
-                        let identity = weft_identity::tls::peer_identity(stream.get_ref().1.peer_certificates());
-                        let _ = sender.send(Ok(ControlConnection { stream, peer: Peer { remote, identity } })).await;
+                        let certificates = stream.get_ref().1.peer_certificates();
+                        let identity = weft_identity::tls::peer_identity(certificates);
+                        let serial = certificates
+                            .and_then(|chain| chain.first())
+                            .and_then(|leaf| weft_identity::certificate_serial(leaf));
+                        let peer = Peer { remote, identity, serial };
+                        let _ = sender.send(Ok(ControlConnection { stream, peer })).await;
                     }
                     Ok(Err(error)) => {
                         tracing::info!(%remote, %error, "refused a control-channel connection (TLS); proxies need weft proxy --token-file");

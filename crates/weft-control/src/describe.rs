@@ -121,13 +121,8 @@ pub fn describe_service(
     for entry in registered.iter().filter(|e| !e.healthy) {
         let health = health(&entry.registration.proxy_id);
         let r = &entry.registration;
-        let selection = weft_model::snapshot::selects(
-            namespace,
-            &service.selector,
-            &r.namespace,
-            &r.labels,
-            r.identity.as_deref(),
-        );
+        let selection =
+            weft_model::snapshot::selects(namespace, &service.selector, &r.namespace, &r.labels, r.identity.as_deref());
         if selection == weft_model::snapshot::Selection::Selected {
             if let (Ok(address), Some(port)) = (r.address.parse(), compiled.ports.first()) {
                 endpoints.push(EndpointDescription {

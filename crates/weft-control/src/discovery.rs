@@ -92,6 +92,8 @@ pub struct Hub {
     ca_revision: Mutex<Option<u64>>,
     /// The control plane's own certificate, re-issued when the CA changes.
     pub control_credentials: std::sync::OnceLock<Arc<weft_identity::tls::Credentials>>,
+    /// The HTTPS API's certificate, re-issued when the CA changes (if the mesh CA's).
+    pub api_certificate: std::sync::OnceLock<Arc<crate::api_tls::ApiCertificate>>,
     /// How long workload certificates last (`--cert-lifetime`).
     pub cert_lifetime: Duration,
     world: ArcSwap<World>,
@@ -123,6 +125,7 @@ impl Hub {
             keeper,
             ca_revision,
             control_credentials: std::sync::OnceLock::new(),
+            api_certificate: std::sync::OnceLock::new(),
             cert_lifetime,
             world: ArcSwap::from_pointee(world),
             world_changed,
@@ -134,6 +137,12 @@ impl Hub {
     /// The CA in use.
     pub fn ca(&self) -> Arc<CaState> {
         self.ca.load_full()
+    }
+
+    /// SHA-256 of every root this mesh trusts now or trusted before a finished rotation:
+    /// an operator token made under any of them is this mesh's.
+    pub fn known_root_hashes(&self) -> Vec<String> {
+        self.ca.load().known_root_hashes()
     }
 
     /// The mesh's roots (PEM), pushed to every proxy.
@@ -150,6 +159,9 @@ impl Hub {
                 Ok(issued) => credentials.replace(issued),
                 Err(error) => tracing::error!(%error, "cannot re-issue the control plane's certificate"),
             }
+        }
+        if let Some(certificate) = self.api_certificate.get() {
+            certificate.reissue(&ca);
         }
         self.ca.store(Arc::new(ca));
         *self.ca_revision.lock().unwrap_or_else(|e| e.into_inner()) = self.keeper.revision(&self.catalog);
@@ -213,7 +225,10 @@ impl Hub {
         }
         let stored = self.catalog.registration(&crate::catalog::registration_key(&key.0, &key.1));
         if let Some(stored) = stored.filter(|stored| taken_by(stored.identity.as_deref())) {
-            return Err(refusal(&format!("registered by {}", stored.identity.as_deref().unwrap_or("an unmeshed proxy"))));
+            return Err(refusal(&format!(
+                "registered by {}",
+                stored.identity.as_deref().unwrap_or("an unmeshed proxy")
+            )));
         }
         let declared = crate::store::ObjectKey::new(weft_model::ResourceKind::Workload, &key.0, &key.1);
         if self.catalog.get(&declared).is_some() {
@@ -272,6 +287,7 @@ impl Discovery for DiscoveryService {
     type StreamStream = ControlStream;
 
     async fn stream(&self, request: Request<Streaming<ProxyMessage>>) -> Result<Response<Self::StreamStream>, Status> {
+        let serial = request.extensions().get::<Peer>().and_then(|peer| peer.serial.clone());
         let identity = request.extensions().get::<Peer>().and_then(|peer| peer.identity.clone());
         let identity =
             match identity {
@@ -280,6 +296,12 @@ impl Discovery for DiscoveryService {
                     "the discovery stream needs the proxy's workload certificate: start the proxy with --token-file",
                 )),
             };
+        if crate::revocations::current(&self.hub.catalog).refuses(Some(&identity.to_string()), serial.as_deref()) {
+            return Err(Status::permission_denied(format!(
+                "{identity} (certificate {}) is revoked: see weft revoke list",
+                serial.as_deref().unwrap_or("?")
+            )));
+        }
         let mut inbound = request.into_inner();
         let hello = match inbound.message().await? {
             Some(ProxyMessage { message: Some(proxy_message::Message::Hello(hello)) }) => hello,
@@ -304,9 +326,9 @@ impl Discovery for DiscoveryService {
         }
         let namespace = asked.to_string();
         let registration = match hello.workload.as_ref() {
-            Some(workload) => Some(
-                registration(&hello.proxy_id, &namespace, workload, &identity).map_err(Status::invalid_argument)?,
-            ),
+            Some(workload) => {
+                Some(registration(&hello.proxy_id, &namespace, workload, &identity).map_err(Status::invalid_argument)?)
+            }
             None => None,
         };
         let stream = self.hub.claim_proxy(ProxyRecord {
@@ -329,7 +351,8 @@ impl Discovery for DiscoveryService {
         let hub = self.hub.clone();
         let key = (namespace, hello.proxy_id.clone());
         tokio::spawn(async move {
-            if let Err(error) = serve_proxy(hub, hello, key, stream, registration, inbound, sender).await {
+            let peer = (identity.to_string(), serial);
+            if let Err(error) = serve_proxy(hub, hello, key, stream, registration, peer, inbound, sender).await {
                 tracing::debug!(%error, "discovery stream ended");
             }
         });
@@ -337,13 +360,16 @@ impl Discovery for DiscoveryService {
     }
 }
 
-/// Serves one proxy's stream, whose record `claim_proxy` made (`stream`).
+/// Serves one proxy's stream, whose record `claim_proxy` made (`stream`), for the peer
+/// `(identity, certificate serial)`; ends it if the operator revokes either.
+#[allow(clippy::too_many_arguments)]
 async fn serve_proxy(
     hub: Arc<Hub>,
     hello: weft_api::discovery::Hello,
     key: ProxyKey,
     stream: u64,
     registration: Option<Registration>,
+    (identity, serial): (String, Option<String>),
     mut inbound: Streaming<ProxyMessage>,
     sender: mpsc::Sender<Result<ControlMessage, Status>>,
 ) -> Result<(), Status> {
@@ -364,7 +390,15 @@ async fn serve_proxy(
     let result = loop {
         let view = hub.world().view(own.as_deref(), &subscriptions);
         let trust_bundle = hub.trust_bundle();
-        let digest = digest(&view.text, &view.missing, &trust_bundle);
+        let revoked = crate::revocations::current(&hub.catalog);
+        if revoked.refuses(Some(&identity), serial.as_deref()) {
+            tracing::warn!(%proxy_id, %identity, "closing the discovery stream of a revoked proxy");
+            break Err(Status::permission_denied(format!(
+                "{identity} (certificate {}) is revoked: see weft revoke list",
+                serial.as_deref().unwrap_or("?")
+            )));
+        }
+        let digest = digest(&view.text, &view.missing, &trust_bundle, &revoked);
         if last_sent != Some(digest) {
             nonce += 1;
             let version = format!("{digest:016x}");
@@ -375,6 +409,10 @@ async fn serve_proxy(
                 missing: view.missing,
                 lease_seconds: hub.registry.lease().as_secs() as u32,
                 trust_bundle,
+                revocations: Some(weft_api::discovery::Revocations {
+                    identities: revoked.identities.into_iter().collect(),
+                    serials: revoked.serials.into_iter().collect(),
+                }),
             };
             if sender
                 .send(Ok(ControlMessage { message: Some(control_message::Message::Config(config)) }))
@@ -473,10 +511,11 @@ fn registration(
     })
 }
 
-fn digest(text: &str, missing: &[String], trust_bundle: &str) -> u64 {
+fn digest(text: &str, missing: &[String], trust_bundle: &str, revoked: &crate::revocations::RevocationList) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     text.hash(&mut hasher);
     missing.hash(&mut hasher);
     trust_bundle.hash(&mut hasher);
+    revoked.hash(&mut hasher);
     hasher.finish()
 }

@@ -11,10 +11,15 @@
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use weft_identity::{join_token::JoinToken, SpiffeId, TrustDomain};
+use weft_identity::{
+    token::{Token, TokenKind},
+    SpiffeId, TrustDomain,
+};
 
 use crate::{
+    audit,
     catalog::Catalog,
+    operator_tokens::Operator,
     store::{Change, ObjectKey, StoreError},
 };
 
@@ -80,7 +85,9 @@ pub struct NewJoinToken {
     pub record: JoinTokenRecord,
 }
 
-/// Makes and stores a token for `namespace`/`account`, valid for `ttl`.
+/// Makes and stores a token for `namespace`/`account`, valid for `ttl`, recorded in the
+/// audit log as `operator`'s.
+#[allow(clippy::too_many_arguments)]
 pub async fn create(
     catalog: &Catalog,
     trust_domain: &TrustDomain,
@@ -89,6 +96,7 @@ pub async fn create(
     account: &str,
     ttl: Duration,
     now: SystemTime,
+    operator: &Operator,
 ) -> Result<NewJoinToken, JoinTokenError> {
     let identity = SpiffeId::workload(trust_domain, namespace, account)
         .map_err(|e| JoinTokenError::Invalid(format!("{e}; check --service and --namespace")))?;
@@ -107,8 +115,9 @@ pub async fn create(
         revoked: false,
     };
     let document = serde_json::to_value(&record).map_err(|e| JoinTokenError::Invalid(e.to_string()))?;
-    catalog.write_internal(Change { puts: vec![(key(&id), document)], deletes: vec![] }).await?;
-    let token = JoinToken { id: &id, secret: &secret, root_hash }.to_string();
+    let audit = audit::record(operator, "token.create", (&key(&id)).into(), None, Some(document.clone()), now);
+    catalog.write_internal(Change { puts: vec![(key(&id), document), audit], deletes: vec![] }).await?;
+    let token = Token { kind: TokenKind::Join, id: &id, secret: &secret, root_hash }.to_string();
     Ok(NewJoinToken { token, record })
 }
 
@@ -123,20 +132,34 @@ pub fn list(catalog: &Catalog) -> Vec<JoinTokenRecord> {
     records
 }
 
-/// Revokes token `id`: it is refused from now on.
-pub async fn revoke(catalog: &Catalog, id: &str) -> Result<JoinTokenRecord, JoinTokenError> {
+/// Revokes token `id`: it is refused from now on. Recorded as `operator`'s.
+pub async fn revoke(catalog: &Catalog, id: &str, operator: &Operator) -> Result<JoinTokenRecord, JoinTokenError> {
     let entry = catalog.get(&key(id)).ok_or(JoinTokenError::Unknown)?;
+    let before = entry.stored.document.clone();
     let mut record: JoinTokenRecord =
         serde_json::from_value(entry.stored.document).map_err(|_| JoinTokenError::Unknown)?;
     record.revoked = true;
     let document = serde_json::to_value(&record).map_err(|e| JoinTokenError::Invalid(e.to_string()))?;
-    catalog.write_internal(Change { puts: vec![(key(id), document)], deletes: vec![] }).await?;
+    let audit = audit::record(
+        operator,
+        "token.revoke",
+        (&key(id)).into(),
+        Some(before),
+        Some(document.clone()),
+        SystemTime::now(),
+    );
+    catalog.write_internal(Change { puts: vec![(key(id), document), audit], deletes: vec![] }).await?;
     Ok(record)
 }
 
-/// Reads a presented token.
-pub fn parse(token: &str) -> Result<JoinToken<'_>, JoinTokenError> {
-    JoinToken::parse(token).ok_or(JoinTokenError::Malformed)
+/// Whether `id` names a join token.
+pub fn exists(catalog: &Catalog, id: &str) -> bool {
+    catalog.get(&key(id)).is_some()
+}
+
+/// Reads a presented join token.
+pub fn parse(token: &str) -> Result<Token<'_>, JoinTokenError> {
+    Token::parse_kind(token, TokenKind::Join).ok_or(JoinTokenError::Malformed)
 }
 
 /// Checks a presented token for the workload `namespace`/`account` at `now`; returns the
@@ -184,7 +207,8 @@ mod tests {
         let now = SystemTime::now();
         let root = "ab".repeat(32);
         let hour = Duration::from_secs(3600);
-        let made = create(&catalog, &domain, &root, "default", "reviews", hour, now).await.unwrap();
+        let ops = Operator::control_plane("test");
+        let made = create(&catalog, &domain, &root, "default", "reviews", hour, now, &ops).await.unwrap();
         assert!(made.token.ends_with(&root));
         assert!(!serde_json::to_string(&list(&catalog)).unwrap().contains(parse(&made.token).unwrap().secret));
 
@@ -202,7 +226,7 @@ mod tests {
         assert!(matches!(check(&catalog, &forged, "default", Some("reviews"), now), Err(JoinTokenError::Unknown)));
         assert!(matches!(check(&catalog, "nonsense", "default", Some("reviews"), now), Err(JoinTokenError::Malformed)));
 
-        revoke(&catalog, &made.record.id).await.unwrap();
+        revoke(&catalog, &made.record.id, &ops).await.unwrap();
         let revoked = check(&catalog, &made.token, "default", Some("reviews"), now).unwrap_err();
         assert!(matches!(revoked, JoinTokenError::Revoked(_)), "{revoked}");
         assert!(list(&catalog)[0].revoked);

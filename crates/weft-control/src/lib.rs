@@ -11,8 +11,9 @@
 
 #![forbid(unsafe_code)]
 
-pub mod admin_token;
 pub mod api;
+pub mod api_tls;
+pub mod audit;
 pub mod ca;
 pub mod catalog;
 pub mod cluster;
@@ -22,7 +23,10 @@ pub mod describe;
 pub mod discovery;
 pub mod join_tokens;
 pub mod kinds;
+pub mod operator_tokens;
 pub mod registry;
+pub mod replicas;
+pub mod revocations;
 pub mod signing;
 pub mod signing_service;
 pub mod store;

@@ -26,8 +26,9 @@ pub enum Proof<'a> {
     /// A join token, for the workload `namespace`/`account` (`None`: the token's own
     /// account).
     Token { token: &'a str, namespace: &'a str, account: Option<&'a str> },
-    /// The identity its current certificate proved on this connection.
-    Certificate(&'a SpiffeId),
+    /// The identity its current certificate proved on this connection, and that
+    /// certificate's serial.
+    Certificate { identity: &'a SpiffeId, serial: Option<&'a str> },
 }
 
 /// Why no certificate was issued.
@@ -39,6 +40,8 @@ pub enum SigningError {
     OtherMesh,
     #[error("{0}")]
     Identity(#[from] weft_identity::IdentityError),
+    #[error("{0} is revoked: no certificate is issued for it (weft revoke list)")]
+    Revoked(String),
 }
 
 /// Signs the key in `request` (DER PKCS#10) for the identity `proof` establishes.
@@ -50,6 +53,7 @@ pub fn issue(
     lifetime: Duration,
     now: SystemTime,
 ) -> Result<(SpiffeId, SignedCertificate), SigningError> {
+    let revoked = crate::revocations::current(catalog);
     let identity = match proof {
         Proof::Token { token, namespace, account } => {
             // During a rotation, tokens of the old root still join.
@@ -59,8 +63,16 @@ pub fn issue(
             }
             join_tokens::check(catalog, token, namespace, account, now)?
         }
-        Proof::Certificate(identity) => identity.clone(),
+        Proof::Certificate { identity, serial } => {
+            if revoked.refuses(None, serial) {
+                return Err(SigningError::Revoked(format!("the certificate {}", serial.unwrap_or_default())));
+            }
+            identity.clone()
+        }
     };
+    if revoked.refuses(Some(&identity.to_string()), None) {
+        return Err(SigningError::Revoked(identity.to_string()));
+    }
     let signed = ca.authority.sign(request, &identity, lifetime, now)?;
     tracing::info!(%identity, serial = %signed.serial, "issued a workload certificate");
     Ok((identity, signed))
@@ -89,6 +101,7 @@ mod tests {
             "reviews",
             DEFAULT_CERT_LIFETIME,
             now,
+            &crate::operator_tokens::Operator::control_plane("test"),
         )
         .await
         .unwrap();
@@ -104,8 +117,15 @@ mod tests {
 
         // A renewal on the strength of the certificate: same identity, new key.
         let (_, request) = new_key_and_request().unwrap();
-        let (renewed, _) =
-            issue(&catalog, &ca, Proof::Certificate(&proved), &request, DEFAULT_CERT_LIFETIME, now).unwrap();
+        let (renewed, _) = issue(
+            &catalog,
+            &ca,
+            Proof::Certificate { identity: &proved, serial: None },
+            &request,
+            DEFAULT_CERT_LIFETIME,
+            now,
+        )
+        .unwrap();
         assert_eq!(renewed, identity);
 
         // The token does not admit another workload, nor a proxy of another mesh.
@@ -118,7 +138,9 @@ mod tests {
         assert!(matches!(error, SigningError::OtherMesh), "{error}");
 
         // Once revoked, the token admits no one.
-        join_tokens::revoke(&catalog, &made.record.id).await.unwrap();
+        join_tokens::revoke(&catalog, &made.record.id, &crate::operator_tokens::Operator::control_plane("test"))
+            .await
+            .unwrap();
         let proof = Proof::Token { token: &made.token, namespace: "default", account: Some("reviews") };
         let error = issue(&catalog, &ca, proof, &request, DEFAULT_CERT_LIFETIME, now).unwrap_err();
         assert!(matches!(error, SigningError::Token(JoinTokenError::Revoked(_))), "{error}");

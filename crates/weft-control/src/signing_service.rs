@@ -40,7 +40,9 @@ impl Identity for SigningService {
             Proof::Token { token: &request.token, namespace, account }
         } else {
             match &presented {
-                Some(identity) if !identity.is_control_plane() => Proof::Certificate(identity),
+                Some(identity) if !identity.is_control_plane() => {
+                    Proof::Certificate { identity, serial: peer.as_ref().and_then(|p| p.serial.as_deref()) }
+                }
                 _ => return Err(Status::unauthenticated(
                     "a first certificate needs a join token (weft proxy --token-file; make one with weft token create)",
                 )),
@@ -53,7 +55,9 @@ impl Identity for SigningService {
                 tracing::warn!(%remote, %error, "refused to sign a certificate");
                 match error {
                     SigningError::Token(JoinTokenError::Store(_)) => Status::unavailable(error.to_string()),
-                    SigningError::Token(_) | SigningError::OtherMesh => Status::permission_denied(error.to_string()),
+                    SigningError::Token(_) | SigningError::OtherMesh | SigningError::Revoked(_) => {
+                        Status::permission_denied(error.to_string())
+                    }
                     SigningError::Identity(_) => Status::invalid_argument(error.to_string()),
                 }
             })?;

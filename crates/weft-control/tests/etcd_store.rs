@@ -12,6 +12,7 @@ use futures_util::StreamExt;
 use serde_json::json;
 use weft_control::{
     catalog::{Catalog, Source},
+    operator_tokens::Operator,
     store::{
         etcd::{EtcdSettings, EtcdStore},
         Change, ObjectKey, Store, StoreEvent,
@@ -105,7 +106,7 @@ async fn two_catalogs_on_one_etcd_see_each_others_writes() {
     let one = Catalog::load(Arc::new(store)).await.unwrap();
     let two = Catalog::load(Arc::new(other)).await.unwrap();
 
-    let report = one.apply(&[Source::new("a.yaml", SERVICE)], false).await.unwrap();
+    let report = one.apply(&[Source::new("a.yaml", SERVICE)], false, &Operator::control_plane("test")).await.unwrap();
     let mut seen = two.subscribe();
     tokio::time::timeout(Duration::from_secs(10), seen.wait_for(|r| *r >= report.revision)).await.unwrap().unwrap();
     let (_, items) = two.list(Some(ResourceKind::Service), None);
@@ -113,7 +114,7 @@ async fn two_catalogs_on_one_etcd_see_each_others_writes() {
     assert!(items[0].1.resource.is_some(), "the other replica parses what it receives");
 
     let service = ObjectKey::new(ResourceKind::Service, "default", "reviews");
-    let report = two.delete(vec![service.clone()], false, false).await.unwrap();
+    let report = two.delete(vec![service.clone()], false, false, &Operator::control_plane("test")).await.unwrap();
     let mut seen = one.subscribe();
     tokio::time::timeout(Duration::from_secs(10), seen.wait_for(|r| *r >= report.revision)).await.unwrap().unwrap();
     assert!(one.get(&service).is_none());
@@ -147,7 +148,8 @@ async fn a_large_apply_is_one_change_for_every_reader_and_lands_on_the_keys() {
             seen
         })
     };
-    let report = one.apply(&[Source::new("big.yaml", services(250))], false).await.unwrap();
+    let report =
+        one.apply(&[Source::new("big.yaml", services(250))], false, &Operator::control_plane("test")).await.unwrap();
     assert_eq!(report.results.len(), 250);
     let seen = tokio::time::timeout(Duration::from_secs(10), watcher).await.unwrap().unwrap();
     assert!(seen.iter().all(|count| *count == 0 || *count == 250), "{seen:?}");
@@ -162,7 +164,7 @@ async fn a_large_apply_is_one_change_for_every_reader_and_lands_on_the_keys() {
 
     // A later small change of one of them wins over the record's copy of it.
     let changed = SERVICE.replace("name: reviews", "name: svc-7").replace("port: 80", "port: 8080");
-    one.apply(&[Source::new("small.yaml", changed)], false).await.unwrap();
+    one.apply(&[Source::new("small.yaml", changed)], false, &Operator::control_plane("test")).await.unwrap();
     let key = ObjectKey::new(ResourceKind::Service, "default", "svc-7");
     assert_eq!(one.get(&key).unwrap().stored.document["spec"]["ports"][0]["port"], 8080);
 }

@@ -211,6 +211,20 @@ impl Authority {
         lifetime: Duration,
         now: SystemTime,
     ) -> Result<SignedCertificate, IdentityError> {
+        self.sign_with_names(request, id, &[], lifetime, now)
+    }
+
+    /// As [`Authority::sign`], with DNS names and IP addresses (`names`) as further SANs:
+    /// the control plane's HTTPS certificate, which browsers and Prometheus check by name
+    /// while weft's CLI checks the SPIFFE ID.
+    pub fn sign_with_names(
+        &self,
+        request: &[u8],
+        id: &SpiffeId,
+        names: &[String],
+        lifetime: Duration,
+        now: SystemTime,
+    ) -> Result<SignedCertificate, IdentityError> {
         if id.trust_domain() != &self.trust_domain {
             return Err(IdentityError::Request(format!(
                 "{id} is outside this CA's trust domain {}",
@@ -230,13 +244,22 @@ impl Authority {
         params.distinguished_name = DistinguishedName::new();
         params.subject_alt_names =
             vec![SanType::URI(id.to_string().try_into().map_err(|e| IdentityError::Request(format!("{e}")))?)];
+        for name in names {
+            let san = match name.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(
+                    name.clone().try_into().map_err(|e| IdentityError::Request(format!("name {name:?}: {e}")))?,
+                ),
+            };
+            params.subject_alt_names.push(san);
+        }
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.not_before = OffsetDateTime::from(not_before);
         params.not_after = OffsetDateTime::from(not_after);
         let serial = random_serial();
-        let serial_hex = hex::encode(serial.as_ref());
+        let serial_hex = crate::normalize_serial(&hex::encode(serial.as_ref()));
         params.serial_number = Some(serial);
         params.use_authority_key_identifier_extension = true;
         let leaf = params.signed_by(&request.public_key, &self.issuer).map_err(authority_error)?;

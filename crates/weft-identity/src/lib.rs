@@ -8,14 +8,15 @@
 //! against a trust bundle and reads its one SPIFFE identity, as both ends of a mesh TLS
 //! connection must; [`tls`] builds the rustls configurations of both ends on it.
 //!
-//! [`join_token`] is the format of the token a proxy joins with.
+//! [`token`] is the format of the bearer tokens: join tokens (proxies) and operator
+//! tokens (the API).
 //!
 //! Keys are ECDSA P-256 throughout, signed and verified with ring.
 
 #![forbid(unsafe_code)]
 
 pub mod authority;
-pub mod join_token;
+pub mod token;
 /// SPIFFE IDs and trust domains, defined with the resource model (which names them too).
 pub mod spiffe {
     pub use weft_model::spiffe::*;
@@ -31,6 +32,24 @@ pub use verify::verify_workload_certificate;
 /// for a clock before 1970).
 pub fn unix_seconds(time: std::time::SystemTime) -> u64 {
     time.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// A certificate serial as weft shows and compares it: lowercase hex without leading
+/// zeros (DER may prefix a zero byte that the issuer's own rendering lacks).
+pub fn normalize_serial(serial: &str) -> String {
+    let lower = serial.trim().to_ascii_lowercase();
+    let trimmed = lower.trim_start_matches('0');
+    if trimmed.is_empty() && !lower.is_empty() {
+        "0".to_string()
+    } else {
+        trimmed.to_string()
+    }
+}
+
+/// The serial of a DER certificate, normalized ([`normalize_serial`]).
+pub fn certificate_serial(der: &[u8]) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(normalize_serial(&hex::encode(parsed.raw_serial())))
 }
 
 /// `time` as RFC 3339 in UTC to the second (`2026-12-02T08:00:26Z`), as logs and the

@@ -55,7 +55,8 @@ pub const WRONG_ROOT: &str =
 /// ALPN of the control channel (gRPC over HTTP/2).
 pub const ALPN_GRPC: &[u8] = b"h2";
 
-fn provider() -> Arc<CryptoProvider> {
+/// The one crypto provider every weft TLS configuration uses (ring).
+pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
@@ -102,7 +103,7 @@ impl Issued {
         let certified = CertifiedKey::from_der(chain.clone(), key, &provider()).map_err(unusable)?;
         Ok(Issued {
             identity,
-            serial: hex::encode(parsed.raw_serial()),
+            serial: crate::normalize_serial(&hex::encode(parsed.raw_serial())),
             issuer: parsed.issuer().to_string(),
             not_before: time(validity.not_before),
             not_after: time(validity.not_after),
@@ -430,6 +431,15 @@ impl PinnedRoot {
 /// chaining to the root whose SHA-256 (hex, of its DER) is `root_sha256`, sent along in
 /// its chain. The returned handle gives that root once the handshake succeeded.
 pub fn bootstrap_client_config(root_sha256: &str) -> Result<(ClientConfig, PinnedRoot), IdentityError> {
+    pinned_control_plane_config(root_sha256, &[ALPN_GRPC])
+}
+
+/// As [`bootstrap_client_config`], with the ALPN protocols `alpn`: the CLI verifying the
+/// control plane's HTTPS API by the root hash its operator token carries.
+pub fn pinned_control_plane_config(
+    root_sha256: &str,
+    alpn: &[&[u8]],
+) -> Result<(ClientConfig, PinnedRoot), IdentityError> {
     let bundle = Bundle::Pinned { sha256: root_sha256.to_ascii_lowercase(), found: Mutex::new(None) };
     let verifier = Arc::new(SpiffeServerVerifier { trust: Trust::new(bundle), expected: Expected::ControlPlane });
     let mut config = ClientConfig::builder_with_provider(provider())
@@ -438,7 +448,7 @@ pub fn bootstrap_client_config(root_sha256: &str) -> Result<(ClientConfig, Pinne
         .dangerous()
         .with_custom_certificate_verifier(verifier.clone())
         .with_no_client_auth();
-    config.alpn_protocols = vec![ALPN_GRPC.to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok((config, PinnedRoot(verifier)))
 }
 

@@ -273,7 +273,6 @@ fn split_host_port(authority: &str) -> (&str, Option<u16>) {
     }
 }
 
-
 /// Whether a Service selects a workload, and if not, why.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Selection {

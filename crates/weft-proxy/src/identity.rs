@@ -13,25 +13,21 @@
 //! for discovery alike.
 
 use std::{
-    future::Future,
-    pin::Pin,
     sync::Arc,
-    task::{Context, Poll},
     time::{Duration, SystemTime},
 };
 
-use hyper_util::rt::TokioIo;
 use rustls::{
-    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName},
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer},
     ClientConfig,
 };
-use tokio::{net::TcpStream, sync::watch};
-use tonic::{codegen::Service, transport::Channel, Code};
+use tokio::sync::watch;
+use tonic::{transport::Channel, Code};
 use weft_api::discovery::{identity_client::IdentityClient, SignRequest};
 use weft_identity::{
     authority::new_key_and_request,
-    join_token::JoinToken,
     tls::{bootstrap_client_config, Credentials, Issued, ALPN_GRPC, WRONG_ROOT},
+    token::{Token, TokenKind},
     SpiffeId,
 };
 
@@ -52,8 +48,12 @@ impl std::fmt::Debug for JoinTokenSecret {
 impl JoinTokenSecret {
     /// Checks the token's shape; `source` names where it came from, for the error.
     pub fn new(text: &str, source: &str) -> Result<Self, String> {
-        match JoinToken::parse(text) {
-            Some(_) => Ok(JoinTokenSecret(text.trim().to_string())),
+        match Token::parse(text) {
+            Some(token) if token.kind == TokenKind::Join => Ok(JoinTokenSecret(text.trim().to_string())),
+            Some(_) => Err(format!(
+                "{source} holds an operator token (wo1.…), which is for the API; a proxy joins with a join token: \
+                 weft token create --service NAME"
+            )),
             None => Err(format!(
                 "{source} does not hold a join token (wj1.…); make one with: weft token create --service NAME"
             )),
@@ -61,7 +61,7 @@ impl JoinTokenSecret {
     }
 
     fn root_hash(&self) -> &str {
-        JoinToken::parse(&self.0).map(|t| t.root_hash).unwrap_or_default()
+        Token::parse(&self.0).map(|t| t.root_hash).unwrap_or_default()
     }
 }
 
@@ -85,61 +85,7 @@ pub enum JoinError {
     Unavailable(String),
 }
 
-/// Dials one control plane with TLS `config`, for the gRPC services on its discovery
-/// port.
-pub async fn control_channel(address: &str, config: Arc<ClientConfig>) -> Result<Channel, String> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| format!("bad --control address {address}: {e}"))?
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5));
-    let connector = TlsConnector { address: address.to_string(), config };
-    endpoint.connect_with_connector(connector).await.map_err(|e| format!("cannot connect to {address}: {}", chain(&e)))
-}
-
-/// An error with its causes, as one line: TLS refusals are deep in the chain.
-fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text = format!("{text}: {cause_text}");
-        }
-        source = cause.source();
-    }
-    text
-}
-
-#[derive(Clone)]
-struct TlsConnector {
-    address: String,
-    config: Arc<ClientConfig>,
-}
-
-impl Service<http::Uri> for TlsConnector {
-    type Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _uri: http::Uri) -> Self::Future {
-        let (address, config) = (self.address.clone(), self.config.clone());
-        Box::pin(async move {
-            let socket = TcpStream::connect(&address).await?;
-            socket.set_nodelay(true)?;
-            // The verifiers check SPIFFE identities, not names; rustls still wants one.
-            let host = address.rsplit_once(':').map_or(address.as_str(), |(host, _)| host);
-            let name = ServerName::try_from(host.trim_matches(['[', ']']).to_string())
-                .unwrap_or_else(|_| ServerName::try_from("weft-control").expect("a valid DNS name"));
-            let stream = tokio_rustls::TlsConnector::from(config).connect(name, socket).await?;
-            Ok(TokioIo::new(stream))
-        })
-    }
-}
+pub use weft_api::channel::control_channel;
 
 /// One signing call over `channel`: a fresh key, signed for the identity the token (or
 /// the connection's certificate, when `token` is `None`) proves.

@@ -7,102 +7,13 @@ use std::{
 };
 
 use anyhow::{bail, Context};
-use bytes::Bytes;
-use clap::Args;
-use http_body_util::{BodyExt, Full};
-use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use serde_json::{json, Value};
+
+pub use crate::api_client::{ApiClient, ServerArgs};
 use weft_control::{
     catalog::Source,
     kinds::{parse_kind, plural, ALL_KINDS},
 };
-
-/// Where the control plane's API is.
-#[derive(Args, Clone, Debug)]
-pub struct ServerArgs {
-    /// The control plane's HTTP API.
-    #[arg(long, env = "WEFT_SERVER", default_value = "http://127.0.0.1:15080", value_name = "URL")]
-    pub server: String,
-    /// The file holding the admin token, which changes need (the control plane writes it
-    /// to <data-dir>/admin-token at first start). Default: that file under the default
-    /// data directory, if it is there. WEFT_TOKEN gives the token itself.
-    #[arg(long, env = "WEFT_TOKEN_FILE", value_name = "FILE")]
-    pub admin_token_file: Option<std::path::PathBuf>,
-}
-
-impl ServerArgs {
-    /// The admin token: WEFT_TOKEN, else --admin-token-file, else the default data
-    /// directory's file. `None` if none is there (reads still work).
-    fn admin_token(&self) -> anyhow::Result<Option<String>> {
-        if let Some(token) = std::env::var("WEFT_TOKEN").ok().filter(|t| !t.trim().is_empty()) {
-            return Ok(Some(token.trim().to_string()));
-        }
-        let (path, explicit) = match &self.admin_token_file {
-            Some(path) => (path.clone(), true),
-            None => (weft_control::default_data_dir().join(weft_control::admin_token::ADMIN_TOKEN_FILE), false),
-        };
-        match std::fs::read_to_string(&path) {
-            Ok(text) => Ok(Some(text.trim().to_string())),
-            Err(_) if !explicit => Ok(None),
-            Err(error) => bail!("cannot read the admin token from {}: {error}", path.display()),
-        }
-    }
-}
-
-/// A JSON client of `/api/v1`.
-pub struct ApiClient {
-    base: String,
-    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
-    token: Option<String>,
-}
-
-impl ApiClient {
-    pub fn new(server: &ServerArgs) -> anyhow::Result<Self> {
-        let base = server.server.trim_end_matches('/').to_string();
-        if !base.starts_with("http://") {
-            bail!("--server must be an http:// URL such as http://127.0.0.1:15080, got {base:?}");
-        }
-        Ok(ApiClient { base, client: Client::builder(TokioExecutor::new()).build_http(), token: server.admin_token()? })
-    }
-
-    /// Sends one request; a refusal becomes an error carrying the server's message and
-    /// details, one per line.
-    pub async fn call(&self, method: http::Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
-        let uri = format!("{}{path}", self.base);
-        let mut request = http::Request::builder().method(method).uri(&uri);
-        if let Some(token) = &self.token {
-            request = request.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
-        }
-        let bytes = match body {
-            Some(body) => {
-                request = request.header(http::header::CONTENT_TYPE, "application/json");
-                Bytes::from(body.to_string())
-            }
-            None => Bytes::new(),
-        };
-        let request = request.body(Full::new(bytes)).with_context(|| format!("bad server URL {uri}"))?;
-        let response = self.client.request(request).await.map_err(|e| {
-            anyhow::anyhow!(
-                "cannot reach the control plane at {}: {}; start one with `weft control`, or point --server \
-                 (or WEFT_SERVER) at it",
-                self.base,
-                std::error::Error::source(&e).map(ToString::to_string).unwrap_or_else(|| e.to_string())
-            )
-        })?;
-        let status = response.status();
-        let body = response.into_body().collect().await.context("reading the control plane's answer")?.to_bytes();
-        let value: Value = serde_json::from_slice(&body)
-            .with_context(|| format!("the control plane answered {status} with a body that is not JSON"))?;
-        if !status.is_success() {
-            let mut message = value["error"].as_str().unwrap_or("request failed").to_string();
-            for detail in value["details"].as_array().into_iter().flatten() {
-                message.push_str(&format!("\n  {}", detail.as_str().unwrap_or_default()));
-            }
-            bail!("{message}");
-        }
-        Ok(value)
-    }
-}
 
 /// Reads `-f` arguments: files, directories (their `.yaml`, `.yml` and `.json` files in
 /// name order, not recursing) or `-` for stdin.
@@ -293,7 +204,7 @@ async fn get_proxies(api: &ApiClient, output: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn age(seconds: u64) -> String {
+pub fn age(seconds: u64) -> String {
     match seconds {
         s if s < 120 => format!("{s}s"),
         s if s < 7200 => format!("{}m", s / 60),
@@ -393,12 +304,12 @@ pub async fn describe(api: &ApiClient, kind: &str, name: &str, namespace: &str, 
     Ok(())
 }
 
-fn unix_now() -> u64 {
+pub fn unix_now() -> u64 {
     weft_identity::unix_seconds(std::time::SystemTime::now())
 }
 
 /// "in 5h12m" / "3m ago", for certificate expiry.
-fn relative(at: u64) -> String {
+pub fn relative(at: u64) -> String {
     let now = unix_now();
     let (seconds, future) = if at >= now { (at - now, true) } else { (now - at, false) };
     let text = if seconds >= 3600 {
@@ -450,28 +361,6 @@ fn print_workload(workload: &Value) {
     } else {
         println!("Proxy:        not connected");
     }
-}
-
-/// `weft ca rotate` (`finish: None`) and `weft ca finish-rotation` (`Some(force)`).
-pub async fn ca(api: &ApiClient, finish: Option<bool>) -> anyhow::Result<()> {
-    let path = match finish {
-        None => "/api/v1/ca/rotate".to_string(),
-        Some(force) => format!("/api/v1/ca/rotation/finish?force={force}"),
-    };
-    let answer = api.call(http::Method::POST, &path, None).await?;
-    let roots: Vec<&str> =
-        answer["caRoots"].as_array().map(|r| r.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
-    match finish {
-        None => eprintln!(
-            "rotation started: new root {}; still trusted: {}. Proxies get the new bundle now and new certificates as they \
-             renew; make new join tokens (old ones work until the rotation is finished). Finish with weft ca \
-             finish-rotation after one certificate lifetime.",
-            answer["caRoot"].as_str().unwrap_or_default(),
-            roots.get(1..).map(|r| r.join(", ")).unwrap_or_default()
-        ),
-        Some(_) => eprintln!("rotation finished: only root {} is trusted", answer["caRoot"].as_str().unwrap_or_default()),
-    }
-    Ok(())
 }
 
 /// `weft check`: what needs an operator's attention in the mesh's identities.
@@ -570,66 +459,4 @@ fn print_description(service: &Value) {
             println!("  {}", line.as_str().unwrap_or_default());
         }
     }
-}
-
-/// What `weft token` does.
-pub enum TokenCommand {
-    Create { service: String, namespace: String, service_account: Option<String>, ttl: String, server: ServerArgs },
-    List { server: ServerArgs },
-    Revoke { id: String, server: ServerArgs },
-}
-
-/// `weft token create|list|revoke`.
-pub async fn token(command: TokenCommand) -> anyhow::Result<()> {
-    match command {
-        TokenCommand::Create { service, namespace, service_account, ttl, server } => {
-            let body = serde_json::json!({
-                "service": service,
-                "namespace": namespace,
-                "serviceAccount": service_account,
-                "ttl": ttl,
-            });
-            let made = ApiClient::new(&server)?.call(http::Method::POST, "/api/v1/tokens", Some(body)).await?;
-            eprintln!(
-                "join token {} for {}, valid until {} (unix time); give it to the proxy with --token-file",
-                made["id"].as_str().unwrap_or("?"),
-                made["identity"].as_str().unwrap_or("?"),
-                made["expiresAt"],
-            );
-            println!("{}", made["token"].as_str().unwrap_or_default());
-        }
-        TokenCommand::List { server } => {
-            let answer = ApiClient::new(&server)?.call(http::Method::GET, "/api/v1/tokens", None).await?;
-            let items = answer["items"].as_array().cloned().unwrap_or_default();
-            if items.is_empty() {
-                eprintln!("no join tokens");
-                return Ok(());
-            }
-            let now = unix_now();
-            let mut rows = vec![["ID", "IDENTITY", "STATE", "EXPIRES IN"].map(String::from).to_vec()];
-            for item in &items {
-                let expires = item["expiresAt"].as_u64().unwrap_or(0);
-                let state = if item["revoked"] == true {
-                    "revoked"
-                } else if expires <= now {
-                    "expired"
-                } else {
-                    "valid"
-                };
-                rows.push(vec![
-                    item["id"].as_str().unwrap_or("-").to_string(),
-                    item["identity"].as_str().unwrap_or("-").to_string(),
-                    state.to_string(),
-                    if expires > now { age(expires - now) } else { "-".to_string() },
-                ]);
-            }
-            print_rows(&rows);
-        }
-        TokenCommand::Revoke { id, server } => {
-            let path = format!("/api/v1/tokens/{id}");
-            let revoked = ApiClient::new(&server)?.call(http::Method::DELETE, &path, None).await?;
-            println!("join token {} for {} revoked", id, revoked["identity"].as_str().unwrap_or("?"));
-        }
-    }
-    Ok(())
 }

@@ -235,8 +235,13 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     std::fs::write(&resources, format!("{RESOURCES}---\n{}", canary_route(90, 10)))?;
     let canary = dir.join("canary-50.yaml");
     std::fs::write(&canary, canary_route(50, 50))?;
-    let token_file = dir.join("store").join(weft_control::admin_token::ADMIN_TOKEN_FILE);
-    let server = crate::cli::ServerArgs { server: format!("http://{api}"), admin_token_file: Some(token_file.clone()) };
+    let token_file = dir.join("store").join(weft_control::operator_tokens::ADMIN_TOKEN_FILE);
+    let server_url = ports["server"].as_str().unwrap_or_default().to_string();
+    let server = crate::cli::ServerArgs {
+        server: Some(server_url.clone()),
+        token_file: Some(token_file.clone()),
+        ..Default::default()
+    };
     let client = crate::cli::ApiClient::new(&server)?;
     let sources = crate::cli::read_sources(std::slice::from_ref(&resources))?;
     client
@@ -333,6 +338,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
             path,
             serde_json::json!({
                 "api": api,
+                "server": server_url,
                 "grpc": grpc,
                 "entry": entry_addr.to_string(),
                 "adminTokenFile": token_file.display().to_string(),

@@ -6,9 +6,12 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
 
+mod api_client;
 mod cli;
+mod context;
 mod demo;
 mod demo_app;
+mod operations;
 use clap::{Args, Parser, Subcommand};
 use weft_model::GoDuration;
 use weft_proxy::{ProxySettings, UpstreamListener};
@@ -53,7 +56,7 @@ enum Command {
         ports_file: Option<PathBuf>,
     },
     /// Run the control plane: the resource store and the HTTP API.
-    Control(ControlArgs),
+    Control(Box<ControlArgs>),
     /// Create or update resources from YAML files; all documents are validated first and
     /// applied together or not at all.
     Apply {
@@ -112,9 +115,31 @@ enum Command {
         #[command(flatten)]
         server: cli::ServerArgs,
     },
-    /// Join tokens, with which new proxies prove which workload they are.
+    /// Tokens: join tokens (a proxy joins as one workload) and operator tokens (the API,
+    /// with a role).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Cut off a compromised identity or certificate, mesh-wide, at once.
+    #[command(subcommand)]
+    Revoke(RevokeCommand),
+    /// The audit log: every change, who made it, and what it changed.
+    History {
+        /// Only changes to this kind (`services`, `httproutes`, ..., `OperatorToken`,
+        /// `JoinToken`, `Revocation`, `CertificateAuthority`).
+        kind: Option<String>,
+        /// Only changes to this name.
+        name: Option<String>,
+        /// The newest this many entries.
+        #[arg(long, default_value_t = 100, value_name = "N")]
+        limit: usize,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: cli::Output,
+        #[command(flatten)]
+        server: cli::ServerArgs,
+    },
+    /// Named contexts (server, token file), like kubeconfig's.
+    #[command(subcommand)]
+    Context(ContextCommand),
     /// The mesh's certificate authority: rotate its root.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -150,34 +175,102 @@ enum Command {
 /// `weft token ...`.
 #[derive(Subcommand)]
 enum TokenCommand {
-    /// Make a join token for one workload identity; prints the token alone on stdout
-    /// (keep it like a password: it admits a proxy as that workload until it expires).
+    /// Make a token; prints it alone on stdout (keep it like a password). With --service:
+    /// a join token, which admits a proxy as that workload until it expires. With
+    /// --role: an operator token for the API (viewer: reads; admin: everything).
     Create {
-        /// The service the workload runs; its identity is spiffe://DOMAIN/ns/NS/sa/ACCOUNT.
-        #[arg(long)]
-        service: String,
-        #[arg(short = 'n', long, default_value = weft_model::DEFAULT_NAMESPACE, value_name = "NS")]
+        /// A join token for the workload of this service; its identity is
+        /// spiffe://DOMAIN/ns/NS/sa/ACCOUNT.
+        #[arg(long, conflicts_with_all = ["role", "name"], required_unless_present = "role")]
+        service: Option<String>,
+        /// An operator token with this role.
+        #[arg(long, value_parser = ["viewer", "admin"])]
+        role: Option<String>,
+        /// What to call an operator token (shown by `token list` and in the audit log).
+        #[arg(long, requires = "role")]
+        name: Option<String>,
+        #[arg(short = 'n', long, default_value = weft_model::DEFAULT_NAMESPACE, value_name = "NS", conflicts_with = "role")]
         namespace: String,
-        /// The service account; defaults to the service's name.
-        #[arg(long, value_name = "ACCOUNT")]
+        /// The service account of a join token; defaults to the service's name.
+        #[arg(long, value_name = "ACCOUNT", conflicts_with = "role")]
         service_account: Option<String>,
-        /// How long the token admits proxies.
-        #[arg(long, default_value = "720h", value_name = "DURATION")]
-        ttl: GoDuration,
+        /// How long the token lasts: a join token 720h unless given, an operator token
+        /// until revoked.
+        #[arg(long, value_name = "DURATION")]
+        ttl: Option<GoDuration>,
         #[command(flatten)]
         server: cli::ServerArgs,
     },
-    /// List join tokens (never their secrets).
+    /// List tokens of both kinds (never their secrets).
     List {
         #[command(flatten)]
         server: cli::ServerArgs,
     },
-    /// Revoke a join token by its id: no proxy can join with it any more.
+    /// Revoke a token by its id: a join token admits no proxy any more, an operator
+    /// token no API call.
     Revoke {
         id: String,
         #[command(flatten)]
         server: cli::ServerArgs,
     },
+}
+
+/// `weft revoke ...`.
+#[derive(Subcommand)]
+enum RevokeCommand {
+    /// Revoke every certificate of a SPIFFE identity, and refuse it new ones.
+    Identity {
+        /// spiffe://DOMAIN/ns/NS/sa/ACCOUNT
+        spiffe_id: String,
+        #[command(flatten)]
+        server: cli::ServerArgs,
+    },
+    /// Revoke one certificate by its serial (as `weft describe workload` shows it).
+    Certificate {
+        serial: String,
+        #[command(flatten)]
+        server: cli::ServerArgs,
+    },
+    /// What is revoked.
+    List {
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: cli::Output,
+        #[command(flatten)]
+        server: cli::ServerArgs,
+    },
+    /// Take a revocation back, by its id or what it revoked.
+    Undo {
+        what: String,
+        #[command(flatten)]
+        server: cli::ServerArgs,
+    },
+}
+
+/// `weft context ...`.
+#[derive(Subcommand)]
+enum ContextCommand {
+    /// List contexts; `*` marks the current one.
+    List,
+    /// Make NAME the current context.
+    Use { name: String },
+    /// Create or update a context (the first one becomes current).
+    Set {
+        name: String,
+        /// The control plane's API, e.g. https://10.0.0.1:15080.
+        #[arg(long, value_name = "URL")]
+        server: String,
+        /// The file holding the operator token.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// CA certificates (PEM) for an API certificate from your own PKI.
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<PathBuf>,
+        /// Make it the current context.
+        #[arg(long = "use")]
+        make_current: bool,
+    },
+    /// Remove a context.
+    Delete { name: String },
 }
 
 /// `weft ca ...`.
@@ -254,6 +347,30 @@ struct ControlArgs {
     /// of it.
     #[arg(long, default_value = "24h", value_name = "DURATION")]
     cert_lifetime: GoDuration,
+    /// A further DNS name or IP address for the API's certificate (repeatable), beyond
+    /// --api-addr's: the names browsers and Prometheus reach the API by.
+    #[arg(long = "api-san", value_name = "NAME|IP")]
+    api_sans: Vec<String>,
+    /// Serve the API with your own certificate chain (PEM) instead of one from the mesh
+    /// CA, so browsers trust it through your PKI. Needs --api-key.
+    #[arg(long, value_name = "FILE", requires = "api_key", conflicts_with = "api_http")]
+    api_cert: Option<PathBuf>,
+    /// The key of --api-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "api_cert")]
+    api_key: Option<PathBuf>,
+    /// Serve the API as plain HTTP; refused unless --api-addr is loopback.
+    #[arg(long)]
+    api_http: bool,
+    /// The host other replicas reach this one at, when --api-addr or --grpc-addr binds
+    /// every interface (default: this host's primary address).
+    #[arg(long, value_name = "HOST")]
+    advertise_host: Option<String>,
+    /// How many audit log entries are kept.
+    #[arg(long, default_value_t = weft_control::audit::DEFAULT_MAX_ENTRIES, value_name = "N")]
+    audit_max_entries: usize,
+    /// How long audit log entries are kept.
+    #[arg(long, default_value = "2160h", value_name = "DURATION")]
+    audit_max_age: GoDuration,
 }
 
 fn parse_trust_domain(text: &str) -> Result<weft_identity::TrustDomain, String> {
@@ -434,16 +551,6 @@ impl ProxyArgs {
     }
 }
 
-fn command_for_cli(command: TokenCommand) -> cli::TokenCommand {
-    match command {
-        TokenCommand::Create { service, namespace, service_account, ttl, server } => {
-            cli::TokenCommand::Create { service, namespace, service_account, ttl: ttl.to_string(), server }
-        }
-        TokenCommand::List { server } => cli::TokenCommand::List { server },
-        TokenCommand::Revoke { id, server } => cli::TokenCommand::Revoke { id, server },
-    }
-}
-
 /// Proxy ids name Workloads, so they follow the same rule as resource names.
 fn parse_proxy_id(text: &str) -> Result<String, String> {
     let bytes = text.as_bytes();
@@ -552,6 +659,14 @@ fn run(command: Command) -> anyhow::Result<()> {
                     encryption_key: args.ca_encryption_key,
                 },
                 cert_lifetime: args.cert_lifetime.get(),
+                api_tls: match (args.api_http, args.api_cert, args.api_key) {
+                    (true, _, _) => weft_control::api_tls::ApiTlsSettings::Plaintext,
+                    (false, Some(cert), Some(key)) => weft_control::api_tls::ApiTlsSettings::Operator { cert, key },
+                    _ => weft_control::api_tls::ApiTlsSettings::Mesh { extra_names: args.api_sans },
+                },
+                advertise_host: args.advertise_host,
+                audit_max_entries: args.audit_max_entries,
+                audit_max_age: args.audit_max_age.get(),
             };
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(weft_control::run(settings, shutdown_signal())).context("weft control")
@@ -572,12 +687,40 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Describe { kind, name, namespace, output, server } => {
             block_on(async { cli::describe(&cli::ApiClient::new(&server)?, &kind, &name, &namespace, output).await })
         }
-        Command::Token(command) => block_on(cli::token(command_for_cli(command))),
+        Command::Token(TokenCommand::Create { service, role, name, namespace, service_account, ttl, server }) => {
+            let what = match (service, role) {
+                (Some(service), _) => operations::NewToken::Join { service, namespace, service_account },
+                (None, Some(role)) => operations::NewToken::Operator { role, name },
+                (None, None) => anyhow::bail!("give --service (a join token) or --role (an operator token)"),
+            };
+            block_on(operations::create_token(&server, what, ttl.map(|t| t.to_string())))
+        }
+        Command::Token(TokenCommand::List { server }) => block_on(operations::list_tokens(&server)),
+        Command::Token(TokenCommand::Revoke { id, server }) => block_on(operations::revoke_token(&server, &id)),
+        Command::Revoke(RevokeCommand::Identity { spiffe_id, server }) => {
+            block_on(operations::revoke(&server, "identity", &spiffe_id))
+        }
+        Command::Revoke(RevokeCommand::Certificate { serial, server }) => {
+            block_on(operations::revoke(&server, "certificate", &serial))
+        }
+        Command::Revoke(RevokeCommand::List { output, server }) => {
+            block_on(operations::list_revocations(&server, output))
+        }
+        Command::Revoke(RevokeCommand::Undo { what, server }) => block_on(operations::undo_revocation(&server, &what)),
+        Command::History { kind, name, limit, output, server } => {
+            block_on(operations::history(&server, kind.as_deref(), name.as_deref(), limit, output))
+        }
+        Command::Context(ContextCommand::List) => context::list(),
+        Command::Context(ContextCommand::Use { name }) => context::use_context(&name),
+        Command::Context(ContextCommand::Set { name, server, token_file, ca_file, make_current }) => {
+            context::set(context::Context { name, server, token_file, ca_file }, make_current)
+        }
+        Command::Context(ContextCommand::Delete { name }) => context::delete(&name),
         Command::Ca(CaCommand::Rotate { server }) => {
-            block_on(async { cli::ca(&cli::ApiClient::new(&server)?, None).await })
+            block_on(async { operations::ca(&cli::ApiClient::new(&server)?, None).await })
         }
         Command::Ca(CaCommand::FinishRotation { force, server }) => {
-            block_on(async { cli::ca(&cli::ApiClient::new(&server)?, Some(force)).await })
+            block_on(async { operations::ca(&cli::ApiClient::new(&server)?, Some(force)).await })
         }
         Command::Check { server } => block_on(async { cli::check(&cli::ApiClient::new(&server)?).await }),
         Command::Validate { file } => {

@@ -63,6 +63,7 @@ async fn the_demo_serves_through_every_hop_and_stops_cleanly() {
         .args(["demo", "--api-addr", "127.0.0.1:0", "--entry-addr", "127.0.0.1:0", "--ports-file"])
         .arg(&ports_file)
         .env("RUST_LOG", "info,weft_proxy=debug")
+        .env("WEFT_CONFIG", dir.0.join("weft-config.yaml"))
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -75,7 +76,7 @@ async fn the_demo_serves_through_every_hop_and_stops_cleanly() {
     })
     .await;
     let entry = ports["entry"].as_str().unwrap().parse().unwrap();
-    let server = format!("http://{}", ports["api"].as_str().unwrap());
+    let server = ports["server"].as_str().unwrap().to_string();
 
     // A request crosses web, catalog, reviews, ratings and inventory.
     let http = client();
@@ -116,6 +117,7 @@ async fn the_demo_serves_through_every_hop_and_stops_cleanly() {
             .args(args)
             .env("WEFT_SERVER", &server)
             .env("WEFT_TOKEN_FILE", ports["adminTokenFile"].as_str().unwrap())
+            .env("WEFT_CONFIG", dir.0.join("weft-config.yaml"))
             .output()
             .unwrap();
         (output.status.success(), String::from_utf8_lossy(&output.stdout).into_owned())

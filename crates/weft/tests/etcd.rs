@@ -10,11 +10,12 @@ use serde_json::Value;
 use support::{client, eventually, get_via, http_get, Control, Etcd, EtcdTls, Proxy, TempDir, TestApp, WEFT};
 
 async fn status(control: &Control) -> Value {
-    let (code, body) = http_get(control.api, "/api/v1/status", &[]).await.unwrap_or_default();
-    if code != 200 {
-        return Value::Null;
+    match support::api_request(&control.server(), Some(&control.admin_token()), "GET", "/api/v1/status", None, None)
+        .await
+    {
+        Ok((200, body)) => body,
+        _ => Value::Null,
     }
-    serde_json::from_slice(&body).unwrap_or_default()
 }
 
 /// Proxy id → the replica holding its stream, as `weft get proxies` on `control` says.
@@ -287,7 +288,8 @@ async fn a_replica_cut_off_longer_than_a_lease_gets_its_proxies_back_when_it_ret
         (status(&a).await["leader"] == true).then_some(())
     })
     .await;
-    let b = Control::start_on(&dir, "control-b", &dir.0.join("b"), &flags).await;
+    let mut b = Control::start_on(&dir, "control-b", &dir.0.join("b"), &flags).await;
+    b.token_file = a.token_file.clone();
     let ratings = TestApp::start("ratings").await;
     let ratings_proxy = sidecar(&dir, "ratings-1", &b.grpc.to_string(), &a, "ratings", &ratings).await;
     let caller = Proxy::start_with_controls(&dir, "web", &a.grpc.to_string(), &a, &["--id", "web"]).await;

@@ -7,11 +7,10 @@ mod support;
 use std::{process::Command, time::Duration};
 
 use serde_json::Value;
-use support::{eventually, http_get, Control, Proxy, TempDir, TestApp, WEFT};
+use support::{eventually, Control, Proxy, TempDir, TestApp, WEFT};
 
 async fn status(control: &Control) -> Value {
-    let (_, body) = http_get(control.api, "/api/v1/status", &[]).await.unwrap();
-    serde_json::from_slice(&body).unwrap()
+    control.api("GET", "/api/v1/status", None).await.1
 }
 
 fn openssl(dir: &TempDir, args: &[&str]) -> Vec<u8> {
@@ -33,8 +32,8 @@ async fn the_ca_is_made_once_kept_secret_and_fixes_the_trust_domain() {
     // Nothing of it is served as a resource.
     let (ok, out, _) = control.cli(&["get", "all", "-o", "yaml"]);
     assert!(ok && !out.contains("CertificateAuthority") && !out.contains("PRIVATE"), "{out}");
-    let (_, body) = http_get(control.api, "/api/v1/resources", &[]).await.unwrap();
-    assert!(!String::from_utf8_lossy(&body).contains("PRIVATE"));
+    let (_, body) = control.api("GET", "/api/v1/resources", None).await;
+    assert!(!body.to_string().contains("PRIVATE"));
 
     // A restart signs with the same root; a different trust domain is refused.
     control.kill();
@@ -152,49 +151,6 @@ fn openssl_stdin(dir: &TempDir, args: &[&str], input: &[u8]) -> Vec<u8> {
 }
 
 #[tokio::test]
-async fn changes_need_the_admin_token_and_reads_do_not() {
-    let dir = TempDir::new("identity-admin");
-    let control = Control::start(&dir, "control").await;
-    let token = std::fs::read_to_string(&control.token_file).unwrap().trim().to_string();
-    let log = std::fs::read_to_string(&control.log).unwrap();
-    assert!(log.contains("admin-token") && !log.contains(&token), "the path is logged, never the token");
-
-    let service = "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: reviews}\nspec: {selector: {app: reviews}, ports: [{port: 80, protocol: http}]}\n";
-    let url = format!("http://{}/api/v1/apply?source=curl", control.api);
-    let apply = |auth: Option<&str>| {
-        let mut args = vec!["-s".to_string(), "-o".into(), "/dev/stderr".into(), "-w".into(), "%{http_code}".into()];
-        if let Some(auth) = auth {
-            args.extend(["-H".to_string(), format!("Authorization: Bearer {auth}")]);
-        }
-        args.extend(["--data-binary".to_string(), service.to_string(), url.clone()]);
-        let output = Command::new("curl").args(&args).output().unwrap();
-        (String::from_utf8_lossy(&output.stdout).into_owned(), String::from_utf8_lossy(&output.stderr).into_owned())
-    };
-    let (code, body) = apply(None);
-    assert_eq!(code, "401", "{body}");
-    assert!(body.contains("--admin-token-file"), "{body}");
-    let (code, body) = apply(Some("weft-admin-guess"));
-    assert!(code == "401" && body.contains("wrong"), "{code} {body}");
-    let (code, body) = apply(Some(&token));
-    assert_eq!(code, "200", "{body}");
-
-    // Reads need no token; the CLI finds it through WEFT_TOKEN_FILE, and says when the
-    // file it was given is missing.
-    let (status, _) = http_get(control.api, "/api/v1/resources/services", &[]).await.unwrap();
-    assert_eq!(status, 200);
-    let (ok, out, err) = control.cli(&["delete", "service", "reviews"]);
-    assert!(ok && out.contains("deleted"), "{out}{err}");
-    let output = Command::new(WEFT)
-        .args(["delete", "service", "reviews"])
-        .env("WEFT_SERVER", control.server())
-        .env("WEFT_TOKEN_FILE", dir.0.join("nope"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success() && err.contains("cannot read the admin token"), "{err}");
-}
-
-#[tokio::test]
 async fn join_tokens_are_made_listed_and_revoked_by_the_operator() {
     let dir = TempDir::new("identity-tokens");
     let control = Control::start(&dir, "control").await;
@@ -219,14 +175,7 @@ async fn join_tokens_are_made_listed_and_revoked_by_the_operator() {
     let (ok, _, err) = control.cli(&["token", "create", "--service", "Bad Name"]);
     assert!(!ok && err.contains("check --service"), "{err}");
     let (ok, _, err) = control.cli(&["token", "revoke", "0000"]);
-    assert!(!ok && err.contains("no such join token"), "{err}");
-    let output = Command::new(WEFT)
-        .args(["token", "create", "--service", "reviews"])
-        .env("WEFT_SERVER", control.server())
-        .env("WEFT_TOKEN", "wrong")
-        .output()
-        .unwrap();
-    assert!(!output.status.success() && String::from_utf8_lossy(&output.stderr).contains("admin token is wrong"));
+    assert!(!ok && err.contains("no such token"), "{err}");
 }
 
 /// Runs `weft proxy --control` with `token` as `service` and waits for it to give up:
@@ -274,7 +223,7 @@ async fn a_proxy_joins_only_with_a_live_token_for_its_own_workload_of_this_mesh(
     let short_id = short.split('.').nth(1).unwrap().to_string();
     eventually(Duration::from_secs(15), "the short token to expire", || {
         let (_, listed, _) = control.cli(&["token", "list"]);
-        let expired = listed.lines().any(|line| line.starts_with(&short_id) && line.contains("expired"));
+        let expired = listed.lines().any(|line| line.contains(&short_id) && line.contains("expired"));
         async move { expired.then_some(()) }
     })
     .await;

@@ -303,7 +303,12 @@ async fn max_connections_is_exact_across_workers_and_starves_none() {
 
 /// Opens a discovery stream as the workload `account` (joined with its own join token)
 /// and says `hello`: the control plane's answer to it.
-async fn hello_as(control: &Control, dir: &TempDir, account: &str, hello: weft_api::discovery::Hello) -> Result<(), tonic::Status> {
+async fn hello_as(
+    control: &Control,
+    dir: &TempDir,
+    account: &str,
+    hello: weft_api::discovery::Hello,
+) -> Result<(), tonic::Status> {
     use weft_api::discovery::{discovery_client::DiscoveryClient, proxy_message, ProxyMessage};
     use weft_proxy::identity::{control_channel, control_client_config, join, IdentitySettings, JoinTokenSecret};
     let token = std::fs::read_to_string(control.join_token(dir, account, "default")).unwrap();
@@ -364,7 +369,11 @@ async fn a_proxy_can_neither_take_another_workloads_registration_nor_its_service
     })
     .await;
     let answer = get_via(&http, caller.outbound, "backend", "/", &[]).await;
-    assert_eq!((answer.status, answer.weft_error().unwrap_or_default().starts_with("no-endpoints")), (503, true), "{answer:?}");
+    assert_eq!(
+        (answer.status, answer.weft_error().unwrap_or_default().starts_with("no-endpoints")),
+        (503, true),
+        "{answer:?}"
+    );
     let (_, out, _) = control.cli(&["describe", "service", "backend"]);
     assert!(out.contains("may serve only Services whose selector names its service account as app"), "{out}");
     assert_eq!(get_via(&http, caller.outbound, "reviews", "/", &[]).await.app(), "reviews");

@@ -28,9 +28,10 @@ pub struct ObjectKey {
 }
 
 /// Kinds the control plane keeps for itself, never listed or served as resources:
-/// workload registrations, the certificate authority, the admin token's hash and join
-/// tokens.
-pub const INTERNAL_KINDS: [&str; 4] = ["Registration", "CertificateAuthority", "AdminToken", "JoinToken"];
+/// workload registrations, the certificate authority, the tokens (hashes only: the admin
+/// token of earlier releases, operator and join tokens), the audit log and revocations.
+pub const INTERNAL_KINDS: [&str; 7] =
+    ["Registration", "CertificateAuthority", "AdminToken", "OperatorToken", "JoinToken", "AuditEntry", "Revocation"];
 
 impl ObjectKey {
     /// Whether this is one of the [`INTERNAL_KINDS`].

@@ -311,6 +311,11 @@ pub struct Control {
     /// The admin token the CLI uses: `<data-dir>/admin-token` unless a test points it at
     /// another replica's.
     pub token_file: PathBuf,
+    /// The API's URL, `https://ADDR` (or `http://` with `--api-http`).
+    pub server_url: String,
+    /// The contexts file the CLI is given (none is made unless a test does): the user's
+    /// own must not leak into tests.
+    pub contexts_file: PathBuf,
 }
 
 impl Control {
@@ -355,7 +360,17 @@ impl Control {
             .expect("weft binary starts");
         let unset: SocketAddr = ([0, 0, 0, 0], 0).into();
         let token_file = data_dir.join("admin-token");
-        let mut control = Control { child, api: unset, grpc: unset, data_dir: data_dir.to_path_buf(), log, token_file };
+        let contexts_file = dir.0.join("weft-config.yaml");
+        let mut control = Control {
+            child,
+            api: unset,
+            grpc: unset,
+            data_dir: data_dir.to_path_buf(),
+            log,
+            token_file,
+            server_url: String::new(),
+            contexts_file,
+        };
         let ports: Result<Value, String> =
             eventually(Duration::from_secs(20), &format!("{name} to write its ports file"), || {
                 let exited =
@@ -374,12 +389,25 @@ impl Control {
         let ports = ports?;
         control.api = ports["api"].as_str().unwrap().parse().unwrap();
         control.grpc = ports["grpc"].as_str().unwrap().parse().unwrap();
+        control.server_url = ports["server"].as_str().unwrap().to_string();
         Ok(control)
     }
 
-    /// `http://ADDR`, for `--server`.
+    /// The API's URL, for `--server`.
     pub fn server(&self) -> String {
-        format!("http://{}", self.api)
+        self.server_url.clone()
+    }
+
+    /// The admin token this control plane wrote.
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(&self.token_file).unwrap().trim().to_string()
+    }
+
+    /// One API call with the admin token: (status, JSON answer).
+    pub async fn api(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+        api_request(&self.server_url, Some(&self.admin_token()), method, path, body, None)
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
     }
 
     /// Runs a `weft` CLI command against this control plane: (success, stdout, stderr).
@@ -393,6 +421,7 @@ impl Control {
             .args(args)
             .env("WEFT_SERVER", self.server())
             .env("WEFT_TOKEN_FILE", &self.token_file)
+            .env("WEFT_CONFIG", &self.contexts_file)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -792,6 +821,54 @@ pub async fn http_get(address: SocketAddr, path: &str, headers: &[(&str, &str)])
     let status = response.status().as_u16();
     let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
     Ok((status, body))
+}
+
+/// One call to a control plane's API at `server` (`https://` verified by the root hash
+/// `token` carries, or by `pin` when given; `http://` as is): (status, JSON answer).
+pub async fn api_request(
+    server: &str,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    pin: Option<&str>,
+) -> Result<(u16, Value), String> {
+    let (secure, authority) = match (server.strip_prefix("https://"), server.strip_prefix("http://")) {
+        (Some(rest), _) => (true, rest.to_string()),
+        (None, Some(rest)) => (false, rest.to_string()),
+        _ => return Err(format!("not a URL: {server}")),
+    };
+    let mut request = Request::builder().method(method).uri(path).header("host", &authority);
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    if body.is_some() {
+        request = request.header("content-type", "application/yaml");
+    }
+    let request = request.body(Full::new(Bytes::from(body.unwrap_or_default().to_string()))).unwrap();
+    let stream = tokio::net::TcpStream::connect(&authority).await.map_err(|e| e.to_string())?;
+    let response = if secure {
+        let root = pin.map(str::to_string).or_else(|| token.and_then(|t| t.split('.').nth(3)).map(str::to_string));
+        let root = root.ok_or("no root hash to verify the server by")?;
+        let (config, _) = weft_identity::tls::pinned_control_plane_config(&root, &[b"http/1.1"]).unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, stream)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
+        tokio::spawn(connection);
+        sender.send_request(request).await.map_err(|e| e.to_string())?
+    } else {
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+        tokio::spawn(connection);
+        sender.send_request(request).await.map_err(|e| e.to_string())?
+    };
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok((status, serde_json::from_slice(&body).unwrap_or(Value::Null)))
 }
 
 /// Writes `request` as is to a fresh connection and reads until the peer closes (at

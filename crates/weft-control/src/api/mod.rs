@@ -1,0 +1,153 @@
+//! The HTTP API (`/api/v1`, JSON) that the CLI and the dashboard use.
+//!
+//! One security model for every caller: each call presents an operator token
+//! ([`auth`]), reads need the `viewer` role and changes `admin`; only the liveness
+//! endpoint answers without one. Every change lands in the audit log with the token that
+//! made it. The API is served over HTTPS (`crate::api_tls`).
+//!
+//! Writes take YAML text exactly as `weft apply` reads it from files, so that the server
+//! judges every document with the same parser the proxies use, and names the source, the
+//! document and the field path in its refusal. [`resources`] serves the resources,
+//! [`operations`] tokens, revocations, the CA and the audit log, [`proxies`] the
+//! connected proxies and workloads.
+
+mod auth;
+mod operations;
+mod proxies;
+mod resources;
+
+use std::sync::Arc;
+
+use axum::{
+    extract::{FromRef, State},
+    http::StatusCode,
+    middleware,
+    response::{IntoResponse, Response},
+    routing::{delete, get, post},
+    Json, Router,
+};
+use serde_json::json;
+
+use crate::{
+    catalog::{Catalog, CatalogError},
+    discovery::Hub,
+    operator_tokens::{BadTokenLimiter, Role},
+};
+
+/// What the handlers share.
+#[derive(Clone)]
+struct AppState {
+    catalog: Arc<Catalog>,
+    hub: Arc<Hub>,
+    bad_tokens: Arc<BadTokenLimiter>,
+}
+
+impl FromRef<AppState> for Arc<Catalog> {
+    fn from_ref(state: &AppState) -> Self {
+        state.catalog.clone()
+    }
+}
+
+impl FromRef<AppState> for Arc<Hub> {
+    fn from_ref(state: &AppState) -> Self {
+        state.hub.clone()
+    }
+}
+
+/// Builds the router over `hub` (and its catalog).
+pub fn router(hub: Arc<Hub>) -> Router {
+    let state = AppState { catalog: hub.catalog.clone(), hub, bad_tokens: Arc::default() };
+    let reads = Router::new()
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/resources", get(resources::list_all))
+        .route("/api/v1/resources/{kind}", get(resources::list_kind))
+        .route("/api/v1/resources/{kind}/{namespace}/{name}", get(resources::get_one))
+        .route("/api/v1/services/{namespace}/{name}/describe", get(resources::describe))
+        .route("/api/v1/workloads/{namespace}/{name}/describe", get(proxies::describe_workload))
+        .route("/api/v1/proxies", get(proxies::proxies))
+        .route("/api/v1/history", get(operations::history))
+        .route("/api/v1/revocations", get(operations::list_revocations))
+        .route("/api/v1/whoami", get(operations::whoami))
+        .route_layer(middleware::from_fn_with_state((state.clone(), Role::Viewer), auth::require));
+    let changes = Router::new()
+        .route("/api/v1/apply", post(resources::apply))
+        .route("/api/v1/delete", post(resources::delete_documents))
+        .route("/api/v1/resources/{kind}/{namespace}/{name}", delete(resources::delete_one))
+        .route("/api/v1/tokens", post(operations::create_token).get(operations::list_tokens))
+        .route("/api/v1/tokens/{id}", delete(operations::revoke_token))
+        .route("/api/v1/revocations", post(operations::revoke))
+        .route("/api/v1/revocations/{id}", delete(operations::undo_revocation))
+        .route("/api/v1/ca/rotate", post(operations::rotate_ca))
+        .route("/api/v1/ca/rotation/finish", post(operations::finish_rotation))
+        .route_layer(middleware::from_fn_with_state((state.clone(), Role::Admin), auth::require));
+    Router::new()
+        // Liveness only: it says nothing about the mesh, so it needs no token.
+        .route("/api/v1/live", get(|| async { Json(json!({"live": true})) }))
+        .merge(reads)
+        .merge(changes)
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such API path; see README, HTTP API") })
+        .with_state(state)
+}
+
+/// A refusal: `{"error": "...", "details": [...]}` with a fitting status.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    details: Vec<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError { status, message: message.into(), details: Vec::new() }
+    }
+}
+
+impl From<CatalogError> for ApiError {
+    fn from(error: CatalogError) -> Self {
+        match error {
+            CatalogError::Invalid(errors) => ApiError {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                message: format!("refused: {} invalid document(s); nothing was changed", errors.0.len()),
+                details: errors.0.iter().map(ToString::to_string).collect(),
+            },
+            CatalogError::Empty(message) => ApiError::new(StatusCode::BAD_REQUEST, message),
+            CatalogError::NotFound(key) => ApiError::new(StatusCode::NOT_FOUND, format!("{key} not found")),
+            CatalogError::Store(error) => store_failure(error),
+        }
+    }
+}
+
+/// A store failure, logged; the caller is told nothing changed.
+fn store_failure(error: impl std::fmt::Display) -> ApiError {
+    tracing::error!(%error, "store failure");
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("{error}; nothing was changed"))
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({"error": self.message, "details": self.details}))).into_response()
+    }
+}
+
+async fn status(State(hub): State<Arc<Hub>>) -> Json<serde_json::Value> {
+    let cluster = hub.registry.cluster();
+    let replicas = cluster.replicas().await.unwrap_or_else(|error| {
+        tracing::warn!(%error, "cannot list control-plane replicas");
+        Vec::new()
+    });
+    let leader = cluster.leadership().borrow().is_some();
+    let ca = hub.ca();
+    Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "store": hub.catalog.store_description(),
+        "revision": hub.catalog.revision(),
+        "replica": cluster.replica(),
+        "trustDomain": ca.authority.trust_domain().as_str(),
+        "caRoot": ca.authority.root_hash(),
+        "caRoots": ca.root_hashes(),
+        "caRotatedAt": ca.rotated_at,
+        "leader": leader,
+        "replicas": replicas,
+    }))
+}

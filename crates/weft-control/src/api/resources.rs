@@ -1,0 +1,167 @@
+//! The resources: list, get, apply, delete, and `describe service`.
+
+use std::sync::Arc;
+
+use axum::{
+    extract::{Extension, Path, Query, State},
+    http::{header, HeaderMap, StatusCode},
+    response::IntoResponse,
+    Json,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use weft_model::ResourceKind;
+
+use super::ApiError;
+use crate::{
+    catalog::{parse_sources, Catalog, CatalogError, Entry, Source},
+    describe::describe_service,
+    discovery::Hub,
+    kinds::{parse_kind, plural},
+    operator_tokens::Operator,
+    store::ObjectKey,
+};
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct WriteParams {
+    #[serde(default)]
+    dry_run: bool,
+    /// The file name to use in error messages.
+    source: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct ListParams {
+    namespace: Option<String>,
+}
+
+/// One resource as the API returns it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct Item {
+    kind: String,
+    namespace: String,
+    name: String,
+    revision: u64,
+    created_revision: u64,
+    document: serde_json::Value,
+    /// False for a stored document this release cannot read.
+    readable: bool,
+}
+
+fn item(key: ObjectKey, entry: Entry) -> Item {
+    Item {
+        kind: key.kind,
+        namespace: key.namespace,
+        name: key.name,
+        revision: entry.stored.revision,
+        created_revision: entry.stored.created_revision,
+        document: entry.stored.document,
+        readable: entry.resource.is_some(),
+    }
+}
+
+fn kind(word: &str) -> Result<ResourceKind, ApiError> {
+    parse_kind(word).map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, m))
+}
+
+/// Write bodies: JSON `{"sources": [{"name", "text"}]}` (what the CLI sends, one entry
+/// per file), or bare YAML (for curl), named by `?source=`.
+fn sources(headers: &HeaderMap, params: &WriteParams, body: String) -> Result<Vec<Source>, ApiError> {
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !is_json {
+        return Ok(vec![Source::new(params.source.as_deref().unwrap_or("request body"), body)]);
+    }
+    #[derive(Deserialize)]
+    struct Sources {
+        sources: Vec<Source>,
+    }
+    serde_json::from_str::<Sources>(&body).map(|s| s.sources).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("a JSON body must be {{\"sources\": [{{\"name\", \"text\"}}]}}: {e}"),
+        )
+    })
+}
+
+pub(super) async fn apply(
+    State(catalog): State<Arc<Catalog>>,
+    Extension(operator): Extension<Operator>,
+    Query(params): Query<WriteParams>,
+    headers: HeaderMap,
+    body: String,
+) -> Result<impl IntoResponse, ApiError> {
+    let sources = sources(&headers, &params, body)?;
+    Ok(Json(catalog.apply(&sources, params.dry_run, &operator).await?))
+}
+
+pub(super) async fn delete_documents(
+    State(catalog): State<Arc<Catalog>>,
+    Extension(operator): Extension<Operator>,
+    Query(params): Query<WriteParams>,
+    headers: HeaderMap,
+    body: String,
+) -> Result<impl IntoResponse, ApiError> {
+    // The documents must be valid to name what to delete: a typo must not delete the
+    // wrong thing, and must not silently delete nothing.
+    let documents = parse_sources(&sources(&headers, &params, body)?)?;
+    let keys = documents
+        .iter()
+        .map(|d| ObjectKey::new(d.resource.kind(), &d.resource.metadata.namespace, &d.resource.metadata.name))
+        .collect();
+    Ok(Json(catalog.delete(keys, true, params.dry_run, &operator).await?))
+}
+
+pub(super) async fn list_all(
+    State(catalog): State<Arc<Catalog>>,
+    Query(params): Query<ListParams>,
+) -> Json<serde_json::Value> {
+    let (revision, entries) = catalog.list(None, params.namespace.as_deref());
+    let items: Vec<Item> = entries.into_iter().map(|(k, e)| item(k, e)).collect();
+    Json(json!({"revision": revision, "items": items}))
+}
+
+pub(super) async fn list_kind(
+    State(catalog): State<Arc<Catalog>>,
+    Path(word): Path<String>,
+    Query(params): Query<ListParams>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let kind = kind(&word)?;
+    let (revision, entries) = catalog.list(Some(kind), params.namespace.as_deref());
+    let items: Vec<Item> = entries.into_iter().map(|(k, e)| item(k, e)).collect();
+    Ok(Json(json!({"revision": revision, "kind": plural(kind), "items": items})))
+}
+
+pub(super) async fn get_one(
+    State(catalog): State<Arc<Catalog>>,
+    Path((word, namespace, name)): Path<(String, String, String)>,
+) -> Result<Json<Item>, ApiError> {
+    let key = ObjectKey::new(kind(&word)?, &namespace, &name);
+    let entry = catalog.get(&key).ok_or_else(|| ApiError::from(CatalogError::NotFound(key.clone())))?;
+    Ok(Json(item(key, entry)))
+}
+
+pub(super) async fn delete_one(
+    State(catalog): State<Arc<Catalog>>,
+    Extension(operator): Extension<Operator>,
+    Path((word, namespace, name)): Path<(String, String, String)>,
+    Query(params): Query<WriteParams>,
+) -> Result<impl IntoResponse, ApiError> {
+    let key = ObjectKey::new(kind(&word)?, &namespace, &name);
+    Ok(Json(catalog.delete(vec![key], false, params.dry_run, &operator).await?))
+}
+
+pub(super) async fn describe(
+    State(hub): State<Arc<Hub>>,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Result<impl IntoResponse, ApiError> {
+    let revision = hub.catalog.revision();
+    let world = hub.world();
+    let description = describe_service(world.resources(), &hub.registry.entries(), &namespace, &name)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("Service {namespace}/{name} not found")))?;
+    Ok(Json(json!({"revision": revision, "service": description})))
+}
