@@ -143,11 +143,7 @@ pub type ApiServerTls = (Arc<ServerConfig>, Arc<ApiCertificate>);
 
 /// The API's TLS configuration (`None`: plain HTTP, checked to be on loopback) and its
 /// certificate, which the caller keeps renewed.
-pub fn setup(
-    settings: &ApiTlsSettings,
-    addr: SocketAddr,
-    ca: &CaState,
-) -> Result<Option<ApiServerTls>, ApiTlsError> {
+pub fn setup(settings: &ApiTlsSettings, addr: SocketAddr, ca: &CaState) -> Result<Option<ApiServerTls>, ApiTlsError> {
     let certificate = match settings {
         ApiTlsSettings::Plaintext if addr.ip().is_loopback() => return Ok(None),
         ApiTlsSettings::Plaintext => return Err(ApiTlsError::PlaintextBeyondLoopback(addr)),

@@ -15,6 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::revocation::Revoked;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use weft_api::discovery::{
@@ -335,6 +336,16 @@ impl Applier {
         });
         let outcome = match result {
             Ok((snapshot, held)) => {
+                // Before the install, so that revoked identities lose their endpoints in it.
+                let revocations = config.revocations.clone().unwrap_or_default();
+                let revoked = Revoked::new(revocations.identities, revocations.serials);
+                let count = revoked.len();
+                if state.connector.revocations.set(revoked) {
+                    tracing::warn!(
+                        revoked = count,
+                        "the revocation list changed: revoked peers are refused and cut off"
+                    );
+                }
                 tracing::info!(version = %config.version, services = snapshot.services.len(), held, "configuration applied");
                 state.install(snapshot, config.version.clone());
                 *state.last_reload_error.lock().unwrap_or_else(|e| e.into_inner()) = None;

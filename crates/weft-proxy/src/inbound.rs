@@ -31,6 +31,7 @@ use crate::{
     metrics::{empty_label, AuthzLabels},
     outbound::{record, Routed},
     pool::{SendError, Wire},
+    revocation::PeerCertificate,
     state::SharedState,
     tcp,
     transport::{self, Upstream},
@@ -100,19 +101,37 @@ async fn serve_mesh_connection(
     };
     let (_, connection) = stream.get_ref();
     let port = transport::conveyed_port(connection.server_name());
-    let peer = weft_identity::tls::peer_identity(connection.peer_certificates())
-        .map(|id| Arc::new(MeshCaller::new(&id, port)));
+    let Some(certificate) = PeerCertificate::of(connection.peer_certificates()) else {
+        tracing::info!(?remote, "a mesh TLS connection proved no identity; closed");
+        return;
+    };
+    let revocations = state.connector.revocations.clone();
+    if revocations.current().refuses(&certificate.identity, certificate.serial.as_deref()) {
+        tracing::info!(?remote, peer = %certificate.identity, serial = ?certificate.serial, "refused a revoked peer");
+        return;
+    }
+    let peer = Some(Arc::new(MeshCaller::new(&certificate.identity, port)));
     let alpn = connection.alpn_protocol().map(<[u8]>::to_vec);
-    match alpn.as_deref() {
-        Some(ALPN_HTTP2) | Some(transport::ALPN_HTTP1) => {
-            let http2 = alpn.as_deref() == Some(ALPN_HTTP2);
-            let handler_state = state.clone();
-            let service =
-                hyper::service::service_fn(move |request| handle(handler_state.clone(), app, peer.clone(), request));
-            serve_http_on(stream, http2, service, drain, &state.settings).await;
+    let served = async {
+        match alpn.as_deref() {
+            Some(ALPN_HTTP2) | Some(transport::ALPN_HTTP1) => {
+                let http2 = alpn.as_deref() == Some(ALPN_HTTP2);
+                let handler_state = state.clone();
+                let service = hyper::service::service_fn(move |request| {
+                    handle(handler_state.clone(), app, peer.clone(), request)
+                });
+                serve_http_on(stream, http2, service, drain, &state.settings).await;
+            }
+            Some(ALPN_TCP) => relay_to_app(&state, app, peer.as_deref(), stream).await,
+            _ => tracing::info!(?remote, "a mesh TLS connection named no weft protocol (ALPN); closed"),
         }
-        Some(ALPN_TCP) => relay_to_app(&state, app, peer.as_deref(), stream).await,
-        _ => tracing::info!(?remote, "a mesh TLS connection named no weft protocol (ALPN); closed"),
+    };
+    // The operator may revoke the peer while the connection is open: then it ends.
+    tokio::select! {
+        () = served => {}
+        () = revocations.until_revoked(certificate.identity.clone(), certificate.serial.clone()) => {
+            tracing::info!(?remote, peer = %certificate.identity, "closed the connection of a peer revoked meanwhile");
+        }
     }
 }
 
@@ -128,8 +147,9 @@ struct MeshCaller {
 }
 
 impl MeshCaller {
-    fn new(id: &SpiffeId, port: Option<u16>) -> Self {
-        MeshCaller { principal: id.to_string(), namespace: id.workload_parts().map(|(ns, _)| ns.to_string()), port }
+    fn new(identity: &str, port: Option<u16>) -> Self {
+        let namespace = SpiffeId::parse(identity).ok().and_then(|id| id.workload_parts().map(|(ns, _)| ns.to_string()));
+        MeshCaller { principal: identity.to_string(), namespace, port }
     }
 }
 

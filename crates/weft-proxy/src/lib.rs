@@ -32,6 +32,7 @@ pub mod pool;
 pub mod proxy;
 pub mod reload;
 pub mod retry;
+pub mod revocation;
 pub mod settings;
 pub mod state;
 pub mod tcp;

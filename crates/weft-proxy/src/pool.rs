@@ -31,7 +31,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use crate::{
     body::{self, Body, BoxError},
     endpoint::EndpointKey,
-    limits::{IdleMark, LimitExceeded, Limiter},
+    limits::{ConnectionPermit, IdleMark, LimitExceeded, Limiter},
+    revocation::{PeerCertificate, Revocations},
     transport::{self, Carried, ConnectError, Upstream},
     word_hash::WordHashBuilder,
 };
@@ -81,6 +82,42 @@ pub struct Connector {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub h2_keepalive: Duration,
+    /// Peers refused at the handshake, and whose open connections are cut off.
+    pub revocations: Arc<Revocations>,
+}
+
+impl Connector {
+    /// Drives an upstream connection until it ends, or until its peer is revoked (then
+    /// it is dropped, which closes it, pooled or busy); `permit` is released after.
+    fn drive<F>(
+        &self,
+        address: std::net::SocketAddr,
+        peer: Option<PeerCertificate>,
+        connection: F,
+        permit: ConnectionPermit,
+        what: &'static str,
+    ) where
+        F: std::future::Future<Output = Result<(), hyper::Error>> + Send + 'static,
+    {
+        let revoked =
+            peer.map(|peer| (self.revocations.until_revoked(peer.identity.clone(), peer.serial.clone()), peer));
+        tokio::spawn(async move {
+            match revoked {
+                None => {
+                    if let Err(error) = connection.await {
+                        tracing::debug!(%address, %error, "upstream {what} connection ended with an error");
+                    }
+                }
+                Some((revoked, peer)) => tokio::select! {
+                    ended = connection => if let Err(error) = ended {
+                        tracing::debug!(%address, %error, "upstream {what} connection ended with an error");
+                    },
+                    () = revoked => tracing::info!(%address, peer = %peer.identity, "closed a connection to a revoked peer"),
+                },
+            }
+            drop(permit);
+        });
+    }
 }
 
 struct IdleConnection {
@@ -169,16 +206,13 @@ impl Connector {
                 return Ok(sender);
             }
         };
-        let io = transport::connect(upstream, Carried::Http1, self.connect_timeout).await?;
+        let io =
+            transport::connect(upstream, Carried::Http1, self.connect_timeout, &self.revocations.current()).await?;
+        let peer = io.peer();
         // Flattened writes: see listener.rs for the measurement.
         let (sender, connection) =
             http1::Builder::new().writev(false).handshake(TokioIo::new(io)).await.map_err(SendError::Reset)?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%address, %error, "upstream HTTP/1.1 connection ended with an error");
-            }
-            drop(permit);
-        });
+        self.drive(address, peer, connection, permit, "HTTP/1.1");
         Ok(sender)
     }
 
@@ -230,7 +264,9 @@ impl Connector {
             limiter.reclaim_idle();
             limiter.wait_for_connection(self.connect_timeout).await.map_err(SendError::Limit)?;
         };
-        let io = transport::connect(upstream, Carried::Http2, self.connect_timeout).await?;
+        let io =
+            transport::connect(upstream, Carried::Http2, self.connect_timeout, &self.revocations.current()).await?;
+        let peer = io.peer();
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(self.h2_keepalive)
@@ -238,12 +274,7 @@ impl Connector {
             .handshake(TokioIo::new(io))
             .await
             .map_err(SendError::Reset)?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%address, %error, "upstream HTTP/2 connection ended with an error");
-            }
-            drop(permit);
-        });
+        self.drive(address, peer, connection, permit, "HTTP/2");
         HTTP2.with(|pool| pool.borrow_mut().insert(key.into_owned(), sender.clone()));
         Ok(sender)
     }
@@ -258,14 +289,11 @@ impl Connector {
     ) -> Result<Response<Incoming>, SendError> {
         let address = upstream.address();
         let permit = limiter.try_open_connection().map_err(SendError::Limit)?;
-        let io = transport::connect(upstream, Carried::Http1, self.connect_timeout).await?;
+        let io =
+            transport::connect(upstream, Carried::Http1, self.connect_timeout, &self.revocations.current()).await?;
+        let peer = io.peer();
         let (mut sender, connection) = http1::handshake(TokioIo::new(io)).await.map_err(SendError::Reset)?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.with_upgrades().await {
-                tracing::debug!(%address, %error, "upgraded upstream connection ended with an error");
-            }
-            drop(permit);
-        });
+        self.drive(address, peer, connection.with_upgrades(), permit, "upgraded");
         sender.send_request(request).await.map_err(SendError::Reset)
     }
 }

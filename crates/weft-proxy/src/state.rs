@@ -86,6 +86,7 @@ impl SharedState {
             connect_timeout: settings.connect_timeout,
             idle_timeout: settings.idle_timeout,
             h2_keepalive: settings.h2_keepalive,
+            revocations: Arc::default(),
         };
         let inbound_limiter = Arc::new(Limiter::default());
         inbound_limiter.set_limits(&weft_model::spec::ConnectionLimitsSpec {
@@ -171,6 +172,7 @@ impl SharedState {
 
     /// Builds a serving config from `snapshot` and publishes it atomically.
     pub fn install(&self, snapshot: Snapshot, version: String) {
+        let revoked = self.connector.revocations.current();
         let mut backends = Vec::with_capacity(snapshot.services.len());
         let mut budgets = Vec::with_capacity(snapshot.services.len());
         let mut service_labels = Vec::with_capacity(snapshot.services.len());
@@ -186,6 +188,8 @@ impl SharedState {
                         let endpoints = port
                             .endpoints
                             .iter()
+                            // A revoked identity gets no traffic (and is refused anyway).
+                            .filter(|e| !e.identity.as_deref().is_some_and(|id| revoked.refuses_identity(id)))
                             .map(|e| {
                                 let key = EndpointKey::new(e.address, e.identity.clone(), port.protocol, port.port);
                                 let state = self.endpoints.get(key);

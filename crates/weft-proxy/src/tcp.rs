@@ -80,11 +80,22 @@ pub async fn serve_upstream_client(state: Arc<SharedState>, upstream: Arc<Upstre
         };
         let started = Instant::now();
         let upstream = transport::Upstream::Endpoint(&endpoint);
-        match transport::connect(upstream, transport::Carried::Tcp, state.settings.connect_timeout).await {
+        let revoked = state.connector.revocations.current();
+        match transport::connect(upstream, transport::Carried::Tcp, state.settings.connect_timeout, &revoked).await {
             Ok(stream) => {
                 backend.record_try(&endpoint, TryOutcome::Success, started.elapsed(), &state.metrics);
                 let _in_flight = endpoint.start_request();
-                relay(&state, "outbound", backend.name.clone(), client, stream).await;
+                let peer = stream.peer();
+                let relayed = relay(&state, "outbound", backend.name.clone(), client, stream);
+                match peer {
+                    None => relayed.await,
+                    Some(peer) => tokio::select! {
+                        () = relayed => {}
+                        () = state.connector.revocations.until_revoked(peer.identity.clone(), peer.serial) => {
+                            tracing::info!(peer = %peer.identity, "closed a TCP connection to a revoked peer");
+                        }
+                    },
+                }
                 return;
             }
             Err(error) => {

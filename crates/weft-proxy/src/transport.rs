@@ -26,7 +26,10 @@ use weft_identity::{
     SpiffeId,
 };
 
-use crate::endpoint::{EndpointKey, EndpointState};
+use crate::{
+    endpoint::{EndpointKey, EndpointState},
+    revocation::{PeerCertificate, Revoked},
+};
 
 /// ALPN of HTTP/1.1 between proxies (kept as the application spoke it, so upgrades
 /// such as WebSocket work unchanged).
@@ -169,8 +172,14 @@ pub async fn connect_tcp(address: SocketAddr, timeout: Duration) -> Result<TcpSt
 }
 
 /// Connects to `upstream` for `carried`, with mutual TLS when it is meshed; the whole
-/// handshake counts against `timeout`.
-pub async fn connect(upstream: Upstream<'_>, carried: Carried, timeout: Duration) -> Result<UpstreamIo, ConnectError> {
+/// handshake counts against `timeout`. A peer on the `revoked` list is refused even
+/// though its certificate verifies.
+pub async fn connect(
+    upstream: Upstream<'_>,
+    carried: Carried,
+    timeout: Duration,
+    revoked: &Revoked,
+) -> Result<UpstreamIo, ConnectError> {
     let security = match upstream {
         Upstream::App(_) => None,
         Upstream::Endpoint(endpoint) => Some(endpoint.security()),
@@ -197,7 +206,27 @@ pub async fn connect(upstream: Upstream<'_>, carried: Carried, timeout: Duration
             .map_err(|error| ConnectError::Tls { identity: peer.identity.clone(), reason: error.to_string() })
     };
     let stream = tokio::time::timeout(timeout, handshake).await.map_err(|_| ConnectError::Timeout(timeout))??;
-    Ok(UpstreamIo::Tls(Box::new(stream)))
+    let io = UpstreamIo::Tls(Box::new(stream));
+    if let Some(seen) = io.peer().filter(|seen| revoked.refuses(&seen.identity, seen.serial.as_deref())) {
+        return Err(ConnectError::Tls {
+            identity: peer.identity.clone(),
+            reason: format!(
+                "the peer's identity or certificate {} is revoked (weft revoke list)",
+                seen.serial.as_deref().unwrap_or("?")
+            ),
+        });
+    }
+    Ok(io)
+}
+
+impl UpstreamIo {
+    /// The verified identity and certificate of a mutual-TLS peer.
+    pub fn peer(&self) -> Option<PeerCertificate> {
+        match self {
+            UpstreamIo::Plain(_) => None,
+            UpstreamIo::Tls(stream) => PeerCertificate::of(stream.get_ref().1.peer_certificates()),
+        }
+    }
 }
 
 impl AsyncRead for UpstreamIo {

@@ -196,8 +196,9 @@ impl ApiClient {
         let text = error.to_string();
         if text.contains(weft_identity::tls::WRONG_ROOT) {
             return anyhow::anyhow!(
-                "the control plane at {} belongs to another mesh: its certificate does not chain to the root your \
-                 operator token names; check --server (or the context), or use a token of that mesh",
+                "the control plane at {} does not prove the root your operator token names: it belongs to another \
+                 mesh (check --server or the context, or use a token of that mesh), or it serves an operator's own \
+                 certificate (verify it with --ca-file)",
                 self.base
             );
         }

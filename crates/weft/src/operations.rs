@@ -109,8 +109,10 @@ pub async fn revoke(server: &ServerArgs, kind: &str, value: &str) -> anyhow::Res
 
 /// `weft revoke undo ID|VALUE`.
 pub async fn undo_revocation(server: &ServerArgs, what: &str) -> anyhow::Result<()> {
+    // A SPIFFE ID has slashes: one path segment, encoded.
+    let segment = percent_encoding::utf8_percent_encode(what, percent_encoding::NON_ALPHANUMERIC);
     let record =
-        ApiClient::new(server)?.call(http::Method::DELETE, &format!("/api/v1/revocations/{what}"), None).await?;
+        ApiClient::new(server)?.call(http::Method::DELETE, &format!("/api/v1/revocations/{segment}"), None).await?;
     println!(
         "revocation of {} {} undone",
         record["kind"].as_str().unwrap_or("?"),
