@@ -1,12 +1,18 @@
 //! `weft demo`: a whole mesh on loopback in one command, for a first look.
 //!
 //! It starts, as child processes of this one: a control plane on a temporary store; six
-//! demo service instances (`weft demo-app`), each run by its own sidecar
-//! (`weft proxy --control ... -- weft demo-app ...`) that registers it; an entry proxy
-//! that serves as the mesh's HTTP proxy for the user's curl; and, in this process, a
-//! traffic generator. It applies the demo's resources (Services, a 90/10 canary route,
-//! retries for the flaky service), prints where everything is and what to try, and stops
-//! everything on Ctrl-C or SIGTERM, leaving nothing running.
+//! demo service instances (`weft demo-app`), each with its own sidecar
+//! (`weft proxy --control ...`) that registers it; an entry proxy that serves as the
+//! mesh's HTTP proxy for the user's curl; and, in this process, a traffic generator. It
+//! applies the demo's resources (Services, a 90/10 canary route, retries for the flaky
+//! service), makes a `demo` context current (so that every command it prints works with
+//! no exports), prints where everything is and what to try, and stops everything on
+//! Ctrl-C or SIGTERM, leaving nothing running and the previous context current.
+//!
+//! Every part binds port 0 itself and reports what it got in its ports file: no port is
+//! ever chosen for another process (which something else could take first). Ctrl-C stops
+//! the demo at any moment, while it starts too; a part that exits stops everything at
+//! once, and the demo says which part it was, with the end of its log.
 //!
 //! The topology: web → catalog → {reviews (v1 90%, v2 10%) → ratings (slow), inventory
 //! (fails 20% of the time, retried by the mesh)}.
@@ -117,25 +123,56 @@ pub struct DemoOptions {
     pub ports_file: Option<PathBuf>,
 }
 
-/// The child processes, stopped in order on drop.
+/// One child process of the demo.
+struct Part {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+/// The demo's child processes and its context, all stopped or restored in one place,
+/// whatever ends the demo (Ctrl-C at any moment, a part that fails, a panic).
 struct Processes {
-    proxies: Vec<Child>,
-    control: Option<Child>,
+    parts: Vec<Part>,
+    control: Option<Part>,
     dir: PathBuf,
+    /// The contexts file's current context before the demo made `demo` current.
+    previous_context: Option<Option<String>>,
 }
 
 impl Processes {
+    /// The first part that has exited, with the end of its log.
+    fn exited(&mut self) -> Option<String> {
+        for part in self.parts.iter_mut().chain(self.control.iter_mut()) {
+            if let Ok(Some(status)) = part.child.try_wait() {
+                let log = std::fs::read_to_string(&part.log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(8).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                return Some(format!(
+                    "{} exited ({status}); the last lines of {}:\n{}",
+                    part.name,
+                    part.log.display(),
+                    tail.join("\n")
+                ));
+            }
+        }
+        None
+    }
+
     fn stop(&mut self) {
-        // Proxies first (each stops its application), then the control plane.
-        for child in &self.proxies {
-            terminate(child);
+        // Proxies and apps first (the sidecars deregister), then the control plane.
+        for part in &self.parts {
+            terminate(&part.child);
         }
-        wait_all(&mut self.proxies, Duration::from_secs(10));
+        let mut children: Vec<Child> = self.parts.drain(..).map(|p| p.child).collect();
+        wait_all(&mut children, Duration::from_secs(10));
         if let Some(mut control) = self.control.take() {
-            terminate(&control);
-            wait_all(std::slice::from_mut(&mut control), Duration::from_secs(5));
+            terminate(&control.child);
+            wait_all(std::slice::from_mut(&mut control.child), Duration::from_secs(5));
         }
-        self.proxies.clear();
+        if let Some(previous) = self.previous_context.take() {
+            restore_context(previous);
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -143,6 +180,33 @@ impl Processes {
 impl Drop for Processes {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Makes a `demo` context current, for the demo's server and admin token, so that every
+/// command the demo prints works with no exports; returns the one that was current.
+fn use_demo_context(server: &str, token_file: &Path) -> anyhow::Result<Option<String>> {
+    let path = crate::context::path();
+    let mut contexts = crate::context::Contexts::load(&path)?;
+    let previous = contexts.current.clone();
+    contexts.set(crate::context::Context {
+        name: "demo".into(),
+        server: server.to_string(),
+        token_file: Some(token_file.to_path_buf()),
+        ca_file: None,
+    });
+    contexts.current = Some("demo".into());
+    contexts.save(&path)?;
+    Ok(previous)
+}
+
+fn restore_context(previous: Option<String>) {
+    let path = crate::context::path();
+    let Ok(mut contexts) = crate::context::Contexts::load(&path) else { return };
+    let _ = contexts.delete("demo");
+    contexts.current = previous.filter(|name| contexts.contexts.iter().any(|c| &c.name == name));
+    if let Err(error) = contexts.save(&path) {
+        eprintln!("warning: cannot restore the previous context in {}: {error:#}", path.display());
     }
 }
 
@@ -167,49 +231,160 @@ fn wait_all(children: &mut [Child], grace: Duration) {
     }
 }
 
-/// Reads a `--ports-file` once it exists and parses.
-async fn wait_for_ports(path: &Path, what: &str, child: &mut Child, log: &Path) -> anyhow::Result<serde_json::Value> {
+type Shared = Arc<std::sync::Mutex<Processes>>;
+
+fn lock(processes: &Shared) -> std::sync::MutexGuard<'_, Processes> {
+    processes.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Reads a part's `--ports-file` once it exists and parses; fails at once, naming the
+/// part, if it or any other part exits first.
+async fn wait_for_ports(path: &Path, what: &str, processes: &Shared) -> anyhow::Result<serde_json::Value> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some(status) = child.try_wait()? {
-            let log = std::fs::read_to_string(log).unwrap_or_default();
-            bail!("{what} exited ({status}) before it was ready:\n{log}");
+        if let Some(failure) = lock(processes).exited() {
+            bail!("{failure}");
         }
         if let Some(ports) = std::fs::read_to_string(path).ok().and_then(|t| serde_json::from_str(&t).ok()) {
             return Ok(ports);
         }
         if Instant::now() > deadline {
-            bail!("{what} did not start within 30s; see {}", log.display());
+            bail!("{what} did not start within 30s; see its log in {}", path.parent().unwrap_or(path).display());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// What a started demo serves.
+struct Started {
+    api: String,
+    server: String,
+    grpc: String,
+    entry: SocketAddr,
+    token_file: PathBuf,
+    canary: PathBuf,
 }
 
-/// Runs the demo until Ctrl-C or SIGTERM.
+/// Runs the demo until Ctrl-C or SIGTERM, which stop it at any moment, starting or not;
+/// a part that fails stops everything at once, naming the part.
 pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
+    // First of all, so that no signal in the first moments is missed.
+    let stop = stop_signal()?;
+    tokio::pin!(stop);
     let weft = std::env::current_exe().context("cannot find the weft binary to start the demo's processes")?;
     let dir = std::env::temp_dir().join(format!("weft-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let mut processes = Processes { proxies: Vec::new(), control: None, dir: dir.clone() };
-    let spawn = |args: &[String], name: &str| -> anyhow::Result<(Child, PathBuf)> {
+    let processes: Shared = Arc::new(std::sync::Mutex::new(Processes {
+        parts: Vec::new(),
+        control: None,
+        dir: dir.clone(),
+        previous_context: None,
+    }));
+    let stop_everything = |processes: Shared| async move {
+        tokio::task::spawn_blocking(move || lock(&processes).stop()).await.ok();
+    };
+    println!("weft demo: starting a control plane and six services behind their sidecars (Ctrl-C stops it)...");
+    let started = tokio::select! {
+        started = start(&options, &weft, &dir, &processes) => started,
+        () = &mut stop => {
+            println!("\nstopping: interrupted while starting; stopping every process...");
+            stop_everything(processes).await;
+            println!("weft demo stopped; nothing is left running.");
+            return Ok(());
+        }
+    };
+    let started = match started {
+        Ok(started) => started,
+        Err(error) => {
+            eprintln!("weft demo failed to start: {error:#}\nstopping every process...");
+            stop_everything(processes).await;
+            return Err(error.context("weft demo did not start; nothing is left running"));
+        }
+    };
+    if let Some(path) = &options.ports_file {
+        std::fs::write(
+            path,
+            serde_json::json!({
+                "api": started.api,
+                "server": started.server,
+                "grpc": started.grpc,
+                "entry": started.entry.to_string(),
+                "adminTokenFile": started.token_file.display().to_string(),
+            })
+            .to_string(),
+        )?;
+    }
+    print_welcome(&started, &dir, options.rate);
+
+    // Traffic until stopped, or until a part fails.
+    let http = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let sent = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let traffic = tokio::spawn(generate(http, started.entry, options.rate, sent.clone(), failed.clone()));
+    let failure = tokio::select! {
+        () = &mut stop => None,
+        failure = watch_parts(&processes) => Some(failure),
+    };
+    traffic.abort();
+    println!(
+        "\nstopping: {} requests sent, {} failed; stopping every process...",
+        sent.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed)
+    );
+    stop_everything(processes).await;
+    match failure {
+        None => {
+            println!("weft demo stopped; nothing is left running.");
+            Ok(())
+        }
+        Some(failure) => bail!("{failure}\nweft demo stopped everything; nothing is left running"),
+    }
+}
+
+/// Completes when a part of the demo exits: what and why.
+async fn watch_parts(processes: &Shared) -> String {
+    loop {
+        if let Some(failure) = lock(processes).exited() {
+            return failure;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Completes on Ctrl-C or SIGTERM; the handlers are installed when this is called.
+fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch Ctrl-C")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+    })
+}
+
+/// Starts every part, each binding port 0 itself and reporting what it got (no port is
+/// ever picked for another process, which could take it first), and waits until a
+/// request crosses the whole chain.
+async fn start(options: &DemoOptions, weft: &Path, dir: &Path, processes: &Shared) -> anyhow::Result<Started> {
+    let spawn = |args: &[String], name: &str| -> anyhow::Result<Part> {
         let log = dir.join(format!("{name}.log"));
-        let child = Command::new(&weft)
+        let child = Command::new(weft)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()
             .with_context(|| format!("cannot start {name}"))?;
-        Ok((child, log))
+        Ok(Part { name: name.to_string(), child, log })
     };
+    let strings = |args: &[&str]| args.iter().map(|a| a.to_string()).collect::<Vec<String>>();
 
     // The control plane, on a throwaway store.
     let ports_file = dir.join("control.ports.json");
-    let args: Vec<String> = [
+    let store = dir.join("store").display().to_string();
+    let args = strings(&[
         "control",
         "--api-addr",
         &options.api_addr.to_string(),
@@ -218,25 +393,26 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         "--lease",
         "5s",
         "--data-dir",
-        &dir.join("store").display().to_string(),
+        &store,
         "--ports-file",
         &ports_file.display().to_string(),
-    ]
-    .map(String::from)
-    .to_vec();
-    let (mut control, control_log) = spawn(&args, "control")?;
-    let ports = wait_for_ports(&ports_file, "the control plane", &mut control, &control_log).await?;
-    processes.control = Some(control);
+    ]);
+    let mut control = spawn(&args, "control plane")?;
+    control.name = format!("the control plane (--api-addr {})", options.api_addr);
+    lock(processes).control = Some(control);
+    let ports = wait_for_ports(&ports_file, "the control plane", processes).await?;
     let api = ports["api"].as_str().unwrap_or_default().to_string();
     let grpc = ports["grpc"].as_str().unwrap_or_default().to_string();
+    let server_url = ports["server"].as_str().unwrap_or_default().to_string();
+    let token_file = dir.join("store").join(weft_control::operator_tokens::ADMIN_TOKEN_FILE);
+    let previous = use_demo_context(&server_url, &token_file)?;
+    lock(processes).previous_context = Some(previous);
 
     // The demo's resources.
     let resources = dir.join("demo.yaml");
     std::fs::write(&resources, format!("{RESOURCES}---\n{}", canary_route(90, 10)))?;
     let canary = dir.join("canary-50.yaml");
     std::fs::write(&canary, canary_route(50, 50))?;
-    let token_file = dir.join("store").join(weft_control::operator_tokens::ADMIN_TOKEN_FILE);
-    let server_url = ports["server"].as_str().unwrap_or_default().to_string();
     let server = crate::cli::ServerArgs {
         server: Some(server_url.clone()),
         token_file: Some(token_file.clone()),
@@ -249,13 +425,39 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         .await
         .context("applying the demo's resources")?;
 
-    // The service instances, each behind its sidecar, joining with its service's token.
+    // The service instances: each app binds port 0 and reports it, then its sidecar (which
+    // binds port 0 too) is started in front of it; the app reads the sidecar's outbound
+    // address from the sidecar's ports file when it first calls.
     for instance in &INSTANCES {
         let name = format!("{}-{}", instance.service, instance.version);
-        let join_token = join_token_file(&client, &dir, instance.service).await?;
-        let app_port = free_port()?;
-        let ports_file = dir.join(format!("{name}.ports.json"));
-        let mut args: Vec<String> = [
+        let app_ports = dir.join(format!("{name}-app.ports.json"));
+        let sidecar_ports = dir.join(format!("{name}.ports.json"));
+        let mut args = strings(&[
+            "demo-app",
+            "--listen",
+            "127.0.0.1:0",
+            "--ports-file",
+            &app_ports.display().to_string(),
+            "--outbound-from",
+            &sidecar_ports.display().to_string(),
+            "--name",
+            &name,
+            "--latency",
+            instance.latency,
+            "--error-rate",
+            instance.error_rate,
+        ]);
+        for call in instance.calls {
+            args.extend(["--call".to_string(), call.to_string()]);
+        }
+        let app = spawn(&args, &format!("{name}-app"))?;
+        lock(processes).parts.push(app);
+        let app_addr = wait_for_ports(&app_ports, &format!("the {name} app"), processes).await?["listen"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let join_token = join_token_file(&client, dir, instance.service).await?;
+        let args = strings(&[
             "proxy",
             "--control",
             &grpc,
@@ -263,10 +465,12 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
             &join_token.display().to_string(),
             "--service",
             instance.service,
+            "--id",
+            &name,
             "--labels",
             &format!("version={}", instance.version),
             "--app-addr",
-            &format!("127.0.0.1:{app_port}"),
+            &app_addr,
             "--inbound-addr",
             "127.0.0.1:0",
             "--outbound-addr",
@@ -274,34 +478,18 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
             "--admin-addr",
             "127.0.0.1:0",
             "--ports-file",
-            &ports_file.display().to_string(),
+            &sidecar_ports.display().to_string(),
             "--health-interval",
             "1s",
-            "--",
-            &weft.display().to_string(),
-            "demo-app",
-            "--listen",
-            &format!("127.0.0.1:{app_port}"),
-            "--name",
-            &name,
-            "--latency",
-            instance.latency,
-            "--error-rate",
-            instance.error_rate,
-        ]
-        .map(String::from)
-        .to_vec();
-        for call in instance.calls {
-            args.extend(["--call".to_string(), call.to_string()]);
-        }
-        let (child, _) = spawn(&args, &name)?;
-        processes.proxies.push(child);
+        ]);
+        let sidecar = spawn(&args, &format!("{name}-sidecar"))?;
+        lock(processes).parts.push(sidecar);
     }
 
     // The entry proxy: the user's (and the traffic generator's) way into the mesh.
     let entry_ports = dir.join("entry.ports.json");
-    let join_token = join_token_file(&client, &dir, "entry").await?;
-    let args: Vec<String> = [
+    let join_token = join_token_file(&client, dir, "entry").await?;
+    let args = strings(&[
         "proxy",
         "--control",
         &grpc,
@@ -313,18 +501,20 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         "127.0.0.1:0",
         "--ports-file",
         &entry_ports.display().to_string(),
-    ]
-    .map(String::from)
-    .to_vec();
-    let (mut entry, entry_log) = spawn(&args, "entry")?;
-    let ports = wait_for_ports(&entry_ports, "the entry proxy", &mut entry, &entry_log).await?;
-    processes.proxies.push(entry);
+    ]);
+    let mut entry = spawn(&args, "entry proxy")?;
+    entry.name = format!("the entry proxy (--entry-addr {})", options.entry_addr);
+    lock(processes).parts.push(entry);
+    let ports = wait_for_ports(&entry_ports, "the entry proxy", processes).await?;
     let entry_addr: SocketAddr = ports["outbound"].as_str().unwrap_or_default().parse()?;
 
     // Ready when a request crosses the whole chain.
     let http = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
+        if let Some(failure) = lock(processes).exited() {
+            bail!("{failure}");
+        }
         if get_web(&http, entry_addr).await == Some(200) {
             break;
         }
@@ -333,35 +523,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    if let Some(path) = &options.ports_file {
-        std::fs::write(
-            path,
-            serde_json::json!({
-                "api": api,
-                "server": server_url,
-                "grpc": grpc,
-                "entry": entry_addr.to_string(),
-                "adminTokenFile": token_file.display().to_string(),
-            })
-            .to_string(),
-        )?;
-    }
-    print_welcome(&api, &grpc, entry_addr, &canary, &token_file, &dir, options.rate);
-
-    // Traffic until stopped.
-    let sent = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let traffic = tokio::spawn(generate(http, entry_addr, options.rate, sent.clone(), failed.clone()));
-    wait_for_stop().await;
-    traffic.abort();
-    println!(
-        "\nstopping: {} requests sent, {} failed; stopping every process...",
-        sent.load(Ordering::Relaxed),
-        failed.load(Ordering::Relaxed)
-    );
-    tokio::task::spawn_blocking(move || processes.stop()).await?;
-    println!("weft demo stopped; nothing is left running.");
-    Ok(())
+    Ok(Started { api, server: server_url, grpc, entry: entry_addr, token_file, canary })
 }
 
 async fn get_web(
@@ -397,14 +559,6 @@ async fn generate(
     }
 }
 
-async fn wait_for_stop() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-    }
-}
-
 /// Makes a join token for `service` (once per service) and writes it to a file only this
 /// user can read, as an operator would.
 async fn join_token_file(client: &crate::cli::ApiClient, dir: &Path, service: &str) -> anyhow::Result<PathBuf> {
@@ -424,13 +578,12 @@ async fn join_token_file(client: &crate::cli::ApiClient, dir: &Path, service: &s
     Ok(path)
 }
 
-fn print_welcome(api: &str, grpc: &str, entry: SocketAddr, canary: &Path, token_file: &Path, dir: &Path, rate: u32) {
-    let server = if api == "127.0.0.1:15080" { String::new() } else { format!("export WEFT_SERVER=http://{api}\n  ") };
+fn print_welcome(started: &Started, dir: &Path, rate: u32) {
     println!(
         r#"
 weft demo is running. Ctrl-C stops everything.
 
-  control plane API    http://{api}
+  control plane API    {server}  (HTTPS; the CLI's context "demo" is current while the demo runs)
   discovery (gRPC)     {grpc}  (TLS; every sidecar joined with a join token)
   security             every hop between sidecars is mutual TLS with SPIFFE identities
   mesh entry           http://{entry}  (an HTTP proxy into the mesh)
@@ -440,17 +593,19 @@ weft demo is running. Ctrl-C stops everything.
   logs                 {dir}
 
 Try:
-  {server}weft get services
+  weft get services
   weft get proxies
   weft describe service reviews
   weft check                 # every sidecar's identity and certificate
   curl -x http://{entry} http://web/
   curl -x http://{entry} -H 'x-canary: true' http://web/     # always reviews v2
-  export WEFT_TOKEN_FILE={token_file}   # changes need the admin token
   weft apply -f {canary}    # shift the canary to 50/50
+  weft history               # who changed what
 "#,
+        server = started.server,
+        grpc = started.grpc,
+        entry = started.entry,
         dir = dir.display(),
-        token_file = token_file.display(),
-        canary = canary.display(),
+        canary = started.canary.display(),
     );
 }

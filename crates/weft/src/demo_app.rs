@@ -35,6 +35,11 @@ pub struct DemoApp {
     /// Where calls go: the sidecar's outbound listener (`WEFT_OUTBOUND`, set by
     /// `weft proxy -- APP`).
     pub outbound: Option<SocketAddr>,
+    /// Or the sidecar's `--ports-file`, read at the first call: an app started before its
+    /// sidecar (so that each binds port 0 itself and no port is chosen for another).
+    pub outbound_file: Option<std::path::PathBuf>,
+    /// Where to write the bound address as JSON (`{"listen": "ADDR"}`).
+    pub ports_file: Option<std::path::PathBuf>,
 }
 
 impl DemoApp {
@@ -43,11 +48,17 @@ impl DemoApp {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}; choose another --listen address"))?;
-        tracing::info!(name = %self.name, address = %listener.local_addr()?, "demo app listening");
-        if !self.calls.is_empty() && self.outbound.is_none() {
+        let bound = listener.local_addr()?;
+        tracing::info!(name = %self.name, address = %bound, "demo app listening");
+        if !self.calls.is_empty() && self.outbound.is_none() && self.outbound_file.is_none() {
             anyhow::bail!(
                 "--call needs a sidecar: run under `weft proxy ... --` (which sets WEFT_OUTBOUND) or give --outbound"
             );
+        }
+        if let Some(path) = &self.ports_file {
+            let text = serde_json::json!({ "listen": bound.to_string() }).to_string();
+            std::fs::write(path, text)
+                .map_err(|e| anyhow::anyhow!("cannot write --ports-file {}: {e}", path.display()))?;
         }
         let client = Client::builder(TokioExecutor::new()).build_http();
         let app = Arc::new((self, client));
@@ -112,6 +123,21 @@ impl DemoApp {
         response
     }
 
+    /// The sidecar's outbound listener: given, or read from its ports file once there.
+    fn outbound(&self) -> Option<SocketAddr> {
+        static FROM_FILE: std::sync::OnceLock<SocketAddr> = std::sync::OnceLock::new();
+        if let Some(outbound) = self.outbound {
+            return Some(outbound);
+        }
+        if let Some(found) = FROM_FILE.get() {
+            return Some(*found);
+        }
+        let text = std::fs::read_to_string(self.outbound_file.as_ref()?).ok()?;
+        let ports: serde_json::Value = serde_json::from_str(&text).ok()?;
+        let outbound = ports["outbound"].as_str()?.parse().ok()?;
+        Some(*FROM_FILE.get_or_init(|| outbound))
+    }
+
     /// Calls `service` through the sidecar; returns its JSON answer, or a JSON line
     /// describing the failure.
     async fn call(
@@ -120,7 +146,9 @@ impl DemoApp {
         service: &str,
         propagated: &[(hyper::header::HeaderName, hyper::header::HeaderValue)],
     ) -> serde_json::Value {
-        let outbound = self.outbound.expect("checked at start");
+        let Some(outbound) = self.outbound() else {
+            return serde_json::json!({"service": service, "status": 0, "error": "the sidecar is not listening yet"});
+        };
         let mut request = Request::get(format!("http://{outbound}/"))
             .header(hyper::header::HOST, service)
             .body(Full::new(Bytes::new()))

@@ -169,6 +169,13 @@ enum Command {
         /// `weft proxy ... --` sets.
         #[arg(long, env = "WEFT_OUTBOUND", value_name = "ADDR")]
         outbound: Option<SocketAddr>,
+        /// Or: the sidecar's --ports-file, read at the first call (for an app started
+        /// before its sidecar).
+        #[arg(long, value_name = "PATH", conflicts_with = "outbound")]
+        outbound_from: Option<PathBuf>,
+        /// Write the bound address as JSON to this file (useful with port 0).
+        #[arg(long, value_name = "PATH")]
+        ports_file: Option<PathBuf>,
     },
 }
 
@@ -733,11 +740,19 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::DemoApp { listen, name, latency, error_rate, calls, outbound } => {
+        Command::DemoApp { listen, name, latency, error_rate, calls, outbound, outbound_from, ports_file } => {
             if !(0.0..=1.0).contains(&error_rate) {
                 anyhow::bail!("--error-rate must be between 0 and 1, got {error_rate}");
             }
-            let app = demo_app::DemoApp { name, latency: latency.get(), error_rate, calls, outbound };
+            let app = demo_app::DemoApp {
+                name,
+                latency: latency.get(),
+                error_rate,
+                calls,
+                outbound,
+                outbound_file: outbound_from,
+                ports_file,
+            };
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(app.serve(listen))
         }
