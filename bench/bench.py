@@ -292,7 +292,7 @@ def weft_mtls_stack(tmp, name, upstream, tcp=False):
     stack.spawn([WEFT, "control", "--api-addr", f"127.0.0.1:{api}", "--grpc-addr", f"127.0.0.1:{grpc}",
                  "--data-dir", data, "--log", "warn"], proxy=False)
     wait_port(api, what=name, log_dir=tmp)
-    env = dict(os.environ, WEFT_SERVER=f"http://127.0.0.1:{api}", WEFT_TOKEN_FILE=os.path.join(data, "admin-token"))
+    env = dict(os.environ, WEFT_SERVER=f"https://127.0.0.1:{api}", WEFT_TOKEN_FILE=os.path.join(data, "admin-token"))
 
     def token(service):
         out = subprocess.run([WEFT, "token", "create", "--service", service], env=env, check=True,
