@@ -68,10 +68,6 @@ fn key(id: &str) -> ObjectKey {
     ObjectKey { kind: JOIN_TOKEN_KIND.into(), namespace: "default".into(), name: id.into() }
 }
 
-fn sha256_hex(text: &str) -> String {
-    hex::encode(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()))
-}
-
 fn unix(time: SystemTime) -> u64 {
     weft_identity::unix_seconds(time)
 }
@@ -110,7 +106,7 @@ pub async fn create(
         namespace: namespace.into(),
         service_account: account.into(),
         identity: identity.to_string(),
-        secret_sha256: sha256_hex(&secret),
+        secret_sha256: weft_identity::token::secret_digest(&secret),
         expires_at: unix(now + ttl),
         revoked: false,
     };
@@ -175,7 +171,7 @@ pub fn check(
     let entry = catalog.get(&key(presented.id)).ok_or(JoinTokenError::Unknown)?;
     let record: JoinTokenRecord = serde_json::from_value(entry.stored.document).map_err(|_| JoinTokenError::Unknown)?;
     // Digests, not secrets, are compared: their timing says nothing useful.
-    if sha256_hex(presented.secret) != record.secret_sha256 {
+    if weft_identity::token::secret_digest(presented.secret) != record.secret_sha256 {
         return Err(JoinTokenError::Unknown);
     }
     if record.revoked {

@@ -168,14 +168,6 @@ fn legacy_key() -> ObjectKey {
     ObjectKey { kind: LEGACY_ADMIN_TOKEN_KIND.into(), namespace: "default".into(), name: "admin".into() }
 }
 
-fn sha256_hex(text: &str) -> String {
-    hex::encode(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()))
-}
-
-fn unix(time: SystemTime) -> u64 {
-    weft_identity::unix_seconds(time)
-}
-
 /// A freshly made token: the only time its secret exists outside the holder's file.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -198,9 +190,9 @@ fn new_token(
         id: id.clone(),
         name: name.to_string(),
         role,
-        secret_sha256: sha256_hex(&secret),
-        created_at: unix(now),
-        expires_at: ttl.map(|ttl| unix(now + ttl)),
+        secret_sha256: weft_identity::token::secret_digest(&secret),
+        created_at: weft_identity::unix_seconds(now),
+        expires_at: ttl.map(|ttl| weft_identity::unix_seconds(now + ttl)),
         revoked: false,
     };
     let token = Token { kind: TokenKind::Operator, id: &id, secret: &secret, root_hash }.to_string();
@@ -282,14 +274,14 @@ pub fn authenticate(
     }
     let record = get(catalog, token.id);
     // Digests, not secrets, are compared: their timing says nothing useful.
-    let Some(record) = record.filter(|r| r.secret_sha256 == sha256_hex(token.secret)) else {
+    let Some(record) = record.filter(|r| r.secret_sha256 == weft_identity::token::secret_digest(token.secret)) else {
         let ours = roots.iter().any(|root| root.eq_ignore_ascii_case(token.root_hash));
         return Err(if ours { Refusal::Unknown } else { Refusal::OtherMesh(token.root_hash.to_string()) });
     };
     if record.revoked {
         return Err(Refusal::Revoked(record.id));
     }
-    if record.expires_at.is_some_and(|at| unix(now) >= at) {
+    if record.expires_at.is_some_and(|at| weft_identity::unix_seconds(now) >= at) {
         return Err(Refusal::Expired(record.id));
     }
     Ok(Operator { token_id: record.id, name: record.name, role: record.role })
@@ -303,7 +295,7 @@ fn authenticate_legacy(catalog: &Catalog, presented: &str) -> Result<Operator, R
     let stored: Option<Stored> =
         catalog.get(&legacy_key()).and_then(|e| serde_json::from_value(e.stored.document).ok());
     match stored {
-        Some(stored) if stored.sha256 == sha256_hex(presented) => Ok(Operator {
+        Some(stored) if stored.sha256 == weft_identity::token::secret_digest(presented) => Ok(Operator {
             token_id: LEGACY_TOKEN_ID.into(),
             name: "admin token of an earlier release".into(),
             role: Role::Admin,
@@ -475,7 +467,7 @@ mod tests {
         let older = tempfile::tempdir().unwrap();
         let (catalog, _) = test_catalog(older.path()).await;
         let legacy = "weft-admin-0123";
-        let record = serde_json::json!({"sha256": sha256_hex(legacy)});
+        let record = serde_json::json!({"sha256": weft_identity::token::secret_digest(legacy)});
         catalog.write_internal(Change { puts: vec![(legacy_key(), record)], deletes: vec![] }).await.unwrap();
         let who = authenticate(&catalog, legacy, &roots, SystemTime::now()).unwrap();
         assert_eq!((who.token_id.as_str(), who.role), (LEGACY_TOKEN_ID, Role::Admin));

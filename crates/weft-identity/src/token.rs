@@ -74,6 +74,12 @@ impl<'a> Token<'a> {
     }
 }
 
+/// SHA-256 (hex) of a token's secret: all the store keeps of it. Digests, not secrets,
+/// are compared, so a comparison's timing says nothing useful.
+pub fn secret_digest(secret: &str) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, secret.as_bytes()))
+}
+
 impl std::fmt::Display for Token<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}.{}.{}.{}", self.kind.prefix(), self.id, self.secret, self.root_hash)

@@ -3,10 +3,7 @@
 
 mod support;
 
-use std::{
-    process::Command,
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
 use support::{client, eventually, get_via, TempDir, WEFT};
 

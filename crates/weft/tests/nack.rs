@@ -20,7 +20,6 @@ use weft_api::discovery::{
 };
 use weft_control::{ca::CaState, control_tls};
 use weft_identity::{authority::pem_of, Authority, SpiffeId, TrustDomain};
-use weft_proxy::identity::{control_channel, control_client_config, join, IdentitySettings, JoinTokenSecret};
 
 use support::{client, eventually, get_via, mesh_yaml, Control, Proxy, TempDir, TestApp};
 
@@ -148,15 +147,7 @@ async fn the_operator_sees_which_proxy_refused_which_version() {
     let dir = TempDir::new("nack-control");
     let control = Control::start(&dir, "control").await;
     // It joins as a real proxy does, with a join token, and streams over mutual TLS.
-    let token = std::fs::read_to_string(control.join_token(&dir, "scripted", "default")).unwrap();
-    let settings = IdentitySettings {
-        token: JoinTokenSecret::new(&token, "the test's token").unwrap(),
-        namespace: "default".into(),
-        service_account: None,
-    };
-    let grpc = control.grpc.to_string();
-    let credentials = join(std::slice::from_ref(&grpc), &settings).await.unwrap();
-    let channel = control_channel(&grpc, control_client_config(&credentials).unwrap()).await.unwrap();
+    let channel = control.channel_as(&dir, "scripted").await;
     let mut discovery = DiscoveryClient::new(channel);
     let (outbound, outbound_rx) = mpsc::channel(4);
     let hello = Hello { proxy_id: "scripted-1".into(), proxy_version: "test".into(), ..Default::default() };

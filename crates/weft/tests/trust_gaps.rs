@@ -310,16 +310,7 @@ async fn hello_as(
     hello: weft_api::discovery::Hello,
 ) -> Result<(), tonic::Status> {
     use weft_api::discovery::{discovery_client::DiscoveryClient, proxy_message, ProxyMessage};
-    use weft_proxy::identity::{control_channel, control_client_config, join, IdentitySettings, JoinTokenSecret};
-    let token = std::fs::read_to_string(control.join_token(dir, account, "default")).unwrap();
-    let settings = IdentitySettings {
-        token: JoinTokenSecret::new(&token, "the test's token").unwrap(),
-        namespace: "default".into(),
-        service_account: None,
-    };
-    let grpc = control.grpc.to_string();
-    let credentials = join(std::slice::from_ref(&grpc), &settings).await.unwrap();
-    let channel = control_channel(&grpc, control_client_config(&credentials).unwrap()).await.unwrap();
+    let channel = control.channel_as(dir, account).await;
     let (outbound, outbound_rx) = tokio::sync::mpsc::channel(4);
     outbound.send(ProxyMessage { message: Some(proxy_message::Message::Hello(hello)) }).await.unwrap();
     let answer = DiscoveryClient::new(channel).stream(tokio_stream::wrappers::ReceiverStream::new(outbound_rx)).await;

@@ -439,6 +439,22 @@ impl Control {
         )
     }
 
+    /// A channel to this control plane's discovery port as the workload `account`, joined
+    /// with its own join token and speaking mutual TLS, as a real proxy does: for tests
+    /// that script a proxy's side of the protocol.
+    pub async fn channel_as(&self, dir: &TempDir, account: &str) -> tonic::transport::Channel {
+        use weft_proxy::identity::{control_channel, control_client_config, join, IdentitySettings, JoinTokenSecret};
+        let token = std::fs::read_to_string(self.join_token(dir, account, "default")).unwrap();
+        let settings = IdentitySettings {
+            token: JoinTokenSecret::new(&token, "the test's token").unwrap(),
+            namespace: "default".into(),
+            service_account: None,
+        };
+        let grpc = self.grpc.to_string();
+        let credentials = join(std::slice::from_ref(&grpc), &settings).await.unwrap();
+        control_channel(&grpc, control_client_config(&credentials).unwrap()).await.unwrap()
+    }
+
     /// A join token for `namespace`/`service`, in a file under `dir` (made once per
     /// identity).
     pub fn join_token(&self, dir: &TempDir, service: &str, namespace: &str) -> PathBuf {
