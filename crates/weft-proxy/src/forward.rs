@@ -92,11 +92,6 @@ pub fn authority_of<B>(request: &http::Request<B>) -> Option<&str> {
     authority_in(request.uri(), request.headers())
 }
 
-/// The request's authority: the URI's (HTTP/2, absolute-form) or the Host header's.
-pub fn authority(request: &http::request::Parts) -> Option<String> {
-    authority_in(&request.uri, &request.headers).map(str::to_string)
-}
-
 fn authority_in<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
     match uri.authority() {
         Some(authority) => Some(authority.as_str()),
@@ -111,18 +106,25 @@ fn authority_in<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
 ///
 /// An HTTP/1.1 absolute-form request may carry a different `Host`: its URI wins and the
 /// `Host` sent on is rewritten from it ([`prepare`]), as RFC 9112 §3.2.2 has proxies do.
-pub fn check_authority(parts: &http::request::Parts) -> Result<(), &'static str> {
+///
+/// Returns the authority (the URI's, else the Host header's) from the same single look
+/// at the headers: this runs on every request.
+pub fn checked_authority(parts: &http::request::Parts) -> Result<Option<&str>, &'static str> {
     let mut hosts = parts.headers.get_all(header::HOST).iter();
     let host = hosts.next();
     if hosts.next().is_some() {
         return Err("the request has more than one Host header");
     }
-    if let (Version::HTTP_2, Some(host), Some(authority)) = (parts.version, host, parts.uri.authority()) {
-        if !host.as_bytes().eq_ignore_ascii_case(authority.as_str().as_bytes()) {
-            return Err("the request's Host header and :authority disagree");
+    match (parts.uri.authority(), host) {
+        (Some(authority), Some(host))
+            if parts.version == Version::HTTP_2
+                && !host.as_bytes().eq_ignore_ascii_case(authority.as_str().as_bytes()) =>
+        {
+            Err("the request's Host header and :authority disagree")
         }
+        (Some(authority), _) => Ok(Some(authority.as_str())),
+        (None, host) => Ok(host.and_then(|h| h.to_str().ok())),
     }
-    Ok(())
 }
 
 /// Shapes a request for `wire`: origin-form URI and a Host header for HTTP/1.1, an
@@ -219,13 +221,13 @@ mod tests {
     fn ambiguous_authorities_are_refused() {
         let parts = |request: http::request::Builder| request.body(()).unwrap().into_parts().0;
         let two_hosts = parts(Request::get("/").header("host", "a").header("host", "b"));
-        assert!(check_authority(&two_hosts).unwrap_err().contains("more than one Host"));
+        assert!(checked_authority(&two_hosts).unwrap_err().contains("more than one Host"));
         let h2 = |host: &str| parts(Request::get("http://reviews/").version(Version::HTTP_2).header("host", host));
-        assert!(check_authority(&h2("reviews:8080")).unwrap_err().contains("disagree"));
-        assert_eq!(check_authority(&h2("REVIEWS")), Ok(()), "host names compare without case");
+        assert!(checked_authority(&h2("reviews:8080")).unwrap_err().contains("disagree"));
+        assert_eq!(checked_authority(&h2("REVIEWS")), Ok(Some("reviews")), "host names compare without case");
         let absolute = parts(Request::get("http://reviews/").header("host", "other"));
-        assert_eq!(check_authority(&absolute), Ok(()), "HTTP/1.1 absolute form: the URI wins");
-        assert_eq!(check_authority(&parts(Request::get("/").header("host", "reviews"))), Ok(()));
+        assert_eq!(checked_authority(&absolute), Ok(Some("reviews")), "HTTP/1.1 absolute form: the URI wins");
+        assert_eq!(checked_authority(&parts(Request::get("/").header("host", "reviews"))), Ok(Some("reviews")));
     }
 
     #[test]

@@ -228,18 +228,21 @@ async fn handle(
     let grpc = is_grpc(request.headers());
     let upgrade = forward::is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
     let (mut parts, incoming) = request.into_parts();
-    let authority = forward::authority(&parts).unwrap_or_else(|| app.to_string());
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let judged = forward::check_authority(&parts)
-        .map_err(|reason| ProxyFailure::BadRequest(reason.into()))
-        .and_then(|()| authorize(&state, peer.as_deref(), parts.method.as_str(), path, Some(&parts.headers)));
-    if let Err(failure) = judged {
-        let reason = failure.reason();
-        let response = failure.into_response(grpc);
-        let routed = Routed::new(state.own_label.clone(), peer.is_some());
-        record(&state, "inbound", empty_label(), routed, response.status().as_u16(), reason, started);
-        return Ok(response);
-    }
+    let checked = forward::checked_authority(&parts).map(|a| a.map_or_else(|| app.to_string(), str::to_string));
+    let judged = checked.map_err(|reason| ProxyFailure::BadRequest(reason.into())).and_then(|authority| {
+        authorize(&state, peer.as_deref(), parts.method.as_str(), path, Some(&parts.headers)).map(|()| authority)
+    });
+    let authority = match judged {
+        Ok(authority) => authority,
+        Err(failure) => {
+            let reason = failure.reason();
+            let response = failure.into_response(grpc);
+            let routed = Routed::new(state.own_label.clone(), peer.is_some());
+            record(&state, "inbound", empty_label(), routed, response.status().as_u16(), reason, started);
+            return Ok(response);
+        }
+    };
     let wire = if parts.version == http::Version::HTTP_2 { Wire::Http2 } else { Wire::Http1 };
     forward::prepare(&mut parts, &authority, wire, upgrade.is_some());
     let request = Request::from_parts(parts, body::boxed(incoming));

@@ -113,9 +113,10 @@ async fn route_request(
 ) -> Result<Response<Body>, ProxyFailure> {
     let downstream_upgrade = forward::is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
     let (mut parts, incoming) = request.into_parts();
-    forward::check_authority(&parts).map_err(|reason| ProxyFailure::BadRequest(reason.into()))?;
-    let mut authority =
-        forward::authority(&parts).ok_or_else(|| ProxyFailure::BadRequest("the request has no Host".into()))?;
+    let mut authority = forward::checked_authority(&parts)
+        .map_err(|reason| ProxyFailure::BadRequest(reason.into()))?
+        .ok_or_else(|| ProxyFailure::BadRequest("the request has no Host".into()))?
+        .to_string();
     let snapshot = &config.snapshot;
     let (service_index, port_index) = snapshot.lookup_host(&authority).map_err(|e| match e {
         HostLookupError::UnknownHost => ProxyFailure::UnknownHost(authority.clone()),
