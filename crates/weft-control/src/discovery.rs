@@ -101,6 +101,8 @@ pub struct Hub {
     /// Connected proxies by (namespace, proxy id).
     proxies: Mutex<BTreeMap<ProxyKey, ProxyRecord>>,
     next_stream: std::sync::atomic::AtomicU64,
+    /// What the control plane refused, for its `/metrics`.
+    pub metrics: crate::metrics::ControlMetrics,
 }
 
 /// A proxy's (namespace, id): ids are unique per namespace, as Workload names are.
@@ -131,6 +133,7 @@ impl Hub {
             world_changed,
             proxies: Mutex::default(),
             next_stream: std::sync::atomic::AtomicU64::new(1),
+            metrics: crate::metrics::ControlMetrics::new(),
         })
     }
 
@@ -287,6 +290,22 @@ impl Discovery for DiscoveryService {
     type StreamStream = ControlStream;
 
     async fn stream(&self, request: Request<Streaming<ProxyMessage>>) -> Result<Response<Self::StreamStream>, Status> {
+        let opened = self.open_stream(request).await;
+        if let Err(status) = &opened {
+            tracing::info!(%status, "refused a discovery stream");
+            self.hub.metrics.discovery_refused("refused_hello");
+        }
+        opened
+    }
+}
+
+/// How long a new discovery stream may take to send its Hello; a stream that sends
+/// nothing must not hold a task for ever.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl DiscoveryService {
+    /// Checks the peer and its Hello, claims the proxy's record and starts serving it.
+    async fn open_stream(&self, request: Request<Streaming<ProxyMessage>>) -> Result<Response<ControlStream>, Status> {
         let serial = request.extensions().get::<Peer>().and_then(|peer| peer.serial.clone());
         let identity = request.extensions().get::<Peer>().and_then(|peer| peer.identity.clone());
         let identity =
@@ -303,7 +322,10 @@ impl Discovery for DiscoveryService {
             )));
         }
         let mut inbound = request.into_inner();
-        let hello = match inbound.message().await? {
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded(format!("no Hello within {HELLO_TIMEOUT:?}")))?;
+        let hello = match first? {
             Some(ProxyMessage { message: Some(proxy_message::Message::Hello(hello)) }) => hello,
             _ => return Err(Status::invalid_argument("the first message on a discovery stream must be Hello")),
         };
@@ -393,6 +415,7 @@ async fn serve_proxy(
         let revoked = crate::revocations::current(&hub.catalog);
         if revoked.refuses(Some(&identity), serial.as_deref()) {
             tracing::warn!(%proxy_id, %identity, "closing the discovery stream of a revoked proxy");
+            hub.metrics.discovery_refused("revoked");
             break Err(Status::permission_denied(format!(
                 "{identity} (certificate {}) is revoked: see weft revoke list",
                 serial.as_deref().unwrap_or("?")
@@ -459,11 +482,21 @@ async fn serve_proxy(
                         goodbye = true;
                         break Ok(());
                     }
-                    proxy_message::Message::Hello(_) => break Err(Status::invalid_argument("Hello is sent once per stream")),
+                    proxy_message::Message::Hello(_) => {
+                        hub.metrics.discovery_refused("bad_message");
+                        break Err(Status::invalid_argument("Hello is sent once per stream"));
+                    }
                 },
                 Ok(Some(ProxyMessage { message: None })) => {}
                 Ok(None) => break Ok(()),
-                Err(status) => break Err(status),
+                // Undecodable or oversized messages; a stream the proxy reset is not one.
+                Err(status) => {
+                    if status.code() != tonic::Code::Cancelled && status.code() != tonic::Code::Unknown {
+                        tracing::info!(%proxy_id, %status, "ended a discovery stream that sent a bad message");
+                        hub.metrics.discovery_refused("bad_message");
+                    }
+                    break Err(status);
+                }
             },
         }
     };
@@ -480,6 +513,11 @@ async fn serve_proxy(
         } else {
             tracing::info!(%proxy_id, lease = ?hub.registry.lease(), "proxy disconnected: its endpoint stays until the lease lapses");
         }
+    }
+    // The proxy is told why its stream ends (when it still reads): a revocation, a bad
+    // message.
+    if let Err(status) = &result {
+        let _ = sender.try_send(Err(status.clone()));
     }
     result
 }

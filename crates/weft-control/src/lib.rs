@@ -23,6 +23,7 @@ pub mod describe;
 pub mod discovery;
 pub mod join_tokens;
 pub mod kinds;
+pub mod metrics;
 pub mod operator_tokens;
 pub mod registry;
 pub mod replicas;

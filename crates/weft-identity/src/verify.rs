@@ -24,6 +24,11 @@ fn refused(reason: impl Into<String>) -> IdentityError {
     IdentityError::Refused(reason.into())
 }
 
+/// The most certificates a peer's chain may hold: a leaf, intermediates, and the roots
+/// and bridges a rotation sends along are a handful; a chain of hundreds is an attack on
+/// path building, refused before any signature is checked.
+pub const MAX_CHAIN: usize = 8;
+
 /// Verifies `chain` (leaf first) against `roots` at `now` and returns the identity it
 /// proves.
 pub fn verify_workload_certificate(
@@ -34,6 +39,12 @@ pub fn verify_workload_certificate(
     usage: Usage,
 ) -> Result<SpiffeId, IdentityError> {
     let leaf = chain.first().ok_or_else(|| refused("no certificate was presented"))?;
+    if chain.len() > MAX_CHAIN {
+        return Err(refused(format!(
+            "a chain of {} certificates was presented; a mesh chain has at most {MAX_CHAIN}",
+            chain.len()
+        )));
+    }
     let anchors = roots
         .iter()
         .map(|root| webpki::anchor_from_trusted_cert(root).map(|anchor| anchor.to_owned()))

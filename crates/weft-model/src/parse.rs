@@ -58,6 +58,61 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
+/// The most documents one source (a file, an apply) may hold: far above real meshes'
+/// files, and a bound on what one input makes the parser build.
+pub const MAX_DOCUMENTS: usize = 10_000;
+/// Invalid documents reported before parsing stops: enough to fix a file in a few rounds,
+/// and a bound on the refusal's size.
+pub const MAX_REPORTED_ERRORS: usize = 100;
+
+/// The deepest nesting of flow collections (`[...]`, `{...}`) accepted. The YAML parser
+/// keeps per-level state it rescans on every token, so deep flow nesting costs it
+/// quadratic time (100 KB of `[` took a minute): such text is refused by a linear scan
+/// before it is parsed. Real documents nest a handful of levels.
+pub const MAX_FLOW_NESTING: usize = 64;
+
+/// The 1-based line where flow collections first nest deeper than `limit`, if they do.
+/// Quoted scalars and comments are skipped; a bracket inside a plain scalar counts, which
+/// can only refuse text nobody writes (dozens of unmatched brackets in plain words).
+fn flow_nesting_beyond(text: &str, limit: usize) -> Option<usize> {
+    let (mut depth, mut line) = (0usize, 1usize);
+    let mut quote: Option<u8> = None;
+    let mut comment = false;
+    let mut previous = b'\n';
+    let mut bytes = text.bytes();
+    while let Some(byte) = bytes.next() {
+        if byte == b'\n' {
+            line += 1;
+            comment = false;
+        }
+        match quote {
+            _ if comment => {}
+            // YAML escapes a single quote by doubling it, which this reads as a close
+            // and a reopen: the same outcome.
+            Some(b'"') if byte == b'\\' => {
+                bytes.next();
+            }
+            Some(q) if byte == q => quote = None,
+            Some(_) => {}
+            None => match byte {
+                b'#' if previous.is_ascii_whitespace() => comment = true,
+                // A quote opens a scalar only where a scalar can start (`it's` is plain).
+                b'"' | b'\'' if previous.is_ascii_whitespace() || b"[{,:-?".contains(&previous) => quote = Some(byte),
+                b'[' | b'{' => {
+                    depth += 1;
+                    if depth > limit {
+                        return Some(line);
+                    }
+                }
+                b']' | b'}' => depth = depth.saturating_sub(1),
+                _ => {}
+            },
+        }
+        previous = byte;
+    }
+    None
+}
+
 /// Parses and validates every document in `text`; `source_name` is used in errors.
 pub fn parse_documents(source_name: &str, text: &str) -> Result<Vec<Resource>, ConfigErrors> {
     parse_with_documents(source_name, text).map(|parsed| parsed.into_iter().map(|p| p.resource).collect())
@@ -74,6 +129,17 @@ pub struct ParsedDocument {
 
 /// [`parse_documents`], keeping each document's text as JSON alongside.
 pub fn parse_with_documents(source_name: &str, text: &str) -> Result<Vec<ParsedDocument>, ConfigErrors> {
+    if let Some(line) = flow_nesting_beyond(text, MAX_FLOW_NESTING) {
+        return Err(ConfigErrors(vec![ConfigError {
+            source_name: source_name.to_string(),
+            index: 1,
+            resource: None,
+            path: String::new(),
+            message: format!(
+                "not valid YAML: flow collections ([...], {{...}}) nested more than {MAX_FLOW_NESTING} deep, at line {line}"
+            ),
+        }]));
+    }
     let mut resources = Vec::new();
     let mut errors = Vec::new();
     let mut seen = HashSet::new();
@@ -86,6 +152,18 @@ pub fn parse_with_documents(source_name: &str, text: &str) -> Result<Vec<ParsedD
             path: path.to_string(),
             message,
         };
+        if index > MAX_DOCUMENTS {
+            errors.push(error(
+                None,
+                "",
+                format!("more than {MAX_DOCUMENTS} documents in one source: split them over several files or applies"),
+            ));
+            break;
+        }
+        if errors.len() >= MAX_REPORTED_ERRORS {
+            errors.push(error(None, "", format!("stopped reading after {MAX_REPORTED_ERRORS} invalid documents")));
+            break;
+        }
         let value: Value = match serde::Deserialize::deserialize(document) {
             Ok(value) => value,
             Err(e) => {
@@ -289,6 +367,21 @@ spec:
         let json: Vec<String> = parsed.iter().map(|p| p.document.to_string()).collect();
         let again = parse_documents("stored", &json.join("\n---\n")).unwrap();
         assert_eq!(again, parsed.into_iter().map(|p| p.resource).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn deep_flow_nesting_is_refused_before_parsing_and_quotes_do_not_hide_it() {
+        let deep = format!("a: {}", "[".repeat(100_000));
+        let errors = parse_documents("deep.yaml", &deep).unwrap_err();
+        assert!(errors.to_string().contains("nested more than 64 deep, at line 1"), "{errors}");
+        // An apostrophe in a plain word opens no quote that could hide brackets.
+        let hidden = format!("a: it's\nb: {}", "[".repeat(1000));
+        assert!(parse_documents("hidden.yaml", &hidden).unwrap_err().to_string().contains("at line 2"));
+        // Brackets inside quoted scalars and comments are text.
+        let quoted = format!("a: '{}'\nb: \"{}\" # {}\n", "[".repeat(100), "{".repeat(100), "[".repeat(100));
+        assert_eq!(flow_nesting_beyond(&quoted, MAX_FLOW_NESTING), None);
+        assert_eq!(flow_nesting_beyond("a: [[1, 2], {b: [3]}]", 3), None);
+        assert_eq!(flow_nesting_beyond("a: [[1, 2], {b: [3]}]", 2), Some(1));
     }
 
     #[test]

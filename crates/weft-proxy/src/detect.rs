@@ -2,8 +2,15 @@
 //! handshake (a meshed caller, on a proxy with an identity), or opaque.
 //!
 //! Detection peeks at most [`PEEK_LIMIT`] bytes without consuming them and gives up after
-//! a timeout, treating a silent client as opaque TCP (server-first protocols speak
-//! first). Ports declared `tcp` never come here, so they never wait.
+//! a timeout ([`Detected::TimedOut`]: inbound treats a silent client as opaque TCP, since
+//! server-first protocols speak first). Ports declared `tcp` never come here, so they
+//! never wait.
+//!
+//! Peeking cannot wait for *more* bytes (the socket stays readable while the first ones
+//! sit unread), so a partial prefix is re-peeked after a pause that doubles up to
+//! [`MAX_REPEEK_PAUSE`]: a client whose first segment is whole (all real ones) costs one
+//! peek, and one that dribbles a byte at a time (slowloris) costs a few wake-ups a second
+//! instead of a thousand.
 
 use std::time::{Duration, Instant};
 
@@ -11,6 +18,9 @@ use tokio::net::TcpStream;
 
 /// Bytes peeked at most; enough for any HTTP/1 method and the HTTP/2 preface.
 pub const PEEK_LIMIT: usize = 64;
+
+/// The longest pause between peeks at a partial prefix.
+const MAX_REPEEK_PAUSE: Duration = Duration::from_millis(100);
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const METHODS: [&[u8]; 9] =
@@ -24,6 +34,8 @@ pub enum Detected {
     /// A TLS ClientHello: a record of type handshake (22), version 3.x.
     Tls,
     Opaque,
+    /// Nothing decisive arrived within the timeout: a silent client, or one too slow.
+    TimedOut,
 }
 
 /// Classifies what has been peeked so far; `None` means "could still be HTTP".
@@ -51,15 +63,17 @@ pub fn classify(peeked: &[u8]) -> Option<Detected> {
     Some(Detected::Opaque)
 }
 
-/// Peeks at `stream` until its protocol is known or `timeout` passes (then opaque).
+/// Peeks at `stream` until its protocol is known or `timeout` passes.
 pub async fn detect(stream: &TcpStream, timeout: Duration) -> std::io::Result<Detected> {
     let deadline = Instant::now() + timeout;
     let mut buffer = [0u8; PEEK_LIMIT];
+    let mut pause = Duration::from_millis(1);
+    let mut seen = 0;
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
         let peeked = match tokio::time::timeout(remaining, stream.peek(&mut buffer)).await {
             Ok(result) => result?,
-            Err(_) => return Ok(Detected::Opaque),
+            Err(_) => return Ok(Detected::TimedOut),
         };
         if peeked == 0 {
             return Ok(Detected::Opaque); // closed before speaking
@@ -67,8 +81,17 @@ pub async fn detect(stream: &TcpStream, timeout: Duration) -> std::io::Result<De
         if let Some(detected) = classify(&buffer[..peeked]) {
             return Ok(detected);
         }
-        // A partial first segment: wait briefly for more bytes rather than spin.
-        tokio::time::sleep(Duration::from_millis(1).min(remaining)).await;
+        if remaining.is_zero() {
+            return Ok(Detected::TimedOut);
+        }
+        // A partial first segment: pause before peeking again, longer while nothing new
+        // arrives, so that a dribbling client cannot make the proxy spin.
+        if peeked > seen {
+            seen = peeked;
+        } else {
+            pause = (pause * 2).min(MAX_REPEEK_PAUSE);
+        }
+        tokio::time::sleep(pause.min(remaining)).await;
     }
 }
 

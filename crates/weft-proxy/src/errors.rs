@@ -42,6 +42,8 @@ pub enum ProxyFailure {
     NoApplication,
     /// The request itself is malformed (e.g. no Host).
     BadRequest(String),
+    /// The caller's request body broke its framing on the way through.
+    BrokenRequestBody(String),
     /// An AuthorizationPolicy (or MeshConfig's default) denied the caller.
     Forbidden { caller: String, policy: String },
 }
@@ -63,6 +65,7 @@ impl ProxyFailure {
             ProxyFailure::TryTimeout => "per-try-timeout",
             ProxyFailure::NoApplication => "no-application",
             ProxyFailure::BadRequest(_) => "bad-request",
+            ProxyFailure::BrokenRequestBody(_) => "request-body-broken",
             ProxyFailure::Forbidden { .. } => "forbidden",
         }
     }
@@ -71,7 +74,9 @@ impl ProxyFailure {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyFailure::UnknownHost(_) | ProxyFailure::NoRoute(_) => StatusCode::NOT_FOUND,
-            ProxyFailure::BadRequest(_) | ProxyFailure::NotHttp(_) => StatusCode::BAD_REQUEST,
+            ProxyFailure::BadRequest(_) | ProxyFailure::NotHttp(_) | ProxyFailure::BrokenRequestBody(_) => {
+                StatusCode::BAD_REQUEST
+            }
             ProxyFailure::UnresolvedBackend(_) | ProxyFailure::NoBackends(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyFailure::ConnectFailed { .. } | ProxyFailure::UpstreamReset { .. } => StatusCode::BAD_GATEWAY,
             ProxyFailure::NoEndpoints(_) | ProxyFailure::Overloaded(_) | ProxyFailure::NoApplication => {
@@ -132,7 +137,7 @@ impl fmt::Display for ProxyFailure {
             ProxyFailure::RequestTimeout => write!(f, "{reason}: the request timeout elapsed"),
             ProxyFailure::TryTimeout => write!(f, "{reason}: the per-try timeout elapsed"),
             ProxyFailure::NoApplication => write!(f, "{reason}: this proxy has no --app-addr for inbound traffic"),
-            ProxyFailure::BadRequest(why) => write!(f, "{reason}: {why}"),
+            ProxyFailure::BadRequest(why) | ProxyFailure::BrokenRequestBody(why) => write!(f, "{reason}: {why}"),
             ProxyFailure::Forbidden { caller, policy } => write!(f, "{reason}: {caller} denied by {policy}"),
         }
     }

@@ -26,10 +26,15 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// Hop-by-hop names a message can carry at once, at most.
 const MAX_HOP_BY_HOP: usize = 7;
 
-/// Whether the request asks to switch protocols (HTTP/1.1 `Upgrade`).
+/// Whether the request asks to switch protocols (HTTP/1.1 `Upgrade`) to one the proxy
+/// tunnels. Never to `h2c`: that would hand the caller a raw HTTP/2 connection to the
+/// application, whose requests no routing, authorization or telemetry would see (h2c
+/// smuggling). Such a request is served as a plain one, its `Upgrade` stripped.
 pub fn is_upgrade(request: &Request<impl Sized>) -> bool {
     request.version() == Version::HTTP_11
-        && request.headers().contains_key(header::UPGRADE)
+        && request.headers().get(header::UPGRADE).is_some_and(|protocols| {
+            protocols.to_str().is_ok_and(|p| !p.split(',').any(|token| token.trim().eq_ignore_ascii_case("h2c")))
+        })
         && connection_has(request.headers(), "upgrade")
 }
 

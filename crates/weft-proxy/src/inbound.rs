@@ -19,9 +19,6 @@ use weft_model::{
     spec::{MtlsMode, Protocol},
 };
 
-/// How long a caller's TLS handshake may take.
-const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
 use crate::{
     body::{self, Body},
     detect::{detect, Detected},
@@ -31,6 +28,7 @@ use crate::{
     metrics::{empty_label, AuthzLabels},
     outbound::{record, Routed},
     pool::{SendError, Wire},
+    protocol_errors::ProtocolError,
     revocation::PeerCertificate,
     state::SharedState,
     tcp,
@@ -65,11 +63,11 @@ pub async fn serve_connection(state: Arc<SharedState>, stream: TcpStream, drain:
     }
     match (detected, tls) {
         (Detected::Tls, Some(tls)) => serve_mesh_connection(state, app, stream, tls, drain).await,
-        (Detected::Opaque | Detected::Tls, _) => relay_to_app(&state, app, None, stream).await,
+        (Detected::Opaque | Detected::TimedOut | Detected::Tls, _) => relay_to_app(&state, app, None, stream).await,
         (Detected::Http1 | Detected::Http2, _) => {
             let handler_state = state.clone();
             let service = hyper::service::service_fn(move |request| handle(handler_state.clone(), app, None, request));
-            serve_http(stream, Some(detected), service, drain, &state.settings).await;
+            serve_http(stream, Some(detected), service, drain, &state, "inbound").await;
         }
     }
 }
@@ -83,19 +81,21 @@ async fn serve_mesh_connection(
     drain: DrainWatch,
 ) {
     let remote = stream.peer_addr().ok();
-    let accepted = tokio::time::timeout(
-        state.settings.detect_timeout.max(HANDSHAKE_TIMEOUT),
-        tokio_rustls::TlsAcceptor::from(tls).accept(stream),
-    )
-    .await;
+    let accepted =
+        tokio::time::timeout(state.settings.tls_handshake_timeout, tokio_rustls::TlsAcceptor::from(tls).accept(stream))
+            .await;
     let stream = match accepted {
         Ok(Ok(stream)) => stream,
         Ok(Err(error)) => {
             tracing::info!(?remote, %error, "refused an inbound TLS connection");
+            if let Some(violation) = ProtocolError::of_tls_handshake(&error) {
+                state.metrics.protocol_error("inbound", violation);
+            }
             return;
         }
         Err(_) => {
             tracing::info!(?remote, "an inbound TLS handshake timed out");
+            state.metrics.protocol_error("inbound", ProtocolError::TlsHandshakeTimeout);
             return;
         }
     };
@@ -103,6 +103,7 @@ async fn serve_mesh_connection(
     let port = transport::conveyed_port(connection.server_name());
     let Some(certificate) = PeerCertificate::of(connection.peer_certificates()) else {
         tracing::info!(?remote, "a mesh TLS connection proved no identity; closed");
+        state.metrics.protocol_error("inbound", ProtocolError::TlsBadCertificate);
         return;
     };
     let revocations = state.connector.revocations.clone();
@@ -120,10 +121,13 @@ async fn serve_mesh_connection(
                 let service = hyper::service::service_fn(move |request| {
                     handle(handler_state.clone(), app, peer.clone(), request)
                 });
-                serve_http_on(stream, http2, service, drain, &state.settings).await;
+                serve_http_on(stream, http2, service, drain, &state, "inbound").await;
             }
             Some(ALPN_TCP) => relay_to_app(&state, app, peer.as_deref(), stream).await,
-            _ => tracing::info!(?remote, "a mesh TLS connection named no weft protocol (ALPN); closed"),
+            _ => {
+                tracing::info!(?remote, "a mesh TLS connection named no weft protocol (ALPN); closed");
+                state.metrics.protocol_error("inbound", ProtocolError::TlsUnknownAlpn);
+            }
         }
     };
     // The operator may revoke the peer while the connection is open: then it ends.
@@ -279,6 +283,7 @@ async fn handle(
                 SendError::Reset(e) => ProxyFailure::UpstreamReset { endpoint: app, reason: e.to_string() },
                 SendError::Limit(e) => ProxyFailure::Overloaded(e.to_string()),
                 SendError::Timeout(_) => ProxyFailure::TryTimeout,
+                SendError::RequestBody(e) => crate::outbound::broken_body(&state, "inbound", e.to_string()),
             };
             tracing::debug!(%failure, "inbound request failed");
             let reason = failure.reason();

@@ -8,7 +8,8 @@
 //! Modules follow the request: [`listener`] accepts, [`detect`] tells protocols apart,
 //! [`outbound`] and [`inbound`] are the two directions, [`balance`] and [`endpoint`] pick
 //! where to send, [`retry`] and [`limits`] guard the send, [`pool`] and [`transport`]
-//! carry it, [`errors`] turns failures into responses, [`metrics`] counts everything.
+//! carry it, [`errors`] turns failures into responses, [`protocol_errors`] names what hostile
+//! or broken peers did, [`metrics`] counts everything.
 
 #![forbid(unsafe_code)]
 
@@ -29,6 +30,7 @@ pub mod listener;
 pub mod metrics;
 pub mod outbound;
 pub mod pool;
+pub mod protocol_errors;
 pub mod proxy;
 pub mod reload;
 pub mod retry;

@@ -20,11 +20,31 @@ use tokio::{
 use crate::{
     body::Body,
     detect::{self, Detected},
-    settings::ProxySettings,
+    protocol_errors::ProtocolError,
+    state::SharedState,
 };
 
-/// How long a client may take to send a request's headers (slow-header protection).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest HTTP/1 request head (line and headers) accepted; larger ones get a 431,
+/// request targets over 64 KiB a 414 (hyper's limit). Envoy's default is 60 KiB and
+/// nginx's 32 KiB: 96 KiB is above both, so nothing that works behind them breaks here.
+/// Heads up to hyper's read buffer (~400 KiB) are read whole before the refusal, so the
+/// peer gets its 431 instead of a reset.
+const MAX_REQUEST_HEAD: usize = 96 * 1024;
+
+/// HTTP/2 limits a server connection enforces, set here rather than left to hyper's
+/// defaults so that an upgrade of the codec cannot loosen them unnoticed.
+mod h2_limits {
+    /// Streams open at once per connection; more are refused (REFUSED_STREAM).
+    pub const MAX_CONCURRENT_STREAMS: u32 = 200;
+    /// Streams a client may open and reset before the proxy has accepted them; beyond
+    /// it the connection ends with ENHANCE_YOUR_CALM (rapid reset, CVE-2023-44487).
+    pub const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+    /// Streams the proxy may reset for the client's protocol errors before it ends the
+    /// connection.
+    pub const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 256;
+    /// Decoded header block size (the HPACK bomb's target); larger ones get a 431.
+    pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+}
 
 /// Why a listener could not be bound; the message names the flag to change.
 #[derive(Debug, thiserror::Error)]
@@ -166,7 +186,8 @@ pub async fn serve_http<S>(
     detected: Option<Detected>,
     service: S,
     drain: DrainWatch,
-    settings: &ProxySettings,
+    state: &SharedState,
+    direction: &'static str,
 ) where
     S: ProxyService,
     S::Future: Send + 'static,
@@ -175,26 +196,45 @@ pub async fn serve_http<S>(
         Some(detected) => detected,
         // Only HTTP/1.1 versus HTTP/2 is at stake here, so wait as long as hyper's header
         // timeout would for a client that connects early and speaks later.
-        None => detect::detect(&stream, HEADER_READ_TIMEOUT).await.unwrap_or(Detected::Http1),
+        None => match detect::detect(&stream, state.settings.header_read_timeout).await {
+            Ok(Detected::TimedOut) => {
+                state.metrics.protocol_error(direction, ProtocolError::HeaderReadTimeout);
+                return;
+            }
+            Ok(detected) => detected,
+            Err(_) => return,
+        },
     };
-    serve_http_on(stream, detected == Detected::Http2, service, drain, settings).await;
+    serve_http_on(stream, detected == Detected::Http2, service, drain, state, direction).await;
 }
 
-/// Serves HTTP/2 (`http2`) or HTTP/1.1 on any connection, TLS ones included.
-pub async fn serve_http_on<I, S>(stream: I, http2: bool, service: S, mut drain: DrainWatch, settings: &ProxySettings)
-where
+/// Serves HTTP/2 (`http2`) or HTTP/1.1 on any connection, TLS ones included, and counts
+/// the protocol violation it ends with, if any, under `direction`.
+pub async fn serve_http_on<I, S>(
+    stream: I,
+    http2: bool,
+    service: S,
+    mut drain: DrainWatch,
+    state: &SharedState,
+    direction: &'static str,
+) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: ProxyService,
     S::Future: Send + 'static,
 {
+    let settings = &state.settings;
     let io = TokioIo::new(stream);
-    if http2 {
+    let result = if http2 {
         let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(settings.h2_keepalive))
             .keep_alive_timeout(settings.h2_keepalive * 2)
+            .max_concurrent_streams(h2_limits::MAX_CONCURRENT_STREAMS)
+            .max_pending_accept_reset_streams(h2_limits::MAX_PENDING_ACCEPT_RESET_STREAMS)
+            .max_local_error_reset_streams(h2_limits::MAX_LOCAL_ERROR_RESET_STREAMS)
+            .max_header_list_size(h2_limits::MAX_HEADER_LIST_SIZE)
             .serve_connection(io, service);
-        serve_until_drained(connection, &mut drain).await;
+        serve_until_drained(connection, &mut drain).await
     } else {
         // Flattened writes (headers and small bodies copied into one buffer, one write)
         // measured cheaper than vectored writes for proxied responses: 3% fewer
@@ -202,10 +242,20 @@ where
         let connection = hyper::server::conn::http1::Builder::new()
             .writev(false)
             .timer(TokioTimer::new())
-            .header_read_timeout(Some(HEADER_READ_TIMEOUT))
+            .header_read_timeout(Some(settings.header_read_timeout))
+            .max_header_size(MAX_REQUEST_HEAD)
             .serve_connection(io, service)
             .with_upgrades();
-        serve_until_drained(connection, &mut drain).await;
+        serve_until_drained(connection, &mut drain).await
+    };
+    if let Err(error) = result {
+        match ProtocolError::of_connection(&error) {
+            Some(violation) => {
+                tracing::debug!(%error, direction, reason = violation.as_str(), "refused a protocol violation");
+                state.metrics.protocol_error(direction, violation);
+            }
+            None => tracing::debug!(%error, direction, "downstream connection ended with an error"),
+        }
     }
 }
 
@@ -251,16 +301,13 @@ impl<S> ProxyService for S where
 
 /// Drives `connection` until it ends, or until the drain starts and it has finished its
 /// in-flight requests.
-async fn serve_until_drained(connection: impl GracefulConnection, drain: &mut DrainWatch) {
+async fn serve_until_drained(connection: impl GracefulConnection, drain: &mut DrainWatch) -> Result<(), hyper::Error> {
     tokio::pin!(connection);
-    let result = tokio::select! {
+    tokio::select! {
         result = connection.as_mut() => result,
         _ = drain.signaled() => {
             connection.as_mut().start_graceful_shutdown();
             connection.await
         }
-    };
-    if let Err(error) = result {
-        tracing::debug!(%error, "downstream connection ended with an error");
     }
 }

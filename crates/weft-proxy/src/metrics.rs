@@ -94,6 +94,15 @@ pub struct ReloadLabels {
     pub result: &'static str,
 }
 
+/// Labels of `weft_protocol_errors_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolErrorLabels {
+    /// The listener: `outbound` (the application's side) or `inbound` (callers').
+    pub direction: &'static str,
+    /// A [`crate::protocol_errors::ProtocolError`] label.
+    pub reason: &'static str,
+}
+
 /// All of the proxy's metric families.
 pub struct Metrics {
     pub registry: Registry,
@@ -105,6 +114,7 @@ pub struct Metrics {
     pub ejections: Family<EjectionLabels, Counter>,
     pub config_reloads: Family<ReloadLabels, Counter>,
     pub authz_decisions: Family<AuthzLabels, Counter>,
+    pub protocol_errors: Family<ProtocolErrorLabels, Counter>,
 }
 
 /// Latency buckets from 0.5 ms to ~33 s, doubling: covers sidecar-added microseconds
@@ -146,6 +156,12 @@ impl Metrics {
             "Inbound requests and connections judged by authorization, by decision and deciding policy",
             authz_decisions.clone(),
         );
+        let protocol_errors = Family::default();
+        registry.register(
+            "protocol_errors",
+            "Connections and requests refused for breaking their protocol (HTTP/1, HTTP/2, mesh TLS), by listener and reason",
+            protocol_errors.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -156,7 +172,13 @@ impl Metrics {
             ejections,
             config_reloads,
             authz_decisions,
+            protocol_errors,
         }
+    }
+
+    /// Counts one refused protocol violation on `direction`'s listener.
+    pub fn protocol_error(&self, direction: &'static str, error: crate::protocol_errors::ProtocolError) {
+        self.protocol_errors.get_or_create(&ProtocolErrorLabels { direction, reason: error.as_str() }).inc();
     }
 
     /// The Prometheus text exposition of every family.

@@ -59,6 +59,25 @@ pub enum SendError {
     /// The per-try timeout elapsed before response headers.
     #[error("no response within the per-try timeout of {0:?}")]
     Timeout(Duration),
+    /// The caller's request body broke its framing (an invalid chunk, a body shorter than
+    /// announced) while it was being sent: the caller's fault, not the endpoint's.
+    #[error("the request body broke off: {0}")]
+    RequestBody(hyper::Error),
+}
+
+impl SendError {
+    /// A failed `send_request`: [`SendError::RequestBody`] when what failed was reading
+    /// the downstream body (hyper reports it as the user's body stream failing, with the
+    /// server side's error as its cause), else [`SendError::Reset`].
+    pub fn of_send(error: hyper::Error) -> SendError {
+        let downstream = error.is_user()
+            && std::error::Error::source(&error).is_some_and(|cause| cause.downcast_ref::<hyper::Error>().is_some());
+        if downstream {
+            SendError::RequestBody(error)
+        } else {
+            SendError::Reset(error)
+        }
+    }
 }
 
 /// A failed send; `unsent` hands the request back when it never left the proxy (no
@@ -164,7 +183,7 @@ impl Connector {
                 Ok(response) => return Ok(self.pooled_response(&key, sender, limiter.clone(), response)),
                 Err(mut error) => match error.take_message() {
                     Some(unsent) => request = unsent,
-                    None => return Err(SendFailure::sent(SendError::Reset(error.into_error()))),
+                    None => return Err(SendFailure::sent(SendError::of_send(error.into_error()))),
                 },
             }
         }
@@ -172,7 +191,7 @@ impl Connector {
             Ok(sender) => sender,
             Err(error) => return Err(SendFailure { error, unsent: Some(Box::new(request)) }),
         };
-        let response = sender.send_request(request).await.map_err(|e| SendFailure::sent(SendError::Reset(e)))?;
+        let response = sender.send_request(request).await.map_err(|e| SendFailure::sent(SendError::of_send(e)))?;
         Ok(self.pooled_response(&key, sender, limiter.clone(), response))
     }
 
@@ -241,7 +260,7 @@ impl Connector {
         if let Err(error) = sender.ready().await {
             return Err(SendFailure { error: SendError::Reset(error), unsent: Some(Box::new(request)) });
         }
-        let response = sender.send_request(request).await.map_err(|e| SendFailure::sent(SendError::Reset(e)))?;
+        let response = sender.send_request(request).await.map_err(|e| SendFailure::sent(SendError::of_send(e)))?;
         Ok(response.map(body::boxed))
     }
 
@@ -294,7 +313,7 @@ impl Connector {
         let peer = io.peer();
         let (mut sender, connection) = http1::handshake(TokioIo::new(io)).await.map_err(SendError::Reset)?;
         self.drive(address, peer, connection.with_upgrades(), permit, "upgraded");
-        sender.send_request(request).await.map_err(SendError::Reset)
+        sender.send_request(request).await.map_err(SendError::of_send)
     }
 }
 

@@ -144,7 +144,7 @@ pub fn run(mut settings: ProxySettings) -> Result<Option<i32>, ProxyError> {
                             let service = hyper::service::service_fn(move |request| {
                                 outbound::handle(handler_state.clone(), request)
                             });
-                            serve_http(stream, None, service, drain, &state.settings).await;
+                            serve_http(stream, None, service, drain, &state, "outbound").await;
                         }
                     }));
                     if let Some(inbound_listener) = inbound_listener {

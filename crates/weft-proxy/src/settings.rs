@@ -15,6 +15,13 @@ pub const DEFAULT_H2_KEEPALIVE: Duration = Duration::from_secs(10);
 /// How long inbound detection waits for a client's first bytes before treating the
 /// connection as opaque TCP. Ports declared `tcp` skip detection entirely.
 pub const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a client may take to send a whole request head, from connecting or from the
+/// end of its previous request (so it also ends idle keep-alive connections). 30s: far
+/// above what any real client needs, and it caps what a slowloris connection holds.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a meshed caller's TLS handshake may take on the inbound listener: generous
+/// for a loaded peer, and a bound on what a caller that stalls mid-handshake holds.
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long SIGTERM waits for in-flight requests before exiting anyway.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Request bodies up to this size are buffered so that the request can be retried.
@@ -43,6 +50,8 @@ pub struct ProxySettings {
     pub idle_timeout: Duration,
     pub h2_keepalive: Duration,
     pub detect_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub tls_handshake_timeout: Duration,
     pub drain_timeout: Duration,
     pub max_replay_body: usize,
     /// How often the config file is checked for changes.
@@ -74,6 +83,8 @@ impl ProxySettings {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             h2_keepalive: DEFAULT_H2_KEEPALIVE,
             detect_timeout: DEFAULT_DETECT_TIMEOUT,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            tls_handshake_timeout: DEFAULT_TLS_HANDSHAKE_TIMEOUT,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             max_replay_body: DEFAULT_MAX_REPLAY_BODY,
             reload_interval: Duration::from_secs(1),

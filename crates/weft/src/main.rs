@@ -438,6 +438,14 @@ struct ProxyArgs {
     /// treating the connection as opaque TCP.
     #[arg(long, default_value = "1s", value_name = "DURATION")]
     detect_timeout: GoDuration,
+    /// How long a client may take to send a request's head (line and headers), from
+    /// connecting or from the end of its previous request: slow clients (slowloris) and
+    /// idle keep-alive connections are closed after it.
+    #[arg(long, default_value = "30s", value_name = "DURATION")]
+    header_read_timeout: GoDuration,
+    /// How long a meshed caller's TLS handshake may take on the inbound listener.
+    #[arg(long, default_value = "10s", value_name = "DURATION")]
+    tls_handshake_timeout: GoDuration,
     /// On SIGTERM, how long in-flight requests may take to finish.
     #[arg(long, default_value = "30s", value_name = "DURATION")]
     drain_timeout: GoDuration,
@@ -518,6 +526,16 @@ impl ProxyArgs {
         settings.idle_timeout = self.idle_timeout.get();
         settings.h2_keepalive = self.h2_keepalive.get();
         settings.detect_timeout = self.detect_timeout.get();
+        settings.header_read_timeout = self.header_read_timeout.get();
+        settings.tls_handshake_timeout = self.tls_handshake_timeout.get();
+        for (flag, value) in [
+            ("--header-read-timeout", settings.header_read_timeout),
+            ("--tls-handshake-timeout", settings.tls_handshake_timeout),
+        ] {
+            if value.is_zero() {
+                anyhow::bail!("{flag} must be above 0 (it bounds what a slow or stalled client holds)");
+            }
+        }
         settings.drain_timeout = self.drain_timeout.get();
         settings.max_replay_body = self.max_replay_body;
         settings.health_check = self.health_check;
@@ -604,6 +622,16 @@ fn return_memory_promptly() {
     }
 }
 
+/// Raises the soft limit on open files to the hard limit. Every connection is a file: at
+/// the usual soft default of 1024, a peer holding a thousand idle connections would stop
+/// the proxy from accepting anyone else (Go's runtime does the same at start).
+fn raise_open_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open file limit"),
+        Err(error) => tracing::warn!(%error, "cannot raise the open file limit; connections beyond it are refused"),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log.as_deref(), cli.log_format == "json");
@@ -612,6 +640,7 @@ fn main() -> ExitCode {
     if let Err(error) = tikv_jemalloc_ctl::background_thread::write(true) {
         tracing::debug!(%error, "jemalloc background purging is unavailable");
     }
+    raise_open_file_limit();
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -9,9 +9,11 @@
 //! judges every document with the same parser the proxies use, and names the source, the
 //! document and the field path in its refusal. [`resources`] serves the resources,
 //! [`operations`] tokens, revocations, the CA and the audit log, [`proxies`] the
-//! connected proxies and workloads.
+//! connected proxies and workloads; [`body`] reads write bodies within their limit.
+//! `/metrics` (viewer) counts responses by status and refused discovery streams.
 
 mod auth;
+mod body;
 mod operations;
 mod proxies;
 mod resources;
@@ -68,6 +70,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/api/v1/history", get(operations::history))
         .route("/api/v1/revocations", get(operations::list_revocations))
         .route("/api/v1/whoami", get(operations::whoami))
+        .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state((state.clone(), Role::Viewer), auth::require));
     let changes = Router::new()
         .route("/api/v1/apply", post(resources::apply))
@@ -86,6 +89,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .merge(reads)
         .merge(changes)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such API path; see README, HTTP API") })
+        .layer(middleware::from_fn_with_state(state.clone(), count_response))
         .with_state(state)
 }
 
@@ -128,6 +132,24 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status, Json(json!({"error": self.message, "details": self.details}))).into_response()
     }
+}
+
+/// The control plane's own metrics, in Prometheus text format.
+async fn metrics(State(hub): State<Arc<Hub>>) -> impl IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], hub.metrics.encode())
+}
+
+/// Counts every response by status, refusals included (they are how a hostile or broken
+/// client shows up).
+async fn count_response(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: middleware::Next,
+) -> Response {
+    let response = next.run(request).await;
+    let labels = crate::metrics::ApiResponseLabels { status: response.status().as_u16() };
+    state.hub.metrics.api_responses.get_or_create(&labels).inc();
+    response
 }
 
 async fn status(State(hub): State<Arc<Hub>>) -> Json<serde_json::Value> {

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use weft_model::ResourceKind;
 
-use super::ApiError;
+use super::{body::TextBody, ApiError};
 use crate::{
     catalog::{parse_sources, Catalog, CatalogError, Entry, Source},
     describe::describe_service,
@@ -93,7 +93,7 @@ pub(super) async fn apply(
     Extension(operator): Extension<Operator>,
     Query(params): Query<WriteParams>,
     headers: HeaderMap,
-    body: String,
+    TextBody(body): TextBody,
 ) -> Result<impl IntoResponse, ApiError> {
     let sources = sources(&headers, &params, body)?;
     Ok(Json(catalog.apply(&sources, params.dry_run, &operator).await?))
@@ -104,7 +104,7 @@ pub(super) async fn delete_documents(
     Extension(operator): Extension<Operator>,
     Query(params): Query<WriteParams>,
     headers: HeaderMap,
-    body: String,
+    TextBody(body): TextBody,
 ) -> Result<impl IntoResponse, ApiError> {
     // The documents must be valid to name what to delete: a typo must not delete the
     // wrong thing, and must not silently delete nothing.

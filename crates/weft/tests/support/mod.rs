@@ -27,6 +27,8 @@ use hyper_util::{
 };
 use serde_json::Value;
 
+pub mod hostile;
+
 /// The weft binary under test.
 pub const WEFT: &str = env!("CARGO_BIN_EXE_weft");
 
@@ -849,6 +851,18 @@ pub async fn api_request(
     body: Option<&str>,
     pin: Option<&str>,
 ) -> Result<(u16, Value), String> {
+    api_request_bytes(server, token, method, path, body.map(|b| b.as_bytes().to_vec()), pin).await
+}
+
+/// [`api_request`] with a body of any bytes (sent as `application/yaml`).
+pub async fn api_request_bytes(
+    server: &str,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+    pin: Option<&str>,
+) -> Result<(u16, Value), String> {
     let (secure, authority) = match (server.strip_prefix("https://"), server.strip_prefix("http://")) {
         (Some(rest), _) => (true, rest.to_string()),
         (None, Some(rest)) => (false, rest.to_string()),
@@ -861,7 +875,7 @@ pub async fn api_request(
     if body.is_some() {
         request = request.header("content-type", "application/yaml");
     }
-    let request = request.body(Full::new(Bytes::from(body.unwrap_or_default().to_string()))).unwrap();
+    let request = request.body(Full::new(Bytes::from(body.unwrap_or_default()))).unwrap();
     let stream = tokio::net::TcpStream::connect(&authority).await.map_err(|e| e.to_string())?;
     let response = if secure {
         let root = pin.map(str::to_string).or_else(|| token.and_then(|t| t.split('.').nth(3)).map(str::to_string));
