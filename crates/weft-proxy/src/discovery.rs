@@ -324,13 +324,19 @@ fn apply_trust_bundle(state: &SharedState, bundle: &str) {
     }
 }
 
+/// The snapshot a pushed view compiles to, or why it is refused (NACKed): the part of
+/// applying a view that depends on nothing but the message, and what the discovery fuzz
+/// target drives.
+pub fn compile_view(config: &Config, namespace: &str) -> Result<weft_model::Snapshot, weft_model::ConfigErrors> {
+    parse_documents("control plane view", &config.resources).map(|resources| compile(&resources, namespace))
+}
+
 impl Applier {
     fn apply(&mut self, state: &SharedState, handle: &DiscoveryHandle, config: Config) -> Result<(), String> {
         if config.lease_seconds > 0 {
             self.lease = Duration::from_secs(u64::from(config.lease_seconds));
         }
-        let result = parse_documents("control plane view", &config.resources).map(|resources| {
-            let mut snapshot = compile(&resources, &state.settings.namespace);
+        let result = compile_view(&config, &state.settings.namespace).map(|mut snapshot| {
             let held = self.hold_sudden_drops(&state.config.load().snapshot, &mut snapshot);
             (snapshot, held)
         });

@@ -128,8 +128,21 @@ pub fn checked_authority(parts: &http::request::Parts) -> Result<Option<&str>, &
             Err("the request's Host header and :authority disagree")
         }
         (Some(authority), _) => Ok(Some(authority.as_str())),
+        (None, Some(host)) if !is_host_and_port(host.as_bytes()) => {
+            Err("the Host header is not a host[:port] (RFC 9110 §7.2)")
+        }
         (None, host) => Ok(host.and_then(|h| h.to_str().ok())),
     }
+}
+
+/// Whether `value` can be a `Host`: a name, IPv4 or bracketed IPv6 address, and a port;
+/// no user info, path, spaces or control characters. A byte scan, since it runs on every
+/// request (the URI's authority was already checked by the parser).
+fn is_host_and_port(value: &[u8]) -> bool {
+    !value.is_empty()
+        && value
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'[' | b']' | b'%'))
 }
 
 /// Shapes a request for `wire`: origin-form URI and a Host header for HTTP/1.1, an
@@ -233,6 +246,14 @@ mod tests {
         let absolute = parts(Request::get("http://reviews/").header("host", "other"));
         assert_eq!(checked_authority(&absolute), Ok(Some("reviews")), "HTTP/1.1 absolute form: the URI wins");
         assert_eq!(checked_authority(&parts(Request::get("/").header("host", "reviews"))), Ok(Some("reviews")));
+        // Found by fuzzing: a Host with a path and a tab was taken as an authority.
+        for bad in ["vs.default.sv/:C\t", "user@reviews", "reviews x", ""] {
+            let request = parts(Request::get("/").header("host", bad));
+            assert!(checked_authority(&request).unwrap_err().contains("not a host[:port]"), "{bad:?}");
+        }
+        for good in ["reviews:8080", "10.0.0.1:80", "[::1]:80", "reviews.default.svc"] {
+            assert_eq!(checked_authority(&parts(Request::get("/").header("host", good))), Ok(Some(good)));
+        }
     }
 
     #[test]

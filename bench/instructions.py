@@ -1,0 +1,298 @@
+#!/usr/bin/env python3
+"""The instruction-count gate: user-space instructions the proxies execute per request,
+counted by callgrind, for one hop and a pair, HTTP/1.1, h2c, gRPC, mutual TLS and opaque
+TCP over mutual TLS.
+
+Wall-clock timings on these shared machines move 10-30% from run to run; instruction
+counts barely move, as long as nothing batches differently. So the client is sequential
+(h2load -c1 -m1: one connection, one request at a time), the upstream is `weft demo-app`,
+and only the proxies run under callgrind (the client, the upstream and the control plane
+are excluded). Counters are zeroed after a warm-up and dumped after the measured
+requests, so start-up, joining and first-use discovery are not counted either.
+
+  bench/instructions.py            measure and compare with bench/instructions-baseline.json;
+                                   exits 1 when any figure is more than 3% above it
+  bench/instructions.py --update   measure and write the baseline (commit it, with the
+                                   reason in the commit message)
+  bench/instructions.py --only http1-hop,h2c-pair   a subset
+
+Measures target/gate/weft (`cargo build --profile gate -p weft`: release code generation
+with thin LTO, so that CI builds it in minutes; the baseline is of that profile), or the
+binary WEFT_BINARY names. Needs valgrind and h2load (nghttp2-client).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WEFT = os.environ.get("WEFT_BINARY", os.path.join(ROOT, "target", "gate", "weft"))
+BASELINE = os.path.join(ROOT, "bench", "instructions-baseline.json")
+TOLERANCE = 0.03
+WARMUP = 300
+REQUESTS = 2000
+
+# (name, client protocol, Service protocol, pair, mutual TLS, opaque TCP)
+SETUPS = [
+    ("http1-hop", "http1", "http", False, False, False),
+    ("http1-pair", "http1", "http", True, False, False),
+    ("h2c-hop", "h2c", "http2", False, False, False),
+    ("h2c-pair", "h2c", "http2", True, False, False),
+    ("grpc-pair", "grpc", "grpc", True, False, False),
+    ("mtls-http1-pair", "http1", "http", True, True, False),
+    ("mtls-tcp-pair", "http1", "http", True, True, True),
+]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, what, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"{what}: nothing listens on port {port} after {timeout}s")
+
+
+def mesh_yaml(port, protocol):
+    return f"""apiVersion: weft.dev/v1alpha1
+kind: Service
+metadata: {{name: upstream}}
+spec: {{selector: {{app: upstream}}, ports: [{{port: 80, protocol: {protocol}}}]}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Workload
+metadata: {{name: upstream-1}}
+spec: {{labels: {{app: upstream}}, address: "127.0.0.1:{port}"}}
+"""
+
+
+class Run:
+    """The processes of one setup; proxies run under callgrind."""
+
+    def __init__(self, tmp, name):
+        self.tmp, self.name = tmp, name
+        self.procs, self.measured = [], []
+
+    def spawn(self, args, measured=False, env=None):
+        log = open(os.path.join(self.tmp, f"{self.name}-{len(self.procs)}.log"), "w")
+        if measured:
+            out = os.path.join(self.tmp, f"{self.name}-{len(self.procs)}.callgrind")
+            args = ["valgrind", "--tool=callgrind", "--dump-instr=no", "--dump-line=no",
+                    f"--callgrind-out-file={out}"] + args
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.procs.append(proc)
+        if measured:
+            self.measured.append((proc, out))
+        return proc
+
+    def callgrind_control(self, flag):
+        for proc, _ in self.measured:
+            subprocess.run(["callgrind_control", flag, str(proc.pid)], check=True, capture_output=True)
+
+    def instructions(self):
+        """Instructions counted since the last zeroing, summed over the proxies."""
+        total = 0
+        for proc, out in self.measured:
+            dumps = sorted(f for f in os.listdir(self.tmp) if f.startswith(os.path.basename(out) + "."))
+            if not dumps:
+                raise SystemExit(f"{self.name}: callgrind wrote no dump for pid {proc.pid}")
+            with open(os.path.join(self.tmp, dumps[-1])) as f:
+                for line in f:
+                    if line.startswith("summary:") or line.startswith("totals:"):
+                        total += int(line.split()[1])
+                        break
+        return total
+
+    def stop(self):
+        for proc in self.procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for proc in self.procs:
+            proc.wait()
+
+
+def start_upstream(run):
+    ports = os.path.join(run.tmp, f"{run.name}-app.json")
+    run.spawn([WEFT, "demo-app", "--name", "upstream", "--listen", "127.0.0.1:0", "--ports-file", ports])
+    deadline = time.time() + 20
+    while not os.path.exists(ports) or os.path.getsize(ports) == 0:
+        if time.time() > deadline:
+            raise SystemExit(f"{run.name}: demo-app did not start")
+        time.sleep(0.05)
+    with open(ports) as f:
+        return int(json.load(f)["listen"].rsplit(":", 1)[1])
+
+
+def static_stack(run, upstream, protocol, pair):
+    """Proxies configured from files: plaintext between them."""
+    target = upstream
+    if pair:
+        inbound, admin = free_port(), free_port()
+        cfg = os.path.join(run.tmp, f"{run.name}-in.yaml")
+        with open(cfg, "w") as f:
+            f.write(mesh_yaml(upstream, protocol))
+        run.spawn([WEFT, "proxy", "--config", cfg, "--service", "upstream", "--app-addr", f"127.0.0.1:{upstream}",
+                   "--inbound-addr", f"127.0.0.1:{inbound}", "--outbound-addr", "127.0.0.1:0",
+                   "--admin-addr", f"127.0.0.1:{admin}", "--log", "warn"], measured=True)
+        wait_port(inbound, run.name)
+        target = inbound
+    outbound, admin = free_port(), free_port()
+    cfg = os.path.join(run.tmp, f"{run.name}-out.yaml")
+    with open(cfg, "w") as f:
+        f.write(mesh_yaml(target, protocol))
+    run.spawn([WEFT, "proxy", "--config", cfg, "--outbound-addr", f"127.0.0.1:{outbound}",
+               "--admin-addr", f"127.0.0.1:{admin}", "--log", "warn"], measured=True)
+    wait_port(outbound, run.name)
+    return outbound
+
+
+def mtls_stack(run, upstream, tcp):
+    """A control plane (not measured) and two joined proxies: every hop is mutual TLS."""
+    data = os.path.join(run.tmp, f"{run.name}-control")
+    api, grpc = free_port(), free_port()
+    run.spawn([WEFT, "control", "--api-addr", f"127.0.0.1:{api}", "--grpc-addr", f"127.0.0.1:{grpc}",
+               "--data-dir", data, "--log", "warn"])
+    wait_port(api, run.name)
+    env = dict(os.environ, WEFT_SERVER=f"https://127.0.0.1:{api}", WEFT_TOKEN_FILE=os.path.join(data, "admin-token"),
+               WEFT_CONFIG=os.path.join(run.tmp, "weft-config.yaml"))
+
+    def token(service):
+        out = subprocess.run([WEFT, "token", "create", "--service", service], env=env, check=True,
+                             capture_output=True, text=True).stdout.strip()
+        path = os.path.join(run.tmp, f"{run.name}-{service}.token")
+        with open(path, "w") as f:
+            f.write(out)
+        return path
+
+    inbound, outbound, tcp_port = free_port(), free_port(), free_port()
+    run.spawn([WEFT, "proxy", "--control", f"127.0.0.1:{grpc}", "--token-file", token("upstream"),
+               "--service", "upstream", "--app-addr", f"127.0.0.1:{upstream}", "--inbound-addr", f"127.0.0.1:{inbound}",
+               "--outbound-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--log", "warn"], measured=True)
+    args = [WEFT, "proxy", "--control", f"127.0.0.1:{grpc}", "--token-file", token("client"),
+            "--outbound-addr", f"127.0.0.1:{outbound}", "--admin-addr", "127.0.0.1:0", "--log", "warn"]
+    if tcp:
+        args += ["--upstream", f"upstream:80=127.0.0.1:{tcp_port}"]
+    run.spawn(args, measured=True)
+    wait_port(outbound, run.name, timeout=120)
+    # The outbound discovers `upstream` on first use; wait until it is served (slowly:
+    # both proxies run under callgrind).
+    deadline = time.time() + 120
+    while True:
+        try:
+            request = urllib.request.Request(f"http://127.0.0.1:{outbound}/", headers={"Host": "upstream"})
+            if urllib.request.urlopen(request, timeout=10).status == 200:
+                break
+        except OSError:
+            pass
+        if time.time() > deadline:
+            raise SystemExit(f"{run.name}: upstream not served through the mesh; logs in {run.tmp}")
+        time.sleep(0.5)
+    if tcp:
+        wait_port(tcp_port, run.name)
+        return tcp_port
+    return outbound
+
+
+def load(port, client, n, what):
+    """n sequential requests on one connection; fails unless every one succeeds."""
+    args = ["h2load", "-n", str(n), "-c1", "-m1", "-t1", "-H", ":authority: upstream"]
+    if client == "http1":
+        args.append("--h1")
+    if client == "grpc":
+        body = os.path.join(tempfile.gettempdir(), "weft-gate-grpc.bin")
+        with open(body, "wb") as f:
+            f.write(b"\x00\x00\x00\x00\x05hello")
+        args += ["-d", body, "-H", "content-type: application/grpc", "-H", "te: trailers"]
+        url = f"http://127.0.0.1:{port}/weft.bench.Echo/Call"
+    else:
+        url = f"http://127.0.0.1:{port}/"
+    out = subprocess.run(args + [url], capture_output=True, text=True, timeout=900).stdout
+    line = next((l for l in out.splitlines() if l.startswith("requests:")), "")
+    if f"{n} succeeded" not in line:
+        raise SystemExit(f"{what}: not every request succeeded: {line or out}")
+
+
+def measure(tmp, setup):
+    name, client, protocol, pair, mtls, tcp = setup
+    run = Run(tmp, name)
+    try:
+        upstream = start_upstream(run)
+        port = mtls_stack(run, upstream, tcp) if mtls else static_stack(run, upstream, protocol, pair)
+        load(port, client, WARMUP, name)
+        run.callgrind_control("-z")
+        load(port, client, REQUESTS, name)
+        run.callgrind_control("-d")
+        return run.instructions() / REQUESTS
+    finally:
+        run.stop()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--update", action="store_true", help="write the baseline instead of checking it")
+    parser.add_argument("--only", help="comma-separated setups")
+    args = parser.parse_args()
+    for tool in ["valgrind", "callgrind_control", "h2load"]:
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} is missing: apt-get install valgrind nghttp2-client")
+    if not os.path.exists(WEFT):
+        raise SystemExit(f"{WEFT} is missing: run `cargo build --profile gate -p weft` first")
+    setups = [s for s in SETUPS if not args.only or s[0] in args.only.split(",")]
+    baseline = {}
+    if os.path.exists(BASELINE):
+        with open(BASELINE) as f:
+            baseline = json.load(f).get("instructions_per_request", {})
+    started = time.time()
+    figures = {}
+    tmp = tempfile.mkdtemp(prefix="weft-gate-")
+    print(f"{'setup':<18} {'instr/request':>14} {'baseline':>10} {'change':>8}")
+    failed = []
+    for setup in setups:
+        name = setup[0]
+        figures[name] = round(measure(tmp, setup))
+        base = baseline.get(name)
+        change = (figures[name] / base - 1) if base else None
+        verdict = ""
+        if change is not None and change > TOLERANCE:
+            verdict = f"  FAIL: more than {TOLERANCE:.0%} above the baseline"
+            failed.append(name)
+        shown = f"{change:+.1%}" if change is not None else "new"
+        print(f"{name:<18} {figures[name]:>14} {base or '-':>10} {shown:>8}{verdict}", flush=True)
+    print(f"({REQUESTS} requests per setup after {WARMUP} of warm-up; {time.time() - started:.0f}s)")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if args.update:
+        merged = dict(baseline, **figures)
+        with open(BASELINE, "w") as f:
+            json.dump({"instructions_per_request": merged, "requests": REQUESTS, "warmup": WARMUP,
+                       "tolerance": TOLERANCE}, f, indent=2, sort_keys=True)
+            f.write("\n")
+        print(f"wrote {BASELINE}")
+        return 0
+    if failed:
+        print(f"the instruction-count gate failed for {', '.join(failed)}: a change made the request path more "
+              "expensive. Make it cheaper, or update the baseline deliberately (bench/instructions.py --update, "
+              "with the reason in the commit message).", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
