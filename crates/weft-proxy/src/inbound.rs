@@ -283,7 +283,9 @@ async fn handle(
                 SendError::Reset(e) => ProxyFailure::UpstreamReset { endpoint: app, reason: e.to_string() },
                 SendError::Limit(e) => ProxyFailure::Overloaded(e.to_string()),
                 SendError::Timeout(_) => ProxyFailure::TryTimeout,
-                SendError::RequestBody(e) => crate::outbound::broken_body(&state, "inbound", e.to_string()),
+                SendError::RequestBody(e) => {
+                    crate::protocol_errors::broken_body(&state.metrics, "inbound", e.to_string())
+                }
             };
             tracing::debug!(%failure, "inbound request failed");
             let reason = failure.reason();

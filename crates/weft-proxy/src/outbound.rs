@@ -32,6 +32,7 @@ use crate::{
     forward::{self, wire_for},
     metrics::{empty_label, RequestLabels, RetryLabels},
     pool::{SendError, SendFailure},
+    protocol_errors::broken_body,
     retry::{backoff, is_idempotent, RetryBudget, TryEnd},
     state::{ServingConfig, SharedState},
     transport::Upstream,
@@ -338,7 +339,8 @@ async fn send_with_retries(
     let bufferable = incoming.is_end_stream()
         || incoming.size_hint().exact().is_some_and(|len| len as usize <= state.settings.max_replay_body);
     let (replay, mut streaming) = if replays_sent_requests && bufferable {
-        let bytes = incoming.collect().await.map_err(|e| broken_body(state, "outbound", e.to_string()))?.to_bytes();
+        let bytes =
+            incoming.collect().await.map_err(|e| broken_body(&state.metrics, "outbound", e.to_string()))?.to_bytes();
         (Some(bytes), None)
     } else {
         (None, Some(incoming))
@@ -390,7 +392,9 @@ async fn send_with_retries(
             Err(SendError::Reset(_)) => TryEnd::Reset,
             // The caller broke its own body: nothing to learn of the endpoint, nothing to
             // retry (the body is gone).
-            Err(SendError::RequestBody(error)) => return Err(broken_body(state, "outbound", error.to_string())),
+            Err(SendError::RequestBody(error)) => {
+                return Err(broken_body(&state.metrics, "outbound", error.to_string()))
+            }
         };
         // A limit refusal says nothing about the endpoint.
         if !matches!(result, Err(SendError::Limit(_))) {
@@ -432,16 +436,9 @@ async fn send_with_retries(
             Err(SendError::Reset(error)) => {
                 Err(ProxyFailure::UpstreamReset { endpoint: endpoint.address, reason: error.to_string() })
             }
-            Err(SendError::RequestBody(error)) => Err(broken_body(state, "outbound", error.to_string())),
+            Err(SendError::RequestBody(error)) => Err(broken_body(&state.metrics, "outbound", error.to_string())),
         };
     }
-}
-
-/// A caller's request body broke its framing: counted as the protocol violation it is,
-/// answered 400.
-pub(crate) fn broken_body(state: &SharedState, direction: &'static str, why: String) -> ProxyFailure {
-    state.metrics.protocol_error(direction, crate::protocol_errors::ProtocolError::InvalidBody);
-    ProxyFailure::BrokenRequestBody(why)
 }
 
 /// The latency a try teaches the balancer. Failures count at least the connect timeout:
@@ -481,7 +478,7 @@ async fn send_upgrade(
                     ProxyFailure::UpstreamReset { endpoint: endpoint.address, reason: error.to_string() }
                 }
                 SendError::Timeout(_) => ProxyFailure::TryTimeout,
-                SendError::RequestBody(error) => broken_body(state, "outbound", error.to_string()),
+                SendError::RequestBody(error) => broken_body(&state.metrics, "outbound", error.to_string()),
             }
         })?;
     drop(permit);

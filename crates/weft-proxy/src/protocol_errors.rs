@@ -32,7 +32,7 @@ pub enum ProtocolError {
     /// The connection closed in the middle of a request head.
     IncompleteRequest,
     /// A request body that broke its framing: an invalid chunk, or shorter than its
-    /// `Content-Length` when the connection ended.
+    /// `Content-Length` when the connection ended (counted by [`broken_body`]).
     InvalidBody,
     /// HTTP/2 connection errors h2 detected, by its error code.
     Http2Protocol,
@@ -110,9 +110,6 @@ impl ProtocolError {
         if error.is_incomplete_message() {
             return Some(ProtocolError::IncompleteRequest);
         }
-        if text.starts_with("error reading a body") {
-            return Some(ProtocolError::InvalidBody);
-        }
         None
     }
 
@@ -153,6 +150,17 @@ impl ProtocolError {
             _ => Some(ProtocolError::TlsHandshakeFailed),
         }
     }
+}
+
+/// A caller's request body broke its framing (seen when forwarding it, never by the
+/// connection): counted as the violation it is, and answered 400.
+pub(crate) fn broken_body(
+    metrics: &crate::metrics::Metrics,
+    direction: &'static str,
+    why: String,
+) -> crate::errors::ProxyFailure {
+    metrics.protocol_error(direction, ProtocolError::InvalidBody);
+    crate::errors::ProxyFailure::BrokenRequestBody(why)
 }
 
 /// The first error of type `E` in `error`'s chain of sources.
