@@ -31,34 +31,17 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+
+from weft_mesh import free_port, mtls_pair, wait_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEFT = os.path.join(ROOT, "target", "release", "weft")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, timeout=15, what="a process", log_dir=None):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"{what}: nothing listens on port {port} after {timeout}s; see the logs in {log_dir}")
 
 
 def cpu_seconds(pid):
@@ -287,46 +270,8 @@ def weft_mtls_stack(tmp, name, upstream, tcp=False):
     """A control plane, an inbound proxy registered for nginx and an outbound proxy, each
     joined with its own token: every hop between them is mutual TLS."""
     stack = Stack(name, tmp)
-    data = os.path.join(tmp, f"{name}-control")
-    api, grpc = free_port(), free_port()
-    stack.spawn([WEFT, "control", "--api-addr", f"127.0.0.1:{api}", "--grpc-addr", f"127.0.0.1:{grpc}",
-                 "--data-dir", data, "--log", "warn"], proxy=False)
-    wait_port(api, what=name, log_dir=tmp)
-    env = dict(os.environ, WEFT_SERVER=f"https://127.0.0.1:{api}", WEFT_TOKEN_FILE=os.path.join(data, "admin-token"))
-
-    def token(service):
-        out = subprocess.run([WEFT, "token", "create", "--service", service], env=env, check=True,
-                             capture_output=True, text=True).stdout.strip()
-        path = os.path.join(tmp, f"{name}-{service}.token")
-        with open(path, "w") as f:
-            f.write(out)
-        return path
-
-    inbound, in_admin, outbound, out_admin = free_port(), free_port(), free_port(), free_port()
-    stack.spawn([WEFT, "proxy", "--control", f"127.0.0.1:{grpc}", "--token-file", token("upstream"),
-                 "--service", "upstream", "--app-addr", f"127.0.0.1:{upstream}", "--inbound-addr", f"127.0.0.1:{inbound}",
-                 "--outbound-addr", "127.0.0.1:0", "--admin-addr", f"127.0.0.1:{in_admin}", "--log", "warn"])
-    args = [WEFT, "proxy", "--control", f"127.0.0.1:{grpc}", "--token-file", token("client"),
-            "--outbound-addr", f"127.0.0.1:{outbound}", "--admin-addr", f"127.0.0.1:{out_admin}", "--log", "warn"]
-    tcp_port = free_port()
-    if tcp:
-        args += ["--upstream", f"upstream:80=127.0.0.1:{tcp_port}"]
-    stack.spawn(args)
-    for port in [in_admin, out_admin, outbound]:
-        wait_port(port, what=name, log_dir=tmp)
-    # The outbound discovers `upstream` on first use; wait until it is served over mTLS.
-    deadline = time.time() + 30
-    while True:
-        try:
-            request = urllib.request.Request(f"http://127.0.0.1:{outbound}/", headers={"Host": "upstream"})
-            if urllib.request.urlopen(request, timeout=2).status == 200:
-                break
-        except OSError:
-            pass
-        if time.time() > deadline:
-            raise SystemExit(f"{name}: upstream not served through the mesh; see the logs in {tmp}")
-        time.sleep(0.2)
-    stack.port, stack.host = (tcp_port, "127.0.0.1") if tcp else (outbound, "upstream")
+    port = mtls_pair(WEFT, tmp, name, upstream, lambda args: stack.spawn(args, proxy=False), stack.spawn, tcp=tcp)
+    stack.port, stack.host = (port, "127.0.0.1") if tcp else (port, "upstream")
     return stack
 
 

@@ -16,9 +16,16 @@ requests, so start-up, joining and first-use discovery are not counted either.
                                    reason in the commit message)
   bench/instructions.py --only http1-hop,h2c-pair   a subset
 
-Measures target/gate/weft (`cargo build --profile gate -p weft`: release code generation
-with thin LTO, so that CI builds it in minutes; the baseline is of that profile), or the
-binary WEFT_BINARY names. Needs valgrind and h2load (nghttp2-client).
+Builds what it measures first: the weft binary with the workspace's crates compiled as a
+release build compiles them (opt-level 3, no debug assertions or overflow checks, 16
+codegen units), passed to cargo with --config over the dev profile. The dependencies are
+the dev profile's own, which Cargo.toml already builds that way, so after `cargo test`
+only the workspace's six crates are compiled again (about two minutes on two cores)
+instead of the whole tree in another profile. No LTO: the release build's fat LTO takes
+ten minutes; the gate compares a build with its own baseline, and a change that costs
+instructions without LTO costs them with it. The binary is copied to target/gate/weft.
+WEFT_BINARY=path measures another binary instead (and builds nothing). Needs valgrind and
+h2load (nghttp2-client).
 """
 
 import argparse
@@ -26,15 +33,19 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+
+from weft_mesh import free_port, mtls_pair, wait_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEFT = os.environ.get("WEFT_BINARY", os.path.join(ROOT, "target", "gate", "weft"))
+# The workspace crates' settings for the gate's build; the dependencies get the same from
+# `[profile.dev.package."*"]` in Cargo.toml, so their artifacts are shared with the tests'.
+GATE_BUILD = ["opt-level=3", "debug=false", "debug-assertions=false", "overflow-checks=false",
+              "codegen-units=16", "incremental=false"]
 BASELINE = os.path.join(ROOT, "bench", "instructions-baseline.json")
 TOLERANCE = 0.03
 WARMUP = 300
@@ -50,23 +61,6 @@ SETUPS = [
     ("mtls-http1-pair", "http1", "http", True, True, False),
     ("mtls-tcp-pair", "http1", "http", True, True, True),
 ]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, what, timeout=60):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"{what}: nothing listens on port {port} after {timeout}s")
 
 
 def mesh_yaml(port, protocol):
@@ -152,7 +146,7 @@ def static_stack(run, upstream, protocol, pair):
         run.spawn([WEFT, "proxy", "--config", cfg, "--service", "upstream", "--app-addr", f"127.0.0.1:{upstream}",
                    "--inbound-addr", f"127.0.0.1:{inbound}", "--outbound-addr", "127.0.0.1:0",
                    "--admin-addr", f"127.0.0.1:{admin}", "--log", "warn"], measured=True)
-        wait_port(inbound, run.name)
+        wait_port(inbound, run.name, timeout=60)
         target = inbound
     outbound, admin = free_port(), free_port()
     cfg = os.path.join(run.tmp, f"{run.name}-out.yaml")
@@ -160,55 +154,15 @@ def static_stack(run, upstream, protocol, pair):
         f.write(mesh_yaml(target, protocol))
     run.spawn([WEFT, "proxy", "--config", cfg, "--outbound-addr", f"127.0.0.1:{outbound}",
                "--admin-addr", f"127.0.0.1:{admin}", "--log", "warn"], measured=True)
-    wait_port(outbound, run.name)
+    wait_port(outbound, run.name, timeout=60)
     return outbound
 
 
 def mtls_stack(run, upstream, tcp):
-    """A control plane (not measured) and two joined proxies: every hop is mutual TLS."""
-    data = os.path.join(run.tmp, f"{run.name}-control")
-    api, grpc = free_port(), free_port()
-    run.spawn([WEFT, "control", "--api-addr", f"127.0.0.1:{api}", "--grpc-addr", f"127.0.0.1:{grpc}",
-               "--data-dir", data, "--log", "warn"])
-    wait_port(api, run.name)
-    env = dict(os.environ, WEFT_SERVER=f"https://127.0.0.1:{api}", WEFT_TOKEN_FILE=os.path.join(data, "admin-token"),
-               WEFT_CONFIG=os.path.join(run.tmp, "weft-config.yaml"))
-
-    def token(service):
-        out = subprocess.run([WEFT, "token", "create", "--service", service], env=env, check=True,
-                             capture_output=True, text=True).stdout.strip()
-        path = os.path.join(run.tmp, f"{run.name}-{service}.token")
-        with open(path, "w") as f:
-            f.write(out)
-        return path
-
-    inbound, outbound, tcp_port = free_port(), free_port(), free_port()
-    run.spawn([WEFT, "proxy", "--control", f"127.0.0.1:{grpc}", "--token-file", token("upstream"),
-               "--service", "upstream", "--app-addr", f"127.0.0.1:{upstream}", "--inbound-addr", f"127.0.0.1:{inbound}",
-               "--outbound-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--log", "warn"], measured=True)
-    args = [WEFT, "proxy", "--control", f"127.0.0.1:{grpc}", "--token-file", token("client"),
-            "--outbound-addr", f"127.0.0.1:{outbound}", "--admin-addr", "127.0.0.1:0", "--log", "warn"]
-    if tcp:
-        args += ["--upstream", f"upstream:80=127.0.0.1:{tcp_port}"]
-    run.spawn(args, measured=True)
-    wait_port(outbound, run.name, timeout=120)
-    # The outbound discovers `upstream` on first use; wait until it is served (slowly:
-    # both proxies run under callgrind).
-    deadline = time.time() + 120
-    while True:
-        try:
-            request = urllib.request.Request(f"http://127.0.0.1:{outbound}/", headers={"Host": "upstream"})
-            if urllib.request.urlopen(request, timeout=10).status == 200:
-                break
-        except OSError:
-            pass
-        if time.time() > deadline:
-            raise SystemExit(f"{run.name}: upstream not served through the mesh; logs in {run.tmp}")
-        time.sleep(0.5)
-    if tcp:
-        wait_port(tcp_port, run.name)
-        return tcp_port
-    return outbound
+    """A control plane (not measured) and two joined proxies: every hop is mutual TLS.
+    Slow to come up: both proxies run under callgrind."""
+    return mtls_pair(WEFT, run.tmp, run.name, upstream, run.spawn, lambda args: run.spawn(args, measured=True),
+                     tcp=tcp, timeout=120)
 
 
 def load(port, client, n, what):
@@ -245,6 +199,28 @@ def measure(tmp, setup):
         run.stop()
 
 
+def build():
+    """Builds the binary the gate measures and copies it to target/gate/weft."""
+    args = ["cargo", "build", "-p", "weft", "--bin", "weft", "--message-format=json-render-diagnostics"]
+    for setting in GATE_BUILD:
+        args += ["--config", f"profile.dev.{setting}"]
+    started = time.time()
+    out = subprocess.run(args, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    if out.returncode != 0:
+        raise SystemExit("the gate's build of weft failed (cargo's messages above)")
+    executable = None
+    for line in out.stdout.splitlines():
+        message = json.loads(line)
+        if message.get("reason") == "compiler-artifact" and message["target"]["name"] == "weft" \
+                and message.get("executable"):
+            executable = message["executable"]
+    if not executable:
+        raise SystemExit("cargo built no weft executable")
+    os.makedirs(os.path.dirname(WEFT), exist_ok=True)
+    shutil.copy2(executable, WEFT)
+    print(f"built {WEFT} in {time.time() - started:.0f}s", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--update", action="store_true", help="write the baseline instead of checking it")
@@ -253,8 +229,10 @@ def main():
     for tool in ["valgrind", "callgrind_control", "h2load"]:
         if not shutil.which(tool):
             raise SystemExit(f"{tool} is missing: apt-get install valgrind nghttp2-client")
-    if not os.path.exists(WEFT):
-        raise SystemExit(f"{WEFT} is missing: run `cargo build --profile gate -p weft` first")
+    if "WEFT_BINARY" not in os.environ:
+        build()
+    elif not os.path.exists(WEFT):
+        raise SystemExit(f"WEFT_BINARY names {WEFT}, which does not exist")
     setups = [s for s in SETUPS if not args.only or s[0] in args.only.split(",")]
     baseline = {}
     if os.path.exists(BASELINE):
@@ -263,11 +241,13 @@ def main():
     started = time.time()
     figures = {}
     tmp = tempfile.mkdtemp(prefix="weft-gate-")
-    print(f"{'setup':<18} {'instr/request':>14} {'baseline':>10} {'change':>8}")
+    print(f"{'setup':<18} {'instr/request':>14} {'baseline':>10} {'change':>8} {'time':>6}")
     failed = []
     for setup in setups:
         name = setup[0]
+        setup_started = time.time()
         figures[name] = round(measure(tmp, setup))
+        took = f"{time.time() - setup_started:.0f}s"
         base = baseline.get(name)
         change = (figures[name] / base - 1) if base else None
         verdict = ""
@@ -275,7 +255,7 @@ def main():
             verdict = f"  FAIL: more than {TOLERANCE:.0%} above the baseline"
             failed.append(name)
         shown = f"{change:+.1%}" if change is not None else "new"
-        print(f"{name:<18} {figures[name]:>14} {base or '-':>10} {shown:>8}{verdict}", flush=True)
+        print(f"{name:<18} {figures[name]:>14} {base or '-':>10} {shown:>8} {took:>6}{verdict}", flush=True)
     print(f"({REQUESTS} requests per setup after {WARMUP} of warm-up; {time.time() - started:.0f}s)")
     shutil.rmtree(tmp, ignore_errors=True)
     if args.update:

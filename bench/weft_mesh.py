@@ -1,0 +1,83 @@
+"""Starting weft for the benchmarks: free ports, readiness, and a mutual-TLS mesh (a real
+control plane, join tokens, an inbound and an outbound proxy). bench.py and
+instructions.py both measure the mutual-TLS pair; this is the one place that knows how to
+stand it up, so both measure the same thing.
+"""
+
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+
+
+def free_port():
+    """A port nothing listens on now (the kernel's choice)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, what="a process", timeout=15, log_dir=None):
+    """Waits until something accepts connections on the port; exits naming `what` if not."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    logs = f"; see the logs in {log_dir}" if log_dir else ""
+    raise SystemExit(f"{what}: nothing listens on port {port} after {timeout}s{logs}")
+
+
+def mtls_pair(weft, tmp, name, upstream, spawn_control, spawn_proxy, tcp=False, timeout=30):
+    """A control plane, an inbound proxy registered as `upstream` for the application on
+    port `upstream`, and an outbound proxy, each joined with its own token: every hop
+    between the proxies is mutual TLS. The spawn callbacks start a process from its
+    arguments (the caller decides what is measured). Returns the port a client uses: the
+    outbound listener (Host `upstream`), or with tcp=True an opaque TCP port the outbound
+    forwards to `upstream`. Waits (up to `timeout` seconds) until a request through the
+    mesh succeeds, since the outbound discovers `upstream` on first use."""
+    data = os.path.join(tmp, f"{name}-control")
+    api, grpc = free_port(), free_port()
+    spawn_control([weft, "control", "--api-addr", f"127.0.0.1:{api}", "--grpc-addr", f"127.0.0.1:{grpc}",
+                   "--data-dir", data, "--log", "warn"])
+    wait_port(api, name, timeout=timeout, log_dir=tmp)
+    env = dict(os.environ, WEFT_SERVER=f"https://127.0.0.1:{api}", WEFT_TOKEN_FILE=os.path.join(data, "admin-token"),
+               WEFT_CONFIG=os.path.join(tmp, f"{name}-weft-config.yaml"))
+
+    def token(service):
+        out = subprocess.run([weft, "token", "create", "--service", service], env=env, check=True,
+                             capture_output=True, text=True).stdout.strip()
+        path = os.path.join(tmp, f"{name}-{service}.token")
+        with open(path, "w") as f:
+            f.write(out)
+        return path
+
+    inbound, outbound, tcp_port = free_port(), free_port(), free_port()
+    spawn_proxy([weft, "proxy", "--control", f"127.0.0.1:{grpc}", "--token-file", token("upstream"),
+                 "--service", "upstream", "--app-addr", f"127.0.0.1:{upstream}", "--inbound-addr",
+                 f"127.0.0.1:{inbound}", "--outbound-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
+                 "--log", "warn"])
+    args = [weft, "proxy", "--control", f"127.0.0.1:{grpc}", "--token-file", token("client"),
+            "--outbound-addr", f"127.0.0.1:{outbound}", "--admin-addr", "127.0.0.1:0", "--log", "warn"]
+    if tcp:
+        args += ["--upstream", f"upstream:80=127.0.0.1:{tcp_port}"]
+    spawn_proxy(args)
+    wait_port(outbound, name, timeout=timeout, log_dir=tmp)
+    deadline = time.time() + timeout
+    while True:
+        try:
+            request = urllib.request.Request(f"http://127.0.0.1:{outbound}/", headers={"Host": "upstream"})
+            if urllib.request.urlopen(request, timeout=10).status == 200:
+                break
+        except OSError:
+            pass
+        if time.time() > deadline:
+            raise SystemExit(f"{name}: upstream not served through the mesh; see the logs in {tmp}")
+        time.sleep(0.2)
+    if tcp:
+        wait_port(tcp_port, name, timeout=timeout, log_dir=tmp)
+        return tcp_port
+    return outbound
