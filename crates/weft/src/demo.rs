@@ -273,7 +273,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     tokio::pin!(stop);
     let weft = std::env::current_exe().context("cannot find the weft binary to start the demo's processes")?;
     let dir = std::env::temp_dir().join(format!("weft-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    fresh_dir(&dir)?;
     let processes: Shared = Arc::new(std::sync::Mutex::new(Processes {
         parts: Vec::new(),
         control: None,
@@ -559,6 +559,18 @@ async fn generate(
     }
 }
 
+/// Makes `dir` empty and new. A directory of the demo's name can only be left by an
+/// earlier demo whose process id this one reuses (ids are unique among live processes,
+/// and they wrap): that demo is gone, and its join-token files would otherwise be taken
+/// for this mesh's and refused.
+fn fresh_dir(dir: &Path) -> anyhow::Result<()> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)
+            .with_context(|| format!("cannot remove {}, left by an earlier demo", dir.display()))?;
+    }
+    std::fs::create_dir(dir).with_context(|| format!("cannot create {}", dir.display()))
+}
+
 /// Makes a join token for `service` (once per service) and writes it to a file only this
 /// user can read, as an operator would.
 async fn join_token_file(client: &crate::cli::ApiClient, dir: &Path, service: &str) -> anyhow::Result<PathBuf> {
@@ -608,4 +620,24 @@ Try:
         dir = dir.display(),
         canary = started.canary.display(),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_left_by_an_earlier_demo_is_emptied_before_use() {
+        let parent = std::env::temp_dir().join(format!("weft-demo-fresh-{}", std::process::id()));
+        let dir = parent.join("weft-demo-1");
+        std::fs::create_dir_all(dir.join("store")).unwrap();
+        std::fs::write(dir.join("reviews.join-token"), "weft-join.stale").unwrap();
+        fresh_dir(&dir).unwrap();
+        assert!(std::fs::read_dir(&dir).unwrap().next().is_none(), "the earlier demo's files are gone");
+        // And a directory that was never there is made.
+        std::fs::remove_dir(&dir).unwrap();
+        fresh_dir(&dir).unwrap();
+        assert!(dir.is_dir());
+        std::fs::remove_dir_all(&parent).unwrap();
+    }
 }
