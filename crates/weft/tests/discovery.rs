@@ -56,7 +56,11 @@ async fn registered_workloads_are_reachable_by_name_and_routes_change_live() {
     let http = client();
 
     // No Service resource at all: registration alone makes `reviews` reachable, once both
-    // instances report healthy.
+    // instances report healthy. Both apps answer slower than the balancer's prior estimate
+    // (10 ms) for now, so that p2c-ewma tries an endpoint it has not measured yet rather
+    // than keep the first one it measured: whether both serve is then about membership.
+    v1.set_delay(Duration::from_millis(25));
+    v2.set_delay(Duration::from_millis(25));
     eventually(Duration::from_secs(10), "both instances serve reviews", || {
         let http = http.clone();
         async move {
@@ -72,6 +76,8 @@ async fn registered_workloads_are_reachable_by_name_and_routes_change_live() {
         }
     })
     .await;
+    v1.set_delay(Duration::ZERO);
+    v2.set_delay(Duration::ZERO);
     // The caller learned `reviews` on first use, and says so on /config.
     let config = caller.config().await;
     let subscriptions = config["control"]["subscriptions"].as_array().unwrap();
