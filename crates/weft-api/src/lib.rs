@@ -3,6 +3,7 @@
 //! each other.
 
 pub mod channel;
+pub mod sketch;
 
 /// `weft.discovery.v1`: the discovery stream, signing, and replicas asking each other.
 #[allow(clippy::all, missing_docs)]
