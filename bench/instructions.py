@@ -20,8 +20,9 @@ Builds what it measures first: the weft binary with the workspace's crates compi
 release build compiles them (opt-level 3, no debug assertions or overflow checks, 16
 codegen units), passed to cargo with --config over the dev profile. The dependencies are
 the dev profile's own, which Cargo.toml already builds that way, so after `cargo test`
-only the workspace's six crates are compiled again (about two minutes on two cores)
-instead of the whole tree in another profile. No LTO: the release build's fat LTO takes
+only the workspace's six crates are compiled again (about three minutes on two cores,
+with the few dependencies whose features the tests' dev-dependencies widen) instead of
+the whole tree in another profile. No LTO: the release build's fat LTO takes
 ten minutes; the gate compares a build with its own baseline, and a change that costs
 instructions without LTO costs them with it. The binary is copied to target/gate/weft.
 WEFT_BINARY=path measures another binary instead (and builds nothing). Needs valgrind and

@@ -201,6 +201,8 @@ impl LatencySketch {
         let mut sketch = LatencySketch::new();
         let mut previous = None;
         let mut total = 0u64;
+        // The first and last buckets that hold anything: min and max must fall in them.
+        let mut occupied: Option<(u32, u32)> = None;
         for (&index, &count) in indexes.iter().zip(counts) {
             if index >= BUCKETS {
                 return Err(SketchError::IndexOutOfRange(index));
@@ -212,11 +214,10 @@ impl LatencySketch {
             total = total.checked_add(count).ok_or(SketchError::Overflow)?;
             if count > 0 {
                 sketch.add(index, count);
+                occupied = Some((occupied.map_or(index, |(first, _)| first), index));
             }
         }
-        let first = sketch.buckets().next().map(|(index, _)| index);
-        let last = sketch.buckets().last().map(|(index, _)| index);
-        if let (Some(first), Some(last)) = (first, last) {
+        if let Some((first, last)) = occupied {
             let (low, first_high) = bounds_of(first);
             let (last_low, high) = bounds_of(last);
             sketch.min_nanos = min_nanos.clamp(low, first_high - 1);
