@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use crate::{
-    sketch::{LatencySketch, SketchError},
+    sketch::{CompactSketch, LatencySketch, SketchError},
     telemetry as proto,
 };
 
@@ -39,9 +39,46 @@ impl Outcome {
     }
 }
 
+/// The latency half of [`Signals`]: the dense sketch a proxy records into, or the
+/// compact one the control plane keeps in its windows.
+pub trait Distribution: Clone + Default + PartialEq + std::fmt::Debug {
+    /// Adds every latency of `other`.
+    fn merge(&mut self, other: &Self);
+    /// The `q` quantile in nanoseconds; `None` when empty.
+    fn quantile_nanos(&self, q: f64) -> Option<f64>;
+    /// How many latencies it holds.
+    fn count(&self) -> u64;
+    /// The wire form.
+    fn to_wire(&self) -> proto::Sketch;
+    /// From the wire form, checked.
+    fn from_wire(wire: &proto::Sketch) -> Result<Self, SignalsError>;
+}
+
+/// Counts of gRPC responses by `grpc-status` (0-16), sparse: most rows carry none, and
+/// a gRPC row a handful.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GrpcStatuses(Vec<(u8, u64)>);
+
+/// The highest gRPC status code (Unauthenticated).
+const MAX_GRPC_STATUS: u32 = 16;
+
+impl GrpcStatuses {
+    fn add(&mut self, code: u8, count: u64) {
+        match self.0.binary_search_by_key(&code, |(c, _)| *c) {
+            Ok(at) => self.0[at].1 = self.0[at].1.saturating_add(count),
+            Err(at) => self.0.insert(at, (code, count)),
+        }
+    }
+
+    /// (code, count) of every status seen, ascending by code.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        self.0.iter().map(|(code, count)| (u32::from(*code), *count))
+    }
+}
+
 /// Counts and latency of one row over some interval; merging two is adding them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Signals {
+pub struct Signals<L = LatencySketch> {
     /// Requests that ended (a retried request counts once on its route row and once
     /// per try on its backend rows).
     pub requests: u64,
@@ -51,11 +88,15 @@ pub struct Signals {
     pub status_classes: [u64; 5],
     /// Requests that got no response (transport errors and timeouts).
     pub transport_errors: u64,
+    /// Retries the proxy sent for these requests (counted on route rows).
+    pub retries: u64,
+    /// gRPC responses by status.
+    pub grpc_statuses: GrpcStatuses,
     /// Time to the response's first byte.
-    pub latency: LatencySketch,
+    pub latency: L,
 }
 
-impl Signals {
+impl Signals<LatencySketch> {
     /// Counts one request that ended with `outcome` after `latency`.
     pub fn record(&mut self, outcome: Outcome, latency: Duration) {
         self.requests += 1;
@@ -63,24 +104,33 @@ impl Signals {
             self.failures += 1;
         }
         match outcome {
-            Outcome::Response { status, .. } => {
+            Outcome::Response { status, grpc_status } => {
                 if let Some(class) = (status / 100).checked_sub(1).filter(|class| *class < 5) {
                     self.status_classes[class as usize] += 1;
+                }
+                if let Some(code) = grpc_status.filter(|code| *code <= MAX_GRPC_STATUS) {
+                    self.grpc_statuses.add(code as u8, 1);
                 }
             }
             Outcome::TransportError => self.transport_errors += 1,
         }
         self.latency.record(latency);
     }
+}
 
+impl<L: Distribution> Signals<L> {
     /// Adds `other`'s requests to these.
-    pub fn merge(&mut self, other: &Signals) {
+    pub fn merge(&mut self, other: &Signals<L>) {
         self.requests = self.requests.saturating_add(other.requests);
         self.failures = self.failures.saturating_add(other.failures);
         for (mine, theirs) in self.status_classes.iter_mut().zip(other.status_classes) {
             *mine = mine.saturating_add(theirs);
         }
         self.transport_errors = self.transport_errors.saturating_add(other.transport_errors);
+        self.retries = self.retries.saturating_add(other.retries);
+        for (code, count) in other.grpc_statuses.iter() {
+            self.grpc_statuses.add(code as u8, count);
+        }
         self.latency.merge(&other.latency);
     }
 
@@ -101,21 +151,84 @@ pub enum SignalsError {
     MoreFailuresThanRequests { failures: u64, requests: u64 },
     #[error("bucket index overflows")]
     IndexOverflow,
+    #[error("gRPC status {0} does not exist (0-16)")]
+    GrpcStatus(u32),
+}
+
+/// Undoes the wire form's delta encoding, refusing repeated or overflowing indexes.
+fn absolute_indexes(wire: &proto::Sketch) -> Result<Vec<u32>, SignalsError> {
+    let mut index = 0u32;
+    let mut indexes = Vec::with_capacity(wire.index_deltas.len());
+    for (i, delta) in wire.index_deltas.iter().enumerate() {
+        // Every delta after the first must move on, or two counts name one bucket.
+        if i > 0 && *delta == 0 {
+            return Err(SketchError::Unordered.into());
+        }
+        index = index.checked_add(*delta).ok_or(SignalsError::IndexOverflow)?;
+        indexes.push(index);
+    }
+    Ok(indexes)
+}
+
+/// The wire form of any sketch given by its buckets and extremes.
+fn wire_sketch(
+    buckets: impl Iterator<Item = (u32, u64)>,
+    sum_nanos: u64,
+    extremes: Option<(u64, u64)>,
+) -> proto::Sketch {
+    let mut previous = 0;
+    let (index_deltas, counts) = buckets
+        .map(|(index, count)| {
+            let delta = index - previous;
+            previous = index;
+            (delta, count)
+        })
+        .unzip();
+    let (min_nanos, max_nanos) = extremes.unwrap_or_default();
+    proto::Sketch { index_deltas, counts, sum_nanos, min_nanos, max_nanos }
+}
+
+impl Distribution for LatencySketch {
+    fn merge(&mut self, other: &Self) {
+        LatencySketch::merge(self, other)
+    }
+    fn quantile_nanos(&self, q: f64) -> Option<f64> {
+        LatencySketch::quantile_nanos(self, q)
+    }
+    fn count(&self) -> u64 {
+        LatencySketch::count(self)
+    }
+    fn to_wire(&self) -> proto::Sketch {
+        wire_sketch(self.buckets(), self.sum_nanos(), self.min_max_nanos())
+    }
+    fn from_wire(wire: &proto::Sketch) -> Result<Self, SignalsError> {
+        let indexes = absolute_indexes(wire)?;
+        Ok(LatencySketch::from_parts(&indexes, &wire.counts, wire.sum_nanos, wire.min_nanos, wire.max_nanos)?)
+    }
+}
+
+impl Distribution for CompactSketch {
+    fn merge(&mut self, other: &Self) {
+        CompactSketch::merge(self, other)
+    }
+    fn quantile_nanos(&self, q: f64) -> Option<f64> {
+        CompactSketch::quantile_nanos(self, q)
+    }
+    fn count(&self) -> u64 {
+        CompactSketch::count(self)
+    }
+    fn to_wire(&self) -> proto::Sketch {
+        wire_sketch(self.buckets(), self.sum_nanos(), self.min_max_nanos())
+    }
+    fn from_wire(wire: &proto::Sketch) -> Result<Self, SignalsError> {
+        let indexes = absolute_indexes(wire)?;
+        Ok(CompactSketch::from_parts(&indexes, &wire.counts, wire.sum_nanos, wire.min_nanos, wire.max_nanos)?)
+    }
 }
 
 impl From<&LatencySketch> for proto::Sketch {
     fn from(sketch: &LatencySketch) -> Self {
-        let mut previous = 0;
-        let (index_deltas, counts) = sketch
-            .buckets()
-            .map(|(index, count)| {
-                let delta = index - previous;
-                previous = index;
-                (delta, count)
-            })
-            .unzip();
-        let (min_nanos, max_nanos) = sketch.min_max_nanos().unwrap_or_default();
-        proto::Sketch { index_deltas, counts, sum_nanos: sketch.sum_nanos(), min_nanos, max_nanos }
+        sketch.to_wire()
     }
 }
 
@@ -123,33 +236,29 @@ impl TryFrom<&proto::Sketch> for LatencySketch {
     type Error = SignalsError;
 
     fn try_from(wire: &proto::Sketch) -> Result<Self, SignalsError> {
-        let mut index = 0u32;
-        let mut indexes = Vec::with_capacity(wire.index_deltas.len());
-        for (i, delta) in wire.index_deltas.iter().enumerate() {
-            // Every delta after the first must move on, or two counts name one bucket.
-            if i > 0 && *delta == 0 {
-                return Err(SketchError::Unordered.into());
-            }
-            index = index.checked_add(*delta).ok_or(SignalsError::IndexOverflow)?;
-            indexes.push(index);
-        }
-        Ok(LatencySketch::from_parts(&indexes, &wire.counts, wire.sum_nanos, wire.min_nanos, wire.max_nanos)?)
+        LatencySketch::from_wire(wire)
     }
 }
 
-impl From<&Signals> for proto::Signals {
-    fn from(signals: &Signals) -> Self {
+impl<L: Distribution> From<&Signals<L>> for proto::Signals {
+    fn from(signals: &Signals<L>) -> Self {
         proto::Signals {
             requests: signals.requests,
             failures: signals.failures,
             status_classes: signals.status_classes.to_vec(),
             transport_errors: signals.transport_errors,
-            latency: Some((&signals.latency).into()),
+            latency: Some(signals.latency.to_wire()),
+            retries: signals.retries,
+            grpc_statuses: signals
+                .grpc_statuses
+                .iter()
+                .map(|(code, count)| proto::GrpcStatusCount { code, count })
+                .collect(),
         }
     }
 }
 
-impl TryFrom<&proto::Signals> for Signals {
+impl<L: Distribution> TryFrom<&proto::Signals> for Signals<L> {
     type Error = SignalsError;
 
     fn try_from(wire: &proto::Signals) -> Result<Self, SignalsError> {
@@ -161,15 +270,24 @@ impl TryFrom<&proto::Signals> for Signals {
         if wire.failures > wire.requests {
             return Err(SignalsError::MoreFailuresThanRequests { failures: wire.failures, requests: wire.requests });
         }
+        let mut grpc_statuses = GrpcStatuses::default();
+        for status in &wire.grpc_statuses {
+            if status.code > MAX_GRPC_STATUS {
+                return Err(SignalsError::GrpcStatus(status.code));
+            }
+            grpc_statuses.add(status.code as u8, status.count);
+        }
         let latency = match &wire.latency {
-            Some(sketch) => sketch.try_into()?,
-            None => LatencySketch::new(),
+            Some(sketch) => L::from_wire(sketch)?,
+            None => L::default(),
         };
         Ok(Signals {
             requests: wire.requests,
             failures: wire.failures,
             status_classes,
             transport_errors: wire.transport_errors,
+            retries: wire.retries,
+            grpc_statuses,
             latency,
         })
     }
@@ -220,8 +338,9 @@ mod tests {
         assert_eq!(merged.status_classes, [0, 2, 0, 1, 1]);
         assert_eq!(merged.transport_errors, 1);
         assert_eq!(merged.latency.count(), 5);
+        assert_eq!(merged.grpc_statuses.iter().collect::<Vec<_>>(), [(14, 1)]);
         assert_eq!(merged.success_rate(), Some(0.4));
-        assert_eq!(Signals::default().success_rate(), None);
+        assert_eq!(Signals::<LatencySketch>::default().success_rate(), None);
     }
 
     #[test]
@@ -235,6 +354,10 @@ mod tests {
         let bytes = prost::Message::encode_to_vec(&wire);
         let decoded: proto::Signals = prost::Message::decode(bytes.as_slice()).unwrap();
         assert_eq!(Signals::try_from(&decoded).unwrap(), signals);
+        // The control plane reads the same bytes into its compact form, and answers alike.
+        let compact: Signals<CompactSketch> = Signals::try_from(&decoded).unwrap();
+        assert_eq!(compact.latency, CompactSketch::from(&signals.latency));
+        assert_eq!(proto::Signals::from(&compact), wire);
         // Neighbouring buckets are one delta apart: the two 1 ms requests share a bucket,
         // and every delta after the first is positive.
         let deltas = &wire.latency.as_ref().unwrap().index_deltas;
@@ -243,7 +366,7 @@ mod tests {
         let bad = |change: fn(&mut proto::Signals)| {
             let mut wire = proto::Signals::from(&signals);
             change(&mut wire);
-            Signals::try_from(&wire).unwrap_err()
+            Signals::<LatencySketch>::try_from(&wire).unwrap_err()
         };
         assert_eq!(
             bad(|w| {
@@ -260,6 +383,10 @@ mod tests {
             SignalsError::Sketch(SketchError::Unordered)
         );
         assert_eq!(bad(|w| w.latency.as_mut().unwrap().index_deltas[1] = u32::MAX), SignalsError::IndexOverflow);
+        assert_eq!(
+            bad(|w| w.grpc_statuses.push(proto::GrpcStatusCount { code: 17, count: 1 })),
+            SignalsError::GrpcStatus(17)
+        );
         assert!(matches!(
             bad(|w| w.latency.as_mut().unwrap().counts.push(1)),
             SignalsError::Sketch(SketchError::Mismatched { .. })

@@ -57,6 +57,66 @@ fn representative(index: u32) -> f64 {
     2.0 * low * high / (low + high)
 }
 
+/// The `q` quantile of a distribution given as its ascending non-empty buckets, its
+/// count and its exact extremes: the representative of the bucket holding the
+/// nearest-rank sample, clamped to the extremes. One walk for both sketch forms.
+fn quantile(buckets: impl Iterator<Item = (u32, u64)>, count: u64, min: u64, max: u64, q: f64) -> Option<f64> {
+    if count == 0 {
+        return None;
+    }
+    let q = if q.is_nan() { 0.0 } else { q.clamp(0.0, 1.0) };
+    // The 1-based rank of the sample asked for.
+    let rank = ((q * count as f64).ceil() as u64).clamp(1, count);
+    let mut seen = 0u64;
+    for (index, bucket_count) in buckets {
+        seen += bucket_count;
+        if seen >= rank {
+            return Some(representative(index).clamp(min as f64, max as f64));
+        }
+    }
+    Some(max as f64)
+}
+
+/// Checks a sketch's wire parts (ascending indexes in range, as many counts, no
+/// overflow) and calls `add` for every non-empty bucket; returns the total count and the
+/// first and last occupied buckets.
+fn check_parts(
+    indexes: &[u32],
+    counts: &[u64],
+    mut add: impl FnMut(u32, u64),
+) -> Result<(u64, Option<(u32, u32)>), SketchError> {
+    if indexes.len() != counts.len() {
+        return Err(SketchError::Mismatched { indexes: indexes.len(), counts: counts.len() });
+    }
+    let mut previous = None;
+    let mut total = 0u64;
+    let mut occupied: Option<(u32, u32)> = None;
+    for (&index, &count) in indexes.iter().zip(counts) {
+        if index >= BUCKETS {
+            return Err(SketchError::IndexOutOfRange(index));
+        }
+        if previous.is_some_and(|p| p >= index) {
+            return Err(SketchError::Unordered);
+        }
+        previous = Some(index);
+        total = total.checked_add(count).ok_or(SketchError::Overflow)?;
+        if count > 0 {
+            add(index, count);
+            occupied = Some((occupied.map_or(index, |(first, _)| first), index));
+        }
+    }
+    Ok((total, occupied))
+}
+
+/// A peer's min and max, pulled into the occupied buckets they must fall in, so that
+/// quantiles stay sane whatever it claimed.
+fn clamp_extremes(occupied: (u32, u32), min_nanos: u64, max_nanos: u64) -> (u64, u64) {
+    let (first, last) = occupied;
+    let (low, first_high) = bounds_of(first);
+    let (last_low, high) = bounds_of(last);
+    (min_nanos.clamp(low, first_high - 1), max_nanos.clamp(last_low, high - 1))
+}
+
 /// Why a sketch received from a peer was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SketchError {
@@ -156,21 +216,7 @@ impl LatencySketch {
     /// The `q` quantile (0 ≤ q ≤ 1) in nanoseconds, within [`RELATIVE_ERROR`] of the
     /// nearest-rank sample (the ⌈q·n⌉-th smallest); `None` when empty.
     pub fn quantile_nanos(&self, q: f64) -> Option<f64> {
-        if self.count == 0 {
-            return None;
-        }
-        let q = if q.is_nan() { 0.0 } else { q.clamp(0.0, 1.0) };
-        // The 1-based rank of the sample asked for.
-        let rank = ((q * self.count as f64).ceil() as u64).clamp(1, self.count);
-        let mut seen = 0u64;
-        for (index, count) in self.buckets() {
-            seen += count;
-            if seen >= rank {
-                let estimate = representative(index);
-                return Some(estimate.clamp(self.min_nanos as f64, self.max_nanos as f64));
-            }
-        }
-        Some(self.max_nanos as f64)
+        quantile(self.buckets(), self.count, self.min_nanos, self.max_nanos, q)
     }
 
     /// The non-empty buckets, ascending: (index, count). The wire form.
@@ -195,36 +241,139 @@ impl LatencySketch {
         min_nanos: u64,
         max_nanos: u64,
     ) -> Result<Self, SketchError> {
-        if indexes.len() != counts.len() {
-            return Err(SketchError::Mismatched { indexes: indexes.len(), counts: counts.len() });
-        }
         let mut sketch = LatencySketch::new();
-        let mut previous = None;
-        let mut total = 0u64;
-        // The first and last buckets that hold anything: min and max must fall in them.
-        let mut occupied: Option<(u32, u32)> = None;
-        for (&index, &count) in indexes.iter().zip(counts) {
-            if index >= BUCKETS {
-                return Err(SketchError::IndexOutOfRange(index));
-            }
-            if previous.is_some_and(|p| p >= index) {
-                return Err(SketchError::Unordered);
-            }
-            previous = Some(index);
-            total = total.checked_add(count).ok_or(SketchError::Overflow)?;
-            if count > 0 {
-                sketch.add(index, count);
-                occupied = Some((occupied.map_or(index, |(first, _)| first), index));
-            }
-        }
-        if let Some((first, last)) = occupied {
-            let (low, first_high) = bounds_of(first);
-            let (last_low, high) = bounds_of(last);
-            sketch.min_nanos = min_nanos.clamp(low, first_high - 1);
-            sketch.max_nanos = max_nanos.clamp(last_low, high - 1);
+        let (_, occupied) = check_parts(indexes, counts, |index, count| sketch.add(index, count))?;
+        if let Some(occupied) = occupied {
+            (sketch.min_nanos, sketch.max_nanos) = clamp_extremes(occupied, min_nanos, max_nanos);
             sketch.sum_nanos = sum_nanos;
         }
         Ok(sketch)
+    }
+}
+
+/// The same distribution as a [`LatencySketch`], stored sparsely: the occupied buckets
+/// only, as two parallel ascending arrays (10 bytes a bucket). This is the form the
+/// control plane keeps in its windows, where thousands of series times dozens of slots
+/// would make the dense chunks (512 bytes per power of two touched) the bulk of its
+/// memory; recording one value at a time, the proxy's job, is what the dense form is for.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct CompactSketch {
+    indexes: Vec<u16>,
+    counts: Vec<u64>,
+    count: u64,
+    sum_nanos: u64,
+    min_nanos: u64,
+    max_nanos: u64,
+}
+
+impl std::fmt::Debug for CompactSketch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompactSketch")
+            .field("count", &self.count)
+            .field("min_nanos", &self.min_nanos)
+            .field("max_nanos", &self.max_nanos)
+            .field("buckets", &self.indexes.len())
+            .finish()
+    }
+}
+
+impl CompactSketch {
+    /// How many latencies it holds.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// The sum of every latency, in nanoseconds.
+    pub fn sum_nanos(&self) -> u64 {
+        self.sum_nanos
+    }
+
+    /// The smallest and largest latency, exactly; `None` when empty.
+    pub fn min_max_nanos(&self) -> Option<(u64, u64)> {
+        (self.count > 0).then_some((self.min_nanos, self.max_nanos))
+    }
+
+    /// The occupied buckets, ascending: (index, count).
+    pub fn buckets(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        self.indexes.iter().zip(&self.counts).map(|(index, count)| (u32::from(*index), *count))
+    }
+
+    /// Bytes it holds on the heap, for the control plane's memory accounting.
+    pub fn heap_bytes(&self) -> usize {
+        self.indexes.capacity() * 2 + self.counts.capacity() * 8
+    }
+
+    /// The `q` quantile in nanoseconds, as [`LatencySketch::quantile_nanos`].
+    pub fn quantile_nanos(&self, q: f64) -> Option<f64> {
+        quantile(self.buckets(), self.count, self.min_nanos, self.max_nanos, q)
+    }
+
+    /// Adds every latency of `other`: a linear merge of the two bucket lists.
+    pub fn merge(&mut self, other: &CompactSketch) {
+        if other.count == 0 {
+            return;
+        }
+        if self.count == 0 {
+            *self = other.clone();
+            return;
+        }
+        let mut indexes = Vec::with_capacity(self.indexes.len().max(other.indexes.len()));
+        let mut counts = Vec::with_capacity(indexes.capacity());
+        {
+            let (mut mine, mut theirs) = (self.buckets().peekable(), other.buckets().peekable());
+            loop {
+                let next = match (mine.peek(), theirs.peek()) {
+                    (Some(a), Some(b)) if a.0 == b.0 => {
+                        let merged = (a.0, a.1.saturating_add(b.1));
+                        mine.next();
+                        theirs.next();
+                        merged
+                    }
+                    (Some(a), Some(b)) if a.0 < b.0 => mine.next().expect("peeked"),
+                    (Some(_), Some(_)) | (None, Some(_)) => theirs.next().expect("peeked"),
+                    (Some(_), None) => mine.next().expect("peeked"),
+                    (None, None) => break,
+                };
+                indexes.push(next.0 as u16);
+                counts.push(next.1);
+            }
+        }
+        self.indexes = indexes;
+        self.counts = counts;
+        self.count = self.count.saturating_add(other.count);
+        self.sum_nanos = self.sum_nanos.saturating_add(other.sum_nanos);
+        self.min_nanos = self.min_nanos.min(other.min_nanos);
+        self.max_nanos = self.max_nanos.max(other.max_nanos);
+    }
+
+    /// A sketch from its wire form, checked as [`LatencySketch::from_parts`] checks.
+    pub fn from_parts(
+        indexes: &[u32],
+        counts: &[u64],
+        sum_nanos: u64,
+        min_nanos: u64,
+        max_nanos: u64,
+    ) -> Result<Self, SketchError> {
+        let mut sketch = CompactSketch::default();
+        let (total, occupied) = check_parts(indexes, counts, |index, count| {
+            // BUCKETS (3,776) fits in 16 bits; check_parts refused anything above it.
+            sketch.indexes.push(index as u16);
+            sketch.counts.push(count);
+        })?;
+        if let Some(occupied) = occupied {
+            (sketch.min_nanos, sketch.max_nanos) = clamp_extremes(occupied, min_nanos, max_nanos);
+            sketch.sum_nanos = sum_nanos;
+            sketch.count = total;
+        }
+        Ok(sketch)
+    }
+}
+
+impl From<&LatencySketch> for CompactSketch {
+    fn from(dense: &LatencySketch) -> Self {
+        let (indexes, counts) = dense.buckets().map(|(index, count)| (index as u16, count)).unzip();
+        let (min_nanos, max_nanos) = dense.min_max_nanos().unwrap_or_default();
+        CompactSketch { indexes, counts, count: dense.count(), sum_nanos: dense.sum_nanos(), min_nanos, max_nanos }
     }
 }
 
@@ -329,6 +478,33 @@ mod tests {
         assert_eq!(empty, all);
         all.merge(&LatencySketch::new());
         assert_eq!(empty, all);
+    }
+
+    #[test]
+    fn the_compact_form_merges_and_answers_as_the_dense_one() {
+        let mut random = Lcg(13);
+        let (mut a, mut b, mut all) = (LatencySketch::new(), LatencySketch::new(), LatencySketch::new());
+        for i in 0..10_000 {
+            let value = (5_000.0 * (10.0 * random.unit()).exp()) as u64;
+            (if i % 4 == 0 { &mut a } else { &mut b }).record_nanos(value);
+            all.record_nanos(value);
+        }
+        let mut merged = CompactSketch::from(&a);
+        merged.merge(&CompactSketch::from(&b));
+        assert_eq!(merged, CompactSketch::from(&all));
+        for q in [0.0, 0.5, 0.9, 0.99, 0.999, 1.0] {
+            assert_eq!(merged.quantile_nanos(q), all.quantile_nanos(q), "q={q}");
+        }
+        let mut empty = CompactSketch::default();
+        empty.merge(&merged);
+        assert_eq!(empty, merged);
+        merged.merge(&CompactSketch::default());
+        assert_eq!(empty, merged);
+        let (indexes, counts): (Vec<u32>, Vec<u64>) = all.buckets().unzip();
+        let (min, max) = all.min_max_nanos().unwrap();
+        assert_eq!(CompactSketch::from_parts(&indexes, &counts, all.sum_nanos(), min, max).unwrap(), merged);
+        assert_eq!(CompactSketch::from_parts(&[3, 2], &[1, 1], 0, 0, 0), Err(SketchError::Unordered));
+        assert_eq!(CompactSketch::default().quantile_nanos(0.5), None);
     }
 
     #[test]

@@ -136,6 +136,8 @@ pub struct Catalog {
     /// Dropped with the catalog, which ends the task following the store's watch (the
     /// task holds the store, so it would otherwise keep it open forever).
     _following: tokio::sync::oneshot::Sender<()>,
+    /// How long commits take, for the control plane's `/metrics`.
+    commit_seconds: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl Catalog {
@@ -163,6 +165,7 @@ impl Catalog {
             revision,
             trust_domain: std::sync::OnceLock::new(),
             _following: following,
+            commit_seconds: crate::metrics::latency_histogram(),
         });
         let follower = follow(Arc::downgrade(&catalog), store, contents.revision);
         tokio::spawn(async move {
@@ -172,6 +175,19 @@ impl Catalog {
             }
         });
         Ok(catalog)
+    }
+
+    /// The histogram commits are timed into (shared: a clone observes into it).
+    pub fn commit_histogram(&self) -> prometheus_client::metrics::histogram::Histogram {
+        self.commit_seconds.clone()
+    }
+
+    /// Commits `change`, timing it.
+    async fn commit(&self, change: crate::store::Change) -> Result<crate::store::Committed, StoreError> {
+        let started = std::time::Instant::now();
+        let committed = self.store.commit(change).await;
+        self.commit_seconds.observe(started.elapsed().as_secs_f64());
+        committed
     }
 
     /// The store backend, for status pages.
@@ -253,7 +269,7 @@ impl Catalog {
         if change.is_empty() {
             return Ok(());
         }
-        let committed = self.store.commit(change).await?;
+        let committed = self.commit(change).await?;
         self.caught_up(&committed).await;
         Ok(())
     }
@@ -343,7 +359,7 @@ impl Catalog {
         if dry_run || change.is_empty() {
             return Ok(Report { revision: self.revision(), dry_run, results });
         }
-        let committed = self.store.commit(change).await?;
+        let committed = self.commit(change).await?;
         let revision = committed.revision;
         self.caught_up(&committed).await;
         Ok(Report { revision, dry_run, results })

@@ -10,8 +10,9 @@ use std::{
 
 use tokio::net::TcpListener;
 
-use weft_api::discovery::{
-    discovery_server::DiscoveryServer, identity_server::IdentityServer, replicas_server::ReplicasServer,
+use weft_api::{
+    discovery::{discovery_server::DiscoveryServer, identity_server::IdentityServer, replicas_server::ReplicasServer},
+    telemetry::{aggregates_server::AggregatesServer, telemetry_server::TelemetryServer},
 };
 
 use crate::{
@@ -194,6 +195,17 @@ async fn prune_audit_log(hub: Arc<Hub>, max_entries: usize, max_age: Duration) {
     }
 }
 
+/// Every minute, drops telemetry series with nothing left in the hour kept.
+async fn sweep_telemetry(hub: Arc<Hub>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        let now = crate::telemetry::service::now_millis();
+        let series = hub.aggregator.sweep(now / 1000, now);
+        tracing::debug!(series, "telemetry swept");
+    }
+}
+
 /// Runs the control plane until `shutdown` completes.
 pub async fn run(
     settings: ControlSettings,
@@ -277,6 +289,7 @@ pub async fn run(
         });
     }
     tokio::spawn(prune_audit_log(hub.clone(), settings.audit_max_entries, settings.audit_max_age));
+    tokio::spawn(sweep_telemetry(hub.clone()));
 
     if let Some(path) = &settings.ports_file {
         let text = serde_json::json!({
@@ -293,6 +306,11 @@ pub async fn run(
         .add_service(DiscoveryServer::new(DiscoveryService::new(hub.clone())))
         .add_service(IdentityServer::new(SigningService::new(hub.clone(), settings.cert_lifetime)))
         .add_service(ReplicasServer::new(crate::replicas::ReplicasService::new(hub.clone())))
+        .add_service(TelemetryServer::new(crate::telemetry::service::TelemetryService::new(hub.clone())))
+        .add_service(
+            AggregatesServer::new(crate::telemetry::service::AggregatesService::new(hub.clone()))
+                .max_encoding_message_size(256 * 1024 * 1024),
+        )
         .serve_with_incoming_shutdown(control_tls::incoming(grpc_listener, tls), async {
             let _ = grpc_stopped.await;
         });

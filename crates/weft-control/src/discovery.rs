@@ -64,10 +64,17 @@ pub struct ProxyRecord {
     /// The certificate it says it presents now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<CertificateRecord>,
+    /// Where its admin listener (`/metrics`) is reached, for Prometheus.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_address: Option<String>,
     /// Which stream holds the record: a proxy that reconnects opens a new stream before
     /// the old one has ended, and the old one must not remove the new one's record.
     #[serde(skip)]
     pub stream: u64,
+    /// The sequence number of the last telemetry report merged from it: a report sent
+    /// again (its reply was lost) is merged once.
+    #[serde(skip)]
+    pub last_report: u64,
 }
 
 /// A proxy's current certificate, as it reports it.
@@ -103,6 +110,8 @@ pub struct Hub {
     next_stream: std::sync::atomic::AtomicU64,
     /// What the control plane refused, for its `/metrics`.
     pub metrics: crate::metrics::ControlMetrics,
+    /// The golden signals this replica's proxies reported.
+    pub aggregator: crate::telemetry::Aggregator,
 }
 
 /// A proxy's (namespace, id): ids are unique per namespace, as Workload names are.
@@ -118,6 +127,7 @@ impl Hub {
         cert_lifetime: Duration,
     ) -> Arc<Self> {
         let world = build_world(&catalog, &registry);
+        let metrics = crate::metrics::ControlMetrics::new(catalog.commit_histogram());
         let (world_changed, _) = watch::channel(0);
         let ca_revision = Mutex::new(keeper.revision(&catalog));
         Arc::new(Hub {
@@ -133,8 +143,48 @@ impl Hub {
             world_changed,
             proxies: Mutex::default(),
             next_stream: std::sync::atomic::AtomicU64::new(1),
-            metrics: crate::metrics::ControlMetrics::new(),
+            metrics,
+            aggregator: crate::telemetry::Aggregator::default(),
         })
+    }
+
+    /// Who sent a telemetry report for `proxy_id`: the proxy of `namespace` whose
+    /// discovery stream this replica holds, under the same `identity` (so a proxy can
+    /// report only as itself, and only where its view comes from). `Ok(None)`: a report
+    /// already merged (its `sequence` is not newer than the last).
+    pub fn telemetry_reporter(
+        &self,
+        namespace: &str,
+        proxy_id: &str,
+        identity: &str,
+        sequence: u64,
+    ) -> Result<Option<crate::telemetry::series::Reporter>, Status> {
+        let mut proxies = self.lock_proxies();
+        let record = proxies.get_mut(&(namespace.to_string(), proxy_id.to_string())).ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "proxy {namespace}/{proxy_id} has no discovery stream on this replica; report where the stream is"
+            ))
+        })?;
+        if record.identity.as_deref() != Some(identity) {
+            return Err(Status::permission_denied(format!(
+                "proxy {namespace}/{proxy_id} is {}; this is {identity}",
+                record.identity.as_deref().unwrap_or("?")
+            )));
+        }
+        if sequence != 0 && sequence <= record.last_report {
+            return Ok(None);
+        }
+        record.last_report = sequence;
+        Ok(Some(crate::telemetry::series::Reporter {
+            workload: format!("{namespace}/{proxy_id}"),
+            service: record.service.as_ref().map(|service| format!("{namespace}/{service}")),
+            identity: identity.to_string(),
+        }))
+    }
+
+    /// Proxies whose discovery streams this replica holds.
+    pub fn local_proxy_count(&self) -> usize {
+        self.lock_proxies().len()
     }
 
     /// The CA in use.
@@ -367,7 +417,9 @@ impl DiscoveryService {
             last_nack: None,
             identity: Some(identity.to_string()),
             certificate: None,
+            admin_address: (!hello.admin_address.is_empty()).then(|| hello.admin_address.clone()),
             stream: 0,
+            last_report: 0,
         })?;
         let (sender, receiver) = mpsc::channel(4);
         let hub = self.hub.clone();
@@ -408,6 +460,8 @@ async fn serve_proxy(
     let mut world_changed = hub.world_changed.subscribe();
     let mut last_sent: Option<u64> = None;
     let mut nonce = 0u64;
+    // When the push awaiting an answer went out, by nonce: push → ACK latency.
+    let mut awaiting: Option<(String, Instant)> = None;
     let mut goodbye = false;
     let result = loop {
         let view = hub.world().view(own.as_deref(), &subscriptions);
@@ -445,14 +499,21 @@ async fn serve_proxy(
                 break Ok(());
             }
             hub.update(&key, stream, |r| r.sent_version = version);
+            awaiting = Some((nonce.to_string(), Instant::now()));
             last_sent = Some(digest);
         }
         tokio::select! {
             changed = world_changed.changed() => if changed.is_err() { break Ok(()) },
             message = inbound.message() => match message {
                 Ok(Some(ProxyMessage { message: Some(message) })) => match message {
-                    proxy_message::Message::Ack(ack) => hub.update(&key, stream, |r| r.applied_version = ack.version),
+                    proxy_message::Message::Ack(ack) => {
+                        if let Some((_, sent)) = awaiting.take_if(|(nonce, _)| *nonce == ack.nonce) {
+                            hub.metrics.push_acked(sent.elapsed());
+                        }
+                        hub.update(&key, stream, |r| r.applied_version = ack.version)
+                    }
                     proxy_message::Message::Nack(nack) => {
+                        hub.metrics.nacks.inc();
                         tracing::warn!(%proxy_id, version = %nack.version, error = %nack.error, "proxy refused a configuration");
                         hub.update(&key, stream, |r| r.last_nack = Some(format!("{}: {}", nack.version, nack.error)));
                     }
@@ -504,6 +565,7 @@ async fn serve_proxy(
         let mut proxies = hub.lock_proxies();
         if proxies.get(&key).is_some_and(|r| r.stream == stream) {
             proxies.remove(&key);
+            hub.aggregator.forget_endpoints(&format!("{}/{}", key.0, key.1));
         }
     }
     if let Some(attached) = attached {

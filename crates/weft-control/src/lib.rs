@@ -7,7 +7,8 @@
 //! [`registry`] keeps the workloads proxies register, [`cluster`] what replicas sharing
 //! one etcd agree on (presence, leadership), [`views`] compiles each proxy's view and
 //! [`discovery`] streams it. [`control_tls`] is the TLS listener both run on, and
-//! [`signing_service`] signs proxies' certificates there.
+//! [`signing_service`] signs proxies' certificates there; [`telemetry`] takes
+//! proxies' reports there and merges them into the golden signals the API serves.
 
 #![forbid(unsafe_code)]
 
@@ -31,6 +32,7 @@ pub mod revocations;
 pub mod signing;
 pub mod signing_service;
 pub mod store;
+pub mod telemetry;
 pub mod views;
 
 pub use ca::CaSettings;

@@ -57,11 +57,8 @@ impl Replicas for ReplicasService {
 /// The proxies the replica at `grpc` (its discovery address) holds, asked over mutual TLS
 /// with this replica's certificate.
 pub async fn peer_proxies(hub: &Hub, grpc: &str) -> Result<Vec<ProxyRecord>, String> {
-    let credentials = hub.control_credentials.get().ok_or("this replica has no certificate yet")?;
-    let expected = SpiffeId::control_plane(hub.ca().authority.trust_domain());
-    let config = credentials.client_config(expected, &[ALPN_GRPC]).map_err(|e| e.to_string())?;
     let ask = async {
-        let channel = weft_api::channel::control_channel(grpc, Arc::new(config)).await?;
+        let channel = dial(hub, grpc).await?;
         let answer = ReplicasClient::new(channel)
             .local_proxies(LocalProxiesRequest {})
             .await
@@ -69,6 +66,15 @@ pub async fn peer_proxies(hub: &Hub, grpc: &str) -> Result<Vec<ProxyRecord>, Str
         Ok(answer.into_inner().proxies.into_iter().map(record_of).collect())
     };
     tokio::time::timeout(ASK_TIMEOUT, ask).await.map_err(|_| format!("no answer within {ASK_TIMEOUT:?}"))?
+}
+
+/// A channel to the replica at `grpc` (its discovery address), over mutual TLS with this
+/// replica's certificate, verifying that the peer is a control plane of this mesh.
+pub async fn dial(hub: &Hub, grpc: &str) -> Result<tonic::transport::Channel, String> {
+    let credentials = hub.control_credentials.get().ok_or("this replica has no certificate yet")?;
+    let expected = SpiffeId::control_plane(hub.ca().authority.trust_domain());
+    let config = credentials.client_config(expected, &[ALPN_GRPC]).map_err(|e| e.to_string())?;
+    weft_api::channel::control_channel(grpc, Arc::new(config)).await
 }
 
 fn status_of(record: ProxyRecord) -> ProxyStatus {
@@ -85,6 +91,7 @@ fn status_of(record: ProxyRecord) -> ProxyStatus {
         applied_version: record.applied_version,
         last_nack: record.last_nack.unwrap_or_default(),
         identity: record.identity.unwrap_or_default(),
+        admin_address: record.admin_address.unwrap_or_default(),
         certificate: record.certificate.map(|c| Certificate {
             serial: c.serial,
             issuer: c.issuer,
@@ -109,6 +116,7 @@ fn record_of(status: ProxyStatus) -> ProxyRecord {
         applied_version: status.applied_version,
         last_nack: some(status.last_nack),
         identity: some(status.identity),
+        admin_address: some(status.admin_address),
         certificate: status.certificate.map(|c| CertificateRecord {
             serial: c.serial,
             issuer: c.issuer,
@@ -116,5 +124,6 @@ fn record_of(status: ProxyStatus) -> ProxyRecord {
             not_after: c.not_after,
         }),
         stream: 0,
+        last_report: 0,
     }
 }

@@ -35,6 +35,7 @@ impl Identity for SigningService {
         let request = request.into_inner();
         let namespace = if request.namespace.is_empty() { weft_model::DEFAULT_NAMESPACE } else { &request.namespace };
         let presented = peer.as_ref().and_then(|p| p.identity.clone());
+        let kind = if request.token.is_empty() { "renewal" } else { "join" };
         let proof = if !request.token.is_empty() {
             let account = (!request.service_account.is_empty()).then_some(request.service_account.as_str());
             Proof::Token { token: &request.token, namespace, account }
@@ -61,6 +62,7 @@ impl Identity for SigningService {
                     SigningError::Identity(_) => Status::invalid_argument(error.to_string()),
                 }
             })?;
+        self.hub.metrics.certificates_signed.get_or_create(&crate::metrics::SignedLabels { kind }).inc();
         Ok(Response::new(SignResponse {
             certificate_chain: signed.chain_pem,
             trust_bundle: self.hub.trust_bundle().to_string(),

@@ -220,6 +220,12 @@ async fn session(
     let credentials = state.identity.get().ok_or("this proxy has no certificate yet")?;
     let config = crate::identity::control_client_config(credentials)?;
     let channel = crate::identity::control_channel(address, config).await?;
+    // Telemetry goes to the same control plane over the same connection, on its own
+    // RPC, so that reports never wait behind pushes and ACKs (or hold them up); it
+    // stops with this stream.
+    let _reporter = state.telemetry.enabled().then(|| {
+        AbortOnDrop(tokio::spawn(crate::telemetry::report(state.clone(), channel.clone(), settings.proxy_id.clone())))
+    });
     let mut client = DiscoveryClient::new(channel);
     let (sender, receiver) = mpsc::channel::<ProxyMessage>(16);
     let send = |message: proxy_message::Message| ProxyMessage { message: Some(message) };
@@ -240,6 +246,7 @@ async fn session(
         subscriptions,
         serving_version: state.config.load().version.clone(),
         proxy_version: env!("CARGO_PKG_VERSION").to_string(),
+        admin_address: admin_address(state, settings),
     };
     let _ = sender.send(send(proxy_message::Message::Hello(hello))).await;
     let (healthy, detail) = handle.health.borrow().clone();
@@ -306,6 +313,28 @@ async fn session(
                 return Ok(());
             }
         }
+    }
+}
+
+/// Where Prometheus reaches this proxy's `/metrics`: the admin listener as bound, with a
+/// wildcard address replaced by the registered address's host (callers reach that).
+fn admin_address(state: &SharedState, settings: &ControlSettings) -> String {
+    let Some(mut admin) = state.ports.get().map(|ports| ports.admin) else { return String::new() };
+    if admin.ip().is_unspecified() {
+        match &settings.registration {
+            Some(registration) => admin.set_ip(registration.address.ip()),
+            None => return String::new(),
+        }
+    }
+    admin.to_string()
+}
+
+/// Ends a task when dropped: a session's reporter lives as long as its stream.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

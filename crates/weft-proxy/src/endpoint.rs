@@ -173,6 +173,12 @@ impl EndpointState {
         until != 0 && until > now_nanos
     }
 
+    /// How much longer the endpoint stays ejected at `now_nanos`; `None` when it is not.
+    pub fn ejected_for(&self, now_nanos: u64) -> Option<Duration> {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        (until != 0 && until > now_nanos).then(|| Duration::from_nanos(until - now_nanos))
+    }
+
     /// The peak-EWMA cost: the decayed latency estimate × (in-flight + 1), in nanoseconds.
     pub fn ewma_cost(&self, now: Instant) -> f64 {
         let mut rtt = self.rtt.lock().expect("rtt lock poisoned");

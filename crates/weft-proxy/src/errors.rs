@@ -70,6 +70,19 @@ impl ProxyFailure {
         }
     }
 
+    /// Whether the application gave no response: the connection failed or broke, or a
+    /// timeout elapsed. The golden signals count these as transport errors (failures),
+    /// apart from the responses the proxy makes for other reasons.
+    pub fn is_transport_error(&self) -> bool {
+        matches!(
+            self,
+            ProxyFailure::ConnectFailed { .. }
+                | ProxyFailure::UpstreamReset { .. }
+                | ProxyFailure::RequestTimeout
+                | ProxyFailure::TryTimeout
+        )
+    }
+
     /// The HTTP status the caller sees.
     pub fn status(&self) -> StatusCode {
         match self {

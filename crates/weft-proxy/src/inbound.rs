@@ -7,6 +7,8 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
+use crate::telemetry::{self, Answered, Direction, OpenConnection, RowKind, RowRef, TcpKey};
+
 use http::{Request, Response};
 use hyper::body::Incoming;
 use tokio::net::TcpStream;
@@ -25,8 +27,7 @@ use crate::{
     errors::{is_grpc, ProxyFailure},
     forward,
     listener::{serve_http, serve_http_on, DrainWatch},
-    metrics::{empty_label, AuthzLabels},
-    outbound::{record, Routed},
+    metrics::{empty_label, AuthzLabels, RequestLabels},
     pool::{SendError, Wire},
     protocol_errors::ProtocolError,
     revocation::PeerCertificate,
@@ -63,13 +64,28 @@ pub async fn serve_connection(state: Arc<SharedState>, stream: TcpStream, drain:
     }
     match (detected, tls) {
         (Detected::Tls, Some(tls)) => serve_mesh_connection(state, app, stream, tls, drain).await,
-        (Detected::Opaque | Detected::TimedOut | Detected::Tls, _) => relay_to_app(&state, app, None, stream).await,
+        (Detected::Opaque | Detected::TimedOut | Detected::Tls, _) => {
+            let mut connection = open_connection(&state, None);
+            relay_to_app(&state, app, None, stream, &mut connection).await
+        }
         (Detected::Http1 | Detected::Http2, _) => {
+            let _connection = open_connection(&state, None);
             let handler_state = state.clone();
             let service = hyper::service::service_fn(move |request| handle(handler_state.clone(), app, None, request));
             serve_http(stream, Some(detected), service, drain, &state, "inbound").await;
         }
     }
+}
+
+/// Counts an inbound connection from `peer` (`None`: plaintext) while it is open.
+fn open_connection(state: &SharedState, peer: Option<&MeshCaller>) -> OpenConnection {
+    let key = state.telemetry.enabled().then(|| TcpKey {
+        direction: Direction::Inbound,
+        peer: peer.map(|p| p.principal.clone()),
+        destination: state.own_label.clone(),
+        tls: peer.is_some(),
+    });
+    OpenConnection::open(key)
 }
 
 /// A connection from another proxy: mutual TLS, then the protocol its ALPN names.
@@ -112,6 +128,7 @@ async fn serve_mesh_connection(
         return;
     }
     let peer = Some(Arc::new(MeshCaller::new(&certificate.identity, port)));
+    let mut open = open_connection(&state, peer.as_deref());
     let alpn = connection.alpn_protocol().map(<[u8]>::to_vec);
     let served = async {
         match alpn.as_deref() {
@@ -123,7 +140,7 @@ async fn serve_mesh_connection(
                 });
                 serve_http_on(stream, http2, service, drain, &state, "inbound").await;
             }
-            Some(ALPN_TCP) => relay_to_app(&state, app, peer.as_deref(), stream).await,
+            Some(ALPN_TCP) => relay_to_app(&state, app, peer.as_deref(), stream, &mut open).await,
             _ => {
                 tracing::info!(?remote, "a mesh TLS connection named no weft protocol (ALPN); closed");
                 state.metrics.protocol_error("inbound", ProtocolError::TlsUnknownAlpn);
@@ -144,7 +161,8 @@ async fn serve_mesh_connection(
 /// in the TLS server name. The port is the caller proxy's word, never the application's:
 /// a `Host` header is written by the application, so it decides nothing here.
 struct MeshCaller {
-    principal: String,
+    /// The caller's SPIFFE ID, interned per worker (telemetry rows are keyed by it).
+    principal: Arc<str>,
     namespace: Option<String>,
     /// `None` when the caller's proxy conveyed no port (then port rules fail closed).
     port: Option<u16>,
@@ -153,7 +171,7 @@ struct MeshCaller {
 impl MeshCaller {
     fn new(identity: &str, port: Option<u16>) -> Self {
         let namespace = SpiffeId::parse(identity).ok().and_then(|id| id.workload_parts().map(|(ns, _)| ns.to_string()));
-        MeshCaller { principal: identity.to_string(), namespace, port }
+        MeshCaller { principal: telemetry::intern(identity), namespace, port }
     }
 }
 
@@ -171,7 +189,7 @@ fn authorize(
     let Some(own) = config.own_service else { return Ok(()) };
     let service = &config.snapshot.services[own];
     let caller =
-        Caller { principal: peer.map(|p| p.principal.as_str()), namespace: peer.and_then(|p| p.namespace.as_deref()) };
+        Caller { principal: peer.map(|p| &*p.principal), namespace: peer.and_then(|p| p.namespace.as_deref()) };
     let header = |name: &str| headers.and_then(|h| h.get(name)).and_then(|v| v.to_str().ok());
     let port = peer.and_then(|p| p.port);
     let decision = service.authorizer.decide(&caller, &Call { method, path, port, header: &header });
@@ -179,11 +197,15 @@ fn authorize(
         Decision::Allow { policy } => ("allow", policy.clone().unwrap_or_default()),
         Decision::Deny { policy } => ("deny", policy.clone()),
     };
+    if state.telemetry.enabled() {
+        telemetry::record_authz(&policy, label == "allow");
+    }
     state.metrics.authz_decisions.get_or_create(&AuthzLabels { decision: label, policy: policy.clone() }).inc();
     match decision {
         Decision::Allow { .. } => Ok(()),
         Decision::Deny { policy } => {
-            let caller = peer.map_or_else(|| "an unauthenticated (plaintext) caller".into(), |p| p.principal.clone());
+            let caller =
+                peer.map_or_else(|| "an unauthenticated (plaintext) caller".into(), |p| p.principal.to_string());
             tracing::debug!(%caller, %policy, "request denied by authorization");
             Err(ProxyFailure::Forbidden { caller, policy })
         }
@@ -197,12 +219,16 @@ async fn relay_to_app(
     app: SocketAddr,
     peer: Option<&MeshCaller>,
     stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    connection: &mut OpenConnection,
 ) {
     if !authorize_connection(state, peer) {
         return;
     }
     match transport::connect_tcp(app, state.settings.connect_timeout).await {
-        Ok(upstream) => tcp::relay(state, "inbound", state.own_label.clone(), stream, upstream).await,
+        Ok(upstream) => {
+            let (sent, received) = tcp::relay(state, "inbound", state.own_label.clone(), stream, upstream).await;
+            connection.relayed(sent, received);
+        }
         Err(error) => {
             tracing::warn!(%app, %error, "cannot connect to the local application; closing the inbound TCP connection")
         }
@@ -242,9 +268,7 @@ async fn handle(
         Err(failure) => {
             let reason = failure.reason();
             let response = failure.into_response(grpc);
-            let routed = Routed::new(state.own_label.clone(), peer.is_some());
-            record(&state, "inbound", empty_label(), routed, response.status().as_u16(), reason, started);
-            return Ok(response);
+            return Ok(observe(&state, peer.as_deref(), response, reason, false, grpc, started));
         }
     };
     let wire = if parts.version == http::Version::HTTP_2 { Wire::Http2 } else { Wire::Http1 };
@@ -275,8 +299,8 @@ async fn handle(
                 response
             }),
     };
-    let (response, error) = match result {
-        Ok(response) => (response, ""),
+    let (response, error, transport_error) = match result {
+        Ok(response) => (response, "", false),
         Err(error) => {
             let failure = match error {
                 SendError::Connect(e) => ProxyFailure::ConnectFailed { endpoint: app, reason: e.to_string() },
@@ -289,17 +313,47 @@ async fn handle(
             };
             tracing::debug!(%failure, "inbound request failed");
             let reason = failure.reason();
-            (failure.into_response(grpc), reason)
+            let transport_error = failure.is_transport_error();
+            (failure.into_response(grpc), reason, transport_error)
         }
     };
-    record(
-        &state,
-        "inbound",
-        empty_label(),
-        Routed::new(state.own_label.clone(), peer.is_some()),
-        response.status().as_u16(),
+    Ok(observe(&state, peer.as_deref(), response, error, transport_error, grpc, started))
+}
+
+/// Counts one inbound request from `peer` (`None`: plaintext): in Prometheus, and on
+/// the caller's telemetry row.
+fn observe(
+    state: &SharedState,
+    peer: Option<&MeshCaller>,
+    response: Response<Body>,
+    error: &'static str,
+    transport_error: bool,
+    grpc: bool,
+    started: Instant,
+) -> Response<Body> {
+    let latency = started.elapsed();
+    let labels = RequestLabels {
+        direction: "inbound",
+        source_service: empty_label(),
+        destination_service: state.own_label.clone(),
+        route: empty_label(),
+        status_code: response.status().as_u16(),
         error,
-        started,
-    );
-    Ok(response)
+        tls: if peer.is_some() { "true" } else { "false" },
+    };
+    state.metrics.record_request(labels, latency.as_secs_f64());
+    if !state.telemetry.enabled() {
+        return response;
+    }
+    let empty = empty_label();
+    let row = RowRef {
+        direction: Direction::Inbound,
+        kind: RowKind::Request,
+        peer: peer.map(|p| &p.principal),
+        destination: &state.own_label,
+        route: &empty,
+        backend: &empty,
+        tls: peer.is_some(),
+    };
+    Answered { rows: [Some(row), None], latency, retries: 0 }.record(response, grpc, transport_error)
 }

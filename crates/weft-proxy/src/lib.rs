@@ -9,7 +9,8 @@
 //! [`outbound`] and [`inbound`] are the two directions, [`balance`] and [`endpoint`] pick
 //! where to send, [`retry`] and [`limits`] guard the send, [`pool`] and [`transport`]
 //! carry it, [`errors`] turns failures into responses, [`protocol_errors`] names what hostile
-//! or broken peers did, [`metrics`] counts everything.
+//! or broken peers did, [`metrics`] counts everything for Prometheus, [`telemetry`] for the control
+//! plane's golden signals.
 
 #![forbid(unsafe_code)]
 
@@ -38,6 +39,7 @@ pub mod revocation;
 pub mod settings;
 pub mod state;
 pub mod tcp;
+pub mod telemetry;
 pub mod transport;
 pub mod word_hash;
 

@@ -7,11 +7,8 @@
 //! the endpoint. A backend Service's own routes are not applied again.
 
 use std::{
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    time::Instant,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use http::{header, HeaderValue, Request, Response, StatusCode};
@@ -28,6 +25,7 @@ use weft_model::{
 use crate::{
     balance::Backend,
     body::{self, Body},
+    endpoint::EndpointState,
     errors::{is_grpc, ProxyFailure},
     forward::{self, wire_for},
     metrics::{empty_label, RequestLabels, RetryLabels},
@@ -35,15 +33,37 @@ use crate::{
     protocol_errors::broken_body,
     retry::{backoff, is_idempotent, RetryBudget, TryEnd},
     state::{ServingConfig, SharedState},
+    telemetry::{self, Answered, Direction, RowKind, RowRef},
     transport::Upstream,
 };
 
-/// What a request was routed to, for its metrics.
+/// What a request was routed to, for its metrics and telemetry.
 pub(crate) struct Routed {
     destination: Arc<str>,
     route: Arc<str>,
-    /// Whether the hop is mutual TLS (the backend's endpoints are meshed).
-    tls: bool,
+    /// The backend Service the request went to (empty until one is chosen).
+    backend: Arc<str>,
+    /// The try whose response (or failure) the caller gets, as the retry loop last set
+    /// it. A lock because the exchange must stay `Send`; it is never contended.
+    answering: Mutex<AnsweringTry>,
+}
+
+/// The last try of a request.
+#[derive(Default)]
+struct AnsweringTry {
+    endpoint: Option<Arc<EndpointState>>,
+    /// Tries sent so far.
+    tries: u32,
+    /// Whether its response is the caller's, so its try row is counted with the request
+    /// (the retry loop counted every other try as it ended).
+    answered: bool,
+}
+
+impl AnsweringTry {
+    /// Whether the hop the caller's response came over was mutual TLS.
+    fn tls(&self) -> bool {
+        self.endpoint.as_ref().is_some_and(|endpoint| endpoint.is_meshed())
+    }
 }
 
 /// Handles one outbound request end to end, always producing a response.
@@ -64,45 +84,77 @@ pub async fn handle(
         }
     }
     let grpc = is_grpc(request.headers());
-    let mut routed = Routed { destination: empty_label(), route: empty_label(), tls: false };
+    let mut routed = Routed {
+        destination: empty_label(),
+        route: empty_label(),
+        backend: empty_label(),
+        answering: Mutex::default(),
+    };
     let result = route_request(&state, &config, request, &mut routed).await;
-    let (response, error) = match result {
-        Ok(response) => (response, ""),
+    let (response, error, transport_error) = match result {
+        Ok(response) => (response, "", false),
         Err(failure) => {
             let reason = failure.reason();
             tracing::debug!(%failure, "outbound request failed in the proxy");
-            (failure.into_response(grpc), reason)
+            let transport_error = failure.is_transport_error();
+            (failure.into_response(grpc), reason, transport_error)
         }
     };
-    record(&state, "outbound", state.own_label.clone(), routed, response.status().as_u16(), error, started);
-    Ok(response)
-}
-
-/// Counts one request in `weft_requests_total` and its latency.
-pub(crate) fn record(
-    state: &SharedState,
-    direction: &'static str,
-    source: Arc<str>,
-    routed: Routed,
-    status: u16,
-    error: &'static str,
-    started: Instant,
-) {
+    let latency = started.elapsed();
+    let answering = routed.answering.into_inner().unwrap_or_else(|e| e.into_inner());
+    let tls = answering.tls();
     let labels = RequestLabels {
-        direction,
-        source_service: source,
-        destination_service: routed.destination,
-        route: routed.route,
-        status_code: status,
+        direction: "outbound",
+        source_service: state.own_label.clone(),
+        destination_service: routed.destination.clone(),
+        route: routed.route.clone(),
+        status_code: response.status().as_u16(),
         error,
-        tls: if routed.tls { "true" } else { "false" },
+        tls: if tls { "true" } else { "false" },
     };
-    state.metrics.record_request(labels, started.elapsed().as_secs_f64());
+    state.metrics.record_request(labels, latency.as_secs_f64());
+    if !state.telemetry.enabled() {
+        return Ok(response);
+    }
+    let peer = answering.endpoint.as_ref().and_then(|endpoint| endpoint.key.identity.as_ref());
+    let request_row = RowRef {
+        direction: Direction::Outbound,
+        kind: RowKind::Request,
+        peer,
+        destination: &routed.destination,
+        route: &routed.route,
+        backend: &routed.backend,
+        tls,
+    };
+    let try_row = answering.answered.then_some(RowRef { kind: RowKind::Try, ..request_row });
+    let answered = Answered { rows: [Some(request_row), try_row], latency, retries: answering.tries.saturating_sub(1) };
+    Ok(answered.record(response, grpc, transport_error))
 }
 
 impl Routed {
-    pub(crate) fn new(destination: Arc<str>, tls: bool) -> Self {
-        Routed { destination, route: empty_label(), tls }
+    fn answering(&self) -> std::sync::MutexGuard<'_, AnsweringTry> {
+        self.answering.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Notes the `attempt`-th try, to `endpoint`.
+    fn start_try(&self, endpoint: &Arc<EndpointState>, attempt: u32) {
+        let mut answering = self.answering();
+        answering.endpoint = Some(endpoint.clone());
+        answering.tries = attempt;
+    }
+
+    /// Counts a try that did not answer the caller (retried, or failed) on its row.
+    fn record_try(&self, endpoint: &EndpointState, outcome: weft_api::signals::Outcome, latency: Duration) {
+        let row = RowRef {
+            direction: Direction::Outbound,
+            kind: RowKind::Try,
+            peer: endpoint.key.identity.as_ref(),
+            destination: &self.destination,
+            route: &self.route,
+            backend: &self.backend,
+            tls: endpoint.is_meshed(),
+        };
+        telemetry::record_request(row, outcome, latency, 0);
     }
 }
 
@@ -177,24 +229,24 @@ async fn route_request(
         BackendTarget::Unresolved(what) => return Err(ProxyFailure::UnresolvedBackend(what)),
     };
     let backend = config.backends[backend_service][backend_port].clone();
-    // Set by each try to the security of the endpoint it used: the `tls` label describes
-    // the hop the response (or failure) came from, not the backend's first endpoint.
-    let meshed = AtomicBool::new(false);
+    routed.backend = backend.name.clone();
+    // Each try notes its endpoint in `routed`: the `tls` label and the telemetry rows
+    // describe the hop the response (or failure) came from.
+    let routed = &*routed;
     let retries = service.policy.retries.as_ref();
     let try_timeout = try_timeout.or(retries.and_then(|r| r.per_try_timeout).map(|d| d.0));
     let budget = &config.budgets[service_index];
 
     let exchange = async {
         if let Some(downstream_upgrade) = downstream_upgrade {
-            return send_upgrade(state, &backend, parts, incoming, &authority, downstream_upgrade, &meshed).await;
+            return send_upgrade(state, &backend, parts, incoming, &authority, downstream_upgrade, routed).await;
         }
-        send_with_retries(state, &backend, budget, retries, try_timeout, parts, incoming, &authority, &meshed).await
+        send_with_retries(state, &backend, budget, retries, try_timeout, parts, incoming, &authority, routed).await
     };
     let result = match request_timeout {
         Some(limit) => tokio::time::timeout(limit, exchange).await.unwrap_or(Err(ProxyFailure::RequestTimeout)),
         None => exchange.await,
     };
-    routed.tls = meshed.load(Ordering::Relaxed);
     let mut response = result?;
     for filter in response_filters {
         if let Filter::ResponseHeaderModifier(modifier) = filter {
@@ -326,7 +378,7 @@ async fn send_with_retries(
     parts: http::request::Parts,
     incoming: Incoming,
     authority: &str,
-    meshed: &AtomicBool,
+    routed: &Routed,
 ) -> Result<Response<Body>, ProxyFailure> {
     let retry_on = retries.map(|r| r.retry_on.as_slice()).unwrap_or(&[]);
     let attempts = retries.map_or(0, |r| r.attempts);
@@ -356,7 +408,7 @@ async fn send_with_retries(
             backend.limiter.start_request().map_err(|e| ProxyFailure::Overloaded(format!("{}: {e}", backend.name)))?;
         let endpoint =
             backend.pick(avoid.as_deref()).ok_or_else(|| ProxyFailure::NoEndpoints(backend.name.to_string()))?.clone();
-        meshed.store(endpoint.is_meshed(), Ordering::Relaxed);
+        routed.start_try(&endpoint, attempt);
         let request = match unsent.take() {
             Some(request) => *request,
             None => {
@@ -396,13 +448,27 @@ async fn send_with_retries(
                 return Err(broken_body(&state.metrics, "outbound", error.to_string()))
             }
         };
-        // A limit refusal says nothing about the endpoint.
+        // A limit refusal says nothing about the endpoint, and sent nothing.
+        let elapsed = started.elapsed();
         if !matches!(result, Err(SendError::Limit(_))) {
-            let latency = observed_latency(end, started.elapsed(), state.settings.connect_timeout);
+            let latency = observed_latency(end, elapsed, state.settings.connect_timeout);
             backend.record_try(&endpoint, end.outcome(), latency, &state.metrics);
         }
         let resendable = returned.is_some() || template.is_some();
-        if attempt < max_tries && resendable && end.is_retryable(retry_on) {
+        let retrying = attempt < max_tries && resendable && end.is_retryable(retry_on);
+        if state.telemetry.enabled() && !matches!(result, Err(SendError::Limit(_))) {
+            // The try that answers the caller is counted with the request, when its
+            // outcome is known (a gRPC status may come in trailers); every other now.
+            match &result {
+                Ok(_) if !retrying => routed.answering().answered = true,
+                Ok(response) => {
+                    let outcome = telemetry::outcome_of(response.status().as_u16(), response.headers());
+                    routed.record_try(&endpoint, outcome, elapsed)
+                }
+                Err(_) => routed.record_try(&endpoint, weft_api::signals::Outcome::TransportError, elapsed),
+            }
+        }
+        if retrying {
             if budget.try_withdraw() {
                 state
                     .metrics
@@ -459,12 +525,14 @@ async fn send_upgrade(
     incoming: Incoming,
     authority: &str,
     downstream_upgrade: hyper::upgrade::OnUpgrade,
-    meshed: &AtomicBool,
+    routed: &Routed,
 ) -> Result<Response<Body>, ProxyFailure> {
     let permit =
         backend.limiter.start_request().map_err(|e| ProxyFailure::Overloaded(format!("{}: {e}", backend.name)))?;
     let endpoint = backend.pick(None).ok_or_else(|| ProxyFailure::NoEndpoints(backend.name.to_string()))?.clone();
-    meshed.store(endpoint.is_meshed(), Ordering::Relaxed);
+    routed.start_try(&endpoint, 1);
+    // One try, whose answer (or failure) is the caller's.
+    routed.answering().answered = true;
     forward::prepare(&mut parts, authority, crate::pool::Wire::Http1, true);
     let request = Request::from_parts(parts, body::boxed(incoming));
     let mut response =

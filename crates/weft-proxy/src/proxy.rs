@@ -274,8 +274,9 @@ pub fn run(mut settings: ProxySettings) -> Result<Option<i32>, ProxyError> {
 }
 
 /// Per-worker upkeep: once a second, closes pooled connections that expired or whose
-/// endpoint is gone (or now has other security); at once, idle connections another
-/// worker at `maxConnections` waits for.
+/// endpoint is gone (or now has other security) and hands what the worker recorded for
+/// telemetry to the reporter; at once, idle connections another worker at
+/// `maxConnections` waits for.
 ///
 /// The tick also keeps the worker's timer wheel armed within a second, which matters on
 /// the hot path: tokio wakes its driver through an eventfd write whenever a new timer is
@@ -289,7 +290,10 @@ async fn housekeeping(state: Arc<SharedState>, mut drain: listener::DrainWatch) 
     let current = |key: &crate::endpoint::EndpointKey| app.as_ref() == Some(key) || state.endpoints.is_current(key);
     loop {
         tokio::select! {
-            _ = tick.tick() => crate::pool::evict_idle(state.settings.idle_timeout, current),
+            _ = tick.tick() => {
+                crate::pool::evict_idle(state.settings.idle_timeout, current);
+                state.telemetry.drain_worker();
+            }
             _ = reclaim.requested() => crate::pool::reclaim_idle(),
             _ = drain.signaled() => return,
         }

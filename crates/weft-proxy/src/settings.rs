@@ -24,6 +24,10 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long SIGTERM waits for in-flight requests before exiting anyway.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a proxy with a control plane reports its golden signals. 5s: the control
+/// plane's shortest window is 10s, so every window holds at least one report, and a
+/// report costs one small RPC per interval.
+pub const DEFAULT_TELEMETRY_INTERVAL: Duration = Duration::from_secs(5);
 /// Request bodies up to this size are buffered so that the request can be retried.
 pub const DEFAULT_MAX_REPLAY_BODY: usize = 64 * 1024;
 
@@ -56,6 +60,9 @@ pub struct ProxySettings {
     pub max_replay_body: usize,
     /// How often the config file is checked for changes.
     pub reload_interval: Duration,
+    /// How often telemetry is reported to the control plane; zero turns it off (and
+    /// nothing on the request path records).
+    pub telemetry_interval: Duration,
     /// Take configuration from a control plane instead of a file.
     pub control: Option<crate::discovery::ControlSettings>,
     /// How the local application's health is checked (with `control` and `app_addr`).
@@ -88,6 +95,7 @@ impl ProxySettings {
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             max_replay_body: DEFAULT_MAX_REPLAY_BODY,
             reload_interval: Duration::from_secs(1),
+            telemetry_interval: DEFAULT_TELEMETRY_INTERVAL,
             control: None,
             health_check: crate::health::HealthCheck::Tcp,
             health_interval: Duration::from_secs(2),

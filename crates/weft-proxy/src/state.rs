@@ -51,6 +51,8 @@ pub struct SharedState {
     pub config: ArcSwap<ServingConfig>,
     pub endpoints: EndpointRegistry,
     pub metrics: Metrics,
+    /// Golden signals for the control plane (off without one).
+    pub telemetry: crate::telemetry::Telemetry,
     pub connector: Connector,
     /// `namespace/service` of this proxy, the metric label for its own side.
     pub own_label: Arc<str>,
@@ -88,6 +90,9 @@ impl SharedState {
             h2_keepalive: settings.h2_keepalive,
             revocations: Arc::default(),
         };
+        let telemetry_interval =
+            Some(settings.telemetry_interval).filter(|i| settings.control.is_some() && !i.is_zero());
+        let telemetry = crate::telemetry::Telemetry::new(telemetry_interval);
         let inbound_limiter = Arc::new(Limiter::default());
         inbound_limiter.set_limits(&weft_model::spec::ConnectionLimitsSpec {
             max_connections: u32::MAX,
@@ -106,6 +111,7 @@ impl SharedState {
             }),
             endpoints: EndpointRegistry::default(),
             metrics: Metrics::new(),
+            telemetry,
             connector,
             own_label,
             inbound_limiter,

@@ -14,20 +14,22 @@ use crate::{
     metrics::{TcpBytesLabels, TcpLabels},
     settings::UpstreamListener,
     state::SharedState,
+    telemetry::{Direction, OpenConnection, TcpKey},
     transport,
 };
 
 /// Tries to connect to different endpoints before giving up on a TCP client.
 const CONNECT_TRIES: usize = 3;
 
-/// Copies bytes both ways until both sides close, then counts them.
+/// Copies bytes both ways until both sides close, then counts them; returns them
+/// (toward the destination, and back).
 pub async fn relay(
     state: &SharedState,
     direction: &'static str,
     destination: Arc<str>,
     mut client: impl AsyncRead + AsyncWrite + Unpin,
     mut upstream: impl AsyncRead + AsyncWrite + Unpin,
-) {
+) -> (u64, u64) {
     state
         .metrics
         .tcp_connections
@@ -43,6 +45,7 @@ pub async fn relay(
     let bytes = |flow| TcpBytesLabels { direction, destination_service: destination.clone(), flow };
     state.metrics.tcp_bytes.get_or_create(&bytes("sent")).inc_by(sent);
     state.metrics.tcp_bytes.get_or_create(&bytes("received")).inc_by(received);
+    (sent, received)
 }
 
 /// Serves one client of an `--upstream` listener: picks an endpoint of the Service
@@ -85,12 +88,22 @@ pub async fn serve_upstream_client(state: Arc<SharedState>, upstream: Arc<Upstre
             Ok(stream) => {
                 backend.record_try(&endpoint, TryOutcome::Success, started.elapsed(), &state.metrics);
                 let _in_flight = endpoint.start_request();
+                let key = state.telemetry.enabled().then(|| TcpKey {
+                    direction: Direction::Outbound,
+                    peer: endpoint.key.identity.clone(),
+                    destination: backend.name.clone(),
+                    tls: endpoint.is_meshed(),
+                });
+                let mut connection = OpenConnection::open(key);
                 let peer = stream.peer();
                 let relayed = relay(&state, "outbound", backend.name.clone(), client, stream);
                 match peer {
-                    None => relayed.await,
+                    None => {
+                        let (sent, received) = relayed.await;
+                        connection.relayed(sent, received);
+                    }
                     Some(peer) => tokio::select! {
-                        () = relayed => {}
+                        (sent, received) = relayed => connection.relayed(sent, received),
                         () = state.connector.revocations.until_revoked(peer.identity.clone(), peer.serial) => {
                             tracing::info!(peer = %peer.identity, "closed a TCP connection to a revoked peer");
                         }

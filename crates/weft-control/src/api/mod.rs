@@ -136,6 +136,10 @@ impl IntoResponse for ApiError {
 
 /// The control plane's own metrics, in Prometheus text format.
 async fn metrics(State(hub): State<Arc<Hub>>) -> impl IntoResponse {
+    hub.metrics.connected_proxies.set(hub.local_proxy_count() as i64);
+    let (series, bytes) = hub.aggregator.footprint();
+    hub.metrics.telemetry_series.set(series as i64);
+    hub.metrics.telemetry_bytes.set(bytes as i64);
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], hub.metrics.encode())
 }
 

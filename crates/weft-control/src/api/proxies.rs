@@ -128,7 +128,9 @@ fn present_on(hub: &Hub, replica: &str) -> Vec<ProxyRecord> {
             last_nack: None,
             identity: entry.registration.identity,
             certificate: None,
+            admin_address: None,
             stream: 0,
+            last_report: 0,
         })
         .collect()
 }
