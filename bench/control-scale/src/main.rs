@@ -207,6 +207,7 @@ async fn simulated_proxy(
             subscriptions,
             serving_version: String::new(),
             proxy_version: "bench".into(),
+            admin_address: String::new(),
         })))
         .await?;
     sender.send(message(proxy_message::Message::Health(Health { healthy: true, detail: "bench".into() }))).await?;

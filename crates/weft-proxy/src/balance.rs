@@ -104,7 +104,8 @@ impl Backend {
         endpoint.observe_rtt(latency, now);
         if let Some(length) = endpoint.record_outcome(outcome, &self.outlier_detection, now, || self.may_eject()) {
             tracing::warn!(service = %self.name, endpoint = %endpoint.address, ?length, "endpoint ejected by outlier detection");
-            let labels = EjectionLabels { service: self.name.clone(), endpoint: endpoint.address.to_string() };
+            let labels =
+                EjectionLabels { destination_service: self.name.clone(), endpoint: endpoint.address.to_string() };
             metrics.ejections.get_or_create(&labels).inc();
         }
     }

@@ -71,10 +71,11 @@ pub struct RetryLabels {
     pub outcome: &'static str,
 }
 
-/// Labels of `weft_ejections_total`.
+/// Labels of `weft_ejections_total`. `destination_service`, not `service`: Prometheus
+/// service discovery labels every target with its own `service`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EjectionLabels {
-    pub service: Arc<str>,
+    pub destination_service: Arc<str>,
     pub endpoint: String,
 }
 

@@ -12,6 +12,7 @@ mod context;
 mod demo;
 mod demo_app;
 mod operations;
+mod stat;
 use clap::{Args, Parser, Subcommand};
 use weft_model::GoDuration;
 use weft_proxy::{ProxySettings, UpstreamListener};
@@ -122,6 +123,31 @@ enum Command {
     /// Cut off a compromised identity or certificate, mesh-wide, at once.
     #[command(subcommand)]
     Revoke(RevokeCommand),
+    /// Golden signals, aggregated by the control plane: success rate, requests per
+    /// second, latency percentiles, TCP connections and mutual-TLS share of `services`,
+    /// `workloads`, `routes` (per backend, with tries and retries) or `edges` (caller to
+    /// callee, with identities); also `authz` (decisions by policy) and `endpoints`
+    /// (what proxies learned of each endpoint).
+    Stat {
+        /// services, workloads, routes, edges, authz or endpoints.
+        view: String,
+        /// Only this Service (routes: this Service or route), or workload.
+        name: Option<String>,
+        /// Only this namespace (all by default).
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// The window: the last 10s, 1m, 10m or 1h.
+        #[arg(short = 'w', long, default_value = "1m", value_parser = ["10s", "1m", "10m", "1h"])]
+        window: String,
+        /// The window before the change at this store revision beside the window after
+        /// it (`weft history` shows revisions): how a canary is judged.
+        #[arg(long, value_name = "REVISION")]
+        around_revision: Option<u64>,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: cli::Output,
+        #[command(flatten)]
+        server: cli::ServerArgs,
+    },
     /// The audit log: every change, who made it, and what it changed.
     History {
         /// Only changes to this kind (`services`, `httproutes`, ..., `OperatorToken`,
@@ -452,6 +478,11 @@ struct ProxyArgs {
     /// Request bodies up to this many bytes are buffered so that they can be retried.
     #[arg(long, default_value_t = weft_proxy::settings::DEFAULT_MAX_REPLAY_BODY, value_name = "BYTES")]
     max_replay_body: usize,
+    /// With --control: how often the proxy reports its golden signals (requests,
+    /// failures, latency sketches, TCP, authorization) to the control plane, for
+    /// `weft stat`. `0` turns telemetry off: then nothing on the request path records it.
+    #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = parse_interval)]
+    telemetry_interval: GoDuration,
     /// Take configuration from control planes (discovery gRPC `HOST:PORT`s,
     /// comma-separated, tried in turn) instead of --config. With --service and
     /// --app-addr, the proxy also registers its workload there.
@@ -503,6 +534,14 @@ struct ProxyArgs {
     app: Vec<String>,
 }
 
+/// A duration, or a bare `0` for "off".
+fn parse_interval(text: &str) -> Result<GoDuration, String> {
+    if text == "0" {
+        return Ok(GoDuration::default());
+    }
+    text.parse()
+}
+
 fn parse_label(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
         Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
@@ -538,6 +577,7 @@ impl ProxyArgs {
         }
         settings.drain_timeout = self.drain_timeout.get();
         settings.max_replay_body = self.max_replay_body;
+        settings.telemetry_interval = self.telemetry_interval.get();
         settings.health_check = self.health_check;
         settings.health_interval = self.health_interval.get();
         settings.app_command = self.app;
@@ -743,6 +783,17 @@ fn run(command: Command) -> anyhow::Result<()> {
             block_on(operations::list_revocations(&server, output))
         }
         Command::Revoke(RevokeCommand::Undo { what, server }) => block_on(operations::undo_revocation(&server, &what)),
+        Command::Stat { view, name, namespace, window, around_revision, output, server } => block_on(async {
+            let request = stat::StatRequest {
+                view: &view,
+                name: name.as_deref(),
+                namespace: namespace.as_deref(),
+                window: &window,
+                around_revision,
+                output,
+            };
+            stat::stat(&cli::ApiClient::new(&server)?, request).await
+        }),
         Command::History { kind, name, limit, output, server } => {
             block_on(operations::history(&server, kind.as_deref(), name.as_deref(), limit, output))
         }

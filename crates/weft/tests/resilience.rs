@@ -80,7 +80,7 @@ async fn a_failing_endpoint_is_ejected_and_retries_hide_its_errors() {
     assert!(statuses.iter().all(|&s| s == 200), "clients saw errors: {statuses:?}");
     let hits_after_ejection = failing.hits();
     assert!(hits_after_ejection <= 4, "the failing endpoint was ejected quickly: {hits_after_ejection} hits");
-    assert_eq!(proxy.metric_sum("weft_ejections_total", &["service=\"default/svc\""]).await, 1.0);
+    assert_eq!(proxy.metric_sum("weft_ejections_total", &["destination_service=\"default/svc\""]).await, 1.0);
     assert!(proxy.metric_sum("weft_retries_total", &["outcome=\"retried\""]).await >= 1.0);
     let statuses = load(&proxy, 50, 2).await;
     assert!(statuses.iter().all(|&s| s == 200));

@@ -9,7 +9,8 @@
 //! judges every document with the same parser the proxies use, and names the source, the
 //! document and the field path in its refusal. [`resources`] serves the resources,
 //! [`operations`] tokens, revocations, the CA and the audit log, [`proxies`] the
-//! connected proxies and workloads; [`body`] reads write bodies within their limit.
+//! connected proxies and workloads (and Prometheus's service discovery of them),
+//! [`stat`] the golden signals; [`body`] reads write bodies within their limit.
 //! `/metrics` (viewer) counts responses by status and refused discovery streams.
 
 mod auth;
@@ -17,6 +18,7 @@ mod body;
 mod operations;
 mod proxies;
 mod resources;
+mod stat;
 
 use std::sync::Arc;
 
@@ -67,6 +69,9 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/api/v1/services/{namespace}/{name}/describe", get(resources::describe))
         .route("/api/v1/workloads/{namespace}/{name}/describe", get(proxies::describe_workload))
         .route("/api/v1/proxies", get(proxies::proxies))
+        .route("/api/v1/prometheus/targets", get(proxies::prometheus_targets))
+        .route("/api/v1/stat/{view}", get(stat::stat))
+        .route("/api/v1/ca/bundle", get(ca_bundle))
         .route("/api/v1/history", get(operations::history))
         .route("/api/v1/revocations", get(operations::list_revocations))
         .route("/api/v1/whoami", get(operations::whoami))
@@ -154,6 +159,12 @@ async fn count_response(
     let labels = crate::metrics::ApiResponseLabels { status: response.status().as_u16() };
     state.hub.metrics.api_responses.get_or_create(&labels).inc();
     response
+}
+
+/// The mesh's root certificates (PEM): what a Prometheus (or any client that is not the
+/// CLI) needs to verify the API's certificate when it comes from the mesh CA.
+async fn ca_bundle(State(hub): State<Arc<Hub>>) -> impl IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "application/x-pem-file")], hub.trust_bundle())
 }
 
 async fn status(State(hub): State<Arc<Hub>>) -> Json<serde_json::Value> {

@@ -56,6 +56,38 @@ async fn every_proxy(hub: &Hub) -> (Vec<ProxyRecord>, Vec<serde_json::Value>) {
     (items, unreachable)
 }
 
+/// `GET /api/v1/prometheus/targets`: every connected proxy's admin address, in
+/// Prometheus's HTTP service-discovery format, labelled with its namespace, Service,
+/// workload (proxy id) and zone, and the replica that holds it. Prometheus presents a
+/// viewer token as its bearer credential (`http_sd_configs.authorization`).
+pub(super) async fn prometheus_targets(State(hub): State<Arc<Hub>>) -> Json<serde_json::Value> {
+    let (proxies, _) = every_proxy(&hub).await;
+    let zones: std::collections::HashMap<(String, String), Option<String>> = hub
+        .registry
+        .entries()
+        .into_iter()
+        .map(|e| ((e.registration.namespace, e.registration.proxy_id), e.registration.zone))
+        .collect();
+    let groups: Vec<serde_json::Value> = proxies
+        .into_iter()
+        .filter_map(|proxy| {
+            let address = proxy.admin_address.clone()?;
+            let zone = zones.get(&(proxy.namespace.clone(), proxy.proxy_id.clone())).cloned().flatten();
+            Some(json!({
+                "targets": [address],
+                "labels": {
+                    "namespace": proxy.namespace,
+                    "service": proxy.service.unwrap_or_default(),
+                    "workload": proxy.proxy_id,
+                    "zone": zone.unwrap_or_default(),
+                    "control_plane": proxy.control_plane,
+                },
+            }))
+        })
+        .collect();
+    Json(serde_json::Value::Array(groups))
+}
+
 /// One workload: its resource (registered or declared), its registration's health, and
 /// its proxy with the identity and certificate it presents.
 pub(super) async fn describe_workload(
