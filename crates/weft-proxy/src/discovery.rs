@@ -154,9 +154,12 @@ pub fn start(
     let (outgoing, requests) = mpsc::unbounded_channel();
     let (applied, _) = watch::channel(0);
     let (health, _) = watch::channel((false, "not checked yet".to_string()));
+    // The Services `--upstream` listeners relay to are known from the start: a TCP
+    // client names no host to discover them by.
+    let upstreams = state.settings.upstreams.iter().flat_map(|u| candidates(&u.service, &state.settings.namespace));
     let handle = Arc::new(DiscoveryHandle {
         outgoing,
-        subscribed: Mutex::new(BTreeSet::new()),
+        subscribed: Mutex::new(upstreams.collect()),
         missing: Mutex::new(BTreeSet::new()),
         applied,
         health,

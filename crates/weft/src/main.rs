@@ -166,7 +166,7 @@ enum Command {
     /// Named contexts (server, token file), like kubeconfig's.
     #[command(subcommand)]
     Context(ContextCommand),
-    /// The mesh's certificate authority: rotate its root.
+    /// The mesh's certificate authority: its roots, and rotating them.
     #[command(subcommand)]
     Ca(CaCommand),
     /// Check a configuration file without running anything; prints every error.
@@ -309,6 +309,12 @@ enum ContextCommand {
 /// `weft ca ...`.
 #[derive(Subcommand)]
 enum CaCommand {
+    /// Print the mesh's root certificates (PEM), for clients other than the CLI that
+    /// verify the API: Prometheus's `tls_config.ca_file`, curl's `--cacert`.
+    Bundle {
+        #[command(flatten)]
+        server: cli::ServerArgs,
+    },
     /// Start a root rotation: a new root signs from now on; the old one stays trusted
     /// (and join tokens made for it still work) until the rotation is finished.
     Rotate {
@@ -803,6 +809,11 @@ fn run(command: Command) -> anyhow::Result<()> {
             context::set(context::Context { name, server, token_file, ca_file }, make_current)
         }
         Command::Context(ContextCommand::Delete { name }) => context::delete(&name),
+        Command::Ca(CaCommand::Bundle { server }) => block_on(async {
+            let answer = cli::ApiClient::new(&server)?.call(http::Method::GET, "/api/v1/ca/bundle", None).await?;
+            print!("{}", answer["bundle"].as_str().unwrap_or_default());
+            Ok(())
+        }),
         Command::Ca(CaCommand::Rotate { server }) => {
             block_on(async { operations::ca(&cli::ApiClient::new(&server)?, None).await })
         }

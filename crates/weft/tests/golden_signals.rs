@@ -494,3 +494,76 @@ async fn stat_needs_a_viewer_token_and_no_more() {
     assert_eq!(group["labels"]["namespace"], "default");
     assert_eq!(group["targets"][0], _web.admin.to_string());
 }
+
+/// An answer's rows without what depends on the instant it was computed (rates divide
+/// by the time the window covers, up to now).
+fn timeless(answer: &Value) -> Value {
+    let mut rows = answer["rows"].clone();
+    fn strip(value: &mut Value) {
+        match value {
+            Value::Object(map) => {
+                map.remove("rps");
+                map.values_mut().for_each(strip);
+            }
+            Value::Array(items) => items.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    strip(&mut rows);
+    rows
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_etcd_each_answer_for_the_whole_mesh() {
+    let dir = TempDir::new("stat-replicas");
+    let Some(etcd) = support::Etcd::start(&dir, "etcd").await else { return };
+    let key = dir.write("ca-encryption.key", &"ab".repeat(32)).display().to_string();
+    let store = etcd.store();
+    let flags = ["--store", store.as_str(), "--ca-encryption-key", &key];
+    let a = Control::start_on(&dir, "control-a", &dir.0.join("a"), &flags).await;
+    let mut b = Control::start_on(&dir, "control-b", &dir.0.join("b"), &flags).await;
+    b.token_file = a.token_file.clone();
+    let (server, token) = (b.server(), b.admin_token());
+    eventually(Duration::from_secs(20), "each replica to list both", || {
+        let (server, token) = (&server, &token);
+        async move {
+            let (_, status) =
+                support::api_request(server, Some(token), "GET", "/api/v1/status", None, None).await.ok()?;
+            (status["replicas"].as_array()?.len() == 2).then_some(())
+        }
+    })
+    .await;
+    // reviews reports to B, web to A: each replica holds half of the mesh's telemetry.
+    let (reviews_app, web_app) = (TestApp::start("reviews").await, TestApp::start("web").await);
+    let reviews = sidecar(&dir, &b, "reviews", "reviews", reviews_app.address, &[]).await;
+    let web = sidecar(&dir, &a, "web", "web", web_app.address, &[]).await;
+    let observed = Arc::new(Mutex::new(Observed::default()));
+    eventually(Duration::from_secs(10), "reviews through the mesh", || {
+        let observed = observed.clone();
+        async move {
+            send(web.outbound, "reviews", 1, 1, &observed).await;
+            (observed.lock().unwrap().requests.last()?.2 == "reviews").then_some(())
+        }
+    })
+    .await;
+    send(web.outbound, "reviews", 100, 4, &observed).await;
+    let sent = observed.lock().unwrap().requests.len() as u64;
+    for control in [&a, &b] {
+        eventually(Duration::from_secs(20), "both sides of the edge on this replica", || {
+            let services = stat(control, &["services", "reviews", "-w", "10m"]);
+            let routes = stat(control, &["routes", "reviews", "-w", "10m"]);
+            async move {
+                let served = row(&services, "name", "reviews")?["requests"] == sent;
+                let routed = row(&routes, "service", "reviews")?["requests"] == sent;
+                (served && routed).then_some(())
+            }
+        })
+        .await;
+    }
+    for view in ["services", "workloads", "routes", "edges", "authz"] {
+        let (from_a, from_b) = (stat(&a, &[view, "-w", "10m"]), stat(&b, &[view, "-w", "10m"]));
+        assert_eq!(timeless(&from_a), timeless(&from_b), "{view}: A and B answer alike");
+        assert_eq!(from_a["unreachableReplicas"], Value::Array(vec![]));
+    }
+    drop((reviews, web));
+}

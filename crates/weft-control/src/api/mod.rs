@@ -161,10 +161,11 @@ async fn count_response(
     response
 }
 
-/// The mesh's root certificates (PEM): what a Prometheus (or any client that is not the
-/// CLI) needs to verify the API's certificate when it comes from the mesh CA.
-async fn ca_bundle(State(hub): State<Arc<Hub>>) -> impl IntoResponse {
-    ([(axum::http::header::CONTENT_TYPE, "application/x-pem-file")], hub.trust_bundle())
+/// The mesh's root certificates (`{"bundle": PEM}`): what Prometheus (or any client that
+/// is not the CLI) needs to verify the API's certificate when the mesh CA issued it.
+/// `weft ca bundle` prints the PEM.
+async fn ca_bundle(State(hub): State<Arc<Hub>>) -> Json<serde_json::Value> {
+    Json(json!({"bundle": hub.trust_bundle(), "caRoots": hub.ca().root_hashes()}))
 }
 
 async fn status(State(hub): State<Arc<Hub>>) -> Json<serde_json::Value> {
