@@ -31,14 +31,15 @@ def wait_port(port, what="a process", timeout=15, log_dir=None):
     raise SystemExit(f"{what}: nothing listens on port {port} after {timeout}s{logs}")
 
 
-def mtls_pair(weft, tmp, name, upstream, spawn_control, spawn_proxy, tcp=False, timeout=30):
+def mtls_pair(weft, tmp, name, upstream, spawn_control, spawn_proxy, tcp=False, timeout=30, proxy_args=()):
     """A control plane, an inbound proxy registered as `upstream` for the application on
     port `upstream`, and an outbound proxy, each joined with its own token: every hop
     between the proxies is mutual TLS. The spawn callbacks start a process from its
     arguments (the caller decides what is measured). Returns the port a client uses: the
     outbound listener (Host `upstream`), or with tcp=True an opaque TCP port the outbound
     forwards to `upstream`. Waits (up to `timeout` seconds) until a request through the
-    mesh succeeds, since the outbound discovers `upstream` on first use."""
+    mesh succeeds, since the outbound discovers `upstream` on first use. `proxy_args` go to
+    both proxies (e.g. `--telemetry-interval 0`)."""
     data = os.path.join(tmp, f"{name}-control")
     api, grpc = free_port(), free_port()
     spawn_control([weft, "control", "--api-addr", f"127.0.0.1:{api}", "--grpc-addr", f"127.0.0.1:{grpc}",
@@ -59,9 +60,9 @@ def mtls_pair(weft, tmp, name, upstream, spawn_control, spawn_proxy, tcp=False, 
     spawn_proxy([weft, "proxy", "--control", f"127.0.0.1:{grpc}", "--token-file", token("upstream"),
                  "--service", "upstream", "--app-addr", f"127.0.0.1:{upstream}", "--inbound-addr",
                  f"127.0.0.1:{inbound}", "--outbound-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
-                 "--log", "warn"])
+                 "--log", "warn", *proxy_args])
     args = [weft, "proxy", "--control", f"127.0.0.1:{grpc}", "--token-file", token("client"),
-            "--outbound-addr", f"127.0.0.1:{outbound}", "--admin-addr", "127.0.0.1:0", "--log", "warn"]
+            "--outbound-addr", f"127.0.0.1:{outbound}", "--admin-addr", "127.0.0.1:0", "--log", "warn", *proxy_args]
     if tcp:
         args += ["--upstream", f"upstream:80=127.0.0.1:{tcp_port}"]
     spawn_proxy(args)

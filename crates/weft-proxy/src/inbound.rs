@@ -7,7 +7,7 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
-use crate::telemetry::{self, Answered, Direction, OpenConnection, RowKind, RowRef, TcpKey};
+use crate::telemetry::{self, Answered, Direction, OpenConnection, RowRef, TcpKey};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -348,12 +348,11 @@ fn observe(
     let empty = empty_label();
     let row = RowRef {
         direction: Direction::Inbound,
-        kind: RowKind::Request,
         peer: peer.map(|p| &p.principal),
         destination: &state.own_label,
         route: &empty,
         backend: &empty,
         tls: peer.is_some(),
     };
-    Answered { rows: [Some(row), None], latency, retries: 0 }.record(response, grpc, transport_error)
+    Answered { row, latency, retries: 0, try_latency: None }.record(response, grpc, transport_error)
 }

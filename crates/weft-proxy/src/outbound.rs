@@ -7,7 +7,10 @@
 //! the endpoint. A backend Service's own routes are not applied again.
 
 use std::{
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -33,7 +36,7 @@ use crate::{
     protocol_errors::broken_body,
     retry::{backoff, is_idempotent, RetryBudget, TryEnd},
     state::{ServingConfig, SharedState},
-    telemetry::{self, Answered, Direction, RowKind, RowRef},
+    telemetry::{self, Answered, Direction, RowRef},
     transport::Upstream,
 };
 
@@ -44,8 +47,14 @@ pub(crate) struct Routed {
     /// The backend Service the request went to (empty until one is chosen).
     backend: Arc<str>,
     /// The try whose response (or failure) the caller gets, as the retry loop last set
-    /// it. A lock because the exchange must stay `Send`; it is never contended.
+    /// it. A lock because the exchange must stay `Send`; it is never contended, and taken
+    /// once per try.
     answering: Mutex<AnsweringTry>,
+    /// Whether the last try's response is the caller's, so that its try is counted with
+    /// the request (the retry loop counts every other try as it ends).
+    answered: AtomicBool,
+    /// Whether the caller speaks gRPC (its outcome is read from `grpc-status`).
+    grpc: bool,
 }
 
 /// The last try of a request.
@@ -54,9 +63,8 @@ struct AnsweringTry {
     endpoint: Option<Arc<EndpointState>>,
     /// Tries sent so far.
     tries: u32,
-    /// Whether its response is the caller's, so its try row is counted with the request
-    /// (the retry loop counted every other try as it ended).
-    answered: bool,
+    /// When the last try started.
+    started: Option<Instant>,
 }
 
 impl AnsweringTry {
@@ -89,6 +97,8 @@ pub async fn handle(
         route: empty_label(),
         backend: empty_label(),
         answering: Mutex::default(),
+        answered: AtomicBool::new(false),
+        grpc,
     };
     let result = route_request(&state, &config, request, &mut routed).await;
     let (response, error, transport_error) = match result {
@@ -117,17 +127,20 @@ pub async fn handle(
         return Ok(response);
     }
     let peer = answering.endpoint.as_ref().and_then(|endpoint| endpoint.key.identity.as_ref());
-    let request_row = RowRef {
+    let row = RowRef {
         direction: Direction::Outbound,
-        kind: RowKind::Request,
         peer,
         destination: &routed.destination,
         route: &routed.route,
         backend: &routed.backend,
         tls,
     };
-    let try_row = answering.answered.then_some(RowRef { kind: RowKind::Try, ..request_row });
-    let answered = Answered { rows: [Some(request_row), try_row], latency, retries: answering.tries.saturating_sub(1) };
+    // The answering try's own time: the request's, less what passed before it started.
+    let try_latency = answering
+        .started
+        .filter(|_| routed.answered.load(Ordering::Relaxed))
+        .map(|try_started| latency.saturating_sub(try_started.saturating_duration_since(started)));
+    let answered = Answered { row, latency, retries: answering.tries.saturating_sub(1), try_latency };
     Ok(answered.record(response, grpc, transport_error))
 }
 
@@ -136,25 +149,25 @@ impl Routed {
         self.answering.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Notes the `attempt`-th try, to `endpoint`.
-    fn start_try(&self, endpoint: &Arc<EndpointState>, attempt: u32) {
+    /// Notes the `attempt`-th try, to `endpoint`, started at `started`.
+    fn start_try(&self, endpoint: &Arc<EndpointState>, attempt: u32, started: Instant) {
         let mut answering = self.answering();
         answering.endpoint = Some(endpoint.clone());
         answering.tries = attempt;
+        answering.started = Some(started);
     }
 
     /// Counts a try that did not answer the caller (retried, or failed) on its row.
     fn record_try(&self, endpoint: &EndpointState, outcome: weft_api::signals::Outcome, latency: Duration) {
         let row = RowRef {
             direction: Direction::Outbound,
-            kind: RowKind::Try,
             peer: endpoint.key.identity.as_ref(),
             destination: &self.destination,
             route: &self.route,
             backend: &self.backend,
             tls: endpoint.is_meshed(),
         };
-        telemetry::record_request(row, outcome, latency, 0);
+        telemetry::record_try(row, outcome, latency);
     }
 }
 
@@ -408,7 +421,6 @@ async fn send_with_retries(
             backend.limiter.start_request().map_err(|e| ProxyFailure::Overloaded(format!("{}: {e}", backend.name)))?;
         let endpoint =
             backend.pick(avoid.as_deref()).ok_or_else(|| ProxyFailure::NoEndpoints(backend.name.to_string()))?.clone();
-        routed.start_try(&endpoint, attempt);
         let request = match unsent.take() {
             Some(request) => *request,
             None => {
@@ -426,6 +438,7 @@ async fn send_with_retries(
         };
         let in_flight = endpoint.start_request();
         let started = Instant::now();
+        routed.start_try(&endpoint, attempt, started);
         let send = state.connector.send(Upstream::Endpoint(&endpoint), wire, &backend.limiter, request);
         let result = match try_timeout {
             Some(limit) => tokio::time::timeout(limit, send)
@@ -460,9 +473,9 @@ async fn send_with_retries(
             // The try that answers the caller is counted with the request, when its
             // outcome is known (a gRPC status may come in trailers); every other now.
             match &result {
-                Ok(_) if !retrying => routed.answering().answered = true,
+                Ok(_) if !retrying => routed.answered.store(true, Ordering::Relaxed),
                 Ok(response) => {
-                    let outcome = telemetry::outcome_of(response.status().as_u16(), response.headers());
+                    let outcome = telemetry::outcome_of(response.status().as_u16(), response.headers(), routed.grpc);
                     routed.record_try(&endpoint, outcome, elapsed)
                 }
                 Err(_) => routed.record_try(&endpoint, weft_api::signals::Outcome::TransportError, elapsed),
@@ -530,9 +543,9 @@ async fn send_upgrade(
     let permit =
         backend.limiter.start_request().map_err(|e| ProxyFailure::Overloaded(format!("{}: {e}", backend.name)))?;
     let endpoint = backend.pick(None).ok_or_else(|| ProxyFailure::NoEndpoints(backend.name.to_string()))?.clone();
-    routed.start_try(&endpoint, 1);
+    routed.start_try(&endpoint, 1, Instant::now());
     // One try, whose answer (or failure) is the caller's.
-    routed.answering().answered = true;
+    routed.answered.store(true, Ordering::Relaxed);
     forward::prepare(&mut parts, authority, crate::pool::Wire::Http1, true);
     let request = Request::from_parts(parts, body::boxed(incoming));
     let mut response =

@@ -64,20 +64,13 @@ pub enum Direction {
     Inbound,
 }
 
-/// What a request row counts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum RowKind {
-    /// Requests as the caller saw them, after retries.
-    Request,
-    /// Each try sent to a backend.
-    Try,
-}
-
-/// One request row, by reference: what the request path has at hand.
+/// One request row, by reference: what the request path has at hand. A row counts
+/// requests as the caller saw them (after retries), and, apart, each try sent to a
+/// backend: both under one key, so that a request and the try that answered it cost one
+/// lookup.
 #[derive(Clone, Copy)]
 pub struct RowRef<'a> {
     pub direction: Direction,
-    pub kind: RowKind,
     /// The other side's SPIFFE ID (outbound: the endpoint's; inbound: the caller's).
     pub peer: Option<&'a Arc<str>>,
     pub destination: &'a Arc<str>,
@@ -90,7 +83,6 @@ pub struct RowRef<'a> {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RowKey {
     pub direction: Direction,
-    pub kind: RowKind,
     pub peer: Option<Arc<str>>,
     pub destination: Arc<str>,
     pub route: Arc<str>,
@@ -102,7 +94,6 @@ impl RowRef<'_> {
     fn owned(&self) -> RowKey {
         RowKey {
             direction: self.direction,
-            kind: self.kind,
             peer: self.peer.cloned(),
             destination: self.destination.clone(),
             route: self.route.clone(),
@@ -116,7 +107,6 @@ impl RowRef<'_> {
     fn pointer_id(&self) -> RowPointers {
         RowPointers {
             direction: self.direction,
-            kind: self.kind,
             peer: self.peer.map_or(0, |peer| Arc::as_ptr(peer) as *const u8 as usize),
             destination: Arc::as_ptr(self.destination) as *const u8 as usize,
             route: Arc::as_ptr(self.route) as *const u8 as usize,
@@ -130,7 +120,6 @@ impl RowKey {
     fn as_ref(&self) -> RowRef<'_> {
         RowRef {
             direction: self.direction,
-            kind: self.kind,
             peer: self.peer.as_ref(),
             destination: &self.destination,
             route: &self.route,
@@ -143,12 +132,25 @@ impl RowKey {
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct RowPointers {
     direction: Direction,
-    kind: RowKind,
     peer: usize,
     destination: usize,
     route: usize,
     backend: usize,
     tls: bool,
+}
+
+/// A row's signals: its requests (after retries) and, apart, its tries.
+#[derive(Clone, Debug, Default)]
+struct RowSignals {
+    requests: Signals,
+    tries: Signals,
+}
+
+impl RowSignals {
+    fn merge(&mut self, other: &RowSignals) {
+        self.requests.merge(&other.requests);
+        self.tries.merge(&other.tries);
+    }
 }
 
 /// One TCP row: connections to or from the local application, or relayed to a Service.
@@ -202,7 +204,7 @@ impl TcpCounts {
 /// What one worker recorded since its last drain.
 #[derive(Default)]
 struct WorkerTable {
-    requests: HashMap<RowPointers, (RowKey, Signals), WordHashBuilder>,
+    requests: HashMap<RowPointers, (RowKey, RowSignals), WordHashBuilder>,
     tcp: HashMap<TcpPointers, (TcpKey, TcpCounts), WordHashBuilder>,
     /// Decisions by policy: [allowed, denied].
     authz: HashMap<String, [u64; 2]>,
@@ -214,20 +216,47 @@ thread_local! {
     static INTERNED: RefCell<HashSet<Arc<str>>> = RefCell::new(HashSet::new());
 }
 
-/// Counts one request on `row` that ended with `outcome` after `latency` (to the
-/// response's first byte), with `retries` retries sent for it.
-pub fn record_request(row: RowRef<'_>, outcome: Outcome, latency: Duration, retries: u32) {
+/// Runs `record` on `row`'s signals in this worker's table: one hash lookup when the row
+/// is there (the common case), a second only to insert it.
+fn with_row(row: RowRef<'_>, record: impl FnOnce(&mut RowSignals)) {
     WORKER.with(|table| {
         let mut table = table.borrow_mut();
         let id = row.pointer_id();
-        if !table.requests.contains_key(&id) && table.requests.len() >= MAX_WORKER_ROWS {
+        if let Some((_, signals)) = table.requests.get_mut(&id) {
+            record(signals);
+            return;
+        }
+        if table.requests.len() >= MAX_WORKER_ROWS {
             table.dropped += 1;
             return;
         }
-        let (_, signals) = table.requests.entry(id).or_insert_with(|| (row.owned(), Signals::default()));
-        signals.record(outcome, latency);
-        signals.retries += u64::from(retries);
+        let (_, signals) = table.requests.entry(id).or_insert_with(|| (row.owned(), RowSignals::default()));
+        record(signals);
     });
+}
+
+/// Counts one request on `row` that ended with `outcome` after `latency` (to the
+/// response's first byte), with `retries` retries sent for it; and, when a try answered
+/// it, that try (`try_latency`: its own time) with the same outcome.
+pub fn record_request(
+    row: RowRef<'_>,
+    outcome: Outcome,
+    latency: Duration,
+    retries: u32,
+    try_latency: Option<Duration>,
+) {
+    with_row(row, |signals| {
+        signals.requests.record(outcome, latency);
+        signals.requests.retries += u64::from(retries);
+        if let Some(try_latency) = try_latency {
+            signals.tries.record(outcome, try_latency);
+        }
+    });
+}
+
+/// Counts one try on `row` that did not answer the caller (it was retried, or failed).
+pub fn record_try(row: RowRef<'_>, outcome: Outcome, latency: Duration) {
+    with_row(row, |signals| signals.tries.record(outcome, latency));
 }
 
 /// Counts one authorization decision by its deciding policy.
@@ -328,7 +357,7 @@ pub struct Telemetry {
 
 /// What the workers drained and the reporter has not sent yet, keyed by value.
 struct Pending {
-    requests: HashMap<RowKey, Signals>,
+    requests: HashMap<RowKey, RowSignals>,
     tcp: HashMap<TcpKey, TcpCounts>,
     authz: HashMap<String, [u64; 2]>,
     dropped: u64,
@@ -420,22 +449,25 @@ impl Telemetry {
         let now = Instant::now();
         let interval = now.duration_since(pending.since);
         pending.since = now;
-        let requests = std::mem::take(&mut pending.requests)
-            .into_iter()
-            .map(|(key, signals)| proto::RequestRow {
+        let mut requests = Vec::new();
+        for (key, signals) in std::mem::take(&mut pending.requests) {
+            let row = |kind: proto::RowKind, signals: &Signals| proto::RequestRow {
                 direction: wire_direction(key.direction) as i32,
-                kind: match key.kind {
-                    RowKind::Request => proto::RowKind::Request,
-                    RowKind::Try => proto::RowKind::Try,
-                } as i32,
+                kind: kind as i32,
                 peer_identity: key.peer.as_deref().unwrap_or_default().to_string(),
                 destination: key.destination.to_string(),
                 route: key.route.to_string(),
                 backend: key.backend.to_string(),
                 tls: key.tls,
-                signals: Some((&signals).into()),
-            })
-            .collect();
+                signals: Some(signals.into()),
+            };
+            if signals.requests.requests > 0 {
+                requests.push(row(proto::RowKind::Request, &signals.requests));
+            }
+            if signals.tries.requests > 0 {
+                requests.push(row(proto::RowKind::Try, &signals.tries));
+            }
+        }
         let mut tcp = Vec::new();
         pending.tcp.retain(|key, counts| {
             if *counts != TcpCounts::default() {
@@ -505,54 +537,56 @@ fn endpoint_rows(state: &SharedState) -> Vec<proto::EndpointRow> {
     rows
 }
 
-/// The outcome of a response as the signals judge it, from its status and the
-/// `grpc-status` of its head (a trailers-only gRPC response carries it there).
-pub fn outcome_of(status: u16, headers: &http::HeaderMap) -> Outcome {
-    Outcome::Response { status, grpc_status: grpc_status(headers) }
+/// The outcome of a response as the signals judge it, from its status and, for gRPC,
+/// the `grpc-status` of its head (a trailers-only gRPC response carries it there). Other
+/// responses are not searched for it: a header lookup is not free.
+pub fn outcome_of(status: u16, headers: &http::HeaderMap, grpc: bool) -> Outcome {
+    Outcome::Response { status, grpc_status: if grpc { grpc_status(headers) } else { None } }
 }
 
 fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
     headers.get("grpc-status").and_then(|value| value.to_str().ok()).and_then(|text| text.parse().ok())
 }
 
-/// The rows a finished request is counted on (its route row, and the row of the try
-/// that answered it, if one did), by reference.
+/// A finished request, as its row will count it.
 pub struct Answered<'a> {
-    pub rows: [Option<RowRef<'a>>; 2],
+    pub row: RowRef<'a>,
     /// To the response's first byte.
     pub latency: Duration,
     pub retries: u32,
+    /// The time of the try that answered, if one did (it is counted with the request).
+    pub try_latency: Option<Duration>,
 }
 
 impl Answered<'_> {
-    /// Counts the request on its rows: now, as a transport error (no response from the
+    /// Counts the request on its row: now, as a transport error (no response from the
     /// application: connect failure, reset, timeout) when `transport_error`; now, by its
     /// status, for any other response; or, for a gRPC response whose `grpc-status` is
     /// still to come in trailers, when its body ends (see [`RecordOnEnd`]).
     pub fn record(self, response: http::Response<Body>, grpc: bool, transport_error: bool) -> http::Response<Body> {
         let status = response.status().as_u16();
-        let outcome = if transport_error { Outcome::TransportError } else { outcome_of(status, response.headers()) };
+        let outcome =
+            if transport_error { Outcome::TransportError } else { outcome_of(status, response.headers(), grpc) };
         if grpc && outcome == (Outcome::Response { status: 200, grpc_status: None }) {
             let deferred = Deferred {
-                rows: self.rows.iter().flatten().map(RowRef::owned).collect(),
+                row: self.row.owned(),
                 latency: self.latency,
                 retries: self.retries,
+                try_latency: self.try_latency,
             };
             return response.map(|inner| RecordOnEnd::wrap(inner, deferred));
         }
-        for row in self.rows.iter().flatten() {
-            let retries = if row.kind == RowKind::Request { self.retries } else { 0 };
-            record_request(*row, outcome, self.latency, retries);
-        }
+        record_request(self.row, outcome, self.latency, self.retries, self.try_latency);
         response
     }
 }
 
 /// An [`Answered`] whose outcome comes when the body ends.
 struct Deferred {
-    rows: Vec<RowKey>,
+    row: RowKey,
     latency: Duration,
     retries: u32,
+    try_latency: Option<Duration>,
 }
 
 /// A gRPC response body that records its request when it ends: with the `grpc-status`
@@ -610,10 +644,7 @@ impl Drop for RecordOnEnd {
             } else {
                 Outcome::Response { status: 200, grpc_status: self.grpc_status }
             };
-            for row in &finished.rows {
-                let retries = if row.kind == RowKind::Request { finished.retries } else { 0 };
-                record_request(row.as_ref(), outcome, finished.latency, retries);
-            }
+            record_request(finished.row.as_ref(), outcome, finished.latency, finished.retries, finished.try_latency);
         }
     }
 }
@@ -656,18 +687,10 @@ mod tests {
     use super::*;
     use crate::metrics::empty_label;
 
-    fn key(destination: &Arc<str>, kind: RowKind) -> RowKey {
+    fn key(destination: &Arc<str>) -> RowKey {
         let empty = empty_label();
-        RowRef {
-            direction: Direction::Outbound,
-            kind,
-            peer: None,
-            destination,
-            route: &empty,
-            backend: &empty,
-            tls: false,
-        }
-        .owned()
+        RowRef { direction: Direction::Outbound, peer: None, destination, route: &empty, backend: &empty, tls: false }
+            .owned()
     }
 
     #[test]
@@ -681,9 +704,9 @@ mod tests {
         // Equal destinations in two allocations (two configuration versions).
         let (a, a_again): (Arc<str>, Arc<str>) = ("ns/a".into(), "ns/a".into());
         let ok = Outcome::Response { status: 200, grpc_status: None };
-        record_request(key(&a, RowKind::Request).as_ref(), ok, Duration::from_millis(3), 0);
-        record_request(key(&a_again, RowKind::Request).as_ref(), Outcome::TransportError, Duration::from_millis(9), 2);
-        record_request(key(&a, RowKind::Try).as_ref(), ok, Duration::from_millis(3), 0);
+        record_request(key(&a).as_ref(), ok, Duration::from_millis(3), 0, Some(Duration::from_millis(2)));
+        record_request(key(&a_again).as_ref(), Outcome::TransportError, Duration::from_millis(9), 2, None);
+        record_try(key(&a).as_ref(), Outcome::TransportError, Duration::from_millis(3));
         record_authz("ns/p", true);
         record_authz("ns/p", false);
         record_authz("ns/p", false);
@@ -703,6 +726,9 @@ mod tests {
             report.requests.iter().find(|r| r.kind == proto::RowKind::Request as i32).expect("the request row");
         let signals = request.signals.as_ref().unwrap();
         assert_eq!((signals.requests, signals.failures, signals.retries), (2, 1, 2));
+        let tries = report.requests.iter().find(|r| r.kind == proto::RowKind::Try as i32).expect("the try row");
+        let signals = tries.signals.as_ref().unwrap();
+        assert_eq!((signals.requests, signals.failures), (2, 1), "the answering try and the failed one");
         assert_eq!(report.authz, [proto::AuthzRow { policy: "ns/p".into(), allowed: 1, denied: 2 }]);
         assert_eq!(report.tcp.len(), 1);
         let row = &report.tcp[0];
