@@ -16,7 +16,8 @@ warm-up and dropped; median, min and max of the rest are reported):
 Plus each proxy's peak RSS (VmHWM).
 
 With --mtls, the mutual-TLS suite instead: weft-pair (plaintext, the baseline),
-weft-mtls-pair (a real control plane, join tokens, mutual TLS between the proxies),
+weft-mtls-pair (a real control plane, join tokens, mutual TLS between the proxies, telemetry
+reported every 5 s), weft-mtls-pair-quiet (the same with --telemetry-interval 0),
 haproxy-tls-pair and envoy-tls-pair (TLS 1.3 with client certificates between the two
 proxies, made by openssl), on the same loads; plus the new-connection rate through each
 pair in TCP mode (wrk with `Connection: close`: every request is a new client
@@ -266,11 +267,14 @@ def make_certs(tmp):
     return d
 
 
-def weft_mtls_stack(tmp, name, upstream, tcp=False):
+def weft_mtls_stack(tmp, name, upstream, tcp=False, telemetry=True):
     """A control plane, an inbound proxy registered for nginx and an outbound proxy, each
-    joined with its own token: every hop between them is mutual TLS."""
+    joined with its own token: every hop between them is mutual TLS. The proxies report
+    telemetry every 5 s (the default), or, with telemetry=False, not at all."""
     stack = Stack(name, tmp)
-    port = mtls_pair(WEFT, tmp, name, upstream, lambda args: stack.spawn(args, proxy=False), stack.spawn, tcp=tcp)
+    extra = () if telemetry else ("--telemetry-interval", "0")
+    port = mtls_pair(WEFT, tmp, name, upstream, lambda args: stack.spawn(args, proxy=False), stack.spawn, tcp=tcp,
+                     proxy_args=extra)
     stack.port, stack.host = (port, "127.0.0.1") if tcp else (port, "upstream")
     return stack
 
@@ -429,6 +433,7 @@ def main():
             "direct": setups["direct"],
             "weft-pair": setups["weft-pair"],
             "weft-mtls-pair": lambda: weft_mtls_stack(tmp, "weft-mtls-pair", upstream),
+            "weft-mtls-pair-quiet": lambda: weft_mtls_stack(tmp, "weft-mtls-pair-quiet", upstream, telemetry=False),
             "haproxy-tls-pair": lambda: haproxy_tls_stack(tmp, "haproxy-tls-pair", upstream, pki),
             "envoy-tls-pair": lambda: envoy_tls_stack(tmp, "envoy-tls-pair", upstream, pki),
         }
@@ -547,6 +552,9 @@ def render_mtls(results, handshakes):
     plain_cpu, mtls_cpu = summary(results.get("weft-pair", []), "cpu_per_1k"), summary(results.get("weft-mtls-pair", []), "cpu_per_1k")
     if plain and mtls and plain_cpu and mtls_cpu:
         lines.append(f"- weft mTLS pair / weft plaintext pair: throughput ×{mtls[0] / plain[0]:.2f}, CPU per request ×{mtls_cpu[0] / plain_cpu[0]:.2f}")
+    quiet, quiet_cpu = summary(results.get("weft-mtls-pair-quiet", []), "rps"), summary(results.get("weft-mtls-pair-quiet", []), "cpu_per_1k")
+    if mtls and quiet and mtls_cpu and quiet_cpu:
+        lines.append(f"- telemetry (reported every 5 s) / none (--telemetry-interval 0), mTLS pair: throughput ×{mtls[0] / quiet[0]:.2f}, CPU per request ×{mtls_cpu[0] / quiet_cpu[0]:.2f}")
     for peer in ["haproxy", "envoy"]:
         other, other_cpu = summary(results.get(f"{peer}-tls-pair", []), "rps"), summary(results.get(f"{peer}-tls-pair", []), "cpu_per_1k")
         weft_h2, other_h2 = summary(results.get("weft-mtls-pair", []), "h2_rps"), summary(results.get(f"{peer}-tls-pair", []), "h2_rps")

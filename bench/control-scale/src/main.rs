@@ -79,8 +79,10 @@ const APPLY_CHUNK: usize = 100;
 
 /// Set once measuring is over, when the streams' ends are expected.
 static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-/// Set when the telemetry phase starts: the simulated proxies begin to report.
-static REPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// True while the telemetry phase runs: the simulated proxies report (they wait on it
+/// without waking, so that idle reporters cost the rounds before nothing).
+static REPORTING: std::sync::LazyLock<tokio::sync::watch::Sender<bool>> =
+    std::sync::LazyLock::new(|| tokio::sync::watch::channel(false).0);
 /// Reports the control plane took, and refused.
 static REPORTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 static REPORTS_REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -163,18 +165,16 @@ fn report(index: usize, sequence: u64, reporting: Reporting) -> telemetry::Proxy
 /// Sends proxy `index`'s reports over `channel` once the telemetry phase starts.
 async fn report_telemetry(index: usize, channel: tonic::transport::Channel, reporting: Reporting) {
     let mut client = telemetry::telemetry_client::TelemetryClient::new(channel);
-    while !REPORTING.load(std::sync::atomic::Ordering::Relaxed) {
-        if DONE.load(std::sync::atomic::Ordering::Relaxed) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut reporting_now = REPORTING.subscribe();
+    if reporting_now.wait_for(|on| *on).await.is_err() {
+        return;
     }
     // Spread over the interval, as proxies started at different times are.
     tokio::time::sleep(reporting.interval.mul_f64(rand::random::<f64>())).await;
     let mut tick = tokio::time::interval(reporting.interval);
     for sequence in 1.. {
         tick.tick().await;
-        if DONE.load(std::sync::atomic::Ordering::Relaxed) || !REPORTING.load(std::sync::atomic::Ordering::Relaxed) {
+        if DONE.load(std::sync::atomic::Ordering::Relaxed) || !*REPORTING.borrow() {
             return;
         }
         let counter = match client.report(report(index, sequence, reporting)).await {
@@ -304,16 +304,23 @@ fn rss_and_cpu(pid: u32) -> (f64, f64) {
     (hwm, ticks / 100.0)
 }
 
-async fn simulated_proxy(
+/// Who one simulated proxy is and what it does.
+#[derive(Clone)]
+struct Simulated {
     index: usize,
     grpc: String,
     token: JoinTokenSecret,
     subscriptions: Vec<String>,
+    reporting: Reporting,
+}
+
+async fn simulated_proxy(
+    proxy: Simulated,
     seen: Seen,
     marker: Arc<Mutex<String>>,
     connected: mpsc::Sender<()>,
-    reporting: Reporting,
 ) -> anyhow::Result<()> {
+    let Simulated { index, grpc, token, subscriptions, reporting } = proxy;
     // As a real proxy does: join with the token (a key made here, a signing request),
     // then stream over mutual TLS with the certificate.
     let settings = IdentitySettings { token, namespace: "default".into(), service_account: None };
@@ -394,7 +401,7 @@ fn gauge(metrics: &str, name: &str) -> f64 {
 async fn measure_telemetry(args: &Args, control: &ControlPlane, pid: u32) -> anyhow::Result<()> {
     let (_, cpu_before) = rss_and_cpu(pid);
     let started = Instant::now();
-    REPORTING.store(true, std::sync::atomic::Ordering::Relaxed);
+    REPORTING.send_replace(true);
     let mut queries = Vec::new();
     while started.elapsed() < Duration::from_secs(args.telemetry_seconds) {
         tokio::time::sleep(Duration::from_secs(10)).await;
@@ -412,7 +419,7 @@ async fn measure_telemetry(args: &Args, control: &ControlPlane, pid: u32) -> any
         (gauge(&metrics, "weft_control_telemetry_series"), gauge(&metrics, "weft_control_telemetry_bytes"));
     let (_, query_seconds, edges) = get(control, "/api/v1/stat/edges?window=10m").await?;
     let edges: serde_json::Value = serde_json::from_slice(&edges)?;
-    REPORTING.store(false, std::sync::atomic::Ordering::Relaxed);
+    REPORTING.send_replace(false);
     queries.sort_by(f64::total_cmp);
     let reports = REPORTS.load(std::sync::atomic::Ordering::Relaxed);
     println!(
@@ -503,22 +510,12 @@ async fn main() -> anyhow::Result<()> {
             calls: args.calls,
             interval: Duration::from_secs(args.report_interval.max(1)),
         };
+        let proxy = Simulated { index, grpc, token, subscriptions: subscriptions.into_iter().collect(), reporting };
         tokio::spawn(async move {
-            let subscriptions: Vec<String> = subscriptions.into_iter().collect();
             // As a real proxy does, start over with backoff when the stream fails.
             let mut pause = Duration::from_millis(50);
             loop {
-                let result = simulated_proxy(
-                    index,
-                    grpc.clone(),
-                    token.clone(),
-                    subscriptions.clone(),
-                    seen.clone(),
-                    marker.clone(),
-                    connected.clone(),
-                    reporting,
-                )
-                .await;
+                let result = simulated_proxy(proxy.clone(), seen.clone(), marker.clone(), connected.clone()).await;
                 if DONE.load(std::sync::atomic::Ordering::Relaxed) {
                     return;
                 }

@@ -251,15 +251,16 @@ impl LatencySketch {
     }
 }
 
-/// The same distribution as a [`LatencySketch`], stored sparsely: the occupied buckets
-/// only, as two parallel ascending arrays (10 bytes a bucket). This is the form the
+/// The same distribution as a [`LatencySketch`], stored compactly: the occupied buckets
+/// only, each as two LEB128 varints (its index's distance from the previous one, and its
+/// count), in one allocation: about 3 bytes a bucket, where the dense form spends 512
+/// bytes per power of two touched and a pair of arrays 10 a bucket. This is the form the
 /// control plane keeps in its windows, where thousands of series times dozens of slots
-/// would make the dense chunks (512 bytes per power of two touched) the bulk of its
-/// memory; recording one value at a time, the proxy's job, is what the dense form is for.
+/// make sketches the bulk of its memory; merging decodes both and encodes the sum in one
+/// pass. Recording one value at a time, the proxy's job, is what the dense form is for.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct CompactSketch {
-    indexes: Vec<u16>,
-    counts: Vec<u64>,
+    encoded: Vec<u8>,
     count: u64,
     sum_nanos: u64,
     min_nanos: u64,
@@ -272,9 +273,47 @@ impl std::fmt::Debug for CompactSketch {
             .field("count", &self.count)
             .field("min_nanos", &self.min_nanos)
             .field("max_nanos", &self.max_nanos)
-            .field("buckets", &self.indexes.len())
+            .field("buckets", &self.buckets().count())
             .finish()
     }
+}
+
+/// Appends `value` as an unsigned LEB128 varint.
+fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push(value as u8 | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+/// Reads an unsigned LEB128 varint at `*at`, moving past it. Only the encoder here
+/// writes these bytes, so they are well formed.
+fn take_varint(bytes: &[u8], at: &mut usize) -> u64 {
+    let mut value = 0u64;
+    let mut shift = 0;
+    while let Some(&byte) = bytes.get(*at) {
+        *at += 1;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            break;
+        }
+        shift += 7;
+    }
+    value
+}
+
+/// Encodes ascending (index, count) buckets.
+fn encode(buckets: impl Iterator<Item = (u32, u64)>) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut previous = 0;
+    for (index, count) in buckets {
+        put_varint(&mut out, u64::from(index - previous));
+        put_varint(&mut out, count);
+        previous = index;
+    }
+    out.shrink_to_fit();
+    out
 }
 
 impl CompactSketch {
@@ -295,12 +334,20 @@ impl CompactSketch {
 
     /// The occupied buckets, ascending: (index, count).
     pub fn buckets(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
-        self.indexes.iter().zip(&self.counts).map(|(index, count)| (u32::from(*index), *count))
+        let mut at = 0;
+        let mut index = 0u32;
+        std::iter::from_fn(move || {
+            if at >= self.encoded.len() {
+                return None;
+            }
+            index += take_varint(&self.encoded, &mut at) as u32;
+            Some((index, take_varint(&self.encoded, &mut at)))
+        })
     }
 
     /// Bytes it holds on the heap, for the control plane's memory accounting.
     pub fn heap_bytes(&self) -> usize {
-        self.indexes.capacity() * 2 + self.counts.capacity() * 8
+        self.encoded.capacity()
     }
 
     /// The `q` quantile in nanoseconds, as [`LatencySketch::quantile_nanos`].
@@ -308,7 +355,7 @@ impl CompactSketch {
         quantile(self.buckets(), self.count, self.min_nanos, self.max_nanos, q)
     }
 
-    /// Adds every latency of `other`: a linear merge of the two bucket lists.
+    /// Adds every latency of `other`: both bucket lists merged in one pass.
     pub fn merge(&mut self, other: &CompactSketch) {
         if other.count == 0 {
             return;
@@ -317,29 +364,21 @@ impl CompactSketch {
             *self = other.clone();
             return;
         }
-        let mut indexes = Vec::with_capacity(self.indexes.len().max(other.indexes.len()));
-        let mut counts = Vec::with_capacity(indexes.capacity());
-        {
+        let merged = {
             let (mut mine, mut theirs) = (self.buckets().peekable(), other.buckets().peekable());
-            loop {
-                let next = match (mine.peek(), theirs.peek()) {
-                    (Some(a), Some(b)) if a.0 == b.0 => {
-                        let merged = (a.0, a.1.saturating_add(b.1));
-                        mine.next();
-                        theirs.next();
-                        merged
-                    }
-                    (Some(a), Some(b)) if a.0 < b.0 => mine.next().expect("peeked"),
-                    (Some(_), Some(_)) | (None, Some(_)) => theirs.next().expect("peeked"),
-                    (Some(_), None) => mine.next().expect("peeked"),
-                    (None, None) => break,
-                };
-                indexes.push(next.0 as u16);
-                counts.push(next.1);
-            }
-        }
-        self.indexes = indexes;
-        self.counts = counts;
+            encode(std::iter::from_fn(|| match (mine.peek().copied(), theirs.peek().copied()) {
+                (Some(a), Some(b)) if a.0 == b.0 => {
+                    mine.next();
+                    theirs.next();
+                    Some((a.0, a.1.saturating_add(b.1)))
+                }
+                (Some(a), Some(b)) if a.0 < b.0 => mine.next(),
+                (Some(_), Some(_)) | (None, Some(_)) => theirs.next(),
+                (Some(_), None) => mine.next(),
+                (None, None) => None,
+            }))
+        };
+        self.encoded = merged;
         self.count = self.count.saturating_add(other.count);
         self.sum_nanos = self.sum_nanos.saturating_add(other.sum_nanos);
         self.min_nanos = self.min_nanos.min(other.min_nanos);
@@ -354,12 +393,9 @@ impl CompactSketch {
         min_nanos: u64,
         max_nanos: u64,
     ) -> Result<Self, SketchError> {
-        let mut sketch = CompactSketch::default();
-        let (total, occupied) = check_parts(indexes, counts, |index, count| {
-            // BUCKETS (3,776) fits in 16 bits; check_parts refused anything above it.
-            sketch.indexes.push(index as u16);
-            sketch.counts.push(count);
-        })?;
+        let mut buckets = Vec::with_capacity(indexes.len());
+        let (total, occupied) = check_parts(indexes, counts, |index, count| buckets.push((index, count)))?;
+        let mut sketch = CompactSketch { encoded: encode(buckets.into_iter()), ..CompactSketch::default() };
         if let Some(occupied) = occupied {
             (sketch.min_nanos, sketch.max_nanos) = clamp_extremes(occupied, min_nanos, max_nanos);
             sketch.sum_nanos = sum_nanos;
@@ -371,9 +407,14 @@ impl CompactSketch {
 
 impl From<&LatencySketch> for CompactSketch {
     fn from(dense: &LatencySketch) -> Self {
-        let (indexes, counts) = dense.buckets().map(|(index, count)| (index as u16, count)).unzip();
         let (min_nanos, max_nanos) = dense.min_max_nanos().unwrap_or_default();
-        CompactSketch { indexes, counts, count: dense.count(), sum_nanos: dense.sum_nanos(), min_nanos, max_nanos }
+        CompactSketch {
+            encoded: encode(dense.buckets()),
+            count: dense.count(),
+            sum_nanos: dense.sum_nanos(),
+            min_nanos,
+            max_nanos,
+        }
     }
 }
 
@@ -505,6 +546,10 @@ mod tests {
         assert_eq!(CompactSketch::from_parts(&indexes, &counts, all.sum_nanos(), min, max).unwrap(), merged);
         assert_eq!(CompactSketch::from_parts(&[3, 2], &[1, 1], 0, 0, 0), Err(SketchError::Unordered));
         assert_eq!(CompactSketch::default().quantile_nanos(0.5), None);
+        // Compact indeed: neighbouring buckets with small counts take two bytes each.
+        let buckets = merged.buckets().count();
+        assert!(merged.heap_bytes() <= buckets * 4, "{} bytes for {buckets} buckets", merged.heap_bytes());
+        assert_eq!(merged.buckets().collect::<Vec<_>>(), all.buckets().collect::<Vec<_>>());
     }
 
     #[test]

@@ -609,10 +609,13 @@ Try:
   weft get proxies
   weft describe service reviews
   weft check                 # every sidecar's identity and certificate
+  weft stat services         # success rate, requests/s, p50/p95/p99 of every Service
+  weft stat edges            # who calls whom, with identities and mutual TLS
   curl -x http://{entry} http://web/
   curl -x http://{entry} -H 'x-canary: true' http://web/     # always reviews v2
   weft apply -f {canary}    # shift the canary to 50/50
   weft history               # who changed what
+  weft stat routes reviews --around-revision REVISION   # the canary before and after it
 "#,
         server = started.server,
         grpc = started.grpc,

@@ -60,8 +60,8 @@ fn print_window(view: &str, window: &Value) {
         return;
     }
     let table = match view {
-        "services" => services(&rows),
-        "workloads" => workloads(&rows),
+        "services" => golden_table(&rows, false),
+        "workloads" => golden_table(&rows, true),
         "routes" => routes(&rows),
         "edges" => edges(&rows),
         "authz" => authz(&rows),
@@ -145,34 +145,21 @@ fn header(names: &[&str]) -> Vec<String> {
     names.iter().map(|name| name.to_string()).collect()
 }
 
-fn services(rows: &[Value]) -> Vec<Vec<String>> {
-    let mut table = vec![header(&["NAMESPACE", "NAME", "SUCCESS", "RPS", "P50", "P95", "P99", "TCP_CONN", "MTLS"])];
-    for row in rows {
-        let [p50, p95, p99] = quantiles(row);
-        table.push(vec![
-            text(&row["namespace"]),
-            text(&row["name"]),
-            percent(&row["successRate"]),
-            rps(&row["rps"]),
-            p50,
-            p95,
-            p99,
-            row["tcpConnections"].to_string(),
-            percent(&row["mtlsShare"]),
-        ]);
+/// Services (or, with `service_column`, workloads and their Service): one line each.
+fn golden_table(rows: &[Value], service_column: bool) -> Vec<Vec<String>> {
+    let mut names = vec!["NAMESPACE", "NAME"];
+    if service_column {
+        names.push("SERVICE");
     }
-    table
-}
-
-fn workloads(rows: &[Value]) -> Vec<Vec<String>> {
-    let mut table =
-        vec![header(&["NAMESPACE", "NAME", "SERVICE", "SUCCESS", "RPS", "P50", "P95", "P99", "TCP_CONN", "MTLS"])];
+    names.extend(["SUCCESS", "RPS", "P50", "P95", "P99", "TCP_CONN", "MTLS"]);
+    let mut table = vec![header(&names)];
     for row in rows {
         let [p50, p95, p99] = quantiles(row);
-        table.push(vec![
-            text(&row["namespace"]),
-            text(&row["name"]),
-            text(&row["service"]),
+        let mut line = vec![text(&row["namespace"]), text(&row["name"])];
+        if service_column {
+            line.push(text(&row["service"]));
+        }
+        line.extend([
             percent(&row["successRate"]),
             rps(&row["rps"]),
             p50,
@@ -181,6 +168,7 @@ fn workloads(rows: &[Value]) -> Vec<Vec<String>> {
             row["tcpConnections"].to_string(),
             percent(&row["mtlsShare"]),
         ]);
+        table.push(line);
     }
     table
 }
@@ -224,6 +212,7 @@ fn routes(rows: &[Value]) -> Vec<Vec<String>> {
             p99,
             row["tries"].to_string(),
             percent(&row["retryRatio"]),
+            percent(&row["mtlsShare"]),
         ]);
         for backend in row["backends"].as_array().into_iter().flatten() {
             let [p50, p95, p99] = quantiles(backend);
@@ -239,6 +228,7 @@ fn routes(rows: &[Value]) -> Vec<Vec<String>> {
                 p95,
                 p99,
                 backend["tries"]["requests"].to_string(),
+                "-".into(),
                 "-".into(),
             ]);
         }

@@ -225,6 +225,24 @@ async fn the_demo_serves_through_every_hop_and_stops_cleanly() {
     assert!(ok && services.lines().count() == 8, "{services}");
     let (ok, proxies) = cli(&["get", "proxies"]);
     assert!(ok && proxies.lines().count() == 8, "{proxies}");
+    // Its traffic shows in the golden signals of every Service of the chain, and as
+    // mutual-TLS edges.
+    eventually(Duration::from_secs(30), "the demo's traffic in weft stat", || {
+        let (ok, services) = cli(&["stat", "services", "-o", "json"]);
+        let (_, edges) = cli(&["stat", "edges"]);
+        async move {
+            let answer: serde_json::Value = serde_json::from_str(&services).ok().filter(|_| ok)?;
+            let busy = answer["rows"]
+                .as_array()?
+                .iter()
+                .filter(|row| row["requests"].as_u64() > Some(0))
+                .filter_map(|row| row["name"].as_str())
+                .collect::<Vec<_>>();
+            let chain = ["web", "catalog", "reviews", "ratings", "inventory"].iter().all(|s| busy.contains(s));
+            (chain && edges.contains("default/catalog") && edges.contains("yes")).then_some(())
+        }
+    })
+    .await;
     let canary_file = format!("{}/canary-50.yaml", std::env::temp_dir().join(&demo_dir).display());
     let (ok, applied) = cli(&["apply", "-f", &canary_file]);
     assert!(ok && applied.contains("httproute/reviews-canary configured"), "{applied}");

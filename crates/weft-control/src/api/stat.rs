@@ -364,10 +364,12 @@ fn workloads(hub: &Hub, series: &WindowSeries, filter: &Filter, seconds: f64) ->
         .collect()
 }
 
-/// One route's rows: what callers saw, and per backend its share and its tries.
+/// One route's rows: what callers saw (and how much of it over mutual TLS), and per
+/// backend its share and its tries.
 #[derive(Default)]
 struct RouteGroup {
     requests: SlotSignals,
+    mtls: u64,
     backends: BTreeMap<String, (SlotSignals, SlotSignals)>,
 }
 
@@ -391,6 +393,9 @@ fn routes(series: &WindowSeries, filter: &Filter, seconds: f64) -> Vec<Value> {
             _ => {
                 group.requests.merge(signals);
                 backend.0.merge(signals);
+                if key.tls {
+                    group.mtls += signals.requests;
+                }
             }
         }
     }
@@ -408,6 +413,8 @@ fn routes(series: &WindowSeries, filter: &Filter, seconds: f64) -> Vec<Value> {
             let ratio =
                 (group.requests.requests > 0).then(|| group.requests.retries as f64 / group.requests.requests as f64);
             row.insert("retryRatio".into(), json!(ratio));
+            let share = (group.requests.requests > 0).then(|| group.mtls as f64 / group.requests.requests as f64);
+            row.insert("mtlsShare".into(), json!(share));
             let backends: Vec<Value> = group
                 .backends
                 .iter()

@@ -192,32 +192,14 @@ impl Aggregator {
         let mut ingested = Ingested::default();
         let Held { requests, tcp, authz, endpoints, interner } = &mut *held;
         for (key, signals) in checked.requests {
-            let key = SeriesKey {
-                workload: interner.get(&key.workload),
-                source_service: interner.get(&key.source_service),
-                source_identity: interner.get(&key.source_identity),
-                destination: interner.get(&key.destination),
-                destination_identity: interner.get(&key.destination_identity),
-                route: interner.get(&key.route),
-                backend: interner.get(&key.backend),
-                ..key
-            };
             ingested.rows += 1;
-            if !add(requests, key, &signals, now, &mut room) {
+            if !add(requests, key.interned(interner), &signals, now, &mut room) {
                 ingested.dropped += 1;
             }
         }
         for (key, totals) in checked.tcp {
-            let key = TcpKey {
-                workload: interner.get(&key.workload),
-                source_service: interner.get(&key.source_service),
-                source_identity: interner.get(&key.source_identity),
-                destination: interner.get(&key.destination),
-                destination_identity: interner.get(&key.destination_identity),
-                ..key
-            };
             ingested.rows += 1;
-            if !add(tcp, key, &totals, now, &mut room) {
+            if !add(tcp, key.interned(interner), &totals, now, &mut room) {
                 ingested.dropped += 1;
             }
         }

@@ -166,6 +166,9 @@ impl<V: SlotValue> Rings<V> {
                 // A clock that stepped back merges into the newest slot.
                 Some((newest, slot)) if *newest >= start => slot.absorb(value),
                 _ => {
+                    if ring.capacity() == 0 {
+                        ring.reserve_exact(tier.slots);
+                    }
                     ring.push_back((start, value.clone()));
                     while ring.len() > tier.slots {
                         ring.pop_front();
