@@ -195,6 +195,7 @@ fn routes(rows: &[Value]) -> Vec<Vec<String>> {
         "P99",
         "TRIES",
         "RETRIES",
+        "MTLS",
     ])];
     for row in rows {
         let [p50, p95, p99] = quantiles(row);
@@ -395,5 +396,31 @@ mod tests {
         assert_eq!(percent(&Value::Null), "-");
         assert_eq!(route_name(&json!("HTTPRoute/default/reviews#2")), "default/reviews#2");
         assert_eq!(route_name(&json!("")), "[default]");
+    }
+
+    #[test]
+    fn every_line_of_every_table_has_a_cell_per_column() {
+        let row = json!({
+            "namespace": "default", "name": "reviews", "service": "reviews", "route": "HTTPRoute/default/r",
+            "successRate": 0.99, "rps": 12.0, "p50Ms": 1.0, "p95Ms": 2.0, "p99Ms": 3.0, "tcpConnections": 2,
+            "mtlsShare": 1.0, "tries": 5, "retryRatio": 0.1, "mtls": true, "policy": "default/p", "allowed": 3,
+            "denied": 0, "address": "127.0.0.1:1", "workload": "r-1", "reporter": "default/web",
+            "latencyEstimateMs": 1.5, "inFlight": 0, "ejectedForMs": 0,
+            "source": {"service": "default/web", "identity": "spiffe://td/ns/default/sa/web"},
+            "destination": {"service": "default/reviews", "identity": "spiffe://td/ns/default/sa/reviews"},
+            "backends": [{"backend": "default/reviews", "share": 1.0, "successRate": 1.0, "rps": 1.0, "tries": {"requests": 5}}],
+        });
+        let rows = [row];
+        for table in [
+            golden_table(&rows, false),
+            golden_table(&rows, true),
+            routes(&rows),
+            edges(&rows),
+            authz(&rows),
+            endpoints(&rows),
+        ] {
+            let columns = table[0].len();
+            assert!(table.iter().all(|line| line.len() == columns), "{table:?}");
+        }
     }
 }

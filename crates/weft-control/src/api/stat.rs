@@ -445,8 +445,9 @@ fn edges(series: &WindowSeries, filter: &Filter, seconds: f64) -> Vec<Value> {
                 key.destination.to_string(),
                 key.destination_identity.to_string(),
             ),
-            // A caller without a proxy reports nothing; its callee does.
-            (Direction::Inbound, _) if key.source_identity.is_empty() => {
+            // A caller without a proxy reports nothing; its callee does (in plaintext: a
+            // meshed caller comes over mutual TLS, and reports the edge itself).
+            (Direction::Inbound, _) if !key.tls => {
                 (UNMESHED.to_string(), String::new(), key.destination.to_string(), key.destination_identity.to_string())
             }
             _ => continue,
