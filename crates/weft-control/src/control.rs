@@ -306,7 +306,11 @@ pub async fn run(
         .add_service(DiscoveryServer::new(DiscoveryService::new(hub.clone())))
         .add_service(IdentityServer::new(SigningService::new(hub.clone(), settings.cert_lifetime)))
         .add_service(ReplicasServer::new(crate::replicas::ReplicasService::new(hub.clone())))
-        .add_service(TelemetryServer::new(crate::telemetry::service::TelemetryService::new(hub.clone())))
+        // A report of a proxy's most rows (16,384 of each kind) is a few MiB.
+        .add_service(
+            TelemetryServer::new(crate::telemetry::service::TelemetryService::new(hub.clone()))
+                .max_decoding_message_size(16 * 1024 * 1024),
+        )
         .add_service(
             AggregatesServer::new(crate::telemetry::service::AggregatesService::new(hub.clone()))
                 .max_encoding_message_size(256 * 1024 * 1024),

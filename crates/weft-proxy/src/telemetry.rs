@@ -48,9 +48,10 @@ use crate::{
 /// this is a safety net, not a limit a mesh meets.
 const MAX_WORKER_ROWS: usize = 4096;
 
-/// Rows the pending report keeps while the control plane cannot be reached; beyond it
-/// new rows are dropped (and counted), the ones kept go on counting.
-const MAX_PENDING_ROWS: usize = 65_536;
+/// Rows a report holds at most (of each kind): while the control plane cannot be reached
+/// they wait here, and beyond it new rows are dropped (and counted) while the ones kept
+/// go on counting. A full report is a few MiB, under the control plane's 16 MiB limit.
+const MAX_PENDING_ROWS: usize = 16_384;
 
 /// Interned peer identities per worker before the interner starts over.
 const MAX_INTERNED: usize = 4096;
@@ -666,8 +667,11 @@ pub async fn report(state: Arc<SharedState>, channel: tonic::transport::Channel,
             tokio::time::timeout(telemetry.interval().max(Duration::from_secs(1)), client.report(report.clone()));
         match call.await {
             Ok(Ok(_)) => {}
-            Ok(Err(status)) if status.code() == tonic::Code::InvalidArgument => {
-                // A report the control plane refuses would be refused again.
+            Ok(Err(status))
+                if matches!(status.code(), tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted) =>
+            {
+                // A report the control plane refuses (malformed, or too large) would be
+                // refused again.
                 tracing::warn!(error = %status.message(), "the control plane refused a telemetry report; dropped");
             }
             Ok(Err(status)) => {
