@@ -567,3 +567,104 @@ async fn two_replicas_on_etcd_each_answer_for_the_whole_mesh() {
     }
     drop((reviews, web));
 }
+
+/// A gRPC server over h2c that answers every call with one message and then, in the
+/// trailers, the status the request's `x-status` header asks for: the case where the
+/// outcome is known only at the end of the body.
+async fn grpc_server() -> SocketAddr {
+    use http_body_util::{BodyExt, StreamBody};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|request: http::Request<hyper::body::Incoming>| async move {
+                    let status =
+                        request.headers().get("x-status").and_then(|v| v.to_str().ok()).unwrap_or("0").to_string();
+                    let _ = request.into_body().collect().await;
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", status.parse().unwrap());
+                    let frames = vec![
+                        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes::Bytes::from_static(
+                            b"\x00\x00\x00\x00\x02hi",
+                        ))),
+                        Ok(hyper::body::Frame::trailers(trailers)),
+                    ];
+                    let body = StreamBody::new(futures_util::stream::iter(frames)).boxed();
+                    let mut response = http::Response::new(body);
+                    response.headers_mut().insert("content-type", "application/grpc".parse().unwrap());
+                    Ok::<_, std::convert::Infallible>(response)
+                });
+                let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    address
+}
+
+/// One gRPC call through `proxy` over h2c, asking for `status`; the `grpc-status` the
+/// client read from the trailers.
+async fn grpc_call(proxy: SocketAddr, status: u32) -> Option<u32> {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(proxy).await.ok()?;
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .ok()?;
+    tokio::spawn(connection);
+    let request = http::Request::post("http://calls/weft.test.Echo/Call")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("x-status", status.to_string())
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"\x00\x00\x00\x00\x02hi")))
+        .unwrap();
+    let response = sender.send_request(request).await.ok()?;
+    let collected = response.into_body().collect().await.ok()?;
+    collected.trailers()?.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_failures_are_read_from_trailers_and_not_found_is_an_answer() {
+    let dir = TempDir::new("stat-grpc");
+    let control = Control::start(&dir, "control").await;
+    let server = grpc_server().await;
+    let web_app = TestApp::start("web").await;
+    let _calls = sidecar(&dir, &control, "calls", "calls", server, &["--protocol", "grpc"]).await;
+    let web = sidecar(&dir, &control, "web", "web", web_app.address, &[]).await;
+    // OK, NotFound (an answer) and Unavailable (a failure), each in the trailers after a
+    // message; the first calls may wait for discovery.
+    let mut seen: BTreeMap<u32, u64> = BTreeMap::new();
+    eventually(Duration::from_secs(10), "a call through the mesh", || {
+        let outbound = web.outbound;
+        async move { grpc_call(outbound, 0).await.filter(|status| *status == 0) }
+    })
+    .await;
+    *seen.entry(0).or_default() += 1;
+    for i in 0..60u32 {
+        let asked = [0, 5, 14][i as usize % 3];
+        let status = grpc_call(web.outbound, asked).await.expect("an answer with trailers");
+        assert_eq!(status, asked, "the trailers reach the client unchanged");
+        *seen.entry(status).or_default() += 1;
+    }
+    let calls: u64 = seen.values().sum();
+    let failures = seen.get(&14).copied().unwrap_or(0);
+    for (view, field, name) in [("routes", "service", "calls"), ("services", "name", "calls")] {
+        let row = eventually(Duration::from_secs(20), &format!("the {view} view to count every call"), || {
+            let answer = stat(&control, &[view, "calls", "-w", "10m"]);
+            async move { row(&answer, field, name).filter(|r| r["requests"] == calls).cloned() }
+        })
+        .await;
+        assert_eq!(row["failures"], failures, "{view}: only Unavailable fails: {row}");
+        let statuses: BTreeMap<u32, u64> = row["grpcStatuses"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(code, count)| (code.parse().unwrap(), count.as_u64().unwrap()))
+            .collect();
+        assert_eq!(statuses, seen, "{view}: every status as the client read it");
+    }
+}
