@@ -159,7 +159,7 @@ pub(super) async fn stat(
 /// One window of `view`: its rows, what it covers, the changes made in it.
 async fn window_answer(hub: &Hub, view: View, range: SlotRange, filter: &Filter, now: u64) -> Map<String, Value> {
     let (series, unreachable) = mesh_window(hub, range, &filter.namespace).await;
-    let seconds = range.covered_seconds(now);
+    let seconds = range.covered_seconds(now, series.since_millis);
     let rows = match view {
         View::Services => services(hub, &series, filter, seconds),
         View::Workloads => workloads(hub, &series, filter, seconds),

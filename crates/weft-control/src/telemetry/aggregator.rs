@@ -33,6 +33,9 @@ pub struct WindowSeries {
     /// The endpoint state each proxy last reported: (reporter workload, Unix
     /// milliseconds, rows).
     pub endpoints: Vec<(String, u64, Vec<proto::EndpointRow>)>,
+    /// Unix milliseconds since which the answering replicas have telemetry: before it
+    /// they know nothing (which is not zero traffic), so rates do not count that time.
+    pub since_millis: Option<u64>,
 }
 
 impl WindowSeries {
@@ -49,6 +52,10 @@ impl WindowSeries {
         for (key, counts) in other.authz {
             self.authz.entry(key).and_modify(|mine| mine.absorb(&counts)).or_insert(counts);
         }
+        self.since_millis = match (self.since_millis, other.since_millis) {
+            (Some(mine), Some(theirs)) => Some(mine.min(theirs)),
+            (mine, theirs) => mine.or(theirs),
+        };
         for reported in other.endpoints {
             match self.endpoints.iter_mut().find(|(reporter, _, _)| *reporter == reported.0) {
                 Some(mine) if mine.1 < reported.1 => *mine = reported,
@@ -85,6 +92,7 @@ impl WindowSeries {
                     })
                 })
                 .collect(),
+            since_millis: self.since_millis.unwrap_or(0),
         }
     }
 
@@ -111,6 +119,7 @@ impl WindowSeries {
             }
         }
         window.endpoints = endpoints.into_iter().map(|((reporter, at), rows)| (reporter, at, rows)).collect();
+        window.since_millis = (answer.since_millis > 0).then_some(answer.since_millis);
         Ok(window)
     }
 }
@@ -135,6 +144,8 @@ struct Held {
     authz: HashMap<AuthzKey, Rings<AuthzCounts>>,
     endpoints: HashMap<String, (u64, Vec<proto::EndpointRow>)>,
     interner: Interner,
+    /// When the first report merged here began (its arrival less its interval).
+    since_millis: Option<u64>,
 }
 
 impl Held {
@@ -190,7 +201,8 @@ impl Aggregator {
         let mut held = self.lock();
         let mut room = MAX_SERIES.saturating_sub(held.series());
         let mut ingested = Ingested::default();
-        let Held { requests, tcp, authz, endpoints, interner } = &mut *held;
+        let Held { requests, tcp, authz, endpoints, interner, since_millis } = &mut *held;
+        since_millis.get_or_insert(now_millis.saturating_sub(report.interval_millis));
         for (key, signals) in checked.requests {
             ingested.rows += 1;
             if !add(requests, key.interned(interner), &signals, now, &mut room) {
@@ -223,7 +235,7 @@ impl Aggregator {
     /// endpoint state reported within the last minute.
     pub fn window(&self, range: &SlotRange, namespace: &str, now_millis: u64) -> WindowSeries {
         let held = self.lock();
-        let mut window = WindowSeries::default();
+        let mut window = WindowSeries { since_millis: held.since_millis, ..WindowSeries::default() };
         for (key, rings) in &held.requests {
             if !touches(namespace, &[&key.source_service, &key.destination, &key.workload]) {
                 continue;

@@ -127,10 +127,12 @@ impl SlotRange {
     }
 
     /// The time it covers up to `now_millis` (Unix milliseconds), in seconds: what rates
-    /// are divided by. Zero when it starts in the future.
-    pub fn covered_seconds(&self, now_millis: u64) -> f64 {
+    /// are divided by. Time before `known_since` (when telemetry began) does not count:
+    /// nothing is known of it. Zero when it starts in the future.
+    pub fn covered_seconds(&self, now_millis: u64, known_since: Option<u64>) -> f64 {
         let end = (self.to * 1000).min(now_millis);
-        end.saturating_sub(self.from * 1000) as f64 / 1000.0
+        let start = (self.from * 1000).max(known_since.unwrap_or(0));
+        end.saturating_sub(start) as f64 / 1000.0
     }
 }
 
@@ -228,7 +230,7 @@ mod tests {
         let now = start + 7200 - 1;
         let answer = |length| {
             let range = SlotRange::recent(length, now);
-            (rings.sum(&range).unwrap_or(0), range.covered_seconds(now * 1000))
+            (rings.sum(&range).unwrap_or(0), range.covered_seconds(now * 1000, None))
         };
         // Slots at 10 s: the one in progress (2 reports, 10 s in) and one before it.
         assert_eq!(answer(WindowLength::TenSeconds), (4, 19.0));
@@ -244,6 +246,9 @@ mod tests {
         assert_eq!(rings.rings.iter().map(VecDeque::len).collect::<Vec<_>>(), [7, 11, 7], "bounded");
         assert!(rings.is_live(now));
         assert!(!rings.is_live(now + RETENTION_SECONDS + 600));
+        // Telemetry that began 30 s ago: a minute's window covers those 30 s only.
+        let range = SlotRange::recent(WindowLength::OneMinute, now);
+        assert_eq!(range.covered_seconds(now * 1000, Some((now - 30) * 1000)), 30.0);
     }
 
     #[test]
