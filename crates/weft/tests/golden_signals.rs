@@ -668,3 +668,67 @@ async fn grpc_failures_are_read_from_trailers_and_not_found_is_an_answer() {
         assert_eq!(statuses, seen, "{view}: every status as the client read it");
     }
 }
+
+#[tokio::test]
+async fn a_proxy_reports_only_as_itself_and_a_report_sent_again_counts_once() {
+    use tokio_stream::wrappers::ReceiverStream;
+    use weft_api::{
+        discovery::{discovery_client::DiscoveryClient, proxy_message, Hello, ProxyMessage},
+        telemetry::{telemetry_client::TelemetryClient, Direction, ProxyReport, RequestRow, RowKind},
+    };
+    let dir = TempDir::new("stat-reporters");
+    let control = Control::start(&dir, "control").await;
+    let web_app = TestApp::start("web").await;
+    let _web = sidecar(&dir, &control, "web", "web", web_app.address, &[]).await;
+    // A scripted proxy of another identity, with a discovery stream of its own.
+    let channel = control.channel_as(&dir, "mallory").await;
+    let (outbound, outbound_rx) = tokio::sync::mpsc::channel(4);
+    let hello = Hello { proxy_id: "mallory-1".into(), proxy_version: "test".into(), ..Default::default() };
+    outbound.send(ProxyMessage { message: Some(proxy_message::Message::Hello(hello)) }).await.unwrap();
+    let mut stream =
+        DiscoveryClient::new(channel.clone()).stream(ReceiverStream::new(outbound_rx)).await.unwrap().into_inner();
+    let _ = stream.message().await.unwrap();
+    let mut telemetry = TelemetryClient::new(channel);
+    let mut signals = weft_api::signals::Signals::default();
+    for _ in 0..10 {
+        signals
+            .record(weft_api::signals::Outcome::Response { status: 200, grpc_status: None }, Duration::from_millis(3));
+    }
+    let request_row = |direction: Direction| RequestRow {
+        direction: direction as i32,
+        kind: RowKind::Request as i32,
+        destination: "default/web".into(),
+        signals: Some((&signals).into()),
+        ..Default::default()
+    };
+    let report = |proxy_id: &str, sequence| ProxyReport {
+        proxy_id: proxy_id.into(),
+        sequence,
+        interval_millis: 1000,
+        requests: vec![request_row(Direction::Outbound), request_row(Direction::Inbound)],
+        ..Default::default()
+    };
+    // As another proxy: refused.
+    let refused = telemetry.report(report("web", 1)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    // Malformed: refused whole.
+    let mut bad = report("mallory-1", 1);
+    bad.requests[0].signals.as_mut().unwrap().failures = 99;
+    let refused = telemetry.report(bad).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("row 0"), "{refused:?}");
+    // Its own, twice with one sequence number (a reply lost): counted once. Its inbound
+    // row is dropped: it registered no Service, so web's inbound traffic is not its to
+    // report.
+    telemetry.report(report("mallory-1", 2)).await.unwrap();
+    telemetry.report(report("mallory-1", 2)).await.unwrap();
+    let routes = stat(&control, &["routes", "web", "-w", "10m"]);
+    assert_eq!(row_requests(&routes, "service", "web"), 10, "{routes}");
+    let services = stat(&control, &["services", "web", "-w", "10m"]);
+    assert_eq!(row_requests(&services, "name", "web"), 10, "measured by its callers, not claimed inbound: {services}");
+    assert_eq!(row(&services, "name", "web").unwrap()["measuredBy"], "callers");
+}
+
+fn row_requests(answer: &Value, field: &str, value: &str) -> u64 {
+    row(answer, field, value).and_then(|r| r["requests"].as_u64()).unwrap_or(0)
+}

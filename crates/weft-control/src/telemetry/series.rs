@@ -214,6 +214,11 @@ pub fn check(
         if kind == RowKind::Try {
             signals.latency = Default::default();
         }
+        // Inbound traffic is a registered workload's to report: a proxy without one has
+        // no Service to report it for, and may not name somebody else's.
+        if direction == Direction::Inbound && reporter.service.is_none() {
+            continue;
+        }
         let key = match direction {
             Direction::Inbound => SeriesKey {
                 direction,
@@ -221,11 +226,7 @@ pub fn check(
                 workload: interner.get(&reporter.workload),
                 source_service: interner.get(""),
                 source_identity: interner.get(""),
-                destination: interner.get(if reporter_service.is_empty() {
-                    &row.destination
-                } else {
-                    &reporter_service
-                }),
+                destination: interner.get(&reporter_service),
                 destination_identity: interner.get(&reporter.identity),
                 route: interner.get(""),
                 backend: interner.get(""),
@@ -251,14 +252,12 @@ pub fn check(
             .ok()
             .filter(|d| *d != Direction::Unspecified)
             .ok_or(ReportError::Unspecified(index))?;
+        if direction == Direction::Inbound && reporter.service.is_none() {
+            continue;
+        }
         let (source_service, source_identity, destination, destination_identity) = match direction {
             // As for requests: inbound keeps the workload, not its callers.
-            Direction::Inbound => (
-                String::new(),
-                "",
-                if reporter_service.is_empty() { row.destination.as_str() } else { reporter_service.as_str() },
-                reporter.identity.as_str(),
-            ),
+            Direction::Inbound => (String::new(), "", reporter_service.as_str(), reporter.identity.as_str()),
             _ => (
                 reporter_service.clone(),
                 reporter.identity.as_str(),
