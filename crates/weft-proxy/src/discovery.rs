@@ -229,7 +229,7 @@ async fn session(
     let _reporter = state.telemetry.enabled().then(|| {
         AbortOnDrop(tokio::spawn(crate::telemetry::report(state.clone(), channel.clone(), settings.proxy_id.clone())))
     });
-    let mut client = DiscoveryClient::new(channel);
+    let mut client = DiscoveryClient::new(channel.clone());
     let (sender, receiver) = mpsc::channel::<ProxyMessage>(16);
     let send = |message: proxy_message::Message| ProxyMessage { message: Some(message) };
     let subscriptions: Vec<String> =
@@ -309,6 +309,11 @@ async fn session(
                 }
             }
             _ = shutdown.changed() => {
+                // The last interval's telemetry (as the workers drained it, within the
+                // second), before the stream that vouches for it ends.
+                if state.telemetry.enabled() {
+                    crate::telemetry::flush(state, channel.clone(), &settings.proxy_id).await;
+                }
                 let _ = sender.send(send(proxy_message::Message::Goodbye(Goodbye {}))).await;
                 drop(sender);
                 // Let the goodbye reach the control plane before the connection closes.

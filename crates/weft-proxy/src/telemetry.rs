@@ -354,6 +354,9 @@ pub struct Telemetry {
     interval: Duration,
     pending: Mutex<Pending>,
     sequence: AtomicU64,
+    /// A report the control plane did not take yet: sent again before any newer one,
+    /// by whichever stream comes next.
+    unsent: Mutex<Option<proto::ProxyReport>>,
 }
 
 /// What the workers drained and the reporter has not sent yet, keyed by value.
@@ -386,6 +389,7 @@ impl Telemetry {
             interval: interval.unwrap_or(Duration::ZERO),
             pending: Mutex::new(Pending::new()),
             sequence: AtomicU64::new(0),
+            unsent: Mutex::new(None),
         }
     }
 
@@ -652,38 +656,55 @@ impl Drop for RecordOnEnd {
 
 /// Sends the pending report every interval over `channel` until the task is dropped. A
 /// report the control plane did not take is sent again, as it was (same sequence
-/// number, so it is merged once); what the proxy carries meanwhile waits in the next.
+/// number, so it is merged once), before anything newer; what the proxy carries
+/// meanwhile waits in the next.
 pub async fn report(state: Arc<SharedState>, channel: tonic::transport::Channel, proxy_id: String) {
-    let telemetry = &state.telemetry;
     let mut client = proto::telemetry_client::TelemetryClient::new(channel);
-    let mut tick = tokio::time::interval(telemetry.interval());
+    let mut tick = tokio::time::interval(state.telemetry.interval());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
-    let mut unsent: Option<proto::ProxyReport> = None;
     loop {
         tick.tick().await;
-        let report = unsent.take().unwrap_or_else(|| telemetry.take_report(&state, &proxy_id));
-        let call =
-            tokio::time::timeout(telemetry.interval().max(Duration::from_secs(1)), client.report(report.clone()));
-        match call.await {
-            Ok(Ok(_)) => {}
-            Ok(Err(status))
-                if matches!(status.code(), tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted) =>
-            {
-                // A report the control plane refuses (malformed, or too large) would be
-                // refused again.
-                tracing::warn!(error = %status.message(), "the control plane refused a telemetry report; dropped");
-            }
-            Ok(Err(status)) => {
-                tracing::debug!(error = %status.message(), "telemetry report not delivered; sending it again");
-                unsent = Some(report);
-            }
-            Err(_) => {
-                tracing::debug!("telemetry report timed out; sending it again");
-                unsent = Some(report);
-            }
-        }
+        send_one(&state, &mut client, &proxy_id, state.telemetry.interval().max(Duration::from_secs(1))).await;
     }
+}
+
+/// Sends what is pending now, within a second: a proxy stopping cleanly reports its last
+/// interval before it says goodbye.
+pub async fn flush(state: &SharedState, channel: tonic::transport::Channel, proxy_id: &str) {
+    let mut client = proto::telemetry_client::TelemetryClient::new(channel);
+    send_one(state, &mut client, proxy_id, Duration::from_secs(1)).await;
+}
+
+/// Sends the unsent report, or else a new one, waiting at most `limit`; keeps it as
+/// unsent unless the control plane took it or refused it for good.
+async fn send_one(
+    state: &SharedState,
+    client: &mut proto::telemetry_client::TelemetryClient<tonic::transport::Channel>,
+    proxy_id: &str,
+    limit: Duration,
+) {
+    let telemetry = &state.telemetry;
+    let unsent = telemetry.unsent.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let report = unsent.unwrap_or_else(|| telemetry.take_report(state, proxy_id));
+    let kept = match tokio::time::timeout(limit, client.report(report.clone())).await {
+        Ok(Ok(_)) => None,
+        Ok(Err(status)) if matches!(status.code(), tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted) => {
+            // A report the control plane refuses (malformed, or too large) would be
+            // refused again.
+            tracing::warn!(error = %status.message(), "the control plane refused a telemetry report; dropped");
+            None
+        }
+        Ok(Err(status)) => {
+            tracing::debug!(error = %status.message(), "telemetry report not delivered; it is sent again");
+            Some(report)
+        }
+        Err(_) => {
+            tracing::debug!("telemetry report timed out; it is sent again");
+            Some(report)
+        }
+    };
+    *telemetry.unsent.lock().unwrap_or_else(|e| e.into_inner()) = kept;
 }
 
 #[cfg(test)]

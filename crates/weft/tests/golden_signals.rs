@@ -55,15 +55,14 @@ impl Drop for DemoApp {
     }
 }
 
-/// A meshed sidecar `id` of `service`, reporting telemetry every second.
+/// A meshed sidecar `id` of `service`, reporting telemetry every second (unless `extra`
+/// says otherwise).
 async fn sidecar(dir: &TempDir, control: &Control, id: &str, service: &str, app: SocketAddr, extra: &[&str]) -> Proxy {
     let app = app.to_string();
-    let args = [
-        &["--id", id, "--service", service, "--app-addr", &app, "--health-interval", "200ms"][..],
-        &["--telemetry-interval", "1s"],
-        extra,
-    ]
-    .concat();
+    let interval: &[&str] = if extra.contains(&"--telemetry-interval") { &[] } else { &["--telemetry-interval", "1s"] };
+    let args =
+        [&["--id", id, "--service", service, "--app-addr", &app, "--health-interval", "200ms"][..], interval, extra]
+            .concat();
     Proxy::start_controlled(dir, id, control, &args).await
 }
 
@@ -731,4 +730,31 @@ async fn a_proxy_reports_only_as_itself_and_a_report_sent_again_counts_once() {
 
 fn row_requests(answer: &Value, field: &str, value: &str) -> u64 {
     row(answer, field, value).and_then(|r| r["requests"].as_u64()).unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_proxy_that_stops_cleanly_reports_its_last_interval() {
+    let dir = TempDir::new("stat-flush");
+    let control = Control::start(&dir, "control").await;
+    let (reviews_app, web_app) = (TestApp::start("reviews").await, TestApp::start("web").await);
+    let _reviews = sidecar(&dir, &control, "reviews", "reviews", reviews_app.address, &[]).await;
+    // Reports a minute apart: only the last one, on SIGTERM, can carry these requests.
+    let mut web = sidecar(&dir, &control, "web", "web", web_app.address, &["--telemetry-interval", "60s"]).await;
+    let observed = Arc::new(Mutex::new(Observed::default()));
+    eventually(Duration::from_secs(10), "reviews through the mesh", || {
+        let observed = observed.clone();
+        async move {
+            send(web.outbound, "reviews", 1, 1, &observed).await;
+            (observed.lock().unwrap().requests.last()?.2 == "reviews").then_some(())
+        }
+    })
+    .await;
+    send(web.outbound, "reviews", 20, 2, &observed).await;
+    let sent = observed.lock().unwrap().requests.len() as u64;
+    // Workers hand their rows over once a second; then the proxy stops.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    web.terminate();
+    let _ = tokio::task::spawn_blocking(move || web.child.wait()).await;
+    let routes = stat(&control, &["routes", "reviews", "-w", "10m"]);
+    assert_eq!(row_requests(&routes, "service", "reviews"), sent, "{routes}");
 }
