@@ -7,6 +7,7 @@ stand it up, so both measure the same thing.
 import os
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 
@@ -49,8 +50,21 @@ def mtls_pair(weft, tmp, name, upstream, spawn_control, spawn_proxy, tcp=False, 
                WEFT_CONFIG=os.path.join(tmp, f"{name}-weft-config.yaml"))
 
     def token(service):
-        out = subprocess.run([weft, "token", "create", "--service", service], env=env, check=True,
-                             capture_output=True, text=True).stdout.strip()
+        # The API may answer its port a moment before it serves (its certificate is
+        # issued as it starts): a refused first call is tried again, and a last refusal
+        # says why.
+        for attempt in range(20):
+            made = subprocess.run([weft, "token", "create", "--service", service], env=env,
+                                  capture_output=True, text=True)
+            if made.returncode == 0:
+                break
+            if attempt == 0:
+                print(f"{name}: weft token create refused at first ({made.stderr.strip()}); trying again",
+                      file=sys.stderr, flush=True)
+            time.sleep(0.25)
+        else:
+            raise SystemExit(f"{name}: weft token create --service {service} failed: {made.stderr.strip()}")
+        out = made.stdout.strip()
         path = os.path.join(tmp, f"{name}-{service}.token")
         with open(path, "w") as f:
             f.write(out)

@@ -99,6 +99,13 @@ pub struct Signals<L = LatencySketch> {
 impl Signals<LatencySketch> {
     /// Counts one request that ended with `outcome` after `latency`.
     pub fn record(&mut self, outcome: Outcome, latency: Duration) {
+        self.count(outcome);
+        self.latency.record(latency);
+    }
+
+    /// Counts one request that ended with `outcome`, without its latency: for tries,
+    /// whose time is their request's business.
+    pub fn count(&mut self, outcome: Outcome) {
         self.requests += 1;
         if outcome.is_failure() {
             self.failures += 1;
@@ -114,7 +121,6 @@ impl Signals<LatencySketch> {
             }
             Outcome::TransportError => self.transport_errors += 1,
         }
-        self.latency.record(latency);
     }
 }
 

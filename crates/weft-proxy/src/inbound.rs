@@ -354,5 +354,5 @@ fn observe(
         backend: &empty,
         tls: peer.is_some(),
     };
-    Answered { row, latency, retries: 0, try_latency: None }.record(response, grpc, transport_error)
+    Answered { row, latency, retries: 0, answered: false }.record(response, grpc, transport_error)
 }

@@ -11,7 +11,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
     },
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use http::{header, HeaderValue, Request, Response, StatusCode};
@@ -63,8 +63,6 @@ struct AnsweringTry {
     endpoint: Option<Arc<EndpointState>>,
     /// Tries sent so far.
     tries: u32,
-    /// When the last try started.
-    started: Option<Instant>,
 }
 
 impl AnsweringTry {
@@ -135,12 +133,12 @@ pub async fn handle(
         backend: &routed.backend,
         tls,
     };
-    // The answering try's own time: the request's, less what passed before it started.
-    let try_latency = answering
-        .started
-        .filter(|_| routed.answered.load(Ordering::Relaxed))
-        .map(|try_started| latency.saturating_sub(try_started.saturating_duration_since(started)));
-    let answered = Answered { row, latency, retries: answering.tries.saturating_sub(1), try_latency };
+    let answered = Answered {
+        row,
+        latency,
+        retries: answering.tries.saturating_sub(1),
+        answered: routed.answered.load(Ordering::Relaxed),
+    };
     Ok(answered.record(response, grpc, transport_error))
 }
 
@@ -149,16 +147,15 @@ impl Routed {
         self.answering.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Notes the `attempt`-th try, to `endpoint`, started at `started`.
-    fn start_try(&self, endpoint: &Arc<EndpointState>, attempt: u32, started: Instant) {
+    /// Notes the `attempt`-th try, to `endpoint`.
+    fn start_try(&self, endpoint: &Arc<EndpointState>, attempt: u32) {
         let mut answering = self.answering();
         answering.endpoint = Some(endpoint.clone());
         answering.tries = attempt;
-        answering.started = Some(started);
     }
 
     /// Counts a try that did not answer the caller (retried, or failed) on its row.
-    fn record_try(&self, endpoint: &EndpointState, outcome: weft_api::signals::Outcome, latency: Duration) {
+    fn record_try(&self, endpoint: &EndpointState, outcome: weft_api::signals::Outcome) {
         let row = RowRef {
             direction: Direction::Outbound,
             peer: endpoint.key.identity.as_ref(),
@@ -167,7 +164,7 @@ impl Routed {
             backend: &self.backend,
             tls: endpoint.is_meshed(),
         };
-        telemetry::record_try(row, outcome, latency);
+        telemetry::record_try(row, outcome);
     }
 }
 
@@ -438,7 +435,7 @@ async fn send_with_retries(
         };
         let in_flight = endpoint.start_request();
         let started = Instant::now();
-        routed.start_try(&endpoint, attempt, started);
+        routed.start_try(&endpoint, attempt);
         let send = state.connector.send(Upstream::Endpoint(&endpoint), wire, &backend.limiter, request);
         let result = match try_timeout {
             Some(limit) => tokio::time::timeout(limit, send)
@@ -476,9 +473,9 @@ async fn send_with_retries(
                 Ok(_) if !retrying => routed.answered.store(true, Ordering::Relaxed),
                 Ok(response) => {
                     let outcome = telemetry::outcome_of(response.status().as_u16(), response.headers(), routed.grpc);
-                    routed.record_try(&endpoint, outcome, elapsed)
+                    routed.record_try(&endpoint, outcome)
                 }
-                Err(_) => routed.record_try(&endpoint, weft_api::signals::Outcome::TransportError, elapsed),
+                Err(_) => routed.record_try(&endpoint, weft_api::signals::Outcome::TransportError),
             }
         }
         if retrying {
@@ -543,7 +540,7 @@ async fn send_upgrade(
     let permit =
         backend.limiter.start_request().map_err(|e| ProxyFailure::Overloaded(format!("{}: {e}", backend.name)))?;
     let endpoint = backend.pick(None).ok_or_else(|| ProxyFailure::NoEndpoints(backend.name.to_string()))?.clone();
-    routed.start_try(&endpoint, 1, Instant::now());
+    routed.start_try(&endpoint, 1);
     // One try, whose answer (or failure) is the caller's.
     routed.answered.store(true, Ordering::Relaxed);
     forward::prepare(&mut parts, authority, crate::pool::Wire::Http1, true);

@@ -238,26 +238,21 @@ fn with_row(row: RowRef<'_>, record: impl FnOnce(&mut RowSignals)) {
 
 /// Counts one request on `row` that ended with `outcome` after `latency` (to the
 /// response's first byte), with `retries` retries sent for it; and, when a try answered
-/// it, that try (`try_latency`: its own time) with the same outcome.
-pub fn record_request(
-    row: RowRef<'_>,
-    outcome: Outcome,
-    latency: Duration,
-    retries: u32,
-    try_latency: Option<Duration>,
-) {
+/// it (`answered`), that try with the same outcome. Tries are counted, not timed: each
+/// request's latency is on its request row, and a sketch per try would double the cost.
+pub fn record_request(row: RowRef<'_>, outcome: Outcome, latency: Duration, retries: u32, answered: bool) {
     with_row(row, |signals| {
         signals.requests.record(outcome, latency);
         signals.requests.retries += u64::from(retries);
-        if let Some(try_latency) = try_latency {
-            signals.tries.record(outcome, try_latency);
+        if answered {
+            signals.tries.count(outcome);
         }
     });
 }
 
 /// Counts one try on `row` that did not answer the caller (it was retried, or failed).
-pub fn record_try(row: RowRef<'_>, outcome: Outcome, latency: Duration) {
-    with_row(row, |signals| signals.tries.record(outcome, latency));
+pub fn record_try(row: RowRef<'_>, outcome: Outcome) {
+    with_row(row, |signals| signals.tries.count(outcome));
 }
 
 /// Counts one authorization decision by its deciding policy.
@@ -559,8 +554,8 @@ pub struct Answered<'a> {
     /// To the response's first byte.
     pub latency: Duration,
     pub retries: u32,
-    /// The time of the try that answered, if one did (it is counted with the request).
-    pub try_latency: Option<Duration>,
+    /// Whether a try answered it (it is counted with the request).
+    pub answered: bool,
 }
 
 impl Answered<'_> {
@@ -577,11 +572,11 @@ impl Answered<'_> {
                 row: self.row.owned(),
                 latency: self.latency,
                 retries: self.retries,
-                try_latency: self.try_latency,
+                answered: self.answered,
             };
             return response.map(|inner| RecordOnEnd::wrap(inner, deferred));
         }
-        record_request(self.row, outcome, self.latency, self.retries, self.try_latency);
+        record_request(self.row, outcome, self.latency, self.retries, self.answered);
         response
     }
 }
@@ -591,7 +586,7 @@ struct Deferred {
     row: RowKey,
     latency: Duration,
     retries: u32,
-    try_latency: Option<Duration>,
+    answered: bool,
 }
 
 /// A gRPC response body that records its request when it ends: with the `grpc-status`
@@ -649,7 +644,7 @@ impl Drop for RecordOnEnd {
             } else {
                 Outcome::Response { status: 200, grpc_status: self.grpc_status }
             };
-            record_request(finished.row.as_ref(), outcome, finished.latency, finished.retries, finished.try_latency);
+            record_request(finished.row.as_ref(), outcome, finished.latency, finished.retries, finished.answered);
         }
     }
 }
@@ -729,9 +724,9 @@ mod tests {
         // Equal destinations in two allocations (two configuration versions).
         let (a, a_again): (Arc<str>, Arc<str>) = ("ns/a".into(), "ns/a".into());
         let ok = Outcome::Response { status: 200, grpc_status: None };
-        record_request(key(&a).as_ref(), ok, Duration::from_millis(3), 0, Some(Duration::from_millis(2)));
-        record_request(key(&a_again).as_ref(), Outcome::TransportError, Duration::from_millis(9), 2, None);
-        record_try(key(&a).as_ref(), Outcome::TransportError, Duration::from_millis(3));
+        record_request(key(&a).as_ref(), ok, Duration::from_millis(3), 0, true);
+        record_request(key(&a_again).as_ref(), Outcome::TransportError, Duration::from_millis(9), 2, false);
+        record_try(key(&a).as_ref(), Outcome::TransportError);
         record_authz("ns/p", true);
         record_authz("ns/p", false);
         record_authz("ns/p", false);
