@@ -352,6 +352,35 @@ spec:
     }
 
     #[test]
+    fn tracing_settings_are_checked_field_by_field() {
+        let mesh = |tracing: &str| {
+            format!("apiVersion: weft.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: mesh}}\nspec: {{tracing: {tracing}}}\n")
+        };
+        let good = mesh("{endpoint: \"http://127.0.0.1:4317\", samplingRate: 0.5, forceFrom: [\"spiffe://weft.local/ns/default/sa/ops\"]}");
+        let resources = parse_documents("f", &good).unwrap();
+        let ResourceSpec::MeshConfig(spec) = &resources[0].spec else { panic!("a MeshConfig") };
+        let tracing = spec.tracing.as_ref().unwrap();
+        assert_eq!((tracing.protocol, tracing.sampling_rate), (crate::spec::OtlpProtocol::Grpc, 0.5));
+        let defaulted = parse_documents("f", &mesh("{endpoint: \"http://c:4318\", protocol: http}")).unwrap();
+        let ResourceSpec::MeshConfig(spec) = &defaulted[0].spec else { panic!("a MeshConfig") };
+        assert_eq!(spec.tracing.as_ref().unwrap().sampling_rate, 0.01, "1% unless said");
+        for (tracing, field, words) in [
+            ("{endpoint: \"collector:4317\"}", "tracing.endpoint", "http://"),
+            ("{endpoint: \"https://c:4317\"}", "tracing.endpoint", "not implemented"),
+            ("{endpoint: \"http://c\"}", "tracing.endpoint", "needs a port"),
+            ("{endpoint: \"http://c:4317\", samplingRate: 2}", "tracing.samplingRate", "0 to 1"),
+            ("{endpoint: \"http://c:4317\", forceFrom: [ops]}", "tracing.forceFrom[0]", ""),
+            ("{endpoint: \"http://c:4317\", protocol: zipkin}", "protocol", ""),
+        ] {
+            let text = parse_documents("f", &mesh(tracing)).unwrap_err().to_string();
+            assert!(text.contains(field) && text.contains(words), "{tracing}: {text}");
+        }
+        let policy = "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p}\nspec: {targetRef: {kind: Service, name: r}, tracing: {samplingRate: -1}}\n";
+        let text = parse_documents("f", policy).unwrap_err().to_string();
+        assert!(text.contains("tracing.samplingRate"), "{text}");
+    }
+
+    #[test]
     fn wrong_api_version_and_duplicates_are_refused() {
         let doc = GOOD.replace("gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1");
         assert!(parse_documents("f", &doc).unwrap_err().to_string().contains("apiVersion"));

@@ -33,8 +33,29 @@ pub struct Snapshot {
     pub services: Vec<CompiledService>,
     /// References that point at nothing, with where they come from.
     pub unresolved: Vec<String>,
+    /// MeshConfig's tracing; `None` when tracing is off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<Arc<TracingSettings>>,
     #[serde(skip)]
     hosts: HashMap<String, usize>,
+}
+
+/// Where spans go and how traces start, mesh-wide.
+#[derive(Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TracingSettings {
+    pub endpoint: String,
+    pub protocol: OtlpProtocol,
+    pub sampling_rate: f64,
+    /// SPIFFE IDs allowed to force a trace.
+    pub force_from: Vec<String>,
+}
+
+impl TracingSettings {
+    /// Whether `principal` may force a trace.
+    pub fn may_force(&self, principal: &str) -> bool {
+        self.force_from.iter().any(|p| p == principal)
+    }
 }
 
 /// A Service with its ports, endpoints, routes and effective policy.
@@ -86,6 +107,10 @@ pub struct Endpoint {
 pub struct RouteRule {
     #[serde(rename = "match")]
     pub matcher: RequestMatcher,
+    /// The match's path as a route template, OpenTelemetry's `http.route`: spans are
+    /// named by it. `None` for a regular expression, which is no template.
+    #[serde(skip)]
+    pub http_route: Option<Arc<str>>,
     pub action: Arc<RouteAction>,
 }
 
@@ -194,6 +219,10 @@ pub struct ServicePolicy {
     pub request_timeout: Option<Duration>,
     pub outlier_detection: OutlierDetectionSpec,
     pub connection_limits: ConnectionLimitsSpec,
+    /// The share of requests to this Service that start a trace, in place of
+    /// MeshConfig's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_sampling: Option<f64>,
 }
 
 impl Default for ServicePolicy {
@@ -213,6 +242,7 @@ impl Default for ServicePolicy {
             request_timeout: None,
             outlier_detection: OutlierDetectionSpec::default(),
             connection_limits: ConnectionLimitsSpec::default(),
+            trace_sampling: None,
         }
     }
 }
@@ -228,7 +258,13 @@ pub enum HostLookupError {
 impl Snapshot {
     /// A snapshot with nothing in it, for a proxy that has no configuration yet.
     pub fn empty(namespace: &str) -> Self {
-        Snapshot { namespace: namespace.to_string(), services: vec![], unresolved: vec![], hosts: HashMap::new() }
+        Snapshot {
+            namespace: namespace.to_string(),
+            services: vec![],
+            unresolved: vec![],
+            tracing: None,
+            hosts: HashMap::new(),
+        }
     }
 
     /// Resolves a `Host` header or URI authority (`reviews`, `reviews.default:80`,
@@ -477,7 +513,11 @@ pub fn compile(resources: &[Resource], namespace: &str) -> Snapshot {
                 for (rule_index, (matchers, action)) in compiled.iter().enumerate() {
                     for matcher in matchers {
                         table.push((
-                            RouteRule { matcher: matcher.clone(), action: action.clone() },
+                            RouteRule {
+                                http_route: http_route(&matcher.path),
+                                matcher: matcher.clone(),
+                                action: action.clone(),
+                            },
                             route_key.clone(),
                             rule_index,
                         ));
@@ -532,8 +572,27 @@ pub fn compile(resources: &[Resource], namespace: &str) -> Snapshot {
             hosts.insert(host, index);
         }
     }
+    let tracing = mesh.tracing.as_ref().map(|t| {
+        Arc::new(TracingSettings {
+            endpoint: t.endpoint.clone(),
+            protocol: t.protocol,
+            sampling_rate: t.sampling_rate,
+            force_from: t.force_from.clone(),
+        })
+    });
+    if tracing.is_none() {
+        for service in services.iter().filter(|s| s.policy.trace_sampling.is_some()) {
+            unresolved.push(format!(
+                "{}: sets tracing.samplingRate for Service {}/{}, but MeshConfig has no tracing endpoint; no trace \
+                 is started until one is set",
+                service.policy.source.as_deref().map_or_else(String::new, |s| format!("TrafficPolicy {s}")),
+                service.namespace,
+                service.name
+            ));
+        }
+    }
     unresolved.sort();
-    Snapshot { namespace: namespace.to_string(), services, unresolved, hosts }
+    Snapshot { namespace: namespace.to_string(), services, unresolved, tracing, hosts }
 }
 
 /// A compiled rule with the route key and rule index that break precedence ties.
@@ -749,6 +808,15 @@ fn effective_policy(name: &str, namespace: &str, spec: &TrafficPolicySpec) -> Se
         request_timeout: spec.timeouts.as_ref().and_then(|t| t.request).map(|d| d.0).filter(|d| !d.is_zero()),
         outlier_detection: spec.outlier_detection.clone().unwrap_or_default(),
         connection_limits: spec.connection_limits.clone().unwrap_or_default(),
+        trace_sampling: spec.tracing.as_ref().map(|t| t.sampling_rate),
+    }
+}
+
+/// OpenTelemetry's `http.route` for a path match: its path, when it is one.
+fn http_route(path: &PathMatcher) -> Option<Arc<str>> {
+    match path {
+        PathMatcher::Exact(path) | PathMatcher::PathPrefix(path) => Some(path.as_str().into()),
+        PathMatcher::RegularExpression(_) => None,
     }
 }
 

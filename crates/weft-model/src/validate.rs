@@ -72,6 +72,47 @@ fn mesh_config(spec: &MeshConfigSpec) -> Checked {
             return fail("trustDomain", error.to_string());
         }
     }
+    if let Some(tracing) = &spec.tracing {
+        if let Err(reason) = otlp_endpoint(&tracing.endpoint) {
+            return fail("tracing.endpoint", reason);
+        }
+        sampling_rate("tracing.samplingRate", tracing.sampling_rate)?;
+        for (i, principal) in tracing.force_from.iter().enumerate() {
+            if let Err(error) = crate::spiffe::SpiffeId::parse(principal) {
+                return fail(format!("tracing.forceFrom[{i}]"), error.to_string());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An OTLP receiver's URL: `http://host:port[/path]`.
+pub fn otlp_endpoint(endpoint: &str) -> Result<(), String> {
+    let uri: http::Uri = endpoint
+        .parse()
+        .map_err(|_| format!("{endpoint:?} is not a URL; write it as http://HOST:PORT, e.g. http://127.0.0.1:4317"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err("TLS to the trace receiver is not implemented yet in this weft release; use http:// to a \
+                        collector on the same host or network"
+                .into())
+        }
+        _ => return Err(format!("{endpoint:?} needs the scheme http://, e.g. http://127.0.0.1:4317")),
+    }
+    if uri.port_u16().is_none() {
+        return Err(format!("{endpoint:?} needs a port: 4317 for OTLP/gRPC, 4318 for OTLP/HTTP"));
+    }
+    if uri.query().is_some() {
+        return Err(format!("{endpoint:?}: a query string is not allowed"));
+    }
+    Ok(())
+}
+
+fn sampling_rate(field: &str, rate: f64) -> Checked {
+    if !(0.0..=1.0).contains(&rate) {
+        return fail(field, format!("{rate} is not a share of requests: give 0 to 1 (0.01 is 1%)"));
+    }
     Ok(())
 }
 
@@ -409,6 +450,9 @@ fn traffic_policy(spec: &TrafficPolicySpec) -> Checked {
     }
     if spec.fault_injection.is_some() {
         return fail("faultInjection", "fault injection is not implemented yet in this weft release; remove the field");
+    }
+    if let Some(tracing) = &spec.tracing {
+        sampling_rate("tracing.samplingRate", tracing.sampling_rate)?;
     }
     if let Some(lb) = &spec.load_balancer {
         if lb.algorithm == LoadBalancerAlgorithm::ConsistentHash {

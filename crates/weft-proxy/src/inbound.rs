@@ -7,7 +7,11 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
-use crate::telemetry::{self, Answered, Direction, OpenConnection, RowRef, TcpKey};
+use crate::{
+    spans::{self, Kind, PendingSpan, RequestTrace},
+    telemetry::{self, Answered, Direction, OpenConnection, RowRef, TcpKey},
+    trace_context,
+};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -258,6 +262,8 @@ async fn handle(
     let grpc = is_grpc(request.headers());
     let upgrade = forward::is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
     let (mut parts, incoming) = request.into_parts();
+    trace_context::ensure_request_id(&mut parts.headers);
+    let mut span = begin_span(&state, peer.as_deref(), &mut parts, started);
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let checked = forward::checked_authority(&parts).map(|a| a.map_or_else(|| app.to_string(), str::to_string));
     let judged = checked.map_err(|reason| ProxyFailure::BadRequest(reason.into())).and_then(|authority| {
@@ -267,8 +273,11 @@ async fn handle(
         Ok(authority) => authority,
         Err(failure) => {
             let reason = failure.reason();
+            if let Some(span) = span.as_mut() {
+                span.error(reason, failure.to_string());
+            }
             let response = failure.into_response(grpc);
-            return Ok(observe(&state, peer.as_deref(), response, reason, false, grpc, started));
+            return Ok(observe(&state, peer.as_deref(), response, reason, false, grpc, started, span));
         }
     };
     let wire = if parts.version == http::Version::HTTP_2 { Wire::Http2 } else { Wire::Http1 };
@@ -313,25 +322,70 @@ async fn handle(
             };
             tracing::debug!(%failure, "inbound request failed");
             let reason = failure.reason();
+            if let Some(span) = span.as_mut() {
+                span.error(reason, failure.to_string());
+            }
             let transport_error = failure.is_transport_error();
             (failure.into_response(grpc), reason, transport_error)
         }
     };
-    Ok(observe(&state, peer.as_deref(), response, error, transport_error, grpc, started))
+    Ok(observe(&state, peer.as_deref(), response, error, transport_error, grpc, started, span))
+}
+
+/// Decides the request's trace, by this proxy's own Service's sampling rate, and when it
+/// is sampled starts its SERVER span, whose id the application receives as its parent.
+fn begin_span(
+    state: &SharedState,
+    peer: Option<&MeshCaller>,
+    parts: &mut http::request::Parts,
+    started: Instant,
+) -> Option<PendingSpan> {
+    let config = state.config.load();
+    let settings = config.snapshot.tracing.as_ref()?;
+    let own = config.own_service.map(|i| &config.snapshot.services[i]);
+    let rate = spans::rate_for(settings, own.and_then(|s| s.policy.trace_sampling));
+    let trace = RequestTrace::begin(&parts.headers, rate, || peer.is_some_and(|p| settings.may_force(&p.principal)));
+    if !trace.sampled {
+        trace.propagate(&mut parts.headers, None);
+        return None;
+    }
+    let id = trace_context::new_span_id();
+    let mut span = PendingSpan::start(&trace, id, Kind::Server, parts.method.to_string(), started);
+    let authority = forward::checked_authority(parts).ok().flatten().unwrap_or_default().to_string();
+    span.request(&parts.method, parts.uri.path(), &authority, parts.version);
+    if let Some(peer) = peer {
+        span.text("weft.source_identity", &*peer.principal);
+        span.text("weft.peer_identity", &*peer.principal);
+    }
+    if let Some(identity) = state.identity.get() {
+        span.text("weft.destination_identity", identity.current().identity.to_string());
+    }
+    span.text("weft.destination_service", &*state.own_label);
+    if let Some(id) = parts.headers.get(trace_context::REQUEST_ID).and_then(|v| v.to_str().ok()) {
+        span.text("weft.request_id", id);
+    }
+    trace.propagate(&mut parts.headers, Some(&id));
+    Some(span)
 }
 
 /// Counts one inbound request from `peer` (`None`: plaintext): in Prometheus, and on
 /// the caller's telemetry row.
+#[allow(clippy::too_many_arguments)]
 fn observe(
     state: &SharedState,
     peer: Option<&MeshCaller>,
-    response: Response<Body>,
+    mut response: Response<Body>,
     error: &'static str,
     transport_error: bool,
     grpc: bool,
     started: Instant,
+    span: Option<PendingSpan>,
 ) -> Response<Body> {
     let latency = started.elapsed();
+    if let Some(mut span) = span {
+        span.status(response.status().as_u16());
+        response = span.finish_with(response);
+    }
     let labels = RequestLabels {
         direction: "inbound",
         source_service: empty_label(),

@@ -10,7 +10,8 @@
 //! where to send, [`retry`] and [`limits`] guard the send, [`pool`] and [`transport`]
 //! carry it, [`errors`] turns failures into responses, [`protocol_errors`] names what hostile
 //! or broken peers did, [`metrics`] counts everything for Prometheus, [`telemetry`] for the control
-//! plane's golden signals.
+//! plane's golden signals; [`trace_context`] carries traces across hops and [`spans`]
+//! records and exports this proxy's part of them.
 
 #![forbid(unsafe_code)]
 
@@ -37,9 +38,11 @@ pub mod reload;
 pub mod retry;
 pub mod revocation;
 pub mod settings;
+pub mod spans;
 pub mod state;
 pub mod tcp;
 pub mod telemetry;
+pub mod trace_context;
 pub mod transport;
 pub mod word_hash;
 

@@ -104,6 +104,15 @@ pub struct ProtocolErrorLabels {
     pub reason: &'static str,
 }
 
+/// Labels of `weft_trace_spans_dropped_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SpanDropLabels {
+    /// `buffer_full` (a worker made more spans in a second than it holds),
+    /// `queue_full` (the exporter is behind) or `export_failed` (the receiver did not
+    /// take them).
+    pub reason: &'static str,
+}
+
 /// All of the proxy's metric families.
 pub struct Metrics {
     pub registry: Registry,
@@ -116,6 +125,8 @@ pub struct Metrics {
     pub config_reloads: Family<ReloadLabels, Counter>,
     pub authz_decisions: Family<AuthzLabels, Counter>,
     pub protocol_errors: Family<ProtocolErrorLabels, Counter>,
+    pub spans_exported: Counter,
+    pub spans_dropped: Family<SpanDropLabels, Counter>,
 }
 
 /// Latency buckets from 0.5 ms to ~33 s, doubling: covers sidecar-added microseconds
@@ -163,8 +174,18 @@ impl Metrics {
             "Connections and requests refused for breaking their protocol (HTTP/1, HTTP/2, mesh TLS), by listener and reason",
             protocol_errors.clone(),
         );
+        let spans_exported = Counter::default();
+        registry.register("trace_spans_exported", "Spans the trace receiver took", spans_exported.clone());
+        let spans_dropped = Family::default();
+        registry.register(
+            "trace_spans_dropped",
+            "Spans dropped instead of slowing requests, by reason",
+            spans_dropped.clone(),
+        );
         Metrics {
             registry,
+            spans_exported,
+            spans_dropped,
             requests,
             request_duration,
             tcp_connections,

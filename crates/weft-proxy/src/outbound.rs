@@ -35,8 +35,10 @@ use crate::{
     pool::{SendError, SendFailure},
     protocol_errors::broken_body,
     retry::{backoff, is_idempotent, RetryBudget, TryEnd},
+    spans::{self, Kind, PendingSpan, RequestTrace},
     state::{ServingConfig, SharedState},
     telemetry::{self, Answered, Direction, RowRef},
+    trace_context,
     transport::Upstream,
 };
 
@@ -55,6 +57,20 @@ pub(crate) struct Routed {
     answered: AtomicBool,
     /// Whether the caller speaks gRPC (its outcome is read from `grpc-status`).
     grpc: bool,
+    /// The request's trace, when MeshConfig turns tracing on.
+    trace: Option<RequestTrace>,
+    /// What a sampled request's spans describe.
+    traced: Option<Box<TracedRequest>>,
+}
+
+/// The request as its spans describe it (sampled requests only).
+struct TracedRequest {
+    method: http::Method,
+    path: String,
+    authority: String,
+    version: http::Version,
+    /// The matched rule's path, OpenTelemetry's `http.route`.
+    http_route: Option<Arc<str>>,
 }
 
 /// The last try of a request.
@@ -63,6 +79,10 @@ struct AnsweringTry {
     endpoint: Option<Arc<EndpointState>>,
     /// Tries sent so far.
     tries: u32,
+    /// The answering try's CLIENT span, ended with the response body.
+    span: Option<PendingSpan>,
+    /// CLIENT spans made for tries.
+    spans: u32,
 }
 
 impl AnsweringTry {
@@ -97,6 +117,8 @@ pub async fn handle(
         answering: Mutex::default(),
         answered: AtomicBool::new(false),
         grpc,
+        trace: None,
+        traced: None,
     };
     let result = route_request(&state, &config, request, &mut routed).await;
     let (response, error, transport_error) = match result {
@@ -109,8 +131,32 @@ pub async fn handle(
         }
     };
     let latency = started.elapsed();
-    let answering = routed.answering.into_inner().unwrap_or_else(|e| e.into_inner());
+    let mut answering = std::mem::take(routed.answering.get_mut().unwrap_or_else(|e| e.into_inner()));
     let tls = answering.tls();
+    let mut response = response;
+    if let (Some(trace), Some(traced)) = (&routed.trace, &routed.traced) {
+        // The try that answered ends with the body; a request no try was sent for (the
+        // proxy answered it, or it was upgraded) gets one span of its own, so that the
+        // trace shows what became of it.
+        let span = match answering.span.take() {
+            Some(span) => Some(span),
+            None if answering.spans == 0 => {
+                let mut span = client_span(&state, trace, trace.own_span, traced, &routed, started);
+                if let Some(endpoint) = &answering.endpoint {
+                    describe_endpoint(&mut span, endpoint);
+                }
+                if !error.is_empty() {
+                    span.error(error, format!("the proxy answered: {error}"));
+                }
+                Some(span)
+            }
+            None => None,
+        };
+        if let Some(mut span) = span {
+            span.status(response.status().as_u16());
+            response = span.finish_with(response);
+        }
+    }
     let labels = RequestLabels {
         direction: "outbound",
         source_service: state.own_label.clone(),
@@ -155,6 +201,16 @@ impl Routed {
     }
 
     /// Counts a try that did not answer the caller (retried, or failed) on its row.
+    fn record_try_span(&self, span: PendingSpan, answers: bool) {
+        let mut answering = self.answering();
+        answering.spans += 1;
+        if answers {
+            answering.span = Some(span);
+        } else {
+            span.finish();
+        }
+    }
+
     fn record_try(&self, endpoint: &EndpointState, outcome: weft_api::signals::Outcome) {
         let row = RowRef {
             direction: Direction::Outbound,
@@ -176,6 +232,7 @@ async fn route_request(
 ) -> Result<Response<Body>, ProxyFailure> {
     let downstream_upgrade = forward::is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
     let (mut parts, incoming) = request.into_parts();
+    trace_context::ensure_request_id(&mut parts.headers);
     let mut authority = forward::checked_authority(&parts)
         .map_err(|reason| ProxyFailure::BadRequest(reason.into()))?
         .ok_or_else(|| ProxyFailure::BadRequest("the request has no Host".into()))?
@@ -191,6 +248,24 @@ async fn route_request(
     routed.destination = config.service_labels[service_index].clone();
     let service = &snapshot.services[service_index];
     let port = &service.ports[port_index];
+    if let Some(settings) = &snapshot.tracing {
+        // The local application's identity is this proxy's.
+        let may_force = || {
+            state.identity.get().is_some_and(|identity| settings.may_force(&identity.current().identity.to_string()))
+        };
+        let trace =
+            RequestTrace::begin(&parts.headers, spans::rate_for(settings, service.policy.trace_sampling), may_force);
+        if trace.sampled {
+            routed.traced = Some(Box::new(TracedRequest {
+                method: parts.method.clone(),
+                path: parts.uri.path().to_string(),
+                authority: authority.clone(),
+                version: parts.version,
+                http_route: None,
+            }));
+        }
+        routed.trace = Some(trace);
+    }
 
     // The route rule, or the port itself when no route is attached.
     let action: Option<&Arc<RouteAction>> = match &port.routes {
@@ -207,6 +282,9 @@ async fn route_request(
                 .find(|rule| rule.matcher.matches(&view))
                 .ok_or_else(|| ProxyFailure::NoRoute(routed.destination.to_string()))?;
             routed.route = rule.action.route.clone();
+            if let Some(traced) = routed.traced.as_mut() {
+                traced.http_route = rule.http_route.clone();
+            }
             Some(&rule.action)
         }
     };
@@ -433,8 +511,10 @@ async fn send_with_retries(
                 Request::from_parts(head, body)
             }
         };
-        let in_flight = endpoint.start_request();
+        let mut request = request;
         let started = Instant::now();
+        let span = try_span(state, routed, &endpoint, attempt, request.headers_mut(), started);
+        let in_flight = endpoint.start_request();
         routed.start_try(&endpoint, attempt);
         let send = state.connector.send(Upstream::Endpoint(&endpoint), wire, &backend.limiter, request);
         let result = match try_timeout {
@@ -478,6 +558,15 @@ async fn send_with_retries(
                 Err(_) => routed.record_try(&endpoint, weft_api::signals::Outcome::TransportError),
             }
         }
+        if let Some(mut span) = span {
+            let answers = result.is_ok() && !retrying;
+            match &result {
+                Ok(response) if !answers => span.status(response.status().as_u16()),
+                Ok(_) => {}
+                Err(error) => span.error(try_error_reason(error), error.to_string()),
+            }
+            routed.record_try_span(span, answers);
+        }
         if retrying {
             if budget.try_withdraw() {
                 state
@@ -517,6 +606,84 @@ async fn send_with_retries(
     }
 }
 
+/// Propagates the request's trace on one try and, when it is sampled, starts the try's
+/// CLIENT span (whose id the endpoint's side names as its parent).
+fn try_span(
+    state: &SharedState,
+    routed: &Routed,
+    endpoint: &EndpointState,
+    attempt: u32,
+    headers: &mut http::HeaderMap,
+    started: Instant,
+) -> Option<PendingSpan> {
+    let trace = routed.trace.as_ref()?;
+    let Some(traced) = routed.traced.as_deref() else {
+        trace.propagate(headers, None);
+        return None;
+    };
+    let id = trace_context::new_span_id();
+    trace.propagate(headers, Some(&id));
+    let mut span = client_span(state, trace, id, traced, routed, started);
+    describe_endpoint(&mut span, endpoint);
+    if attempt > 1 {
+        span.int("http.request.resend_count", (attempt - 1) as i64);
+    }
+    span.int("weft.try", attempt as i64);
+    Some(span)
+}
+
+/// A CLIENT span of the request, with what every try shares.
+fn client_span(
+    state: &SharedState,
+    trace: &RequestTrace,
+    id: trace_context::SpanId,
+    traced: &TracedRequest,
+    routed: &Routed,
+    started: Instant,
+) -> PendingSpan {
+    let name = match &traced.http_route {
+        Some(route) => format!("{} {route}", traced.method),
+        None => traced.method.to_string(),
+    };
+    let mut span = PendingSpan::start(trace, id, Kind::Client, name, started);
+    span.request(&traced.method, &traced.path, &traced.authority, traced.version);
+    if let Some(route) = &traced.http_route {
+        span.text("http.route", &**route);
+    }
+    span.text("weft.destination_service", &*routed.destination);
+    if !routed.route.is_empty() {
+        span.text("weft.route", &*routed.route);
+    }
+    if !routed.backend.is_empty() {
+        span.text("weft.backend", &*routed.backend);
+    }
+    if let Some(identity) = state.identity.get() {
+        span.text("weft.source_identity", identity.current().identity.to_string());
+    }
+    span.text("weft.source_service", &*state.own_label);
+    span
+}
+
+/// The endpoint a try went to.
+fn describe_endpoint(span: &mut PendingSpan, endpoint: &EndpointState) {
+    span.text("weft.endpoint", endpoint.address.to_string());
+    if let Some(identity) = &endpoint.key.identity {
+        span.text("weft.peer_identity", &**identity);
+        span.text("weft.destination_identity", &**identity);
+    }
+}
+
+/// The `weft-error` reason a failed try would give, for its span.
+fn try_error_reason(error: &SendError) -> &'static str {
+    match error {
+        SendError::Connect(_) => "connect_failed",
+        SendError::Limit(_) => "overloaded",
+        SendError::Timeout(_) => "try_timeout",
+        SendError::Reset(_) => "upstream_reset",
+        SendError::RequestBody(_) => "bad_request_body",
+    }
+}
+
 /// The latency a try teaches the balancer. Failures count at least the connect timeout:
 /// a refused connection or a quick 503 is not a fast endpoint, and without the penalty
 /// latency-aware balancing would pour traffic into it (the "black hole" effect).
@@ -541,6 +708,10 @@ async fn send_upgrade(
         backend.limiter.start_request().map_err(|e| ProxyFailure::Overloaded(format!("{}: {e}", backend.name)))?;
     let endpoint = backend.pick(None).ok_or_else(|| ProxyFailure::NoEndpoints(backend.name.to_string()))?.clone();
     routed.start_try(&endpoint, 1);
+    if let Some(trace) = &routed.trace {
+        // No span per try here: the request's one span (see `handle`) is the parent.
+        trace.propagate(&mut parts.headers, trace.sampled.then_some(&trace.own_span));
+    }
     // One try, whose answer (or failure) is the caller's.
     routed.answered.store(true, Ordering::Relaxed);
     forward::prepare(&mut parts, authority, crate::pool::Wire::Http1, true);

@@ -175,6 +175,7 @@ pub fn run(mut settings: ProxySettings) -> Result<Option<i32>, ProxyError> {
 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(ProxyError::Runtime)?;
     runtime.block_on(async move {
+        tokio::spawn(crate::spans::export(state.clone()));
         let admin_state = state.clone();
         tokio::spawn(accept_loop(admin_listener, drain.watch(), move |stream, peer, drain| {
             admin::serve_connection(admin_state.clone(), stream, peer, drain)
@@ -293,6 +294,7 @@ async fn housekeeping(state: Arc<SharedState>, mut drain: listener::DrainWatch) 
             _ = tick.tick() => {
                 crate::pool::evict_idle(state.settings.idle_timeout, current);
                 state.telemetry.drain_worker();
+                state.spans.drain_worker(&state.metrics);
             }
             _ = reclaim.requested() => crate::pool::reclaim_idle(),
             _ = drain.signaled() => return,

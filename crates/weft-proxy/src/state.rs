@@ -53,6 +53,8 @@ pub struct SharedState {
     pub metrics: Metrics,
     /// Golden signals for the control plane (off without one).
     pub telemetry: crate::telemetry::Telemetry,
+    /// Finished spans on their way to the trace receiver.
+    pub spans: crate::spans::Spans,
     pub connector: Connector,
     /// `namespace/service` of this proxy, the metric label for its own side.
     pub own_label: Arc<str>,
@@ -112,6 +114,7 @@ impl SharedState {
             endpoints: EndpointRegistry::default(),
             metrics: Metrics::new(),
             telemetry,
+            spans: crate::spans::Spans::default(),
             connector,
             own_label,
             inbound_limiter,

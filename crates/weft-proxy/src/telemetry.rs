@@ -544,7 +544,8 @@ pub fn outcome_of(status: u16, headers: &http::HeaderMap, grpc: bool) -> Outcome
     Outcome::Response { status, grpc_status: if grpc { grpc_status(headers) } else { None } }
 }
 
-fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
+/// The `grpc-status` of response headers or trailers.
+pub(crate) fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
     headers.get("grpc-status").and_then(|value| value.to_str().ok()).and_then(|text| text.parse().ok())
 }
 

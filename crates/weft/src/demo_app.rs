@@ -19,8 +19,21 @@ use rand::Rng;
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
-/// Request headers the demo app passes on to the services it calls.
-const PROPAGATED: [&str; 5] = ["x-canary", "x-request-id", "traceparent", "tracestate", "b3"];
+/// Request headers the demo app passes on to the services it calls: the canary header
+/// the demo routes by, and the trace context (W3C and both B3 forms) without which no
+/// trace spans more than one hop, in any mesh.
+const PROPAGATED: [&str; 10] = [
+    "x-canary",
+    "x-request-id",
+    "traceparent",
+    "tracestate",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+];
 
 /// What the demo app does for each request.
 #[derive(Clone, Debug)]

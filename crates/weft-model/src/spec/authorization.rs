@@ -92,6 +92,9 @@ pub struct MeshConfigSpec {
     pub mtls: MtlsMode,
     #[serde(default)]
     pub default_policy: DefaultPolicy,
+    /// Distributed tracing; off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<super::MeshTracingSpec>,
 }
 
 /// Whether inbound listeners accept plaintext.

@@ -5,11 +5,13 @@
 //! are declared and refused by validation with a message that says so.
 
 mod authorization;
+mod observability;
 mod policy;
 mod route;
 mod service;
 
 pub use authorization::*;
+pub use observability::*;
 pub use policy::*;
 pub use route::*;
 pub use service::*;

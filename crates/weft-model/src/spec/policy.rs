@@ -22,6 +22,9 @@ pub struct TrafficPolicySpec {
     pub outlier_detection: Option<OutlierDetectionSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection_limits: Option<ConnectionLimitsSpec>,
+    /// The sampling rate of traces started by requests to this Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<super::ServiceTracingSpec>,
     /// Declared so it can be refused by name: not implemented yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<serde_json::Value>,

@@ -1,0 +1,558 @@
+//! Distributed tracing: the sampling decision for each request, the spans a proxy makes
+//! (a SERVER span per inbound request, a CLIENT span per outbound try), and their export
+//! over OTLP.
+//!
+//! The decision is head-based and parent-based: a request that arrives with a decision
+//! keeps it, so one trace is sampled or not from end to end; one that arrives without is
+//! decided here, by the addressed Service's rate, and the decision travels on in
+//! `traceparent`. `x-weft-trace: force` samples regardless, from callers MeshConfig's
+//! `forceFrom` names.
+//!
+//! Spans never touch a shared structure on the request path: a finished span goes into
+//! its worker's buffer, the worker's housekeeping tick hands the buffer to the exporter
+//! each second, and the exporter sends batches from the proxy's main thread. Every
+//! bound (the worker buffer, the queue, a receiver that is down) drops spans and counts
+//! them; none slows a request.
+
+use std::{
+    cell::{Cell, RefCell},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, Response};
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::{trace_service_client::TraceServiceClient, ExportTraceServiceRequest},
+    common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue},
+    resource::v1::Resource,
+    trace::v1::{span::SpanKind, status::StatusCode as OtlpStatus, ResourceSpans, ScopeSpans, Span, Status},
+};
+use prost::Message;
+use rand::Rng;
+use tokio::sync::mpsc;
+use weft_model::{snapshot::TracingSettings, spec::OtlpProtocol};
+
+use crate::{
+    body::{Body, BoxError},
+    metrics::SpanDropLabels,
+    state::SharedState,
+    trace_context::{self, B3Form, SpanId, TraceId},
+};
+
+/// Spans one worker holds between housekeeping ticks (one second).
+const WORKER_BUFFER: usize = 4096;
+/// Worker batches waiting for the exporter.
+const QUEUE_BATCHES: usize = 32;
+/// Spans in one export request.
+const EXPORT_BATCH: usize = 8192;
+/// How long one export may take before its spans are dropped.
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The trace of one request at one side of a proxy, decided as the request arrived.
+pub struct RequestTrace {
+    pub trace_id: TraceId,
+    /// The caller's span, the parent of this side's spans.
+    pub parent: Option<SpanId>,
+    pub sampled: bool,
+    b3: Option<B3Form>,
+    /// Whether the request came with ids: an unsampled request then goes on unchanged.
+    carried: bool,
+    /// The span id this side names to the next hop when it makes no span of its own per
+    /// try: an unsampled request's new context, or a sampled request's one CLIENT span
+    /// when no try was made (a proxy-made answer, an upgrade).
+    pub own_span: SpanId,
+}
+
+impl RequestTrace {
+    /// Decides the trace of a request with `headers`: the caller's decision if it made
+    /// one, else `rate`. `may_force` says whether the caller may force a trace; it is
+    /// asked only when the request asks to.
+    pub fn begin(headers: &HeaderMap, rate: f64, may_force: impl FnOnce() -> bool) -> RequestTrace {
+        let extracted = trace_context::extract(headers);
+        let forced = trace_context::asks_to_force(headers) && {
+            let allowed = may_force();
+            if !allowed {
+                tracing::debug!(
+                    "x-weft-trace: force from a caller MeshConfig's tracing.forceFrom does not name; ignored"
+                );
+            }
+            allowed
+        };
+        let sampled = forced
+            || match extracted.sampled {
+                Some(decided) => decided,
+                None => rate > 0.0 && (rate >= 1.0 || rand::rng().random_bool(rate)),
+            };
+        let (trace_id, parent) = match extracted.ids {
+            Some((trace, span)) => (trace, Some(span)),
+            None => (trace_context::new_trace_id(), None),
+        };
+        RequestTrace {
+            trace_id,
+            parent,
+            sampled,
+            b3: extracted.b3,
+            carried: extracted.ids.is_some() && extracted.sampled == Some(sampled),
+            own_span: trace_context::new_span_id(),
+        }
+    }
+
+    /// Writes the context the next hop receives: `span` (this side's span) when sampled.
+    pub fn propagate(&self, headers: &mut HeaderMap, span: Option<&SpanId>) {
+        match span {
+            Some(span) => trace_context::inject(headers, &self.trace_id, span, self.sampled, self.b3),
+            None if self.carried => {}
+            None => trace_context::inject(headers, &self.trace_id, &self.own_span, self.sampled, self.b3),
+        }
+    }
+}
+
+/// The sampling rate for requests to a Service with override `service_rate`.
+pub fn rate_for(settings: &TracingSettings, service_rate: Option<f64>) -> f64 {
+    service_rate.unwrap_or(settings.sampling_rate)
+}
+
+/// Which side of a hop a span describes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// The inbound side: a request received for the local application.
+    Server,
+    /// The outbound side: one try sent to an endpoint.
+    Client,
+}
+
+/// A span being made: its ids, name and attributes so far, and when it started.
+pub struct PendingSpan {
+    span: Span,
+    kind: Kind,
+    started: Instant,
+}
+
+impl PendingSpan {
+    /// A span of `trace` with id `id`, started at `started`.
+    pub fn start(trace: &RequestTrace, id: SpanId, kind: Kind, name: String, started: Instant) -> PendingSpan {
+        let since = started.elapsed();
+        let start_unix = SystemTime::now().checked_sub(since).unwrap_or(UNIX_EPOCH);
+        let span = Span {
+            trace_id: trace.trace_id.to_vec(),
+            span_id: id.to_vec(),
+            parent_span_id: trace.parent.map(|p| p.to_vec()).unwrap_or_default(),
+            flags: 0x1 | 0x100 | if trace.parent.is_some() { 0x200 } else { 0 },
+            name,
+            kind: match kind {
+                Kind::Server => SpanKind::Server,
+                Kind::Client => SpanKind::Client,
+            } as i32,
+            start_time_unix_nano: unix_nanos(start_unix),
+            ..Default::default()
+        };
+        PendingSpan { span, kind, started }
+    }
+
+    /// Adds a string attribute.
+    pub fn text(&mut self, key: &'static str, value: impl Into<String>) {
+        self.span.attributes.push(attribute(key, any_value::Value::StringValue(value.into())));
+    }
+
+    /// Adds an integer attribute.
+    pub fn int(&mut self, key: &'static str, value: i64) {
+        self.span.attributes.push(attribute(key, any_value::Value::IntValue(value)));
+    }
+
+    /// The request's attributes, as OpenTelemetry's HTTP conventions name them.
+    pub fn request(&mut self, method: &http::Method, path: &str, authority: &str, version: http::Version) {
+        self.text("http.request.method", method.as_str());
+        self.text("url.path", path);
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((host, port)) if port.parse::<u16>().is_ok() => (host, port.parse::<i64>().ok()),
+            _ => (authority, None),
+        };
+        self.text("server.address", host);
+        if let Some(port) = port {
+            self.int("server.port", port);
+        }
+        let version = match version {
+            http::Version::HTTP_10 => "1.0",
+            http::Version::HTTP_2 => "2",
+            _ => "1.1",
+        };
+        self.text("network.protocol.version", version);
+    }
+
+    /// The response status. A server span is an error on 5xx; a client span on 4xx too
+    /// (the request it sent was refused).
+    pub fn status(&mut self, status: u16) {
+        self.int("http.response.status_code", status as i64);
+        let failed = status >= 500 || (self.kind == Kind::Client && status >= 400);
+        if failed && self.span.status.is_none() {
+            self.text("error.type", status.to_string());
+            self.span.status = Some(Status { code: OtlpStatus::Error as i32, message: String::new() });
+        }
+    }
+
+    /// The proxy's own reason for failing the request (the `weft-error` header).
+    pub fn error(&mut self, reason: &str, message: String) {
+        self.text("weft.error", reason);
+        self.text("error.type", reason);
+        self.span.status = Some(Status { code: OtlpStatus::Error as i32, message });
+    }
+
+    /// Ends the span now.
+    pub fn finish(mut self) {
+        self.span.end_time_unix_nano = self.span.start_time_unix_nano + self.started.elapsed().as_nanos() as u64;
+        push(self.span);
+    }
+
+    /// Ends the span when `response`'s body ends (with its `grpc-status` from trailers),
+    /// or now when there is no body to wait for.
+    pub fn finish_with(self, response: Response<Body>) -> Response<Body> {
+        use http_body::Body as _;
+        if response.body().is_end_stream() {
+            let mut this = self;
+            if let Some(status) = crate::telemetry::grpc_status(response.headers()) {
+                this.grpc_status(status);
+            }
+            this.finish();
+            return response;
+        }
+        response.map(|inner| SpanBody::wrap(inner, self))
+    }
+
+    fn grpc_status(&mut self, status: u32) {
+        self.int("rpc.grpc.status_code", status as i64);
+        let failed = match self.kind {
+            // As OpenTelemetry's gRPC conventions: a server fails on the statuses that
+            // say it broke, a client on any status but OK.
+            Kind::Server => matches!(status, 2 | 4 | 12 | 13 | 14 | 15),
+            Kind::Client => status != 0,
+        };
+        if failed && self.span.status.is_none() {
+            self.span.status =
+                Some(Status { code: OtlpStatus::Error as i32, message: format!("grpc-status {status}") });
+        }
+    }
+}
+
+fn attribute(key: &str, value: any_value::Value) -> KeyValue {
+    KeyValue { key: key.into(), value: Some(AnyValue { value: Some(value) }), ..Default::default() }
+}
+
+fn unix_nanos(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// A response body that ends its span when it ends (or is dropped).
+struct SpanBody {
+    inner: Body,
+    span: Option<PendingSpan>,
+}
+
+impl SpanBody {
+    fn wrap(inner: Body, span: PendingSpan) -> Body {
+        use http_body_util::BodyExt;
+        SpanBody { inner, span: Some(span) }.boxed_unsync()
+    }
+}
+
+impl http_body::Body for SpanBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let Some(status) = frame.trailers_ref().and_then(crate::telemetry::grpc_status) {
+                    if let Some(span) = self.span.as_mut() {
+                        span.grpc_status(status);
+                    }
+                }
+            }
+            std::task::Poll::Ready(Some(Err(error))) => {
+                if let Some(span) = self.span.as_mut() {
+                    span.span.status = Some(Status {
+                        code: OtlpStatus::Error as i32,
+                        message: format!("response body broke: {error}"),
+                    });
+                }
+            }
+            _ => {}
+        }
+        if matches!(polled, std::task::Poll::Ready(None)) {
+            if let Some(span) = self.span.take() {
+                span.finish();
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for SpanBody {
+    fn drop(&mut self) {
+        if let Some(span) = self.span.take() {
+            span.finish();
+        }
+    }
+}
+
+thread_local! {
+    /// Finished spans of this worker, until its next housekeeping tick.
+    static BUFFER: RefCell<Vec<Span>> = const { RefCell::new(Vec::new()) };
+    /// Spans this worker dropped because its buffer was full.
+    static OVERFLOWED: Cell<u64> = const { Cell::new(0) };
+}
+
+fn push(span: Span) {
+    BUFFER.with(|buffer| {
+        let mut buffer = buffer.borrow_mut();
+        if buffer.len() < WORKER_BUFFER {
+            buffer.push(span);
+        } else {
+            OVERFLOWED.with(|dropped| dropped.set(dropped.get() + 1));
+        }
+    });
+}
+
+/// The queue from the workers to the exporter.
+pub struct Spans {
+    queue: mpsc::Sender<Vec<Span>>,
+    receiver: Mutex<Option<mpsc::Receiver<Vec<Span>>>>,
+}
+
+impl Default for Spans {
+    fn default() -> Self {
+        let (queue, receiver) = mpsc::channel(QUEUE_BATCHES);
+        Spans { queue, receiver: Mutex::new(Some(receiver)) }
+    }
+}
+
+impl Spans {
+    /// Hands what this worker finished to the exporter (each housekeeping tick).
+    pub fn drain_worker(&self, metrics: &crate::metrics::Metrics) {
+        let overflowed = OVERFLOWED.with(|dropped| dropped.replace(0));
+        if overflowed > 0 {
+            metrics.spans_dropped.get_or_create(&SpanDropLabels { reason: "buffer_full" }).inc_by(overflowed);
+        }
+        let batch = BUFFER.with(|buffer| std::mem::take(&mut *buffer.borrow_mut()));
+        if batch.is_empty() {
+            return;
+        }
+        if let Err(refused) = self.queue.try_send(batch) {
+            let count = match &refused {
+                mpsc::error::TrySendError::Full(batch) | mpsc::error::TrySendError::Closed(batch) => batch.len(),
+            };
+            metrics.spans_dropped.get_or_create(&SpanDropLabels { reason: "queue_full" }).inc_by(count as u64);
+        }
+    }
+}
+
+/// Sends queued spans to MeshConfig's receiver, as they come, for the proxy's lifetime.
+/// The receiver is read from the serving configuration for each batch, so a changed
+/// endpoint applies at once.
+pub async fn export(state: Arc<SharedState>) {
+    let Some(mut receiver) = state.spans.receiver.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
+    let mut exporter = Exporter::new(&state);
+    while let Some(first) = receiver.recv().await {
+        let mut batch = first;
+        while batch.len() < EXPORT_BATCH {
+            match receiver.try_recv() {
+                Ok(more) => batch.extend(more),
+                Err(_) => break,
+            }
+        }
+        let settings = state.config.load().snapshot.tracing.clone();
+        // Tracing was turned off since these spans were made: nobody wants them.
+        let Some(settings) = settings else { continue };
+        exporter.send(&state, &settings, batch).await;
+    }
+}
+
+/// The export side: the resource every span shares and a client per protocol.
+struct Exporter {
+    resource: Resource,
+    grpc: Option<(String, TraceServiceClient<tonic::transport::Channel>)>,
+    http: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<Bytes>,
+    >,
+    /// Whether the last export failed, so a receiver that is down is reported once, not
+    /// every second.
+    failing: bool,
+}
+
+impl Exporter {
+    fn new(state: &SharedState) -> Self {
+        let text = |key: &str, value: String| attribute(key, any_value::Value::StringValue(value));
+        let mut attributes = vec![
+            text("service.name", state.settings.service.clone().unwrap_or_else(|| "weft-proxy".into())),
+            text("service.namespace", state.settings.namespace.clone()),
+        ];
+        if let Some(proxy) = state.settings.control.as_ref().map(|c| c.proxy_id.clone()) {
+            attributes.push(text("service.instance.id", proxy));
+        }
+        let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<_>();
+        Exporter { resource: Resource { attributes, ..Default::default() }, grpc: None, http, failing: false }
+    }
+
+    async fn send(&mut self, state: &SharedState, settings: &TracingSettings, spans: Vec<Span>) {
+        let count = spans.len() as u64;
+        let request = ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(self.resource.clone()),
+                scope_spans: vec![ScopeSpans {
+                    scope: Some(InstrumentationScope {
+                        name: "weft-proxy".into(),
+                        version: env!("CARGO_PKG_VERSION").into(),
+                        ..Default::default()
+                    }),
+                    spans,
+                    schema_url: String::new(),
+                }],
+                schema_url: String::new(),
+            }],
+        };
+        let sent = match settings.protocol {
+            OtlpProtocol::Grpc => self.send_grpc(&settings.endpoint, request).await,
+            OtlpProtocol::Http => self.send_http(&settings.endpoint, request).await,
+        };
+        match sent {
+            Ok(()) => {
+                state.metrics.spans_exported.inc_by(count);
+                if std::mem::take(&mut self.failing) {
+                    tracing::info!(endpoint = %settings.endpoint, "the trace receiver takes spans again");
+                }
+            }
+            Err(error) => {
+                state.metrics.spans_dropped.get_or_create(&SpanDropLabels { reason: "export_failed" }).inc_by(count);
+                if !std::mem::replace(&mut self.failing, true) {
+                    tracing::warn!(
+                        endpoint = %settings.endpoint, protocol = ?settings.protocol, %error,
+                        "cannot export spans to the trace receiver; they are dropped and counted \
+                         (weft_trace_spans_dropped_total) until it takes them"
+                    );
+                }
+            }
+        }
+    }
+
+    async fn send_grpc(&mut self, endpoint: &str, request: ExportTraceServiceRequest) -> Result<(), String> {
+        if self.grpc.as_ref().is_none_or(|(current, _)| current != endpoint) {
+            let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+                .map_err(|e| format!("bad endpoint: {e}"))?
+                .connect_timeout(Duration::from_secs(2))
+                .timeout(EXPORT_TIMEOUT)
+                .connect_lazy();
+            self.grpc = Some((endpoint.to_string(), TraceServiceClient::new(channel)));
+        }
+        let (_, client) = self.grpc.as_mut().expect("made above");
+        match tokio::time::timeout(EXPORT_TIMEOUT, client.export(request)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(status)) => Err(format!("{}: {}", status.code(), status.message())),
+            Err(_) => Err(format!("no answer in {EXPORT_TIMEOUT:?}")),
+        }
+    }
+
+    async fn send_http(&mut self, endpoint: &str, request: ExportTraceServiceRequest) -> Result<(), String> {
+        let url = http_traces_url(endpoint);
+        let body = http_body_util::Full::new(Bytes::from(request.encode_to_vec()));
+        let post = http::Request::post(&url)
+            .header(http::header::CONTENT_TYPE, "application/x-protobuf")
+            .body(body)
+            .map_err(|e| format!("bad endpoint {url}: {e}"))?;
+        let response = match tokio::time::timeout(EXPORT_TIMEOUT, self.http.request(post)).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(error)) => return Err(format!("POST {url}: {error}")),
+            Err(_) => return Err(format!("POST {url}: no answer in {EXPORT_TIMEOUT:?}")),
+        };
+        let status = response.status();
+        // Read the answer, so the connection is reused.
+        let _ = tokio::time::timeout(EXPORT_TIMEOUT, http_body_util::BodyExt::collect(response.into_body())).await;
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!("POST {url}: {status}"))
+        }
+    }
+}
+
+/// OTLP/HTTP's URL for traces: the endpoint as given when it has a path, else with
+/// `/v1/traces` added (as `OTEL_EXPORTER_OTLP_ENDPOINT` is read).
+fn http_traces_url(endpoint: &str) -> String {
+    let trimmed = endpoint.trim_end_matches('/');
+    match endpoint.parse::<http::Uri>() {
+        Ok(uri) if uri.path() != "/" && !uri.path().is_empty() => endpoint.to_string(),
+        _ => format!("{trimmed}/v1/traces"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_receivers_get_v1_traces_unless_a_path_is_given() {
+        assert_eq!(http_traces_url("http://127.0.0.1:4318"), "http://127.0.0.1:4318/v1/traces");
+        assert_eq!(http_traces_url("http://127.0.0.1:4318/"), "http://127.0.0.1:4318/v1/traces");
+        assert_eq!(http_traces_url("http://collector:4318/custom/traces"), "http://collector:4318/custom/traces");
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(n, v)| (http::header::HeaderName::from_bytes(n.as_bytes()).unwrap(), v.parse().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn the_caller_decides_when_it_has_decided() {
+        let sampled = headers(&[("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")]);
+        let trace = RequestTrace::begin(&sampled, 0.0, || false);
+        assert!(trace.sampled, "a sampled trace is continued at rate 0");
+        assert_eq!(trace_context::hex(&trace.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(trace.parent.map(|p| trace_context::hex(&p)).as_deref(), Some("00f067aa0ba902b7"));
+
+        let unsampled = headers(&[("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00")]);
+        assert!(!RequestTrace::begin(&unsampled, 1.0, || false).sampled, "an unsampled trace stays unsampled");
+        // An unsampled request with a context goes on unchanged.
+        let mut forwarded = unsampled.clone();
+        RequestTrace::begin(&unsampled, 1.0, || false).propagate(&mut forwarded, None);
+        assert_eq!(forwarded, unsampled);
+    }
+
+    #[test]
+    fn a_new_trace_follows_the_rate_and_travels_on() {
+        assert!(RequestTrace::begin(&HeaderMap::new(), 1.0, || false).sampled);
+        let trace = RequestTrace::begin(&HeaderMap::new(), 0.0, || false);
+        assert!(!trace.sampled);
+        let mut out = HeaderMap::new();
+        trace.propagate(&mut out, None);
+        let sent = trace_context::extract(&out);
+        assert_eq!(sent.sampled, Some(false), "the decision goes on so the next hop does not decide again");
+        assert_eq!(sent.ids.map(|(t, _)| t), Some(trace.trace_id));
+    }
+
+    #[test]
+    fn forcing_takes_a_caller_allowed_to() {
+        let forced = headers(&[("x-weft-trace", "force")]);
+        assert!(RequestTrace::begin(&forced, 0.0, || true).sampled);
+        assert!(!RequestTrace::begin(&forced, 0.0, || false).sampled, "a caller not in forceFrom cannot force");
+        let mut asked = false;
+        RequestTrace::begin(&HeaderMap::new(), 0.0, || {
+            asked = true;
+            true
+        });
+        assert!(!asked, "the caller's right is looked up only when it asks");
+    }
+}

@@ -1,0 +1,367 @@
+//! Trace context on the wire: W3C `traceparent` and B3 (the single `b3` header and the
+//! `X-B3-*` headers) read on the way in; W3C written on the way out, plus B3 in the form
+//! it came in, so that B3-instrumented applications keep working; `tracestate` passed
+//! through untouched; and `x-request-id` made for a request that has none.
+//!
+//! Only the ids and the sampling decision matter to the proxy: a parse failure is "no
+//! context" (the request starts a new trace), never an error for the caller.
+
+use http::{header::HeaderName, HeaderMap, HeaderValue};
+use rand::Rng;
+
+/// A 128-bit trace id.
+pub type TraceId = [u8; 16];
+/// A 64-bit span id.
+pub type SpanId = [u8; 8];
+
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const B3: HeaderName = HeaderName::from_static("b3");
+const B3_TRACE_ID: HeaderName = HeaderName::from_static("x-b3-traceid");
+const B3_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-spanid");
+const B3_PARENT_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-parentspanid");
+const B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
+const B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
+/// The request id header, made by the first proxy that sees a request without one.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// `x-weft-trace: force` asks for a trace regardless of sampling (see `forceFrom`).
+pub const FORCE_TRACE: HeaderName = HeaderName::from_static("x-weft-trace");
+
+/// Which B3 headers a request came with; the proxy answers in the same form.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum B3Form {
+    Single,
+    Multi,
+}
+
+/// The trace context a request arrived with.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Extracted {
+    /// The trace and the caller's span, when the request named them.
+    pub ids: Option<(TraceId, SpanId)>,
+    /// The caller's decision: `None` when it left it to the receiver.
+    pub sampled: Option<bool>,
+    /// Set when the context came in B3.
+    pub b3: Option<B3Form>,
+}
+
+/// Reads the context of `headers`: W3C first, then B3 single, then B3 multi. B3 found
+/// beside W3C is noted, to be written on with it.
+pub fn extract(headers: &HeaderMap) -> Extracted {
+    if let Some(mut context) = headers.get(TRACEPARENT).and_then(|v| parse_traceparent(v.as_bytes())) {
+        // B3 beside W3C is written on too, so that neither goes stale on the way.
+        context.b3 = if headers.contains_key(B3) {
+            Some(B3Form::Single)
+        } else if headers.contains_key(B3_TRACE_ID) {
+            Some(B3Form::Multi)
+        } else {
+            None
+        };
+        return context;
+    }
+    if let Some(context) = headers.get(B3).and_then(|v| parse_b3_single(v.as_bytes())) {
+        return context;
+    }
+    parse_b3_multi(headers).unwrap_or_default()
+}
+
+/// `version-traceid-parentid-flags`. A later version is read by its first four fields,
+/// as the specification asks; version `ff` and all-zero ids are invalid.
+fn parse_traceparent(value: &[u8]) -> Option<Extracted> {
+    if value.len() < 55 || (value.len() > 55 && value[55] != b'-') {
+        return None;
+    }
+    let version = hex_byte(&value[0..2])?;
+    if version == 0xff || (version == 0 && value.len() != 55) {
+        return None;
+    }
+    if value[2] != b'-' || value[35] != b'-' || value[52] != b'-' {
+        return None;
+    }
+    let trace: TraceId = hex_array(&value[3..35])?;
+    let span: SpanId = hex_array(&value[36..52])?;
+    let flags = hex_byte(&value[53..55])?;
+    if trace == [0; 16] || span == [0; 8] {
+        return None;
+    }
+    Some(Extracted { ids: Some((trace, span)), sampled: Some(flags & 1 == 1), b3: None })
+}
+
+/// `traceid-spanid[-sampling[-parentspanid]]`, or the sampling state alone.
+fn parse_b3_single(value: &[u8]) -> Option<Extracted> {
+    let text = std::str::from_utf8(value).ok()?;
+    let mut fields = text.split('-');
+    let first = fields.next()?;
+    let Some(span) = fields.next() else {
+        // A decision with no ids: `0`, `1` or `d`.
+        return Some(Extracted { ids: None, sampled: Some(b3_sampling(first)?), b3: Some(B3Form::Single) });
+    };
+    let trace = b3_trace_id(first)?;
+    let span: SpanId = hex_array(span.as_bytes())?;
+    let sampled = match fields.next() {
+        Some(state) => Some(b3_sampling(state)?),
+        None => None,
+    };
+    if span == [0; 8] {
+        return None;
+    }
+    Some(Extracted { ids: Some((trace, span)), sampled, b3: Some(B3Form::Single) })
+}
+
+fn parse_b3_multi(headers: &HeaderMap) -> Option<Extracted> {
+    let text = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    let debug = text(&B3_FLAGS) == Some("1");
+    let sampled = match text(&B3_SAMPLED) {
+        _ if debug => Some(true),
+        Some("1" | "true") => Some(true),
+        Some("0" | "false") => Some(false),
+        _ => None,
+    };
+    let ids = match (text(&B3_TRACE_ID), text(&B3_SPAN_ID)) {
+        (Some(trace), Some(span)) => {
+            let span: SpanId = hex_array(span.as_bytes())?;
+            (span != [0; 8]).then_some(())?;
+            Some((b3_trace_id(trace)?, span))
+        }
+        _ => None,
+    };
+    if ids.is_none() && sampled.is_none() {
+        return None;
+    }
+    Some(Extracted { ids, sampled, b3: Some(B3Form::Multi) })
+}
+
+/// A B3 trace id: 32 hex digits, or 16 (64 bits, zero-extended to 128 as W3C needs).
+fn b3_trace_id(text: &str) -> Option<TraceId> {
+    let mut trace = [0u8; 16];
+    match text.len() {
+        32 => trace = hex_array(text.as_bytes())?,
+        16 => trace[8..].copy_from_slice(&hex_array::<8>(text.as_bytes())?),
+        _ => return None,
+    }
+    (trace != [0; 16]).then_some(trace)
+}
+
+fn b3_sampling(state: &str) -> Option<bool> {
+    match state {
+        "1" | "d" => Some(true),
+        "0" => Some(false),
+        _ => None,
+    }
+}
+
+/// Writes the context for the next hop: `span` is the parent the receiver's span will
+/// name. W3C always; B3 too when the request came with it, in its form.
+pub fn inject(headers: &mut HeaderMap, trace: &TraceId, span: &SpanId, sampled: bool, b3: Option<B3Form>) {
+    let mut buffer = [0u8; 55];
+    buffer[..3].copy_from_slice(b"00-");
+    write_hex(&mut buffer[3..35], trace);
+    buffer[35] = b'-';
+    write_hex(&mut buffer[36..52], span);
+    buffer[52..].copy_from_slice(if sampled { b"-01" } else { b"-00" });
+    headers.insert(TRACEPARENT, header_value(&buffer));
+    match b3 {
+        None => {}
+        Some(B3Form::Single) => {
+            // traceid-spanid-sampling: the W3C fields, re-punctuated.
+            let mut single = [0u8; 51];
+            single[..49].copy_from_slice(&buffer[3..52]);
+            single[49] = b'-';
+            single[50] = if sampled { b'1' } else { b'0' };
+            headers.insert(B3, header_value(&single));
+        }
+        Some(B3Form::Multi) => {
+            headers.insert(B3_TRACE_ID, header_value(&buffer[3..35]));
+            headers.insert(B3_SPAN_ID, header_value(&buffer[36..52]));
+            headers.insert(B3_SAMPLED, HeaderValue::from_static(if sampled { "1" } else { "0" }));
+            // The parent of the span just named is not this hop's to state.
+            headers.remove(B3_PARENT_SPAN_ID);
+        }
+    }
+}
+
+/// The request's `x-request-id`, made (a random UUID, version 4) and set when absent.
+pub fn ensure_request_id(headers: &mut HeaderMap) {
+    if headers.contains_key(REQUEST_ID) {
+        return;
+    }
+    let mut bytes: [u8; 16] = rand::rng().random();
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let mut text = [0u8; 36];
+    let mut at = 0;
+    for (i, byte) in bytes.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            text[at] = b'-';
+            at += 1;
+        }
+        write_hex(&mut text[at..at + 2], &[*byte]);
+        at += 2;
+    }
+    headers.insert(REQUEST_ID, header_value(&text));
+}
+
+/// A new random trace id.
+pub fn new_trace_id() -> TraceId {
+    loop {
+        let id: TraceId = rand::rng().random();
+        if id != [0; 16] {
+            return id;
+        }
+    }
+}
+
+/// A new random span id.
+pub fn new_span_id() -> SpanId {
+    loop {
+        let id: SpanId = rand::rng().random();
+        if id != [0; 8] {
+            return id;
+        }
+    }
+}
+
+/// Whether the request asks for a forced trace.
+pub fn asks_to_force(headers: &HeaderMap) -> bool {
+    headers.get(FORCE_TRACE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"force"))
+}
+
+/// Lowercase hex of `bytes`, as ids are written.
+pub fn hex(bytes: &[u8]) -> String {
+    let mut text = vec![0u8; bytes.len() * 2];
+    write_hex(&mut text, bytes);
+    String::from_utf8(text).expect("hex is ASCII")
+}
+
+fn header_value(ascii: &[u8]) -> HeaderValue {
+    HeaderValue::from_bytes(ascii).expect("hex and dashes are valid header bytes")
+}
+
+fn write_hex(out: &mut [u8], bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (i, byte) in bytes.iter().enumerate() {
+        out[2 * i] = DIGITS[(byte >> 4) as usize];
+        out[2 * i + 1] = DIGITS[(byte & 0xf) as usize];
+    }
+}
+
+fn hex_digit(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        // W3C ids are lowercase; B3's may not be.
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
+fn hex_byte(two: &[u8]) -> Option<u8> {
+    Some(hex_digit(two[0])? << 4 | hex_digit(two[1])?)
+}
+
+fn hex_array<const N: usize>(text: &[u8]) -> Option<[u8; N]> {
+    if text.len() != 2 * N {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = hex_byte(&text[2 * i..2 * i + 2])?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const SPAN: &str = "00f067aa0ba902b7";
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.insert(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_str(value).unwrap());
+        }
+        map
+    }
+
+    fn ids() -> (TraceId, SpanId) {
+        (hex_array(TRACE.as_bytes()).unwrap(), hex_array(SPAN.as_bytes()).unwrap())
+    }
+
+    #[test]
+    fn reads_w3c() {
+        let context = extract(&headers(&[("traceparent", &format!("00-{TRACE}-{SPAN}-01"))]));
+        assert_eq!(context, Extracted { ids: Some(ids()), sampled: Some(true), b3: None });
+        let unsampled = extract(&headers(&[("traceparent", &format!("00-{TRACE}-{SPAN}-00"))]));
+        assert_eq!(unsampled.sampled, Some(false));
+        // A later version keeps its first four fields; version 00 must be exact.
+        let later = extract(&headers(&[("traceparent", &format!("01-{TRACE}-{SPAN}-01-what-comes-next"))]));
+        assert_eq!(later.ids, Some(ids()));
+        for bad in [
+            format!("00-{TRACE}-{SPAN}-01-extra"),
+            format!("ff-{TRACE}-{SPAN}-01"),
+            format!("00-{}-{SPAN}-01", "0".repeat(32)),
+            format!("00-{TRACE}-{}-01", "0".repeat(16)),
+            format!("00-{TRACE}-{SPAN}-0x"),
+            "00-short".to_string(),
+        ] {
+            assert_eq!(extract(&headers(&[("traceparent", &bad)])), Extracted::default(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn reads_b3_single_and_multi() {
+        let single = extract(&headers(&[("b3", &format!("{TRACE}-{SPAN}-1-05e3ac9a4f6e3b90"))]));
+        assert_eq!(single, Extracted { ids: Some(ids()), sampled: Some(true), b3: Some(B3Form::Single) });
+        let deferred = extract(&headers(&[("b3", &format!("{TRACE}-{SPAN}"))]));
+        assert_eq!(deferred.sampled, None);
+        let deny = extract(&headers(&[("b3", "0")]));
+        assert_eq!(deny, Extracted { ids: None, sampled: Some(false), b3: Some(B3Form::Single) });
+        // A 64-bit trace id is zero-extended.
+        let short = extract(&headers(&[("b3", &format!("a3ce929d0e0e4736-{SPAN}-d"))]));
+        let (trace, _) = short.ids.unwrap();
+        assert_eq!(hex(&trace), "0000000000000000a3ce929d0e0e4736");
+        assert_eq!(short.sampled, Some(true), "debug samples");
+
+        let multi =
+            extract(&headers(&[("x-b3-traceid", TRACE), ("x-b3-spanid", &SPAN.to_uppercase()), ("x-b3-sampled", "1")]));
+        assert_eq!(multi, Extracted { ids: Some(ids()), sampled: Some(true), b3: Some(B3Form::Multi) });
+        let debug = extract(&headers(&[("x-b3-traceid", TRACE), ("x-b3-spanid", SPAN), ("x-b3-flags", "1")]));
+        assert_eq!(debug.sampled, Some(true));
+        // W3C wins when both are present; the B3 header is noted, to be kept current.
+        let both = extract(&headers(&[("traceparent", &format!("00-{TRACE}-{SPAN}-00")), ("b3", "1")]));
+        assert_eq!(both, Extracted { ids: Some(ids()), sampled: Some(false), b3: Some(B3Form::Single) });
+    }
+
+    #[test]
+    fn writes_w3c_and_the_b3_form_that_came_in() {
+        let (trace, span) = ids();
+        let mut map = HeaderMap::new();
+        inject(&mut map, &trace, &span, true, None);
+        assert_eq!(map["traceparent"], format!("00-{TRACE}-{SPAN}-01").as_str());
+        assert!(map.get("b3").is_none());
+        inject(&mut map, &trace, &span, false, Some(B3Form::Single));
+        assert_eq!(map["traceparent"], format!("00-{TRACE}-{SPAN}-00").as_str());
+        assert_eq!(map["b3"], format!("{TRACE}-{SPAN}-0").as_str());
+        let mut multi = headers(&[("x-b3-parentspanid", "05e3ac9a4f6e3b90")]);
+        inject(&mut multi, &trace, &span, true, Some(B3Form::Multi));
+        assert_eq!(multi["x-b3-traceid"], TRACE);
+        assert_eq!(multi["x-b3-spanid"], SPAN);
+        assert_eq!(multi["x-b3-sampled"], "1");
+        assert!(multi.get("x-b3-parentspanid").is_none());
+        // What is written reads back the same.
+        let back = extract(&multi);
+        assert_eq!(back.ids, Some((trace, span)));
+    }
+
+    #[test]
+    fn request_ids_are_made_once() {
+        let mut map = HeaderMap::new();
+        ensure_request_id(&mut map);
+        let id = map["x-request-id"].to_str().unwrap().to_string();
+        assert_eq!(id.len(), 36);
+        assert_eq!(&id[14..15], "4", "version 4: {id}");
+        ensure_request_id(&mut map);
+        assert_eq!(map["x-request-id"], id.as_str(), "an id already there is kept");
+    }
+}
