@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 
-from weft_mesh import free_port, mtls_pair, wait_port
+from weft_mesh import OtlpSink, free_port, mtls_pair, wait_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEFT = os.environ.get("WEFT_BINARY", os.path.join(ROOT, "target", "gate", "weft"))
@@ -55,7 +55,9 @@ REQUESTS = 2000
 # (name, client protocol, Service protocol, pair, mutual TLS, opaque TCP). The mutual-TLS
 # setups have a control plane, so their proxies report telemetry (every 5 s, the
 # default); `-quiet` is the same pair with `--telemetry-interval 0`, so every run also
-# says what telemetry costs on the request path.
+# says what telemetry costs on the request path. `-trace-N` is the pair with MeshConfig
+# tracing on at N% sampling, exporting over OTLP/HTTP to a receiver in this process:
+# what tracing costs, with the export counted (it runs in the proxies).
 SETUPS = [
     ("http1-hop", "http1", "http", False, False, False),
     ("http1-pair", "http1", "http", True, False, False),
@@ -65,6 +67,9 @@ SETUPS = [
     ("mtls-http1-pair", "http1", "http", True, True, False),
     ("mtls-http1-pair-quiet", "http1", "http", True, True, False),
     ("mtls-tcp-pair", "http1", "http", True, True, True),
+    ("mtls-http1-pair-trace-0", "http1", "http", True, True, False),
+    ("mtls-http1-pair-trace-1", "http1", "http", True, True, False),
+    ("mtls-http1-pair-trace-100", "http1", "http", True, True, False),
 ]
 
 
@@ -87,6 +92,7 @@ class Run:
     def __init__(self, tmp, name):
         self.tmp, self.name = tmp, name
         self.procs, self.measured = [], []
+        self.sink = None
 
     def spawn(self, args, measured=False, env=None):
         log = open(os.path.join(self.tmp, f"{self.name}-{len(self.procs)}.log"), "w")
@@ -119,6 +125,8 @@ class Run:
         return total
 
     def stop(self):
+        if self.sink:
+            self.sink.stop()
         for proc in self.procs:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -168,8 +176,12 @@ def mtls_stack(run, upstream, tcp):
     Slow to come up: both proxies run under callgrind. A `-quiet` setup's proxies report
     no telemetry."""
     extra = ["--telemetry-interval", "0"] if run.name.endswith("-quiet") else []
+    resources = None
+    if "-trace-" in run.name:
+        run.sink = OtlpSink()
+        resources = run.sink.mesh_config(int(run.name.rsplit("-", 1)[1]) / 100)
     return mtls_pair(WEFT, run.tmp, run.name, upstream, run.spawn, lambda args: run.spawn(args, measured=True),
-                     tcp=tcp, timeout=120, proxy_args=extra)
+                     tcp=tcp, timeout=120, proxy_args=extra, resources=resources)
 
 
 def load(port, client, n, what):
@@ -248,7 +260,7 @@ def main():
     started = time.time()
     figures = {}
     tmp = tempfile.mkdtemp(prefix="weft-gate-")
-    print(f"{'setup':<22} {'instr/request':>14} {'baseline':>10} {'change':>8} {'time':>6}")
+    print(f"{'setup':<26} {'instr/request':>14} {'baseline':>10} {'change':>8} {'time':>6}")
     failed = []
     for setup in setups:
         name = setup[0]
@@ -262,11 +274,15 @@ def main():
             verdict = f"  FAIL: more than {TOLERANCE:.0%} above the baseline"
             failed.append(name)
         shown = f"{change:+.1%}" if change is not None else "new"
-        print(f"{name:<22} {figures[name]:>14} {base or '-':>10} {shown:>8} {took:>6}{verdict}", flush=True)
+        print(f"{name:<26} {figures[name]:>14} {base or '-':>10} {shown:>8} {took:>6}{verdict}", flush=True)
     print(f"({REQUESTS} requests per setup after {WARMUP} of warm-up; {time.time() - started:.0f}s)")
     if "mtls-http1-pair" in figures and "mtls-http1-pair-quiet" in figures:
         cost = figures["mtls-http1-pair"] / figures["mtls-http1-pair-quiet"] - 1
         print(f"telemetry on the request path (mtls-http1-pair against -quiet): {cost:+.1%} instructions per request")
+    traced = [(n, figures[n]) for n in figures if "-trace-" in n]
+    if "mtls-http1-pair" in figures and traced:
+        costs = ", ".join(f"{n.rsplit('-', 1)[1]}% {f / figures['mtls-http1-pair'] - 1:+.1%}" for n, f in traced)
+        print(f"tracing on the request path, by sampling rate (against mtls-http1-pair): {costs} instructions per request")
     shutil.rmtree(tmp, ignore_errors=True)
     if args.update:
         merged = dict(baseline, **figures)

@@ -262,7 +262,6 @@ async fn handle(
     let grpc = is_grpc(request.headers());
     let upgrade = forward::is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
     let (mut parts, incoming) = request.into_parts();
-    trace_context::ensure_request_id(&mut parts.headers);
     let mut span = begin_span(&state, peer.as_deref(), &mut parts, started);
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let checked = forward::checked_authority(&parts).map(|a| a.map_or_else(|| app.to_string(), str::to_string));
@@ -334,6 +333,7 @@ async fn handle(
 
 /// Decides the request's trace, by this proxy's own Service's sampling rate, and when it
 /// is sampled starts its SERVER span, whose id the application receives as its parent.
+/// With tracing on, a request without `x-request-id` gets one.
 fn begin_span(
     state: &SharedState,
     peer: Option<&MeshCaller>,
@@ -342,9 +342,11 @@ fn begin_span(
 ) -> Option<PendingSpan> {
     let config = state.config.load();
     let settings = config.snapshot.tracing.as_ref()?;
+    let scanned = trace_context::scan(&parts.headers);
+    trace_context::ensure_request_id(&mut parts.headers, scanned.request_id);
     let own = config.own_service.map(|i| &config.snapshot.services[i]);
     let rate = spans::rate_for(settings, own.and_then(|s| s.policy.trace_sampling));
-    let trace = RequestTrace::begin(&parts.headers, rate, || peer.is_some_and(|p| settings.may_force(&p.principal)));
+    let trace = RequestTrace::begin(&scanned, rate, || peer.is_some_and(|p| settings.may_force(&p.principal)));
     if !trace.sampled {
         trace.propagate(&mut parts.headers, None);
         return None;

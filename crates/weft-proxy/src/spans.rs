@@ -65,12 +65,12 @@ pub struct RequestTrace {
 }
 
 impl RequestTrace {
-    /// Decides the trace of a request with `headers`: the caller's decision if it made
-    /// one, else `rate`. `may_force` says whether the caller may force a trace; it is
-    /// asked only when the request asks to.
-    pub fn begin(headers: &HeaderMap, rate: f64, may_force: impl FnOnce() -> bool) -> RequestTrace {
-        let extracted = trace_context::extract(headers);
-        let forced = trace_context::asks_to_force(headers) && {
+    /// Decides the trace of a request whose headers said `scanned`: the caller's
+    /// decision if it made one, else `rate`. `may_force` says whether the caller may
+    /// force a trace; it is asked only when the request asks to.
+    pub fn begin(scanned: &trace_context::Scanned, rate: f64, may_force: impl FnOnce() -> bool) -> RequestTrace {
+        let extracted = &scanned.context;
+        let forced = scanned.force && {
             let allowed = may_force();
             if !allowed {
                 tracing::debug!(
@@ -88,13 +88,15 @@ impl RequestTrace {
             Some((trace, span)) => (trace, Some(span)),
             None => (trace_context::new_trace_id(), None),
         };
+        let carried = extracted.ids.is_some() && extracted.sampled == Some(sampled);
         RequestTrace {
             trace_id,
             parent,
             sampled,
             b3: extracted.b3,
-            carried: extracted.ids.is_some() && extracted.sampled == Some(sampled),
-            own_span: trace_context::new_span_id(),
+            carried,
+            // An unsampled request that goes on unchanged names no span of this side's.
+            own_span: if carried && !sampled { [0; 8] } else { trace_context::new_span_id() },
         }
     }
 
@@ -124,7 +126,8 @@ pub enum Kind {
 
 /// A span being made: its ids, name and attributes so far, and when it started.
 pub struct PendingSpan {
-    span: Span,
+    /// Boxed: a pending span rides in request futures, which stay small when unsampled.
+    span: Box<Span>,
     kind: Kind,
     started: Instant,
 }
@@ -134,7 +137,7 @@ impl PendingSpan {
     pub fn start(trace: &RequestTrace, id: SpanId, kind: Kind, name: String, started: Instant) -> PendingSpan {
         let since = started.elapsed();
         let start_unix = SystemTime::now().checked_sub(since).unwrap_or(UNIX_EPOCH);
-        let span = Span {
+        let span = Box::new(Span {
             trace_id: trace.trace_id.to_vec(),
             span_id: id.to_vec(),
             parent_span_id: trace.parent.map(|p| p.to_vec()).unwrap_or_default(),
@@ -146,7 +149,7 @@ impl PendingSpan {
             } as i32,
             start_time_unix_nano: unix_nanos(start_unix),
             ..Default::default()
-        };
+        });
         PendingSpan { span, kind, started }
     }
 
@@ -201,7 +204,7 @@ impl PendingSpan {
     /// Ends the span now.
     pub fn finish(mut self) {
         self.span.end_time_unix_nano = self.span.start_time_unix_nano + self.started.elapsed().as_nanos() as u64;
-        push(self.span);
+        push(*self.span);
     }
 
     /// Ends the span when `response`'s body ends (with its `grpc-status` from trailers),
@@ -518,23 +521,26 @@ mod tests {
     #[test]
     fn the_caller_decides_when_it_has_decided() {
         let sampled = headers(&[("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")]);
-        let trace = RequestTrace::begin(&sampled, 0.0, || false);
+        let trace = RequestTrace::begin(&trace_context::scan(&sampled), 0.0, || false);
         assert!(trace.sampled, "a sampled trace is continued at rate 0");
         assert_eq!(trace_context::hex(&trace.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(trace.parent.map(|p| trace_context::hex(&p)).as_deref(), Some("00f067aa0ba902b7"));
 
         let unsampled = headers(&[("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00")]);
-        assert!(!RequestTrace::begin(&unsampled, 1.0, || false).sampled, "an unsampled trace stays unsampled");
+        assert!(
+            !RequestTrace::begin(&trace_context::scan(&unsampled), 1.0, || false).sampled,
+            "an unsampled trace stays unsampled"
+        );
         // An unsampled request with a context goes on unchanged.
         let mut forwarded = unsampled.clone();
-        RequestTrace::begin(&unsampled, 1.0, || false).propagate(&mut forwarded, None);
+        RequestTrace::begin(&trace_context::scan(&unsampled), 1.0, || false).propagate(&mut forwarded, None);
         assert_eq!(forwarded, unsampled);
     }
 
     #[test]
     fn a_new_trace_follows_the_rate_and_travels_on() {
-        assert!(RequestTrace::begin(&HeaderMap::new(), 1.0, || false).sampled);
-        let trace = RequestTrace::begin(&HeaderMap::new(), 0.0, || false);
+        assert!(RequestTrace::begin(&trace_context::scan(&HeaderMap::new()), 1.0, || false).sampled);
+        let trace = RequestTrace::begin(&trace_context::scan(&HeaderMap::new()), 0.0, || false);
         assert!(!trace.sampled);
         let mut out = HeaderMap::new();
         trace.propagate(&mut out, None);
@@ -546,10 +552,13 @@ mod tests {
     #[test]
     fn forcing_takes_a_caller_allowed_to() {
         let forced = headers(&[("x-weft-trace", "force")]);
-        assert!(RequestTrace::begin(&forced, 0.0, || true).sampled);
-        assert!(!RequestTrace::begin(&forced, 0.0, || false).sampled, "a caller not in forceFrom cannot force");
+        assert!(RequestTrace::begin(&trace_context::scan(&forced), 0.0, || true).sampled);
+        assert!(
+            !RequestTrace::begin(&trace_context::scan(&forced), 0.0, || false).sampled,
+            "a caller not in forceFrom cannot force"
+        );
         let mut asked = false;
-        RequestTrace::begin(&HeaderMap::new(), 0.0, || {
+        RequestTrace::begin(&trace_context::scan(&HeaderMap::new()), 0.0, || {
             asked = true;
             true
         });

@@ -7,7 +7,7 @@
 //! context" (the request starts a new trace), never an error for the caller.
 
 use http::{header::HeaderName, HeaderMap, HeaderValue};
-use rand::Rng;
+use rand::Rng as _;
 
 /// A 128-bit trace id.
 pub type TraceId = [u8; 16];
@@ -20,11 +20,8 @@ const B3_TRACE_ID: HeaderName = HeaderName::from_static("x-b3-traceid");
 const B3_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-spanid");
 const B3_PARENT_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-parentspanid");
 const B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
-const B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
 /// The request id header, made by the first proxy that sees a request without one.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-/// `x-weft-trace: force` asks for a trace regardless of sampling (see `forceFrom`).
-pub const FORCE_TRACE: HeaderName = HeaderName::from_static("x-weft-trace");
 
 /// Which B3 headers a request came with; the proxy answers in the same form.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,24 +41,71 @@ pub struct Extracted {
     pub b3: Option<B3Form>,
 }
 
-/// Reads the context of `headers`: W3C first, then B3 single, then B3 multi. B3 found
-/// beside W3C is noted, to be written on with it.
+/// What a request's headers say about tracing, found in one pass over them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Scanned {
+    pub context: Extracted,
+    /// `x-weft-trace: force`.
+    pub force: bool,
+    /// Whether it has an `x-request-id`.
+    pub request_id: bool,
+}
+
+/// The trace headers of a request, as found.
+#[derive(Default)]
+struct Found<'a> {
+    traceparent: Option<&'a HeaderValue>,
+    b3: Option<&'a HeaderValue>,
+    b3_trace_id: Option<&'a HeaderValue>,
+    b3_span_id: Option<&'a HeaderValue>,
+    b3_sampled: Option<&'a HeaderValue>,
+    b3_flags: Option<&'a HeaderValue>,
+}
+
+/// Reads what `headers` say about tracing. One pass over the headers, comparing names,
+/// costs less than hashing each of the seven names it looks for.
+pub fn scan(headers: &HeaderMap) -> Scanned {
+    let mut found = Found::default();
+    let mut scanned = Scanned::default();
+    for (name, value) in headers {
+        match name.as_str() {
+            "traceparent" => found.traceparent = Some(value),
+            "b3" => found.b3 = Some(value),
+            "x-b3-traceid" => found.b3_trace_id = Some(value),
+            "x-b3-spanid" => found.b3_span_id = Some(value),
+            "x-b3-sampled" => found.b3_sampled = Some(value),
+            "x-b3-flags" => found.b3_flags = Some(value),
+            "x-weft-trace" => scanned.force |= value.as_bytes().eq_ignore_ascii_case(b"force"),
+            "x-request-id" => scanned.request_id = true,
+            _ => {}
+        }
+    }
+    scanned.context = extract_found(&found);
+    scanned
+}
+
+/// Reads the context of `headers` (see [`scan`]).
 pub fn extract(headers: &HeaderMap) -> Extracted {
-    if let Some(mut context) = headers.get(TRACEPARENT).and_then(|v| parse_traceparent(v.as_bytes())) {
-        // B3 beside W3C is written on too, so that neither goes stale on the way.
-        context.b3 = if headers.contains_key(B3) {
+    scan(headers).context
+}
+
+/// W3C first, then B3 single, then B3 multi. B3 beside W3C is noted, to be written on
+/// with it, so that neither goes stale on the way.
+fn extract_found(found: &Found<'_>) -> Extracted {
+    if let Some(mut context) = found.traceparent.and_then(|v| parse_traceparent(v.as_bytes())) {
+        context.b3 = if found.b3.is_some() {
             Some(B3Form::Single)
-        } else if headers.contains_key(B3_TRACE_ID) {
+        } else if found.b3_trace_id.is_some() {
             Some(B3Form::Multi)
         } else {
             None
         };
         return context;
     }
-    if let Some(context) = headers.get(B3).and_then(|v| parse_b3_single(v.as_bytes())) {
+    if let Some(context) = found.b3.and_then(|v| parse_b3_single(v.as_bytes())) {
         return context;
     }
-    parse_b3_multi(headers).unwrap_or_default()
+    parse_b3_multi(found).unwrap_or_default()
 }
 
 /// `version-traceid-parentid-flags`. A later version is read by its first four fields,
@@ -107,16 +151,18 @@ fn parse_b3_single(value: &[u8]) -> Option<Extracted> {
     Some(Extracted { ids: Some((trace, span)), sampled, b3: Some(B3Form::Single) })
 }
 
-fn parse_b3_multi(headers: &HeaderMap) -> Option<Extracted> {
-    let text = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
-    let debug = text(&B3_FLAGS) == Some("1");
-    let sampled = match text(&B3_SAMPLED) {
+fn parse_b3_multi(found: &Found<'_>) -> Option<Extracted> {
+    fn text(value: Option<&HeaderValue>) -> Option<&str> {
+        value.and_then(|v| v.to_str().ok())
+    }
+    let debug = text(found.b3_flags) == Some("1");
+    let sampled = match text(found.b3_sampled) {
         _ if debug => Some(true),
         Some("1" | "true") => Some(true),
         Some("0" | "false") => Some(false),
         _ => None,
     };
-    let ids = match (text(&B3_TRACE_ID), text(&B3_SPAN_ID)) {
+    let ids = match (text(found.b3_trace_id), text(found.b3_span_id)) {
         (Some(trace), Some(span)) => {
             let span: SpanId = hex_array(span.as_bytes())?;
             (span != [0; 8]).then_some(())?;
@@ -179,12 +225,13 @@ pub fn inject(headers: &mut HeaderMap, trace: &TraceId, span: &SpanId, sampled: 
     }
 }
 
-/// The request's `x-request-id`, made (a random UUID, version 4) and set when absent.
-pub fn ensure_request_id(headers: &mut HeaderMap) {
-    if headers.contains_key(REQUEST_ID) {
+/// Sets a new `x-request-id` (a random UUID, version 4) unless the request had one
+/// (`present`, as [`scan`] found).
+pub fn ensure_request_id(headers: &mut HeaderMap, present: bool) {
+    if present {
         return;
     }
-    let mut bytes: [u8; 16] = rand::rng().random();
+    let mut bytes = random_u128().to_le_bytes();
     bytes[6] = (bytes[6] & 0x0f) | 0x40;
     bytes[8] = (bytes[8] & 0x3f) | 0x80;
     let mut text = [0u8; 36];
@@ -200,10 +247,22 @@ pub fn ensure_request_id(headers: &mut HeaderMap) {
     headers.insert(REQUEST_ID, header_value(&text));
 }
 
+thread_local! {
+    /// Ids need to be unpredictable enough not to collide, not secret: a small fast
+    /// generator per worker, seeded from the operating system's, instead of ChaCha.
+    static IDS: std::cell::RefCell<rand::rngs::SmallRng> =
+        std::cell::RefCell::new(rand::SeedableRng::from_rng(&mut rand::rng()));
+}
+
+/// 128 random bits (drawn as two words: rand samples an array byte by byte).
+fn random_u128() -> u128 {
+    IDS.with(|ids| ids.borrow_mut().random())
+}
+
 /// A new random trace id.
 pub fn new_trace_id() -> TraceId {
     loop {
-        let id: TraceId = rand::rng().random();
+        let id: TraceId = random_u128().to_le_bytes();
         if id != [0; 16] {
             return id;
         }
@@ -213,16 +272,11 @@ pub fn new_trace_id() -> TraceId {
 /// A new random span id.
 pub fn new_span_id() -> SpanId {
     loop {
-        let id: SpanId = rand::rng().random();
+        let id: SpanId = (random_u128() as u64).to_le_bytes();
         if id != [0; 8] {
             return id;
         }
     }
-}
-
-/// Whether the request asks for a forced trace.
-pub fn asks_to_force(headers: &HeaderMap) -> bool {
-    headers.get(FORCE_TRACE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"force"))
 }
 
 /// Lowercase hex of `bytes`, as ids are written.
@@ -244,18 +298,26 @@ fn write_hex(out: &mut [u8], bytes: &[u8]) {
     }
 }
 
-fn hex_digit(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        // W3C ids are lowercase; B3's may not be.
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
+/// Each byte's hex value, or 0xff for a byte that is no hex digit. W3C ids are
+/// lowercase; B3's may not be.
+const HEX: [u8; 256] = {
+    let mut table = [0xffu8; 256];
+    let mut c = 0;
+    while c < 256 {
+        table[c] = match c as u8 {
+            b'0'..=b'9' => c as u8 - b'0',
+            b'a'..=b'f' => c as u8 - b'a' + 10,
+            b'A'..=b'F' => c as u8 - b'A' + 10,
+            _ => 0xff,
+        };
+        c += 1;
     }
-}
+    table
+};
 
 fn hex_byte(two: &[u8]) -> Option<u8> {
-    Some(hex_digit(two[0])? << 4 | hex_digit(two[1])?)
+    let (high, low) = (HEX[two[0] as usize], HEX[two[1] as usize]);
+    ((high | low) & 0xf0 == 0).then_some(high << 4 | low)
 }
 
 fn hex_array<const N: usize>(text: &[u8]) -> Option<[u8; N]> {
@@ -263,10 +325,14 @@ fn hex_array<const N: usize>(text: &[u8]) -> Option<[u8; N]> {
         return None;
     }
     let mut out = [0u8; N];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = hex_byte(&text[2 * i..2 * i + 2])?;
+    // One check at the end: any invalid digit sets the high bits of `invalid`.
+    let mut invalid = 0u8;
+    for (byte, pair) in out.iter_mut().zip(text.chunks_exact(2)) {
+        let (high, low) = (HEX[pair[0] as usize], HEX[pair[1] as usize]);
+        invalid |= high | low;
+        *byte = high << 4 | (low & 0x0f);
     }
-    Some(out)
+    (invalid & 0xf0 == 0).then_some(out)
 }
 
 #[cfg(test)]
@@ -357,11 +423,14 @@ mod tests {
     #[test]
     fn request_ids_are_made_once() {
         let mut map = HeaderMap::new();
-        ensure_request_id(&mut map);
+        assert!(!scan(&map).request_id);
+        ensure_request_id(&mut map, false);
         let id = map["x-request-id"].to_str().unwrap().to_string();
         assert_eq!(id.len(), 36);
         assert_eq!(&id[14..15], "4", "version 4: {id}");
-        ensure_request_id(&mut map);
-        assert_eq!(map["x-request-id"], id.as_str(), "an id already there is kept");
+        assert!(scan(&map).request_id);
+        let mut other = HeaderMap::new();
+        ensure_request_id(&mut other, false);
+        assert_ne!(other["x-request-id"], id.as_str(), "ids differ");
     }
 }
