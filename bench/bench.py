@@ -23,7 +23,11 @@ proxies, made by openssl), on the same loads; plus the new-connection rate throu
 pair in TCP mode (wrk with `Connection: close`: every request is a new client
 connection, hence a new TLS handshake between the proxies).
 
-Usage: bench/bench.py [--mtls] [--rounds 6] [--duration 5] [--out bench/results/latest.md]
+With --tracing, the tracing suite: weft-pair (plaintext) and weft-mtls-pair against the
+same mutual-TLS pair with MeshConfig tracing on at 0%, 1% and 100% sampling
+(weft-mtls-pair-trace-N), exporting over OTLP/HTTP to a receiver in this process.
+
+Usage: bench/bench.py [--mtls | --tracing] [--rounds 6] [--duration 5] [--out bench/results/latest.md]
 """
 
 import argparse
@@ -38,7 +42,7 @@ import sys
 import tempfile
 import time
 
-from weft_mesh import free_port, mtls_pair, wait_port
+from weft_mesh import OtlpSink, free_port, mtls_pair, wait_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEFT = os.path.join(ROOT, "target", "release", "weft")
@@ -267,14 +271,16 @@ def make_certs(tmp):
     return d
 
 
-def weft_mtls_stack(tmp, name, upstream, tcp=False, telemetry=True):
+def weft_mtls_stack(tmp, name, upstream, tcp=False, telemetry=True, sink=None, sampling=None):
     """A control plane, an inbound proxy registered for nginx and an outbound proxy, each
     joined with its own token: every hop between them is mutual TLS. The proxies report
-    telemetry every 5 s (the default), or, with telemetry=False, not at all."""
+    telemetry every 5 s (the default), or, with telemetry=False, not at all. With a
+    sampling rate, MeshConfig turns tracing on, exporting to `sink`."""
     stack = Stack(name, tmp)
     extra = () if telemetry else ("--telemetry-interval", "0")
+    resources = sink.mesh_config(sampling) if sampling is not None else None
     port = mtls_pair(WEFT, tmp, name, upstream, lambda args: stack.spawn(args, proxy=False), stack.spawn, tcp=tcp,
-                     proxy_args=extra)
+                     proxy_args=extra, resources=resources)
     stack.port, stack.host = (port, "127.0.0.1") if tcp else (port, "upstream")
     return stack
 
@@ -406,9 +412,12 @@ def main():
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "latest.md"))
     parser.add_argument("--only", default="", help="comma-separated setup names to run (default: all)")
     parser.add_argument("--mtls", action="store_true", help="the mutual-TLS suite (writes bench/results/mtls.md)")
+    parser.add_argument("--tracing", action="store_true", help="the tracing suite (writes bench/results/tracing.md)")
     args = parser.parse_args()
     if args.mtls and args.out.endswith("latest.md"):
         args.out = os.path.join(ROOT, "bench", "results", "mtls.md")
+    if args.tracing and args.out.endswith("latest.md"):
+        args.out = os.path.join(ROOT, "bench", "results", "tracing.md")
     for tool in ["nginx", "wrk", "h2load", "oha", "haproxy", "envoy"]:
         if not shutil.which(tool):
             raise SystemExit(f"{tool} is not installed; see bench/README.md for the one-time setup")
@@ -442,6 +451,18 @@ def main():
             "haproxy-tls-tcp": lambda: haproxy_tls_stack(tmp, "haproxy-tls-tcp", upstream, pki, tcp=True),
             "envoy-tls-tcp": lambda: envoy_tls_stack(tmp, "envoy-tls-tcp", upstream, pki, tcp=True),
         }
+    sink = None
+    if args.tracing:
+        sink = OtlpSink()
+        setups = {
+            "direct": setups["direct"],
+            "weft-pair": setups["weft-pair"],
+            "weft-mtls-pair": lambda: weft_mtls_stack(tmp, "weft-mtls-pair", upstream),
+        }
+        for rate in [0, 1, 100]:
+            setups[f"weft-mtls-pair-trace-{rate}"] = (
+                lambda rate=rate: weft_mtls_stack(tmp, f"weft-mtls-pair-trace-{rate}", upstream, sink=sink,
+                                                  sampling=rate / 100))
     if args.only:
         setups = {k: v for k, v in setups.items() if k in args.only.split(",") or k == "direct"}
         handshake_setups = {k: v for k, v in handshake_setups.items() if k in args.only.split(",")}
@@ -483,9 +504,13 @@ def main():
             stack.stop()
         os.killpg(nginx.pid, signal.SIGKILL)
         nginx.wait()
+        if sink:
+            sink.stop()
     report = render(results, rss, args)
     if args.mtls:
         report += render_mtls(results, handshakes)
+    if args.tracing:
+        report += render_tracing(results, sink)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         f.write(report)
@@ -565,6 +590,20 @@ def render_mtls(results, handshakes):
         weft_cc, other_cc = summary(handshakes.get("weft-mtls-tcp", []), "cpu_per_1k_conn"), summary(handshakes.get(f"{peer}-tls-tcp", []), "cpu_per_1k_conn")
         if weft_conn and other_conn and weft_cc and other_cc:
             lines.append(f"- new connections, weft / {peer}: rate ×{weft_conn[0] / other_conn[0]:.2f}, CPU per connection ×{weft_cc[0] / other_cc[0]:.2f}")
+    return "\n".join(lines) + "\n"
+
+
+def render_tracing(results, sink):
+    """What tracing costs the mutual-TLS pair, by sampling rate."""
+    lines = [""]
+    base, base_cpu = summary(results.get("weft-mtls-pair", []), "rps"), summary(results.get("weft-mtls-pair", []), "cpu_per_1k")
+    for name in sorted((n for n in results if "-trace-" in n), key=lambda n: int(n.rsplit("-", 1)[1])):
+        rps, cpu = summary(results[name], "rps"), summary(results[name], "cpu_per_1k")
+        if base and rps and base_cpu and cpu:
+            lines.append(f"- tracing at {name.rsplit('-', 1)[1]}% / off, mTLS pair: throughput ×{rps[0] / base[0]:.2f}, "
+                         f"CPU per request ×{cpu[0] / base_cpu[0]:.2f}")
+    if sink:
+        lines.append(f"- the receiver took {sink.exports} exports, {sink.bytes / 1e6:.1f} MB of spans")
     return "\n".join(lines) + "\n"
 
 
