@@ -375,6 +375,20 @@ spec:
             let text = parse_documents("f", &mesh(tracing)).unwrap_err().to_string();
             assert!(text.contains(field) && text.contains(words), "{tracing}: {text}");
         }
+        let log = |spec: &str| {
+            format!("apiVersion: weft.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: mesh}}\nspec: {{accessLog: {spec}}}\n")
+        };
+        assert!(parse_documents("f", &log("{path: stderr, errorsOnly: true}")).is_ok());
+        for (spec, field) in [
+            ("{samplingRate: 1.5}", "accessLog.samplingRate"),
+            ("{path: \"\"}", "accessLog.path"),
+            ("{format: text}", "format"),
+        ] {
+            let text = parse_documents("f", &log(spec)).unwrap_err().to_string();
+            assert!(text.contains(field), "{spec}: {text}");
+        }
+        let policy = "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p}\nspec: {targetRef: {kind: Service, name: r}, accessLog: {samplingRate: 7}}\n";
+        assert!(parse_documents("f", policy).unwrap_err().to_string().contains("accessLog.samplingRate"));
         let policy = "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p}\nspec: {targetRef: {kind: Service, name: r}, tracing: {samplingRate: -1}}\n";
         let text = parse_documents("f", policy).unwrap_err().to_string();
         assert!(text.contains("tracing.samplingRate"), "{text}");

@@ -36,8 +36,22 @@ pub struct Snapshot {
     /// MeshConfig's tracing; `None` when tracing is off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tracing: Option<Arc<TracingSettings>>,
+    /// Where access log lines go (`stderr` or a file), when any Service's requests are
+    /// logged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_log_path: Option<String>,
     #[serde(skip)]
     hosts: HashMap<String, usize>,
+}
+
+/// Whether and how requests to one Service are logged: MeshConfig's `accessLog` with the
+/// Service's TrafficPolicy over it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessLogRule {
+    pub enabled: bool,
+    pub sampling_rate: f64,
+    pub errors_only: bool,
 }
 
 /// Where spans go and how traces start, mesh-wide.
@@ -223,6 +237,11 @@ pub struct ServicePolicy {
     /// MeshConfig's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trace_sampling: Option<f64>,
+    /// Access logging of requests to this Service.
+    pub access_log: AccessLogRule,
+    /// The TrafficPolicy's own `accessLog`, merged over MeshConfig's into `access_log`.
+    #[serde(skip)]
+    pub access_log_override: Option<ServiceAccessLogSpec>,
 }
 
 impl Default for ServicePolicy {
@@ -243,6 +262,8 @@ impl Default for ServicePolicy {
             outlier_detection: OutlierDetectionSpec::default(),
             connection_limits: ConnectionLimitsSpec::default(),
             trace_sampling: None,
+            access_log: AccessLogRule::default(),
+            access_log_override: None,
         }
     }
 }
@@ -263,6 +284,7 @@ impl Snapshot {
             services: vec![],
             unresolved: vec![],
             tracing: None,
+            access_log_path: None,
             hosts: HashMap::new(),
         }
     }
@@ -591,8 +613,30 @@ pub fn compile(resources: &[Resource], namespace: &str) -> Snapshot {
             ));
         }
     }
+    let mesh_log = mesh.access_log.as_ref().map_or(AccessLogRule::default(), |log| AccessLogRule {
+        enabled: log.enabled,
+        sampling_rate: log.sampling_rate,
+        errors_only: log.errors_only,
+    });
+    for service in &mut services {
+        let own = service.policy.access_log_override.clone().unwrap_or_default();
+        service.policy.access_log = AccessLogRule {
+            enabled: own.enabled.unwrap_or(mesh_log.enabled),
+            // A Service that turns logging on where the mesh has none logs everything.
+            sampling_rate: own.sampling_rate.unwrap_or(if mesh.access_log.is_some() {
+                mesh_log.sampling_rate
+            } else {
+                1.0
+            }),
+            errors_only: own.errors_only.unwrap_or(mesh_log.errors_only),
+        };
+    }
+    let access_log_path = match &mesh.access_log {
+        Some(log) => Some(log.path.clone()),
+        None => services.iter().any(|s| s.policy.access_log.enabled).then(|| "stderr".to_string()),
+    };
     unresolved.sort();
-    Snapshot { namespace: namespace.to_string(), services, unresolved, tracing, hosts }
+    Snapshot { namespace: namespace.to_string(), services, unresolved, tracing, access_log_path, hosts }
 }
 
 /// A compiled rule with the route key and rule index that break precedence ties.
@@ -809,6 +853,8 @@ fn effective_policy(name: &str, namespace: &str, spec: &TrafficPolicySpec) -> Se
         outlier_detection: spec.outlier_detection.clone().unwrap_or_default(),
         connection_limits: spec.connection_limits.clone().unwrap_or_default(),
         trace_sampling: spec.tracing.as_ref().map(|t| t.sampling_rate),
+        access_log: AccessLogRule::default(),
+        access_log_override: spec.access_log.clone(),
     }
 }
 
@@ -932,5 +978,34 @@ spec:
         assert_eq!(rewrite("/api", "/v2", "/api/users"), "/v2/users");
         assert_eq!(rewrite("/api/", "/", "/api/users"), "/users");
         assert_eq!(rewrite("/api", "/", "/api"), "/");
+    }
+
+    #[test]
+    fn access_logging_is_meshconfig_with_each_services_fields_over_it() {
+        let docs = r#"
+apiVersion: weft.dev/v1alpha1
+kind: Service
+metadata: {name: a}
+spec: {selector: {app: a}, ports: [{port: 80}]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Service
+metadata: {name: b}
+spec: {selector: {app: b}, ports: [{port: 80}]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: b}
+spec: {targetRef: {kind: Service, name: b}, accessLog: {errorsOnly: true}, tracing: {samplingRate: 0.5}}
+"#;
+        let quiet = compile(&parse_documents("f", docs).unwrap(), "default");
+        assert_eq!(quiet.access_log_path, None, "no MeshConfig, no Service turning it on: off");
+        assert!(quiet.unresolved.iter().any(|u| u.contains("no tracing endpoint")), "{:?}", quiet.unresolved);
+        let mesh = "---\napiVersion: weft.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\nspec: {accessLog: {path: /tmp/x.log, samplingRate: 0.5}}\n";
+        let snapshot = compile(&parse_documents("f", &format!("{docs}{mesh}")).unwrap(), "default");
+        assert_eq!(snapshot.access_log_path.as_deref(), Some("/tmp/x.log"));
+        let rule = |name: &str| snapshot.services.iter().find(|s| s.name == name).unwrap().policy.access_log;
+        assert_eq!(rule("a"), AccessLogRule { enabled: true, sampling_rate: 0.5, errors_only: false });
+        assert_eq!(rule("b"), AccessLogRule { enabled: true, sampling_rate: 0.5, errors_only: true });
     }
 }

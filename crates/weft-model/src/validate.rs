@@ -83,6 +83,12 @@ fn mesh_config(spec: &MeshConfigSpec) -> Checked {
             }
         }
     }
+    if let Some(log) = &spec.access_log {
+        if log.path.trim().is_empty() {
+            return fail("accessLog.path", "give stderr or a file path");
+        }
+        sampling_rate("accessLog.samplingRate", log.sampling_rate)?;
+    }
     Ok(())
 }
 
@@ -453,6 +459,9 @@ fn traffic_policy(spec: &TrafficPolicySpec) -> Checked {
     }
     if let Some(tracing) = &spec.tracing {
         sampling_rate("tracing.samplingRate", tracing.sampling_rate)?;
+    }
+    if let Some(rate) = spec.access_log.as_ref().and_then(|log| log.sampling_rate) {
+        sampling_rate("accessLog.samplingRate", rate)?;
     }
     if let Some(lb) = &spec.load_balancer {
         if lb.algorithm == LoadBalancerAlgorithm::ConsistentHash {

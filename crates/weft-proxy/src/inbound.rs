@@ -8,6 +8,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use crate::{
+    access_log,
     spans::{self, Kind, PendingSpan, RequestTrace},
     telemetry::{self, Answered, Direction, OpenConnection, RowRef, TcpKey},
     trace_context,
@@ -263,6 +264,7 @@ async fn handle(
     let upgrade = forward::is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
     let (mut parts, incoming) = request.into_parts();
     let mut span = begin_span(&state, peer.as_deref(), &mut parts, started);
+    let logged = arrival(&state, &mut parts, &incoming, started);
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let checked = forward::checked_authority(&parts).map(|a| a.map_or_else(|| app.to_string(), str::to_string));
     let judged = checked.map_err(|reason| ProxyFailure::BadRequest(reason.into())).and_then(|authority| {
@@ -276,7 +278,7 @@ async fn handle(
                 span.error(reason, failure.to_string());
             }
             let response = failure.into_response(grpc);
-            return Ok(observe(&state, peer.as_deref(), response, reason, false, grpc, started, span));
+            return Ok(observe(&state, peer.as_deref(), response, reason, false, grpc, started, span, logged));
         }
     };
     let wire = if parts.version == http::Version::HTTP_2 { Wire::Http2 } else { Wire::Http1 };
@@ -328,7 +330,30 @@ async fn handle(
             (failure.into_response(grpc), reason, transport_error)
         }
     };
-    Ok(observe(&state, peer.as_deref(), response, error, transport_error, grpc, started, span))
+    Ok(observe(&state, peer.as_deref(), response, error, transport_error, grpc, started, span, logged))
+}
+
+/// The request as its access log line describes it, when this proxy's own Service logs
+/// it.
+fn arrival(
+    state: &SharedState,
+    parts: &mut http::request::Parts,
+    incoming: &Incoming,
+    started: Instant,
+) -> Option<Box<access_log::Arrival>> {
+    use http_body::Body as _;
+    let config = state.config.load();
+    let own = &config.snapshot.services[config.own_service?];
+    if !access_log::wanted(&own.policy.access_log) {
+        return None;
+    }
+    if config.snapshot.tracing.is_none() {
+        // With tracing on, `begin_span` made it.
+        let present = parts.headers.contains_key(trace_context::REQUEST_ID);
+        trace_context::ensure_request_id(&mut parts.headers, present);
+    }
+    let authority = forward::checked_authority(parts).ok().flatten().unwrap_or_default();
+    Some(access_log::Arrival::of(parts, authority, incoming.size_hint().exact(), &own.policy.access_log, started))
 }
 
 /// Decides the request's trace, by this proxy's own Service's sampling rate, and when it
@@ -382,11 +407,28 @@ fn observe(
     grpc: bool,
     started: Instant,
     span: Option<PendingSpan>,
+    logged: Option<Box<access_log::Arrival>>,
 ) -> Response<Body> {
     let latency = started.elapsed();
+    let trace_id = span.as_ref().map(|s| s.trace_id());
     if let Some(mut span) = span {
         span.status(response.status().as_u16());
         response = span.finish_with(response);
+    }
+    if let Some(arrival) = logged {
+        let outcome = access_log::Outcome {
+            direction: "inbound",
+            source_identity: peer.map(|p| p.principal.to_string()),
+            destination_identity: state.identity.get().map(|identity| identity.current().identity.to_string()),
+            source_service: None,
+            destination_service: Some(state.own_label.to_string()),
+            error,
+            upstream: state.settings.app_addr.map(|a| a.to_string()),
+            route: None,
+            retries: 0,
+            trace_id,
+        };
+        response = access_log::finish(arrival, outcome, response);
     }
     let labels = RequestLabels {
         direction: "inbound",

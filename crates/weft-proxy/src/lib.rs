@@ -11,10 +11,12 @@
 //! carry it, [`errors`] turns failures into responses, [`protocol_errors`] names what hostile
 //! or broken peers did, [`metrics`] counts everything for Prometheus, [`telemetry`] for the control
 //! plane's golden signals; [`trace_context`] carries traces across hops and [`spans`]
-//! records and exports this proxy's part of them.
+//! records and exports this proxy's part of them; [`access_log`] writes a JSON line per
+//! request where operators asked for one.
 
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod balance;

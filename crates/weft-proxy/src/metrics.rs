@@ -113,6 +113,14 @@ pub struct SpanDropLabels {
     pub reason: &'static str,
 }
 
+/// Labels of `weft_access_log_lines_dropped_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LogDropLabels {
+    /// `buffer_full` (a worker logged more than 4 MiB in a second), `queue_full` (the
+    /// writer is behind) or `write_failed` (the file could not be opened or written).
+    pub reason: &'static str,
+}
+
 /// All of the proxy's metric families.
 pub struct Metrics {
     pub registry: Registry,
@@ -127,6 +135,8 @@ pub struct Metrics {
     pub protocol_errors: Family<ProtocolErrorLabels, Counter>,
     pub spans_exported: Counter,
     pub spans_dropped: Family<SpanDropLabels, Counter>,
+    pub log_lines: Counter,
+    pub log_lines_dropped: Family<LogDropLabels, Counter>,
 }
 
 /// Latency buckets from 0.5 ms to ~33 s, doubling: covers sidecar-added microseconds
@@ -182,8 +192,18 @@ impl Metrics {
             "Spans dropped instead of slowing requests, by reason",
             spans_dropped.clone(),
         );
+        let log_lines = Counter::default();
+        registry.register("access_log_lines", "Access log lines written", log_lines.clone());
+        let log_lines_dropped = Family::default();
+        registry.register(
+            "access_log_lines_dropped",
+            "Access log lines dropped instead of slowing requests, by reason",
+            log_lines_dropped.clone(),
+        );
         Metrics {
             registry,
+            log_lines,
+            log_lines_dropped,
             spans_exported,
             spans_dropped,
             requests,

@@ -26,6 +26,7 @@ use weft_model::{
 };
 
 use crate::{
+    access_log,
     balance::Backend,
     body::{self, Body},
     endpoint::EndpointState,
@@ -62,6 +63,10 @@ pub(crate) struct Routed {
     trace: Option<Box<RequestTrace>>,
     /// What a sampled request's spans describe.
     traced: Option<Box<TracedRequest>>,
+    /// The request as its access log line describes it, when it is logged.
+    logged: Option<Box<access_log::Arrival>>,
+    /// When the request arrived.
+    started: Instant,
 }
 
 /// The request as its spans describe it (sampled requests only).
@@ -120,6 +125,8 @@ pub async fn handle(
         grpc,
         trace: None,
         traced: None,
+        logged: None,
+        started,
     };
     let result = route_request(&state, &config, request, &mut routed).await;
     let (response, error, transport_error) = match result {
@@ -157,6 +164,22 @@ pub async fn handle(
             span.status(response.status().as_u16());
             response = span.finish_with(response);
         }
+    }
+    if let Some(arrival) = routed.logged.take() {
+        let endpoint = answering.endpoint.as_ref();
+        let outcome = access_log::Outcome {
+            direction: "outbound",
+            source_identity: state.identity.get().map(|identity| identity.current().identity.to_string()),
+            destination_identity: endpoint.and_then(|e| e.key.identity.as_deref()).map(str::to_string),
+            source_service: (!state.own_label.is_empty()).then(|| state.own_label.to_string()),
+            destination_service: Some(routed.destination.to_string()),
+            error,
+            upstream: endpoint.map(|e| e.address.to_string()),
+            route: (!routed.route.is_empty()).then(|| routed.route.to_string()),
+            retries: answering.tries.saturating_sub(1),
+            trace_id: routed.trace.as_ref().map(|t| trace_context::hex(&t.trace_id)),
+        };
+        response = access_log::finish(arrival, outcome, response);
     }
     let labels = RequestLabels {
         direction: "outbound",
@@ -248,16 +271,24 @@ async fn route_request(
     routed.destination = config.service_labels[service_index].clone();
     let service = &snapshot.services[service_index];
     let port = &service.ports[port_index];
-    if let Some(settings) = &snapshot.tracing {
-        // Made only when something records it: a request id costs 1,200 instructions
-        // per request on HTTP/1 and 5,700 on HTTP/2 (HPACK cannot index a fresh value).
-        let scanned = trace_context::scan(&parts.headers);
+    // A request id is made only when something records it: it costs 1,200 instructions
+    // per request on HTTP/1 and 5,700 on HTTP/2 (HPACK cannot index a fresh value).
+    let logged = access_log::wanted(&service.policy.access_log);
+    let scanned = (logged || snapshot.tracing.is_some()).then(|| trace_context::scan(&parts.headers));
+    if let Some(scanned) = &scanned {
         trace_context::ensure_request_id(&mut parts.headers, scanned.request_id);
+    }
+    if logged {
+        let length = incoming.size_hint().exact();
+        routed.logged =
+            Some(access_log::Arrival::of(&parts, &authority, length, &service.policy.access_log, routed.started));
+    }
+    if let (Some(settings), Some(scanned)) = (&snapshot.tracing, &scanned) {
         // The local application's identity is this proxy's.
         let may_force = || {
             state.identity.get().is_some_and(|identity| settings.may_force(&identity.current().identity.to_string()))
         };
-        let trace = RequestTrace::begin(&scanned, spans::rate_for(settings, service.policy.trace_sampling), may_force);
+        let trace = RequestTrace::begin(scanned, spans::rate_for(settings, service.policy.trace_sampling), may_force);
         if trace.sampled {
             routed.traced = Some(Box::new(TracedRequest {
                 method: parts.method.clone(),

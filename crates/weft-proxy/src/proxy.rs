@@ -176,6 +176,18 @@ pub fn run(mut settings: ProxySettings) -> Result<Option<i32>, ProxyError> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(ProxyError::Runtime)?;
     runtime.block_on(async move {
         tokio::spawn(crate::spans::export(state.clone()));
+        crate::access_log::start_writer(state.clone());
+        let reopen = state.access_log.reopen.clone();
+        tokio::spawn(async move {
+            // SIGUSR1: reopen the access log file (after logrotate moved it away).
+            let Ok(mut signals) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()) else {
+                return;
+            };
+            while signals.recv().await.is_some() {
+                tracing::info!("SIGUSR1: the access log file is reopened before the next line");
+                reopen.store(true, Ordering::Release);
+            }
+        });
         let admin_state = state.clone();
         tokio::spawn(accept_loop(admin_listener, drain.watch(), move |stream, peer, drain| {
             admin::serve_connection(admin_state.clone(), stream, peer, drain)
@@ -295,6 +307,7 @@ async fn housekeeping(state: Arc<SharedState>, mut drain: listener::DrainWatch) 
                 crate::pool::evict_idle(state.settings.idle_timeout, current);
                 state.telemetry.drain_worker();
                 state.spans.drain_worker(&state.metrics);
+                state.access_log.drain_worker(&state);
             }
             _ = reclaim.requested() => crate::pool::reclaim_idle(),
             _ = drain.signaled() => return,

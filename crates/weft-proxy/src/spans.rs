@@ -153,6 +153,11 @@ impl PendingSpan {
         PendingSpan { span, kind, started }
     }
 
+    /// The span's trace id, in hex.
+    pub fn trace_id(&self) -> String {
+        trace_context::hex(&self.span.trace_id)
+    }
+
     /// Adds a string attribute.
     pub fn text(&mut self, key: &'static str, value: impl Into<String>) {
         self.span.attributes.push(attribute(key, any_value::Value::StringValue(value.into())));

@@ -55,6 +55,8 @@ pub struct SharedState {
     pub telemetry: crate::telemetry::Telemetry,
     /// Finished spans on their way to the trace receiver.
     pub spans: crate::spans::Spans,
+    /// Access log lines on their way to the writer thread.
+    pub access_log: crate::access_log::AccessLog,
     pub connector: Connector,
     /// `namespace/service` of this proxy, the metric label for its own side.
     pub own_label: Arc<str>,
@@ -115,6 +117,7 @@ impl SharedState {
             metrics: Metrics::new(),
             telemetry,
             spans: crate::spans::Spans::default(),
+            access_log: crate::access_log::AccessLog::default(),
             connector,
             own_label,
             inbound_limiter,

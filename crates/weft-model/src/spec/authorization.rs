@@ -95,6 +95,9 @@ pub struct MeshConfigSpec {
     /// Distributed tracing; off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracing: Option<super::MeshTracingSpec>,
+    /// Access logging; off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<super::MeshAccessLogSpec>,
 }
 
 /// Whether inbound listeners accept plaintext.

@@ -45,3 +45,46 @@ pub enum OtlpProtocol {
 pub struct ServiceTracingSpec {
     pub sampling_rate: f64,
 }
+
+/// MeshConfig `accessLog`: the mesh-wide default of access logging, and where lines go.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MeshAccessLogSpec {
+    /// `stderr`, or a file each proxy appends to (reopened on SIGUSR1, for rotation).
+    #[serde(default = "default_log_path")]
+    pub path: String,
+    /// Whether requests are logged unless a Service's TrafficPolicy says otherwise.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Share of requests logged, 0-1.
+    #[serde(default = "default_log_sampling")]
+    pub sampling_rate: f64,
+    /// Log only failed requests (5xx, a proxy-made answer, a transport error).
+    #[serde(default)]
+    pub errors_only: bool,
+}
+
+fn default_log_path() -> String {
+    "stderr".into()
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_log_sampling() -> f64 {
+    1.0
+}
+
+/// TrafficPolicy `accessLog`: the logging of requests to the targeted Service; each
+/// field given replaces MeshConfig's.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceAccessLogSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling_rate: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errors_only: Option<bool>,
+}

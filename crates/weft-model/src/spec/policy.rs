@@ -25,6 +25,9 @@ pub struct TrafficPolicySpec {
     /// The sampling rate of traces started by requests to this Service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracing: Option<super::ServiceTracingSpec>,
+    /// Access logging of requests to this Service, over MeshConfig's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<super::ServiceAccessLogSpec>,
     /// Declared so it can be refused by name: not implemented yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<serde_json::Value>,
