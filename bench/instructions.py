@@ -57,7 +57,8 @@ REQUESTS = 2000
 # default); `-quiet` is the same pair with `--telemetry-interval 0`, so every run also
 # says what telemetry costs on the request path. `-trace-N` is the pair with MeshConfig
 # tracing on at N% sampling, exporting over OTLP/HTTP to a receiver in this process:
-# what tracing costs, with the export counted (it runs in the proxies).
+# what tracing costs, with the export counted (it runs in the proxies). `-log` is the pair
+# with MeshConfig accessLog on, every request logged by both proxies to a file.
 SETUPS = [
     ("http1-hop", "http1", "http", False, False, False),
     ("http1-pair", "http1", "http", True, False, False),
@@ -70,6 +71,7 @@ SETUPS = [
     ("mtls-http1-pair-trace-0", "http1", "http", True, True, False),
     ("mtls-http1-pair-trace-1", "http1", "http", True, True, False),
     ("mtls-http1-pair-trace-100", "http1", "http", True, True, False),
+    ("mtls-http1-pair-log", "http1", "http", True, True, False),
 ]
 
 
@@ -180,6 +182,9 @@ def mtls_stack(run, upstream, tcp):
     if "-trace-" in run.name:
         run.sink = OtlpSink()
         resources = run.sink.mesh_config(int(run.name.rsplit("-", 1)[1]) / 100)
+    if run.name.endswith("-log"):
+        log = os.path.join(run.tmp, f"{run.name}-access.log")
+        resources = f"apiVersion: weft.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: mesh}}\nspec:\n  accessLog: {{path: \"{log}\"}}\n"
     return mtls_pair(WEFT, run.tmp, run.name, upstream, run.spawn, lambda args: run.spawn(args, measured=True),
                      tcp=tcp, timeout=120, proxy_args=extra, resources=resources)
 
@@ -283,6 +288,9 @@ def main():
     if "mtls-http1-pair" in figures and traced:
         costs = ", ".join(f"{n.rsplit('-', 1)[1]}% {f / figures['mtls-http1-pair'] - 1:+.1%}" for n, f in traced)
         print(f"tracing on the request path, by sampling rate (against mtls-http1-pair): {costs} instructions per request")
+    if "mtls-http1-pair" in figures and "mtls-http1-pair-log" in figures:
+        cost = figures["mtls-http1-pair-log"] / figures["mtls-http1-pair"] - 1
+        print(f"access logs on the request path (every request, both proxies): {cost:+.1%} instructions per request")
     shutil.rmtree(tmp, ignore_errors=True)
     if args.update:
         merged = dict(baseline, **figures)
