@@ -76,17 +76,18 @@ impl Arrival {
     }
 }
 
-/// What became of a request, for its line.
+/// What became of a request, for its line. Shared strings, so that a line costs no
+/// allocation beyond its buffer.
 pub struct Outcome {
     pub direction: &'static str,
-    pub source_identity: Option<String>,
-    pub destination_identity: Option<String>,
-    pub source_service: Option<String>,
-    pub destination_service: Option<String>,
+    pub source_identity: Option<Arc<str>>,
+    pub destination_identity: Option<Arc<str>>,
+    pub source_service: Option<Arc<str>>,
+    pub destination_service: Option<Arc<str>>,
     /// The `weft-error` reason, when the proxy made the answer.
     pub error: &'static str,
-    pub upstream: Option<String>,
-    pub route: Option<String>,
+    pub upstream: Option<std::net::SocketAddr>,
+    pub route: Option<Arc<str>>,
     pub retries: u32,
     pub trace_id: Option<String>,
 }
@@ -123,7 +124,7 @@ impl Pending {
             line.milliseconds("duration_ms", a.started.elapsed().as_micros() as u64);
             line.maybe_number("bytes_received", a.bytes_received);
             line.number("bytes_sent", bytes_sent);
-            line.maybe_text("upstream", o.upstream.as_deref());
+            line.maybe_address("upstream", o.upstream);
             line.maybe_text("route", o.route.as_deref());
             line.number("retries", o.retries as u64);
             line.maybe_text("trace_id", o.trace_id.as_deref());
@@ -170,6 +171,17 @@ impl<'a> JsonLine<'a> {
     fn maybe_text(&mut self, key: &str, value: Option<&str>) {
         match value {
             Some(value) => self.text(key, value),
+            None => self.null(key),
+        }
+    }
+
+    fn maybe_address(&mut self, key: &str, value: Option<std::net::SocketAddr>) {
+        match value {
+            Some(address) => {
+                self.key(key);
+                // An address needs no escaping.
+                let _ = write!(self.out, "\"{address}\"");
+            }
             None => self.null(key),
         }
     }

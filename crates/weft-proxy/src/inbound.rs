@@ -384,8 +384,8 @@ fn begin_span(
         span.text("weft.source_identity", &*peer.principal);
         span.text("weft.peer_identity", &*peer.principal);
     }
-    if let Some(identity) = state.identity.get() {
-        span.text("weft.destination_identity", identity.current().identity.to_string());
+    if let Some(identity) = state.own_identity() {
+        span.text("weft.destination_identity", &*identity);
     }
     span.text("weft.destination_service", &*state.own_label);
     if let Some(id) = parts.headers.get(trace_context::REQUEST_ID).and_then(|v| v.to_str().ok()) {
@@ -418,12 +418,12 @@ fn observe(
     if let Some(arrival) = logged {
         let outcome = access_log::Outcome {
             direction: "inbound",
-            source_identity: peer.map(|p| p.principal.to_string()),
-            destination_identity: state.identity.get().map(|identity| identity.current().identity.to_string()),
+            source_identity: peer.map(|p| p.principal.clone()),
+            destination_identity: state.own_identity(),
             source_service: None,
-            destination_service: Some(state.own_label.to_string()),
+            destination_service: Some(state.own_label.clone()),
             error,
-            upstream: state.settings.app_addr.map(|a| a.to_string()),
+            upstream: state.settings.app_addr,
             route: None,
             retries: 0,
             trace_id,

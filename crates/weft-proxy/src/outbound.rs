@@ -169,13 +169,13 @@ pub async fn handle(
         let endpoint = answering.endpoint.as_ref();
         let outcome = access_log::Outcome {
             direction: "outbound",
-            source_identity: state.identity.get().map(|identity| identity.current().identity.to_string()),
-            destination_identity: endpoint.and_then(|e| e.key.identity.as_deref()).map(str::to_string),
-            source_service: (!state.own_label.is_empty()).then(|| state.own_label.to_string()),
-            destination_service: Some(routed.destination.to_string()),
+            source_identity: state.own_identity(),
+            destination_identity: endpoint.and_then(|e| e.key.identity.clone()),
+            source_service: (!state.own_label.is_empty()).then(|| state.own_label.clone()),
+            destination_service: Some(routed.destination.clone()),
             error,
-            upstream: endpoint.map(|e| e.address.to_string()),
-            route: (!routed.route.is_empty()).then(|| routed.route.to_string()),
+            upstream: endpoint.map(|e| e.address),
+            route: (!routed.route.is_empty()).then(|| routed.route.clone()),
             retries: answering.tries.saturating_sub(1),
             trace_id: routed.trace.as_ref().map(|t| trace_context::hex(&t.trace_id)),
         };
@@ -285,9 +285,7 @@ async fn route_request(
     }
     if let (Some(settings), Some(scanned)) = (&snapshot.tracing, &scanned) {
         // The local application's identity is this proxy's.
-        let may_force = || {
-            state.identity.get().is_some_and(|identity| settings.may_force(&identity.current().identity.to_string()))
-        };
+        let may_force = || state.own_identity().is_some_and(|identity| settings.may_force(&identity));
         let trace = RequestTrace::begin(scanned, spans::rate_for(settings, service.policy.trace_sampling), may_force);
         if trace.sampled {
             routed.traced = Some(Box::new(TracedRequest {
@@ -691,8 +689,8 @@ fn client_span(
     if !routed.backend.is_empty() {
         span.text("weft.backend", &*routed.backend);
     }
-    if let Some(identity) = state.identity.get() {
-        span.text("weft.source_identity", identity.current().identity.to_string());
+    if let Some(identity) = state.own_identity() {
+        span.text("weft.source_identity", &*identity);
     }
     span.text("weft.source_service", &*state.own_label);
     span

@@ -69,6 +69,8 @@ pub struct SharedState {
     pub discovery: OnceLock<Arc<crate::discovery::DiscoveryHandle>>,
     /// This proxy's certificate, key and trust bundle, once it has joined the mesh.
     pub identity: OnceLock<Arc<weft_identity::tls::Credentials>>,
+    /// This proxy's SPIFFE ID as text, rendered once (renewals keep the identity).
+    own_identity: OnceLock<Arc<str>>,
     limiters: Mutex<HashMap<String, Arc<Limiter>>>,
     budgets: Mutex<HashMap<String, Arc<RetryBudget>>>,
     /// How each peer identity is reached, built once per identity (TLS configurations
@@ -82,6 +84,12 @@ pub struct SharedState {
 }
 
 impl SharedState {
+    /// This proxy's SPIFFE ID, once it has joined the mesh.
+    pub fn own_identity(&self) -> Option<Arc<str>> {
+        let credentials = self.identity.get()?;
+        Some(self.own_identity.get_or_init(|| credentials.current().identity.to_string().into()).clone())
+    }
+
     /// State serving `snapshot` (version `version`).
     pub fn new(settings: ProxySettings, snapshot: Snapshot, version: String) -> Arc<Self> {
         let own_label: Arc<str> = match &settings.service {
@@ -123,6 +131,7 @@ impl SharedState {
             inbound_limiter,
             ready: AtomicBool::new(false),
             ports: OnceLock::new(),
+            own_identity: OnceLock::new(),
             last_reload_error: Mutex::new(None),
             discovery: OnceLock::new(),
             identity: OnceLock::new(),
