@@ -255,58 +255,25 @@ pub fn finish(arrival: Box<Arrival>, outcome: Outcome, response: Response<Body>)
         pending.write(0);
         return response;
     }
-    response.map(|inner| {
-        use http_body_util::BodyExt;
-        LogBody { inner, pending: Some(Box::new(pending)), sent: 0 }.boxed_unsync()
-    })
+    response.map(|inner| crate::body::Watched::wrap(inner, LogOnEnd { pending: Box::new(pending), sent: 0 }))
 }
 
-/// A response body that writes its request's line when it ends (or is dropped).
-struct LogBody {
-    inner: Body,
-    pending: Option<Box<Pending>>,
+/// Counts what a response body sends and writes its request's line when it ends (or
+/// is dropped).
+struct LogOnEnd {
+    pending: Box<Pending>,
     sent: u64,
 }
 
-impl http_body::Body for LogBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
-        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            std::task::Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    self.sent += data.len() as u64;
-                }
-            }
-            std::task::Poll::Ready(None) => {
-                if let Some(pending) = self.pending.take() {
-                    pending.write(self.sent);
-                }
-            }
-            _ => {}
+impl crate::body::Watch for LogOnEnd {
+    fn frame(&mut self, frame: &Result<http_body::Frame<Bytes>, BoxError>) {
+        if let Some(data) = frame.as_ref().ok().and_then(|frame| frame.data_ref()) {
+            self.sent += data.len() as u64;
         }
-        polled
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for LogBody {
-    fn drop(&mut self) {
-        if let Some(pending) = self.pending.take() {
-            pending.write(self.sent);
-        }
+    fn end(self) {
+        self.pending.write(self.sent);
     }
 }
 

@@ -65,3 +65,70 @@ where
         self.inner.size_hint()
     }
 }
+
+/// What a [`Watched`] body tells its watcher: every frame as it passes, and the end
+/// (the last frame read, or the body dropped unfinished), exactly once. Telemetry, spans
+/// and access logs each finish their record of a request this way, when its response
+/// body ends.
+pub trait Watch: Send + Unpin + 'static {
+    /// A frame, or the error the body failed with.
+    fn frame(&mut self, _frame: &Result<http_body::Frame<Bytes>, BoxError>) {}
+
+    /// The body ended or was dropped.
+    fn end(self);
+}
+
+/// A body that shows its frames and its end to a [`Watch`].
+pub struct Watched<W: Watch> {
+    inner: Body,
+    watch: Option<W>,
+}
+
+impl<W: Watch> Watched<W> {
+    /// Wraps `inner`, reporting it to `watch`.
+    pub fn wrap(inner: Body, watch: W) -> Body {
+        Watched { inner, watch: Some(watch) }.boxed_unsync()
+    }
+}
+
+impl<W: Watch> http_body::Body for Watched<W> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(frame)) => {
+                if let Some(watch) = self.watch.as_mut() {
+                    watch.frame(frame);
+                }
+            }
+            std::task::Poll::Ready(None) => {
+                if let Some(watch) = self.watch.take() {
+                    watch.end();
+                }
+            }
+            std::task::Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<W: Watch> Drop for Watched<W> {
+    fn drop(&mut self) {
+        if let Some(watch) = self.watch.take() {
+            watch.end();
+        }
+    }
+}

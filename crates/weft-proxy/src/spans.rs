@@ -224,7 +224,7 @@ impl PendingSpan {
             this.finish();
             return response;
         }
-        response.map(|inner| SpanBody::wrap(inner, self))
+        response.map(|inner| crate::body::Watched::wrap(inner, self))
     }
 
     fn grpc_status(&mut self, status: u32) {
@@ -250,68 +250,25 @@ fn unix_nanos(time: SystemTime) -> u64 {
     time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
 
-/// A response body that ends its span when it ends (or is dropped).
-struct SpanBody {
-    inner: Body,
-    span: Option<PendingSpan>,
-}
-
-impl SpanBody {
-    fn wrap(inner: Body, span: PendingSpan) -> Body {
-        use http_body_util::BodyExt;
-        SpanBody { inner, span: Some(span) }.boxed_unsync()
-    }
-}
-
-impl http_body::Body for SpanBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
-        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            std::task::Poll::Ready(Some(Ok(frame))) => {
+/// Ends its span when the response body ends (or is dropped), with the body's
+/// `grpc-status` or breakage.
+impl crate::body::Watch for PendingSpan {
+    fn frame(&mut self, frame: &Result<http_body::Frame<Bytes>, BoxError>) {
+        match frame {
+            Ok(frame) => {
                 if let Some(status) = frame.trailers_ref().and_then(crate::telemetry::grpc_status) {
-                    if let Some(span) = self.span.as_mut() {
-                        span.grpc_status(status);
-                    }
+                    self.grpc_status(status);
                 }
             }
-            std::task::Poll::Ready(Some(Err(error))) => {
-                if let Some(span) = self.span.as_mut() {
-                    span.span.status = Some(Status {
-                        code: OtlpStatus::Error as i32,
-                        message: format!("response body broke: {error}"),
-                    });
-                }
-            }
-            _ => {}
-        }
-        if matches!(polled, std::task::Poll::Ready(None)) {
-            if let Some(span) = self.span.take() {
-                span.finish();
+            Err(error) => {
+                self.span.status =
+                    Some(Status { code: OtlpStatus::Error as i32, message: format!("response body broke: {error}") });
             }
         }
-        polled
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for SpanBody {
-    fn drop(&mut self) {
-        if let Some(span) = self.span.take() {
-            span.finish();
-        }
+    fn end(self) {
+        self.finish();
     }
 }
 

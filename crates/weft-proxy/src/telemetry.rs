@@ -575,7 +575,8 @@ impl Answered<'_> {
                 retries: self.retries,
                 answered: self.answered,
             };
-            return response.map(|inner| RecordOnEnd::wrap(inner, deferred));
+            let watch = RecordOnEnd { finished: deferred, grpc_status: None, broken: false };
+            return response.map(|inner| crate::body::Watched::wrap(inner, watch));
         }
         record_request(self.row, outcome, self.latency, self.retries, self.answered);
         response
@@ -590,63 +591,35 @@ struct Deferred {
     answered: bool,
 }
 
-/// A gRPC response body that records its request when it ends: with the `grpc-status`
-/// of its trailers, as a transport error if it broke, or as it stood if the caller went
-/// away (a cancelled call is the caller's choice, not a failure).
+/// A gRPC response's request, recorded when its body ends: with the `grpc-status` of its
+/// trailers, as a transport error if it broke, or as it stood if the caller went away (a
+/// cancelled call is the caller's choice, not a failure).
 struct RecordOnEnd {
-    inner: Body,
-    finished: Option<Deferred>,
+    finished: Deferred,
     grpc_status: Option<u32>,
     broken: bool,
 }
 
-impl RecordOnEnd {
-    fn wrap(inner: Body, finished: Deferred) -> Body {
-        use http_body_util::BodyExt;
-        RecordOnEnd { inner, finished: Some(finished), grpc_status: None, broken: false }.boxed_unsync()
-    }
-}
-
-impl http_body::Body for RecordOnEnd {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
-        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            std::task::Poll::Ready(Some(Ok(frame))) => {
+impl crate::body::Watch for RecordOnEnd {
+    fn frame(&mut self, frame: &Result<http_body::Frame<Bytes>, BoxError>) {
+        match frame {
+            Ok(frame) => {
                 if let Some(trailers) = frame.trailers_ref() {
                     self.grpc_status = grpc_status(trailers);
                 }
             }
-            std::task::Poll::Ready(Some(Err(_))) => self.broken = true,
-            _ => {}
+            Err(_) => self.broken = true,
         }
-        polled
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for RecordOnEnd {
-    fn drop(&mut self) {
-        if let Some(finished) = self.finished.take() {
-            let outcome = if self.broken {
-                Outcome::TransportError
-            } else {
-                Outcome::Response { status: 200, grpc_status: self.grpc_status }
-            };
-            record_request(finished.row.as_ref(), outcome, finished.latency, finished.retries, finished.answered);
-        }
+    fn end(self) {
+        let outcome = if self.broken {
+            Outcome::TransportError
+        } else {
+            Outcome::Response { status: 200, grpc_status: self.grpc_status }
+        };
+        let finished = self.finished;
+        record_request(finished.row.as_ref(), outcome, finished.latency, finished.retries, finished.answered);
     }
 }
 

@@ -4,24 +4,10 @@
 
 mod support;
 
-use std::{net::SocketAddr, path::Path, process::Command, time::Duration};
+use std::{path::Path, process::Command, time::Duration};
 
 use serde_json::Value;
 use support::{client, eventually, get_via, Control, Proxy, TempDir, TestApp};
-
-async fn sidecar(dir: &TempDir, control: &Control, service: &str, app: Option<SocketAddr>) -> Proxy {
-    let app = app.map(|a| a.to_string());
-    let mut args = vec!["--id", service, "--service", service, "--health-interval", "200ms"];
-    if let Some(app) = &app {
-        args.extend(["--app-addr", app]);
-    }
-    Proxy::start_controlled(dir, service, control, &args).await
-}
-
-fn apply(control: &Control, yaml: &str) {
-    let (ok, out, err) = control.cli_with_stdin(&["apply", "-f", "-"], Some(yaml));
-    assert!(ok, "weft apply: {out}{err}");
-}
 
 /// The lines of `file` so far.
 fn lines(file: &Path) -> Vec<Value> {
@@ -51,17 +37,14 @@ async fn lines_carry_typed_fields_errors_only_applies_and_sigusr1_reopens_the_fi
     let dir = TempDir::new("access-log");
     let log = dir.0.join("access.log");
     let control = Control::start(&dir, "control").await;
-    apply(
-        &control,
-        &format!(
-            "apiVersion: weft.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: mesh}}\nspec:\n  accessLog: {{path: \
+    control.apply(&format!(
+        "apiVersion: weft.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: mesh}}\nspec:\n  accessLog: {{path: \
              \"{}\"}}\n",
-            log.display()
-        ),
-    );
+        log.display()
+    ));
     let app = TestApp::start("echo").await;
-    let echo = sidecar(&dir, &control, "echo", Some(app.address)).await;
-    let edge = sidecar(&dir, &control, "edge", None).await;
+    let echo = Proxy::meshed(&dir, &control, "echo", Some(app.address)).await;
+    let edge = Proxy::meshed(&dir, &control, "edge", None).await;
     let http = client();
     eventually(Duration::from_secs(20), "echo to answer", || {
         let http = http.clone();
@@ -101,8 +84,7 @@ async fn lines_carry_typed_fields_errors_only_applies_and_sigusr1_reopens_the_fi
     assert_eq!(inbound["request_id"], "req-1");
 
     // A proxy-made answer names its reason.
-    apply(
-        &control,
+    control.apply(
         "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: nowhere}\nspec: {selector: {app: nowhere}, \
          ports: [{port: 80}]}\n",
     );
@@ -118,8 +100,7 @@ async fn lines_carry_typed_fields_errors_only_applies_and_sigusr1_reopens_the_fi
 
     // errorsOnly for echo, by its TrafficPolicy over MeshConfig: a 200 is not logged, a
     // 503 is.
-    apply(
-        &control,
+    control.apply(
         "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: echo}\nspec:\n  targetRef: {kind: \
          Service, name: echo}\n  retries: {attempts: 0}\n  accessLog: {errorsOnly: true}\n",
     );

@@ -10,50 +10,13 @@ mod support;
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
-    process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
 
 use serde_json::Value;
-use support::{client, eventually, get_via, Control, Proxy, TempDir, TestApp, WEFT};
+use support::{client, eventually, get_via, Control, DemoApp, Proxy, TempDir, TestApp};
 use weft_api::sketch::RELATIVE_ERROR;
-
-/// A `weft demo-app` process: a real server with a set latency and failure rate.
-struct DemoApp {
-    child: Child,
-    address: SocketAddr,
-}
-
-impl DemoApp {
-    async fn start(dir: &TempDir, name: &str, extra: &[&str]) -> DemoApp {
-        let ports = dir.0.join(format!("{name}-app.ports.json"));
-        let child = Command::new(WEFT)
-            .args(["demo-app", "--listen", "127.0.0.1:0", "--name", name, "--ports-file"])
-            .arg(&ports)
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("weft demo-app starts");
-        let address = eventually(Duration::from_secs(10), "the demo app's ports file", || {
-            let text = std::fs::read_to_string(&ports).ok();
-            async move {
-                let ports: Value = serde_json::from_str(&text?).ok()?;
-                ports["listen"].as_str()?.parse::<SocketAddr>().ok()
-            }
-        })
-        .await;
-        DemoApp { child, address }
-    }
-}
-
-impl Drop for DemoApp {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A meshed sidecar `id` of `service`, reporting telemetry every second (unless `extra`
 /// says otherwise).

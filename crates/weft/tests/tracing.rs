@@ -25,7 +25,7 @@ use opentelemetry_proto::tonic::{
     common::v1::any_value,
 };
 use serde_json::Value;
-use support::{client, eventually, get_via, Answer, Control, Proxy, TempDir, TestApp, WEFT};
+use support::{client, eventually, get_via, Answer, Control, DemoApp, Proxy, TempDir, TestApp};
 
 const SERVER: i64 = 2;
 const CLIENT: i64 = 3;
@@ -204,55 +204,13 @@ impl GrpcReceiver {
 }
 
 /// A `weft demo-app` that calls `calls` through its sidecar (whose ports file it reads).
-struct DemoApp {
-    child: Child,
-    address: SocketAddr,
-}
-
-impl DemoApp {
-    async fn start(dir: &TempDir, name: &str, calls: &[&str]) -> DemoApp {
-        let ports = dir.0.join(format!("{name}-app.ports.json"));
-        let sidecar_ports = dir.0.join(format!("{name}.ports.json"));
-        let mut command = Command::new(WEFT);
-        command.args(["demo-app", "--listen", "127.0.0.1:0", "--name", name, "--ports-file"]).arg(&ports);
-        for call in calls {
-            command.args(["--call", call]);
-        }
-        if !calls.is_empty() {
-            command.arg("--outbound-from").arg(&sidecar_ports);
-        }
-        let child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("weft demo-app starts");
-        let address = eventually(Duration::from_secs(10), "the demo app's ports file", || {
-            let text = std::fs::read_to_string(&ports).ok();
-            async move {
-                let ports: Value = serde_json::from_str(&text?).ok()?;
-                ports["listen"].as_str()?.parse::<SocketAddr>().ok()
-            }
-        })
-        .await;
-        DemoApp { child, address }
+async fn calling_app(dir: &TempDir, name: &str, calls: &[&str]) -> DemoApp {
+    let sidecar_ports = dir.0.join(format!("{name}.ports.json"));
+    let mut extra: Vec<&str> = calls.iter().flat_map(|call| ["--call", call]).collect();
+    if !calls.is_empty() {
+        extra.extend(["--outbound-from", sidecar_ports.to_str().unwrap()]);
     }
-}
-
-impl Drop for DemoApp {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn sidecar(dir: &TempDir, control: &Control, service: &str, app: Option<SocketAddr>) -> Proxy {
-    let app = app.map(|a| a.to_string());
-    let mut args = vec!["--id", service, "--service", service, "--health-interval", "200ms"];
-    if let Some(app) = &app {
-        args.extend(["--app-addr", app]);
-    }
-    Proxy::start_controlled(dir, service, control, &args).await
-}
-
-fn apply(control: &Control, yaml: &str) {
-    let (ok, out, err) = control.cli_with_stdin(&["apply", "-f", "-"], Some(yaml));
-    assert!(ok, "weft apply: {out}{err}");
+    DemoApp::start(dir, name, &extra).await
 }
 
 fn mesh_config(endpoint: &str, protocol: &str, rate: f64, force_from: &[&str]) -> String {
@@ -299,21 +257,20 @@ async fn a_trace_through_three_services_arrives_over_otlp_http_with_its_parents_
     };
     let dir = TempDir::new("tracing-chain");
     let control = Control::start(&dir, "control").await;
-    apply(&control, &mesh_config(&format!("http://127.0.0.1:{}", receiver.port), "http", 1.0, &[]));
+    control.apply(&mesh_config(&format!("http://127.0.0.1:{}", receiver.port), "http", 1.0, &[]));
     // reviews has a route, so its CLIENT spans carry http.route.
-    apply(
-        &control,
+    control.apply(
         "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: reviews}\nspec:\n  parentRefs: \
          [{kind: Service, name: reviews}]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /}}]\n    \
          backendRefs: [{name: reviews, port: 80}]\n",
     );
-    let ratings_app = DemoApp::start(&dir, "ratings", &[]).await;
-    let _ratings = sidecar(&dir, &control, "ratings", Some(ratings_app.address)).await;
-    let reviews_app = DemoApp::start(&dir, "reviews", &["ratings"]).await;
-    let _reviews = sidecar(&dir, &control, "reviews", Some(reviews_app.address)).await;
-    let frontend_app = DemoApp::start(&dir, "frontend", &["reviews"]).await;
-    let _frontend = sidecar(&dir, &control, "frontend", Some(frontend_app.address)).await;
-    let edge = sidecar(&dir, &control, "edge", None).await;
+    let ratings_app = calling_app(&dir, "ratings", &[]).await;
+    let _ratings = Proxy::meshed(&dir, &control, "ratings", Some(ratings_app.address)).await;
+    let reviews_app = calling_app(&dir, "reviews", &["ratings"]).await;
+    let _reviews = Proxy::meshed(&dir, &control, "reviews", Some(reviews_app.address)).await;
+    let frontend_app = calling_app(&dir, "frontend", &["reviews"]).await;
+    let _frontend = Proxy::meshed(&dir, &control, "frontend", Some(frontend_app.address)).await;
+    let edge = Proxy::meshed(&dir, &control, "edge", None).await;
     tracing_applied(&edge, 1.0).await;
 
     let http = client();
@@ -388,11 +345,11 @@ async fn contexts_sampling_forcing_retries_and_errors_over_otlp_grpc() {
     let dir = TempDir::new("tracing-grpc");
     let control = Control::start(&dir, "control").await;
     let endpoint = format!("http://{address}");
-    apply(&control, &mesh_config(&endpoint, "grpc", 0.0, &[&identity("edge")]));
+    control.apply(&mesh_config(&endpoint, "grpc", 0.0, &[&identity("edge")]));
     let app = TestApp::start("echo").await;
-    let echo = sidecar(&dir, &control, "echo", Some(app.address)).await;
-    let edge = sidecar(&dir, &control, "edge", None).await;
-    let other = sidecar(&dir, &control, "other", None).await;
+    let echo = Proxy::meshed(&dir, &control, "echo", Some(app.address)).await;
+    let edge = Proxy::meshed(&dir, &control, "edge", None).await;
+    let other = Proxy::meshed(&dir, &control, "other", None).await;
     tracing_applied(&edge, 0.0).await;
     let http = client();
     let ready = eventually(Duration::from_secs(20), "echo to answer", || {
@@ -464,8 +421,7 @@ async fn contexts_sampling_forcing_retries_and_errors_over_otlp_grpc() {
     assert_eq!(flags, "00", "other is not in forceFrom");
 
     // A retried request: one CLIENT span per try, each with its SERVER span, failing.
-    apply(
-        &control,
+    control.apply(
         "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: echo}\nspec:\n  targetRef: {kind: \
          Service, name: echo}\n  retries: {attempts: 1, retryOn: [5xx]}\n",
     );
@@ -502,8 +458,7 @@ async fn contexts_sampling_forcing_retries_and_errors_over_otlp_grpc() {
     app.set_status(200);
 
     // A proxy-made answer: its reason is on the span.
-    apply(
-        &control,
+    control.apply(
         "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {name: nowhere}\nspec: {selector: {app: nowhere}, \
          ports: [{port: 80}]}\n",
     );
@@ -545,14 +500,13 @@ async fn contexts_sampling_forcing_retries_and_errors_over_otlp_grpc() {
 
     // Live: rate 1 mesh-wide samples a request without context; a TrafficPolicy's rate 0
     // for echo then stops it again.
-    apply(&control, &mesh_config(&endpoint, "grpc", 1.0, &[]));
+    control.apply(&mesh_config(&endpoint, "grpc", 1.0, &[]));
     tracing_applied(edge, 1.0).await;
     let answer = get_via(&http, edge.outbound, "echo", "/live", &[]).await;
     let (live_trace, _, flags) = traceparent(&app_headers(&answer));
     assert_eq!(flags, "01");
     trace_spans(&spans, &live_trace, 2).await;
-    apply(
-        &control,
+    control.apply(
         "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: echo}\nspec:\n  targetRef: {kind: \
          Service, name: echo}\n  tracing: {samplingRate: 0}\n",
     );
@@ -570,7 +524,7 @@ async fn contexts_sampling_forcing_retries_and_errors_over_otlp_grpc() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let echo_sampled = "---\napiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: echo}\nspec:\n  \
                         targetRef: {kind: Service, name: echo}\n  tracing: {samplingRate: 1}\n";
-    apply(&control, &(mesh_config(&format!("http://{closed}"), "grpc", 1.0, &[]) + echo_sampled));
+    control.apply(&(mesh_config(&format!("http://{closed}"), "grpc", 1.0, &[]) + echo_sampled));
     eventually(Duration::from_secs(20), "the closed endpoint on the edge", || async {
         let config = edge.config().await;
         let services = config["snapshot"]["services"].as_array().cloned().unwrap_or_default();

@@ -172,6 +172,17 @@ impl Proxy {
         Proxy::launch(dir, name, &["--config", config.to_str().unwrap()], args).await
     }
 
+    /// A meshed proxy of `service` (its `--id` too) for the application at `app`, or with
+    /// none (an edge that only calls), checking its application's health every 200ms.
+    pub async fn meshed(dir: &TempDir, control: &Control, service: &str, app: Option<SocketAddr>) -> Proxy {
+        let app = app.map(|a| a.to_string());
+        let mut args = vec!["--id", service, "--service", service, "--health-interval", "200ms"];
+        if let Some(app) = &app {
+            args.extend(["--app-addr", app]);
+        }
+        Proxy::start_controlled(dir, service, control, &args).await
+    }
+
     /// Starts `weft proxy --control <control> <args>` and waits until it is ready (has
     /// applied its first view).
     /// It joins with a join token `control` makes for its `--service` (else for `name`).
@@ -321,6 +332,12 @@ pub struct Control {
 }
 
 impl Control {
+    /// `weft apply -f -` with `yaml`, which must succeed.
+    pub fn apply(&self, yaml: &str) {
+        let (ok, out, err) = self.cli_with_stdin(&["apply", "-f", "-"], Some(yaml));
+        assert!(ok, "weft apply: {out}{err}");
+    }
+
     /// Starts `weft control` on an ephemeral API port and waits until it answers.
     pub async fn start(dir: &TempDir, name: &str) -> Control {
         let data_dir = dir.0.join(format!("{name}-data"));
@@ -990,4 +1007,41 @@ pub fn s_client(address: std::net::SocketAddr, alpn: &str, extra: &[&str], reque
     child.stdin.take().unwrap().write_all(request.as_bytes()).unwrap();
     let output = child.wait_with_output().unwrap();
     (String::from_utf8_lossy(&output.stdout).into_owned(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+/// A `weft demo-app` process: a real server with a set latency and failure rate, and
+/// the services it calls (`extra` carries its flags).
+pub struct DemoApp {
+    pub child: Child,
+    pub address: SocketAddr,
+}
+
+impl DemoApp {
+    pub async fn start(dir: &TempDir, name: &str, extra: &[&str]) -> DemoApp {
+        let ports = dir.0.join(format!("{name}-app.ports.json"));
+        let child = Command::new(WEFT)
+            .args(["demo-app", "--listen", "127.0.0.1:0", "--name", name, "--ports-file"])
+            .arg(&ports)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("weft demo-app starts");
+        let address = eventually(Duration::from_secs(10), "the demo app's ports file", || {
+            let text = std::fs::read_to_string(&ports).ok();
+            async move {
+                let ports: Value = serde_json::from_str(&text?).ok()?;
+                ports["listen"].as_str()?.parse::<SocketAddr>().ok()
+            }
+        })
+        .await;
+        DemoApp { child, address }
+    }
+}
+
+impl Drop for DemoApp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
