@@ -1,9 +1,11 @@
 //! The wire protocol between weft proxies and the control plane, generated from
-//! `proto/weft/discovery/v1/discovery.proto` and `proto/weft/telemetry/v1/telemetry.proto`,
-//! and the telemetry types both sides compute with (sketch, signals). Both sides link
+//! `proto/weft/discovery/v1/discovery.proto`, `proto/weft/telemetry/v1/telemetry.proto` and
+//! `proto/weft/tap/v1/tap.proto`,
+//! and the types both sides compute with (telemetry's sketch and signals, tap's rate). Both sides link
 //! this crate and nothing of each other.
 
 pub mod channel;
+pub mod rate;
 pub mod signals;
 pub mod sketch;
 
@@ -17,4 +19,13 @@ pub mod discovery {
 #[allow(clippy::all, missing_docs)]
 pub mod telemetry {
     tonic::include_proto!("weft.telemetry.v1");
+}
+
+/// `weft.tap.v1`: live requests, streamed from proxies while an operator taps.
+#[allow(clippy::all, missing_docs)]
+pub mod tap {
+    tonic::include_proto!("weft.tap.v1");
+
+    /// Headers one session may name.
+    pub const MAX_HEADERS: usize = 16;
 }

@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 
 use weft_api::{
     discovery::{discovery_server::DiscoveryServer, identity_server::IdentityServer, replicas_server::ReplicasServer},
+    tap::{tap_relay_server::TapRelayServer, tap_server::TapServer},
     telemetry::{aggregates_server::AggregatesServer, telemetry_server::TelemetryServer},
 };
 
@@ -311,6 +312,8 @@ pub async fn run(
             TelemetryServer::new(crate::telemetry::service::TelemetryService::new(hub.clone()))
                 .max_decoding_message_size(16 * 1024 * 1024),
         )
+        .add_service(TapServer::new(crate::tap::TapService::new(hub.clone())))
+        .add_service(TapRelayServer::new(crate::tap::TapRelayService::new(hub.clone())))
         .add_service(
             AggregatesServer::new(crate::telemetry::service::AggregatesService::new(hub.clone()))
                 .max_encoding_message_size(256 * 1024 * 1024),

@@ -75,6 +75,10 @@ pub struct ProxyRecord {
     /// again (its reply was lost) is merged once.
     #[serde(skip)]
     pub last_report: u64,
+    /// The Services its last pushed view was built for (tap: whom a Service's callers
+    /// are).
+    #[serde(skip)]
+    pub view_services: Arc<BTreeSet<String>>,
 }
 
 /// A proxy's current certificate, as it reports it.
@@ -112,6 +116,8 @@ pub struct Hub {
     pub metrics: crate::metrics::ControlMetrics,
     /// The golden signals this replica's proxies reported.
     pub aggregator: crate::telemetry::Aggregator,
+    /// Proxies' tap streams and the tap sessions this replica holds.
+    pub taps: Arc<crate::tap::TapHub>,
 }
 
 /// A proxy's (namespace, id): ids are unique per namespace, as Workload names are.
@@ -145,13 +151,12 @@ impl Hub {
             next_stream: std::sync::atomic::AtomicU64::new(1),
             metrics,
             aggregator: crate::telemetry::Aggregator::default(),
+            taps: Arc::default(),
         })
     }
 
-    /// Who sent a telemetry report for `proxy_id`: the proxy of `namespace` whose
-    /// discovery stream this replica holds, under the same `identity` (so a proxy can
-    /// report only as itself, and only where its view comes from). `Ok(None)`: a report
-    /// already merged (its `sequence` is not newer than the last).
+    /// Who sent a telemetry report for `proxy_id`: the proxy that [`Hub::vouch`] finds.
+    /// `Ok(None)`: a report already merged (its `sequence` is not newer than the last).
     pub fn telemetry_reporter(
         &self,
         namespace: &str,
@@ -159,10 +164,34 @@ impl Hub {
         identity: &str,
         sequence: u64,
     ) -> Result<Option<crate::telemetry::series::Reporter>, Status> {
+        self.vouch(namespace, proxy_id, identity, |record| {
+            if sequence != 0 && sequence <= record.last_report {
+                return None;
+            }
+            record.last_report = sequence;
+            Some(crate::telemetry::series::Reporter {
+                workload: format!("{namespace}/{proxy_id}"),
+                service: record.service.as_ref().map(|service| format!("{namespace}/{service}")),
+                identity: identity.to_string(),
+            })
+        })
+    }
+
+    /// Runs `with` on the record of the proxy of `namespace` called `proxy_id` whose
+    /// discovery stream this replica holds, if it is `identity`: a proxy's side calls
+    /// (telemetry, tap) are taken only from the proxy itself, and only where its view
+    /// comes from.
+    pub fn vouch<T>(
+        &self,
+        namespace: &str,
+        proxy_id: &str,
+        identity: &str,
+        with: impl FnOnce(&mut ProxyRecord) -> T,
+    ) -> Result<T, Status> {
         let mut proxies = self.lock_proxies();
         let record = proxies.get_mut(&(namespace.to_string(), proxy_id.to_string())).ok_or_else(|| {
             Status::failed_precondition(format!(
-                "proxy {namespace}/{proxy_id} has no discovery stream on this replica; report where the stream is"
+                "proxy {namespace}/{proxy_id} has no discovery stream on this replica; call where the stream is"
             ))
         })?;
         if record.identity.as_deref() != Some(identity) {
@@ -171,15 +200,7 @@ impl Hub {
                 record.identity.as_deref().unwrap_or("?")
             )));
         }
-        if sequence != 0 && sequence <= record.last_report {
-            return Ok(None);
-        }
-        record.last_report = sequence;
-        Ok(Some(crate::telemetry::series::Reporter {
-            workload: format!("{namespace}/{proxy_id}"),
-            service: record.service.as_ref().map(|service| format!("{namespace}/{service}")),
-            identity: identity.to_string(),
-        }))
+        Ok(with(record))
     }
 
     /// Proxies whose discovery streams this replica holds.
@@ -420,6 +441,7 @@ impl DiscoveryService {
             admin_address: (!hello.admin_address.is_empty()).then(|| hello.admin_address.clone()),
             stream: 0,
             last_report: 0,
+            view_services: Arc::default(),
         })?;
         let (sender, receiver) = mpsc::channel(4);
         let hub = self.hub.clone();
@@ -498,7 +520,11 @@ async fn serve_proxy(
             {
                 break Ok(());
             }
-            hub.update(&key, stream, |r| r.sent_version = version);
+            let services = Arc::new(view.services);
+            hub.update(&key, stream, |r| {
+                r.sent_version = version;
+                r.view_services = services;
+            });
             awaiting = Some((nonce.to_string(), Instant::now()));
             last_sent = Some(digest);
         }

@@ -8,7 +8,8 @@
 //! one etcd agree on (presence, leadership), [`views`] compiles each proxy's view and
 //! [`discovery`] streams it. [`control_tls`] is the TLS listener both run on, and
 //! [`signing_service`] signs proxies' certificates there; [`telemetry`] takes
-//! proxies' reports there and merges them into the golden signals the API serves.
+//! proxies' reports there and merges them into the golden signals the API serves;
+//! [`tap`] holds operators' tap sessions and streams their proxies' events.
 
 #![forbid(unsafe_code)]
 
@@ -32,6 +33,7 @@ pub mod revocations;
 pub mod signing;
 pub mod signing_service;
 pub mod store;
+pub mod tap;
 pub mod telemetry;
 pub mod views;
 

@@ -51,6 +51,8 @@ pub struct ControlMetrics {
     pub discovery_refusals: Family<DiscoveryRefusalLabels, Counter>,
     /// Set when scraped, from the proxies this replica holds.
     pub connected_proxies: Gauge,
+    /// Tap sessions this replica holds (its operators' and other replicas').
+    pub tap_sessions: Gauge,
     pub push_ack_seconds: Histogram,
     pub nacks: Counter,
     pub certificates_signed: Family<SignedLabels, Counter>,
@@ -86,6 +88,8 @@ impl ControlMetrics {
             "Proxies whose discovery streams this replica holds",
             connected_proxies.clone(),
         );
+        let tap_sessions = Gauge::default();
+        registry.register("tap_sessions", "Tap sessions this replica holds", tap_sessions.clone());
         let push_ack_seconds = latency_histogram();
         registry.register(
             "push_ack_seconds",
@@ -130,6 +134,7 @@ impl ControlMetrics {
             api_responses,
             discovery_refusals,
             connected_proxies,
+            tap_sessions,
             push_ack_seconds,
             nacks,
             certificates_signed,

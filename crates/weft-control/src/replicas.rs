@@ -41,17 +41,23 @@ impl Replicas for ReplicasService {
         &self,
         request: Request<LocalProxiesRequest>,
     ) -> Result<Response<LocalProxiesResponse>, Status> {
-        let ca = self.hub.ca();
-        let ours = SpiffeId::control_plane(ca.authority.trust_domain());
-        let peer = request.extensions().get::<Peer>().and_then(|peer| peer.identity.clone());
-        if peer.as_ref() != Some(&ours) {
-            return Err(Status::permission_denied(format!(
-                "only control-plane replicas of this mesh ({ours}) may ask for this replica's proxies"
-            )));
-        }
+        require_replica(&self.hub, request.extensions(), "this replica's proxies")?;
         let proxies = self.hub.proxies().into_iter().map(status_of).collect();
         Ok(Response::new(LocalProxiesResponse { proxies }))
     }
+}
+
+/// Refuses a call from anyone but another control-plane replica of this mesh (proved by
+/// its certificate on the connection), naming `what` was asked for.
+pub fn require_replica(hub: &Hub, extensions: &tonic::Extensions, what: &str) -> Result<(), Status> {
+    let ours = SpiffeId::control_plane(hub.ca().authority.trust_domain());
+    let peer = extensions.get::<Peer>().and_then(|peer| peer.identity.clone());
+    if peer.as_ref() != Some(&ours) {
+        return Err(Status::permission_denied(format!(
+            "only control-plane replicas of this mesh ({ours}) may ask for {what}"
+        )));
+    }
+    Ok(())
 }
 
 /// The proxies the replica at `grpc` (its discovery address) holds, asked over mutual TLS
@@ -125,5 +131,6 @@ fn record_of(status: ProxyStatus) -> ProxyRecord {
         }),
         stream: 0,
         last_report: 0,
+        view_services: Arc::default(),
     }
 }

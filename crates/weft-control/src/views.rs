@@ -45,6 +45,9 @@ pub struct View {
     pub text: String,
     /// Subscribed services that do not exist.
     pub missing: Vec<String>,
+    /// `namespace/name` of every Service the view was built for (its own, what it
+    /// subscribed to, and their routes' backends).
+    pub services: BTreeSet<String>,
 }
 
 impl World {
@@ -172,7 +175,7 @@ impl World {
         let missing = subscriptions.iter().filter(|s| !self.services.contains_key(*s)).cloned().collect();
         // Document order is the world's, so equal views render to equal text.
         let text = included.iter().map(|&i| self.texts[i].as_str()).collect::<Vec<_>>().join("\n---\n");
-        View { text, missing }
+        View { text, missing, services: seen }
     }
 
     /// Workloads in `namespace` whose labels include `selector` (none for an empty one).

@@ -59,6 +59,14 @@ pub fn rfc3339(time: std::time::SystemTime) -> String {
     time::OffsetDateTime::from(time).format(format).unwrap_or_else(|_| format!("{}s", unix_seconds(time)))
 }
 
+/// `unix_millis` as RFC 3339 in UTC with milliseconds (`2026-12-05T10:04:05.123Z`).
+pub fn rfc3339_millis(unix_millis: u64) -> String {
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(unix_millis);
+    let format =
+        time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
+    time::OffsetDateTime::from(time).format(format).unwrap_or_else(|_| format!("{unix_millis}ms"))
+}
+
 /// Why an identity could not be made, signed or verified.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {

@@ -98,16 +98,30 @@ impl Backend {
     }
 
     /// Feeds one try's result back: the latency estimate, then outlier detection; an
-    /// ejection is logged and counted in `weft_ejections_total`.
-    pub fn record_try(&self, endpoint: &EndpointState, outcome: TryOutcome, latency: Duration, metrics: &Metrics) {
+    /// ejection is logged and counted in `weft_ejections_total`, and its length returned.
+    pub fn record_try(
+        &self,
+        endpoint: &EndpointState,
+        outcome: TryOutcome,
+        latency: Duration,
+        metrics: &Metrics,
+    ) -> Option<Duration> {
         let now = Instant::now();
         endpoint.observe_rtt(latency, now);
-        if let Some(length) = endpoint.record_outcome(outcome, &self.outlier_detection, now, || self.may_eject()) {
+        let ejected = endpoint.record_outcome(outcome, &self.outlier_detection, now, || self.may_eject());
+        if let Some(length) = ejected {
             tracing::warn!(service = %self.name, endpoint = %endpoint.address, ?length, "endpoint ejected by outlier detection");
             let labels =
                 EjectionLabels { destination_service: self.name.clone(), endpoint: endpoint.address.to_string() };
             metrics.ejections.get_or_create(&labels).inc();
         }
+        ejected
+    }
+
+    /// The endpoints outlier detection has set aside now (for tap).
+    pub fn ejected(&self) -> Vec<String> {
+        let now_nanos = monotonic_nanos(Instant::now());
+        self.endpoints.iter().filter(|e| e.state.is_ejected(now_nanos)).map(|e| e.state.address.to_string()).collect()
     }
 
     /// Whether ejecting one more endpoint stays within `maxEjectionPercent` (at least

@@ -260,6 +260,9 @@ async fn session(
         .map_err(|status| format!("the control plane refused the stream: {}", status.message()))?
         .into_inner();
     tracing::info!(control = %address, "discovery stream open");
+    // Tap sessions come from the replica holding this stream (it vouches for the
+    // proxy), and end with it.
+    let _tap = AbortOnDrop(tokio::spawn(crate::tap::watch(state.clone(), channel.clone(), settings.proxy_id.clone())));
     // The certificate presented now, and again whenever renewal changes it.
     let certificate = |issued: &weft_identity::tls::Issued| weft_api::discovery::Certificate {
         serial: issued.serial.clone(),

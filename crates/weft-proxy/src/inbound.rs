@@ -10,6 +10,7 @@ use std::{net::SocketAddr, sync::Arc, time::Instant};
 use crate::{
     access_log,
     spans::{self, Kind, PendingSpan, RequestTrace},
+    tap,
     telemetry::{self, Answered, Direction, OpenConnection, RowRef, TcpKey},
     trace_context,
 };
@@ -189,6 +190,7 @@ fn authorize(
     method: &str,
     path: &str,
     headers: Option<&http::HeaderMap>,
+    tapped: Option<&mut tap::Tapped>,
 ) -> Result<(), ProxyFailure> {
     let config = state.config.load();
     let Some(own) = config.own_service else { return Ok(()) };
@@ -204,6 +206,9 @@ fn authorize(
     };
     if state.telemetry.enabled() {
         telemetry::record_authz(&policy, label == "allow");
+    }
+    if let Some(tapped) = tapped {
+        tapped.authz(label, &policy);
     }
     state.metrics.authz_decisions.get_or_create(&AuthzLabels { decision: label, policy: policy.clone() }).inc();
     match decision {
@@ -243,7 +248,7 @@ async fn relay_to_app(
 /// [`authorize`] for an opaque TCP connection: HTTP-only conditions (methods, paths,
 /// headers) never match it. A denied connection is closed.
 fn authorize_connection(state: &SharedState, peer: Option<&MeshCaller>) -> bool {
-    match authorize(state, peer, "", "/", None) {
+    match authorize(state, peer, "", "/", None, None) {
         Ok(()) => true,
         Err(failure) => {
             tracing::info!(%failure, "closed an inbound TCP connection");
@@ -265,10 +270,20 @@ async fn handle(
     let (mut parts, incoming) = request.into_parts();
     let mut span = begin_span(&state, peer.as_deref(), &mut parts, started);
     let logged = arrival(&state, &mut parts, &incoming, started);
+    let mut tapped = if state.taps.watching() {
+        use http_body::Body as _;
+        let authority = forward::checked_authority(&parts).ok().flatten().unwrap_or_default().to_string();
+        let length = incoming.size_hint().exact();
+        state.taps.begin(tap::Direction::Inbound, &state.own_label, &parts, &authority, length, started)
+    } else {
+        None
+    };
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let checked = forward::checked_authority(&parts).map(|a| a.map_or_else(|| app.to_string(), str::to_string));
     let judged = checked.map_err(|reason| ProxyFailure::BadRequest(reason.into())).and_then(|authority| {
-        authorize(&state, peer.as_deref(), parts.method.as_str(), path, Some(&parts.headers)).map(|()| authority)
+        let tapped = tapped.as_deref_mut();
+        authorize(&state, peer.as_deref(), parts.method.as_str(), path, Some(&parts.headers), tapped)
+            .map(|()| authority)
     });
     let authority = match judged {
         Ok(authority) => authority,
@@ -278,7 +293,8 @@ async fn handle(
                 span.error(reason, failure.to_string());
             }
             let response = failure.into_response(grpc);
-            return Ok(observe(&state, peer.as_deref(), response, reason, false, grpc, started, span, logged));
+            let watchers = Watchers { span, logged, tapped };
+            return Ok(observe(&state, peer.as_deref(), response, reason, false, grpc, started, watchers));
         }
     };
     let wire = if parts.version == http::Version::HTTP_2 { Wire::Http2 } else { Wire::Http1 };
@@ -330,7 +346,8 @@ async fn handle(
             (failure.into_response(grpc), reason, transport_error)
         }
     };
-    Ok(observe(&state, peer.as_deref(), response, error, transport_error, grpc, started, span, logged))
+    let watchers = Watchers { span, logged, tapped };
+    Ok(observe(&state, peer.as_deref(), response, error, transport_error, grpc, started, watchers))
 }
 
 /// The request as its access log line describes it, when this proxy's own Service logs
@@ -395,6 +412,14 @@ fn begin_span(
     Some(span)
 }
 
+/// What records a request beyond its metrics, each when asked for: its SERVER span, its
+/// access log line, its tap event.
+struct Watchers {
+    span: Option<PendingSpan>,
+    logged: Option<Box<access_log::Arrival>>,
+    tapped: Option<Box<tap::Tapped>>,
+}
+
 /// Counts one inbound request from `peer` (`None`: plaintext): in Prometheus, and on
 /// the caller's telemetry row.
 #[allow(clippy::too_many_arguments)]
@@ -406,11 +431,23 @@ fn observe(
     transport_error: bool,
     grpc: bool,
     started: Instant,
-    span: Option<PendingSpan>,
-    logged: Option<Box<access_log::Arrival>>,
+    Watchers { span, logged, tapped }: Watchers,
 ) -> Response<Body> {
     let latency = started.elapsed();
     let trace_id = span.as_ref().map(|s| s.trace_id());
+    if let Some(tapped) = tapped {
+        let outcome = tap::Outcome {
+            error,
+            source_identity: peer.map(|p| p.principal.to_string()),
+            destination_identity: state.own_identity().map(|identity| identity.to_string()),
+            source_service: None,
+            destination_service: (!state.own_label.is_empty()).then(|| state.own_label.to_string()),
+            endpoint: state.settings.app_addr.map(|app| app.to_string()),
+            trace_id: trace_id.clone(),
+            tls: peer.is_some(),
+        };
+        response = tapped.finish(state, outcome, response);
+    }
     if let Some(mut span) = span {
         span.status(response.status().as_u16());
         response = span.finish_with(response);

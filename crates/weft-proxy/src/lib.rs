@@ -12,7 +12,8 @@
 //! or broken peers did, [`metrics`] counts everything for Prometheus, [`telemetry`] for the control
 //! plane's golden signals; [`trace_context`] carries traces across hops and [`spans`]
 //! records and exports this proxy's part of them; [`access_log`] writes a JSON line per
-//! request where operators asked for one.
+//! request where operators asked for one; [`tap`] streams the requests an operator is
+//! watching, with why the proxy did what it did.
 
 #![forbid(unsafe_code)]
 
@@ -42,6 +43,7 @@ pub mod revocation;
 pub mod settings;
 pub mod spans;
 pub mod state;
+pub mod tap;
 pub mod tcp;
 pub mod telemetry;
 pub mod trace_context;

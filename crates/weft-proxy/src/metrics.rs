@@ -9,7 +9,7 @@ use std::{cell::RefCell, collections::HashMap, hash::Hash, sync::Arc};
 use crate::word_hash::WordHashBuilder;
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
@@ -121,6 +121,20 @@ pub struct LogDropLabels {
     pub reason: &'static str,
 }
 
+/// Labels of `weft_tap_events_dropped_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TapDropLabels {
+    /// `rate` (beyond the session's share of `--max-rps`) or `queue` (the stream to
+    /// the control plane is behind).
+    pub reason: &'static str,
+}
+
+/// The tap counters a finished event needs, cloned out of [`Metrics`].
+pub struct TapMetrics {
+    pub events: Counter,
+    pub dropped_queue: Counter,
+}
+
 /// All of the proxy's metric families.
 pub struct Metrics {
     pub registry: Registry,
@@ -137,6 +151,9 @@ pub struct Metrics {
     pub spans_dropped: Family<SpanDropLabels, Counter>,
     pub log_lines: Counter,
     pub log_lines_dropped: Family<LogDropLabels, Counter>,
+    pub tap_sessions: Gauge,
+    pub tap_events: Counter,
+    pub tap_events_dropped: Family<TapDropLabels, Counter>,
 }
 
 /// Latency buckets from 0.5 ms to ~33 s, doubling: covers sidecar-added microseconds
@@ -200,8 +217,21 @@ impl Metrics {
             "Access log lines dropped instead of slowing requests, by reason",
             log_lines_dropped.clone(),
         );
+        let tap_sessions = Gauge::default();
+        registry.register("tap_sessions", "Tap sessions this proxy is recording for", tap_sessions.clone());
+        let tap_events = Counter::default();
+        registry.register("tap_events", "Tap events sent to the control plane", tap_events.clone());
+        let tap_events_dropped = Family::default();
+        registry.register(
+            "tap_events_dropped",
+            "Requests a tap session matched but did not get, by reason",
+            tap_events_dropped.clone(),
+        );
         Metrics {
             registry,
+            tap_sessions,
+            tap_events,
+            tap_events_dropped,
             log_lines,
             log_lines_dropped,
             spans_exported,
@@ -221,6 +251,14 @@ impl Metrics {
     /// Counts one refused protocol violation on `direction`'s listener.
     pub fn protocol_error(&self, direction: &'static str, error: crate::protocol_errors::ProtocolError) {
         self.protocol_errors.get_or_create(&ProtocolErrorLabels { direction, reason: error.as_str() }).inc();
+    }
+
+    /// The tap counters, for an event that finishes later.
+    pub fn tap(&self) -> TapMetrics {
+        TapMetrics {
+            events: self.tap_events.clone(),
+            dropped_queue: self.tap_events_dropped.get_or_create(&TapDropLabels { reason: "queue" }).clone(),
+        }
     }
 
     /// The Prometheus text exposition of every family.

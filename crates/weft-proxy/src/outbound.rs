@@ -38,6 +38,7 @@ use crate::{
     retry::{backoff, is_idempotent, RetryBudget, TryEnd},
     spans::{self, Kind, PendingSpan, RequestTrace},
     state::{ServingConfig, SharedState},
+    tap,
     telemetry::{self, Answered, Direction, RowRef},
     trace_context,
     transport::Upstream,
@@ -65,6 +66,8 @@ pub(crate) struct Routed {
     traced: Option<Box<TracedRequest>>,
     /// The request as its access log line describes it, when it is logged.
     logged: Option<Box<access_log::Arrival>>,
+    /// The request as tap sessions see it, while an operator taps one it may match.
+    tapped: Option<Box<tap::Tapped>>,
     /// When the request arrived.
     started: Instant,
 }
@@ -126,6 +129,7 @@ pub async fn handle(
         trace: None,
         traced: None,
         logged: None,
+        tapped: None,
         started,
     };
     let result = route_request(&state, &config, request, &mut routed).await;
@@ -164,6 +168,20 @@ pub async fn handle(
             span.status(response.status().as_u16());
             response = span.finish_with(response);
         }
+    }
+    if let Some(tapped) = routed.tapped.take() {
+        let endpoint = answering.endpoint.as_ref();
+        let outcome = tap::Outcome {
+            error,
+            source_identity: state.own_identity().map(|identity| identity.to_string()),
+            destination_identity: endpoint.and_then(|e| e.key.identity.as_deref().map(str::to_string)),
+            source_service: (!state.own_label.is_empty()).then(|| state.own_label.to_string()),
+            destination_service: Some(routed.destination.to_string()),
+            endpoint: endpoint.map(|e| e.address.to_string()),
+            trace_id: routed.trace.as_ref().map(|t| trace_context::hex(&t.trace_id)),
+            tls,
+        };
+        response = tapped.finish(&state, outcome, response);
     }
     if let Some(arrival) = routed.logged.take() {
         let endpoint = answering.endpoint.as_ref();
@@ -283,6 +301,11 @@ async fn route_request(
         routed.logged =
             Some(access_log::Arrival::of(&parts, &authority, length, &service.policy.access_log, routed.started));
     }
+    if state.taps.watching() {
+        let length = incoming.size_hint().exact();
+        routed.tapped =
+            state.taps.begin(tap::Direction::Outbound, &state.own_label, &parts, &authority, length, routed.started);
+    }
     if let (Some(settings), Some(scanned)) = (&snapshot.tracing, &scanned) {
         // The local application's identity is this proxy's.
         let may_force = || state.own_identity().is_some_and(|identity| settings.may_force(&identity));
@@ -317,10 +340,15 @@ async fn route_request(
             if let Some(traced) = routed.traced.as_mut() {
                 traced.http_route = rule.http_route.clone();
             }
+            if let Some(tapped) = routed.tapped.as_mut() {
+                tapped.route(&rule.action.route, rule.http_route.as_deref());
+            }
             Some(&rule.action)
         }
     };
     let mut response_filters: Vec<&Filter> = Vec::new();
+    // The chosen backend's weight and the rule's total, for tap (none without a route).
+    let mut split = (0, 0);
     let (target, request_timeout, try_timeout) = match action {
         None => {
             (BackendTarget::Resolved { service: service_index, port: port_index }, service.policy.request_timeout, None)
@@ -334,6 +362,9 @@ async fn route_request(
             }
             let backend =
                 pick_weighted(&action.backends).ok_or_else(|| ProxyFailure::NoBackends(action.route.to_string()))?;
+            if routed.tapped.is_some() {
+                split = (backend.weight, action.backends.iter().map(|b| b.weight).sum());
+            }
             for filter in &backend.filters {
                 apply_request_filter(filter, &mut parts, &mut authority, &mut response_filters);
             }
@@ -350,6 +381,9 @@ async fn route_request(
     };
     let backend = config.backends[backend_service][backend_port].clone();
     routed.backend = backend.name.clone();
+    if let Some(tapped) = routed.tapped.as_mut() {
+        tapped.backend(&backend.name, split.0, split.1);
+    }
     // Each try notes its endpoint in `routed`: the `tls` label and the telemetry rows
     // describe the hop the response (or failure) came from.
     let routed = &*routed;
@@ -546,6 +580,9 @@ async fn send_with_retries(
         let mut request = request;
         let started = Instant::now();
         let span = try_span(state, routed, &endpoint, attempt, request.headers_mut(), started);
+        if let Some(tapped) = routed.tapped.as_deref() {
+            tapped.try_started(attempt, &endpoint, backend.ejected());
+        }
         let in_flight = endpoint.start_request();
         routed.start_try(&endpoint, attempt);
         let send = state.connector.send(Upstream::Endpoint(&endpoint), wire, &backend.limiter, request);
@@ -572,12 +609,14 @@ async fn send_with_retries(
         };
         // A limit refusal says nothing about the endpoint, and sent nothing.
         let elapsed = started.elapsed();
+        let mut ejected = None;
         if !matches!(result, Err(SendError::Limit(_))) {
             let latency = observed_latency(end, elapsed, state.settings.connect_timeout);
-            backend.record_try(&endpoint, end.outcome(), latency, &state.metrics);
+            ejected = backend.record_try(&endpoint, end.outcome(), latency, &state.metrics);
         }
         let resendable = returned.is_some() || template.is_some();
-        let retrying = attempt < max_tries && resendable && end.is_retryable(retry_on);
+        let retryable = end.is_retryable(retry_on);
+        let retrying = attempt < max_tries && resendable && retryable;
         if state.telemetry.enabled() && !matches!(result, Err(SendError::Limit(_))) {
             // The try that answers the caller is counted with the request, when its
             // outcome is known (a gRPC status may come in trailers); every other now.
@@ -599,8 +638,26 @@ async fn send_with_retries(
             }
             routed.record_try_span(span, answers);
         }
+        let granted = retrying && budget.try_withdraw();
+        if let Some(tapped) = routed.tapped.as_deref() {
+            let then = match (retrying, granted) {
+                (true, true) => "retried",
+                (true, false) => "budget_exhausted",
+                _ if retryable && attempt >= max_tries => "attempts_exhausted",
+                _ if retryable => "not_replayable",
+                _ => "answered",
+            };
+            tapped.try_ended(tap::TryEnd {
+                status: result.as_ref().map_or(0, |response| response.status().as_u16()),
+                error: result.as_ref().err().map_or("", try_error_reason),
+                duration: elapsed,
+                ejected,
+                then,
+                budget_left: if granted { budget.headroom() } else { 0 },
+            });
+        }
         if retrying {
-            if budget.try_withdraw() {
+            if granted {
                 state
                     .metrics
                     .retries

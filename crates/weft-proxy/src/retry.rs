@@ -64,15 +64,18 @@ impl RetryBudget {
         window.requests[slot] += 1;
     }
 
+    /// Retries the budget would still allow now (for tap).
+    pub fn headroom(&self) -> u64 {
+        let mut window = self.inner.lock().expect("budget lock poisoned");
+        window.advance(Instant::now());
+        window.room().max(0.0).ceil() as u64
+    }
+
     /// Takes one retry from the budget if there is room.
     pub fn try_withdraw(&self) -> bool {
         let mut window = self.inner.lock().expect("budget lock poisoned");
         let slot = window.advance(Instant::now());
-        let requests: u64 = window.requests.iter().sum();
-        let retries: u64 = window.retries.iter().sum();
-        let floor = window.spec.min_per_second as f64 * window.spec.window.0.as_secs_f64();
-        let allowed = window.spec.ratio * requests as f64 + floor;
-        if (retries as f64) < allowed {
+        if window.room() > 0.0 {
             window.retries[slot] += 1;
             true
         } else {
@@ -82,6 +85,14 @@ impl RetryBudget {
 }
 
 impl BudgetWindow {
+    /// Retries the window allows beyond those it has sent (negative once over).
+    fn room(&self) -> f64 {
+        let requests: u64 = self.requests.iter().sum();
+        let retries: u64 = self.retries.iter().sum();
+        let floor = self.spec.min_per_second as f64 * self.spec.window.0.as_secs_f64();
+        self.spec.ratio * requests as f64 + floor - retries as f64
+    }
+
     /// Clears the slots that slid out of the window; returns the current slot.
     fn advance(&mut self, now: Instant) -> usize {
         let slot_length = (self.spec.window.0 / BUDGET_SLOTS as u32).max(Duration::from_millis(1));

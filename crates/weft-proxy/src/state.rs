@@ -57,6 +57,8 @@ pub struct SharedState {
     pub spans: crate::spans::Spans,
     /// Access log lines on their way to the writer thread.
     pub access_log: crate::access_log::AccessLog,
+    /// The tap sessions operators hold on this proxy (none, nearly always).
+    pub taps: Arc<crate::tap::Taps>,
     pub connector: Connector,
     /// `namespace/service` of this proxy, the metric label for its own side.
     pub own_label: Arc<str>,
@@ -126,6 +128,7 @@ impl SharedState {
             telemetry,
             spans: crate::spans::Spans::default(),
             access_log: crate::access_log::AccessLog::default(),
+            taps: Arc::default(),
             connector,
             own_label,
             inbound_limiter,

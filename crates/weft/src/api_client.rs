@@ -137,13 +137,31 @@ impl ApiClient {
         Ok(ApiClient { base, authority, host, tls, token })
     }
 
-    /// Sends one request; a refusal becomes an error carrying the server's message and
-    /// details, one per line.
-    pub async fn call(&self, method: http::Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+    fn request(&self, method: http::Method, path: &str) -> http::request::Builder {
         let mut request = http::Request::builder().method(method).uri(path).header(http::header::HOST, &self.authority);
         if let Some(token) = &self.token {
             request = request.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
         }
+        request
+    }
+
+    /// Opens a streaming answer (`GET path`): its body, once the server accepted; a
+    /// refusal becomes an error as in [`ApiClient::call`].
+    pub async fn stream(&self, path: &str) -> anyhow::Result<hyper::body::Incoming> {
+        let request = self.request(http::Method::GET, path).body(Full::new(Bytes::new()))?;
+        let response = self.send(request).await?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response.into_body());
+        }
+        let body = response.into_body().collect().await.context("reading the control plane's answer")?.to_bytes();
+        bail!("{}", refusal(status, &body))
+    }
+
+    /// Sends one request; a refusal becomes an error carrying the server's message and
+    /// details, one per line.
+    pub async fn call(&self, method: http::Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        let mut request = self.request(method, path);
         let bytes = match body {
             Some(body) => {
                 request = request.header(http::header::CONTENT_TYPE, "application/json");
@@ -155,16 +173,11 @@ impl ApiClient {
         let response = self.send(request).await?;
         let status = response.status();
         let body = response.into_body().collect().await.context("reading the control plane's answer")?.to_bytes();
-        let value: Value = serde_json::from_slice(&body)
-            .with_context(|| format!("the control plane answered {status} with a body that is not JSON"))?;
         if !status.is_success() {
-            let mut message = value["error"].as_str().unwrap_or("request failed").to_string();
-            for detail in value["details"].as_array().into_iter().flatten() {
-                message.push_str(&format!("\n  {}", detail.as_str().unwrap_or_default()));
-            }
-            bail!("{message}");
+            bail!("{}", refusal(status, &body));
         }
-        Ok(value)
+        serde_json::from_slice(&body)
+            .with_context(|| format!("the control plane answered {status} with a body that is not JSON"))
     }
 
     async fn send(&self, request: http::Request<Full<Bytes>>) -> anyhow::Result<http::Response<hyper::body::Incoming>> {
@@ -204,6 +217,18 @@ impl ApiClient {
         }
         anyhow::anyhow!("cannot verify the control plane at {}: {text}", self.base)
     }
+}
+
+/// The server's refusal: its message and details, one per line.
+fn refusal(status: http::StatusCode, body: &[u8]) -> String {
+    let Ok(value) = serde_json::from_slice::<Value>(body) else {
+        return format!("the control plane answered {status} with a body that is not JSON");
+    };
+    let mut message = value["error"].as_str().unwrap_or("request failed").to_string();
+    for detail in value["details"].as_array().into_iter().flatten() {
+        message.push_str(&format!("\n  {}", detail.as_str().unwrap_or_default()));
+    }
+    message
 }
 
 async fn exchange<I>(

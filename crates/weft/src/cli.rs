@@ -233,14 +233,22 @@ fn print_table(kinds: &[weft_model::ResourceKind], items: &[Value]) {
 
 /// Prints rows as aligned columns.
 pub fn print_rows(rows: &[Vec<String>]) {
+    print!("{}", format_rows(rows));
+}
+
+/// Rows as aligned columns, one line each.
+pub fn format_rows(rows: &[Vec<String>]) -> String {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> =
         (0..columns).map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.len()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
     for row in rows {
         let line: Vec<String> =
             row.iter().enumerate().map(|(c, cell)| format!("{cell:<width$}", width = widths[c])).collect();
-        println!("{}", line.join("   ").trim_end());
+        out.push_str(line.join("   ").trim_end());
+        out.push('\n');
     }
+    out
 }
 
 /// One line on what a resource says, for tables.

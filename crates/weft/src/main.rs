@@ -13,6 +13,7 @@ mod demo;
 mod demo_app;
 mod operations;
 mod stat;
+mod tap;
 use clap::{Args, Parser, Subcommand};
 use weft_model::GoDuration;
 use weft_proxy::{ProxySettings, UpstreamListener};
@@ -145,6 +146,37 @@ enum Command {
         around_revision: Option<u64>,
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: cli::Output,
+        #[command(flatten)]
+        server: cli::ServerArgs,
+    },
+    /// Live requests, one by one, streamed from the proxies through the control plane,
+    /// with why the mesh did what it did: the route rule, the backend and endpoint chosen
+    /// (with the balancer's latency estimate), each try and what followed it (retry and
+    /// budget left, ejection), the authorization verdict and policy, the proxy's own
+    /// error. Runs until stopped; a viewer token is enough.
+    Tap {
+        /// A Service (`NAME` or `NS/NAME`), or a workload (`workload/NAME`).
+        target: String,
+        #[command(flatten)]
+        filter: TapFilterArgs,
+        /// Show these request headers' values (repeat for several); none by default.
+        #[arg(long = "header", value_name = "NAME")]
+        headers: Vec<String>,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: cli::Output,
+        #[command(flatten)]
+        server: cli::ServerArgs,
+    },
+    /// A live table of a Service's requests by method and path (count, best, worst and
+    /// last latency, success), built on tap and redrawn in place.
+    Top {
+        /// A Service (`NAME` or `NS/NAME`).
+        service: String,
+        #[command(flatten)]
+        filter: TapFilterArgs,
+        /// How often the table is redrawn.
+        #[arg(long, default_value = "1s", value_name = "DURATION")]
+        interval: GoDuration,
         #[command(flatten)]
         server: cli::ServerArgs,
     },
@@ -332,6 +364,44 @@ enum CaCommand {
 }
 
 /// `weft control`: the control plane.
+/// What `weft tap` and `weft top` narrow the requests to.
+#[derive(Args)]
+struct TapFilterArgs {
+    /// The namespace of a target given without one.
+    #[arg(short = 'n', long, default_value = weft_model::DEFAULT_NAMESPACE, value_name = "NS")]
+    namespace: String,
+    /// Only requests with this method.
+    #[arg(long)]
+    method: Option<String>,
+    /// Only requests whose path starts with this.
+    #[arg(long, value_name = "PREFIX")]
+    path_prefix: Option<String>,
+    /// Only responses with this status (`503`) or class (`5xx`).
+    #[arg(long, value_name = "CODE|CLASS")]
+    status: Option<String>,
+    /// Only requests that matched this route (`NAME`, `NS/NAME`, optionally `#RULE`).
+    #[arg(long)]
+    route: Option<String>,
+    /// Requests per second for the whole session at most, split among the proxies.
+    #[arg(long, default_value_t = 100.0, value_name = "N")]
+    max_rps: f64,
+}
+
+impl TapFilterArgs {
+    fn query(self, target: String, headers: Vec<String>) -> tap::TapQuery {
+        tap::TapQuery {
+            target,
+            namespace: self.namespace,
+            method: self.method,
+            path_prefix: self.path_prefix,
+            status: self.status,
+            route: self.route,
+            max_rps: self.max_rps,
+            headers,
+        }
+    }
+}
+
 #[derive(Args)]
 struct ControlArgs {
     /// HTTP API address (JSON under /api/v1). Port 0 picks a free port.
@@ -799,6 +869,12 @@ fn run(command: Command) -> anyhow::Result<()> {
                 output,
             };
             stat::stat(&cli::ApiClient::new(&server)?, request).await
+        }),
+        Command::Tap { target, filter, headers, output, server } => {
+            block_on(async { tap::tap(&cli::ApiClient::new(&server)?, &filter.query(target, headers), output).await })
+        }
+        Command::Top { service, filter, interval, server } => block_on(async {
+            tap::top(&cli::ApiClient::new(&server)?, &filter.query(service, Vec::new()), interval.0).await
         }),
         Command::History { kind, name, limit, output, server } => {
             block_on(operations::history(&server, kind.as_deref(), name.as_deref(), limit, output))

@@ -10,7 +10,8 @@
 //! document and the field path in its refusal. [`resources`] serves the resources,
 //! [`operations`] tokens, revocations, the CA and the audit log, [`proxies`] the
 //! connected proxies and workloads (and Prometheus's service discovery of them),
-//! [`stat`] the golden signals; [`body`] reads write bodies within their limit.
+//! [`stat`] the golden signals, [`tap`] live requests; [`body`] reads write bodies within
+//! their limit.
 //! `/metrics` (viewer) counts responses by status and refused discovery streams.
 
 mod auth;
@@ -19,6 +20,7 @@ mod operations;
 mod proxies;
 mod resources;
 mod stat;
+mod tap;
 
 use std::sync::Arc;
 
@@ -71,6 +73,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/api/v1/proxies", get(proxies::proxies))
         .route("/api/v1/prometheus/targets", get(proxies::prometheus_targets))
         .route("/api/v1/stat/{view}", get(stat::stat))
+        .route("/api/v1/tap", get(tap::tap))
         .route("/api/v1/ca/bundle", get(ca_bundle))
         .route("/api/v1/history", get(operations::history))
         .route("/api/v1/revocations", get(operations::list_revocations))
@@ -142,6 +145,7 @@ impl IntoResponse for ApiError {
 /// The control plane's own metrics, in Prometheus text format.
 async fn metrics(State(hub): State<Arc<Hub>>) -> impl IntoResponse {
     hub.metrics.connected_proxies.set(hub.local_proxy_count() as i64);
+    hub.metrics.tap_sessions.set(hub.taps.session_count() as i64);
     let (series, bytes) = hub.aggregator.footprint();
     hub.metrics.telemetry_series.set(series as i64);
     hub.metrics.telemetry_bytes.set(bytes as i64);

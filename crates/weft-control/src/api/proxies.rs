@@ -163,6 +163,7 @@ fn present_on(hub: &Hub, replica: &str) -> Vec<ProxyRecord> {
             admin_address: None,
             stream: 0,
             last_report: 0,
+            view_services: Default::default(),
         })
         .collect()
 }

@@ -12,7 +12,6 @@ use weft_api::telemetry::{
     aggregates_client::AggregatesClient, aggregates_server::Aggregates, telemetry_server::Telemetry, ProxyReport,
     ReportReply, SeriesAnswer, SeriesQuery,
 };
-use weft_identity::SpiffeId;
 
 use super::{
     aggregator::WindowSeries,
@@ -99,13 +98,7 @@ impl AggregatesService {
 #[tonic::async_trait]
 impl Aggregates for AggregatesService {
     async fn local_series(&self, request: Request<SeriesQuery>) -> Result<Response<SeriesAnswer>, Status> {
-        let ours = SpiffeId::control_plane(self.hub.ca().authority.trust_domain());
-        let peer = request.extensions().get::<Peer>().and_then(|peer| peer.identity.clone());
-        if peer.as_ref() != Some(&ours) {
-            return Err(Status::permission_denied(format!(
-                "only control-plane replicas of this mesh ({ours}) may ask for this replica's telemetry"
-            )));
-        }
+        crate::replicas::require_replica(&self.hub, request.extensions(), "this replica's telemetry")?;
         let query = request.into_inner();
         let tier = TIERS
             .iter()
