@@ -144,6 +144,11 @@ impl World {
         &self.resources
     }
 
+    /// Whether the Service `namespace/name` exists, declared or implied by a registration.
+    pub fn has_service(&self, service: &str) -> bool {
+        self.services.contains_key(service)
+    }
+
     /// The view of a proxy that serves `own` (if any) and calls `subscriptions`, each
     /// `namespace/name`.
     pub fn view(&self, own: Option<&str>, subscriptions: &BTreeSet<String>) -> View {

@@ -762,14 +762,14 @@ fn describe_endpoint(span: &mut PendingSpan, endpoint: &EndpointState) {
     }
 }
 
-/// The `weft-error` reason a failed try would give, for its span.
+/// The `weft-error` reason a failed try would give, for its span and tap.
 fn try_error_reason(error: &SendError) -> &'static str {
     match error {
-        SendError::Connect(_) => "connect_failed",
+        SendError::Connect(_) => "connect-failed",
         SendError::Limit(_) => "overloaded",
-        SendError::Timeout(_) => "try_timeout",
-        SendError::Reset(_) => "upstream_reset",
-        SendError::RequestBody(_) => "bad_request_body",
+        SendError::Timeout(_) => "per-try-timeout",
+        SendError::Reset(_) => "upstream-reset",
+        SendError::RequestBody(_) => "request-body-broken",
     }
 }
 

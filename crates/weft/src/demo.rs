@@ -611,6 +611,8 @@ Try:
   weft check                 # every sidecar's identity and certificate
   weft stat services         # success rate, requests/s, p50/p95/p99 of every Service
   weft stat edges            # who calls whom, with identities and mutual TLS
+  weft tap inventory         # live requests, with why: routes, tries, retries, authz
+  weft top catalog           # a live table of catalog's requests by path
   curl -x http://{entry} http://web/
   curl -x http://{entry} -H 'x-canary: true' http://web/     # always reviews v2
   weft apply -f {canary}    # shift the canary to 50/50

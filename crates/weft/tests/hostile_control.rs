@@ -8,45 +8,11 @@
 
 mod support;
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use bytes::{Buf, BufMut};
-use support::{
-    api_request, api_request_bytes, eventually, hostile::rss_kb, metric_sum, Control, Proxy, TempDir, TestApp,
-};
+use support::{api_request, api_request_bytes, eventually, hostile::rss_kb, tls_to, Control, Proxy, TempDir, TestApp};
 use weft_api::discovery::{discovery_client::DiscoveryClient, proxy_message, Hello, ProxyMessage};
-
-/// The control plane's own metric `metric` with `labels`.
-async fn control_metric(control: &Control, metric: &str, labels: &[&str]) -> f64 {
-    let token = control.admin_token();
-    let root = token.split('.').nth(3).map(str::to_string);
-    let text = raw_get(&control.server(), &token, "/metrics", root.as_deref()).await;
-    metric_sum(&text, metric, labels)
-}
-
-/// A GET whose answer is text, not JSON.
-async fn raw_get(server: &str, token: &str, path: &str, pin: Option<&str>) -> String {
-    use http_body_util::BodyExt;
-    let authority = server.strip_prefix("https://").expect("the API is HTTPS");
-    let stream = tokio::net::TcpStream::connect(authority).await.unwrap();
-    let tls = tls_to(stream, pin.expect("a pinned root")).await;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
-    tokio::spawn(connection);
-    let request = hyper::Request::get(path)
-        .header("host", authority)
-        .header("authorization", format!("Bearer {token}"))
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
-    String::from_utf8(response.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
-}
-
-async fn tls_to(stream: tokio::net::TcpStream, root: &str) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let (config, _) = weft_identity::tls::pinned_control_plane_config(root, &[b"http/1.1"]).unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, stream).await.unwrap()
-}
 
 /// The end of every case: nothing was stored, memory is back within 10 MB, and 100
 /// normal API calls succeed.
@@ -98,7 +64,7 @@ fn service(name: &str) -> String {
 
 /// Discovery streams the control plane has ended for what they sent or are.
 async fn discovery_refusals(control: &Control) -> f64 {
-    control_metric(control, "weft_control_discovery_refusals_total", &[]).await
+    control.metric("weft_control_discovery_refusals_total", &[]).await
 }
 
 /// Block mappings nested `depth` deep (`a:` under `a:` ...).
@@ -147,16 +113,14 @@ async fn hostile_applies_are_refused_with_reasons_and_change_nothing() {
         ),
     ];
     for (case, body, expected, message) in cases {
-        let before =
-            control_metric(&control, "weft_control_api_responses_total", &[&format!("status=\"{expected}\"")]).await;
+        let before = control.metric("weft_control_api_responses_total", &[&format!("status=\"{expected}\"")]).await;
         let (status, answer) =
             api_request_bytes(&server, Some(&token), "POST", "/api/v1/apply", Some(body), None).await.unwrap();
         let text = answer.to_string();
         assert_eq!(status, expected, "{case}: {text}");
         assert!(text.contains(message), "{case}: the refusal does not say why: {text}");
         assert!(text.len() < 64 * 1024, "{case}: a refusal of {} bytes", text.len());
-        let after =
-            control_metric(&control, "weft_control_api_responses_total", &[&format!("status=\"{expected}\"")]).await;
+        let after = control.metric("weft_control_api_responses_total", &[&format!("status=\"{expected}\"")]).await;
         assert!(after > before, "{case}: not counted");
         survived(&control, revision, baseline, case).await;
     }
@@ -318,7 +282,7 @@ async fn a_thousand_bad_operator_tokens_are_rate_limited_and_other_clients_serve
     let root = token.split('.').nth(3).unwrap().to_string();
     let baseline = rss_kb(control.child.id());
     let revision = control.api("GET", "/api/v1/status", None).await.1["revision"].as_u64().unwrap();
-    let before = control_metric(&control, "weft_control_api_responses_total", &["status=\"429\""]).await;
+    let before = control.metric("weft_control_api_responses_total", &["status=\"429\""]).await;
 
     // The attacker comes from another loopback address, on one keep-alive connection.
     let authority = control.server().strip_prefix("https://").unwrap().to_string();
@@ -343,7 +307,7 @@ async fn a_thousand_bad_operator_tokens_are_rate_limited_and_other_clients_serve
     }
     assert_eq!(statuses.get(&401), Some(&10), "ten guesses are judged: {statuses:?}");
     assert_eq!(statuses.get(&429), Some(&990), "the rest are refused outright: {statuses:?}");
-    let after = control_metric(&control, "weft_control_api_responses_total", &["status=\"429\""]).await;
+    let after = control.metric("weft_control_api_responses_total", &["status=\"429\""]).await;
     assert_eq!(after - before, 990.0);
     let log = std::fs::read_to_string(&control.log).unwrap();
     assert_eq!(log.matches("too many bad operator tokens").count(), 1, "logged once, not a thousand times");

@@ -26,7 +26,6 @@ use super::ApiError;
 use crate::{
     discovery::Hub,
     operator_tokens::{Operator, Role},
-    store::ObjectKey,
     tap::{Delivery, TapRequest},
 };
 
@@ -130,7 +129,7 @@ fn tap_request(hub: &Hub, query: &TapQuery, role: Role) -> Result<TapRequest, Ap
     let target = match (&query.service, &query.workload) {
         (Some(service), None) => {
             let (ns, name) = split("service", service)?;
-            if hub.catalog.get(&ObjectKey::new(weft_model::ResourceKind::Service, &ns, &name)).is_none() {
+            if !hub.world().has_service(&format!("{ns}/{name}")) {
                 return Err(ApiError::new(
                     StatusCode::NOT_FOUND,
                     format!("no Service {ns}/{name}: see weft get services -A"),

@@ -429,6 +429,14 @@ impl Control {
             .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
     }
 
+    /// The control plane's own metric `metric` with `labels` (its `/metrics`).
+    pub async fn metric(&self, metric: &str, labels: &[&str]) -> f64 {
+        let token = self.admin_token();
+        let root = token.split('.').nth(3).map(str::to_string);
+        let text = raw_get(&self.server(), &token, "/metrics", root.as_deref()).await;
+        metric_sum(&text, metric, labels)
+    }
+
     /// Runs a `weft` CLI command against this control plane: (success, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
         self.cli_with_stdin(args, None)
@@ -916,6 +924,33 @@ pub async fn api_request_bytes(
     let status = response.status().as_u16();
     let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
     Ok((status, serde_json::from_slice(&body).unwrap_or(Value::Null)))
+}
+
+/// A GET whose answer is text, not JSON.
+pub async fn raw_get(server: &str, token: &str, path: &str, pin: Option<&str>) -> String {
+    use http_body_util::BodyExt;
+    let authority = server.strip_prefix("https://").expect("the API is HTTPS");
+    let stream = tokio::net::TcpStream::connect(authority).await.unwrap();
+    let tls = tls_to(stream, pin.expect("a pinned root")).await;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(connection);
+    let request = hyper::Request::get(path)
+        .header("host", authority)
+        .header("authorization", format!("Bearer {token}"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    String::from_utf8(response.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+}
+
+pub async fn tls_to(
+    stream: tokio::net::TcpStream,
+    root: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let (config, _) = weft_identity::tls::pinned_control_plane_config(root, &[b"http/1.1"]).unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, stream).await.unwrap()
 }
 
 /// Writes `request` as is to a fresh connection and reads until the peer closes (at
