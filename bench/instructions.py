@@ -25,7 +25,8 @@ with the few dependencies whose features the tests' dev-dependencies widen) inst
 the whole tree in another profile. No LTO: the release build's fat LTO takes
 ten minutes; the gate compares a build with its own baseline, and a change that costs
 instructions without LTO costs them with it. The binary is copied to target/gate/weft.
-WEFT_BINARY=path measures another binary instead (and builds nothing). Needs valgrind and
+WEFT_BINARY=path measures another binary instead (and builds nothing); WEFT_GATE_KEEP=1 keeps
+the callgrind dumps for callgrind_annotate. Needs valgrind and
 h2load (nghttp2-client).
 """
 
@@ -291,7 +292,10 @@ def main():
     if "mtls-http1-pair" in figures and "mtls-http1-pair-log" in figures:
         cost = figures["mtls-http1-pair-log"] / figures["mtls-http1-pair"] - 1
         print(f"access logs on the request path (every request, both proxies): {cost:+.1%} instructions per request")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if os.environ.get("WEFT_GATE_KEEP"):
+        print(f"callgrind dumps kept in {tmp} (callgrind_annotate --inclusive=yes FILE)")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
     if args.update:
         merged = dict(baseline, **figures)
         with open(BASELINE, "w") as f:
