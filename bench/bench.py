@@ -25,7 +25,8 @@ connection, hence a new TLS handshake between the proxies).
 
 With --tracing, the tracing suite: weft-pair (plaintext) and weft-mtls-pair against the
 same mutual-TLS pair with MeshConfig tracing on at 0%, 1% and 100% sampling
-(weft-mtls-pair-trace-N), exporting over OTLP/HTTP to a receiver in this process.
+(weft-mtls-pair-trace-N), exporting over OTLP/HTTP to a receiver in this process, and
+with access logs on (weft-mtls-pair-log: every request logged by both proxies to a file).
 
 Usage: bench/bench.py [--mtls | --tracing] [--rounds 6] [--duration 5] [--out bench/results/latest.md]
 """
@@ -271,14 +272,19 @@ def make_certs(tmp):
     return d
 
 
-def weft_mtls_stack(tmp, name, upstream, tcp=False, telemetry=True, sink=None, sampling=None):
+def weft_mtls_stack(tmp, name, upstream, tcp=False, telemetry=True, sink=None, sampling=None, access_log=False):
     """A control plane, an inbound proxy registered for nginx and an outbound proxy, each
     joined with its own token: every hop between them is mutual TLS. The proxies report
     telemetry every 5 s (the default), or, with telemetry=False, not at all. With a
-    sampling rate, MeshConfig turns tracing on, exporting to `sink`."""
+    sampling rate, MeshConfig turns tracing on, exporting to `sink`; with access_log,
+    MeshConfig has both proxies log every request to a file."""
     stack = Stack(name, tmp)
     extra = () if telemetry else ("--telemetry-interval", "0")
     resources = sink.mesh_config(sampling) if sampling is not None else None
+    if access_log:
+        log = os.path.join(tmp, f"{name}-access.log")
+        resources = ("apiVersion: weft.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\nspec:\n"
+                     f"  accessLog: {{path: \"{log}\"}}\n")
     port = mtls_pair(WEFT, tmp, name, upstream, lambda args: stack.spawn(args, proxy=False), stack.spawn, tcp=tcp,
                      proxy_args=extra, resources=resources)
     stack.port, stack.host = (port, "127.0.0.1") if tcp else (port, "upstream")
@@ -463,6 +469,7 @@ def main():
             setups[f"weft-mtls-pair-trace-{rate}"] = (
                 lambda rate=rate: weft_mtls_stack(tmp, f"weft-mtls-pair-trace-{rate}", upstream, sink=sink,
                                                   sampling=rate / 100))
+        setups["weft-mtls-pair-log"] = lambda: weft_mtls_stack(tmp, "weft-mtls-pair-log", upstream, access_log=True)
     if args.only:
         setups = {k: v for k, v in setups.items() if k in args.only.split(",") or k == "direct"}
         handshake_setups = {k: v for k, v in handshake_setups.items() if k in args.only.split(",")}
@@ -594,7 +601,7 @@ def render_mtls(results, handshakes):
 
 
 def render_tracing(results, sink):
-    """What tracing costs the mutual-TLS pair, by sampling rate."""
+    """What tracing costs the mutual-TLS pair, by sampling rate, and what access logs cost it."""
     lines = [""]
     base, base_cpu = summary(results.get("weft-mtls-pair", []), "rps"), summary(results.get("weft-mtls-pair", []), "cpu_per_1k")
     for name in sorted((n for n in results if "-trace-" in n), key=lambda n: int(n.rsplit("-", 1)[1])):
@@ -602,6 +609,10 @@ def render_tracing(results, sink):
         if base and rps and base_cpu and cpu:
             lines.append(f"- tracing at {name.rsplit('-', 1)[1]}% / off, mTLS pair: throughput ×{rps[0] / base[0]:.2f}, "
                          f"CPU per request ×{cpu[0] / base_cpu[0]:.2f}")
+    logged, logged_cpu = summary(results.get("weft-mtls-pair-log", []), "rps"), summary(results.get("weft-mtls-pair-log", []), "cpu_per_1k")
+    if base and logged and base_cpu and logged_cpu:
+        lines.append(f"- access logs (every request, both proxies) / off, mTLS pair: throughput ×{logged[0] / base[0]:.2f}, "
+                     f"CPU per request ×{logged_cpu[0] / base_cpu[0]:.2f}")
     if sink:
         lines.append(f"- the receiver took {sink.exports} exports, {sink.bytes / 1e6:.1f} MB of spans")
     return "\n".join(lines) + "\n"

@@ -45,6 +45,8 @@ pub struct Arrival {
     request_id: Option<http::HeaderValue>,
     /// The request body's length, when it declared one.
     bytes_received: Option<u64>,
+    /// Else what it streamed, counted.
+    counted: Option<crate::body::Counter>,
     errors_only: bool,
 }
 
@@ -59,7 +61,7 @@ impl Arrival {
     pub fn of(
         parts: &http::request::Parts,
         authority: &str,
-        body_length: Option<u64>,
+        body_length: Result<u64, crate::body::Counter>,
         rule: &AccessLogRule,
         started: Instant,
     ) -> Box<Arrival> {
@@ -70,7 +72,8 @@ impl Arrival {
             path: parts.uri.path_and_query().cloned(),
             user_agent: parts.headers.get(http::header::USER_AGENT).cloned(),
             request_id: parts.headers.get(crate::trace_context::REQUEST_ID).cloned(),
-            bytes_received: body_length,
+            bytes_received: body_length.as_ref().ok().copied(),
+            counted: body_length.err(),
             errors_only: rule.errors_only,
         })
     }
@@ -138,7 +141,10 @@ impl Pending {
             line.number(key!("status"), self.status as u64);
             line.maybe_trusted(key!("weft_error"), (!o.error.is_empty()).then_some(o.error));
             line.milliseconds(key!("duration_ms"), a.started.elapsed().as_micros() as u64);
-            line.maybe_number(key!("bytes_received"), a.bytes_received);
+            line.number(
+                key!("bytes_received"),
+                a.bytes_received.unwrap_or_else(|| a.counted.as_ref().map_or(0, |c| c.get())),
+            );
             line.number(key!("bytes_sent"), bytes_sent);
             line.maybe_address(key!("upstream"), o.upstream);
             line.maybe_trusted(key!("route"), o.route.as_deref());
@@ -222,13 +228,6 @@ impl JsonLine<'_> {
     fn number(&mut self, key: &str, value: u64) {
         self.out.extend_from_slice(key.as_bytes());
         self.out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
-    }
-
-    fn maybe_number(&mut self, key: &str, value: Option<u64>) {
-        match value {
-            Some(value) => self.number(key, value),
-            None => self.null(key),
-        }
     }
 
     /// Microseconds as milliseconds with three decimals.

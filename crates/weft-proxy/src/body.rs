@@ -132,3 +132,49 @@ impl<W: Watch> Drop for Watched<W> {
         }
     }
 }
+
+/// The bytes a request body has streamed so far, for an access log line or a tap event
+/// whose request did not declare its length: shared by the watcher on the body and the
+/// record that reads it when the response ends.
+#[derive(Clone, Debug, Default)]
+pub struct Counter(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl Counter {
+    /// A body's declared length, or else `counter` (made on first use) to count it.
+    pub fn length_or(declared: Option<u64>, counter: &mut Option<Counter>) -> Result<u64, Counter> {
+        declared.ok_or_else(|| counter.get_or_insert_with(Counter::default).clone())
+    }
+
+    /// `body`, counted when `counter` is set.
+    pub fn maybe_count(counter: Option<&Counter>, body: Body) -> Body {
+        match counter {
+            Some(counter) => counter.count(body),
+            None => body,
+        }
+    }
+
+    /// Counts `bytes` more (a body that was read whole before it was sent).
+    pub fn add(&self, bytes: u64) {
+        self.0.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The bytes counted so far.
+    pub fn get(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// `body`, counted as it streams.
+    pub fn count(&self, body: Body) -> Body {
+        Watched::wrap(body, self.clone())
+    }
+}
+
+impl Watch for Counter {
+    fn frame(&mut self, frame: &Result<http_body::Frame<Bytes>, BoxError>) {
+        if let Some(data) = frame.as_ref().ok().and_then(|frame| frame.data_ref()) {
+            self.add(data.len() as u64);
+        }
+    }
+
+    fn end(self) {}
+}

@@ -28,7 +28,7 @@ use weft_model::{
 };
 
 use crate::{
-    body::{self, Body},
+    body::{self, Body, Counter},
     detect::{detect, Detected},
     errors::{is_grpc, ProxyFailure},
     forward,
@@ -268,12 +268,14 @@ async fn handle(
     let grpc = is_grpc(request.headers());
     let upgrade = forward::is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
     let (mut parts, incoming) = request.into_parts();
-    let mut span = begin_span(&state, peer.as_deref(), &mut parts, started);
-    let logged = arrival(&state, &mut parts, &incoming, started);
+    let (mut span, trace_id) = begin_span(&state, peer.as_deref(), &mut parts, started);
+    // Counts a request body of undeclared length for the log line and tap event.
+    let mut counted = None;
+    let logged = arrival(&state, &mut parts, &incoming, &mut counted, started);
     let mut tapped = if state.taps.watching() {
         use http_body::Body as _;
         let authority = forward::checked_authority(&parts).ok().flatten().unwrap_or_default().to_string();
-        let length = incoming.size_hint().exact();
+        let length = Counter::length_or(incoming.size_hint().exact(), &mut counted);
         state.taps.begin(tap::Direction::Inbound, &state.own_label, &parts, &authority, length, started)
     } else {
         None
@@ -293,13 +295,13 @@ async fn handle(
                 span.error(reason, failure.to_string());
             }
             let response = failure.into_response(grpc);
-            let watchers = Watchers { span, logged, tapped };
+            let watchers = Watchers { span, trace_id, logged, tapped };
             return Ok(observe(&state, peer.as_deref(), response, reason, false, grpc, started, watchers));
         }
     };
     let wire = if parts.version == http::Version::HTTP_2 { Wire::Http2 } else { Wire::Http1 };
     forward::prepare(&mut parts, &authority, wire, upgrade.is_some());
-    let request = Request::from_parts(parts, body::boxed(incoming));
+    let request = Request::from_parts(parts, Counter::maybe_count(counted.as_ref(), body::boxed(incoming)));
     let result = match upgrade {
         Some(downstream) => {
             state.connector.send_upgrade(Upstream::App(app), &state.inbound_limiter, request).await.map(
@@ -346,7 +348,7 @@ async fn handle(
             (failure.into_response(grpc), reason, transport_error)
         }
     };
-    let watchers = Watchers { span, logged, tapped };
+    let watchers = Watchers { span, trace_id, logged, tapped };
     Ok(observe(&state, peer.as_deref(), response, error, transport_error, grpc, started, watchers))
 }
 
@@ -356,6 +358,7 @@ fn arrival(
     state: &SharedState,
     parts: &mut http::request::Parts,
     incoming: &Incoming,
+    counted: &mut Option<Counter>,
     started: Instant,
 ) -> Option<Box<access_log::Arrival>> {
     use http_body::Body as _;
@@ -370,20 +373,22 @@ fn arrival(
         trace_context::ensure_request_id(&mut parts.headers, present);
     }
     let authority = forward::checked_authority(parts).ok().flatten().unwrap_or_default();
-    Some(access_log::Arrival::of(parts, authority, incoming.size_hint().exact(), &own.policy.access_log, started))
+    let length = Counter::length_or(incoming.size_hint().exact(), counted);
+    Some(access_log::Arrival::of(parts, authority, length, &own.policy.access_log, started))
 }
 
 /// Decides the request's trace, by this proxy's own Service's sampling rate, and when it
-/// is sampled starts its SERVER span, whose id the application receives as its parent.
-/// With tracing on, a request without `x-request-id` gets one.
+/// is sampled starts its SERVER span, whose id the application receives as its parent;
+/// returns the span and the trace id (sampled or not, for logs and tap). With tracing
+/// on, a request without `x-request-id` gets one.
 fn begin_span(
     state: &SharedState,
     peer: Option<&MeshCaller>,
     parts: &mut http::request::Parts,
     started: Instant,
-) -> Option<PendingSpan> {
+) -> (Option<PendingSpan>, Option<trace_context::TraceId>) {
     let config = state.config.load();
-    let settings = config.snapshot.tracing.as_ref()?;
+    let Some(settings) = config.snapshot.tracing.as_ref() else { return (None, None) };
     let scanned = trace_context::scan(&parts.headers);
     trace_context::ensure_request_id(&mut parts.headers, scanned.request_id);
     let own = config.own_service.map(|i| &config.snapshot.services[i]);
@@ -391,7 +396,7 @@ fn begin_span(
     let trace = RequestTrace::begin(&scanned, rate, || peer.is_some_and(|p| settings.may_force(&p.principal)));
     if !trace.sampled {
         trace.propagate(&mut parts.headers, None);
-        return None;
+        return (None, Some(trace.trace_id));
     }
     let id = trace_context::new_span_id();
     let mut span = PendingSpan::start(&trace, id, Kind::Server, parts.method.to_string(), started);
@@ -409,13 +414,15 @@ fn begin_span(
         span.text("weft.request_id", id);
     }
     trace.propagate(&mut parts.headers, Some(&id));
-    Some(span)
+    (Some(span), Some(trace.trace_id))
 }
 
 /// What records a request beyond its metrics, each when asked for: its SERVER span, its
 /// access log line, its tap event.
 struct Watchers {
     span: Option<PendingSpan>,
+    /// The request's trace, sampled or not.
+    trace_id: Option<trace_context::TraceId>,
     logged: Option<Box<access_log::Arrival>>,
     tapped: Option<Box<tap::Tapped>>,
 }
@@ -431,10 +438,10 @@ fn observe(
     transport_error: bool,
     grpc: bool,
     started: Instant,
-    Watchers { span, logged, tapped }: Watchers,
+    Watchers { span, trace_id, logged, tapped }: Watchers,
 ) -> Response<Body> {
     let latency = started.elapsed();
-    let trace_id = span.as_ref().map(|s| s.trace_id());
+    let trace_id = trace_id.filter(|_| tapped.is_some() || logged.is_some()).map(|id| trace_context::hex(&id));
     if let Some(tapped) = tapped {
         let outcome = tap::Outcome {
             error,

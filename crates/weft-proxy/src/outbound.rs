@@ -28,7 +28,7 @@ use weft_model::{
 use crate::{
     access_log,
     balance::Backend,
-    body::{self, Body},
+    body::{self, Body, Counter},
     endpoint::EndpointState,
     errors::{is_grpc, ProxyFailure},
     forward::{self, wire_for},
@@ -68,6 +68,8 @@ pub(crate) struct Routed {
     logged: Option<Box<access_log::Arrival>>,
     /// The request as tap sessions see it, while an operator taps one it may match.
     tapped: Option<Box<tap::Tapped>>,
+    /// Counts a request body of undeclared length for the log line and tap event.
+    counted: Option<Counter>,
     /// When the request arrived.
     started: Instant,
 }
@@ -130,6 +132,7 @@ pub async fn handle(
         traced: None,
         logged: None,
         tapped: None,
+        counted: None,
         started,
     };
     let result = route_request(&state, &config, request, &mut routed).await;
@@ -297,12 +300,12 @@ async fn route_request(
         trace_context::ensure_request_id(&mut parts.headers, scanned.request_id);
     }
     if logged {
-        let length = incoming.size_hint().exact();
+        let length = Counter::length_or(incoming.size_hint().exact(), &mut routed.counted);
         routed.logged =
             Some(access_log::Arrival::of(&parts, &authority, length, &service.policy.access_log, routed.started));
     }
     if state.taps.watching() {
-        let length = incoming.size_hint().exact();
+        let length = Counter::length_or(incoming.size_hint().exact(), &mut routed.counted);
         routed.tapped =
             state.taps.begin(tap::Direction::Outbound, &state.own_label, &parts, &authority, length, routed.started);
     }
@@ -547,6 +550,9 @@ async fn send_with_retries(
     let (replay, mut streaming) = if replays_sent_requests && bufferable {
         let bytes =
             incoming.collect().await.map_err(|e| broken_body(&state.metrics, "outbound", e.to_string()))?.to_bytes();
+        if let Some(counted) = &routed.counted {
+            counted.add(bytes.len() as u64);
+        }
         (Some(bytes), None)
     } else {
         (None, Some(incoming))
@@ -572,7 +578,10 @@ async fn send_with_retries(
                 let body = match &replay {
                     Some(bytes) if bytes.is_empty() => body::empty(),
                     Some(bytes) => body::full(bytes.clone()),
-                    None => body::boxed(streaming.take().expect("a streaming body is sent once")),
+                    None => Counter::maybe_count(
+                        routed.counted.as_ref(),
+                        body::boxed(streaming.take().expect("a streaming body is sent once")),
+                    ),
                 };
                 Request::from_parts(head, body)
             }

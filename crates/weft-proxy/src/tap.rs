@@ -282,7 +282,7 @@ impl Taps {
         own_service: &str,
         parts: &http::request::Parts,
         authority: &str,
-        body_length: Option<u64>,
+        body_length: Result<u64, crate::body::Counter>,
         started: Instant,
     ) -> Option<Box<Tapped>> {
         let path = parts.uri.path();
@@ -317,11 +317,11 @@ impl Taps {
             authority: authority.to_string(),
             path: parts.uri.path_and_query().map_or_else(|| path.to_string(), |p| p.as_str().to_string()),
             headers,
-            bytes_in: body_length.unwrap_or(0),
+            bytes_in: *body_length.as_ref().unwrap_or(&0),
             grpc_status: -1,
             ..TapEvent::default()
         };
-        Some(Box::new(Tapped { sessions, started, event, tries: Mutex::new(Vec::new()) }))
+        Some(Box::new(Tapped { sessions, started, event, tries: Mutex::new(Vec::new()), counted: body_length.err() }))
     }
 }
 
@@ -332,6 +332,8 @@ pub struct Tapped {
     event: TapEvent,
     /// Tries, noted while the request is shared by the retry loop.
     tries: Mutex<Vec<TapTry>>,
+    /// What a request body of undeclared length streamed.
+    counted: Option<crate::body::Counter>,
 }
 
 impl Tapped {
@@ -476,6 +478,9 @@ impl crate::body::Watch for SendOnEnd {
     fn end(self) {
         let mut tapped = self.tapped;
         tapped.event.duration_micros = tapped.started.elapsed().as_micros() as u64;
+        if let Some(counted) = &tapped.counted {
+            tapped.event.bytes_in = counted.get();
+        }
         tapped.event.bytes_out = self.sent;
         let queue = self.taps.queue.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let Some(queue) = queue else { return };

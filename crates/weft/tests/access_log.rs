@@ -138,4 +138,49 @@ async fn lines_carry_typed_fields_errors_only_applies_and_sigusr1_reopens_the_fi
     line_for(&log, "outbound", "/after-reopen").await;
     line_for(&log, "inbound", "/after-reopen").await;
     assert!(!lines(&rotated).iter().any(|l| l["path"] == "/after-reopen"));
+
+    // With tracing on, both sides name the request's trace, sampled or not (0% here).
+    control.apply(&format!(
+        "apiVersion: weft.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: mesh}}\nspec:\n  accessLog: {{path: \
+             \"{}\"}}\n  tracing: {{endpoint: \"http://127.0.0.1:9\", protocol: http, samplingRate: 0}}\n",
+        log.display()
+    ));
+    eventually(Duration::from_secs(20), "tracing on both proxies", || async move {
+        let mut applied = true;
+        for proxy in [edge_ref, echo_ref] {
+            applied &= proxy.config().await["snapshot"]["tracing"]["samplingRate"].as_f64() == Some(0.0);
+        }
+        applied.then_some(())
+    })
+    .await;
+    app.set_status(500);
+    assert_eq!(get_via(&http, edge.outbound, "echo", "/traced", &[]).await.status, 500, "errorsOnly still applies");
+    app.set_status(200);
+    let (out, inbound) = (line_for(&log, "outbound", "/traced").await, line_for(&log, "inbound", "/traced").await);
+    assert!(out["trace_id"].as_str().is_some_and(|id| id.len() == 32), "{out}");
+    assert_eq!(out["trace_id"], inbound["trace_id"], "one trace, unsampled, on both sides");
+
+    // A streamed (chunked) request body is counted as it passes.
+    app.set_status(500);
+    let body = "x".repeat(10_000);
+    let (_, status, err) = support::curl(&[
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-x",
+        &format!("http://{}", edge.outbound),
+        "-H",
+        "Transfer-Encoding: chunked",
+        "--data-binary",
+        &body,
+        "http://echo/chunked",
+    ]);
+    app.set_status(200);
+    assert_eq!(status, "500", "{err}");
+    for direction in ["outbound", "inbound"] {
+        let line = line_for(&log, direction, "/chunked").await;
+        assert_eq!(line["bytes_received"], 10_000, "{line}");
+    }
 }
