@@ -39,7 +39,7 @@ const QUEUE_CHUNKS: usize = 64;
 pub struct Arrival {
     started: Instant,
     method: http::Method,
-    authority: String,
+    authority: Option<RequestAuthority>,
     path: Option<http::uri::PathAndQuery>,
     user_agent: Option<http::HeaderValue>,
     request_id: Option<http::HeaderValue>,
@@ -50,6 +50,28 @@ pub struct Arrival {
     errors_only: bool,
 }
 
+/// The request's authority as it came (the URI's, else `Host`), shared, not copied.
+enum RequestAuthority {
+    Uri(http::uri::Authority),
+    Host(http::HeaderValue),
+}
+
+impl RequestAuthority {
+    fn of(uri: &http::Uri, host: Option<&http::HeaderValue>) -> Option<RequestAuthority> {
+        match uri.authority() {
+            Some(authority) => Some(RequestAuthority::Uri(authority.clone())),
+            None => host.cloned().map(RequestAuthority::Host),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            RequestAuthority::Uri(authority) => authority.as_str(),
+            RequestAuthority::Host(host) => host.to_str().unwrap_or_default(),
+        }
+    }
+}
+
 /// Whether to log a request under `rule` (sampling is decided here, once).
 pub fn wanted(rule: &AccessLogRule) -> bool {
     rule.enabled
@@ -57,25 +79,46 @@ pub fn wanted(rule: &AccessLogRule) -> bool {
 }
 
 impl Arrival {
-    /// Notes the request's head.
+    /// Notes the request's head (as it came: before any route filter changes it).
     pub fn of(
         parts: &http::request::Parts,
-        authority: &str,
         body_length: Result<u64, crate::body::Counter>,
         rule: &AccessLogRule,
         started: Instant,
     ) -> Box<Arrival> {
+        // One pass over the headers: comparing names costs less than hashing three.
+        let (mut host, mut user_agent, mut request_id) = (None, None, None);
+        for (name, value) in &parts.headers {
+            if *name == http::header::HOST {
+                host = host.or(Some(value));
+            } else if *name == http::header::USER_AGENT {
+                user_agent = user_agent.or(Some(value));
+            } else if *name == crate::trace_context::REQUEST_ID {
+                request_id = request_id.or(Some(value));
+            }
+        }
         Box::new(Arrival {
             started,
             method: parts.method.clone(),
-            authority: authority.to_string(),
+            authority: RequestAuthority::of(&parts.uri, host),
             path: parts.uri.path_and_query().cloned(),
-            user_agent: parts.headers.get(http::header::USER_AGENT).cloned(),
-            request_id: parts.headers.get(crate::trace_context::REQUEST_ID).cloned(),
+            user_agent: user_agent.cloned(),
+            request_id: request_id.cloned(),
             bytes_received: body_length.as_ref().ok().copied(),
             counted: body_length.err(),
             errors_only: rule.errors_only,
         })
+    }
+}
+
+impl Arrival {
+    /// Gives the request an `x-request-id` if it came without one, and notes it.
+    pub fn ensure_request_id(&mut self, headers: &mut http::HeaderMap) {
+        if self.request_id.is_none() {
+            let id = crate::trace_context::new_request_id();
+            headers.insert(crate::trace_context::REQUEST_ID, id.clone());
+            self.request_id = Some(id);
+        }
     }
 }
 
@@ -127,8 +170,8 @@ impl Pending {
             bytes.extend_from_slice(b"{\"timestamp\":\"");
             clock.write_now(bytes);
             bytes.push(b'"');
-            // Values the proxy made or validated (SPIFFE IDs, names, labels, reasons, a
-            // host[:port]) need no escaping; what the client sent is checked.
+            // Values the proxy made or validated (SPIFFE IDs, names, labels, reasons, an
+            // HTTP method) need no escaping; what the client sent is checked.
             let mut line = JsonLine { out: bytes };
             line.trusted(key!("direction"), o.direction);
             line.maybe_trusted(key!("source_identity"), o.source_identity.as_deref());
@@ -136,7 +179,8 @@ impl Pending {
             line.maybe_trusted(key!("source_service"), o.source_service.as_deref());
             line.maybe_trusted(key!("destination_service"), o.destination_service.as_deref());
             line.trusted(key!("method"), a.method.as_str());
-            line.trusted(key!("authority"), &a.authority);
+            // Checked: an inbound request is logged even when its Host is refused.
+            line.text(key!("authority"), a.authority.as_ref().map_or("", RequestAuthority::as_str));
             line.text(key!("path"), a.path.as_ref().map_or("/", |p| p.as_str()));
             line.number(key!("status"), self.status as u64);
             line.maybe_trusted(key!("weft_error"), (!o.error.is_empty()).then_some(o.error));
@@ -159,6 +203,7 @@ impl Pending {
 }
 
 /// Writes one JSON object of a fixed shape straight into a buffer, after its first key.
+/// Inlined, so that each key (a constant) is copied by a few moves, not a `memcpy` call.
 /// serde_json's string serializer escapes byte by byte (it was 10,000 instructions per
 /// request here); these values almost never need escaping, so they are copied whole,
 /// and only a value that needs it goes through serde_json. Keys come whole with their
@@ -169,6 +214,7 @@ struct JsonLine<'a> {
 
 impl JsonLine<'_> {
     /// A value known to need no escaping.
+    #[inline(always)]
     fn trusted(&mut self, key: &str, value: &str) {
         self.out.extend_from_slice(key.as_bytes());
         self.out.push(b'"');
@@ -176,6 +222,7 @@ impl JsonLine<'_> {
         self.out.push(b'"');
     }
 
+    #[inline(always)]
     fn maybe_trusted(&mut self, key: &str, value: Option<&str>) {
         match value {
             Some(value) => self.trusted(key, value),
@@ -184,6 +231,7 @@ impl JsonLine<'_> {
     }
 
     /// A value from the client, escaped when it needs it.
+    #[inline(always)]
     fn text(&mut self, key: &str, value: &str) {
         if !needs_escaping(value.as_bytes()) {
             self.trusted(key, value);
@@ -193,6 +241,7 @@ impl JsonLine<'_> {
         }
     }
 
+    #[inline(always)]
     fn maybe_text(&mut self, key: &str, value: Option<&str>) {
         match value {
             Some(value) => self.text(key, value),
@@ -208,15 +257,15 @@ impl JsonLine<'_> {
             // By hand: `Display` for an address goes through the formatter's padding
             // machinery (1,500 instructions a line).
             std::net::SocketAddr::V4(v4) => {
-                let mut digits = itoa::Buffer::new();
                 for (i, octet) in v4.ip().octets().iter().enumerate() {
                     if i > 0 {
                         self.out.push(b'.');
                     }
-                    self.out.extend_from_slice(digits.format(*octet).as_bytes());
+                    let (digits, length) = OCTETS[*octet as usize];
+                    self.out.extend_from_slice(&digits[..length as usize]);
                 }
                 self.out.push(b':');
-                self.out.extend_from_slice(digits.format(v4.port()).as_bytes());
+                self.out.extend_from_slice(itoa::Buffer::new().format(v4.port()).as_bytes());
             }
             v6 => {
                 let _ = write!(self.out, "{v6}");
@@ -225,12 +274,14 @@ impl JsonLine<'_> {
         self.out.push(b'"');
     }
 
+    #[inline(always)]
     fn number(&mut self, key: &str, value: u64) {
         self.out.extend_from_slice(key.as_bytes());
         self.out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
     }
 
     /// Microseconds as milliseconds with three decimals.
+    #[inline(always)]
     fn milliseconds(&mut self, key: &str, micros: u64) {
         self.number(key, micros / 1000);
         let fraction = micros % 1000;
@@ -242,6 +293,7 @@ impl JsonLine<'_> {
         ]);
     }
 
+    #[inline(always)]
     fn null(&mut self, key: &str) {
         self.out.extend_from_slice(key.as_bytes());
         self.out.extend_from_slice(b"null");
@@ -251,6 +303,21 @@ impl JsonLine<'_> {
         self.out.extend_from_slice(b"}\n");
     }
 }
+
+/// Each octet's decimal digits and their count.
+const OCTETS: [([u8; 3], u8); 256] = {
+    let mut table = [([0u8; 3], 0u8); 256];
+    let mut n = 0;
+    while n < 256 {
+        table[n] = match n {
+            0..=9 => ([b'0' + n as u8, 0, 0], 1),
+            10..=99 => ([b'0' + (n / 10) as u8, b'0' + (n % 10) as u8, 0], 2),
+            _ => ([b'0' + (n / 100) as u8, b'0' + (n / 10 % 10) as u8, b'0' + (n % 10) as u8], 3),
+        };
+        n += 1;
+    }
+    table
+};
 
 /// Whether JSON needs any of `bytes` escaped: a control character, `"` or `\`. Eight
 /// bytes at a time (the classic "has a zero byte" bit trick), since every value of
@@ -287,13 +354,13 @@ pub fn finish(arrival: Box<Arrival>, outcome: Outcome, response: Response<Body>)
         pending.write(0);
         return response;
     }
-    response.map(|inner| crate::body::Watched::wrap(inner, LogOnEnd { pending: Box::new(pending), sent: 0 }))
+    response.map(|inner| crate::body::Watched::wrap(inner, LogOnEnd { pending, sent: 0 }))
 }
 
 /// Counts what a response body sends and writes its request's line when it ends (or
 /// is dropped).
 struct LogOnEnd {
-    pending: Box<Pending>,
+    pending: Pending,
     sent: u64,
 }
 

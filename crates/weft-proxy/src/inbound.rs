@@ -367,14 +367,13 @@ fn arrival(
     if !access_log::wanted(&own.policy.access_log) {
         return None;
     }
+    let length = Counter::length_or(incoming.size_hint().exact(), counted);
+    let mut arrival = access_log::Arrival::of(parts, length, &own.policy.access_log, started);
     if config.snapshot.tracing.is_none() {
         // With tracing on, `begin_span` made it.
-        let present = parts.headers.contains_key(trace_context::REQUEST_ID);
-        trace_context::ensure_request_id(&mut parts.headers, present);
+        arrival.ensure_request_id(&mut parts.headers);
     }
-    let authority = forward::checked_authority(parts).ok().flatten().unwrap_or_default();
-    let length = Counter::length_or(incoming.size_hint().exact(), counted);
-    Some(access_log::Arrival::of(parts, authority, length, &own.policy.access_log, started))
+    Some(arrival)
 }
 
 /// Decides the request's trace, by this proxy's own Service's sampling rate, and when it

@@ -294,15 +294,17 @@ async fn route_request(
     let port = &service.ports[port_index];
     // A request id is made only when something records it: it costs 1,200 instructions
     // per request on HTTP/1 and 5,700 on HTTP/2 (HPACK cannot index a fresh value).
-    let logged = access_log::wanted(&service.policy.access_log);
-    let scanned = (logged || snapshot.tracing.is_some()).then(|| trace_context::scan(&parts.headers));
+    let scanned = snapshot.tracing.as_ref().map(|_| trace_context::scan(&parts.headers));
     if let Some(scanned) = &scanned {
         trace_context::ensure_request_id(&mut parts.headers, scanned.request_id);
     }
-    if logged {
+    if access_log::wanted(&service.policy.access_log) {
         let length = Counter::length_or(incoming.size_hint().exact(), &mut routed.counted);
-        routed.logged =
-            Some(access_log::Arrival::of(&parts, &authority, length, &service.policy.access_log, routed.started));
+        let mut arrival = access_log::Arrival::of(&parts, length, &service.policy.access_log, routed.started);
+        // Without tracing, nothing has looked for a request id yet: the log's own pass
+        // over the headers does.
+        arrival.ensure_request_id(&mut parts.headers);
+        routed.logged = Some(arrival);
     }
     if state.taps.watching() {
         let length = Counter::length_or(incoming.size_hint().exact(), &mut routed.counted);

@@ -228,23 +228,23 @@ pub fn inject(headers: &mut HeaderMap, trace: &TraceId, span: &SpanId, sampled: 
 /// Sets a new `x-request-id` (a random UUID, version 4) unless the request had one
 /// (`present`, as [`scan`] found).
 pub fn ensure_request_id(headers: &mut HeaderMap, present: bool) {
-    if present {
-        return;
+    if !present {
+        headers.insert(REQUEST_ID, new_request_id());
     }
+}
+
+/// A new request id: a random UUID, version 4.
+pub fn new_request_id() -> HeaderValue {
     let mut bytes = random_u128().to_le_bytes();
     bytes[6] = (bytes[6] & 0x0f) | 0x40;
     bytes[8] = (bytes[8] & 0x3f) | 0x80;
-    let mut text = [0u8; 36];
-    let mut at = 0;
-    for (i, byte) in bytes.iter().enumerate() {
-        if matches!(i, 4 | 6 | 8 | 10) {
-            text[at] = b'-';
-            at += 1;
-        }
-        write_hex(&mut text[at..at + 2], &[*byte]);
-        at += 2;
+    // 8-4-4-4-12 hex digits; every position fixed, so no branch per byte.
+    let mut text = *b"00000000-0000-0000-0000-000000000000";
+    const GROUPS: [(usize, usize, usize); 5] = [(0, 4, 0), (4, 6, 9), (6, 8, 14), (8, 10, 19), (10, 16, 24)];
+    for (from, to, at) in GROUPS {
+        write_hex(&mut text[at..at + 2 * (to - from)], &bytes[from..to]);
     }
-    headers.insert(REQUEST_ID, header_value(&text));
+    header_value(&text)
 }
 
 thread_local! {
@@ -291,12 +291,22 @@ fn header_value(ascii: &[u8]) -> HeaderValue {
 }
 
 fn write_hex(out: &mut [u8], bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for (i, byte) in bytes.iter().enumerate() {
-        out[2 * i] = DIGITS[(byte >> 4) as usize];
-        out[2 * i + 1] = DIGITS[(byte & 0xf) as usize];
+    for (pair, byte) in out.chunks_exact_mut(2).zip(bytes) {
+        pair.copy_from_slice(&HEX_PAIRS[*byte as usize]);
     }
 }
+
+/// Each byte's two lowercase hex digits: one load a byte.
+const HEX_PAIRS: [[u8; 2]; 256] = {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut table = [[0u8; 2]; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = [DIGITS[b >> 4], DIGITS[b & 0xf]];
+        b += 1;
+    }
+    table
+};
 
 /// Each byte's hex value, or 0xff for a byte that is no hex digit. W3C ids are
 /// lowercase; B3's may not be.
@@ -427,7 +437,11 @@ mod tests {
         ensure_request_id(&mut map, false);
         let id = map["x-request-id"].to_str().unwrap().to_string();
         assert_eq!(id.len(), 36);
+        let dashes: Vec<usize> = id.match_indices('-').map(|(i, _)| i).collect();
+        assert_eq!(dashes, [8, 13, 18, 23], "8-4-4-4-12: {id}");
+        assert!(id.bytes().all(|b| b == b'-' || b.is_ascii_digit() || (b'a'..=b'f').contains(&b)), "{id}");
         assert_eq!(&id[14..15], "4", "version 4: {id}");
+        assert!("89ab".contains(&id[19..20]), "the RFC 4122 variant: {id}");
         assert!(scan(&map).request_id);
         let mut other = HeaderMap::new();
         ensure_request_id(&mut other, false);

@@ -183,4 +183,15 @@ async fn lines_carry_typed_fields_errors_only_applies_and_sigusr1_reopens_the_fi
         let line = line_for(&log, direction, "/chunked").await;
         assert_eq!(line["bytes_received"], 10_000, "{line}");
     }
+
+    // What a client sends is escaped: a refused Host with a quote stays one JSON string.
+    let answer = support::raw_exchange(
+        echo.inbound.unwrap(),
+        b"GET /hostile HTTP/1.1\r\nHost: a\"b\r\nUser-Agent: x\\y\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(support::raw_status(&answer), 400, "{answer}");
+    let hostile = line_for(&log, "inbound", "/hostile").await;
+    assert_eq!((hostile["authority"].as_str(), hostile["user_agent"].as_str()), (Some("a\"b"), Some("x\\y")));
+    assert_eq!(hostile["weft_error"], "bad-request");
 }
