@@ -2,11 +2,12 @@
 //! TrafficPolicy `accessLog` turns them on.
 //!
 //! The request path never waits on a file: a finished line is appended to its worker's
-//! own buffer, each worker hands its buffer over once a second (its housekeeping tick),
-//! and a writer thread appends the buffers to stderr or the configured file, which it
-//! reopens after SIGUSR1 (so that logrotate can move the old one away). A worker that
-//! fills its buffer, a writer that falls behind and a write that fails drop lines and
-//! count them (`weft_access_log_lines_dropped_total`).
+//! own buffer, which the worker hands over whenever it holds 256 KiB and at every
+//! housekeeping tick (each second), and a writer thread appends the buffers to stderr or
+//! the configured file, which it reopens after SIGUSR1 (so that logrotate can move the
+//! old one away). A writer that falls behind makes workers keep their lines, up to 4 MiB
+//! each; beyond that, and when a write fails, lines are dropped and counted
+//! (`weft_access_log_lines_dropped_total`).
 
 use std::{
     cell::RefCell,
@@ -31,6 +32,8 @@ use crate::{
 
 /// Bytes of lines one worker holds between housekeeping ticks (one second).
 const WORKER_BUFFER: usize = 4 << 20;
+/// Bytes of lines a worker hands to the writer as soon as it has them.
+const CHUNK: usize = 256 << 10;
 /// Worker buffers waiting for the writer.
 const QUEUE_CHUNKS: usize = 64;
 
@@ -162,11 +165,11 @@ impl Pending {
         let (a, o) = (&self.arrival, &self.outcome);
         BUFFER.with(|buffer| {
             let mut buffer = buffer.borrow_mut();
-            let WorkerBuffer { bytes, lines, dropped, clock } = &mut *buffer;
-            if bytes.len() >= WORKER_BUFFER {
-                *dropped += 1;
+            if buffer.bytes.len() >= WORKER_BUFFER {
+                buffer.dropped += 1;
                 return;
             }
+            let WorkerBuffer { bytes, lines, clock, .. } = &mut *buffer;
             bytes.extend_from_slice(b"{\"timestamp\":\"");
             clock.write_now(bytes);
             bytes.push(b'"');
@@ -198,6 +201,9 @@ impl Pending {
             line.maybe_text(key!("user_agent"), header_text(&a.user_agent));
             line.end();
             *lines += 1;
+            if bytes.len() >= CHUNK {
+                buffer.hand_over();
+            }
         });
     }
 }
@@ -376,13 +382,34 @@ impl crate::body::Watch for LogOnEnd {
     }
 }
 
-/// A worker's lines since its last tick.
+/// A worker's lines not yet handed over.
 #[derive(Default)]
 struct WorkerBuffer {
     bytes: Vec<u8>,
     lines: u64,
     dropped: u64,
     clock: Clock,
+    /// The writer's queue and the path lines go to, as of the last tick (none before).
+    writer: Option<(mpsc::SyncSender<Chunk>, String)>,
+    /// Set when the writer's queue was full: lines wait for the next tick.
+    writer_behind: bool,
+}
+
+impl WorkerBuffer {
+    /// Hands the lines to the writer now, unless it is behind.
+    fn hand_over(&mut self) {
+        let Some((queue, path)) = &self.writer else { return };
+        if self.writer_behind {
+            return;
+        }
+        let bytes = std::mem::replace(&mut self.bytes, Vec::with_capacity(CHUNK + CHUNK / 8));
+        let chunk = Chunk { path: path.clone(), bytes, lines: std::mem::take(&mut self.lines) };
+        if let Err(mpsc::TrySendError::Full(chunk) | mpsc::TrySendError::Disconnected(chunk)) = queue.try_send(chunk) {
+            self.bytes = chunk.bytes;
+            self.lines = chunk.lines;
+            self.writer_behind = true;
+        }
+    }
 }
 
 /// Timestamps, with the date and time of the current second formatted once.
@@ -442,27 +469,27 @@ impl Default for AccessLog {
 impl AccessLog {
     /// Hands what this worker logged to the writer (each housekeeping tick).
     pub fn drain_worker(&self, state: &SharedState) {
-        let taken = BUFFER.with(|buffer| {
+        let path = state.config.load().snapshot.access_log_path.clone().unwrap_or_else(|| "stderr".into());
+        let (bytes, lines, dropped) = BUFFER.with(|buffer| {
             let mut buffer = buffer.borrow_mut();
-            // The next second's buffer starts at this one's size, not growing from empty.
-            let capacity = (buffer.bytes.len() + buffer.bytes.len() / 2).min(WORKER_BUFFER);
-            WorkerBuffer {
-                bytes: std::mem::replace(&mut buffer.bytes, Vec::with_capacity(capacity)),
-                lines: std::mem::take(&mut buffer.lines),
-                dropped: std::mem::take(&mut buffer.dropped),
-                clock: Clock::default(),
-            }
+            buffer.writer = Some((self.queue.clone(), path.clone()));
+            buffer.writer_behind = false;
+            // The next buffer starts at this one's size (up to a chunk), not growing from empty.
+            let capacity = (buffer.bytes.len() + buffer.bytes.len() / 2).min(CHUNK + CHUNK / 8);
+            (
+                std::mem::replace(&mut buffer.bytes, Vec::with_capacity(capacity)),
+                std::mem::take(&mut buffer.lines),
+                std::mem::take(&mut buffer.dropped),
+            )
         });
         let metrics = &state.metrics;
-        if taken.dropped > 0 {
-            metrics.log_lines_dropped.get_or_create(&LogDropLabels { reason: "buffer_full" }).inc_by(taken.dropped);
+        if dropped > 0 {
+            metrics.log_lines_dropped.get_or_create(&LogDropLabels { reason: "buffer_full" }).inc_by(dropped);
         }
-        if taken.bytes.is_empty() {
+        if bytes.is_empty() {
             return;
         }
-        let path = state.config.load().snapshot.access_log_path.clone().unwrap_or_else(|| "stderr".into());
-        let lines = taken.lines;
-        if self.queue.try_send(Chunk { path, bytes: taken.bytes, lines }).is_err() {
+        if self.queue.try_send(Chunk { path, bytes, lines }).is_err() {
             metrics.log_lines_dropped.get_or_create(&LogDropLabels { reason: "queue_full" }).inc_by(lines);
         }
     }
@@ -607,6 +634,26 @@ mod tests {
                 assert!(needs_escaping(text.as_bytes()), "{text:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_full_chunk_goes_to_the_writer_at_once_unless_it_is_behind() {
+        let (queue, writer) = mpsc::sync_channel(1);
+        let mut buffer = WorkerBuffer { writer: Some((queue, "out.log".into())), ..WorkerBuffer::default() };
+        buffer.bytes = vec![b'x'; CHUNK];
+        buffer.lines = 400;
+        buffer.hand_over();
+        let chunk = writer.try_recv().expect("handed over");
+        assert_eq!((chunk.bytes.len(), chunk.lines, chunk.path.as_str()), (CHUNK, 400, "out.log"));
+        assert!(buffer.bytes.is_empty() && buffer.lines == 0);
+        // The queue holds one: the second is handed, the third stays with the worker.
+        for expected_behind in [false, true] {
+            buffer.bytes = vec![b'y'; CHUNK];
+            buffer.lines = 1;
+            buffer.hand_over();
+            assert_eq!(buffer.writer_behind, expected_behind);
+        }
+        assert_eq!((buffer.bytes.len(), buffer.lines), (CHUNK, 1), "kept for the next tick, not lost");
     }
 
     #[test]
