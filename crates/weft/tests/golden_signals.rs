@@ -478,23 +478,7 @@ fn timeless(answer: &Value) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_on_etcd_each_answer_for_the_whole_mesh() {
     let dir = TempDir::new("stat-replicas");
-    let Some(etcd) = support::Etcd::start(&dir, "etcd").await else { return };
-    let key = dir.write("ca-encryption.key", &"ab".repeat(32)).display().to_string();
-    let store = etcd.store();
-    let flags = ["--store", store.as_str(), "--ca-encryption-key", &key];
-    let a = Control::start_on(&dir, "control-a", &dir.0.join("a"), &flags).await;
-    let mut b = Control::start_on(&dir, "control-b", &dir.0.join("b"), &flags).await;
-    b.token_file = a.token_file.clone();
-    let (server, token) = (b.server(), b.admin_token());
-    eventually(Duration::from_secs(20), "each replica to list both", || {
-        let (server, token) = (&server, &token);
-        async move {
-            let (_, status) =
-                support::api_request(server, Some(token), "GET", "/api/v1/status", None, None).await.ok()?;
-            (status["replicas"].as_array()?.len() == 2).then_some(())
-        }
-    })
-    .await;
+    let Some((_etcd, a, b)) = support::two_replicas(&dir).await else { return };
     // reviews reports to B, web to A: each replica holds half of the mesh's telemetry.
     let (reviews_app, web_app) = (TestApp::start("reviews").await, TestApp::start("web").await);
     let reviews = sidecar(&dir, &b, "reviews", "reviews", reviews_app.address, &[]).await;

@@ -373,23 +373,7 @@ async fn top_counts_a_services_requests_by_method_and_path() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_held_by_one_replica_taps_the_proxies_of_another() {
     let dir = TempDir::new("tap-replicas");
-    let Some(etcd) = support::Etcd::start(&dir, "etcd").await else { return };
-    let key = dir.write("ca-encryption.key", &"ab".repeat(32)).display().to_string();
-    let store = etcd.store();
-    let flags = ["--store", store.as_str(), "--ca-encryption-key", &key];
-    let a = Control::start_on(&dir, "control-a", &dir.0.join("a"), &flags).await;
-    let mut b = Control::start_on(&dir, "control-b", &dir.0.join("b"), &flags).await;
-    b.token_file = a.token_file.clone();
-    let (server, token) = (a.server(), a.admin_token());
-    eventually(Duration::from_secs(20), "replica A to list both", || {
-        let (server, token) = (&server, &token);
-        async move {
-            let (_, status) =
-                support::api_request(server, Some(token), "GET", "/api/v1/status", None, None).await.ok()?;
-            (status["replicas"].as_array()?.len() == 2).then_some(())
-        }
-    })
-    .await;
+    let Some((_etcd, a, b)) = support::two_replicas(&dir).await else { return };
     // echo's proxy holds its streams on B, the caller's on A; the operator asks A.
     let app = TestApp::start("echo").await;
     let echo = Proxy::meshed(&dir, &b, "echo", Some(app.address)).await;

@@ -953,6 +953,32 @@ pub async fn tls_to(
     tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, stream).await.unwrap()
 }
 
+/// Two control-plane replicas on one etcd (`None`, after saying why, when etcd is not
+/// installed outside CI), sharing one CA, both with replica A's admin token, each listing
+/// both replicas before this returns.
+pub async fn two_replicas(dir: &TempDir) -> Option<(Etcd, Control, Control)> {
+    let etcd = Etcd::start(dir, "etcd").await?;
+    let key = dir.write("ca-encryption.key", &"ab".repeat(32)).display().to_string();
+    let store = etcd.store();
+    let flags = ["--store", store.as_str(), "--ca-encryption-key", &key];
+    let a = Control::start_on(dir, "control-a", &dir.0.join("a"), &flags).await;
+    let mut b = Control::start_on(dir, "control-b", &dir.0.join("b"), &flags).await;
+    b.token_file = a.token_file.clone();
+    let token = a.admin_token();
+    for control in [&a, &b] {
+        let (server, token) = (control.server(), &token);
+        eventually(Duration::from_secs(20), "each replica to list both", || {
+            let server = &server;
+            async move {
+                let (_, status) = api_request(server, Some(token), "GET", "/api/v1/status", None, None).await.ok()?;
+                (status["replicas"].as_array()?.len() == 2).then_some(())
+            }
+        })
+        .await;
+    }
+    Some((etcd, a, b))
+}
+
 /// Writes `request` as is to a fresh connection and reads until the peer closes (at
 /// most 10 s): the whole answer as text, for requests no well-behaved client would send.
 pub async fn raw_exchange(address: SocketAddr, request: &[u8]) -> String {
