@@ -125,8 +125,8 @@ impl Arrival {
     }
 }
 
-/// What became of a request, for its line. Shared strings, so that a line costs no
-/// allocation beyond its buffer.
+/// What became of a request, for its line and its tap event. Shared strings, so that a
+/// line costs no allocation beyond its buffer.
 pub struct Outcome {
     pub direction: &'static str,
     pub source_identity: Option<Arc<str>>,

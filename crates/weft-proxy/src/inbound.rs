@@ -441,24 +441,11 @@ fn observe(
 ) -> Response<Body> {
     let latency = started.elapsed();
     let trace_id = trace_id.filter(|_| tapped.is_some() || logged.is_some()).map(|id| trace_context::hex(&id));
-    if let Some(tapped) = tapped {
-        let outcome = tap::Outcome {
-            error,
-            source_identity: peer.map(|p| p.principal.to_string()),
-            destination_identity: state.own_identity().map(|identity| identity.to_string()),
-            source_service: None,
-            destination_service: (!state.own_label.is_empty()).then(|| state.own_label.to_string()),
-            endpoint: state.settings.app_addr.map(|app| app.to_string()),
-            trace_id: trace_id.clone(),
-            tls: peer.is_some(),
-        };
-        response = tapped.finish(state, outcome, response);
-    }
     if let Some(mut span) = span {
         span.status(response.status().as_u16());
         response = span.finish_with(response);
     }
-    if let Some(arrival) = logged {
+    if tapped.is_some() || logged.is_some() {
         let outcome = access_log::Outcome {
             direction: "inbound",
             source_identity: peer.map(|p| p.principal.clone()),
@@ -471,7 +458,12 @@ fn observe(
             retries: 0,
             trace_id,
         };
-        response = access_log::finish(arrival, outcome, response);
+        if let Some(tapped) = tapped {
+            response = tapped.finish(state, &outcome, peer.is_some(), response);
+        }
+        if let Some(arrival) = logged {
+            response = access_log::finish(arrival, outcome, response);
+        }
     }
     let labels = RequestLabels {
         direction: "inbound",

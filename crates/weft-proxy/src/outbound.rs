@@ -172,21 +172,7 @@ pub async fn handle(
             response = span.finish_with(response);
         }
     }
-    if let Some(tapped) = routed.tapped.take() {
-        let endpoint = answering.endpoint.as_ref();
-        let outcome = tap::Outcome {
-            error,
-            source_identity: state.own_identity().map(|identity| identity.to_string()),
-            destination_identity: endpoint.and_then(|e| e.key.identity.as_deref().map(str::to_string)),
-            source_service: (!state.own_label.is_empty()).then(|| state.own_label.to_string()),
-            destination_service: Some(routed.destination.to_string()),
-            endpoint: endpoint.map(|e| e.address.to_string()),
-            trace_id: routed.trace.as_ref().map(|t| trace_context::hex(&t.trace_id)),
-            tls,
-        };
-        response = tapped.finish(&state, outcome, response);
-    }
-    if let Some(arrival) = routed.logged.take() {
+    if routed.tapped.is_some() || routed.logged.is_some() {
         let endpoint = answering.endpoint.as_ref();
         let outcome = access_log::Outcome {
             direction: "outbound",
@@ -200,7 +186,12 @@ pub async fn handle(
             retries: answering.tries.saturating_sub(1),
             trace_id: routed.trace.as_ref().map(|t| trace_context::hex(&t.trace_id)),
         };
-        response = access_log::finish(arrival, outcome, response);
+        if let Some(tapped) = routed.tapped.take() {
+            response = tapped.finish(&state, &outcome, tls, response);
+        }
+        if let Some(arrival) = routed.logged.take() {
+            response = access_log::finish(arrival, outcome, response);
+        }
     }
     let labels = RequestLabels {
         direction: "outbound",

@@ -387,25 +387,28 @@ impl Tapped {
     }
 
     /// Judges the sessions' whole filters on the finished request and spends their
-    /// rate; returns the response with the event sent when its body ends. `outcome`
-    /// fills in what the direction knows.
+    /// rate; returns the response with the event sent when its body ends. `outcome` is
+    /// what the direction knows (as its access log line says it), `tls` whether the hop
+    /// between proxies was mutual TLS.
     pub fn finish(
         mut self: Box<Self>,
         state: &SharedState,
-        outcome: Outcome,
+        outcome: &crate::access_log::Outcome,
+        tls: bool,
         response: Response<Body>,
     ) -> Response<Body> {
         let status = response.status().as_u16();
+        let text = |value: &Option<Arc<str>>| value.as_deref().unwrap_or_default().to_string();
         let event = &mut self.event;
         event.status = u32::from(status);
         event.error = outcome.error.to_string();
-        event.source_identity = outcome.source_identity.unwrap_or_default();
-        event.destination_identity = outcome.destination_identity.unwrap_or_default();
-        event.source_service = outcome.source_service.unwrap_or_default();
-        event.destination_service = outcome.destination_service.unwrap_or_default();
-        event.endpoint = outcome.endpoint.unwrap_or_default();
-        event.trace_id = outcome.trace_id.unwrap_or_default();
-        event.tls = outcome.tls;
+        event.source_identity = text(&outcome.source_identity);
+        event.destination_identity = text(&outcome.destination_identity);
+        event.source_service = text(&outcome.source_service);
+        event.destination_service = text(&outcome.destination_service);
+        event.endpoint = outcome.upstream.map(|address| address.to_string()).unwrap_or_default();
+        event.trace_id = outcome.trace_id.clone().unwrap_or_default();
+        event.tls = tls;
         if let Some(code) = crate::telemetry::grpc_status(response.headers()) {
             event.grpc_status = code as i32;
         }
@@ -444,20 +447,6 @@ pub struct TryEnd<'a> {
     pub ejected: Option<Duration>,
     pub then: &'static str,
     pub budget_left: u64,
-}
-
-/// What a direction knows of a finished request.
-#[derive(Default)]
-pub struct Outcome {
-    pub error: &'static str,
-    pub source_identity: Option<String>,
-    pub destination_identity: Option<String>,
-    pub source_service: Option<String>,
-    pub destination_service: Option<String>,
-    /// The address the request was sent to (inbound: the application's).
-    pub endpoint: Option<String>,
-    pub trace_id: Option<String>,
-    pub tls: bool,
 }
 
 /// Counts a response body and sends its request's event when it ends.
