@@ -10,13 +10,13 @@ mod support;
 
 use std::{
     io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
-use support::{api_request, client, eventually, get_via, send_via, Control, Proxy, TempDir, TestApp, WEFT};
+use support::{api_request, client, eventually, get_via, send_via, Control, Proxy, TempDir, TestApp};
 
 const MESH: &str = r#"
 apiVersion: weft.dev/v1alpha1
@@ -61,11 +61,9 @@ struct Watcher {
 
 impl Watcher {
     fn start(control: &Control, token_file: &std::path::Path, args: &[&str]) -> Watcher {
-        let mut child = Command::new(WEFT)
-            .args(args)
-            .env("WEFT_SERVER", control.server())
+        let mut child = control
+            .command(args)
             .env("WEFT_TOKEN_FILE", token_file)
-            .env("WEFT_CONFIG", &control.contexts_file)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

@@ -442,18 +442,21 @@ impl Control {
         self.cli_with_stdin(args, None)
     }
 
-    pub fn cli_with_stdin(&self, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
-        use std::io::Write;
-        let mut child = Command::new(WEFT)
+    /// A `weft` CLI command against this control plane, with its token, not yet run.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(WEFT);
+        command
             .args(args)
             .env("WEFT_SERVER", self.server())
             .env("WEFT_TOKEN_FILE", &self.token_file)
-            .env("WEFT_CONFIG", &self.contexts_file)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .env("WEFT_CONFIG", &self.contexts_file);
+        command
+    }
+
+    pub fn cli_with_stdin(&self, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+        use std::io::Write;
+        let mut child =
+            self.command(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
         if let Some(text) = stdin {
             child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
         }
