@@ -118,7 +118,7 @@ impl Arrival {
     /// Gives the request an `x-request-id` if it came without one, and notes it.
     pub fn ensure_request_id(&mut self, headers: &mut http::HeaderMap) {
         if self.request_id.is_none() {
-            let id = crate::trace_context::new_request_id();
+            let (id, _) = crate::trace_context::new_request_id();
             headers.insert(crate::trace_context::REQUEST_ID, id.clone());
             self.request_id = Some(id);
         }

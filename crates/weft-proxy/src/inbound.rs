@@ -388,13 +388,12 @@ fn begin_span(
 ) -> (Option<PendingSpan>, Option<trace_context::TraceId>) {
     let config = state.config.load();
     let Some(settings) = config.snapshot.tracing.as_ref() else { return (None, None) };
-    let scanned = trace_context::scan(&parts.headers);
-    trace_context::ensure_request_id(&mut parts.headers, scanned.request_id);
+    let mut scanned = trace_context::scan(&parts.headers);
+    trace_context::ensure_request_id(&mut parts.headers, &mut scanned);
     let own = config.own_service.map(|i| &config.snapshot.services[i]);
     let rate = spans::rate_for(settings, own.and_then(|s| s.policy.trace_sampling));
     let trace = RequestTrace::begin(&scanned, rate, || peer.is_some_and(|p| settings.may_force(&p.principal)));
     if !trace.sampled {
-        trace.propagate(&mut parts.headers, None);
         return (None, Some(trace.trace_id));
     }
     let id = trace_context::new_span_id();
@@ -412,7 +411,7 @@ fn begin_span(
     if let Some(id) = parts.headers.get(trace_context::REQUEST_ID).and_then(|v| v.to_str().ok()) {
         span.text("weft.request_id", id);
     }
-    trace.propagate(&mut parts.headers, Some(&id));
+    trace.propagate(&mut parts.headers, &id);
     (Some(span), Some(trace.trace_id))
 }
 

@@ -285,10 +285,11 @@ async fn route_request(
     let port = &service.ports[port_index];
     // A request id is made only when something records it: it costs 1,200 instructions
     // per request on HTTP/1 and 5,700 on HTTP/2 (HPACK cannot index a fresh value).
-    let scanned = snapshot.tracing.as_ref().map(|_| trace_context::scan(&parts.headers));
-    if let Some(scanned) = &scanned {
-        trace_context::ensure_request_id(&mut parts.headers, scanned.request_id);
-    }
+    let scanned = snapshot.tracing.as_ref().map(|_| {
+        let mut scanned = trace_context::scan(&parts.headers);
+        trace_context::ensure_request_id(&mut parts.headers, &mut scanned);
+        scanned
+    });
     if access_log::wanted(&service.policy.access_log) {
         let length = Counter::length_or(incoming.size_hint().exact(), &mut routed.counted);
         let mut arrival = access_log::Arrival::of(&parts, length, &service.policy.access_log, routed.started);
@@ -708,12 +709,10 @@ fn try_span(
     started: Instant,
 ) -> Option<PendingSpan> {
     let trace = routed.trace.as_ref()?;
-    let Some(traced) = routed.traced.as_deref() else {
-        trace.propagate(headers, None);
-        return None;
-    };
+    // Unsampled: the request goes on with what it carried (see `RequestTrace::propagate`).
+    let traced = routed.traced.as_deref()?;
     let id = trace_context::new_span_id();
-    trace.propagate(headers, Some(&id));
+    trace.propagate(headers, &id);
     let mut span = client_span(state, trace, id, traced, routed, started);
     describe_endpoint(&mut span, endpoint);
     if attempt > 1 {
@@ -801,7 +800,7 @@ async fn send_upgrade(
     routed.start_try(&endpoint, 1);
     if let Some(trace) = &routed.trace {
         // No span per try here: the request's one span (see `handle`) is the parent.
-        trace.propagate(&mut parts.headers, trace.sampled.then_some(&trace.own_span));
+        trace.propagate(&mut parts.headers, &trace.own_span);
     }
     // One try, whose answer (or failure) is the caller's.
     routed.answered.store(true, Ordering::Relaxed);

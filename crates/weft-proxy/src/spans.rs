@@ -3,14 +3,18 @@
 //! over OTLP.
 //!
 //! The decision is head-based and parent-based: a request that arrives with a decision
-//! keeps it, so one trace is sampled or not from end to end; one that arrives without is
-//! decided here, by the addressed Service's rate, and the decision travels on in
-//! `traceparent`. `x-weft-trace: force` samples regardless, from callers MeshConfig's
-//! `forceFrom` names.
+//! (a `traceparent`, a B3 sampling state) keeps it, and a sampled one carries it on in
+//! `traceparent`. One that arrives without is decided by the addressed Service's rate
+//! from its trace id, which is its request id's (see `trace_context::sampled_at`): every
+//! proxy on its way at the same rate decides the same, so an unsampled request carries
+//! nothing but its `x-request-id`, and a Service whose own rate is higher samples the
+//! requests it receives at that rate. `x-weft-trace: force` samples regardless, from
+//! callers MeshConfig's `forceFrom` names.
 //!
 //! Spans never touch a shared structure on the request path: a finished span goes into
 //! its worker's buffer, the worker's housekeeping tick hands the buffer to the exporter
-//! each second, and the exporter sends batches from the proxy's main thread. Every
+//! each second, and the exporter sends batches from the proxy's main thread, as
+//! OpenTelemetry's batch span processor does (512 at once, else after a delay). Every
 //! bound (the worker buffer, the queue, a receiver that is down) drops spans and counts
 //! them; none slows a request.
 
@@ -29,7 +33,6 @@ use opentelemetry_proto::tonic::{
     trace::v1::{span::SpanKind, status::StatusCode as OtlpStatus, ResourceSpans, ScopeSpans, Span, Status},
 };
 use prost::Message;
-use rand::Rng;
 use tokio::sync::mpsc;
 use weft_model::{snapshot::TracingSettings, spec::OtlpProtocol};
 
@@ -56,18 +59,16 @@ pub struct RequestTrace {
     pub parent: Option<SpanId>,
     pub sampled: bool,
     b3: Option<B3Form>,
-    /// Whether the request came with ids: an unsampled request then goes on unchanged.
-    carried: bool,
-    /// The span id this side names to the next hop when it makes no span of its own per
-    /// try: an unsampled request's new context, or a sampled request's one CLIENT span
-    /// when no try was made (a proxy-made answer, an upgrade).
+    /// When sampled, the span id this side names to the next hop when it makes no span
+    /// of its own per try (a proxy-made answer, an upgrade).
     pub own_span: SpanId,
 }
 
 impl RequestTrace {
-    /// Decides the trace of a request whose headers said `scanned`: the caller's
-    /// decision if it made one, else `rate`. `may_force` says whether the caller may
-    /// force a trace; it is asked only when the request asks to.
+    /// Decides the trace of a request whose headers said `scanned` (its request id seen
+    /// to, so that a request without context has a trace id): the caller's decision if
+    /// it made one, else `rate`. `may_force` says whether the caller may force a trace;
+    /// it is asked only when the request asks to.
     pub fn begin(scanned: &trace_context::Scanned, rate: f64, may_force: impl FnOnce() -> bool) -> RequestTrace {
         let extracted = &scanned.context;
         let forced = scanned.force && {
@@ -79,33 +80,27 @@ impl RequestTrace {
             }
             allowed
         };
-        let sampled = forced
-            || match extracted.sampled {
-                Some(decided) => decided,
-                None => rate > 0.0 && (rate >= 1.0 || rand::rng().random_bool(rate)),
-            };
         let (trace_id, parent) = match extracted.ids {
             Some((trace, span)) => (trace, Some(span)),
-            None => (trace_context::new_trace_id(), None),
+            None => (scanned.request_id.unwrap_or_else(trace_context::new_trace_id), None),
         };
-        let carried = extracted.ids.is_some() && extracted.sampled == Some(sampled);
+        let sampled = forced || extracted.sampled.unwrap_or_else(|| trace_context::sampled_at(&trace_id, rate));
         RequestTrace {
             trace_id,
             parent,
             sampled,
             b3: extracted.b3,
-            carried,
-            // An unsampled request that goes on unchanged names no span of this side's.
-            own_span: if carried && !sampled { [0; 8] } else { trace_context::new_span_id() },
+            own_span: if sampled { trace_context::new_span_id() } else { [0; 8] },
         }
     }
 
-    /// Writes the context the next hop receives: `span` (this side's span) when sampled.
-    pub fn propagate(&self, headers: &mut HeaderMap, span: Option<&SpanId>) {
-        match span {
-            Some(span) => trace_context::inject(headers, &self.trace_id, span, self.sampled, self.b3),
-            None if self.carried => {}
-            None => trace_context::inject(headers, &self.trace_id, &self.own_span, self.sampled, self.b3),
+    /// Writes the context the next hop receives when the trace is sampled, naming
+    /// `span` (this side's span for the hop). An unsampled request goes on as it came:
+    /// with the context it carried, or with its request id alone, from which the next
+    /// proxy takes the same trace id and the same decision.
+    pub fn propagate(&self, headers: &mut HeaderMap, span: &SpanId) {
+        if self.sampled {
+            trace_context::inject(headers, &self.trace_id, span, true, self.b3);
         }
     }
 }
@@ -323,24 +318,64 @@ impl Spans {
     }
 }
 
-/// Sends queued spans to MeshConfig's receiver, as they come, for the proxy's lifetime.
-/// The receiver is read from the serving configuration for each batch, so a changed
+/// Sends queued spans to MeshConfig's receiver for the proxy's lifetime: as soon as
+/// [`FULL_EXPORT`] are waiting, else when the oldest has waited the schedule delay (see
+/// [`schedule_delay`]), so that light traffic does not pay for an export each second.
+/// The receiver is read from the serving configuration for each export, so a changed
 /// endpoint applies at once.
 pub async fn export(state: Arc<SharedState>) {
     let Some(mut receiver) = state.spans.receiver.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
+    let delay = schedule_delay(std::env::var(SCHEDULE_DELAY_VAR).ok().as_deref());
     let mut exporter = Exporter::new(&state);
-    while let Some(first) = receiver.recv().await {
-        let mut batch = first;
-        while batch.len() < EXPORT_BATCH {
-            match receiver.try_recv() {
-                Ok(more) => batch.extend(more),
-                Err(_) => break,
-            }
+    let mut waiting: Vec<Span> = Vec::new();
+    let mut due: Option<tokio::time::Instant> = None;
+    loop {
+        let arrived = match due {
+            Some(at) => tokio::select! {
+                batch = receiver.recv() => batch,
+                () = tokio::time::sleep_until(at) => {
+                    exporter.send_all(&state, &mut waiting).await;
+                    due = None;
+                    continue;
+                }
+            },
+            None => receiver.recv().await,
+        };
+        let Some(batch) = arrived else {
+            // The proxy is stopping: what waits goes now.
+            exporter.send_all(&state, &mut waiting).await;
+            return;
+        };
+        waiting.extend(batch);
+        due.get_or_insert_with(|| tokio::time::Instant::now() + delay);
+        if waiting.len() >= FULL_EXPORT {
+            exporter.send_all(&state, &mut waiting).await;
+            due = None;
         }
-        let settings = state.config.load().snapshot.tracing.clone();
-        // Tracing was turned off since these spans were made: nobody wants them.
-        let Some(settings) = settings else { continue };
-        exporter.send(&state, &settings, batch).await;
+    }
+}
+
+/// The environment variable OpenTelemetry's SDKs read for their batch span processor's
+/// delay; the proxy reads it too, so operators set it as they know it.
+pub const SCHEDULE_DELAY_VAR: &str = "OTEL_BSP_SCHEDULE_DELAY";
+/// Spans that are sent without waiting for the delay (the SDKs' default batch size).
+const FULL_EXPORT: usize = 512;
+
+/// How long a finished span may wait to be sent with others: `OTEL_BSP_SCHEDULE_DELAY`
+/// in milliseconds, or 5 s, the SDKs' default. A value that is no number of
+/// milliseconds is reported and the default used.
+fn schedule_delay(value: Option<&str>) -> Duration {
+    const DEFAULT: Duration = Duration::from_secs(5);
+    match value.map(|v| v.trim().parse::<u64>()) {
+        None => DEFAULT,
+        Some(Ok(millis)) => Duration::from_millis(millis),
+        Some(Err(_)) => {
+            tracing::warn!(
+                "{SCHEDULE_DELAY_VAR}={:?} is not a number of milliseconds; spans are sent every {DEFAULT:?}",
+                value.unwrap_or_default()
+            );
+            DEFAULT
+        }
     }
 }
 
@@ -369,6 +404,20 @@ impl Exporter {
         }
         let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<_>();
         Exporter { resource: Resource { attributes, ..Default::default() }, grpc: None, http, failing: false }
+    }
+
+    /// Sends every span in `waiting`, [`EXPORT_BATCH`] to a request, unless tracing was
+    /// turned off since they were made (then nobody wants them).
+    async fn send_all(&mut self, state: &SharedState, waiting: &mut Vec<Span>) {
+        let Some(settings) = state.config.load().snapshot.tracing.clone() else {
+            waiting.clear();
+            return;
+        };
+        while !waiting.is_empty() {
+            let rest = waiting.split_off(waiting.len().min(EXPORT_BATCH));
+            let batch = std::mem::replace(waiting, rest);
+            self.send(state, &settings, batch).await;
+        }
     }
 
     async fn send(&mut self, state: &SharedState, settings: &TracingSettings, spans: Vec<Span>) {
@@ -467,6 +516,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn spans_wait_the_delay_otel_names() {
+        assert_eq!(schedule_delay(None), Duration::from_secs(5));
+        assert_eq!(schedule_delay(Some("200")), Duration::from_millis(200));
+        assert_eq!(schedule_delay(Some("soon")), Duration::from_secs(5), "reported, and the default used");
+    }
+
+    #[test]
     fn http_receivers_get_v1_traces_unless_a_path_is_given() {
         assert_eq!(http_traces_url("http://127.0.0.1:4318"), "http://127.0.0.1:4318/v1/traces");
         assert_eq!(http_traces_url("http://127.0.0.1:4318/"), "http://127.0.0.1:4318/v1/traces");
@@ -480,47 +536,65 @@ mod tests {
             .collect()
     }
 
+    /// `headers` scanned, with a request id seen to, as the proxies begin a trace.
+    fn scanned(headers: &mut HeaderMap) -> trace_context::Scanned {
+        let mut scanned = trace_context::scan(headers);
+        trace_context::ensure_request_id(headers, &mut scanned);
+        scanned
+    }
+
     #[test]
     fn the_caller_decides_when_it_has_decided() {
-        let sampled = headers(&[("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")]);
-        let trace = RequestTrace::begin(&trace_context::scan(&sampled), 0.0, || false);
+        let mut sampled = headers(&[("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")]);
+        let trace = RequestTrace::begin(&scanned(&mut sampled), 0.0, || false);
         assert!(trace.sampled, "a sampled trace is continued at rate 0");
         assert_eq!(trace_context::hex(&trace.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(trace.parent.map(|p| trace_context::hex(&p)).as_deref(), Some("00f067aa0ba902b7"));
 
-        let unsampled = headers(&[("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00")]);
-        assert!(
-            !RequestTrace::begin(&trace_context::scan(&unsampled), 1.0, || false).sampled,
-            "an unsampled trace stays unsampled"
-        );
-        // An unsampled request with a context goes on unchanged.
+        let mut unsampled = headers(&[("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00")]);
+        let trace = RequestTrace::begin(&scanned(&mut unsampled), 1.0, || false);
+        assert!(!trace.sampled, "an unsampled trace stays unsampled");
+        // An unsampled request goes on unchanged.
         let mut forwarded = unsampled.clone();
-        RequestTrace::begin(&trace_context::scan(&unsampled), 1.0, || false).propagate(&mut forwarded, None);
+        trace.propagate(&mut forwarded, &trace_context::new_span_id());
         assert_eq!(forwarded, unsampled);
     }
 
     #[test]
-    fn a_new_trace_follows_the_rate_and_travels_on() {
-        assert!(RequestTrace::begin(&trace_context::scan(&HeaderMap::new()), 1.0, || false).sampled);
-        let trace = RequestTrace::begin(&trace_context::scan(&HeaderMap::new()), 0.0, || false);
+    fn a_new_trace_is_its_request_ids_and_decided_alike_at_each_hop() {
+        let mut first = HeaderMap::new();
+        let trace = RequestTrace::begin(&scanned(&mut first), 0.0, || false);
         assert!(!trace.sampled);
-        let mut out = HeaderMap::new();
-        trace.propagate(&mut out, None);
-        let sent = trace_context::extract(&out);
-        assert_eq!(sent.sampled, Some(false), "the decision goes on so the next hop does not decide again");
-        assert_eq!(sent.ids.map(|(t, _)| t), Some(trace.trace_id));
+        let id = first["x-request-id"].to_str().unwrap().replace('-', "");
+        assert_eq!(trace_context::hex(&trace.trace_id), id);
+        let mut sent = first.clone();
+        trace.propagate(&mut sent, &trace_context::new_span_id());
+        assert_eq!(sent, first, "nothing but the request id travels on");
+        // The next hop: the same trace, and at any rate the same decision as the first.
+        for rate in [0.0, 0.01, 0.5, 1.0] {
+            let here = RequestTrace::begin(&scanned(&mut first.clone()), rate, || false);
+            let next = RequestTrace::begin(&scanned(&mut sent.clone()), rate, || false);
+            assert_eq!((here.trace_id, here.sampled), (next.trace_id, next.sampled), "at {rate}");
+        }
+        let sampled = RequestTrace::begin(&scanned(&mut first.clone()), 1.0, || false);
+        let span = trace_context::new_span_id();
+        let mut out = first.clone();
+        sampled.propagate(&mut out, &span);
+        let carried = trace_context::extract(&out);
+        assert_eq!(carried.ids, Some((trace.trace_id, span)));
+        assert_eq!(carried.sampled, Some(true), "a sampled trace goes on in traceparent");
     }
 
     #[test]
     fn forcing_takes_a_caller_allowed_to() {
         let forced = headers(&[("x-weft-trace", "force")]);
-        assert!(RequestTrace::begin(&trace_context::scan(&forced), 0.0, || true).sampled);
+        assert!(RequestTrace::begin(&scanned(&mut forced.clone()), 0.0, || true).sampled);
         assert!(
-            !RequestTrace::begin(&trace_context::scan(&forced), 0.0, || false).sampled,
+            !RequestTrace::begin(&scanned(&mut forced.clone()), 0.0, || false).sampled,
             "a caller not in forceFrom cannot force"
         );
         let mut asked = false;
-        RequestTrace::begin(&trace_context::scan(&HeaderMap::new()), 0.0, || {
+        RequestTrace::begin(&scanned(&mut HeaderMap::new()), 0.0, || {
             asked = true;
             true
         });

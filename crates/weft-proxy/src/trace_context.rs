@@ -3,6 +3,12 @@
 //! it came in, so that B3-instrumented applications keep working; `tracestate` passed
 //! through untouched; and `x-request-id` made for a request that has none.
 //!
+//! A request without trace context takes its trace id from its request id (see
+//! [`request_trace_id`]), and the sampling decision from that trace id (see
+//! [`sampled_at`]): so an unsampled request needs no `traceparent` on the wire. Every
+//! proxy on its way names the same trace in its logs and tap events, and decides alike,
+//! from the one header the request carries anyway.
+//!
 //! Only the ids and the sampling decision matter to the proxy: a parse failure is "no
 //! context" (the request starts a new trace), never an error for the caller.
 
@@ -47,8 +53,8 @@ pub struct Scanned {
     pub context: Extracted,
     /// `x-weft-trace: force`.
     pub force: bool,
-    /// Whether it has an `x-request-id`.
-    pub request_id: bool,
+    /// The trace id its `x-request-id` stands for, when it has one.
+    pub request_id: Option<TraceId>,
 }
 
 /// The trace headers of a request, as found.
@@ -67,19 +73,27 @@ struct Found<'a> {
 pub fn scan(headers: &HeaderMap) -> Scanned {
     let mut found = Found::default();
     let mut scanned = Scanned::default();
+    let mut request_id = None;
     for (name, value) in headers {
-        match name.as_str() {
-            "traceparent" => found.traceparent = Some(value),
-            "b3" => found.b3 = Some(value),
-            "x-b3-traceid" => found.b3_trace_id = Some(value),
-            "x-b3-spanid" => found.b3_span_id = Some(value),
-            "x-b3-sampled" => found.b3_sampled = Some(value),
-            "x-b3-flags" => found.b3_flags = Some(value),
-            "x-weft-trace" => scanned.force |= value.as_bytes().eq_ignore_ascii_case(b"force"),
-            "x-request-id" => scanned.request_id = true,
+        let name = name.as_str();
+        // Most headers are none of these: their first letter says so, before any
+        // comparison of whole names.
+        match name.as_bytes().first() {
+            Some(b't') if name == "traceparent" => found.traceparent = Some(value),
+            Some(b'b') if name == "b3" => found.b3 = Some(value),
+            Some(b'x') => match name {
+                "x-request-id" => request_id = request_id.or(Some(value)),
+                "x-b3-traceid" => found.b3_trace_id = Some(value),
+                "x-b3-spanid" => found.b3_span_id = Some(value),
+                "x-b3-sampled" => found.b3_sampled = Some(value),
+                "x-b3-flags" => found.b3_flags = Some(value),
+                "x-weft-trace" => scanned.force |= value.as_bytes().eq_ignore_ascii_case(b"force"),
+                _ => {}
+            },
             _ => {}
         }
     }
+    scanned.request_id = request_id.map(|value| request_trace_id(value.as_bytes()));
     scanned.context = extract_found(&found);
     scanned
 }
@@ -225,26 +239,99 @@ pub fn inject(headers: &mut HeaderMap, trace: &TraceId, span: &SpanId, sampled: 
     }
 }
 
-/// Sets a new `x-request-id` (a random UUID, version 4) unless the request had one
-/// (`present`, as [`scan`] found).
-pub fn ensure_request_id(headers: &mut HeaderMap, present: bool) {
-    if !present {
-        headers.insert(REQUEST_ID, new_request_id());
-    }
+/// Gives the request a new `x-request-id` (a random UUID, version 4) unless [`scan`]
+/// found one, and returns the trace id the request's id stands for.
+pub fn ensure_request_id(headers: &mut HeaderMap, scanned: &mut Scanned) -> TraceId {
+    *scanned.request_id.get_or_insert_with(|| {
+        let (value, trace) = new_request_id();
+        headers.insert(REQUEST_ID, value);
+        trace
+    })
 }
 
-/// A new request id: a random UUID, version 4.
-pub fn new_request_id() -> HeaderValue {
+/// A new request id, a random UUID (version 4), and the trace id it stands for: its own
+/// 128 bits.
+pub fn new_request_id() -> (HeaderValue, TraceId) {
     let mut bytes = random_u128().to_le_bytes();
     bytes[6] = (bytes[6] & 0x0f) | 0x40;
     bytes[8] = (bytes[8] & 0x3f) | 0x80;
     // 8-4-4-4-12 hex digits; every position fixed, so no branch per byte.
     let mut text = *b"00000000-0000-0000-0000-000000000000";
-    const GROUPS: [(usize, usize, usize); 5] = [(0, 4, 0), (4, 6, 9), (6, 8, 14), (8, 10, 19), (10, 16, 24)];
-    for (from, to, at) in GROUPS {
+    for (from, to, at) in UUID_GROUPS {
         write_hex(&mut text[at..at + 2 * (to - from)], &bytes[from..to]);
     }
-    header_value(&text)
+    (header_value(&text), bytes)
+}
+
+/// A UUID's groups: the bytes each holds, and where its digits start in the text.
+const UUID_GROUPS: [(usize, usize, usize); 5] = [(0, 4, 0), (4, 6, 9), (6, 8, 14), (8, 10, 19), (10, 16, 24)];
+
+/// The trace id a request id stands for. A version-4 UUID (what weft makes, and most
+/// clients) is its own 128 bits, so the trace id reads as the request id without its
+/// dashes. Anything else is hashed: an id of another form may have no random low bits
+/// (a UUID of version 1 ends in a MAC address), and the sampling decision is taken from
+/// those bits.
+pub fn request_trace_id(value: &[u8]) -> TraceId {
+    if let Some(uuid) = parse_uuid_v4(value) {
+        return uuid;
+    }
+    // FNV-1a, 128 bits, then each half through SplitMix64's finalizer, so that every
+    // input byte reaches the low bits.
+    const OFFSET: u128 = 0x6c62272e07bb014262b821756295c58d;
+    const PRIME: u128 = 0x0000000001000000000000000000013b;
+    let hash = value.iter().fold(OFFSET, |hash, byte| (hash ^ *byte as u128).wrapping_mul(PRIME));
+    fn mix(mut z: u64) -> u64 {
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+        z ^ (z >> 31)
+    }
+    let (high, low) = (mix((hash >> 64) as u64), mix(hash as u64) | 1);
+    ((high as u128) << 64 | low as u128).to_be_bytes()
+}
+
+/// The 16 bytes of a version-4 UUID in its text form, any case. Every request through
+/// a tracing proxy has its id read so: each digit is one table load folded into two
+/// words, with one validity check at the end, rather than a parse per byte.
+fn parse_uuid_v4(text: &[u8]) -> Option<TraceId> {
+    /// Where the 32 digits are, past the dashes.
+    const DIGITS: [usize; 32] = [
+        0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 14, 15, 16, 17, 19, 20, 21, 22, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33,
+        34, 35,
+    ];
+    let text: &[u8; 36] = text.try_into().ok()?;
+    if text[8] != b'-' || text[13] != b'-' || text[18] != b'-' || text[23] != b'-' {
+        return None;
+    }
+    let (mut high, mut low, mut invalid) = (0u64, 0u64, 0u8);
+    for at in &DIGITS[..16] {
+        let digit = HEX[text[*at] as usize];
+        invalid |= digit;
+        high = high << 4 | digit as u64;
+    }
+    for at in &DIGITS[16..] {
+        let digit = HEX[text[*at] as usize];
+        invalid |= digit;
+        low = low << 4 | digit as u64;
+    }
+    // The version nibble, 4, and the variant's two bits, 10.
+    let v4 = (high >> 12) & 0xf == 4 && low >> 62 == 0b10;
+    (invalid & 0xf0 == 0 && v4).then(|| ((high as u128) << 64 | low as u128).to_be_bytes())
+}
+
+/// Whether the trace `trace` is sampled at `rate`: its rightmost 56 bits, random in
+/// every id weft makes (as W3C Trace Context level 2 and OpenTelemetry's consistent
+/// sampling take them), against the rate's share of their range. Proxies at one rate
+/// decide alike; a proxy at a higher rate samples every trace a lower one does, and more.
+pub fn sampled_at(trace: &TraceId, rate: f64) -> bool {
+    if rate >= 1.0 {
+        return true;
+    }
+    if rate.is_nan() || rate <= 0.0 {
+        return false;
+    }
+    let mut low = [0u8; 8];
+    low[1..].copy_from_slice(&trace[9..]);
+    u64::from_be_bytes(low) < (rate * (1u64 << 56) as f64) as u64
 }
 
 thread_local! {
@@ -433,8 +520,9 @@ mod tests {
     #[test]
     fn request_ids_are_made_once() {
         let mut map = HeaderMap::new();
-        assert!(!scan(&map).request_id);
-        ensure_request_id(&mut map, false);
+        let mut scanned = scan(&map);
+        assert_eq!(scanned.request_id, None);
+        let trace = ensure_request_id(&mut map, &mut scanned);
         let id = map["x-request-id"].to_str().unwrap().to_string();
         assert_eq!(id.len(), 36);
         let dashes: Vec<usize> = id.match_indices('-').map(|(i, _)| i).collect();
@@ -442,9 +530,50 @@ mod tests {
         assert!(id.bytes().all(|b| b == b'-' || b.is_ascii_digit() || (b'a'..=b'f').contains(&b)), "{id}");
         assert_eq!(&id[14..15], "4", "version 4: {id}");
         assert!("89ab".contains(&id[19..20]), "the RFC 4122 variant: {id}");
-        assert!(scan(&map).request_id);
+        assert_eq!(hex(&trace), id.replace('-', ""), "the trace id is the request id's bits");
+        // The next proxy reads the same trace id from the header, and makes none.
+        let mut next = scan(&map);
+        assert_eq!(next.request_id, Some(trace));
+        assert_eq!(ensure_request_id(&mut map.clone(), &mut next), trace);
         let mut other = HeaderMap::new();
-        ensure_request_id(&mut other, false);
+        ensure_request_id(&mut other, &mut scan(&HeaderMap::new()));
         assert_ne!(other["x-request-id"], id.as_str(), "ids differ");
+    }
+
+    #[test]
+    fn other_request_ids_are_hashed_to_a_trace_id() {
+        let uuid = "4BF92F35-77B3-4DA6-A3CE-929D0E0E4736";
+        assert_eq!(hex(&request_trace_id(uuid.as_bytes())), "4bf92f3577b34da6a3ce929d0e0e4736", "any case");
+        // Not version 4 (a version-1 UUID ends in its host's MAC address): hashed.
+        let v1 = b"6ba7b810-9dad-11d1-80b4-00c04fd430c8";
+        assert_ne!(hex(&request_trace_id(v1)), "6ba7b8109dad11d180b400c04fd430c8");
+        let hashed = request_trace_id(b"mine-42");
+        assert_eq!(hashed, request_trace_id(b"mine-42"), "the same id, the same trace at every hop");
+        assert_ne!(hashed, request_trace_id(b"mine-43"));
+        assert_ne!(hashed, [0; 16]);
+        // One byte apart, ids differ in their low 56 bits too, where sampling looks.
+        assert_ne!(hashed[9..], request_trace_id(b"mine-43")[9..]);
+    }
+
+    #[test]
+    fn sampling_is_decided_alike_from_the_trace_id() {
+        let mut at_one_percent = 0;
+        for n in 0..20_000u32 {
+            let trace = request_trace_id(format!("request-{n}").as_bytes());
+            let low = sampled_at(&trace, 0.01);
+            let high = sampled_at(&trace, 0.1);
+            assert!(!low || high, "a trace sampled at 1% is sampled at 10%");
+            assert_eq!(low, sampled_at(&trace, 0.01), "decided alike each time");
+            assert!(sampled_at(&trace, 1.0) && !sampled_at(&trace, 0.0) && !sampled_at(&trace, f64::NAN));
+            at_one_percent += low as u32;
+        }
+        // 200 expected; a binomial's standard deviation here is 14.
+        assert!((120..=280).contains(&at_one_percent), "{at_one_percent} of 20,000 at 1%");
+        // The threshold is on the rightmost 56 bits.
+        let mut trace = [0xffu8; 16];
+        trace[9..].copy_from_slice(&[0, 0, 0, 0, 0, 0, 1]);
+        assert!(sampled_at(&trace, 0.000001));
+        trace[9] = 0x80;
+        assert!(!sampled_at(&trace, 0.5) && sampled_at(&trace, 0.51));
     }
 }

@@ -159,6 +159,9 @@ async fn lines_carry_typed_fields_errors_only_applies_and_sigusr1_reopens_the_fi
     let (out, inbound) = (line_for(&log, "outbound", "/traced").await, line_for(&log, "inbound", "/traced").await);
     assert!(out["trace_id"].as_str().is_some_and(|id| id.len() == 32), "{out}");
     assert_eq!(out["trace_id"], inbound["trace_id"], "one trace, unsampled, on both sides");
+    // With no traceparent on the wire: the trace is the request id's.
+    let request_id = out["request_id"].as_str().unwrap_or_default().replace('-', "");
+    assert_eq!(out["trace_id"].as_str(), Some(request_id.as_str()), "{out}");
 
     // A streamed (chunked) request body is counted as it passes.
     app.set_status(500);

@@ -232,6 +232,9 @@ impl Proxy {
             .arg(&ports_file)
             .args(args)
             .env("RUST_LOG", "info,weft_proxy=debug")
+            // Spans are sent within 200 ms rather than the default 5 s, so tests that
+            // wait for them do not wait long.
+            .env("OTEL_BSP_SCHEDULE_DELAY", "200")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
         let child = command.spawn().expect("weft binary starts");
