@@ -66,13 +66,6 @@ impl RequestAuthority {
             None => host.cloned().map(RequestAuthority::Host),
         }
     }
-
-    fn as_str(&self) -> &str {
-        match self {
-            RequestAuthority::Uri(authority) => authority.as_str(),
-            RequestAuthority::Host(host) => host.to_str().unwrap_or_default(),
-        }
-    }
 }
 
 /// Whether to log a request under `rule` (sampling is decided here, once).
@@ -148,11 +141,6 @@ struct Pending {
     status: u16,
 }
 
-/// A header's value as text, when it is visible ASCII.
-fn header_text(value: &Option<http::HeaderValue>) -> Option<&str> {
-    value.as_ref().and_then(|v| v.to_str().ok())
-}
-
 /// `"name":`, preceded by the comma every key but the first has: one copy per key.
 macro_rules! key {
     ($name:literal) => {
@@ -169,21 +157,21 @@ impl Pending {
                 buffer.dropped += 1;
                 return;
             }
-            let WorkerBuffer { bytes, lines, clock, .. } = &mut *buffer;
+            let WorkerBuffer { bytes, lines, clock, addresses, parties, .. } = &mut *buffer;
             bytes.extend_from_slice(b"{\"timestamp\":\"");
             clock.write_now(bytes);
             bytes.push(b'"');
             // Values the proxy made or validated (SPIFFE IDs, names, labels, reasons, an
             // HTTP method) need no escaping; what the client sent is checked.
+            bytes.extend_from_slice(parties.text(o));
             let mut line = JsonLine { out: bytes };
-            line.trusted(key!("direction"), o.direction);
-            line.maybe_trusted(key!("source_identity"), o.source_identity.as_deref());
-            line.maybe_trusted(key!("destination_identity"), o.destination_identity.as_deref());
-            line.maybe_trusted(key!("source_service"), o.source_service.as_deref());
-            line.maybe_trusted(key!("destination_service"), o.destination_service.as_deref());
             line.trusted(key!("method"), a.method.as_str());
             // Checked: an inbound request is logged even when its Host is refused.
-            line.text(key!("authority"), a.authority.as_ref().map_or("", RequestAuthority::as_str));
+            match &a.authority {
+                Some(RequestAuthority::Uri(authority)) => line.text(key!("authority"), authority.as_str()),
+                Some(RequestAuthority::Host(host)) => line.header(key!("authority"), Some(host)),
+                None => line.trusted(key!("authority"), ""),
+            }
             line.text(key!("path"), a.path.as_ref().map_or("/", |p| p.as_str()));
             line.number(key!("status"), self.status as u64);
             line.maybe_trusted(key!("weft_error"), (!o.error.is_empty()).then_some(o.error));
@@ -193,12 +181,12 @@ impl Pending {
                 a.bytes_received.unwrap_or_else(|| a.counted.as_ref().map_or(0, |c| c.get())),
             );
             line.number(key!("bytes_sent"), bytes_sent);
-            line.maybe_address(key!("upstream"), o.upstream);
+            line.maybe_address(key!("upstream"), o.upstream, addresses);
             line.maybe_trusted(key!("route"), o.route.as_deref());
             line.number(key!("retries"), o.retries as u64);
             line.maybe_trusted(key!("trace_id"), o.trace_id.as_deref());
-            line.maybe_text(key!("request_id"), header_text(&a.request_id));
-            line.maybe_text(key!("user_agent"), header_text(&a.user_agent));
+            line.header(key!("request_id"), a.request_id.as_ref());
+            line.header(key!("user_agent"), a.user_agent.as_ref());
             line.end();
             *lines += 1;
             if bytes.len() >= CHUNK {
@@ -255,24 +243,29 @@ impl JsonLine<'_> {
         }
     }
 
-    fn maybe_address(&mut self, key: &str, value: Option<std::net::SocketAddr>) {
+    /// A header's value from the client: copied whole when it is plain ASCII (one pass
+    /// over it, where text would need two: `to_str`'s and the escaping check), escaped
+    /// when it is other visible text, `null` when it is no text.
+    #[inline(always)]
+    fn header(&mut self, key: &str, value: Option<&http::HeaderValue>) {
+        match value {
+            Some(value) if plain_ascii(value.as_bytes()) => {
+                self.out.extend_from_slice(key.as_bytes());
+                self.out.push(b'"');
+                self.out.extend_from_slice(value.as_bytes());
+                self.out.push(b'"');
+            }
+            Some(value) => self.maybe_text(key, value.to_str().ok()),
+            None => self.null(key),
+        }
+    }
+
+    fn maybe_address(&mut self, key: &str, value: Option<std::net::SocketAddr>, addresses: &mut AddressTexts) {
         let Some(address) = value else { return self.null(key) };
         self.out.extend_from_slice(key.as_bytes());
         self.out.push(b'"');
         match address {
-            // By hand: `Display` for an address goes through the formatter's padding
-            // machinery (1,500 instructions a line).
-            std::net::SocketAddr::V4(v4) => {
-                for (i, octet) in v4.ip().octets().iter().enumerate() {
-                    if i > 0 {
-                        self.out.push(b'.');
-                    }
-                    let (digits, length) = OCTETS[*octet as usize];
-                    self.out.extend_from_slice(&digits[..length as usize]);
-                }
-                self.out.push(b':');
-                self.out.extend_from_slice(itoa::Buffer::new().format(v4.port()).as_bytes());
-            }
+            std::net::SocketAddr::V4(v4) => self.out.extend_from_slice(addresses.text(v4)),
             v6 => {
                 let _ = write!(self.out, "{v6}");
             }
@@ -307,6 +300,129 @@ impl JsonLine<'_> {
 
     fn end(self) {
         self.out.extend_from_slice(b"}\n");
+    }
+}
+
+/// The direction, identities and Services of the lines a worker wrote last, rendered:
+/// between one caller and one callee they are the same on every line, and writing the
+/// five fields out each time was a fifth of a line's cost. Found by the identity of the
+/// shared strings, which a slot holds, so that none can be freed and its address reused
+/// by another.
+#[derive(Default)]
+struct PartyTexts {
+    slots: [Option<PartyText>; 8],
+}
+
+struct PartyText {
+    direction: &'static str,
+    source_identity: Option<Arc<str>>,
+    destination_identity: Option<Arc<str>>,
+    source_service: Option<Arc<str>>,
+    destination_service: Option<Arc<str>>,
+    /// `,"direction":...,"destination_service":...`
+    text: Vec<u8>,
+}
+
+impl PartyTexts {
+    fn text(&mut self, outcome: &Outcome) -> &[u8] {
+        fn address(text: &Option<Arc<str>>) -> usize {
+            text.as_ref().map_or(0, |text| Arc::as_ptr(text) as *const u8 as usize)
+        }
+        let hash = address(&outcome.source_identity)
+            ^ address(&outcome.destination_identity) >> 2
+            ^ address(&outcome.source_service) >> 4
+            ^ address(&outcome.destination_service) >> 6
+            ^ outcome.direction.len();
+        let slot = &mut self.slots[(hash >> 4 ^ hash >> 8) & 7];
+        if !slot.as_ref().is_some_and(|party| party.is_of(outcome)) {
+            *slot = Some(PartyText::of(outcome));
+        }
+        &slot.as_ref().expect("filled above").text
+    }
+}
+
+impl PartyText {
+    fn of(outcome: &Outcome) -> PartyText {
+        let mut text = Vec::with_capacity(256);
+        let mut line = JsonLine { out: &mut text };
+        line.trusted(key!("direction"), outcome.direction);
+        line.maybe_trusted(key!("source_identity"), outcome.source_identity.as_deref());
+        line.maybe_trusted(key!("destination_identity"), outcome.destination_identity.as_deref());
+        line.maybe_trusted(key!("source_service"), outcome.source_service.as_deref());
+        line.maybe_trusted(key!("destination_service"), outcome.destination_service.as_deref());
+        PartyText {
+            direction: outcome.direction,
+            source_identity: outcome.source_identity.clone(),
+            destination_identity: outcome.destination_identity.clone(),
+            source_service: outcome.source_service.clone(),
+            destination_service: outcome.destination_service.clone(),
+            text,
+        }
+    }
+
+    fn is_of(&self, outcome: &Outcome) -> bool {
+        fn same(a: &Option<Arc<str>>, b: &Option<Arc<str>>) -> bool {
+            match (a, b) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            }
+        }
+        self.direction == outcome.direction
+            && same(&self.source_identity, &outcome.source_identity)
+            && same(&self.destination_identity, &outcome.destination_identity)
+            && same(&self.source_service, &outcome.source_service)
+            && same(&self.destination_service, &outcome.destination_service)
+    }
+}
+
+/// The text of the IPv4 addresses a worker logged last, by a hash of the address: a
+/// proxy logs the same few upstreams over and over, and writing one out costs more than
+/// finding it here.
+#[derive(Default)]
+struct AddressTexts {
+    slots: [Option<(std::net::SocketAddrV4, AddressText)>; 16],
+}
+
+/// `255.255.255.255:65535` at most.
+#[derive(Clone, Copy)]
+struct AddressText {
+    bytes: [u8; 21],
+    length: u8,
+}
+
+impl AddressTexts {
+    fn text(&mut self, address: std::net::SocketAddrV4) -> &[u8] {
+        let hash = u32::from(*address.ip()) ^ address.port() as u32;
+        let slot = &mut self.slots[((hash ^ hash >> 8 ^ hash >> 16) & 15) as usize];
+        if slot.is_none_or(|(cached, _)| cached != address) {
+            *slot = Some((address, AddressText::of(address)));
+        }
+        let (_, text) = slot.as_ref().expect("filled above");
+        &text.bytes[..text.length as usize]
+    }
+}
+
+impl AddressText {
+    /// By hand: `Display` for an address goes through the formatter's padding machinery
+    /// (1,500 instructions).
+    fn of(address: std::net::SocketAddrV4) -> AddressText {
+        let mut text = AddressText { bytes: [0; 21], length: 0 };
+        let mut put = |bytes: &[u8]| {
+            let at = text.length as usize;
+            text.bytes[at..at + bytes.len()].copy_from_slice(bytes);
+            text.length += bytes.len() as u8;
+        };
+        for (i, octet) in address.ip().octets().iter().enumerate() {
+            if i > 0 {
+                put(b".");
+            }
+            let (digits, length) = OCTETS[*octet as usize];
+            put(&digits[..length as usize]);
+        }
+        put(b":");
+        put(itoa::Buffer::new().format(address.port()).as_bytes());
+        text
     }
 }
 
@@ -345,6 +461,27 @@ fn needs_escaping(bytes: &[u8]) -> bool {
         }
     }
     chunks.remainder().iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\')
+}
+
+/// Whether `bytes` are printable ASCII (space to `~`) other than `"` and `\\`: text a
+/// JSON string holds as it is. Eight bytes at a time, as [`needs_escaping`].
+fn plain_ascii(bytes: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let has_zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGHS;
+    let mut chunks = bytes.chunks_exact(8);
+    for chunk in &mut chunks {
+        let x = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
+        let high = x & HIGHS;
+        let control = x.wrapping_sub(0x20 * ONES) & !x & HIGHS;
+        let delete = has_zero(x ^ (0x7f * ONES));
+        let quote = has_zero(x ^ (b'"' as u64 * ONES));
+        let backslash = has_zero(x ^ (b'\\' as u64 * ONES));
+        if high | control | delete | quote | backslash != 0 {
+            return false;
+        }
+    }
+    chunks.remainder().iter().all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
 }
 
 /// Logs the request that got `response`, when its body ends (counting what it sent).
@@ -389,6 +526,8 @@ struct WorkerBuffer {
     lines: u64,
     dropped: u64,
     clock: Clock,
+    addresses: AddressTexts,
+    parties: PartyTexts,
     /// The writer's queue and the path lines go to, as of the last tick (none before).
     writer: Option<(mpsc::SyncSender<Chunk>, String)>,
     /// Set when the writer's queue was full: lines wait for the next tick.
@@ -599,6 +738,72 @@ mod tests {
     }
 
     #[test]
+    fn the_parties_of_a_line_are_written_out_once() {
+        let outcome = |source: &Arc<str>, destination: Option<&Arc<str>>| Outcome {
+            direction: "outbound",
+            source_identity: Some(source.clone()),
+            destination_identity: destination.cloned(),
+            source_service: Some(Arc::from("default/web")),
+            destination_service: None,
+            error: "",
+            upstream: None,
+            route: None,
+            retries: 0,
+            trace_id: None,
+        };
+        let (web, reviews): (Arc<str>, Arc<str>) = (Arc::from("spiffe://a/web"), Arc::from("spiffe://a/reviews"));
+        let mut parties = PartyTexts::default();
+        let first = outcome(&web, Some(&reviews));
+        let text = String::from_utf8(parties.text(&first).to_vec()).unwrap();
+        assert_eq!(
+            text,
+            ",\"direction\":\"outbound\",\"source_identity\":\"spiffe://a/web\",\"destination_identity\":\
+             \"spiffe://a/reviews\",\"source_service\":\"default/web\",\"destination_service\":null"
+        );
+        assert_eq!(parties.text(&first), text.as_bytes(), "the same parties, from the cache");
+        // Other strings with the same text are other keys, and any change shows.
+        let other = outcome(&Arc::from("spiffe://a/web"), None);
+        assert!(String::from_utf8(parties.text(&other).to_vec()).unwrap().contains("\"destination_identity\":null"));
+        let inbound = Outcome { direction: "inbound", ..outcome(&web, Some(&reviews)) };
+        assert!(parties.text(&inbound).starts_with(b",\"direction\":\"inbound\""));
+    }
+
+    #[test]
+    fn plain_ascii_is_printable_ascii_without_quotes_or_backslashes() {
+        assert!(plain_ascii(b"h2load nghttp2/1.64.0 (curl-compatible) ~ 12345678"));
+        assert!(plain_ascii(b""));
+        for bad in [&b"a\"b"[..], b"a\\b", b"tab\there", b"\x7f", "caf\u{e9} au lait, long enough".as_bytes()] {
+            assert!(!plain_ascii(bad), "{bad:?}");
+            let mut padded = b"01234567".to_vec();
+            padded.extend_from_slice(bad);
+            assert!(!plain_ascii(&padded), "in a later word: {padded:?}");
+        }
+        // Every single byte, alone and in a full word.
+        for b in 0..=255u8 {
+            let plain = (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\';
+            assert_eq!(plain_ascii(&[b]), plain, "{b:#x}");
+            assert_eq!(plain_ascii(&[b'a', b'b', b'c', b, b'd', b'e', b'f', b'g']), plain, "{b:#x}");
+        }
+    }
+
+    #[test]
+    fn addresses_are_written_out_once() {
+        let mut texts = AddressTexts::default();
+        for address in ["10.0.0.7:15006", "127.0.0.1:8080", "255.255.255.255:65535", "0.0.0.0:0"] {
+            let parsed: std::net::SocketAddrV4 = address.parse().unwrap();
+            assert_eq!(texts.text(parsed), address.as_bytes());
+            assert_eq!(texts.text(parsed), address.as_bytes(), "from the cache");
+        }
+        // Two addresses in one slot take turns, each still right.
+        let (a, b): (std::net::SocketAddrV4, std::net::SocketAddrV4) =
+            ("10.0.0.1:80".parse().unwrap(), "10.0.0.1:81".parse().unwrap());
+        for _ in 0..2 {
+            assert_eq!(texts.text(a), b"10.0.0.1:80");
+            assert_eq!(texts.text(b), b"10.0.0.1:81");
+        }
+    }
+
+    #[test]
     fn lines_are_json_with_typed_values() {
         let mut out = b"{\"first\":1".to_vec();
         let mut line = JsonLine { out: &mut out };
@@ -608,8 +813,8 @@ mod tests {
         line.trusted(key!("trusted"), "spiffe://weft.local/ns/a/sa/b");
         line.number(key!("status"), 200);
         line.milliseconds(key!("duration_ms"), 4_021);
-        line.maybe_address(key!("v4"), Some("10.0.0.255:15006".parse().unwrap()));
-        line.maybe_address(key!("v6"), Some("[::1]:80".parse().unwrap()));
+        line.maybe_address(key!("v4"), Some("10.0.0.255:15006".parse().unwrap()), &mut AddressTexts::default());
+        line.maybe_address(key!("v6"), Some("[::1]:80".parse().unwrap()), &mut AddressTexts::default());
         line.end();
         let value: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(
