@@ -50,10 +50,15 @@ WEFT = os.path.join(ROOT, "target", "release", "weft")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid):
+def cpu_times(pid):
+    """A process's (user, system) CPU seconds so far."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def cpu_seconds(pid):
+    return sum(cpu_times(pid))
 
 
 def peak_rss_mb(pid):
@@ -82,6 +87,9 @@ class Stack:
 
     def cpu(self):
         return sum(cpu_seconds(p) for p in self.proxy_pids)
+
+    def user_cpu(self):
+        return sum(cpu_times(p)[0] for p in self.proxy_pids)
 
     def rss(self):
         return [peak_rss_mb(p) for p in self.proxy_pids]
@@ -381,15 +389,18 @@ def direct_stack(tmp, upstream):
 
 
 def run_wrk(stack, duration):
-    cpu0 = stack.cpu()
+    cpu0, user0 = stack.cpu(), stack.user_cpu()
     out = subprocess.run(["wrk", "-t1", "-c32", f"-d{duration}s", "-H", f"Host: {stack.host}",
                           f"http://127.0.0.1:{stack.port}/"], capture_output=True, text=True).stdout
-    cpu = stack.cpu() - cpu0
+    cpu, user = stack.cpu() - cpu0, stack.user_cpu() - user0
     requests = int(re.search(r"(\d+) requests in", out).group(1))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if errors or requests == 0:
         raise SystemExit(f"wrk against {stack.name} saw errors:\n{out}")
-    return {"rps": requests / duration, "cpu_per_1k": cpu / requests * 1000 if stack.proxy_pids else 0.0}
+    sample = {"rps": requests / duration, "cpu_per_1k": cpu / requests * 1000 if stack.proxy_pids else 0.0}
+    if stack.proxy_pids and cpu > 0:
+        sample["user_share"] = user / cpu
+    return sample
 
 
 def run_oha(stack, duration):
@@ -600,19 +611,39 @@ def render_mtls(results, handshakes):
     return "\n".join(lines) + "\n"
 
 
+def paired_ratio(results, name, base, key):
+    """The median, over rounds, of `name`'s figure over `base`'s in the same round, with the
+    range: setups take turns within a round, so a ratio within one round is not moved by
+    the machine getting busier or quieter from round to round as a ratio of medians is."""
+    ratios = sorted(s[key] / b[key] for s, b in zip(results.get(name, []), results.get(base, []))
+                    if s.get(key) and b.get(key) and s[key] == s[key] and b[key] == b[key])
+    if not ratios:
+        return None
+    return statistics.median(ratios), ratios[0], ratios[-1]
+
+
 def render_tracing(results, sink):
     """What tracing costs the mutual-TLS pair, by sampling rate, and what access logs cost it."""
     lines = [""]
-    base, base_cpu = summary(results.get("weft-mtls-pair", []), "rps"), summary(results.get("weft-mtls-pair", []), "cpu_per_1k")
+    base = "weft-mtls-pair"
+
+    def line(what, name):
+        rps, cpu = paired_ratio(results, name, base, "rps"), paired_ratio(results, name, base, "cpu_per_1k")
+        if rps and cpu:
+            user = summary(results[name], "user_share")
+            lines.append(f"- {what} / off, mTLS pair: throughput ×{rps[0]:.3f} ({rps[1]:.3f}–{rps[2]:.3f}), "
+                         f"CPU per request ×{cpu[0]:.3f} ({cpu[1]:.3f}–{cpu[2]:.3f})"
+                         + (f"; user-space {user[0] * 100:.0f}% of the proxies' CPU" if user else ""))
+
     for name in sorted((n for n in results if "-trace-" in n), key=lambda n: int(n.rsplit("-", 1)[1])):
-        rps, cpu = summary(results[name], "rps"), summary(results[name], "cpu_per_1k")
-        if base and rps and base_cpu and cpu:
-            lines.append(f"- tracing at {name.rsplit('-', 1)[1]}% / off, mTLS pair: throughput ×{rps[0] / base[0]:.2f}, "
-                         f"CPU per request ×{cpu[0] / base_cpu[0]:.2f}")
-    logged, logged_cpu = summary(results.get("weft-mtls-pair-log", []), "rps"), summary(results.get("weft-mtls-pair-log", []), "cpu_per_1k")
-    if base and logged and base_cpu and logged_cpu:
-        lines.append(f"- access logs (every request, both proxies) / off, mTLS pair: throughput ×{logged[0] / base[0]:.2f}, "
-                     f"CPU per request ×{logged_cpu[0] / base_cpu[0]:.2f}")
+        line(f"tracing at {name.rsplit('-', 1)[1]}%", name)
+    line("access logs (every request, both proxies)", "weft-mtls-pair-log")
+    base_user = summary(results.get(base, []), "user_share")
+    if base_user:
+        lines.append(f"- the plain mTLS pair's proxies spend {base_user[0] * 100:.0f}% of their CPU in user space, "
+                     "the rest in the kernel (the instruction gate counts user space alone)")
+    lines.append("- ratios are the median over rounds of each round's own ratio (setups take turns within a round), "
+                 "with the range over rounds")
     if sink:
         lines.append(f"- the receiver took {sink.exports} exports, {sink.bytes / 1e6:.1f} MB of spans")
     return "\n".join(lines) + "\n"

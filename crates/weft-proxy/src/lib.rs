@@ -41,6 +41,7 @@ pub mod reload;
 pub mod retry;
 pub mod revocation;
 pub mod settings;
+pub mod span_wire;
 pub mod spans;
 pub mod state;
 pub mod tap;

@@ -27,10 +27,9 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderMap, Response};
 use opentelemetry_proto::tonic::{
-    collector::trace::v1::{trace_service_client::TraceServiceClient, ExportTraceServiceRequest},
     common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue},
     resource::v1::Resource,
-    trace::v1::{span::SpanKind, status::StatusCode as OtlpStatus, ResourceSpans, ScopeSpans, Span, Status},
+    trace::v1::{span::SpanKind, status::StatusCode as OtlpStatus},
 };
 use prost::Message;
 use tokio::sync::mpsc;
@@ -39,6 +38,7 @@ use weft_model::{snapshot::TracingSettings, spec::OtlpProtocol};
 use crate::{
     body::{Body, BoxError},
     metrics::SpanDropLabels,
+    span_wire,
     state::SharedState,
     trace_context::{self, B3Form, SpanId, TraceId},
 };
@@ -47,8 +47,6 @@ use crate::{
 const WORKER_BUFFER: usize = 4096;
 /// Worker batches waiting for the exporter.
 const QUEUE_BATCHES: usize = 32;
-/// Spans in one export request.
-const EXPORT_BATCH: usize = 8192;
 /// How long one export may take before its spans are dropped.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -122,9 +120,22 @@ pub enum Kind {
 /// A span being made: its ids, name and attributes so far, and when it started.
 pub struct PendingSpan {
     /// Boxed: a pending span rides in request futures, which stay small when unsampled.
-    span: Box<Span>,
+    span: Box<Draft>,
     kind: Kind,
     started: Instant,
+}
+
+/// What a span holds until it ends; its attributes already encoded.
+struct Draft {
+    trace_id: TraceId,
+    span_id: SpanId,
+    parent: Option<SpanId>,
+    flags: u32,
+    name: String,
+    start_unix_nanos: u64,
+    attributes: span_wire::Attributes,
+    /// An error status and its message.
+    error: Option<String>,
 }
 
 impl PendingSpan {
@@ -132,35 +143,28 @@ impl PendingSpan {
     pub fn start(trace: &RequestTrace, id: SpanId, kind: Kind, name: String, started: Instant) -> PendingSpan {
         let since = started.elapsed();
         let start_unix = SystemTime::now().checked_sub(since).unwrap_or(UNIX_EPOCH);
-        let span = Box::new(Span {
-            trace_id: trace.trace_id.to_vec(),
-            span_id: id.to_vec(),
-            parent_span_id: trace.parent.map(|p| p.to_vec()).unwrap_or_default(),
+        let span = Box::new(Draft {
+            trace_id: trace.trace_id,
+            span_id: id,
+            parent: trace.parent,
+            // Sampled; and whether the parent is remote is known (it is, when there is one).
             flags: 0x1 | 0x100 | if trace.parent.is_some() { 0x200 } else { 0 },
             name,
-            kind: match kind {
-                Kind::Server => SpanKind::Server,
-                Kind::Client => SpanKind::Client,
-            } as i32,
-            start_time_unix_nano: unix_nanos(start_unix),
-            ..Default::default()
+            start_unix_nanos: unix_nanos(start_unix),
+            attributes: span_wire::Attributes::default(),
+            error: None,
         });
         PendingSpan { span, kind, started }
     }
 
-    /// The span's trace id, in hex.
-    pub fn trace_id(&self) -> String {
-        trace_context::hex(&self.span.trace_id)
-    }
-
     /// Adds a string attribute.
-    pub fn text(&mut self, key: &'static str, value: impl Into<String>) {
-        self.span.attributes.push(attribute(key, any_value::Value::StringValue(value.into())));
+    pub fn text(&mut self, key: &'static str, value: impl AsRef<str>) {
+        self.span.attributes.text(key, value.as_ref());
     }
 
     /// Adds an integer attribute.
     pub fn int(&mut self, key: &'static str, value: i64) {
-        self.span.attributes.push(attribute(key, any_value::Value::IntValue(value)));
+        self.span.attributes.int(key, value);
     }
 
     /// The request's attributes, as OpenTelemetry's HTTP conventions name them.
@@ -188,9 +192,9 @@ impl PendingSpan {
     pub fn status(&mut self, status: u16) {
         self.int("http.response.status_code", status as i64);
         let failed = status >= 500 || (self.kind == Kind::Client && status >= 400);
-        if failed && self.span.status.is_none() {
-            self.text("error.type", status.to_string());
-            self.span.status = Some(Status { code: OtlpStatus::Error as i32, message: String::new() });
+        if failed && self.span.error.is_none() {
+            self.text("error.type", itoa::Buffer::new().format(status));
+            self.span.error = Some(String::new());
         }
     }
 
@@ -198,13 +202,28 @@ impl PendingSpan {
     pub fn error(&mut self, reason: &str, message: String) {
         self.text("weft.error", reason);
         self.text("error.type", reason);
-        self.span.status = Some(Status { code: OtlpStatus::Error as i32, message });
+        self.span.error = Some(message);
     }
 
     /// Ends the span now.
-    pub fn finish(mut self) {
-        self.span.end_time_unix_nano = self.span.start_time_unix_nano + self.started.elapsed().as_nanos() as u64;
-        push(*self.span);
+    pub fn finish(self) {
+        let end_unix_nanos = self.span.start_unix_nanos + self.started.elapsed().as_nanos() as u64;
+        let span = &*self.span;
+        let fields = span_wire::SpanFields {
+            trace_id: &span.trace_id,
+            span_id: &span.span_id,
+            parent: span.parent.as_ref(),
+            name: &span.name,
+            kind: match self.kind {
+                Kind::Server => SpanKind::Server,
+                Kind::Client => SpanKind::Client,
+            } as i32,
+            start_unix_nanos: span.start_unix_nanos,
+            end_unix_nanos,
+            status: span.error.as_deref().map(|message| (OtlpStatus::Error as i32, message)),
+            flags: span.flags,
+        };
+        push(&fields, &span.attributes);
     }
 
     /// Ends the span when `response`'s body ends (with its `grpc-status` from trailers),
@@ -230,15 +249,10 @@ impl PendingSpan {
             Kind::Server => matches!(status, 2 | 4 | 12 | 13 | 14 | 15),
             Kind::Client => status != 0,
         };
-        if failed && self.span.status.is_none() {
-            self.span.status =
-                Some(Status { code: OtlpStatus::Error as i32, message: format!("grpc-status {status}") });
+        if failed && self.span.error.is_none() {
+            self.span.error = Some(format!("grpc-status {status}"));
         }
     }
-}
-
-fn attribute(key: &str, value: any_value::Value) -> KeyValue {
-    KeyValue { key: key.into(), value: Some(AnyValue { value: Some(value) }), ..Default::default() }
 }
 
 fn unix_nanos(time: SystemTime) -> u64 {
@@ -255,10 +269,7 @@ impl crate::body::Watch for PendingSpan {
                     self.grpc_status(status);
                 }
             }
-            Err(error) => {
-                self.span.status =
-                    Some(Status { code: OtlpStatus::Error as i32, message: format!("response body broke: {error}") });
-            }
+            Err(error) => self.span.error = Some(format!("response body broke: {error}")),
         }
     }
 
@@ -267,18 +278,43 @@ impl crate::body::Watch for PendingSpan {
     }
 }
 
+/// Finished spans, encoded (see `span_wire`), and how many.
+#[derive(Default)]
+pub struct Encoded {
+    bytes: Vec<u8>,
+    spans: usize,
+}
+
+impl Encoded {
+    fn append(&mut self, other: Encoded) {
+        if self.bytes.is_empty() {
+            *self = other;
+        } else {
+            self.bytes.extend_from_slice(&other.bytes);
+            self.spans += other.spans;
+        }
+    }
+
+    /// Empty, with room for what `last` held (up to a full buffer's worth), so that a
+    /// worker's next second of spans is written without growing from nothing.
+    fn room_for(last: &Encoded) -> Encoded {
+        Encoded { bytes: Vec::with_capacity(last.bytes.len().min(WORKER_BUFFER * 1024)), spans: 0 }
+    }
+}
+
 thread_local! {
     /// Finished spans of this worker, until its next housekeeping tick.
-    static BUFFER: RefCell<Vec<Span>> = const { RefCell::new(Vec::new()) };
+    static BUFFER: RefCell<Encoded> = RefCell::new(Encoded::default());
     /// Spans this worker dropped because its buffer was full.
     static OVERFLOWED: Cell<u64> = const { Cell::new(0) };
 }
 
-fn push(span: Span) {
+fn push(span: &span_wire::SpanFields<'_>, attributes: &span_wire::Attributes) {
     BUFFER.with(|buffer| {
         let mut buffer = buffer.borrow_mut();
-        if buffer.len() < WORKER_BUFFER {
-            buffer.push(span);
+        if buffer.spans < WORKER_BUFFER {
+            span_wire::encode_span(&mut buffer.bytes, span, attributes);
+            buffer.spans += 1;
         } else {
             OVERFLOWED.with(|dropped| dropped.set(dropped.get() + 1));
         }
@@ -287,8 +323,8 @@ fn push(span: Span) {
 
 /// The queue from the workers to the exporter.
 pub struct Spans {
-    queue: mpsc::Sender<Vec<Span>>,
-    receiver: Mutex<Option<mpsc::Receiver<Vec<Span>>>>,
+    queue: mpsc::Sender<Encoded>,
+    receiver: Mutex<Option<mpsc::Receiver<Encoded>>>,
 }
 
 impl Default for Spans {
@@ -305,13 +341,17 @@ impl Spans {
         if overflowed > 0 {
             metrics.spans_dropped.get_or_create(&SpanDropLabels { reason: "buffer_full" }).inc_by(overflowed);
         }
-        let batch = BUFFER.with(|buffer| std::mem::take(&mut *buffer.borrow_mut()));
-        if batch.is_empty() {
+        let batch = BUFFER.with(|buffer| {
+            let mut buffer = buffer.borrow_mut();
+            let next = Encoded::room_for(&buffer);
+            std::mem::replace(&mut *buffer, next)
+        });
+        if batch.spans == 0 {
             return;
         }
         if let Err(refused) = self.queue.try_send(batch) {
             let count = match &refused {
-                mpsc::error::TrySendError::Full(batch) | mpsc::error::TrySendError::Closed(batch) => batch.len(),
+                mpsc::error::TrySendError::Full(batch) | mpsc::error::TrySendError::Closed(batch) => batch.spans,
             };
             metrics.spans_dropped.get_or_create(&SpanDropLabels { reason: "queue_full" }).inc_by(count as u64);
         }
@@ -327,7 +367,7 @@ pub async fn export(state: Arc<SharedState>) {
     let Some(mut receiver) = state.spans.receiver.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
     let delay = schedule_delay(std::env::var(SCHEDULE_DELAY_VAR).ok().as_deref());
     let mut exporter = Exporter::new(&state);
-    let mut waiting: Vec<Span> = Vec::new();
+    let mut waiting = Encoded::default();
     let mut due: Option<tokio::time::Instant> = None;
     loop {
         let arrived = match due {
@@ -346,9 +386,9 @@ pub async fn export(state: Arc<SharedState>) {
             exporter.send_all(&state, &mut waiting).await;
             return;
         };
-        waiting.extend(batch);
+        waiting.append(batch);
         due.get_or_insert_with(|| tokio::time::Instant::now() + delay);
-        if waiting.len() >= FULL_EXPORT {
+        if waiting.spans >= FULL_EXPORT {
             exporter.send_all(&state, &mut waiting).await;
             due = None;
         }
@@ -379,10 +419,12 @@ fn schedule_delay(value: Option<&str>) -> Duration {
     }
 }
 
-/// The export side: the resource every span shares and a client per protocol.
+/// The export side: the resource and scope every span shares, encoded once, and a
+/// client per protocol.
 struct Exporter {
-    resource: Resource,
-    grpc: Option<(String, TraceServiceClient<tonic::transport::Channel>)>,
+    resource: Vec<u8>,
+    scope: Vec<u8>,
+    grpc: Option<(String, tonic::client::Grpc<tonic::transport::Channel>)>,
     http: hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
         http_body_util::Full<Bytes>,
@@ -394,7 +436,11 @@ struct Exporter {
 
 impl Exporter {
     fn new(state: &SharedState) -> Self {
-        let text = |key: &str, value: String| attribute(key, any_value::Value::StringValue(value));
+        let text = |key: &str, value: String| KeyValue {
+            key: key.into(),
+            value: Some(AnyValue { value: Some(any_value::Value::StringValue(value)) }),
+            ..Default::default()
+        };
         let mut attributes = vec![
             text("service.name", state.settings.service.clone().unwrap_or_else(|| "weft-proxy".into())),
             text("service.namespace", state.settings.namespace.clone()),
@@ -402,41 +448,37 @@ impl Exporter {
         if let Some(proxy) = state.settings.control.as_ref().map(|c| c.proxy_id.clone()) {
             attributes.push(text("service.instance.id", proxy));
         }
-        let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<_>();
-        Exporter { resource: Resource { attributes, ..Default::default() }, grpc: None, http, failing: false }
-    }
-
-    /// Sends every span in `waiting`, [`EXPORT_BATCH`] to a request, unless tracing was
-    /// turned off since they were made (then nobody wants them).
-    async fn send_all(&mut self, state: &SharedState, waiting: &mut Vec<Span>) {
-        let Some(settings) = state.config.load().snapshot.tracing.clone() else {
-            waiting.clear();
-            return;
+        let scope = InstrumentationScope {
+            name: "weft-proxy".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            ..Default::default()
         };
-        while !waiting.is_empty() {
-            let rest = waiting.split_off(waiting.len().min(EXPORT_BATCH));
-            let batch = std::mem::replace(waiting, rest);
-            self.send(state, &settings, batch).await;
+        let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<_>();
+        Exporter {
+            resource: Resource { attributes, ..Default::default() }.encode_to_vec(),
+            scope: scope.encode_to_vec(),
+            grpc: None,
+            http,
+            failing: false,
         }
     }
 
-    async fn send(&mut self, state: &SharedState, settings: &TracingSettings, spans: Vec<Span>) {
-        let count = spans.len() as u64;
-        let request = ExportTraceServiceRequest {
-            resource_spans: vec![ResourceSpans {
-                resource: Some(self.resource.clone()),
-                scope_spans: vec![ScopeSpans {
-                    scope: Some(InstrumentationScope {
-                        name: "weft-proxy".into(),
-                        version: env!("CARGO_PKG_VERSION").into(),
-                        ..Default::default()
-                    }),
-                    spans,
-                    schema_url: String::new(),
-                }],
-                schema_url: String::new(),
-            }],
-        };
+    /// Sends every span waiting, unless tracing was turned off since they were made
+    /// (then nobody wants them). The exporter sends once 512 wait, and a worker hands
+    /// over at most 4,096 a second, so one request carries them all.
+    async fn send_all(&mut self, state: &SharedState, waiting: &mut Encoded) {
+        let spans = std::mem::take(waiting);
+        if spans.spans == 0 {
+            return;
+        }
+        let Some(settings) = state.config.load().snapshot.tracing.clone() else { return };
+        self.send(state, &settings, spans).await;
+    }
+
+    async fn send(&mut self, state: &SharedState, settings: &TracingSettings, spans: Encoded) {
+        let count = spans.spans as u64;
+        let request = span_wire::export_request(&self.resource, &self.scope, &spans.bytes);
+        drop(spans);
         let sent = match settings.protocol {
             OtlpProtocol::Grpc => self.send_grpc(&settings.endpoint, request).await,
             OtlpProtocol::Http => self.send_http(&settings.endpoint, request).await,
@@ -461,26 +503,31 @@ impl Exporter {
         }
     }
 
-    async fn send_grpc(&mut self, endpoint: &str, request: ExportTraceServiceRequest) -> Result<(), String> {
+    async fn send_grpc(&mut self, endpoint: &str, request: Vec<u8>) -> Result<(), String> {
         if self.grpc.as_ref().is_none_or(|(current, _)| current != endpoint) {
             let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
                 .map_err(|e| format!("bad endpoint: {e}"))?
                 .connect_timeout(Duration::from_secs(2))
                 .timeout(EXPORT_TIMEOUT)
                 .connect_lazy();
-            self.grpc = Some((endpoint.to_string(), TraceServiceClient::new(channel)));
+            self.grpc = Some((endpoint.to_string(), tonic::client::Grpc::new(channel)));
         }
         let (_, client) = self.grpc.as_mut().expect("made above");
-        match tokio::time::timeout(EXPORT_TIMEOUT, client.export(request)).await {
+        let path = http::uri::PathAndQuery::from_static("/opentelemetry.proto.collector.trace.v1.TraceService/Export");
+        let export = async {
+            client.ready().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            client.unary(tonic::Request::new(request), path, span_wire::EncodedExport).await
+        };
+        match tokio::time::timeout(EXPORT_TIMEOUT, export).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(status)) => Err(format!("{}: {}", status.code(), status.message())),
             Err(_) => Err(format!("no answer in {EXPORT_TIMEOUT:?}")),
         }
     }
 
-    async fn send_http(&mut self, endpoint: &str, request: ExportTraceServiceRequest) -> Result<(), String> {
+    async fn send_http(&mut self, endpoint: &str, request: Vec<u8>) -> Result<(), String> {
         let url = http_traces_url(endpoint);
-        let body = http_body_util::Full::new(Bytes::from(request.encode_to_vec()));
+        let body = http_body_util::Full::new(Bytes::from(request));
         let post = http::Request::post(&url)
             .header(http::header::CONTENT_TYPE, "application/x-protobuf")
             .body(body)
