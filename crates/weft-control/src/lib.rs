@@ -16,6 +16,7 @@
 pub mod api;
 pub mod api_tls;
 pub mod audit;
+pub mod authz_matrix;
 pub mod ca;
 pub mod catalog;
 pub mod cluster;

@@ -52,6 +52,21 @@ impl Decision {
     }
 }
 
+/// How far a caller reaches a Service over all the requests it could make: one cell of
+/// the authorization matrix.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "reach", rename_all = "lowercase")]
+pub enum Reach {
+    /// Every request is allowed. `policy`: the ALLOW policy; `None` when the default
+    /// allows.
+    All { policy: Option<String> },
+    /// Some requests, by method, path, port or header: `allow` names the ALLOW policies
+    /// that let some through, `deny` the DENY policies that stop some.
+    Some { allow: Vec<String>, deny: Vec<String> },
+    /// No request. `policy`: the DENY policy, or why nothing allows.
+    None { policy: String },
+}
+
 /// A pattern: exact, `*`, `prefix*` or `*suffix`.
 #[derive(Clone, Debug, PartialEq)]
 enum Pattern {
@@ -197,8 +212,7 @@ enum UnknownPort {
 
 impl Rule {
     fn matches(&self, caller: &Caller<'_>, call: &Call<'_>, path: &str, unknown_port: UnknownPort) -> bool {
-        let from = self.from.is_empty()
-            || self.from.iter().any(|s| any(&s.principals, caller.principal) && any(&s.namespaces, caller.namespace));
+        let from = self.names_caller(caller);
         let port_matches = |ports: &[u16]| match call.port {
             _ if ports.is_empty() => true,
             Some(port) => ports.contains(&port),
@@ -212,6 +226,43 @@ impl Rule {
             });
         let when = self.when.iter().all(|c| any(&c.values, (call.header)(&c.header)));
         from && to && when
+    }
+}
+
+impl Rule {
+    /// Whether `caller` is among the rule's sources (any caller when it names none).
+    fn names_caller(&self, caller: &Caller<'_>) -> bool {
+        self.from.is_empty()
+            || self.from.iter().any(|s| any(&s.principals, caller.principal) && any(&s.namespaces, caller.namespace))
+    }
+
+    /// Whether the rule holds for every request of a caller it names (no method, path,
+    /// port or header narrows it), and whether it holds for any. A port condition is
+    /// unknown for a plaintext caller: it holds in a DENY rule and not in an ALLOW one,
+    /// as when judging a request.
+    fn scope(&self, caller: &Caller<'_>, unknown_port: UnknownPort) -> (bool, bool) {
+        let port_unknown = caller.principal.is_none();
+        let all_paths = |o: &Operation| o.paths.is_empty() || o.paths.contains(&Pattern::Any);
+        let ports_hold =
+            |o: &Operation| o.ports.is_empty() || (port_unknown && matches!(unknown_port, UnknownPort::Matches));
+        let ports_may_hold =
+            |o: &Operation| o.ports.is_empty() || !port_unknown || matches!(unknown_port, UnknownPort::Matches);
+        let every = self.when.is_empty()
+            && (self.to.is_empty() || self.to.iter().any(|o| o.methods.is_empty() && all_paths(o) && ports_hold(o)));
+        let some = self.to.is_empty() || self.to.iter().any(ports_may_hold);
+        (every, some)
+    }
+}
+
+impl Policy {
+    /// Whether some rule of the policy holds for every request of `caller`, and whether
+    /// one holds for any (see [`Rule::scope`]).
+    fn scope(&self, caller: &Caller<'_>, unknown_port: UnknownPort) -> (bool, bool) {
+        self.rules
+            .iter()
+            .filter(|rule| rule.names_caller(caller))
+            .map(|rule| rule.scope(caller, unknown_port))
+            .fold((false, false), |(every, some), (rule_every, rule_some)| (every || rule_every, some || rule_some))
     }
 }
 
@@ -297,6 +348,59 @@ impl Authorizer {
     }
 }
 
+impl Authorizer {
+    /// How far `caller` reaches the Service over every request it could make (a path
+    /// that cannot be normalised aside: that is always denied). Judged as [`decide`]
+    /// judges one request: DENY first, then ALLOW if there is any, then the default.
+    ///
+    /// [`decide`]: Authorizer::decide
+    pub fn reach(&self, caller: &Caller<'_>) -> Reach {
+        let mut denying = Vec::new();
+        for policy in &self.deny {
+            let (every, some) = policy.scope(caller, UnknownPort::Matches);
+            if every {
+                return Reach::None { policy: policy.name.clone() };
+            }
+            if some {
+                denying.push(policy.name.clone());
+            }
+        }
+        let allowed = if self.allow.is_empty() {
+            match self.default {
+                DefaultPolicy::Allow => Reach::All { policy: None },
+                DefaultPolicy::Deny => Reach::None { policy: "(default: deny)".into() },
+                DefaultPolicy::Authenticated if caller.principal.is_some() => Reach::All { policy: None },
+                DefaultPolicy::Authenticated => Reach::None { policy: "(default: authenticated callers only)".into() },
+            }
+        } else {
+            let mut allowing = Vec::new();
+            let mut whole = None;
+            for policy in &self.allow {
+                let (every, some) = policy.scope(caller, UnknownPort::DoesNotMatch);
+                if every {
+                    whole = Some(policy.name.clone());
+                    break;
+                }
+                if some {
+                    allowing.push(policy.name.clone());
+                }
+            }
+            match whole {
+                Some(policy) => Reach::All { policy: Some(policy) },
+                None if allowing.is_empty() => Reach::None { policy: "(no ALLOW policy matched)".into() },
+                None => Reach::Some { allow: allowing, deny: Vec::new() },
+            }
+        };
+        match allowed {
+            Reach::All { policy } if !denying.is_empty() => {
+                Reach::Some { allow: policy.into_iter().collect(), deny: denying }
+            }
+            Reach::Some { allow, .. } => Reach::Some { allow, deny: denying },
+            other => other,
+        }
+    }
+}
+
 /// The path part of `raw` (no query), with unreserved percent-escapes decoded (others
 /// stay encoded), empty and `.` segments dropped and `..` resolved. `None` for what must
 /// be refused: an encoded `/` or `\`, a bad escape, non-ASCII, or `..` above the root.
@@ -363,6 +467,59 @@ mod tests {
     fn decide(authorizer: &Authorizer, caller: &Caller<'_>, method: &str, path: &str) -> Decision {
         let header = |name: &str| (name == "x-debug").then_some("1");
         authorizer.decide(caller, &Call { method, path, port: Some(80), header: &header })
+    }
+
+    #[test]
+    fn reach_says_whether_every_some_or_no_request_gets_through() {
+        let read_only = policy(
+            "targetRef: {kind: Service, name: r}\naction: ALLOW\nrules:\n- from: [{principals: [\"*/sa/web\"]}]\n  \
+             to: [{methods: [GET]}]\n- from: [{namespaces: [jobs]}]\n",
+        );
+        let no_admin =
+            policy("targetRef: {kind: Service, name: r}\naction: DENY\nrules:\n- to: [{paths: [\"/admin*\"]}]\n");
+        let ban_batch = policy(
+            "targetRef: {kind: Service, name: r}\naction: DENY\nrules:\n- from: [{principals: [\"*/sa/batch\"]}]\n",
+        );
+        let allowing = Authorizer::new(&[("read-only", &read_only)], DefaultPolicy::Allow).unwrap();
+        let plaintext = Caller::default();
+        assert_eq!(allowing.reach(&caller(WEB)), Reach::Some { allow: vec!["read-only".into()], deny: vec![] });
+        assert_eq!(allowing.reach(&caller(BATCH)), Reach::All { policy: Some("read-only".into()) });
+        assert_eq!(allowing.reach(&plaintext), Reach::None { policy: "(no ALLOW policy matched)".into() });
+
+        let with_denials = Authorizer::new(
+            &[("read-only", &read_only), ("no-admin", &no_admin), ("ban", &ban_batch)],
+            DefaultPolicy::Allow,
+        )
+        .unwrap();
+        assert_eq!(with_denials.reach(&caller(BATCH)), Reach::None { policy: "ban".into() });
+        assert_eq!(
+            with_denials.reach(&caller(WEB)),
+            Reach::Some { allow: vec!["read-only".into()], deny: vec!["no-admin".into()] }
+        );
+
+        // Without ALLOW policies, the default; a partial DENY makes it partial.
+        let deny_only = Authorizer::new(&[("no-admin", &no_admin)], DefaultPolicy::Authenticated).unwrap();
+        assert_eq!(deny_only.reach(&caller(WEB)), Reach::Some { allow: vec![], deny: vec!["no-admin".into()] });
+        assert_eq!(deny_only.reach(&plaintext), Reach::None { policy: "(default: authenticated callers only)".into() });
+        assert_eq!(Authorizer::default().reach(&plaintext), Reach::All { policy: None });
+
+        // A port is unknown for a plaintext caller: a port-scoped ALLOW never lets it in,
+        // a port-scoped DENY always keeps it out, as when judging its requests.
+        let port_allow =
+            policy("targetRef: {kind: Service, name: r}\naction: ALLOW\nrules:\n- to: [{ports: [8080]}]\n");
+        let port_deny = policy("targetRef: {kind: Service, name: r}\naction: DENY\nrules:\n- to: [{ports: [9090]}]\n");
+        let ports = Authorizer::new(&[("p", &port_allow)], DefaultPolicy::Allow).unwrap();
+        assert_eq!(ports.reach(&plaintext), Reach::None { policy: "(no ALLOW policy matched)".into() });
+        assert_eq!(ports.reach(&caller(WEB)), Reach::Some { allow: vec!["p".into()], deny: vec![] });
+        let ports = Authorizer::new(&[("d", &port_deny)], DefaultPolicy::Allow).unwrap();
+        assert_eq!(ports.reach(&plaintext), Reach::None { policy: "d".into() });
+        assert_eq!(ports.reach(&caller(WEB)), Reach::Some { allow: vec![], deny: vec!["d".into()] });
+
+        // Every reach agrees with the decisions on requests.
+        let web = caller(WEB);
+        assert!(decide(&with_denials, &web, "GET", "/x").allowed());
+        assert!(!decide(&with_denials, &web, "GET", "/admin/x").allowed());
+        assert!(!decide(&with_denials, &web, "POST", "/x").allowed());
     }
 
     #[test]

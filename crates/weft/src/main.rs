@@ -124,6 +124,9 @@ enum Command {
     /// Cut off a compromised identity or certificate, mesh-wide, at once.
     #[command(subcommand)]
     Revoke(RevokeCommand),
+    /// Authorization as the control plane computes it from the policies.
+    #[command(subcommand)]
+    Authz(AuthzCommand),
     /// Golden signals, aggregated by the control plane: success rate, requests per
     /// second, latency percentiles, TCP connections and mutual-TLS share of `services`,
     /// `workloads`, `routes` (per backend, with tries and retries) or `edges` (caller to
@@ -275,6 +278,27 @@ enum TokenCommand {
     /// token no API call.
     Revoke {
         id: String,
+        #[command(flatten)]
+        server: cli::ServerArgs,
+    },
+}
+
+/// `weft authz ...`.
+#[derive(Subcommand)]
+enum AuthzCommand {
+    /// Which identity may call which Service: every Service against every identity the
+    /// mesh knows, and a plaintext caller. `allow`: every request; `partial`: some, by
+    /// method, path, port or header (-o json names the policies); `deny`: none.
+    Matrix {
+        /// Only this namespace's Services.
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// Another identity to show (a SPIFFE ID), beside those of registered workloads;
+        /// repeat for more.
+        #[arg(long = "identity")]
+        identities: Vec<String>,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: cli::Output,
         #[command(flatten)]
         server: cli::ServerArgs,
     },
@@ -859,6 +883,9 @@ fn run(command: Command) -> anyhow::Result<()> {
             block_on(operations::list_revocations(&server, output))
         }
         Command::Revoke(RevokeCommand::Undo { what, server }) => block_on(operations::undo_revocation(&server, &what)),
+        Command::Authz(AuthzCommand::Matrix { namespace, identities, output, server }) => {
+            block_on(operations::authz_matrix(&server, namespace.as_deref(), &identities, output))
+        }
         Command::Stat { view, name, namespace, window, around_revision, output, server } => block_on(async {
             let request = stat::StatRequest {
                 view: &view,

@@ -1,5 +1,6 @@
 //! The operator commands that are not about resources: tokens (join and operator),
-//! revocations, the CA's rotation and the audit log (`weft history`).
+//! revocations, the CA's rotation, the audit log (`weft history`) and the authorization
+//! matrix (`weft authz matrix`).
 
 use serde_json::{json, Value};
 
@@ -220,4 +221,79 @@ pub async fn ca(api: &ApiClient, finish: Option<bool>) -> anyhow::Result<()> {
         Some(_) => eprintln!("rotation finished: only root {} is trusted", answer["caRoot"].as_str().unwrap_or_default()),
     }
     Ok(())
+}
+
+/// `weft authz matrix`: a row per Service, a column per identity.
+pub async fn authz_matrix(
+    server: &ServerArgs,
+    namespace: Option<&str>,
+    identities: &[String],
+    output: Output,
+) -> anyhow::Result<()> {
+    let mut query = Vec::new();
+    if let Some(namespace) = namespace {
+        query.push(format!(
+            "namespace={}",
+            percent_encoding::utf8_percent_encode(namespace, percent_encoding::NON_ALPHANUMERIC)
+        ));
+    }
+    if !identities.is_empty() {
+        let list = identities.join(",");
+        query.push(format!(
+            "identities={}",
+            percent_encoding::utf8_percent_encode(&list, percent_encoding::NON_ALPHANUMERIC)
+        ));
+    }
+    let path = if query.is_empty() {
+        "/api/v1/authz/matrix".to_string()
+    } else {
+        format!("/api/v1/authz/matrix?{}", query.join("&"))
+    };
+    let answer = ApiClient::new(server)?.call(http::Method::GET, &path, None).await?;
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&answer)?),
+        Output::Yaml => print!("{}", serde_norway::to_string(&answer)?),
+        Output::Table => print!("{}", matrix_table(&answer["matrix"])),
+    }
+    Ok(())
+}
+
+/// The matrix as a table: identities as `namespace/account` where they are weft's own
+/// form, cells as `allow`, `partial` or `deny`.
+fn matrix_table(matrix: &Value) -> String {
+    let identities = matrix["identities"].as_array().cloned().unwrap_or_default();
+    let services = matrix["services"].as_array().cloned().unwrap_or_default();
+    if services.is_empty() {
+        return "no Services\n".to_string();
+    }
+    let column = |identity: &Value| match identity.as_str() {
+        None => "(plaintext)".to_string(),
+        Some(id) => match weft_model::spiffe::SpiffeId::parse(id)
+            .ok()
+            .and_then(|s| s.workload_parts().map(|(ns, account)| format!("{ns}/{account}")))
+        {
+            Some(short) => short,
+            None => id.to_string(),
+        },
+    };
+    let mut rows =
+        vec![["SERVICE", "MTLS"].map(String::from).into_iter().chain(identities.iter().map(column)).collect()];
+    for service in &services {
+        let mut row = vec![
+            format!("{}/{}", service["namespace"].as_str().unwrap_or("?"), service["name"].as_str().unwrap_or("?")),
+            service["mtls"].as_str().unwrap_or("?").to_string(),
+        ];
+        for cell in service["cells"].as_array().into_iter().flatten() {
+            row.push(
+                match cell["reach"].as_str() {
+                    Some("all") => "allow",
+                    Some("some") => "partial",
+                    _ => "deny",
+                }
+                .to_string(),
+            );
+        }
+        rows.push(row);
+    }
+    crate::cli::format_rows(&rows)
 }

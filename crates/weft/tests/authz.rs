@@ -123,6 +123,43 @@ async fn policies_decide_who_may_call_and_strict_mode_refuses_plaintext() {
     assert_eq!(reviews.metric_sum("weft_authz_decisions_total", &unmatched).await, denials_before + 1.0);
     // No policy on ratings: MeshConfig's `authenticated` admits any mesh identity.
     assert_eq!(call(&batch, "GET", "ratings", "/").await.app(), "ratings");
+
+    // The authorization matrix, which the control plane computes from the policies, says
+    // what the proxies just did.
+    let (web_id, batch_id) = ("spiffe://weft.local/ns/default/sa/web", "spiffe://weft.local/ns/default/sa/batch");
+    let (ok, out, err) = control.cli(&["authz", "matrix", "--identity", web_id, "--identity", batch_id, "-o", "json"]);
+    assert!(ok, "{err}");
+    let answer: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let matrix = &answer["matrix"];
+    let identities = matrix["identities"].as_array().cloned().unwrap_or_default();
+    let column = |id: Option<&str>| {
+        identities.iter().position(|i| i.as_str() == id).unwrap_or_else(|| panic!("{id:?} in {matrix}"))
+    };
+    let cell = |service: &str, id: Option<&str>| {
+        let services = matrix["services"].as_array().cloned().unwrap_or_default();
+        let row =
+            services.into_iter().find(|s| s["name"] == service).unwrap_or_else(|| panic!("{service} in {matrix}"));
+        row["cells"][column(id)].clone()
+    };
+    assert_eq!(
+        cell("reviews", Some(web_id)),
+        serde_json::json!({"reach": "some", "allow": ["default/reviews-from-web"], "deny": ["default/deny-admin"]}),
+        "GET under /reviews/ but not admin"
+    );
+    assert_eq!(cell("reviews", Some(batch_id))["reach"], "none");
+    assert_eq!(cell("reviews", None)["policy"], "(mTLS STRICT: plaintext refused)");
+    assert_eq!(cell("ratings", Some(batch_id)), serde_json::json!({"reach": "all", "policy": null}));
+    assert!(
+        identities.iter().any(|i| i.as_str().is_some_and(|i| i.ends_with("/sa/reviews"))),
+        "a registered workload's identity is a column of its own: {matrix}"
+    );
+    let (ok, table, err) = control.cli(&["authz", "matrix", "--identity", web_id]);
+    assert!(ok, "{err}");
+    assert!(table.lines().next().is_some_and(|header| header.contains("default/web")), "{table}");
+    let reviews_row = table.lines().find(|l| l.starts_with("default/reviews ")).unwrap_or_else(|| panic!("{table}"));
+    assert!(reviews_row.contains("STRICT") && reviews_row.contains("partial"), "{table}");
+    let (ok, _, err) = control.cli(&["authz", "matrix", "--identity", "web"]);
+    assert!(!ok && err.contains("no SPIFFE ID"), "{err}");
     // STRICT: plaintext to an inbound port is refused outright.
     let (ok, status) = plaintext(reviews.inbound.unwrap(), "reviews");
     assert!(!ok || status == 0, "plaintext was served: {status}");

@@ -69,6 +69,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/api/v1/resources/{kind}", get(resources::list_kind))
         .route("/api/v1/resources/{kind}/{namespace}/{name}", get(resources::get_one))
         .route("/api/v1/services/{namespace}/{name}/describe", get(resources::describe))
+        .route("/api/v1/authz/matrix", get(resources::authz_matrix))
         .route("/api/v1/workloads/{namespace}/{name}/describe", get(proxies::describe_workload))
         .route("/api/v1/proxies", get(proxies::proxies))
         .route("/api/v1/prometheus/targets", get(proxies::prometheus_targets))

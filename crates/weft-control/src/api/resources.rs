@@ -165,3 +165,39 @@ pub(super) async fn describe(
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("Service {namespace}/{name} not found")))?;
     Ok(Json(json!({"revision": revision, "service": description})))
 }
+
+#[derive(Deserialize)]
+pub(super) struct MatrixParams {
+    /// Only this namespace's Services.
+    namespace: Option<String>,
+    /// Identities to include beside the known ones: SPIFFE IDs, comma-separated.
+    identities: Option<String>,
+}
+
+/// `GET /api/v1/authz/matrix`: which identity may call which Service.
+pub(super) async fn authz_matrix(
+    State(hub): State<Arc<Hub>>,
+    Query(params): Query<MatrixParams>,
+) -> Result<impl IntoResponse, ApiError> {
+    let asked: Vec<String> = params
+        .identities
+        .iter()
+        .flat_map(|list| list.split(','))
+        .map(str::trim)
+        .filter(|id| !id.is_empty())
+        .map(String::from)
+        .collect();
+    for identity in &asked {
+        if let Err(error) = weft_model::spiffe::SpiffeId::parse(identity) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("identity {identity:?} is no SPIFFE ID ({error}); write spiffe://TRUST-DOMAIN/ns/NAMESPACE/sa/ACCOUNT"),
+            ));
+        }
+    }
+    let revision = hub.catalog.revision();
+    let world = hub.world();
+    let matrix =
+        crate::authz_matrix::matrix(world.resources(), &hub.registry.entries(), &asked, params.namespace.as_deref());
+    Ok(Json(json!({"revision": revision, "matrix": matrix})))
+}
