@@ -475,6 +475,8 @@ fn parse_sources_checked(
                             resource: Some(format!("{} {}", key.kind, key.name)),
                             path: "metadata.name".into(),
                             message: format!("{key} is also defined in {first}: each resource may appear once"),
+                            line: None,
+                            column: None,
                         });
                     }
                     if let Some((path, message)) = check(&document.resource) {
@@ -484,6 +486,8 @@ fn parse_sources_checked(
                             resource: Some(format!("{} {}", key.kind, key.name)),
                             path,
                             message,
+                            line: None,
+                            column: None,
                         });
                     }
                     parsed.push(document);
@@ -491,6 +495,8 @@ fn parse_sources_checked(
             }
             Err(ConfigErrors(found)) => errors.extend(found),
         }
+        let from = errors.iter().position(|e| e.source_name == source.name).unwrap_or(errors.len());
+        weft_model::locate::locate_errors(&source.text, &mut errors[from..]);
     }
     if errors.is_empty() {
         Ok(parsed)

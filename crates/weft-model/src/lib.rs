@@ -11,6 +11,7 @@
 
 pub mod authz;
 pub mod duration;
+pub mod locate;
 pub mod matching;
 pub mod parse;
 pub mod resource;

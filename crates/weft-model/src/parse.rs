@@ -16,17 +16,24 @@ use crate::{
 };
 
 /// One refused document.
-#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, thiserror::Error, serde::Serialize)]
 pub struct ConfigError {
     /// The file (or other source) the document came from.
+    #[serde(rename = "source")]
     pub source_name: String,
     /// 1-based index of the document within the source.
+    #[serde(rename = "document")]
     pub index: usize,
     /// `Kind name` when the envelope could be read.
     pub resource: Option<String>,
     /// Dotted field path, empty for document-level errors.
+    #[serde(rename = "field")]
     pub path: String,
     pub message: String,
+    /// Where in the source the field is (or the nearest field around it, for one that is
+    /// missing): line and column, from 1. `None` when it cannot be told.
+    pub line: Option<usize>,
+    pub column: Option<usize>,
 }
 
 impl fmt::Display for ConfigError {
@@ -37,6 +44,9 @@ impl fmt::Display for ConfigError {
         }
         if !self.path.is_empty() {
             write!(f, ", field {}", self.path)?;
+        }
+        if let (Some(line), Some(column)) = (self.line, self.column) {
+            write!(f, " (line {line}, column {column})")?;
         }
         write!(f, ": {}", self.message)
     }
@@ -138,6 +148,8 @@ pub fn parse_with_documents(source_name: &str, text: &str) -> Result<Vec<ParsedD
             message: format!(
                 "not valid YAML: flow collections ([...], {{...}}) nested more than {MAX_FLOW_NESTING} deep, at line {line}"
             ),
+            line: Some(line),
+            column: None,
         }]));
     }
     let mut resources = Vec::new();
@@ -151,6 +163,8 @@ pub fn parse_with_documents(source_name: &str, text: &str) -> Result<Vec<ParsedD
             resource,
             path: path.to_string(),
             message,
+            line: None,
+            column: None,
         };
         if index > MAX_DOCUMENTS {
             errors.push(error(
@@ -167,7 +181,10 @@ pub fn parse_with_documents(source_name: &str, text: &str) -> Result<Vec<ParsedD
         let value: Value = match serde::Deserialize::deserialize(document) {
             Ok(value) => value,
             Err(e) => {
-                errors.push(error(None, "", format!("not valid YAML: {e}")));
+                let mut refused = error(None, "", format!("not valid YAML: {e}"));
+                refused.line = e.location().map(|l| l.line());
+                refused.column = e.location().map(|l| l.column());
+                errors.push(refused);
                 // The YAML stream cannot be trusted past a syntax error.
                 break;
             }
@@ -198,6 +215,7 @@ pub fn parse_with_documents(source_name: &str, text: &str) -> Result<Vec<ParsedD
     if errors.is_empty() {
         Ok(resources)
     } else {
+        crate::locate::locate_errors(text, &mut errors);
         Err(ConfigErrors(errors))
     }
 }

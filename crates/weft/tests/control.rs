@@ -3,6 +3,7 @@
 
 mod support;
 
+use serde_json::json;
 use support::{Control, TempDir};
 
 const MESH: &str = r#"
@@ -85,8 +86,21 @@ async fn a_bad_apply_names_the_field_and_changes_nothing() {
     let bad = dir.write("b-bad.yaml", &MESH.replace("zone: zone-a", "zone: zone-a, weight: heavy"));
     let (ok, out, err) = control.cli(&["apply", "-f", good.to_str().unwrap(), "-f", bad.to_str().unwrap()]);
     assert!(!ok, "{out}");
-    assert!(err.contains("b-bad.yaml: document 2 (Workload reviews-v1-a), field spec.weight"), "{err}");
+    assert!(
+        err.contains("b-bad.yaml: document 2 (Workload reviews-v1-a), field spec.weight (line 10, column 86)"),
+        "{err}"
+    );
     assert!(err.contains("nothing was changed"), "{err}");
+    // The API gives each error's place as fields too, for an editor to mark the line.
+    let text = std::fs::read_to_string(&bad).unwrap();
+    let (status, answer) = control.api("POST", "/api/v1/apply?source=b-bad.yaml", Some(&text)).await;
+    assert_eq!(status, 422, "{answer}");
+    let refused = &answer["errors"][0];
+    assert_eq!(
+        (&refused["source"], &refused["document"], &refused["field"], &refused["line"], &refused["column"]),
+        (&json!("b-bad.yaml"), &json!(2), &json!("spec.weight"), &json!(10), &json!(86)),
+        "{answer}"
+    );
     let (_, after, _) = control.cli(&["get", "all", "-o", "json"]);
     assert_eq!(before, after);
 }

@@ -200,7 +200,10 @@ async fn invalid_config_is_refused_at_start_with_the_field_path() {
         .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("bad.yaml: document 1 (Service web), field spec.ports[0].protocol"), "{stderr}");
+    assert!(
+        stderr.contains("bad.yaml: document 1 (Service web), field spec.ports[0].protocol (line 4, column 27)"),
+        "{stderr}"
+    );
     assert!(stderr.contains("quic"), "{stderr}");
 
     // An unimplemented field is refused with a reason, not ignored.

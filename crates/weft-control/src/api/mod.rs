@@ -108,11 +108,14 @@ pub struct ApiError {
     status: StatusCode,
     message: String,
     details: Vec<String>,
+    /// Refused documents, each with its source, document, field, line and column (for
+    /// an editor to mark), beside `details`' text.
+    errors: Option<Box<serde_json::Value>>,
 }
 
 impl ApiError {
     fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        ApiError { status, message: message.into(), details: Vec::new() }
+        ApiError { status, message: message.into(), details: Vec::new(), errors: None }
     }
 }
 
@@ -123,6 +126,7 @@ impl From<CatalogError> for ApiError {
                 status: StatusCode::UNPROCESSABLE_ENTITY,
                 message: format!("refused: {} invalid document(s); nothing was changed", errors.0.len()),
                 details: errors.0.iter().map(ToString::to_string).collect(),
+                errors: serde_json::to_value(&errors.0).ok().map(Box::new),
             },
             CatalogError::Empty(message) => ApiError::new(StatusCode::BAD_REQUEST, message),
             CatalogError::NotFound(key) => ApiError::new(StatusCode::NOT_FOUND, format!("{key} not found")),
@@ -139,7 +143,11 @@ fn store_failure(error: impl std::fmt::Display) -> ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(json!({"error": self.message, "details": self.details}))).into_response()
+        let mut body = json!({"error": self.message, "details": self.details});
+        if let Some(errors) = self.errors {
+            body["errors"] = *errors;
+        }
+        (self.status, Json(body)).into_response()
     }
 }
 
