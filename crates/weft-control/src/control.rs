@@ -274,6 +274,7 @@ pub async fn run(
         ca::establish(&catalog, store.as_ref(), &settings.ca, shared_store, std::time::SystemTime::now()).await?;
     catalog.set_trust_domain(ca.authority.trust_domain().as_str());
     crate::operator_tokens::establish(&catalog, store.as_ref(), &settings.data_dir, &ca.authority.root_hash()).await?;
+    crate::sessions::establish(&catalog, store.as_ref()).await?;
     let registry = Registry::new(catalog.clone(), cluster, settings.lease);
     let hub = Hub::new(catalog.clone(), registry, ca, keeper, settings.cert_lifetime);
     tokio::spawn(hub.clone().maintain());

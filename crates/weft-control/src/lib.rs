@@ -9,7 +9,8 @@
 //! [`discovery`] streams it. [`control_tls`] is the TLS listener both run on, and
 //! [`signing_service`] signs proxies' certificates there; [`telemetry`] takes
 //! proxies' reports there and merges them into the golden signals the API serves;
-//! [`tap`] holds operators' tap sessions and streams their proxies' events.
+//! [`tap`] holds operators' tap sessions and streams their proxies' events; [`sessions`]
+//! are the dashboard's logins, and [`dashboard`] its pages.
 
 #![forbid(unsafe_code)]
 
@@ -22,6 +23,7 @@ pub mod catalog;
 pub mod cluster;
 pub mod control;
 pub mod control_tls;
+pub mod dashboard;
 pub mod describe;
 pub mod discovery;
 pub mod join_tokens;
@@ -31,6 +33,7 @@ pub mod operator_tokens;
 pub mod registry;
 pub mod replicas;
 pub mod revocations;
+pub mod sessions;
 pub mod signing;
 pub mod signing_service;
 pub mod store;

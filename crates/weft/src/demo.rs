@@ -263,6 +263,8 @@ struct Started {
     entry: SocketAddr,
     token_file: PathBuf,
     canary: PathBuf,
+    /// A viewer token to log in to the dashboard with.
+    viewer_token: String,
 }
 
 /// Runs the demo until Ctrl-C or SIGTERM, which stop it at any moment, starting or not;
@@ -419,6 +421,16 @@ async fn start(options: &DemoOptions, weft: &Path, dir: &Path, processes: &Share
         ..Default::default()
     };
     let client = crate::cli::ApiClient::new(&server)?;
+    // A viewer token for the dashboard: looking needs no admin.
+    let made = client
+        .call(
+            http::Method::POST,
+            "/api/v1/tokens",
+            Some(serde_json::json!({"role": "viewer", "name": "demo dashboard", "ttl": "24h"})),
+        )
+        .await
+        .context("making the dashboard's viewer token")?;
+    let viewer_token = made["token"].as_str().context("the control plane answered without a token")?.to_string();
     let sources = crate::cli::read_sources(std::slice::from_ref(&resources))?;
     client
         .call(http::Method::POST, "/api/v1/apply", Some(serde_json::json!({ "sources": sources })))
@@ -523,7 +535,7 @@ async fn start(options: &DemoOptions, weft: &Path, dir: &Path, processes: &Share
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Ok(Started { api, server: server_url, grpc, entry: entry_addr, token_file, canary })
+    Ok(Started { api, server: server_url, grpc, entry: entry_addr, token_file, canary, viewer_token })
 }
 
 async fn get_web(
@@ -595,6 +607,10 @@ fn print_welcome(started: &Started, dir: &Path, rate: u32) {
         r#"
 weft demo is running. Ctrl-C stops everything.
 
+  dashboard            {server}/
+                       log in with this viewer token: {viewer}
+                       (the browser must trust the mesh's root first: weft ca bundle > weft-root.pem,
+                       and import it; README, "The dashboard", says how)
   control plane API    {server}  (HTTPS; the CLI's context "demo" is current while the demo runs)
   discovery (gRPC)     {grpc}  (TLS; every sidecar joined with a join token)
   security             every hop between sidecars is mutual TLS with SPIFFE identities
@@ -624,6 +640,7 @@ Try:
         entry = started.entry,
         dir = dir.display(),
         canary = started.canary.display(),
+        viewer = started.viewer_token,
     );
 }
 

@@ -1,7 +1,7 @@
 //! The HTTP API (`/api/v1`, JSON) that the CLI and the dashboard use.
 //!
 //! One security model for every caller: each call presents an operator token
-//! ([`auth`]), reads need the `viewer` role and changes `admin`; only the liveness
+//! ([`auth`]) or a dashboard session made with one, reads need the `viewer` role and changes `admin`; only the liveness
 //! endpoint answers without one. Every change lands in the audit log with the token that
 //! made it. The API is served over HTTPS (`crate::api_tls`).
 //!
@@ -10,8 +10,9 @@
 //! document and the field path in its refusal. [`resources`] serves the resources,
 //! [`operations`] tokens, revocations, the CA and the audit log, [`proxies`] the
 //! connected proxies and workloads (and Prometheus's service discovery of them),
-//! [`stat`] the golden signals, [`tap`] live requests; [`body`] reads write bodies within
-//! their limit.
+//! [`stat`] the golden signals and the topology, [`tap`] live requests, [`session`] the
+//! dashboard's logins; [`body`] reads write bodies within their limit. The dashboard's
+//! pages ([`crate::dashboard`]) are served beside them.
 //! `/metrics` (viewer) counts responses by status and refused discovery streams.
 
 mod auth;
@@ -19,6 +20,7 @@ mod body;
 mod operations;
 mod proxies;
 mod resources;
+mod session;
 mod stat;
 mod tap;
 
@@ -92,9 +94,19 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/api/v1/ca/rotate", post(operations::rotate_ca))
         .route("/api/v1/ca/rotation/finish", post(operations::finish_rotation))
         .route_layer(middleware::from_fn_with_state((state.clone(), Role::Admin), auth::require));
+    // The topology is the dashboard's largest answer (1,000 services, 10,000 edges),
+    // and its pages are text: both go gzipped to a client that takes it.
+    let topology = Router::new()
+        .route("/api/v1/topology", get(stat::topology))
+        .route_layer(middleware::from_fn_with_state((state.clone(), Role::Viewer), auth::require))
+        .merge(crate::dashboard::router())
+        .layer(tower_http::compression::CompressionLayer::new());
     Router::new()
         // Liveness only: it says nothing about the mesh, so it needs no token.
         .route("/api/v1/live", get(|| async { Json(json!({"live": true})) }))
+        // Logging in and out need no token: they are how a browser gets and drops one.
+        .route("/api/v1/session", post(session::login).get(session::current).delete(session::logout))
+        .merge(topology)
         .merge(reads)
         .merge(changes)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such API path; see README, HTTP API") })

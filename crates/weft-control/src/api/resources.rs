@@ -136,13 +136,37 @@ pub(super) async fn list_kind(
     Ok(Json(json!({"revision": revision, "kind": plural(kind), "items": items})))
 }
 
+#[derive(Deserialize)]
+pub(super) struct GetParams {
+    /// `yaml`: the answer also carries the document as YAML text (`yaml`), as `weft get
+    /// -o yaml` prints it; what the dashboard's editor shows.
+    output: Option<String>,
+}
+
 pub(super) async fn get_one(
     State(catalog): State<Arc<Catalog>>,
     Path((word, namespace, name)): Path<(String, String, String)>,
-) -> Result<Json<Item>, ApiError> {
+    Query(params): Query<GetParams>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let key = ObjectKey::new(kind(&word)?, &namespace, &name);
     let entry = catalog.get(&key).ok_or_else(|| ApiError::from(CatalogError::NotFound(key.clone())))?;
-    Ok(Json(item(key, entry)))
+    let item = item(key, entry);
+    let yaml = match params.output.as_deref() {
+        None | Some("json") => None,
+        Some("yaml") => Some(
+            serde_norway::to_string(&item.document)
+                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?,
+        ),
+        Some(other) => {
+            return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("output={other}: use json or yaml")));
+        }
+    };
+    let mut answer =
+        serde_json::to_value(item).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    if let Some(yaml) = yaml {
+        answer["yaml"] = json!(yaml);
+    }
+    Ok(Json(answer))
 }
 
 pub(super) async fn delete_one(

@@ -30,8 +30,16 @@ pub struct ObjectKey {
 /// Kinds the control plane keeps for itself, never listed or served as resources:
 /// workload registrations, the certificate authority, the tokens (hashes only: the admin
 /// token of earlier releases, operator and join tokens), the audit log and revocations.
-pub const INTERNAL_KINDS: [&str; 7] =
-    ["Registration", "CertificateAuthority", "AdminToken", "OperatorToken", "JoinToken", "AuditEntry", "Revocation"];
+pub const INTERNAL_KINDS: [&str; 8] = [
+    "Registration",
+    "CertificateAuthority",
+    "AdminToken",
+    "OperatorToken",
+    "JoinToken",
+    "AuditEntry",
+    "Revocation",
+    "SessionKey",
+];
 
 impl ObjectKey {
     /// Whether this is one of the [`INTERNAL_KINDS`].
