@@ -56,6 +56,7 @@ static ASSETS: &[Asset] = assets![
     ("js/security.js", JS),
     ("js/mesh.js", JS),
     ("js/tap.js", JS),
+    ("js/changes.js", JS),
     ("vendor/d3-dispatch.min.js", JS),
     ("vendor/d3-quadtree.min.js", JS),
     ("vendor/d3-timer.min.js", JS),

@@ -147,6 +147,10 @@ enum Command {
         /// it (`weft history` shows revisions): how a canary is judged.
         #[arg(long, value_name = "REVISION")]
         around_revision: Option<u64>,
+        /// Also each slot of the window, oldest first (10 s slots for 1m, 1 min for 10m,
+        /// 10 min for 1h): what the dashboard's charts draw.
+        #[arg(long, conflicts_with = "around_revision")]
+        series: bool,
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: cli::Output,
         #[command(flatten)]
@@ -195,6 +199,18 @@ enum Command {
         limit: usize,
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: cli::Output,
+        #[command(flatten)]
+        server: cli::ServerArgs,
+    },
+    /// Undoes the change at a store revision (`weft history` shows them): every resource
+    /// it touched goes back as it was before (one it created is deleted). Recorded in
+    /// the audit log as a change of its own.
+    Revert {
+        /// The change's store revision.
+        revision: u64,
+        /// Validate and report without writing.
+        #[arg(long)]
+        dry_run: bool,
         #[command(flatten)]
         server: cli::ServerArgs,
     },
@@ -886,13 +902,14 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Authz(AuthzCommand::Matrix { namespace, identities, output, server }) => {
             block_on(operations::authz_matrix(&server, namespace.as_deref(), &identities, output))
         }
-        Command::Stat { view, name, namespace, window, around_revision, output, server } => block_on(async {
+        Command::Stat { view, name, namespace, window, around_revision, series, output, server } => block_on(async {
             let request = stat::StatRequest {
                 view: &view,
                 name: name.as_deref(),
                 namespace: namespace.as_deref(),
                 window: &window,
                 around_revision,
+                series,
                 output,
             };
             stat::stat(&cli::ApiClient::new(&server)?, request).await
@@ -906,6 +923,12 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::History { kind, name, limit, output, server } => {
             block_on(operations::history(&server, kind.as_deref(), name.as_deref(), limit, output))
         }
+        Command::Revert { revision, dry_run, server } => block_on(async {
+            let body = serde_json::json!({"revision": revision, "dryRun": dry_run});
+            let report = cli::ApiClient::new(&server)?.call(http::Method::POST, "/api/v1/revert", Some(body)).await?;
+            cli::print_report(&report);
+            Ok(())
+        }),
         Command::Context(ContextCommand::List) => context::list(),
         Command::Context(ContextCommand::Use { name }) => context::use_context(&name),
         Command::Context(ContextCommand::Set { name, server, token_file, ca_file, make_current }) => {

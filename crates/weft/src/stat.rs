@@ -15,6 +15,8 @@ pub struct StatRequest<'a> {
     pub namespace: Option<&'a str>,
     pub window: &'a str,
     pub around_revision: Option<u64>,
+    /// Each slot of the window too.
+    pub series: bool,
     pub output: Output,
 }
 
@@ -39,6 +41,9 @@ pub async fn stat(api: &ApiClient, request: StatRequest<'_>) -> anyhow::Result<(
     if let Some(revision) = request.around_revision {
         query.push(format!("aroundRevision={revision}"));
     }
+    if request.series {
+        query.push("series=true".into());
+    }
     let answer = api.call(http::Method::GET, &format!("/api/v1/stat/{view}?{}", query.join("&")), None).await?;
     match request.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&answer)?),
@@ -46,10 +51,27 @@ pub async fn stat(api: &ApiClient, request: StatRequest<'_>) -> anyhow::Result<(
         Output::Table if request.around_revision.is_some() => print_around(view, &answer),
         Output::Table => {
             print_window(view, &answer);
+            if request.series {
+                print_series(view, &answer);
+            }
             print_changes(&answer);
         }
     }
     Ok(())
+}
+
+/// Each slot of the window: when it began, then its rows as the window's table shows
+/// them.
+fn print_series(view: &str, answer: &Value) {
+    for point in answer["series"].as_array().into_iter().flatten() {
+        let from = point["from"].as_u64().unwrap_or_default();
+        println!(
+            "\nslot from {} ({:.0}s):",
+            weft_identity::rfc3339_millis(from * 1000),
+            point["seconds"].as_f64().unwrap_or_default()
+        );
+        print_window(view, point);
+    }
 }
 
 fn print_window(view: &str, window: &Value) {

@@ -6,8 +6,9 @@
 //! What an operator would notice: a bad token is refused and a viewer's accepted; a
 //! viewer cannot apply; a change without the session's CSRF token is refused; the
 //! topology shows every Service and call of the mesh with the right mutual-TLS marks and
-//! no two boxes overlapping, and a Service that starts failing turns red; a live tap
-//! shows requests and a denied one's policy; an invalid apply from the editor marks its
+//! no two boxes overlapping, and a Service that starts failing turns red; a Service's
+//! charts have data and a marker for a change made from the CLI, with its diff, which
+//! the page reverts; a live tap shows requests and a denied one's policy; an invalid apply from the editor marks its
 //! line and changes nothing, a valid one changes the live routing; no page logs an
 //! error or asks another origin for anything. Screenshots of every page are saved
 //! under the test's output directory.
@@ -53,6 +54,16 @@ spec:
   action: DENY
   rules:
   - to: [{paths: ["/admin*"]}]
+"#;
+
+/// What the CLI applies, for the Service page to show and revert.
+const BALANCE: &str = r#"
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: reviews-balance}
+spec:
+  targetRef: {kind: Service, name: reviews}
+  loadBalancer: {algorithm: round-robin}
 "#;
 
 /// The route the editor applies: every request for reviews goes to ratings.
@@ -441,11 +452,35 @@ async fn the_dashboard_shows_the_live_mesh_and_changes_it_safely() {
 
     // The other pages, for the record; then no page logged an error, and nothing was
     // asked of another origin.
-    for (name, fragment, ready) in [
-        ("service", "#/service/default/reviews?window=10m", "#service-golden"),
-        ("services", "#/service", "#services"),
-        ("mesh", "#/mesh", "#mesh-proxies"),
-    ] {
+    // A change made from the CLI is a marker on the Service's charts, with its diff;
+    // reverting it from the page takes it away again.
+    control.apply(BALANCE);
+    let (_, history) = control.api("GET", "/api/v1/history?kind=TrafficPolicy&name=reviews-balance", None).await;
+    let revision = history["items"][0]["revision"].as_u64().expect("the change in the audit log");
+    browser.open("#/service/default/reviews?window=10m").await;
+    let points = browser
+        .until(
+            "charts with data",
+            "const c = document.querySelector('#service-charts .chart'); return c && +c.dataset.points;",
+        )
+        .await;
+    assert!(points.as_u64().unwrap() >= 1, "{points}");
+    let marker = format!("#service-changes button[data-revision=\"{revision}\"]");
+    browser.until("the change's marker", &format!("return document.querySelector({marker:?}) !== null")).await;
+    browser.client.find(Locator::Css(&marker)).await.unwrap().click().await.unwrap();
+    let diff = browser
+        .until("the change's diff", "const d = document.getElementById('change-diff'); return d && d.textContent;")
+        .await;
+    assert!(diff.as_str().unwrap().contains("+     algorithm: round-robin"), "{diff}");
+    browser.until("the service page's tables", "return document.getElementById('service-golden') !== null").await;
+    browser.shot("service").await;
+    browser.client.find(Locator::Id("revert")).await.unwrap().click().await.unwrap();
+    let reverted = browser.until("the revert", "return document.getElementById('revert-result').textContent").await;
+    assert!(reverted.as_str().unwrap().starts_with("Reverted"), "{reverted}");
+    let (status, _) = control.api("GET", "/api/v1/resources/TrafficPolicy/default/reviews-balance", None).await;
+    assert_eq!(status, 404, "the reverted policy is still there");
+
+    for (name, fragment, ready) in [("services", "#/service", "#services"), ("mesh", "#/mesh", "#mesh-proxies")] {
         browser.open(fragment).await;
         browser.until(&format!("the {name} page"), &format!("return document.querySelector({ready:?}) !== null")).await;
         browser.shot(name).await;

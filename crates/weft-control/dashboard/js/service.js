@@ -5,6 +5,7 @@
 
 import * as api from './api.js';
 import { fill, fmtMs, fmtPct, fmtRps, fmtTime, h, num, serviceLink, table } from './dom.js';
+import { changesOf, lineDiff } from './changes.js';
 
 const REFRESH_MS = 5000;
 
@@ -12,6 +13,11 @@ function goldenCells(row) {
   return [num(fmtRps(row.rps)), num(fmtPct(row.successRate)), num(fmtMs(row.p50Ms)), num(fmtMs(row.p95Ms)), num(fmtMs(row.p99Ms))];
 }
 const GOLDEN = ['rps', 'success', 'p50', 'p95', 'p99'];
+
+/** A call's transport, marked as the topology marks it. */
+function transport(row) {
+  return row.mtls ? h('span', { class: 'mark lock' }, 'mutual TLS') : h('span', { class: 'mark unlock' }, 'plaintext');
+}
 
 export function mount(target, parts, params, context) {
   const windowLength = params.get('window') || '10m';
@@ -22,16 +28,111 @@ export function mount(target, parts, params, context) {
     next.set('window', windowSelect.value);
     location.hash = `#/service${namespace ? `/${encodeURIComponent(namespace)}/${encodeURIComponent(name)}` : ''}?${next}`;
   });
-  const body = h('div', { 'aria-live': 'polite' }, h('p', { class: 'muted' }, 'loading…'));
+  const charts = h('div', { class: 'charts', id: 'service-charts' });
+  const changes = h('div', { id: 'service-changes' });
+  const compare = h('div', { id: 'service-compare', 'aria-live': 'polite' });
+  const body = h('div', {}, h('p', { class: 'muted' }, 'loading…'));
   fill(target,
     h('h1', {}, name ? `Service ${namespace}/${name}` : 'Services'),
     h('div', { class: 'toolbar' }, h('label', { for: 'service-window' }, 'Window', windowSelect)),
+    name ? [charts, changes, compare] : null,
     body);
   const controller = new AbortController();
-  const load = name ? () => one(body, namespace, name, windowLength, controller.signal) : () => all(body, windowLength, controller.signal);
+  const view = { namespace, name, windowLength, signal: controller.signal, admin: context.session.operator.role === 'admin', selected: params.get('change'), params, context };
+  const load = name ? async () => { await drawCharts(charts, changes, compare, view); await one(body, namespace, name, windowLength, controller.signal); }
+    : () => all(body, windowLength, controller.signal);
   load();
   const timer = setInterval(load, REFRESH_MS);
   return () => { clearInterval(timer); controller.abort(); };
+}
+
+/** The Service's golden signals per slot, with a marker at every change to it. */
+async function drawCharts(charts, changesBox, compare, view) {
+  const { namespace, name, windowLength, signal } = view;
+  let answer; let history;
+  try {
+    [answer, history] = await Promise.all([
+      api.get(`/stat/services?namespace=${encodeURIComponent(namespace)}&name=${encodeURIComponent(name)}&window=${windowLength}&series=true`, signal),
+      api.get('/history?limit=1000&output=yaml', signal),
+    ]);
+  } catch (error) {
+    if (error.name !== 'AbortError') fill(charts, h('p', { class: 'error' }, error.message));
+    return;
+  }
+  const points = answer.series || [];
+  const xs = points.map((p) => p.from);
+  const pick = (field, scale = 1) => points.map((p) => (p.rows[0] && p.rows[0][field] !== null && p.rows[0][field] !== undefined ? p.rows[0][field] * scale : null));
+  const since = points.length ? points[0].from : 0;
+  const changes = changesOf(history.items, namespace, name).filter((entry) => entry.time >= since);
+  const markers = changes.map((entry) => entry.time);
+  const drawMarkers = (u) => {
+    const c = u.ctx;
+    c.save();
+    c.strokeStyle = '#a16207'; c.lineWidth = 2 * devicePixelRatio; c.setLineDash([4 * devicePixelRatio, 3 * devicePixelRatio]);
+    for (const at of markers) {
+      const x = u.valToPos(at, 'x', true);
+      c.beginPath(); c.moveTo(x, u.bbox.top); c.lineTo(x, u.bbox.top + u.bbox.height); c.stroke();
+    }
+    c.restore();
+  };
+  const chart = (title, series, data) => {
+    const box = h('div', { class: 'chart', dataset: { points: String(data[0].filter((v) => v !== null && v > 0).length) } });
+    charts.append(box);
+    if (!window.uPlot) { box.append(h('p', { class: 'error' }, 'The chart library did not load.')); return; }
+    const width = Math.max(280, box.clientWidth - 16);
+    new window.uPlot({ title, width, height: 180, scales: { x: { time: true } }, series: [{}, ...series], hooks: { draw: [drawMarkers] } }, [xs, ...data], box);
+  };
+  charts.replaceChildren();
+  chart('Requests/s', [{ label: 'rps', stroke: '#1d4ed8', width: 2 }], [pick('rps')]);
+  chart('Success rate (%)', [{ label: 'success', stroke: '#15803d', width: 2 }], [pick('successRate', 100)]);
+  chart('Latency (ms)', [{ label: 'p50', stroke: '#1d4ed8' }, { label: 'p95', stroke: '#a16207' }, { label: 'p99', stroke: '#b91c1c', width: 2 }],
+    [pick('p50Ms'), pick('p95Ms'), pick('p99Ms')]);
+  fill(changesBox,
+    h('h2', {}, `Changes to this Service, its routes and policies (last ${answer.window})`),
+    changes.length ? h('ul', {}, changes.map((entry) => h('li', {},
+      h('button', { type: 'button', class: 'marker', dataset: { revision: String(entry.revision) }, onclick: () => showChange(compare, view, entry) },
+        `revision ${entry.revision}: ${entry.action} ${entry.subject.kind} ${entry.subject.namespace}/${entry.subject.name} by ${entry.operator.name}, ${fmtTime(entry.time)}`))))
+      : h('p', { class: 'muted' }, 'None in this window.'));
+  if (view.selected && !compare.dataset.shown) {
+    const entry = changes.find((e) => String(e.revision) === view.selected);
+    if (entry) showChange(compare, view, entry);
+  }
+}
+
+/** One change: the signals before and after it, its YAML diff, and (admin) a revert. */
+async function showChange(compare, view, entry) {
+  const { namespace, name, signal } = view;
+  compare.dataset.shown = String(entry.revision);
+  const next = new URLSearchParams(view.params);
+  next.set('change', String(entry.revision));
+  view.context.setParams(next);
+  let around = null;
+  try {
+    around = await api.get(`/stat/services?namespace=${encodeURIComponent(namespace)}&name=${encodeURIComponent(name)}&window=1m&aroundRevision=${entry.revision}`, signal);
+  } catch (error) {
+    around = { error: error.message };
+  }
+  const row = (window) => (window && window.rows && window.rows[0]) || {};
+  const result = h('p', { id: 'revert-result', role: 'status' });
+  const revert = view.admin ? h('button', { type: 'button', class: 'primary', id: 'revert', onclick: async () => {
+    try {
+      const report = await api.change('POST', '/revert', { revision: entry.revision });
+      result.className = 'health-ok';
+      result.textContent = `Reverted: store revision ${report.revision} (${report.results.map((r) => `${r.kind} ${r.namespace}/${r.name} ${r.action}`).join(', ')}).`;
+    } catch (error) {
+      result.className = 'error';
+      result.textContent = error.message;
+    }
+  } }, `Revert revision ${entry.revision}`) : h('p', { class: 'muted' }, 'Reverting needs an admin token.');
+  fill(compare,
+    h('h2', {}, `Revision ${entry.revision}: ${entry.action} ${entry.subject.kind} ${entry.subject.namespace}/${entry.subject.name}`),
+    around.error ? h('p', { class: 'muted' }, `No before/after comparison: ${around.error}`)
+      : table(['', 'rps', 'success', 'p50', 'p95', 'p99'], [
+        ['1 min before', ...goldenCells(row(around.before))],
+        ['1 min after', ...goldenCells(row(around.after))]], { id: 'change-compare' }),
+    h('pre', { class: 'diff', id: 'change-diff' }, lineDiff(entry.beforeYaml || '', entry.afterYaml || '').map(([mark, line]) =>
+      h('span', { class: mark === '+' ? 'added' : mark === '-' ? 'removed' : null }, `${mark} ${line}\n`))),
+    revert, result);
 }
 
 async function all(body, windowLength, signal) {
@@ -81,7 +182,6 @@ async function one(body, namespace, name, windowLength, signal) {
   const summary = services.rows[0];
   const callers = edges.rows.filter((row) => row.destination.service === qualified);
   const callees = edges.rows.filter((row) => row.source.service === qualified);
-  const changes = services.changes.filter((change) => change.namespace === namespace);
   fill(body,
     h('h2', {}, `Golden signals (last ${services.window})`),
     summary ? table(GOLDEN.concat(['requests', 'mutual TLS']), [[...goldenCells(summary), num(String(summary.requests)), num(fmtPct(summary.mtlsShare))]], { id: 'service-golden' })
@@ -105,15 +205,11 @@ async function one(body, namespace, name, windowLength, signal) {
           num(latest && latest.ejectedForMs ? `${(latest.ejectedForMs / 1000).toFixed(1)} s` : '-'), latest ? latest.reporter : ''];
       }), { id: 'service-endpoints' }),
     h('h2', {}, 'Policies'),
-    authz.rows.length ? table(['policy', 'allowed', 'denied'], authz.rows.map((row) => [row.policy, num(String(row.allowed)), num(String(row.denied))]), { id: 'service-authz' })
+    authz.rows.length ? table(['policy', 'allowed', 'denied'], authz.rows.map((row) => [row.policy || '(no policy decided: allowed by default)', num(String(row.allowed)), num(String(row.denied))]), { id: 'service-authz' })
       : h('p', { class: 'muted' }, 'No authorization decisions in this window.'),
     h('h2', {}, 'Callers'),
-    table(['caller', 'identity', ...GOLDEN, 'mutual TLS'], callers.map((row) => [serviceLink(row.source.service), row.source.identity || '(none)', ...goldenCells(row), row.mtls ? '🔒 yes' : '🔓 no'])),
+    table(['caller', 'identity', 'served by', ...GOLDEN, 'transport'], callers.map((row) => [serviceLink(row.source.service), row.source.identity || '(none)', row.destination.identity || '(none)', ...goldenCells(row), transport(row)])),
     h('h2', {}, 'Callees'),
-    table(['callee', 'identity', ...GOLDEN, 'mutual TLS'], callees.map((row) => [serviceLink(row.destination.service), row.destination.identity || '(none)', ...goldenCells(row), row.mtls ? '🔒 yes' : '🔓 no'])),
-    h('h2', {}, `Changes in this namespace (last ${services.window})`),
-    changes.length ? table(['time', 'revision', 'change', 'resource', 'by'], changes.map((change) => [fmtTime(change.time), num(String(change.revision)), change.action,
-      `${change.kind} ${change.namespace}/${change.name}`, change.by]), { id: 'service-changes' })
-      : h('p', { class: 'muted' }, 'None.'),
+    table(['callee', 'identity', ...GOLDEN, 'transport'], callees.map((row) => [serviceLink(row.destination.service), row.destination.identity || '(none)', ...goldenCells(row), transport(row)])),
     described.unresolved.length ? [h('h2', {}, 'Unresolved references'), h('ul', {}, described.unresolved.map((text) => h('li', { class: 'error' }, text)))] : null);
 }

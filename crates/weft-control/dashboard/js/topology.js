@@ -55,7 +55,7 @@ export function mount(target, _parts, params, context) {
       status),
     h('div', { class: 'legend' },
       h('span', { class: 'health-ok' }, '■ healthy'), h('span', { class: 'health-bad' }, '■ failing or slow'),
-      h('span', { class: 'health-idle' }, '■ no traffic'), h('span', {}, '🔒 mutual TLS'), h('span', {}, '🔓 plaintext')),
+      h('span', { class: 'health-idle' }, '■ no traffic'), h('span', { class: 'mark lock' }, 'mutual TLS'), h('span', { class: 'mark unlock' }, 'some plaintext')),
     h('div', { class: 'topology' }, canvas, side),
     h('details', {}, h('summary', {}, 'Services and calls as tables'), listing));
 
@@ -142,13 +142,15 @@ export function mount(target, _parts, params, context) {
     if (namespaces.size > 1) {
       c.font = '11px system-ui, sans-serif';
       for (const [namespace, box] of namespaces) {
+        if (!namespace) continue;
         c.fillStyle = 'rgba(29, 78, 216, 0.05)';
         c.fillRect(box.minX - 14, box.minY - 22, box.maxX - box.minX + 28, box.maxY - box.minY + 36);
         c.fillStyle = '#4a5361';
-        c.fillText(namespace || '(unmeshed)', box.minX - 10, box.minY - 10);
+        c.fillText(namespace, box.minX - 10, box.minY - 10);
       }
     }
     c.lineWidth = 1.2 / Math.max(0.5, view.k);
+    const labels = [];
     for (const edge of state.edges) {
       const from = state.nodes[edge.source]; const to = state.nodes[edge.target];
       const start = boxEdge(from, to.x, to.y); const end = boxEdge(to, from.x, from.y);
@@ -166,13 +168,7 @@ export function mount(target, _parts, params, context) {
       c.lineTo(end.x - 9 * Math.cos(angle + 0.4), end.y - 9 * Math.sin(angle + 0.4));
       c.fill();
       c.globalAlpha = 1;
-      if (!many || selected) {
-        const mx = (start.x + end.x) / 2; const my = (start.y + end.y) / 2;
-        if (edge.mtlsShare !== null) lock(mx, my, edge.mtlsShare >= 1, edge.mtlsShare >= 1 ? '#15803d' : '#b91c1c');
-        c.font = '10px system-ui, sans-serif';
-        c.fillStyle = '#1b1f24';
-        c.fillText(`${fmtRps(edge.rps)} rps · ${fmtPct(edge.successRate)} · ${fmtMs(edge.p99Ms)}`, mx + 11, my + 3);
-      }
+      if (!many || selected) labels.push({ edge, x: (start.x + end.x) / 2, y: (start.y + end.y) / 2 });
     }
     for (const node of state.nodes) {
       const colours = COLOURS[health(node, thresholds)];
@@ -184,6 +180,17 @@ export function mount(target, _parts, params, context) {
       c.fillText(node.label, left + 8, top + 14);
       c.fillStyle = '#4a5361'; c.font = '10px system-ui, sans-serif';
       c.fillText(node.namespace, left + 8, top + 27);
+    }
+    // Each call's lock and figures, over everything, on a backing so they stay legible.
+    c.font = '10px system-ui, sans-serif';
+    for (const { edge, x, y } of labels) {
+      const text = `${fmtRps(edge.rps)} rps · ${fmtPct(edge.successRate)} · ${fmtMs(edge.p99Ms)}`;
+      const width = c.measureText(text).width;
+      c.fillStyle = 'rgba(255, 255, 255, 0.85)';
+      c.fillRect(x + 9, y - 7, width + 4, 13);
+      c.fillStyle = '#1b1f24';
+      c.fillText(text, x + 11, y + 3);
+      if (edge.mtlsShare !== null) lock(x, y, edge.mtlsShare >= 1, edge.mtlsShare >= 1 ? '#15803d' : '#b91c1c');
     }
   }
 
@@ -278,7 +285,8 @@ export function mount(target, _parts, params, context) {
   }
 
   function list() {
-    const mark = (edge) => edge.mtlsShare === null ? 'no requests' : edge.mtlsShare >= 1 ? '🔒 mutual TLS' : '🔓 plaintext';
+    const mark = (edge) => edge.mtlsShare === null ? 'no requests'
+      : edge.mtlsShare >= 1 ? h('span', { class: 'mark lock' }, 'mutual TLS') : h('span', { class: 'mark unlock' }, `plaintext (${fmtPct(1 - edge.mtlsShare)})`);
     fill(listing,
       h('table', { id: 'topology-services' },
         h('thead', {}, h('tr', {}, ['Service', 'health', 'rps', 'success', 'p99'].map((t) => h('th', { scope: 'col' }, t)))),

@@ -85,6 +85,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route_layer(middleware::from_fn_with_state((state.clone(), Role::Viewer), auth::require));
     let changes = Router::new()
         .route("/api/v1/apply", post(resources::apply))
+        .route("/api/v1/revert", post(resources::revert))
         .route("/api/v1/delete", post(resources::delete_documents))
         .route("/api/v1/resources/{kind}/{namespace}/{name}", delete(resources::delete_one))
         .route("/api/v1/tokens", post(operations::create_token).get(operations::list_tokens))

@@ -243,6 +243,9 @@ pub(super) struct HistoryParams {
     name: Option<String>,
     #[serde(default = "default_limit")]
     limit: usize,
+    /// `yaml`: each entry also carries its documents as YAML (`beforeYaml`,
+    /// `afterYaml`), for a diff to be read as the resource was written.
+    output: Option<String>,
 }
 
 fn default_limit() -> usize {
@@ -270,5 +273,20 @@ pub(super) async fn history(
         }),
     };
     let entries = audit::list(&catalog, kind.as_deref(), params.name.as_deref(), params.limit.clamp(1, 10_000));
-    Ok(Json(json!({"items": entries})))
+    let yaml = match params.output.as_deref() {
+        None | Some("json") => false,
+        Some("yaml") => true,
+        Some(other) => return Err(bad_request(format!("output={other}: use json or yaml"))),
+    };
+    let mut items = serde_json::to_value(&entries).unwrap_or_default();
+    if yaml {
+        for (item, entry) in items.as_array_mut().into_iter().flatten().zip(&entries) {
+            let text = |document: &Option<serde_json::Value>| {
+                document.as_ref().and_then(|document| serde_norway::to_string(document).ok())
+            };
+            item["beforeYaml"] = json!(text(&entry.before));
+            item["afterYaml"] = json!(text(&entry.after));
+        }
+    }
+    Ok(Json(json!({"items": items})))
 }

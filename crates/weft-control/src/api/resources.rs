@@ -225,3 +225,69 @@ pub(super) async fn authz_matrix(
         crate::authz_matrix::matrix(world.resources(), &hub.registry.entries(), &asked, params.namespace.as_deref());
     Ok(Json(json!({"revision": revision, "matrix": matrix})))
 }
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct RevertRequest {
+    /// The store revision of the change to undo (`weft history` shows it).
+    revision: u64,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+/// `POST /api/v1/revert` (`{"revision": N}`): puts every resource the change at store
+/// revision N touched back as it was before (one it created is deleted, one it deleted
+/// comes back), judged like any apply and recorded in the audit log as the caller's.
+/// What the dashboard's revert button and `weft revert` do.
+pub(super) async fn revert(
+    State(catalog): State<Arc<Catalog>>,
+    Extension(operator): Extension<Operator>,
+    Json(request): Json<RevertRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let revision = request.revision;
+    let entries: Vec<_> = crate::audit::list(&catalog, None, None, usize::MAX)
+        .into_iter()
+        .filter(|entry| entry.revision == revision)
+        .collect();
+    if entries.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no change has store revision {revision} in the audit log (see weft history)"),
+        ));
+    }
+    let mut restore = Vec::new();
+    let mut remove = Vec::new();
+    for entry in &entries {
+        let subject = &entry.subject;
+        let Ok(kind) = parse_kind(&subject.kind) else {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "revision {revision} changed {} {}, which is not a resource: only resource changes can be \
+                     reverted",
+                    subject.kind, subject.name
+                ),
+            ));
+        };
+        match &entry.before {
+            Some(before) => restore.push(Source::new(
+                format!("revision {revision}: {} {}/{}", subject.kind, subject.namespace, subject.name),
+                serde_json::to_string(before).unwrap_or_default(),
+            )),
+            None => remove.push(ObjectKey::new(kind, &subject.namespace, &subject.name)),
+        }
+    }
+    let mut results = Vec::new();
+    let mut last = catalog.revision();
+    if !restore.is_empty() {
+        let report = catalog.apply(&restore, request.dry_run, &operator).await?;
+        last = report.revision;
+        results.extend(report.results);
+    }
+    if !remove.is_empty() {
+        let report = catalog.delete(remove, true, request.dry_run, &operator).await?;
+        last = report.revision;
+        results.extend(report.results);
+    }
+    Ok(Json(json!({"revision": last, "dryRun": request.dry_run, "reverted": revision, "results": results})))
+}

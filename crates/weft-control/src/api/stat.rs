@@ -55,6 +55,10 @@ pub(super) struct StatParams {
     name: Option<String>,
     window: Option<String>,
     around_revision: Option<u64>,
+    /// Also the rows of every slot of the window, oldest first (`series`): what charts
+    /// draw.
+    #[serde(default)]
+    series: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,6 +136,9 @@ pub(super) async fn stat(
         let mut answer = window_answer(&hub, view, range, &filter, now).await;
         answer.insert("view".into(), json!(view.name()));
         answer.insert("window".into(), json!(length.label()));
+        if params.series {
+            answer.insert("series".into(), Value::Array(slot_series(&hub, view, range, &filter, now).await));
+        }
         return Ok(Json(Value::Object(answer)));
     };
     let changes = crate::audit::list(&hub.catalog, None, None, usize::MAX);
@@ -157,18 +164,39 @@ pub(super) async fn stat(
     })))
 }
 
+/// The rows of `view` in each slot of `range`, oldest first: `{from, seconds, rows}`,
+/// with rates over the time each slot covers (the slot in progress covers less).
+async fn slot_series(hub: &Hub, view: View, range: SlotRange, filter: &Filter, now: u64) -> Vec<Value> {
+    let slot = TIERS[range.tier].slot_seconds;
+    let mut points = Vec::new();
+    let mut from = range.from;
+    while from < range.to && from * 1000 <= now {
+        let one = SlotRange { tier: range.tier, from, to: from + slot };
+        let (series, _) = mesh_window(hub, one, &filter.namespace).await;
+        let seconds = one.covered_seconds(now, series.since_millis);
+        points.push(json!({"from": from, "seconds": seconds, "rows": view_rows(hub, view, &series, filter, seconds)}));
+        from += slot;
+    }
+    points
+}
+
+/// The rows of `view` over `series`.
+fn view_rows(hub: &Hub, view: View, series: &WindowSeries, filter: &Filter, seconds: f64) -> Vec<Value> {
+    match view {
+        View::Services => services(hub, series, filter, seconds),
+        View::Workloads => workloads(hub, series, filter, seconds),
+        View::Routes => routes(series, filter, seconds),
+        View::Edges => edges(series, filter, seconds),
+        View::Authz => authz(series, filter),
+        View::Endpoints => endpoints(series, filter),
+    }
+}
+
 /// One window of `view`: its rows, what it covers, the changes made in it.
 async fn window_answer(hub: &Hub, view: View, range: SlotRange, filter: &Filter, now: u64) -> Map<String, Value> {
     let (series, unreachable) = mesh_window(hub, range, &filter.namespace).await;
     let seconds = range.covered_seconds(now, series.since_millis);
-    let rows = match view {
-        View::Services => services(hub, &series, filter, seconds),
-        View::Workloads => workloads(hub, &series, filter, seconds),
-        View::Routes => routes(&series, filter, seconds),
-        View::Edges => edges(&series, filter, seconds),
-        View::Authz => authz(&series, filter),
-        View::Endpoints => endpoints(&series, filter),
-    };
+    let rows = view_rows(hub, view, &series, filter, seconds);
     let end = (range.to * 1000).min(now) / 1000;
     let changes: Vec<Value> = crate::audit::list(&hub.catalog, None, None, usize::MAX)
         .iter()
