@@ -79,6 +79,11 @@ pub struct ProxyRecord {
     /// are).
     #[serde(skip)]
     pub view_services: Arc<BTreeSet<String>>,
+    /// The Services it subscribed to (`namespace/name`, those that do not exist yet
+    /// included): with its own Service, what its view is computed from (a dry run's
+    /// preview computes it again over the changed state).
+    #[serde(skip)]
+    pub subscribed: Arc<BTreeSet<String>>,
 }
 
 /// A proxy's current certificate, as it reports it.
@@ -442,6 +447,7 @@ impl DiscoveryService {
             stream: 0,
             last_report: 0,
             view_services: Arc::default(),
+            subscribed: Arc::new(hello.subscriptions.iter().filter(|s| s.contains('/')).cloned().collect()),
         })?;
         let (sender, receiver) = mpsc::channel(4);
         let hub = self.hub.clone();
@@ -550,7 +556,11 @@ async fn serve_proxy(
                             }
                         }
                         let count = subscriptions.len();
-                        hub.update(&key, stream, |r| r.subscriptions = count);
+                        let subscribed = Arc::new(subscriptions.clone());
+                        hub.update(&key, stream, |r| {
+                            r.subscriptions = count;
+                            r.subscribed = subscribed;
+                        });
                     }
                     proxy_message::Message::Health(health) => {
                         if let Some(attached) = attached.as_mut() {

@@ -10,7 +10,8 @@
 //! [`signing_service`] signs proxies' certificates there; [`telemetry`] takes
 //! proxies' reports there and merges them into the golden signals the API serves;
 //! [`tap`] holds operators' tap sessions and streams their proxies' events; [`sessions`]
-//! are the dashboard's logins, and [`dashboard`] its pages.
+//! are the dashboard's logins, and [`dashboard`] its pages; [`preview`] is what a dry
+//! run says a change would touch.
 
 #![forbid(unsafe_code)]
 
@@ -30,6 +31,7 @@ pub mod join_tokens;
 pub mod kinds;
 pub mod metrics;
 pub mod operator_tokens;
+pub mod preview;
 pub mod registry;
 pub mod replicas;
 pub mod revocations;

@@ -132,5 +132,6 @@ fn record_of(status: ProxyStatus) -> ProxyRecord {
         stream: 0,
         last_report: 0,
         view_services: Arc::default(),
+        subscribed: Arc::default(),
     }
 }

@@ -71,7 +71,29 @@ pub async fn apply(api: &ApiClient, files: &[PathBuf], dry_run: bool) -> anyhow:
         .call(http::Method::POST, &format!("/api/v1/apply?dryRun={dry_run}"), Some(json!({"sources": sources})))
         .await?;
     print_report(&report);
+    print_preview(&report["preview"]);
     Ok(())
+}
+
+/// A dry run's preview: what the change would touch.
+fn print_preview(preview: &Value) {
+    if preview.is_null() {
+        return;
+    }
+    let list = |field: &str| -> Vec<String> {
+        preview[field].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(String::from)).collect()
+    };
+    let none = |items: Vec<String>| if items.is_empty() { "none".to_string() } else { items.join(", ") };
+    if preview["meshWide"].as_bool() == Some(true) {
+        println!("would touch: every proxy (a MeshConfig is in every view)");
+    }
+    println!("would touch Services: {}", none(list("services")));
+    println!("  their routes: {}", none(list("routes")));
+    println!(
+        "  proxies whose configuration would change (on the replica asked): {} ({} unchanged)",
+        none(list("proxies")),
+        preview["proxiesUnchanged"].as_u64().unwrap_or_default()
+    );
 }
 
 /// `weft delete KIND NAME` or `weft delete -f FILE`.

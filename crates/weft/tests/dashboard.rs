@@ -419,6 +419,17 @@ async fn the_dashboard_shows_the_live_mesh_and_changes_it_safely() {
     let (_, after) = control.api("GET", "/api/v1/status", None).await;
     assert_eq!(before["revision"], after["revision"], "a refused apply changed the store");
     browser.js(&format!("const e = document.getElementById('config-editor'); e.value = {TO_RATINGS:?}; e.dispatchEvent(new Event('input'));")).await;
+    // A dry run first: the preview names the Services and the proxies the route would
+    // reach (web calls reviews, so its view changes; ratings' own does not).
+    browser.client.find(Locator::Id("config-dry-run")).await.unwrap().click().await.unwrap();
+    let touched = browser
+        .until("the preview", "const p = document.getElementById('preview-proxies'); return p && p.textContent;")
+        .await;
+    let touched = touched.as_str().unwrap();
+    assert!(touched.contains("default/web") && !touched.contains("default/ratings"), "{touched}");
+    let services = browser.js("return document.getElementById('preview-services').textContent").await;
+    assert_eq!(services, "default/ratings, default/reviews");
+    browser.shot("config-preview").await;
     browser.client.find(Locator::Id("config-apply")).await.unwrap().click().await.unwrap();
     let outcome = browser
         .until("the apply", "const o = document.getElementById('config-outcome'); return o && o.textContent")

@@ -99,9 +99,19 @@ export function mount(target, _parts, params, context) {
       const report = await api.change('POST', `/apply${dry ? '?dryRun=true' : ''}`, { sources: [{ name: 'dashboard editor', text: editor.value }] });
       marked = new Set();
       numberLines();
+      const preview = report.preview;
+      const list = (items) => (items.length ? items.join(', ') : 'none');
       fill(messages,
         h('p', { class: 'health-ok', id: 'config-outcome' }, dry ? 'Valid: nothing was changed (dry run).' : `Applied at store revision ${report.revision}.`),
-        h('ul', {}, report.results.map((result) => h('li', {}, `${result.kind} ${result.namespace}/${result.name}: ${result.action}${dry ? ' (would be)' : ''}`))));
+        h('ul', {}, report.results.map((result) => h('li', {}, `${result.kind} ${result.namespace}/${result.name}: ${result.action}${dry ? ' (would be)' : ''}`))),
+        preview ? h('div', { id: 'config-preview' },
+          h('h2', {}, 'What this change would touch'),
+          preview.meshWide ? h('p', {}, 'Every proxy: a MeshConfig is in every view.') : null,
+          h('dl', {},
+            h('dt', {}, 'Services'), h('dd', { id: 'preview-services' }, list(preview.services)),
+            h('dt', {}, 'Their routes'), h('dd', { id: 'preview-routes' }, list(preview.routes)),
+            h('dt', {}, 'Proxies whose configuration would change'), h('dd', { id: 'preview-proxies' }, list(preview.proxies)),
+            h('dt', {}, 'Proxies unchanged'), h('dd', {}, String(preview.proxiesUnchanged)))) : null);
       if (!dry) { await load(); }
     } catch (error) {
       if (error.status === 422) refused(error);

@@ -164,6 +164,7 @@ fn present_on(hub: &Hub, replica: &str) -> Vec<ProxyRecord> {
             stream: 0,
             last_report: 0,
             view_services: Default::default(),
+            subscribed: Default::default(),
         })
         .collect()
 }

@@ -88,15 +88,24 @@ fn sources(headers: &HeaderMap, params: &WriteParams, body: String) -> Result<Ve
     })
 }
 
+/// Applies documents; a dry run also answers with its preview: the Services, routes
+/// and proxies the change would touch ([`crate::preview`]).
 pub(super) async fn apply(
-    State(catalog): State<Arc<Catalog>>,
+    State(hub): State<Arc<Hub>>,
     Extension(operator): Extension<Operator>,
     Query(params): Query<WriteParams>,
     headers: HeaderMap,
     TextBody(body): TextBody,
 ) -> Result<impl IntoResponse, ApiError> {
     let sources = sources(&headers, &params, body)?;
-    Ok(Json(catalog.apply(&sources, params.dry_run, &operator).await?))
+    let report = hub.catalog.apply(&sources, params.dry_run, &operator).await?;
+    let mut answer =
+        serde_json::to_value(&report).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    if params.dry_run {
+        let parsed = parse_sources(&sources)?;
+        answer["preview"] = json!(crate::preview::preview(&hub, &parsed));
+    }
+    Ok(Json(answer))
 }
 
 pub(super) async fn delete_documents(
