@@ -57,6 +57,7 @@ static ASSETS: &[Asset] = assets![
     ("js/mesh.js", JS),
     ("js/tap.js", JS),
     ("js/changes.js", JS),
+    ("js/workload.js", JS),
     ("vendor/d3-dispatch.min.js", JS),
     ("vendor/d3-quadtree.min.js", JS),
     ("vendor/d3-timer.min.js", JS),

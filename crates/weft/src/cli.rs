@@ -391,6 +391,18 @@ fn print_workload(workload: &Value) {
     } else {
         println!("Proxy:        not connected");
     }
+    let configuration = &workload["configuration"];
+    if configuration.is_object() {
+        let documents = configuration["yaml"]
+            .as_str()
+            .filter(|yaml| !yaml.is_empty())
+            .map_or(0, |yaml| yaml.split("---\n").count());
+        println!(
+            "Configuration: version {} sent, {} applied; {documents} documents (-o yaml shows them)",
+            text(&configuration["version"]),
+            text(&configuration["applied"])
+        );
+    }
 }
 
 /// `weft check`: what needs an operator's attention in the mesh's identities.

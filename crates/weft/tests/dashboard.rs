@@ -491,6 +491,17 @@ async fn the_dashboard_shows_the_live_mesh_and_changes_it_safely() {
     let (status, _) = control.api("GET", "/api/v1/resources/TrafficPolicy/default/reviews-balance", None).await;
     assert_eq!(status, 404, "the reverted policy is still there");
 
+    // A workload: its identity, its certificate counting down, and the configuration it
+    // runs, as the control plane sends it.
+    browser.open("#/workload/default/reviews").await;
+    let facts = browser
+        .until("the workload's facts", "const e = document.getElementById('workload-expires'); return e && e.textContent && document.getElementById('workload-facts').textContent;")
+        .await;
+    assert!(facts.as_str().unwrap().contains("spiffe://weft.local/ns/default/sa/reviews"), "{facts}");
+    let configuration = browser.js("return document.getElementById('workload-configuration').textContent").await;
+    assert!(configuration.as_str().unwrap().contains("name: no-admin"), "its view carries its policy: {configuration}");
+    browser.shot("workload").await;
+
     for (name, fragment, ready) in [("services", "#/service", "#services"), ("mesh", "#/mesh", "#mesh-proxies")] {
         browser.open(fragment).await;
         browser.until(&format!("the {name} page"), &format!("return document.querySelector({ready:?}) !== null")).await;

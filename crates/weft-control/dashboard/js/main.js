@@ -10,8 +10,9 @@ import * as config from './config.js';
 import * as security from './security.js';
 import * as mesh from './mesh.js';
 import * as tap from './tap.js';
+import * as workload from './workload.js';
 
-const pages = { topology, service, config, security, mesh, tap };
+const pages = { topology, service, config, security, mesh, tap, workload };
 const context = { session: null };
 let unmount = null;
 

@@ -30,7 +30,7 @@ export function mount(target) {
         h('h2', {}, `Proxies (${proxies.items.length})`),
         table(['proxy', 'namespace', 'Service', 'identity', 'replica', 'version applied', 'last NACK', 'certificate serial', 'expires in'],
           proxies.items.map((p) => [
-            p.proxyId,
+            h('a', { href: `#/workload/${encodeURIComponent(p.namespace)}/${encodeURIComponent(p.proxyId)}` }, p.proxyId),
             p.namespace, p.service || '', p.identity || '', p.controlPlane, p.appliedVersion,
             p.lastNack ? h('span', { class: 'error' }, p.lastNack) : '',
             p.certificate ? h('code', {}, p.certificate.serial.slice(0, 16)) : '',

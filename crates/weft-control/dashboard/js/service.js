@@ -200,7 +200,8 @@ async function one(body, namespace, name, windowLength, signal) {
       described.endpoints.map((endpoint) => {
         const seen = endpoints.rows.filter((row) => row.address === endpoint.address && row.port === endpoint.port);
         const latest = seen.sort((a, b) => b.reportedAt - a.reportedAt)[0];
-        return [endpoint.address, num(String(endpoint.port)), endpoint.workload || '', endpoint.zone || '', num(String(endpoint.weight ?? '')), endpoint.health,
+        return [endpoint.address, num(String(endpoint.port)),
+          endpoint.workload ? h('a', { href: `#/workload/${encodeURIComponent(namespace)}/${encodeURIComponent(endpoint.workload)}` }, endpoint.workload) : '', endpoint.zone || '', num(String(endpoint.weight ?? '')), endpoint.health,
           num(latest ? fmtMs(latest.latencyEstimateMs) : '-'), num(latest ? String(latest.inFlight) : '-'),
           num(latest && latest.ejectedForMs ? `${(latest.ejectedForMs / 1000).toFixed(1)} s` : '-'), latest ? latest.reporter : ''];
       }), { id: 'service-endpoints' }),

@@ -1,4 +1,5 @@
-//! The connected proxies (on every replica) and `describe workload`.
+//! The connected proxies (on every replica) and `describe workload` (with, for a proxy
+//! held by this replica, the configuration it is sent, as YAML).
 
 use std::sync::Arc;
 
@@ -126,6 +127,19 @@ pub(super) async fn describe_workload(
             "identity": e.registration.identity,
         })
     });
+    // The configuration it runs: the view this replica sends it, as YAML (a proxy held
+    // by another replica is described by that one).
+    let configuration = hub.proxies().into_iter().find(|p| p.namespace == namespace && p.proxy_id == name).map(|p| {
+        let own = p.service.as_ref().map(|service| format!("{}/{service}", p.namespace));
+        let view = world.view(own.as_deref(), &p.subscribed);
+        let yaml: Vec<String> = view
+            .text
+            .split("\n---\n")
+            .filter_map(|text| serde_json::from_str::<serde_json::Value>(text).ok())
+            .filter_map(|document| serde_norway::to_string(&document).ok())
+            .collect();
+        json!({"version": p.sent_version, "applied": p.applied_version, "yaml": yaml.join("---\n"), "missing": view.missing})
+    });
     Ok(Json(json!({
         "workload": {
             "namespace": namespace,
@@ -133,6 +147,7 @@ pub(super) async fn describe_workload(
             "resource": resource,
             "registration": registration,
             "proxy": proxy,
+            "configuration": configuration,
         }
     })))
 }
