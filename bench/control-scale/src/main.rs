@@ -12,9 +12,15 @@
 //! control plane's CPU and RSS while reports come in, the series and memory it holds,
 //! and how long `weft stat edges` takes to answer under that load.
 //!
+//! Then, with `--dashboard` (after the telemetry phase, on the 10-minute window it
+//! filled), the dashboard's topology of that mesh: the bytes of one refresh (gzipped, as
+//! a browser takes it), the control plane's CPU per refresh, and in headless Chromium
+//! (through chromedriver) the time from navigation to the first picture and to the
+//! finished layout.
+//!
 //! Usage: control-scale [--proxies 1000] [--services 1000] [--endpoints 10000]
 //!        [--watch 10] [--rounds 10] [--telemetry-seconds 0] [--report-interval 5]
-//!        [--calls 10] [--weft target/release/weft]
+//!        [--calls 10] [--dashboard] [--weft target/release/weft]
 
 use std::{
     collections::BTreeSet,
@@ -58,6 +64,12 @@ struct Args {
     rounds: usize,
     #[arg(long, default_value = "target/release/weft")]
     weft: PathBuf,
+    /// Measure the dashboard's topology after the telemetry phase.
+    #[arg(long, requires = "telemetry_seconds")]
+    dashboard: bool,
+    /// Topology refreshes to measure the control plane's CPU over.
+    #[arg(long, default_value_t = 20)]
+    refreshes: usize,
     /// How long proxies report telemetry after the rounds (0: not at all).
     #[arg(long, default_value_t = 0)]
     telemetry_seconds: u64,
@@ -444,6 +456,122 @@ async fn measure_telemetry(args: &Args, control: &ControlPlane, pid: u32) -> any
     Ok(())
 }
 
+/// The dashboard phase: the topology of the mesh the telemetry phase made.
+async fn measure_dashboard(control: &ControlPlane, pid: u32, refreshes: usize) -> anyhow::Result<()> {
+    const PATH: &str = "/api/v1/topology?window=10m";
+    let (_, _, raw) = get(control, PATH).await?;
+    let topology: serde_json::Value = serde_json::from_slice(&raw)?;
+    let services = topology["services"].as_array().map_or(0, Vec::len);
+    let edges = topology["edges"].as_array().map_or(0, Vec::len);
+    // What the control plane spends with no refresh (its proxies' streams stay open):
+    // subtracted from what it spends over the refreshes.
+    let (_, idle_before) = rss_and_cpu(pid);
+    let idle_started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (_, idle_after) = rss_and_cpu(pid);
+    let idle_rate = (idle_after - idle_before) / idle_started.elapsed().as_secs_f64();
+    // Refreshes as the page makes them, gzipped, one after another: the control plane's
+    // CPU over them (the reports have stopped).
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let (_, cpu_before) = rss_and_cpu(pid);
+    let refreshing = Instant::now();
+    let mut gzipped = 0;
+    let mut answers = Vec::new();
+    for _ in 0..refreshes {
+        let request = http::Request::get(format!("http://{}{PATH}", control.api))
+            .header(http::header::AUTHORIZATION, format!("Bearer {}", control.token))
+            .header(http::header::ACCEPT_ENCODING, "gzip")
+            .body(Full::new(Bytes::new()))?;
+        let started = Instant::now();
+        let response = client.request(request).await?;
+        let encoded = response.headers().get(http::header::CONTENT_ENCODING).is_some_and(|v| v == "gzip");
+        gzipped = response.into_body().collect().await?.to_bytes().len();
+        answers.push(started.elapsed().as_secs_f64());
+        if !encoded {
+            bail!("the topology came back without gzip");
+        }
+    }
+    let (_, cpu_after) = rss_and_cpu(pid);
+    let spent = (cpu_after - cpu_before - idle_rate * refreshing.elapsed().as_secs_f64()).max(0.0);
+    answers.sort_by(f64::total_cmp);
+    let (first, settled) = first_render(control).await?;
+    println!(
+        "\ndashboard: the topology of {services} services and {edges} edges (10m window):\n  one refresh {:.0} KB ({:.0} KB before gzip), control plane CPU {:.1} ms per refresh beyond its idle {:.1}% of a core (median answer {:.3}s)\n  headless Chromium: first picture {first:.0} ms after navigation, layout finished (no overlaps) at {settled:.0} ms",
+        gzipped as f64 / 1024.0,
+        raw.len() as f64 / 1024.0,
+        spent / refreshes as f64 * 1000.0,
+        idle_rate * 100.0,
+        percentile(&answers, 0.5),
+    );
+    Ok(())
+}
+
+/// Opens the topology in headless Chromium: (ms to the first picture, ms to the finished
+/// layout), both from navigation start, as the page marks them.
+async fn first_render(control: &ControlPlane) -> anyhow::Result<(f64, f64)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut driver = Command::new("chromedriver")
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start chromedriver (Debian: chromium chromium-driver)")?;
+    let result = async {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("chromedriver did not listen");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let profile = std::env::temp_dir().join(format!("weft-control-scale-chromium-{}", std::process::id()));
+        let capabilities = serde_json::json!({"goog:chromeOptions": {"args": [
+            "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--disable-dev-shm-usage", "--window-size=1440,1000", format!("--user-data-dir={}", profile.display()),
+        ]}});
+        let serde_json::Value::Object(capabilities) = capabilities else { unreachable!() };
+        let browser = fantoccini::ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(capabilities)
+            .connect(&format!("http://127.0.0.1:{port}"))
+            .await?;
+        let base = format!("http://{}", control.api);
+        browser.goto(&format!("{base}/")).await?;
+        let login = "return fetch('/api/v1/session', {method: 'POST', headers: {'content-type': 'application/json'}, \
+                     body: JSON.stringify({token: arguments[0]})}).then((r) => r.status);";
+        let status = browser.execute(login, vec![serde_json::json!(control.token)]).await?;
+        if status != 200 {
+            bail!("the dashboard login answered {status}");
+        }
+        // A new document (the query), so that navigation timing starts here.
+        browser.goto(&format!("{base}/?bench#/topology?window=10m")).await?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let marks = loop {
+            let marks = browser
+                .execute(
+                    "const at = (name) => (performance.getEntriesByName(name)[0] || {}).startTime;
+                     return [at('weft-topology-drawn'), at('weft-topology-settled')];",
+                    vec![],
+                )
+                .await?;
+            if marks[1].is_number() {
+                break marks;
+            }
+            if Instant::now() > deadline {
+                bail!("the topology did not finish its layout within 120 s");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let _ = browser.close().await;
+        let _ = std::fs::remove_dir_all(&profile);
+        Ok((marks[0].as_f64().unwrap_or(f64::NAN), marks[1].as_f64().unwrap_or(f64::NAN)))
+    }
+    .await;
+    let _ = driver.kill();
+    let _ = driver.wait();
+    result
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -601,6 +729,9 @@ async fn main() -> anyhow::Result<()> {
     );
     if args.telemetry_seconds > 0 {
         measure_telemetry(&args, &control, pid).await?;
+    }
+    if args.dashboard {
+        measure_dashboard(&control, pid, args.refreshes).await?;
     }
     DONE.store(true, std::sync::atomic::Ordering::Relaxed);
     Ok(())

@@ -127,6 +127,13 @@ impl Signals<LatencySketch> {
 impl<L: Distribution> Signals<L> {
     /// Adds `other`'s requests to these.
     pub fn merge(&mut self, other: &Signals<L>) {
+        self.merge_counts(other);
+        self.latency.merge(&other.latency);
+    }
+
+    /// Adds `other`'s counts to these, but not its latencies: for a caller that merges
+    /// many latency sketches at once.
+    pub fn merge_counts(&mut self, other: &Signals<L>) {
         self.requests = self.requests.saturating_add(other.requests);
         self.failures = self.failures.saturating_add(other.failures);
         for (mine, theirs) in self.status_classes.iter_mut().zip(other.status_classes) {
@@ -137,7 +144,6 @@ impl<L: Distribution> Signals<L> {
         for (code, count) in other.grpc_statuses.iter() {
             self.grpc_statuses.add(code as u8, count);
         }
-        self.latency.merge(&other.latency);
     }
 
     /// The share of requests that did not fail; `None` without requests.

@@ -405,6 +405,38 @@ impl CompactSketch {
     }
 }
 
+impl CompactSketch {
+    /// All of `sketches` merged in one pass: their buckets are gathered, sorted, added up
+    /// and encoded once, where merging them pairwise would decode and re-encode the
+    /// growing total for each (what a window over many slots, or a Service with many
+    /// callers, would cost).
+    pub fn merge_all<'a>(sketches: impl IntoIterator<Item = &'a CompactSketch>) -> CompactSketch {
+        let sketches: Vec<&CompactSketch> = sketches.into_iter().filter(|sketch| sketch.count > 0).collect();
+        match sketches.as_slice() {
+            [] => return CompactSketch::default(),
+            [only] => return (*only).clone(),
+            _ => {}
+        }
+        // Every bucket of every sketch, in index order, counts of equal indexes added.
+        let mut buckets: Vec<(u32, u64)> = sketches.iter().flat_map(|sketch| sketch.buckets()).collect();
+        buckets.sort_unstable_by_key(|(index, _)| *index);
+        let mut merged: Vec<(u32, u64)> = Vec::with_capacity(buckets.len());
+        for (index, count) in buckets {
+            match merged.last_mut() {
+                Some(last) if last.0 == index => last.1 = last.1.saturating_add(count),
+                _ => merged.push((index, count)),
+            }
+        }
+        CompactSketch {
+            encoded: encode(merged.into_iter()),
+            count: sketches.iter().fold(0u64, |total, sketch| total.saturating_add(sketch.count)),
+            sum_nanos: sketches.iter().fold(0u64, |total, sketch| total.saturating_add(sketch.sum_nanos)),
+            min_nanos: sketches.iter().map(|sketch| sketch.min_nanos).min().unwrap_or_default(),
+            max_nanos: sketches.iter().map(|sketch| sketch.max_nanos).max().unwrap_or_default(),
+        }
+    }
+}
+
 impl From<&LatencySketch> for CompactSketch {
     fn from(dense: &LatencySketch) -> Self {
         let (min_nanos, max_nanos) = dense.min_max_nanos().unwrap_or_default();
@@ -421,6 +453,29 @@ impl From<&LatencySketch> for CompactSketch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn merging_all_at_once_equals_merging_in_turn() {
+        let sketches: Vec<CompactSketch> = (1..=5u64)
+            .map(|k| {
+                let mut dense = LatencySketch::new();
+                for i in 0..200 * k {
+                    dense.record_nanos(1_000 + i * i * k);
+                }
+                CompactSketch::from(&dense)
+            })
+            .collect();
+        let mut in_turn = CompactSketch::default();
+        for sketch in &sketches {
+            in_turn.merge(sketch);
+        }
+        let at_once = CompactSketch::merge_all(&sketches);
+        assert_eq!(at_once.buckets().collect::<Vec<_>>(), in_turn.buckets().collect::<Vec<_>>());
+        assert_eq!(
+            (at_once.count(), at_once.sum_nanos(), at_once.min_max_nanos()),
+            (in_turn.count(), in_turn.sum_nanos(), in_turn.min_max_nanos())
+        );
+    }
 
     /// The nearest-rank sample: the ⌈q·n⌉-th smallest.
     fn exact(sorted: &[u64], q: f64) -> f64 {

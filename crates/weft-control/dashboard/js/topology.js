@@ -181,6 +181,11 @@ export function mount(target, _parts, params, context) {
       c.fillStyle = '#4a5361'; c.font = '10px system-ui, sans-serif';
       c.fillText(node.namespace, left + 8, top + 27);
     }
+    // How long the first picture took (bench/control-scale reads it).
+    if (!state.drawn && state.nodes.length) {
+      state.drawn = true;
+      performance.mark('weft-topology-drawn');
+    }
     // Each call's lock and figures, over everything, on a backing so they stay legible.
     c.font = '10px system-ui, sans-serif';
     for (const { edge, x, y } of labels) {
@@ -356,6 +361,7 @@ export function mount(target, _parts, params, context) {
           if (!fitted || relayout) { fit(); fitted = true; }
           state.settled = true;
           canvas.dataset.settled = 'true';
+          if (!performance.getEntriesByName('weft-topology-settled').length) performance.mark('weft-topology-settled');
           draw(); list();
         },
       });

@@ -28,7 +28,10 @@ use axum::{
 };
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use weft_api::telemetry::{Direction, RowKind};
+use weft_api::{
+    sketch::CompactSketch,
+    telemetry::{Direction, RowKind},
+};
 
 use super::ApiError;
 use crate::{
@@ -260,19 +263,31 @@ fn split(qualified: &str) -> (&str, &str) {
     qualified.split_once('/').unwrap_or(("", qualified))
 }
 
-/// Requests and those of them over mutual TLS, for the mTLS share.
+/// Requests and those of them over mutual TLS, for the mTLS share. Latency sketches are
+/// gathered and merged once, when the group is complete ([`Group::settle`]): a Service
+/// with many callers would otherwise re-encode its growing sketch for each.
 #[derive(Default)]
-struct Group {
+struct Group<'a> {
     signals: SlotSignals,
+    latencies: Vec<&'a CompactSketch>,
     mtls: u64,
     tcp: Option<TcpTotals>,
 }
 
-impl Group {
-    fn add(&mut self, key: &SeriesKey, signals: &SlotSignals) {
-        self.signals.merge(signals);
+impl<'a> Group<'a> {
+    fn add(&mut self, key: &SeriesKey, signals: &'a SlotSignals) {
+        self.signals.merge_counts(signals);
+        self.latencies.push(&signals.latency);
         if key.tls {
             self.mtls += signals.requests;
+        }
+    }
+
+    /// Merges the gathered latencies into `signals`.
+    fn settle(&mut self) {
+        if !self.latencies.is_empty() {
+            let merged = CompactSketch::merge_all(self.latencies.drain(..).chain([&self.signals.latency]));
+            self.signals.latency = merged;
         }
     }
 
@@ -334,6 +349,7 @@ fn services(hub: &Hub, series: &WindowSeries, filter: &Filter, seconds: f64) -> 
         .collect();
     names.extend(served.keys().cloned());
     names.extend(called.keys().cloned());
+    served.values_mut().chain(called.values_mut()).for_each(Group::settle);
     names
         .into_iter()
         .map(|qualified| {
@@ -382,7 +398,8 @@ fn workloads(hub: &Hub, series: &WindowSeries, filter: &Filter, seconds: f64) ->
     }
     groups
         .into_iter()
-        .map(|(qualified, (service, group))| {
+        .map(|(qualified, (service, mut group))| {
+            group.settle();
             let (namespace, name) = split(&qualified);
             let mut row = group.row(seconds);
             row.insert("namespace".into(), json!(namespace));
@@ -468,7 +485,7 @@ fn routes(series: &WindowSeries, filter: &Filter, seconds: f64) -> Vec<Value> {
 type Ends = (String, String, String, String);
 
 /// The window's requests grouped by edge.
-fn edge_groups(series: &WindowSeries, filter: &Filter) -> BTreeMap<Ends, Group> {
+fn edge_groups<'a>(series: &'a WindowSeries, filter: &Filter) -> BTreeMap<Ends, Group<'a>> {
     let mut groups: BTreeMap<Ends, Group> = BTreeMap::new();
     for (key, signals) in &series.requests {
         let ends = match (key.direction, key.kind) {
@@ -497,6 +514,7 @@ fn edge_groups(series: &WindowSeries, filter: &Filter) -> BTreeMap<Ends, Group> 
         }
         groups.entry(ends).or_default().add(key, signals);
     }
+    groups.values_mut().for_each(Group::settle);
     groups
 }
 

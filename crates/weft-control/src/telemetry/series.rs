@@ -31,6 +31,21 @@ impl SlotValue for SlotSignals {
         self.merge(later);
     }
 
+    /// Counts one by one, latency sketches all at once (encoded once, not per slot).
+    fn sum_of<'a>(values: impl Iterator<Item = &'a Self>) -> Option<Self> {
+        let values: Vec<&SlotSignals> = values.collect();
+        let (first, rest) = values.split_first()?;
+        if rest.is_empty() {
+            return Some((*first).clone());
+        }
+        let mut total = SlotSignals { latency: Default::default(), ..(*first).clone() };
+        for value in rest {
+            total.merge_counts(value);
+        }
+        total.latency = weft_api::sketch::CompactSketch::merge_all(values.iter().map(|value| &value.latency));
+        Some(total)
+    }
+
     fn heap_bytes(&self) -> usize {
         self.latency.heap_bytes()
     }

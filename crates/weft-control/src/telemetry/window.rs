@@ -140,6 +140,21 @@ impl SlotRange {
 pub trait SlotValue: Clone {
     /// Adds `later`, which happened after `self`.
     fn absorb(&mut self, later: &Self);
+    /// `values` (oldest first) added up; `None` when there are none. One at a time
+    /// unless a value knows a cheaper way.
+    fn sum_of<'a>(values: impl Iterator<Item = &'a Self>) -> Option<Self>
+    where
+        Self: 'a,
+    {
+        let mut total: Option<Self> = None;
+        for value in values {
+            match &mut total {
+                Some(total) => total.absorb(value),
+                None => total = Some(value.clone()),
+            }
+        }
+        total
+    }
     /// Heap bytes it holds, for the memory the control plane reports.
     fn heap_bytes(&self) -> usize {
         0
@@ -182,14 +197,12 @@ impl<V: SlotValue> Rings<V> {
 
     /// Everything in `range`, merged oldest first; `None` when nothing is.
     pub fn sum(&self, range: &SlotRange) -> Option<V> {
-        let mut total: Option<V> = None;
-        for (_, value) in self.rings[range.tier].iter().filter(|(start, _)| (range.from..range.to).contains(start)) {
-            match &mut total {
-                Some(total) => total.absorb(value),
-                None => total = Some(value.clone()),
-            }
-        }
-        total
+        V::sum_of(
+            self.rings[range.tier]
+                .iter()
+                .filter(|(start, _)| (range.from..range.to).contains(start))
+                .map(|(_, value)| value),
+        )
     }
 
     /// Whether anything is still within the retention at `now`.
