@@ -406,7 +406,7 @@ impl CompactSketch {
 }
 
 impl CompactSketch {
-    /// All of `sketches` merged in one pass: their buckets are gathered, sorted, added up
+    /// All of `sketches` merged in one pass: their buckets are added up in one dense run
     /// and encoded once, where merging them pairwise would decode and re-encode the
     /// growing total for each (what a window over many slots, or a Service with many
     /// callers, would cost).
@@ -417,18 +417,19 @@ impl CompactSketch {
             [only] => return (*only).clone(),
             _ => {}
         }
-        // Every bucket of every sketch, in index order, counts of equal indexes added.
-        let mut buckets: Vec<(u32, u64)> = sketches.iter().flat_map(|sketch| sketch.buckets()).collect();
-        buckets.sort_unstable_by_key(|(index, _)| *index);
-        let mut merged: Vec<(u32, u64)> = Vec::with_capacity(buckets.len());
+        // Every bucket of every sketch, added up in a dense run from the lowest index to
+        // the highest: latencies span a few octaves, so the run is a few hundred counts.
+        let buckets: Vec<(u32, u64)> = sketches.iter().flat_map(|sketch| sketch.buckets()).collect();
+        let low = buckets.iter().map(|(index, _)| *index).min().unwrap_or_default();
+        let high = buckets.iter().map(|(index, _)| *index).max().unwrap_or_default();
+        let mut counts = vec![0u64; (high - low) as usize + 1];
         for (index, count) in buckets {
-            match merged.last_mut() {
-                Some(last) if last.0 == index => last.1 = last.1.saturating_add(count),
-                _ => merged.push((index, count)),
-            }
+            let slot = &mut counts[(index - low) as usize];
+            *slot = slot.saturating_add(count);
         }
+        let merged = counts.into_iter().enumerate().filter(|(_, count)| *count > 0);
         CompactSketch {
-            encoded: encode(merged.into_iter()),
+            encoded: encode(merged.map(|(offset, count)| (low + offset as u32, count))),
             count: sketches.iter().fold(0u64, |total, sketch| total.saturating_add(sketch.count)),
             sum_nanos: sketches.iter().fold(0u64, |total, sketch| total.saturating_add(sketch.sum_nanos)),
             min_nanos: sketches.iter().map(|sketch| sketch.min_nanos).min().unwrap_or_default(),

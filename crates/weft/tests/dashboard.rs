@@ -502,6 +502,14 @@ async fn the_dashboard_shows_the_live_mesh_and_changes_it_safely() {
     assert!(configuration.as_str().unwrap().contains("name: no-admin"), "its view carries its policy: {configuration}");
     browser.shot("workload").await;
 
+    browser.open("#/mesh").await;
+    let findings = browser
+        .until(
+            "weft check's findings",
+            "const f = document.getElementById('mesh-findings'); return f && f.textContent;",
+        )
+        .await;
+    assert!(findings.as_str().unwrap().starts_with("ok: 3 proxies"), "{findings}");
     for (name, fragment, ready) in [("services", "#/service", "#services"), ("mesh", "#/mesh", "#mesh-proxies")] {
         browser.open(fragment).await;
         browser.until(&format!("the {name} page"), &format!("return document.querySelector({ready:?}) !== null")).await;

@@ -69,9 +69,11 @@ export class Layout {
     }
     const d3 = window.d3;
     for (const node of nodes) node.r = Math.hypot(node.w, node.h) / 2 + GAP / 2;
+    // A small mesh gets room for the calls' labels; a big one, density.
+    const room = nodes.length <= 60 ? 2 : 1;
     const simulation = d3.forceSimulation(nodes)
-      .force('link', d3.forceLink(links.map((link) => ({ ...link }))).distance((link) => link.source.r + link.target.r + 40))
-      .force('charge', d3.forceManyBody().strength(-220).theta(0.9).distanceMax(900))
+      .force('link', d3.forceLink(links.map((link) => ({ ...link }))).distance((link) => link.source.r + link.target.r + 40 * room))
+      .force('charge', d3.forceManyBody().strength(-220 * room).theta(0.9).distanceMax(900))
       .force('collide', d3.forceCollide((node) => node.r).iterations(2))
       .force('x', d3.forceX((node) => anchors.get(node.namespace).x).strength(0.04))
       .force('y', d3.forceY((node) => anchors.get(node.namespace).y).strength(0.04))

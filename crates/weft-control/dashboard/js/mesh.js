@@ -1,5 +1,5 @@
-// The mesh itself: the control plane's replicas and leader, its store and CA, and
-// every connected proxy with the configuration version it applied, its last refusal
+// The mesh itself: the control plane's replicas and leader, its store and CA, what
+// `weft check` finds, and every connected proxy with the configuration version it applied, its last refusal
 // (NACK) and its certificate's expiry as a countdown.
 
 import * as api from './api.js';
@@ -14,6 +14,24 @@ export function countdown(notAfter) {
   return hours >= 48 ? `${Math.floor(hours / 24)} d` : hours ? `${hours} h ${minutes} min` : `${minutes} min ${Math.floor(left % 60)} s`;
 }
 
+/** What `weft check` finds in the proxies' answer: the same rules, the same words. */
+export function findings(proxies) {
+  const now = Date.now() / 1000;
+  const found = [];
+  for (const p of proxies.items) {
+    const name = `${p.namespace}/${p.proxyId}`;
+    if (!p.identity) { found.push(`${name}: no workload identity (its traffic cannot use mutual TLS)`); continue; }
+    const c = p.certificate;
+    if (!c) continue;
+    const life = Math.max(1, c.notAfter - c.received);
+    if (c.notAfter <= now) found.push(`${name}: certificate ${c.serial} expired`);
+    // Proxies renew at ~70% of the life: under 20% left means renewal is failing.
+    else if ((c.notAfter - now) * 5 < life) found.push(`${name}: certificate ${c.serial} expires in ${countdown(c.notAfter)} and has not been renewed; see that proxy's log`);
+  }
+  for (const r of proxies.unreachableReplicas || []) found.push(`control-plane replica ${r.replica} did not answer; its proxies were not checked`);
+  return found;
+}
+
 export function mount(target) {
   const body = h('div', {}, h('p', { class: 'muted' }, 'loading…'));
   fill(target, h('h1', {}, 'The mesh'), body);
@@ -25,6 +43,12 @@ export function mount(target) {
         h('h2', {}, 'Control plane'),
         table(['version', 'store', 'store revision', 'trust domain', 'CA root', 'this replica', 'leader here'],
           [[status.version, status.store, num(String(status.revision)), status.trustDomain, h('code', {}, status.caRoot.slice(0, 16)), status.replica, status.leader ? 'yes' : 'no']], { id: 'mesh-status' }),
+        h('h2', {}, 'weft check'),
+        (() => {
+          const found = findings(proxies);
+          return found.length ? h('ul', { id: 'mesh-findings' }, found.map((f) => h('li', { class: 'error' }, f)))
+            : h('p', { class: 'health-ok', id: 'mesh-findings' }, `ok: ${proxies.items.length} proxies, every one with a current workload certificate`);
+        })(),
         h('h2', {}, `Replicas (${status.replicas.length})`),
         table(['replica', 'API', 'gRPC', 'started'], status.replicas.map((r) => [r.id, r.api, r.grpc, fmtTime(r.startedAt ?? r.started_at)]), { id: 'mesh-replicas' }),
         h('h2', {}, `Proxies (${proxies.items.length})`),

@@ -79,7 +79,9 @@ async function drawCharts(charts, changesBox, compare, view) {
     const box = h('div', { class: 'chart', dataset: { points: String(data[0].filter((v) => v !== null && v > 0).length) } });
     charts.append(box);
     if (!window.uPlot) { box.append(h('p', { class: 'error' }, 'The chart library did not load.')); return; }
-    const width = Math.max(280, box.clientWidth - 16);
+    // As wide as a column of the grid (charts of at least 380 px, 12 px apart).
+    const columns = Math.max(1, Math.min(3, Math.floor((charts.clientWidth + 12) / 392)));
+    const width = Math.max(280, Math.floor((charts.clientWidth - 12 * (columns - 1)) / columns) - 18);
     new window.uPlot({ title, width, height: 180, scales: { x: { time: true } }, series: [{}, ...series], hooks: { draw: [drawMarkers] } }, [xs, ...data], box);
   };
   charts.replaceChildren();

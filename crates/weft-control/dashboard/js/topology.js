@@ -98,6 +98,8 @@ export function mount(target, _parts, params, context) {
       minX = Math.min(minX, node.x - node.w / 2); maxX = Math.max(maxX, node.x + node.w / 2);
       minY = Math.min(minY, node.y - node.h / 2); maxY = Math.max(maxY, node.y + node.h / 2);
     }
+    // Room for the namespaces' areas and their names around the boxes.
+    minX -= 20; maxX += 20; minY -= 30; maxY += 20;
     const k = Math.min(2, 0.92 * Math.min(width / (maxX - minX + 1), height / (maxY - minY + 1)));
     view.k = k;
     view.x = width / 2 - k * (minX + maxX) / 2;
@@ -261,7 +263,7 @@ export function mount(target, _parts, params, context) {
       const callees = state.edges.filter((e) => state.nodes[e.source] === node);
       const pick = (name) => h('button', { type: 'button', onclick: () => select(name) }, name);
       fill(side,
-        h('h2', {}, serviceLink(node.name)),
+        h('h2', {}, serviceLink(node.name || node.label)),
         h('dl', {},
           h('dt', {}, 'health'), h('dd', { class: `health-${health(node, thresholds)}` }, health(node, thresholds)),
           h('dt', {}, 'requests/s'), h('dd', {}, fmtRps(node.rps)),
@@ -297,7 +299,7 @@ export function mount(target, _parts, params, context) {
         h('thead', {}, h('tr', {}, ['Service', 'health', 'rps', 'success', 'p99'].map((t) => h('th', { scope: 'col' }, t)))),
         h('tbody', {}, state.nodes.map((node) => h('tr', {
           dataset: { name: node.name, health: health(node, thresholds), x: node.x.toFixed(1), y: node.y.toFixed(1), w: node.w.toFixed(1), h: node.h.toFixed(1) },
-        }, h('td', {}, serviceLink(node.name)), h('td', {}, health(node, thresholds)), h('td', { class: 'num' }, fmtRps(node.rps)),
+        }, h('td', {}, serviceLink(node.name || node.label)), h('td', {}, health(node, thresholds)), h('td', { class: 'num' }, fmtRps(node.rps)),
         h('td', { class: 'num' }, fmtPct(node.successRate)), h('td', { class: 'num' }, fmtMs(node.p99Ms)))))),
       h('table', { id: 'topology-edges' },
         h('thead', {}, h('tr', {}, ['Caller', 'Callee', 'transport', 'rps', 'success', 'p99'].map((t) => h('th', { scope: 'col' }, t)))),
@@ -309,7 +311,8 @@ export function mount(target, _parts, params, context) {
 
   // --- data --------------------------------------------------------------------------
   function measure(name) {
-    const [namespace, label] = name.includes('/') ? name.split('/', 2) : ['', name];
+    // A caller without a Service (an entry proxy, a gateway) reports none.
+    const [namespace, label] = name.includes('/') ? name.split('/', 2) : ['', name || '(no Service)'];
     context2d.font = '600 12px system-ui, sans-serif';
     const width = context2d.measureText(label).width;
     context2d.font = '10px system-ui, sans-serif';
@@ -342,7 +345,7 @@ export function mount(target, _parts, params, context) {
       source, target, rps, successRate, p99Ms, mtlsShare, requests,
       key: `${answer.services[source].name}->${answer.services[target].name}`,
     }));
-    const namespaces = [...new Set(answer.services.map((s) => s.name.split('/')[0]))].sort();
+    const namespaces = [...new Set(answer.services.map((s) => s.name.split('/')[0]))].filter(Boolean).sort();
     if (!state.namespace) {
       const chosen = nsSelect.value;
       fill(nsSelect, h('option', { value: '' }, 'all namespaces'), namespaces.map((ns) => h('option', { value: ns, selected: ns === chosen }, ns)));
