@@ -365,6 +365,9 @@ async fn around_a_revision_the_split_before_and_after_is_what_the_client_saw() {
     })
     .await;
     let mut total = warm.lock().unwrap().requests.len() as u64;
+    // The warm-up's reports first: one that arrived after the first phase's slot began
+    // would count in it (a report counts in the slot it arrives in).
+    wait_for_reports(&control, total).await;
 
     // Each attempt shifts the canary the other way: 100% to one version, then the
     // change, then 100% to the other. Each phase's traffic and its reports must fall in
