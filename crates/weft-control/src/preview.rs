@@ -12,7 +12,10 @@ use std::collections::BTreeSet;
 use serde::Serialize;
 use weft_model::{resource::ResourceSpec, ParsedDocument, Resource};
 
-use crate::{discovery::Hub, views::World};
+use crate::{
+    discovery::Hub,
+    views::{route_refs, World},
+};
 
 /// The preview of one change.
 #[derive(Debug, Default, Serialize)]
@@ -47,7 +50,7 @@ pub fn preview(hub: &Hub, changed: &[ParsedDocument]) -> Preview {
         concerned(&document.resource, &mut preview);
     }
     for resource in after.resources() {
-        let (parents, _) = route_ends(resource);
+        let (parents, _) = route_refs(resource);
         if parents.iter().any(|parent| preview.services.contains(parent)) {
             preview.routes.insert(format!(
                 "{} {}/{}",
@@ -90,26 +93,9 @@ fn concerned(resource: &Resource, preview: &mut Preview) {
         }
         ResourceSpec::MeshConfig(_) => preview.mesh_wide = true,
         _ => {
-            let (parents, backends) = route_ends(resource);
+            let (parents, backends) = route_refs(resource);
             preview.services.extend(parents);
             preview.services.extend(backends);
         }
-    }
-}
-
-/// A route's parent Services and backend Services, `namespace/name`.
-fn route_ends(resource: &Resource) -> (Vec<String>, Vec<String>) {
-    let namespace = &resource.metadata.namespace;
-    let qualified = |other: &Option<String>, name: &str| format!("{}/{name}", other.as_deref().unwrap_or(namespace));
-    match &resource.spec {
-        ResourceSpec::HttpRoute(spec) => (
-            spec.parent_refs.iter().map(|p| qualified(&p.namespace, &p.name)).collect(),
-            spec.rules.iter().flat_map(|r| &r.backend_refs).map(|b| qualified(&b.namespace, &b.name)).collect(),
-        ),
-        ResourceSpec::GrpcRoute(spec) => (
-            spec.parent_refs.iter().map(|p| qualified(&p.namespace, &p.name)).collect(),
-            spec.rules.iter().flat_map(|r| &r.backend_refs).map(|b| qualified(&b.namespace, &b.name)).collect(),
-        ),
-        _ => (Vec::new(), Vec::new()),
     }
 }

@@ -213,7 +213,7 @@ fn push_document(resources: &mut Vec<Resource>, documents: &mut Vec<serde_json::
 }
 
 /// `namespace/name` of a route's parent Services and backend Services.
-fn route_refs(resource: &Resource) -> (Vec<String>, Vec<String>) {
+pub(crate) fn route_refs(resource: &Resource) -> (Vec<String>, Vec<String>) {
     let route_ns = &resource.metadata.namespace;
     let name_of =
         |namespace: &Option<String>, name: &str| format!("{}/{name}", namespace.as_deref().unwrap_or(route_ns));

@@ -102,6 +102,11 @@ impl View {
     }
 }
 
+/// The window a request asks for (`1m` when it names none).
+fn window_length(asked: Option<&str>) -> Result<WindowLength, ApiError> {
+    asked.unwrap_or("1m").parse().map_err(|message: String| ApiError::new(StatusCode::BAD_REQUEST, message))
+}
+
 /// Which rows a request wants.
 struct Filter {
     namespace: String,
@@ -126,12 +131,7 @@ pub(super) async fn stat(
     Query(params): Query<StatParams>,
 ) -> Result<Json<Value>, ApiError> {
     let view = View::parse(&view)?;
-    let length: WindowLength = params
-        .window
-        .as_deref()
-        .unwrap_or("1m")
-        .parse()
-        .map_err(|message: String| ApiError::new(StatusCode::BAD_REQUEST, message))?;
+    let length = window_length(params.window.as_deref())?;
     let filter = Filter { namespace: params.namespace.clone().unwrap_or_default(), name: params.name.clone() };
     let now = now_millis();
     let Some(revision) = params.around_revision else {
@@ -551,12 +551,7 @@ pub(super) async fn topology(
     State(hub): State<Arc<Hub>>,
     Query(params): Query<TopologyParams>,
 ) -> Result<Json<Value>, ApiError> {
-    let length: WindowLength = params
-        .window
-        .as_deref()
-        .unwrap_or("1m")
-        .parse()
-        .map_err(|message: String| ApiError::new(StatusCode::BAD_REQUEST, message))?;
+    let length = window_length(params.window.as_deref())?;
     let filter = Filter { namespace: params.namespace.unwrap_or_default(), name: None };
     let now = now_millis();
     let range = SlotRange::recent(length, now / 1000);
