@@ -289,7 +289,15 @@ fn put_varint(out: &mut Vec<u8>, mut value: u64) {
 
 /// Reads an unsigned LEB128 varint at `*at`, moving past it. Only the encoder here
 /// writes these bytes, so they are well formed.
+#[inline(always)]
 fn take_varint(bytes: &[u8], at: &mut usize) -> u64 {
+    // Most bucket distances and many counts fit one byte.
+    if let Some(&byte) = bytes.get(*at) {
+        if byte < 0x80 {
+            *at += 1;
+            return u64::from(byte);
+        }
+    }
     let mut value = 0u64;
     let mut shift = 0;
     while let Some(&byte) = bytes.get(*at) {
@@ -407,33 +415,128 @@ impl CompactSketch {
 
 impl CompactSketch {
     /// All of `sketches` merged in one pass: their buckets are added up in one dense run
-    /// and encoded once, where merging them pairwise would decode and re-encode the
-    /// growing total for each (what a window over many slots, or a Service with many
-    /// callers, would cost).
+    /// ([`SketchSum`]) and encoded once, where merging them pairwise would decode and
+    /// re-encode the growing total for each (what a window over many slots, or a Service
+    /// with many callers, would cost).
     pub fn merge_all<'a>(sketches: impl IntoIterator<Item = &'a CompactSketch>) -> CompactSketch {
         let sketches: Vec<&CompactSketch> = sketches.into_iter().filter(|sketch| sketch.count > 0).collect();
         match sketches.as_slice() {
-            [] => return CompactSketch::default(),
-            [only] => return (*only).clone(),
-            _ => {}
+            [] => CompactSketch::default(),
+            [only] => (*only).clone(),
+            _ => {
+                let mut sum = SketchSum::default();
+                sketches.iter().for_each(|sketch| sum.add(sketch));
+                sum.to_compact()
+            }
         }
-        // Every bucket of every sketch, added up in a dense run from the lowest index to
-        // the highest: latencies span a few octaves, so the run is a few hundred counts.
-        let buckets: Vec<(u32, u64)> = sketches.iter().flat_map(|sketch| sketch.buckets()).collect();
-        let low = buckets.iter().map(|(index, _)| *index).min().unwrap_or_default();
-        let high = buckets.iter().map(|(index, _)| *index).max().unwrap_or_default();
-        let mut counts = vec![0u64; (high - low) as usize + 1];
-        for (index, count) in buckets {
-            let slot = &mut counts[(index - low) as usize];
-            *slot = slot.saturating_add(count);
+    }
+}
+
+/// Sketches added up into one dense run of bucket counts, from the lowest bucket any of
+/// them holds to the highest: latencies span a few octaves, so the run is a few hundred
+/// counts. Each sketch added is decoded once and nothing is encoded until asked
+/// ([`SketchSum::to_compact`]): a question that groups thousands of series only to read
+/// a quantile of each group (the dashboard's topology) never encodes at all.
+#[derive(Clone, Debug, Default)]
+pub struct SketchSum {
+    /// The bucket index of `counts[0]`.
+    low: u32,
+    counts: Vec<u64>,
+    count: u64,
+    sum_nanos: u64,
+    min_nanos: u64,
+    max_nanos: u64,
+}
+
+impl SketchSum {
+    /// Adds every latency of `sketch`. The hot loop of a topology over ten thousand
+    /// edges: the run is sized once per sketch and each bucket is one varint pair.
+    pub fn add(&mut self, sketch: &CompactSketch) {
+        let bytes = sketch.encoded.as_slice();
+        if sketch.count == 0 || bytes.is_empty() {
+            return;
         }
-        let merged = counts.into_iter().enumerate().filter(|(_, count)| *count > 0);
+        let mut at = 0;
+        // Buckets ascend, the first one's distance is from 0, and the maximum lies in
+        // the last one (min and max are clamped into their buckets on the way in).
+        let mut index = take_varint(bytes, &mut at) as u32;
+        self.cover(index, bucket_of(sketch.max_nanos).max(index));
+        loop {
+            let count = take_varint(bytes, &mut at);
+            let offset = (index - self.low) as usize;
+            if offset >= self.counts.len() {
+                self.counts.resize(offset + 1, 0);
+            }
+            self.counts[offset] = self.counts[offset].saturating_add(count);
+            if at >= bytes.len() {
+                break;
+            }
+            index += take_varint(bytes, &mut at) as u32;
+        }
+        self.min_nanos = if self.count == 0 { sketch.min_nanos } else { self.min_nanos.min(sketch.min_nanos) };
+        self.max_nanos = self.max_nanos.max(sketch.max_nanos);
+        self.count = self.count.saturating_add(sketch.count);
+        self.sum_nanos = self.sum_nanos.saturating_add(sketch.sum_nanos);
+    }
+
+    /// Grows the run to hold buckets `first..=last`.
+    fn cover(&mut self, first: u32, last: u32) {
+        if self.counts.is_empty() {
+            self.low = first;
+        } else if first < self.low {
+            self.counts.splice(0..0, std::iter::repeat_n(0, (self.low - first) as usize));
+            self.low = first;
+        }
+        let length = (last - self.low) as usize + 1;
+        if length > self.counts.len() {
+            self.counts.resize(length, 0);
+        }
+    }
+
+    /// How many latencies it holds.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// The occupied buckets, ascending: (index, count).
+    fn buckets(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        let low = self.low;
+        self.counts
+            .iter()
+            .enumerate()
+            .filter(|(_, count)| **count > 0)
+            .map(move |(at, count)| (low + at as u32, *count))
+    }
+
+    /// The `q` quantile in nanoseconds, as [`LatencySketch::quantile_nanos`]. A high
+    /// quantile is found walking down from the top: p99 is a few buckets from it.
+    pub fn quantile_nanos(&self, q: f64) -> Option<f64> {
+        if self.count == 0 || q.is_nan() || q <= 0.5 {
+            return quantile(self.buckets(), self.count, self.min_nanos, self.max_nanos, q);
+        }
+        let rank = ((q.min(1.0) * self.count as f64).ceil() as u64).clamp(1, self.count);
+        // The bucket holding the rank-th smallest: the one where the samples above it
+        // stop reaching past that rank.
+        let beyond = self.count - rank;
+        let mut above = 0u64;
+        for (offset, count) in self.counts.iter().enumerate().rev() {
+            above = above.saturating_add(*count);
+            if above > beyond {
+                let index = self.low + offset as u32;
+                return Some(representative(index).clamp(self.min_nanos as f64, self.max_nanos as f64));
+            }
+        }
+        Some(self.min_nanos as f64)
+    }
+
+    /// The sum in compact form.
+    pub fn to_compact(&self) -> CompactSketch {
         CompactSketch {
-            encoded: encode(merged.map(|(offset, count)| (low + offset as u32, count))),
-            count: sketches.iter().fold(0u64, |total, sketch| total.saturating_add(sketch.count)),
-            sum_nanos: sketches.iter().fold(0u64, |total, sketch| total.saturating_add(sketch.sum_nanos)),
-            min_nanos: sketches.iter().map(|sketch| sketch.min_nanos).min().unwrap_or_default(),
-            max_nanos: sketches.iter().map(|sketch| sketch.max_nanos).max().unwrap_or_default(),
+            encoded: encode(self.buckets()),
+            count: self.count,
+            sum_nanos: self.sum_nanos,
+            min_nanos: self.min_nanos,
+            max_nanos: self.max_nanos,
         }
     }
 }
@@ -461,7 +564,7 @@ mod tests {
             .map(|k| {
                 let mut dense = LatencySketch::new();
                 for i in 0..200 * k {
-                    dense.record_nanos(1_000 + i * i * k);
+                    dense.record_nanos(1_000 * k * k + i * i * k);
                 }
                 CompactSketch::from(&dense)
             })
@@ -476,6 +579,18 @@ mod tests {
             (at_once.count(), at_once.sum_nanos(), at_once.min_max_nanos()),
             (in_turn.count(), in_turn.sum_nanos(), in_turn.min_max_nanos())
         );
+        // Added in any order (the run grows at both ends), the sum reads the same
+        // quantiles.
+        let mut sum = SketchSum::default();
+        for sketch in sketches.iter().rev() {
+            sum.add(sketch);
+        }
+        for q in [0.0, 0.25, 0.5, 0.51, 0.9, 0.95, 0.99, 0.999, 1.0] {
+            assert_eq!(sum.quantile_nanos(q), in_turn.quantile_nanos(q), "q {q}");
+        }
+        assert_eq!(sum.count(), in_turn.count());
+        assert_eq!(sum.to_compact().buckets().collect::<Vec<_>>(), in_turn.buckets().collect::<Vec<_>>());
+        assert_eq!(SketchSum::default().quantile_nanos(0.5), None);
     }
 
     /// The nearest-rank sample: the ⌈q·n⌉-th smallest.

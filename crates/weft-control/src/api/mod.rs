@@ -10,7 +10,7 @@
 //! document and the field path in its refusal. [`resources`] serves the resources,
 //! [`operations`] tokens, revocations, the CA and the audit log, [`proxies`] the
 //! connected proxies and workloads (and Prometheus's service discovery of them),
-//! [`stat`] the golden signals and the topology, [`tap`] live requests, [`session`] the
+//! [`stat`] the golden signals, [`topology`] the dashboard's graph of them, [`tap`] live requests, [`session`] the
 //! dashboard's logins; [`body`] reads write bodies within their limit. The dashboard's
 //! pages ([`crate::dashboard`]) are served beside them.
 //! `/metrics` (viewer) counts responses by status and refused discovery streams.
@@ -23,6 +23,7 @@ mod resources;
 mod session;
 mod stat;
 mod tap;
+mod topology;
 
 use std::sync::Arc;
 
@@ -96,12 +97,14 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/api/v1/ca/rotation/finish", post(operations::finish_rotation))
         .route_layer(middleware::from_fn_with_state((state.clone(), Role::Admin), auth::require));
     // The topology is the dashboard's largest answer (1,000 services, 10,000 edges),
-    // and its pages are text: both go gzipped to a client that takes it.
+    // and its pages are text: both go gzipped to a client that takes it. At gzip's
+    // fastest level: the topology comes every few seconds, and the default level spent
+    // three times the CPU for a tenth fewer bytes.
     let topology = Router::new()
-        .route("/api/v1/topology", get(stat::topology))
+        .route("/api/v1/topology", get(topology::topology))
         .route_layer(middleware::from_fn_with_state((state.clone(), Role::Viewer), auth::require))
         .merge(crate::dashboard::router())
-        .layer(tower_http::compression::CompressionLayer::new());
+        .layer(tower_http::compression::CompressionLayer::new().quality(tower_http::CompressionLevel::Fastest));
     Router::new()
         // Liveness only: it says nothing about the mesh, so it needs no token.
         .route("/api/v1/live", get(|| async { Json(json!({"live": true})) }))

@@ -1,5 +1,4 @@
-//! `GET /api/v1/stat/{view}`, and the dashboard's `GET /api/v1/topology` built from the
-//! same rows: the golden signals of Services, workloads, routes and
+//! `GET /api/v1/stat/{view}`: the golden signals of Services, workloads, routes and
 //! edges over a window (`weft stat`), the authorization decisions by policy and the
 //! endpoints' learned state (for the dashboard), and the audit log's changes in that
 //! window. With `aroundRevision=N`, the window before the change at store revision N
@@ -103,24 +102,24 @@ impl View {
 }
 
 /// The window a request asks for (`1m` when it names none).
-fn window_length(asked: Option<&str>) -> Result<WindowLength, ApiError> {
+pub(super) fn window_length(asked: Option<&str>) -> Result<WindowLength, ApiError> {
     asked.unwrap_or("1m").parse().map_err(|message: String| ApiError::new(StatusCode::BAD_REQUEST, message))
 }
 
 /// Which rows a request wants.
-struct Filter {
-    namespace: String,
-    name: Option<String>,
+pub(super) struct Filter {
+    pub(super) namespace: String,
+    pub(super) name: Option<String>,
 }
 
 impl Filter {
     /// Whether `namespace/name` is wanted (by namespace, and by name when one is given).
-    fn wants(&self, qualified: &str) -> bool {
+    pub(super) fn wants(&self, qualified: &str) -> bool {
         let (namespace, name) = qualified.split_once('/').unwrap_or(("", qualified));
         (self.namespace.is_empty() || namespace == self.namespace) && self.name.as_deref().is_none_or(|n| n == name)
     }
 
-    fn in_namespace(&self, qualified: &str) -> bool {
+    pub(super) fn in_namespace(&self, qualified: &str) -> bool {
         self.namespace.is_empty() || qualified.split_once('/').is_some_and(|(namespace, _)| namespace == self.namespace)
     }
 }
@@ -531,78 +530,6 @@ fn edges(series: &WindowSeries, filter: &Filter, seconds: f64) -> Vec<Value> {
             Value::Object(row)
         })
         .collect()
-}
-
-#[derive(Deserialize)]
-pub(super) struct TopologyParams {
-    namespace: Option<String>,
-    window: Option<String>,
-}
-
-/// What `GET /api/v1/topology` answers per edge, in this order (an edge is an array, not
-/// an object: 10,000 edges stay a few hundred kilobytes before gzip).
-const EDGE_FIELDS: [&str; 7] = ["source", "destination", "rps", "successRate", "p99Ms", "mtlsShare", "requests"];
-
-/// `GET /api/v1/topology`: the dashboard's graph in one answer. Every Service (with
-/// traffic or not) with its golden signals, as `stat services` judges it, and every
-/// edge between them (caller and callee merged over identities), as indices into the
-/// service list, over a window (default 1m).
-pub(super) async fn topology(
-    State(hub): State<Arc<Hub>>,
-    Query(params): Query<TopologyParams>,
-) -> Result<Json<Value>, ApiError> {
-    let length = window_length(params.window.as_deref())?;
-    let filter = Filter { namespace: params.namespace.unwrap_or_default(), name: None };
-    let now = now_millis();
-    let range = SlotRange::recent(length, now / 1000);
-    let (series, unreachable) = mesh_window(&hub, range, &filter.namespace).await;
-    let seconds = range.covered_seconds(now, series.since_millis);
-    let mut index: BTreeMap<String, usize> = BTreeMap::new();
-    let mut nodes: Vec<Value> = Vec::new();
-    for row in services(&hub, &series, &filter, seconds) {
-        let name = format!("{}/{}", row["namespace"].as_str().unwrap_or(""), row["name"].as_str().unwrap_or(""));
-        index.insert(name.clone(), nodes.len());
-        nodes.push(json!({
-            "name": name,
-            "rps": row["rps"],
-            "successRate": row["successRate"],
-            "p99Ms": row["p99Ms"],
-            "mtlsShare": row["mtlsShare"],
-            "measuredBy": row["measuredBy"],
-        }));
-    }
-    let mut merged: BTreeMap<(usize, usize), Group> = BTreeMap::new();
-    for ((source, _, destination, _), group) in edge_groups(&series, &filter) {
-        let mut at = |name: &str| {
-            *index.entry(name.to_string()).or_insert_with(|| {
-                nodes.push(json!({"name": name, "rps": 0.0, "successRate": null, "p99Ms": null, "mtlsShare": null}));
-                nodes.len() - 1
-            })
-        };
-        let ends = (at(&source), at(&destination));
-        let into = merged.entry(ends).or_default();
-        into.signals.merge(&group.signals);
-        into.mtls += group.mtls;
-    }
-    let rate = |requests: u64| if seconds > 0.0 { requests as f64 / seconds } else { 0.0 };
-    let edges: Vec<Value> = merged
-        .into_iter()
-        .map(|((source, destination), group)| {
-            let requests = group.signals.requests;
-            let share = (requests > 0).then(|| group.mtls as f64 / requests as f64);
-            let p99 = group.signals.latency.quantile_nanos(0.99).map(|nanos| (nanos / 1e4).round() / 100.0);
-            json!([source, destination, rate(requests), group.signals.success_rate(), p99, share, requests])
-        })
-        .collect();
-    Ok(Json(json!({
-        "window": length.label(),
-        "seconds": seconds,
-        "revision": hub.catalog.revision(),
-        "services": nodes,
-        "edgeFields": EDGE_FIELDS,
-        "edges": edges,
-        "unreachableReplicas": unreachable,
-    })))
 }
 
 fn authz(series: &WindowSeries, filter: &Filter) -> Vec<Value> {

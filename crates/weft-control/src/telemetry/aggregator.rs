@@ -269,6 +269,32 @@ impl Aggregator {
         window
     }
 
+    /// Calls `visit` with every request series that touches `namespace` and its slots
+    /// in `range` as held (oldest first; series without any are skipped), under the
+    /// lock; returns since when this replica has telemetry (Unix milliseconds). For a
+    /// question that groups series and reads only the groups (the dashboard's topology):
+    /// summing each series' slots first, as [`Aggregator::window`] does, would merge
+    /// every sketch twice.
+    pub fn visit_request_series(
+        &self,
+        range: &SlotRange,
+        namespace: &str,
+        mut visit: impl FnMut(&SeriesKey, &[&SlotSignals]),
+    ) -> Option<u64> {
+        let held = self.lock();
+        let mut slots = Vec::new();
+        for (key, rings) in &held.requests {
+            if touches(namespace, &[&key.source_service, &key.destination, &key.workload]) {
+                slots.extend(rings.slots(range));
+                if !slots.is_empty() {
+                    visit(key, &slots);
+                    slots.clear();
+                }
+            }
+        }
+        held.since_millis
+    }
+
     /// Drops series with nothing left within the retention at `now` (Unix seconds);
     /// returns how many remain.
     pub fn sweep(&self, now: u64, now_millis: u64) -> usize {

@@ -115,7 +115,20 @@ impl Aggregates for AggregatesService {
 /// is missing from the answer, and it says so).
 pub async fn mesh_window(hub: &Hub, range: SlotRange, namespace: &str) -> (WindowSeries, Vec<serde_json::Value>) {
     let mut window = hub.aggregator.window(&range, namespace, now_millis());
+    let (theirs, unreachable) = other_replicas_windows(hub, range, namespace).await;
+    theirs.into_iter().for_each(|theirs| window.merge(theirs));
+    (window, unreachable)
+}
+
+/// `range` as every other replica holds it, each answer apart, and the replicas that
+/// did not answer.
+pub async fn other_replicas_windows(
+    hub: &Hub,
+    range: SlotRange,
+    namespace: &str,
+) -> (Vec<WindowSeries>, Vec<serde_json::Value>) {
     let cluster = hub.registry.cluster();
+    let mut answers = Vec::new();
     let mut unreachable = Vec::new();
     let query = SeriesQuery {
         slot_seconds: TIERS[range.tier].slot_seconds,
@@ -128,14 +141,14 @@ pub async fn mesh_window(hub: &Hub, range: SlotRange, namespace: &str) -> (Windo
             continue;
         }
         match peer_window(hub, &replica.grpc, query.clone()).await {
-            Ok(theirs) => window.merge(theirs),
+            Ok(theirs) => answers.push(theirs),
             Err(reason) => {
                 tracing::warn!(replica = %replica.id, grpc = %replica.grpc, %reason, "cannot ask another replica for its telemetry");
                 unreachable.push(serde_json::json!({"replica": replica.id, "grpc": replica.grpc, "reason": reason}));
             }
         }
     }
-    (window, unreachable)
+    (answers, unreachable)
 }
 
 async fn peer_window(hub: &Hub, grpc: &str, query: SeriesQuery) -> Result<WindowSeries, String> {

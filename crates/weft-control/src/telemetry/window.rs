@@ -197,12 +197,13 @@ impl<V: SlotValue> Rings<V> {
 
     /// Everything in `range`, merged oldest first; `None` when nothing is.
     pub fn sum(&self, range: &SlotRange) -> Option<V> {
-        V::sum_of(
-            self.rings[range.tier]
-                .iter()
-                .filter(|(start, _)| (range.from..range.to).contains(start))
-                .map(|(_, value)| value),
-        )
+        V::sum_of(self.slots(range))
+    }
+
+    /// The slots in `range`, oldest first, as they are held.
+    pub fn slots<'a>(&'a self, range: &SlotRange) -> impl Iterator<Item = &'a V> + 'a {
+        let SlotRange { from, to, .. } = *range;
+        self.rings[range.tier].iter().filter(move |(start, _)| (from..to).contains(start)).map(|(_, value)| value)
     }
 
     /// Whether anything is still within the retention at `now`.
