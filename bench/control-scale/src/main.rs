@@ -68,7 +68,7 @@ struct Args {
     #[arg(long, requires = "telemetry_seconds")]
     dashboard: bool,
     /// Topology refreshes to measure the control plane's CPU over.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 40)]
     refreshes: usize,
     /// How long proxies report telemetry after the rounds (0: not at all).
     #[arg(long, default_value_t = 0)]
@@ -464,12 +464,19 @@ async fn measure_dashboard(control: &ControlPlane, pid: u32, refreshes: usize) -
     let services = topology["services"].as_array().map_or(0, Vec::len);
     let edges = topology["edges"].as_array().map_or(0, Vec::len);
     // What the control plane spends with no refresh (its proxies' streams stay open):
-    // subtracted from what it spends over the refreshes.
-    let (_, idle_before) = rss_and_cpu(pid);
-    let idle_started = Instant::now();
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let (_, idle_after) = rss_and_cpu(pid);
-    let idle_rate = (idle_after - idle_before) / idle_started.elapsed().as_secs_f64();
+    // subtracted from what it spends over the refreshes. Measured once the last
+    // reports are digested (2 s under 5% of a core, for at most 30 s), over 5 s before
+    // the refreshes and 5 s after them, and the two averaged.
+    let idle_over = |seconds: u64| async move {
+        let (_, before) = rss_and_cpu(pid);
+        let started = Instant::now();
+        tokio::time::sleep(Duration::from_secs(seconds)).await;
+        let (_, after) = rss_and_cpu(pid);
+        (after - before) / started.elapsed().as_secs_f64()
+    };
+    let settling = Instant::now();
+    while idle_over(2).await > 0.05 && settling.elapsed() < Duration::from_secs(30) {}
+    let idle_before = idle_over(5).await;
     // Refreshes as the page makes them, gzipped, one after another: the control plane's
     // CPU over them (the reports have stopped).
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
@@ -492,7 +499,9 @@ async fn measure_dashboard(control: &ControlPlane, pid: u32, refreshes: usize) -
         }
     }
     let (_, cpu_after) = rss_and_cpu(pid);
-    let spent = (cpu_after - cpu_before - idle_rate * refreshing.elapsed().as_secs_f64()).max(0.0);
+    let refreshed_for = refreshing.elapsed().as_secs_f64();
+    let idle_rate = (idle_before + idle_over(5).await) / 2.0;
+    let spent = (cpu_after - cpu_before - idle_rate * refreshed_for).max(0.0);
     answers.sort_by(f64::total_cmp);
     let (first, settled) = first_render(control).await?;
     println!(

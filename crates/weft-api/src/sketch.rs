@@ -252,12 +252,15 @@ impl LatencySketch {
 }
 
 /// The same distribution as a [`LatencySketch`], stored compactly: the occupied buckets
-/// only, each as two LEB128 varints (its index's distance from the previous one, and its
-/// count), in one allocation: about 3 bytes a bucket, where the dense form spends 512
-/// bytes per power of two touched and a pair of arrays 10 a bucket. This is the form the
-/// control plane keeps in its windows, where thousands of series times dozens of slots
-/// make sketches the bulk of its memory; merging decodes both and encodes the sum in one
-/// pass. Recording one value at a time, the proxy's job, is what the dense form is for.
+/// only, highest first, each as two LEB128 varints (its index's distance below the
+/// previous one, and its count), in one allocation: about 3 bytes a bucket, where the
+/// dense form spends 512 bytes per power of two touched and a pair of arrays 10 a
+/// bucket. This is the form the control plane keeps in its windows, where thousands of
+/// series times dozens of slots make sketches the bulk of its memory; merging decodes
+/// both and encodes the sum in one pass. Highest first because the quantiles operators
+/// read most are the high ones: p99 of a sketch, or of several read together
+/// ([`CompactSketch::quantile_of_all`]), is a few buckets from the start. Recording one
+/// value at a time, the proxy's job, is what the dense form is for.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct CompactSketch {
     encoded: Vec<u8>,
@@ -311,17 +314,58 @@ fn take_varint(bytes: &[u8], at: &mut usize) -> u64 {
     value
 }
 
-/// Encodes ascending (index, count) buckets.
-fn encode(buckets: impl Iterator<Item = (u32, u64)>) -> Vec<u8> {
+/// Encodes descending (index, count) buckets: the first one's distance is from
+/// [`BUCKETS`], each next one's from the one before it.
+fn encode_descending(buckets: impl Iterator<Item = (u32, u64)>) -> Vec<u8> {
     let mut out = Vec::new();
-    let mut previous = 0;
+    let mut previous = BUCKETS;
     for (index, count) in buckets {
-        put_varint(&mut out, u64::from(index - previous));
+        put_varint(&mut out, u64::from(previous - index));
         put_varint(&mut out, count);
         previous = index;
     }
     out.shrink_to_fit();
     out
+}
+
+/// Decodes what [`encode_descending`] wrote: the buckets, highest first.
+fn decode_descending(encoded: &[u8]) -> impl Iterator<Item = (u32, u64)> + '_ {
+    let mut at = 0;
+    let mut index = BUCKETS;
+    std::iter::from_fn(move || {
+        if at >= encoded.len() {
+            return None;
+        }
+        index -= take_varint(encoded, &mut at) as u32;
+        Some((index, take_varint(encoded, &mut at)))
+    })
+}
+
+/// The `q` quantile of a distribution given as its descending non-empty buckets: the
+/// same bucket [`quantile`] finds walking up (the one holding the ⌈q·n⌉-th smallest
+/// sample, where the samples at or above it first outnumber those past that rank),
+/// found walking down, which for a high quantile stops after a few buckets.
+fn quantile_from_top(
+    descending: impl Iterator<Item = (u32, u64)>,
+    count: u64,
+    min: u64,
+    max: u64,
+    q: f64,
+) -> Option<f64> {
+    if count == 0 {
+        return None;
+    }
+    let q = if q.is_nan() { 0.0 } else { q.clamp(0.0, 1.0) };
+    let rank = ((q * count as f64).ceil() as u64).clamp(1, count);
+    let beyond = count - rank;
+    let mut above = 0u64;
+    for (index, bucket_count) in descending {
+        above = above.saturating_add(bucket_count);
+        if above > beyond {
+            return Some(representative(index).clamp(min as f64, max as f64));
+        }
+    }
+    Some(min as f64)
 }
 
 impl CompactSketch {
@@ -340,17 +384,17 @@ impl CompactSketch {
         (self.count > 0).then_some((self.min_nanos, self.max_nanos))
     }
 
-    /// The occupied buckets, ascending: (index, count).
+    /// The occupied buckets, ascending: (index, count). The wire form's order; it
+    /// gathers them first (they are stored highest first).
     pub fn buckets(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
-        let mut at = 0;
-        let mut index = 0u32;
-        std::iter::from_fn(move || {
-            if at >= self.encoded.len() {
-                return None;
-            }
-            index += take_varint(&self.encoded, &mut at) as u32;
-            Some((index, take_varint(&self.encoded, &mut at)))
-        })
+        let mut buckets: Vec<(u32, u64)> = self.buckets_descending().collect();
+        buckets.reverse();
+        buckets.into_iter()
+    }
+
+    /// The occupied buckets, highest first, as stored.
+    pub fn buckets_descending(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        decode_descending(&self.encoded)
     }
 
     /// Bytes it holds on the heap, for the control plane's memory accounting.
@@ -360,7 +404,40 @@ impl CompactSketch {
 
     /// The `q` quantile in nanoseconds, as [`LatencySketch::quantile_nanos`].
     pub fn quantile_nanos(&self, q: f64) -> Option<f64> {
-        quantile(self.buckets(), self.count, self.min_nanos, self.max_nanos, q)
+        quantile_from_top(self.buckets_descending(), self.count, self.min_nanos, self.max_nanos, q)
+    }
+
+    /// The `q` quantile of `sketches` taken together, as if merged, without merging
+    /// them: their buckets are walked down together from the top. For a high quantile
+    /// of a few sketches (p99 of an edge's slots) that reads a few buckets of each; it
+    /// costs the number of sketches per step, so many sketches are better summed
+    /// ([`SketchSum`]).
+    pub fn quantile_of_all(sketches: &[&CompactSketch], q: f64) -> Option<f64> {
+        let mut cursors: Vec<_> = sketches
+            .iter()
+            .filter(|sketch| sketch.count > 0)
+            .map(|sketch| {
+                let mut buckets = sketch.buckets_descending();
+                (buckets.next(), buckets)
+            })
+            .collect();
+        let count = sketches.iter().fold(0u64, |total, sketch| total.saturating_add(sketch.count));
+        let min = sketches.iter().filter(|s| s.count > 0).map(|sketch| sketch.min_nanos).min().unwrap_or_default();
+        let max = sketches.iter().map(|sketch| sketch.max_nanos).max().unwrap_or_default();
+        let merged = std::iter::from_fn(|| {
+            let top = cursors.iter().filter_map(|(current, _)| current.map(|(index, _)| index)).max()?;
+            let mut total = 0u64;
+            for (current, rest) in &mut cursors {
+                if let Some((index, count)) = *current {
+                    if index == top {
+                        total = total.saturating_add(count);
+                        *current = rest.next();
+                    }
+                }
+            }
+            Some((top, total))
+        });
+        quantile_from_top(merged, count, min, max, q)
     }
 
     /// Adds every latency of `other`: both bucket lists merged in one pass.
@@ -373,14 +450,14 @@ impl CompactSketch {
             return;
         }
         let merged = {
-            let (mut mine, mut theirs) = (self.buckets().peekable(), other.buckets().peekable());
-            encode(std::iter::from_fn(|| match (mine.peek().copied(), theirs.peek().copied()) {
+            let (mut mine, mut theirs) = (self.buckets_descending().peekable(), other.buckets_descending().peekable());
+            encode_descending(std::iter::from_fn(|| match (mine.peek().copied(), theirs.peek().copied()) {
                 (Some(a), Some(b)) if a.0 == b.0 => {
                     mine.next();
                     theirs.next();
                     Some((a.0, a.1.saturating_add(b.1)))
                 }
-                (Some(a), Some(b)) if a.0 < b.0 => mine.next(),
+                (Some(a), Some(b)) if a.0 > b.0 => mine.next(),
                 (Some(_), Some(_)) | (None, Some(_)) => theirs.next(),
                 (Some(_), None) => mine.next(),
                 (None, None) => None,
@@ -403,7 +480,8 @@ impl CompactSketch {
     ) -> Result<Self, SketchError> {
         let mut buckets = Vec::with_capacity(indexes.len());
         let (total, occupied) = check_parts(indexes, counts, |index, count| buckets.push((index, count)))?;
-        let mut sketch = CompactSketch { encoded: encode(buckets.into_iter()), ..CompactSketch::default() };
+        let mut sketch =
+            CompactSketch { encoded: encode_descending(buckets.into_iter().rev()), ..CompactSketch::default() };
         if let Some(occupied) = occupied {
             (sketch.min_nanos, sketch.max_nanos) = clamp_extremes(occupied, min_nanos, max_nanos);
             sketch.sum_nanos = sum_nanos;
@@ -457,21 +535,21 @@ impl SketchSum {
             return;
         }
         let mut at = 0;
-        // Buckets ascend, the first one's distance is from 0, and the maximum lies in
-        // the last one (min and max are clamped into their buckets on the way in).
-        let mut index = take_varint(bytes, &mut at) as u32;
-        self.cover(index, bucket_of(sketch.max_nanos).max(index));
+        // Buckets come highest first, and the minimum lies in the last one (min and max
+        // are clamped into their buckets on the way in).
+        let mut index = BUCKETS - take_varint(bytes, &mut at) as u32;
+        self.cover(bucket_of(sketch.min_nanos).min(index), index);
         loop {
             let count = take_varint(bytes, &mut at);
-            let offset = (index - self.low) as usize;
-            if offset >= self.counts.len() {
-                self.counts.resize(offset + 1, 0);
+            if index < self.low {
+                self.cover(index, index);
             }
+            let offset = (index - self.low) as usize;
             self.counts[offset] = self.counts[offset].saturating_add(count);
             if at >= bytes.len() {
                 break;
             }
-            index += take_varint(bytes, &mut at) as u32;
+            index -= take_varint(bytes, &mut at) as u32;
         }
         self.min_nanos = if self.count == 0 { sketch.min_nanos } else { self.min_nanos.min(sketch.min_nanos) };
         self.max_nanos = self.max_nanos.max(sketch.max_nanos);
@@ -498,41 +576,26 @@ impl SketchSum {
         self.count
     }
 
-    /// The occupied buckets, ascending: (index, count).
-    fn buckets(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+    /// The occupied buckets, highest first.
+    fn buckets_descending(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
         let low = self.low;
         self.counts
             .iter()
             .enumerate()
+            .rev()
             .filter(|(_, count)| **count > 0)
             .map(move |(at, count)| (low + at as u32, *count))
     }
 
-    /// The `q` quantile in nanoseconds, as [`LatencySketch::quantile_nanos`]. A high
-    /// quantile is found walking down from the top: p99 is a few buckets from it.
+    /// The `q` quantile in nanoseconds, as [`LatencySketch::quantile_nanos`].
     pub fn quantile_nanos(&self, q: f64) -> Option<f64> {
-        if self.count == 0 || q.is_nan() || q <= 0.5 {
-            return quantile(self.buckets(), self.count, self.min_nanos, self.max_nanos, q);
-        }
-        let rank = ((q.min(1.0) * self.count as f64).ceil() as u64).clamp(1, self.count);
-        // The bucket holding the rank-th smallest: the one where the samples above it
-        // stop reaching past that rank.
-        let beyond = self.count - rank;
-        let mut above = 0u64;
-        for (offset, count) in self.counts.iter().enumerate().rev() {
-            above = above.saturating_add(*count);
-            if above > beyond {
-                let index = self.low + offset as u32;
-                return Some(representative(index).clamp(self.min_nanos as f64, self.max_nanos as f64));
-            }
-        }
-        Some(self.min_nanos as f64)
+        quantile_from_top(self.buckets_descending(), self.count, self.min_nanos, self.max_nanos, q)
     }
 
     /// The sum in compact form.
     pub fn to_compact(&self) -> CompactSketch {
         CompactSketch {
-            encoded: encode(self.buckets()),
+            encoded: encode_descending(self.buckets_descending()),
             count: self.count,
             sum_nanos: self.sum_nanos,
             min_nanos: self.min_nanos,
@@ -545,7 +608,7 @@ impl From<&LatencySketch> for CompactSketch {
     fn from(dense: &LatencySketch) -> Self {
         let (min_nanos, max_nanos) = dense.min_max_nanos().unwrap_or_default();
         CompactSketch {
-            encoded: encode(dense.buckets()),
+            encoded: encode_descending(dense.buckets().collect::<Vec<_>>().into_iter().rev()),
             count: dense.count(),
             sum_nanos: dense.sum_nanos(),
             min_nanos,
@@ -591,6 +654,16 @@ mod tests {
         assert_eq!(sum.count(), in_turn.count());
         assert_eq!(sum.to_compact().buckets().collect::<Vec<_>>(), in_turn.buckets().collect::<Vec<_>>());
         assert_eq!(SketchSum::default().quantile_nanos(0.5), None);
+        // Read together without merging: the same quantiles.
+        let all: Vec<&CompactSketch> = sketches.iter().collect();
+        for q in [0.0, 0.25, 0.5, 0.9, 0.99, 0.999, 1.0] {
+            assert_eq!(CompactSketch::quantile_of_all(&all, q), in_turn.quantile_nanos(q), "q {q}");
+        }
+        assert_eq!(CompactSketch::quantile_of_all(&[], 0.99), None);
+        assert_eq!(
+            CompactSketch::quantile_of_all(&[&CompactSketch::default(), &sketches[0]], 0.99),
+            sketches[0].quantile_nanos(0.99)
+        );
     }
 
     /// The nearest-rank sample: the ⌈q·n⌉-th smallest.

@@ -24,7 +24,7 @@ use axum::{
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use weft_api::{
-    sketch::SketchSum,
+    sketch::{CompactSketch, SketchSum},
     telemetry::{Direction, RowKind},
 };
 
@@ -35,6 +35,7 @@ use super::{
 use crate::{
     discovery::Hub,
     telemetry::{
+        aggregator::touches,
         series::{SeriesKey, SlotSignals},
         service::{now_millis, other_replicas_windows},
         window::SlotRange,
@@ -89,23 +90,6 @@ pub(super) async fn topology(
     let filter = Filter { namespace: params.namespace.unwrap_or_default(), name: None };
     let now = now_millis();
     let range = SlotRange::recent(length, now / 1000);
-    // Other replicas answer with their series summed; this one's slots are read as held.
-    let (theirs, unreachable) = other_replicas_windows(&hub, range, &filter.namespace).await;
-    let mut graph = Graph::new();
-    // First which Services their own proxies measured (no latencies are read), so
-    // that their callers' view of them is not tallied for nothing.
-    hub.aggregator.visit_request_series(&range, &filter.namespace, |key, _| graph.note_served(key, &filter));
-    theirs.iter().flat_map(|window| window.requests.keys()).for_each(|key| graph.note_served(key, &filter));
-    let mut since =
-        hub.aggregator.visit_request_series(&range, &filter.namespace, |key, slots| graph.add(key, slots, &filter));
-    for window in &theirs {
-        window.requests.iter().for_each(|(key, signals)| graph.add(key, &[signals], &filter));
-        since = match (since, window.since_millis) {
-            (Some(mine), Some(theirs)) => Some(mine.min(theirs)),
-            (mine, theirs) => mine.or(theirs),
-        };
-    }
-    let seconds = range.covered_seconds(now, since);
     let services: BTreeSet<String> = hub
         .world()
         .resources()
@@ -114,7 +98,39 @@ pub(super) async fn topology(
         .map(|r| format!("{}/{}", r.metadata.namespace, r.metadata.name))
         .filter(|qualified| filter.wants(qualified))
         .collect();
-    let (services, edges) = graph.answer(&services, seconds);
+    // Other replicas answer with their series summed; this one's slots are read as held,
+    // under its telemetry's lock, and so is the whole graph: its tallies borrow them.
+    let (theirs, unreachable) = other_replicas_windows(&hub, range, &filter.namespace).await;
+    let (seconds, services, edges) = hub.aggregator.read_request_series(|mine, since| {
+        let mut graph = Graph::new(&filter);
+        let local = || {
+            mine.iter()
+                .filter(|(key, _)| touches(&filter.namespace, &[&key.source_service, &key.destination, &key.workload]))
+        };
+        let remote = || theirs.iter().flat_map(|window| window.requests.iter());
+        // First which Services their own proxies measured, so that their callers' view
+        // of them is not tallied for nothing. Only keys are read: the slots are most of
+        // the memory a pass goes through.
+        for (key, rings) in local() {
+            if graph.serves(key) && rings.slots(&range).next().is_some() {
+                graph.note_served(key);
+            }
+        }
+        remote().for_each(|(key, _)| {
+            if graph.serves(key) {
+                graph.note_served(key)
+            }
+        });
+        // Tries (about half the series) are no edge and no Service's signals.
+        for (key, rings) in local().filter(|(key, _)| key.kind == RowKind::Request) {
+            graph.add(key, rings.slots(&range));
+        }
+        remote().for_each(|(key, signals)| graph.add(key, std::iter::once(signals)));
+        let since = theirs.iter().filter_map(|window| window.since_millis).chain(since).min();
+        let seconds = range.covered_seconds(now, since);
+        let (services, edges) = graph.answer(&services, seconds);
+        (seconds, services, edges)
+    });
     let answer = Answer {
         window: length.label(),
         seconds,
@@ -129,25 +145,40 @@ pub(super) async fn topology(
     Ok(Json(answer))
 }
 
-/// A node's or an edge's requests, failures, requests over mutual TLS and latencies.
+/// Sketches read together up to this many; more are summed first (reading together
+/// costs the number of sketches per bucket read).
+const READ_TOGETHER: usize = 16;
+
+/// A node's or an edge's requests, failures, requests over mutual TLS, and the latency
+/// sketches of every slot that went into it, as held: only p99 is read, walking down
+/// from their tops together, so no sketch is decoded whole or merged.
 #[derive(Default)]
-struct Tally {
+struct Tally<'a> {
     requests: u64,
     failures: u64,
     mtls: u64,
-    latency: SketchSum,
+    latencies: Vec<&'a CompactSketch>,
 }
 
-impl Tally {
-    fn add(&mut self, key: &SeriesKey, slots: &[&SlotSignals]) {
+impl<'a> Tally<'a> {
+    fn add(&mut self, key: &SeriesKey, slots: impl Iterator<Item = &'a SlotSignals>) {
         for signals in slots {
             self.requests = self.requests.saturating_add(signals.requests);
             self.failures = self.failures.saturating_add(signals.failures);
             if key.tls {
                 self.mtls = self.mtls.saturating_add(signals.requests);
             }
-            self.latency.add(&signals.latency);
+            self.latencies.push(&signals.latency);
         }
+    }
+
+    fn p99_nanos(&self) -> Option<f64> {
+        if self.latencies.len() <= READ_TOGETHER {
+            return CompactSketch::quantile_of_all(&self.latencies, 0.99);
+        }
+        let mut sum = SketchSum::default();
+        self.latencies.iter().for_each(|sketch| sum.add(sketch));
+        sum.quantile_nanos(0.99)
     }
 
     /// (requests per second, success rate, p99 in ms, mutual-TLS share), at the
@@ -155,113 +186,92 @@ impl Tally {
     fn signals(&self, seconds: f64) -> (f64, Option<f64>, Option<f64>, Option<f64>) {
         let rps = if seconds > 0.0 { significant(self.requests as f64 / seconds) } else { 0.0 };
         let share = |part: u64| (self.requests > 0).then(|| share_floor(part as f64 / self.requests as f64));
-        let p99 = self.latency.quantile_nanos(0.99).map(|nanos| (nanos / 1e4).round() / 100.0);
+        let p99 = self.p99_nanos().map(|nanos| (nanos / 1e4).round() / 100.0);
         (rps, share(self.requests - self.failures.min(self.requests)), p99, share(self.mtls))
     }
 }
 
-/// Names to tallies, hashed with foldhash: the topology looks a name up for every
-/// series, and SipHash was a tenth of its time.
-type Tallies<V> = HashMap<Arc<str>, V, foldhash::fast::RandomState>;
+/// Keyed by names borrowed from the series, hashed with foldhash: the topology looks a
+/// name up for every series, and SipHash was a tenth of its time.
+type Tallies<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
-/// Requests grouped as the graph shows them, by the `&str` of interned names (a lookup
-/// allocates nothing; a new group clones one `Arc`).
-struct Graph {
-    /// The caller named for requests from outside the mesh.
-    unmeshed: Arc<str>,
+/// Requests grouped as the graph shows them.
+struct Graph<'a> {
+    filter: &'a Filter,
     /// What each Service's own proxies served (inbound).
-    served: Tallies<Tally>,
-    /// What callers saw of each Service they addressed, or a route sent them to.
-    called: Tallies<Tally>,
+    served: Tallies<&'a str, Tally<'a>>,
+    /// What callers saw of each Service they addressed, or a route sent them to, for
+    /// the Services with no `served` tally.
+    called: Tallies<&'a str, Tally<'a>>,
     /// Caller Service to callee Service.
-    edges: Tallies<Tallies<Tally>>,
+    edges: Tallies<(&'a str, &'a str), Tally<'a>>,
 }
 
-/// The tally of `name` in `map`, made on first use.
-fn tally<'m>(map: &'m mut Tallies<Tally>, name: &Arc<str>) -> &'m mut Tally {
-    if !map.contains_key(&**name) {
-        map.insert(name.clone(), Tally::default());
-    }
-    map.get_mut(&**name).expect("inserted above")
-}
-
-impl Graph {
-    fn new() -> Graph {
-        Graph {
-            unmeshed: Arc::from(UNMESHED),
-            served: Tallies::default(),
-            called: Tallies::default(),
-            edges: Tallies::default(),
-        }
+impl<'a> Graph<'a> {
+    fn new(filter: &'a Filter) -> Graph<'a> {
+        Graph { filter, served: Tallies::default(), called: Tallies::default(), edges: Tallies::default() }
     }
 
-    /// Notes that `key` is what a Service's own proxies served, when it is. Every
-    /// series is noted before any is added: callers' views are tallied only of
-    /// Services that are not.
-    fn note_served(&mut self, key: &SeriesKey, filter: &Filter) {
-        if Self::serves(key, filter) {
-            tally(&mut self.served, &key.destination);
-        }
-    }
-
-    fn serves(key: &SeriesKey, filter: &Filter) -> bool {
+    /// Whether `key` is what a Service's own proxies served.
+    fn serves(&self, key: &SeriesKey) -> bool {
         (key.direction, key.kind) == (Direction::Inbound, RowKind::Request)
             && !key.destination.is_empty()
-            && filter.wants(&key.destination)
+            && self.filter.wants(&key.destination)
+    }
+
+    /// Notes that `key`'s Service is measured by its own proxies. Every series is
+    /// noted before any is added: callers' views are tallied only of Services that are
+    /// not.
+    fn note_served(&mut self, key: &'a SeriesKey) {
+        self.served.entry(&key.destination).or_default();
     }
 
     /// Counts one series' slots (or one replica's sum of them).
-    fn add(&mut self, key: &SeriesKey, signals: &[&SlotSignals], filter: &Filter) {
+    fn add(&mut self, key: &'a SeriesKey, slots: impl Iterator<Item = &'a SlotSignals> + Clone) {
         match (key.direction, key.kind) {
             (Direction::Inbound, RowKind::Request) => {
-                if Self::serves(key, filter) {
-                    tally(&mut self.served, &key.destination).add(key, signals);
+                if self.serves(key) {
+                    self.served.entry(&key.destination).or_default().add(key, slots.clone());
                 }
                 // A caller without a proxy reports nothing; its callee does (in
                 // plaintext: a meshed caller comes over mutual TLS, and reports the
                 // edge itself).
                 if !key.tls {
-                    let unmeshed = self.unmeshed.clone();
-                    self.add_edge(&unmeshed, key, signals, filter);
+                    self.add_edge(UNMESHED, key, slots);
                 }
             }
             (Direction::Outbound, RowKind::Request) => {
                 // Callers' view: of the Service they addressed, and of the backend
                 // Service a route sent them to (a canary's `reviews-v2` has no instances
                 // of its own: its workloads register as `reviews`).
-                let unserved = |name: &str| !name.is_empty() && !self.served.contains_key(name) && filter.wants(name);
+                let unserved =
+                    |name: &str| !name.is_empty() && !self.served.contains_key(name) && self.filter.wants(name);
                 let (destination, backend) = (unserved(&key.destination), unserved(&key.backend));
                 if destination {
-                    tally(&mut self.called, &key.destination).add(key, signals);
+                    self.called.entry(&key.destination).or_default().add(key, slots.clone());
                 }
                 if backend && key.backend != key.destination {
-                    tally(&mut self.called, &key.backend).add(key, signals);
+                    self.called.entry(&key.backend).or_default().add(key, slots.clone());
                 }
-                self.add_edge(&key.source_service, key, signals, filter);
+                self.add_edge(&key.source_service, key, slots);
             }
             _ => {}
         }
     }
 
-    fn add_edge(&mut self, source: &Arc<str>, key: &SeriesKey, signals: &[&SlotSignals], filter: &Filter) {
-        if !(filter.in_namespace(source) || filter.in_namespace(&key.destination)) {
-            return;
+    fn add_edge(&mut self, source: &'a str, key: &'a SeriesKey, slots: impl Iterator<Item = &'a SlotSignals>) {
+        if self.filter.in_namespace(source) || self.filter.in_namespace(&key.destination) {
+            self.edges.entry((source, &key.destination)).or_default().add(key, slots);
         }
-        if !self.edges.contains_key(&**source) {
-            self.edges.insert(source.clone(), Tallies::default());
-        }
-        let callees = self.edges.get_mut(&**source).expect("inserted above");
-        tally(callees, &key.destination).add(key, signals);
     }
 
     /// The nodes (every Service in `services`, then any edge's end that is none) and
     /// the edges between them, sorted.
-    fn answer<'a>(&'a self, services: &'a BTreeSet<String>, seconds: f64) -> (Vec<Node>, Vec<EdgeRow>) {
+    fn answer(&self, services: &'a BTreeSet<String>, seconds: f64) -> (Vec<Node>, Vec<EdgeRow>) {
         let mut names: BTreeSet<&str> = services.iter().map(String::as_str).collect();
-        names.extend(self.served.keys().map(|name| &**name));
-        names.extend(self.called.keys().map(|name| &**name));
-        let mut index: HashMap<&str, usize, foldhash::fast::RandomState> =
-            HashMap::with_capacity_and_hasher(names.len(), Default::default());
+        names.extend(self.served.keys());
+        names.extend(self.called.keys());
+        let mut index: Tallies<&str, usize> = Tallies::with_capacity_and_hasher(names.len(), Default::default());
         let mut nodes: Vec<Node> = Vec::with_capacity(names.len());
         for name in names {
             let (tally, measured_by) = match (self.served.get(name), self.called.get(name)) {
@@ -280,28 +290,26 @@ impl Graph {
                 measured_by: Some(measured_by),
             });
         }
-        let mut edges = Vec::with_capacity(self.edges.values().map(Tallies::len).sum());
-        for (source, callees) in &self.edges {
-            for (destination, tally) in callees {
-                let mut at = |name: &'a str| {
-                    *index.entry(name).or_insert_with(|| {
-                        nodes.push(Node {
-                            name: name.to_string(),
-                            rps: 0.0,
-                            success_rate: None,
-                            p99_ms: None,
-                            mtls_share: None,
-                            measured_by: None,
-                        });
-                        nodes.len() - 1
-                    })
-                };
-                let ends = (at(source), at(destination));
-                let (rps, success_rate, p99_ms, mtls_share) = tally.signals(seconds);
-                edges.push((ends.0, ends.1, rps, success_rate, p99_ms, mtls_share, tally.requests));
-            }
+        let mut edges = Vec::with_capacity(self.edges.len());
+        for ((source, destination), tally) in &self.edges {
+            let mut at = |name: &'a str| {
+                *index.entry(name).or_insert_with(|| {
+                    nodes.push(Node {
+                        name: name.to_string(),
+                        rps: 0.0,
+                        success_rate: None,
+                        p99_ms: None,
+                        mtls_share: None,
+                        measured_by: None,
+                    });
+                    nodes.len() - 1
+                })
+            };
+            let ends = (at(source), at(destination));
+            let (rps, success_rate, p99_ms, mtls_share) = tally.signals(seconds);
+            edges.push((ends.0, ends.1, rps, success_rate, p99_ms, mtls_share, tally.requests));
         }
-        edges.sort_by_key(|edge| (edge.0, edge.1));
+        edges.sort_unstable_by_key(|edge| (edge.0, edge.1));
         (nodes, edges)
     }
 }
@@ -370,21 +378,27 @@ mod tests {
     #[test]
     fn slots_add_up_into_services_and_edges() {
         let everything = Filter { namespace: String::new(), name: None };
-        let mut graph = Graph::new();
+        let mut graph = Graph::new(&everything);
         let web_to_reviews = key(Direction::Outbound, "a/web", "a/reviews", "a/reviews-v2", true);
         let reviews_served = key(Direction::Inbound, "", "a/reviews", "", true);
-        graph.note_served(&web_to_reviews, &everything);
-        graph.note_served(&reviews_served, &everything);
-        // Two slots of one series, and what reviews' own proxies served.
-        graph.add(&web_to_reviews, &[&signals(&[200, 200, 200], 10), &signals(&[503], 500)], &everything);
-        graph.add(&reviews_served, &[&signals(&[200; 4], 10)], &everything);
-        assert!(!graph.called.contains_key("a/reviews"), "a Service measured by its own proxies");
-        // A caller outside the mesh, seen from the callee only.
-        graph.add(&key(Direction::Inbound, "", "a/web", "", false), &[&signals(&[200, 200], 5)], &everything);
+        let unmeshed_to_web = key(Direction::Inbound, "", "a/web", "", false);
         // Tries are not edges.
         let mut retry = key(Direction::Outbound, "a/web", "a/reviews", "a/reviews-v2", true);
         retry.kind = RowKind::Try;
-        graph.add(&retry, &[&signals(&[503; 9], 5)], &everything);
+        let (fast, slow) = (signals(&[200, 200, 200], 10), signals(&[503], 500));
+        let (served, from_outside, retried) = (signals(&[200; 4], 10), signals(&[200, 200], 5), signals(&[503; 9], 5));
+        for key in [&web_to_reviews, &reviews_served, &unmeshed_to_web, &retry] {
+            if graph.serves(key) {
+                graph.note_served(key);
+            }
+        }
+        // Two slots of one series, and what reviews' own proxies served.
+        graph.add(&web_to_reviews, [&fast, &slow].into_iter());
+        graph.add(&reviews_served, std::iter::once(&served));
+        assert!(!graph.called.contains_key("a/reviews"), "a Service measured by its own proxies");
+        // A caller outside the mesh, seen from the callee only.
+        graph.add(&unmeshed_to_web, std::iter::once(&from_outside));
+        graph.add(&retry, std::iter::once(&retried));
 
         let services: BTreeSet<String> = ["a/idle".to_string(), "a/reviews".into(), "a/web".into()].into();
         let (nodes, edges) = graph.answer(&services, 10.0);
@@ -411,10 +425,27 @@ mod tests {
             ]
         );
         // A namespace keeps the edges that touch it.
-        let mut graph = Graph::new();
         let b_only = Filter { namespace: "b".into(), name: None };
-        graph.add(&web_to_reviews, &[&signals(&[200], 10)], &b_only);
+        let mut graph = Graph::new(&b_only);
+        graph.add(&web_to_reviews, std::iter::once(&fast));
         assert!(graph.edges.is_empty() && graph.called.is_empty());
+    }
+
+    #[test]
+    fn many_slots_read_as_one() {
+        // More sketches than are read together are summed: the same p99 either way.
+        let slots: Vec<SlotSignals> = (1..=40).map(|i| signals(&[200; 5], i * 3)).collect();
+        let mut tally = Tally::default();
+        let series = key(Direction::Outbound, "a/web", "a/reviews", "", true);
+        tally.add(&series, slots.iter().take(READ_TOGETHER));
+        let together = tally.p99_nanos();
+        let mut merged = CompactSketch::default();
+        slots.iter().take(READ_TOGETHER).for_each(|slot| merged.merge(&slot.latency));
+        assert_eq!(together, merged.quantile_nanos(0.99));
+        tally.add(&series, slots.iter().skip(READ_TOGETHER));
+        slots.iter().skip(READ_TOGETHER).for_each(|slot| merged.merge(&slot.latency));
+        assert_eq!(tally.p99_nanos(), merged.quantile_nanos(0.99));
+        assert_eq!(tally.requests, 200);
     }
 
     #[test]

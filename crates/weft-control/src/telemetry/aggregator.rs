@@ -129,6 +129,18 @@ pub fn touches(namespace: &str, names: &[&str]) -> bool {
     namespace.is_empty() || names.iter().any(|name| name.split_once('/').is_some_and(|(ns, _)| ns == namespace))
 }
 
+/// The request series one replica holds, borrowed under its lock
+/// ([`Aggregator::read_request_series`]).
+#[derive(Clone, Copy)]
+pub struct RequestSeries<'a>(&'a HashMap<SeriesKey, Rings<SlotSignals>>);
+
+impl<'a> RequestSeries<'a> {
+    /// Every series: its key and its rings of slots.
+    pub fn iter(&self) -> impl Iterator<Item = (&'a SeriesKey, &'a Rings<SlotSignals>)> + 'a {
+        self.0.iter()
+    }
+}
+
 /// How much a report brought.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Ingested {
@@ -269,30 +281,13 @@ impl Aggregator {
         window
     }
 
-    /// Calls `visit` with every request series that touches `namespace` and its slots
-    /// in `range` as held (oldest first; series without any are skipped), under the
-    /// lock; returns since when this replica has telemetry (Unix milliseconds). For a
-    /// question that groups series and reads only the groups (the dashboard's topology):
-    /// summing each series' slots first, as [`Aggregator::window`] does, would merge
-    /// every sketch twice.
-    pub fn visit_request_series(
-        &self,
-        range: &SlotRange,
-        namespace: &str,
-        mut visit: impl FnMut(&SeriesKey, &[&SlotSignals]),
-    ) -> Option<u64> {
+    /// Runs `read` on every request series held and since when this replica has
+    /// telemetry (Unix milliseconds), under the lock. For a question that groups series
+    /// and reads only the groups (the dashboard's topology): it borrows each series'
+    /// slots as held, where [`Aggregator::window`] copies and sums them first.
+    pub fn read_request_series<R>(&self, read: impl FnOnce(RequestSeries<'_>, Option<u64>) -> R) -> R {
         let held = self.lock();
-        let mut slots = Vec::new();
-        for (key, rings) in &held.requests {
-            if touches(namespace, &[&key.source_service, &key.destination, &key.workload]) {
-                slots.extend(rings.slots(range));
-                if !slots.is_empty() {
-                    visit(key, &slots);
-                    slots.clear();
-                }
-            }
-        }
-        held.since_millis
+        read(RequestSeries(&held.requests), held.since_millis)
     }
 
     /// Drops series with nothing left within the retention at `now` (Unix seconds);

@@ -201,7 +201,7 @@ impl<V: SlotValue> Rings<V> {
     }
 
     /// The slots in `range`, oldest first, as they are held.
-    pub fn slots<'a>(&'a self, range: &SlotRange) -> impl Iterator<Item = &'a V> + 'a {
+    pub fn slots<'a>(&'a self, range: &SlotRange) -> impl Iterator<Item = &'a V> + Clone + 'a {
         let SlotRange { from, to, .. } = *range;
         self.rings[range.tier].iter().filter(move |(start, _)| (from..to).contains(start)).map(|(_, value)| value)
     }
