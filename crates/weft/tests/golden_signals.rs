@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use support::{client, eventually, get_via, Control, DemoApp, Proxy, TempDir, TestApp};
 use weft_api::sketch::RELATIVE_ERROR;
 
@@ -514,6 +514,29 @@ async fn two_replicas_on_etcd_each_answer_for_the_whole_mesh() {
         assert_eq!(timeless(&from_a), timeless(&from_b), "{view}: A and B answer alike");
         assert_eq!(from_a["unreachableReplicas"], Value::Array(vec![]));
     }
+    // The dashboard's topology reads this replica's slots as held and the other's
+    // answer: either replica draws the same graph, with every request the client sent.
+    let mut graphs = Vec::new();
+    for control in [&a, &b] {
+        let (status, topology) = control.api("GET", "/api/v1/topology?window=10m", None).await;
+        assert_eq!(status, 200, "{topology}");
+        assert_eq!(topology["unreachableReplicas"], Value::Array(vec![]));
+        let names: Vec<&str> =
+            topology["services"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+        let at = |name: &str| names.iter().position(|n| *n == name).unwrap_or_else(|| panic!("{name} in {names:?}"));
+        let reviews = &topology["services"][at("default/reviews")];
+        assert_eq!((&reviews["measuredBy"], &reviews["successRate"]), (&json!("service"), &json!(1.0)), "{reviews}");
+        let edge = topology["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|edge| edge[0] == at("default/web") && edge[1] == at("default/reviews"))
+            .unwrap_or_else(|| panic!("web -> reviews in {topology}"))
+            .clone();
+        assert_eq!((&edge[6], &edge[5]), (&json!(sent), &json!(1.0)), "every request, all over mutual TLS: {edge}");
+        graphs.push((names.iter().map(|n| n.to_string()).collect::<Vec<_>>(), edge[6].clone(), edge[4].clone()));
+    }
+    assert_eq!(graphs[0], graphs[1], "A and B draw the same graph");
     drop((reviews, web));
 }
 
