@@ -13,7 +13,8 @@
 //! plane's golden signals; [`trace_context`] carries traces across hops and [`spans`]
 //! records and exports this proxy's part of them; [`access_log`] writes a JSON line per
 //! request where operators asked for one; [`tap`] streams the requests an operator is
-//! watching, with why the proxy did what it did.
+//! watching, with why the proxy did what it did; [`capture`] puts an unchanged
+//! application's traffic through the proxy.
 
 #![forbid(unsafe_code)]
 
@@ -22,6 +23,7 @@ pub mod admin;
 pub mod app;
 pub mod balance;
 pub mod body;
+pub mod capture;
 pub mod detect;
 pub mod discovery;
 pub mod endpoint;

@@ -1,0 +1,206 @@
+//! What capture redirects: one nftables table of weft's own, `inet weft` (IPv4 and IPv6
+//! alike), with two NAT chains:
+//! - `output`, the application's outbound connections: DNS (UDP and TCP port 53) to the
+//!   proxy's DNS responder, which a proxy that is not root could not bind on port 53, and
+//!   every other TCP connection to the outbound listener; except the proxy's own
+//!   connections, loopback, and the destinations, ports and CIDRs listed;
+//! - `prerouting`, connections arriving from other hosts: every TCP connection to the
+//!   inbound listener, except to the ports listed (the proxy's own among them).
+//!
+//! The table is replaced whole in one transaction (declare it, delete it, write it), so
+//! that installing twice, or again after a proxy killed without cleaning up, leaves
+//! exactly one; removing deletes that table and touches nothing else of the ruleset.
+
+use std::{
+    fmt::{self, Write as _},
+    net::{IpAddr, SocketAddr},
+    str::FromStr,
+};
+
+/// The table's family and name, as nft writes them.
+pub const TABLE: &str = "inet weft";
+
+/// The mark the proxy puts on its own sockets by default: "weft" in ASCII, a value no
+/// common tool (kube-proxy, Calico, Cilium, Istio) uses.
+pub const DEFAULT_MARK: u32 = 0x7765_6674;
+
+/// How the rules tell the proxy's own connections from the application's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyTraffic {
+    /// Sockets the proxy marked (`SO_MARK`): the application may run as the same user.
+    Mark(u32),
+    /// Everything the proxy's user sends: the application must run as another user.
+    Uid(u32),
+}
+
+/// An IPv4 or IPv6 network, `address/prefix` (`--capture-exclude-cidrs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    address: IpAddr,
+    prefix: u8,
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Cidr, String> {
+        let (address, prefix) = text.split_once('/').unwrap_or((text, ""));
+        let address: IpAddr = address
+            .parse()
+            .map_err(|_| format!("{text:?} is not a CIDR: write an address and a prefix, e.g. 10.0.0.0/8"))?;
+        let longest = if address.is_ipv4() { 32 } else { 128 };
+        let prefix = if prefix.is_empty() {
+            longest
+        } else {
+            prefix
+                .parse::<u8>()
+                .ok()
+                .filter(|prefix| *prefix <= longest)
+                .ok_or_else(|| format!("{text:?}: the prefix must be a number from 0 to {longest}"))?
+        };
+        Ok(Cidr { address, prefix })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.address, self.prefix)
+    }
+}
+
+/// Everything the table is made of.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CaptureRules {
+    /// Where the application's outbound TCP goes: the proxy's outbound listener.
+    pub outbound_port: u16,
+    /// Where TCP arriving from other hosts goes: the proxy's inbound listener.
+    pub inbound_port: u16,
+    /// Where the application's DNS goes; `None` leaves DNS alone.
+    pub dns_port: Option<u16>,
+    pub proxy_traffic: ProxyTraffic,
+    /// Inbound ports never redirected: the proxy's own that others reach directly
+    /// (admin, for Prometheus) and what the operator lists.
+    pub exclude_inbound_ports: Vec<u16>,
+    /// Outbound ports never redirected (`--capture-exclude-ports`).
+    pub exclude_outbound_ports: Vec<u16>,
+    /// Outbound destinations never redirected (`--capture-exclude-cidrs`).
+    pub exclude_cidrs: Vec<Cidr>,
+    /// Exact destinations never redirected: the control plane's addresses.
+    pub exclude_destinations: Vec<SocketAddr>,
+}
+
+/// `{ a, b }` as nft writes a set.
+fn set<T: fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
+    let items: Vec<String> = items.into_iter().map(|item| item.to_string()).collect();
+    format!("{{ {} }}", items.join(", "))
+}
+
+impl CaptureRules {
+    /// The nft script that replaces the table with these rules, in one transaction.
+    pub fn script(&self) -> String {
+        let mut output = String::new();
+        let mut rule = |text: String| {
+            let _ = writeln!(output, "        {text}");
+        };
+        rule(match self.proxy_traffic {
+            ProxyTraffic::Mark(mark) => format!("meta mark {mark:#x} return"),
+            ProxyTraffic::Uid(uid) => format!("meta skuid {uid} return"),
+        });
+        // Before loopback is left alone: a stub resolver on 127.0.0.53 is asked too.
+        if let Some(dns) = self.dns_port {
+            rule(format!("udp dport 53 redirect to :{dns}"));
+            rule(format!("tcp dport 53 redirect to :{dns}"));
+        }
+        rule("ip daddr 127.0.0.0/8 return".into());
+        rule("ip6 daddr ::1 return".into());
+        for destination in &self.exclude_destinations {
+            let family = if destination.is_ipv4() { "ip" } else { "ip6" };
+            rule(format!("{family} daddr {} tcp dport {} return", destination.ip(), destination.port()));
+        }
+        if !self.exclude_outbound_ports.is_empty() {
+            rule(format!("tcp dport {} return", set(&self.exclude_outbound_ports)));
+        }
+        for (family, cidrs) in [
+            ("ip", self.exclude_cidrs.iter().filter(|c| c.address.is_ipv4()).collect::<Vec<_>>()),
+            ("ip6", self.exclude_cidrs.iter().filter(|c| c.address.is_ipv6()).collect()),
+        ] {
+            if !cidrs.is_empty() {
+                rule(format!("{family} daddr {} return", set(cidrs)));
+            }
+        }
+        rule(format!("meta l4proto tcp redirect to :{}", self.outbound_port));
+
+        let mut prerouting = String::new();
+        let mut rule = |text: String| {
+            let _ = writeln!(prerouting, "        {text}");
+        };
+        rule("iifname \"lo\" return".into());
+        let mut kept: Vec<u16> = self.exclude_inbound_ports.clone();
+        kept.push(self.inbound_port);
+        kept.sort_unstable();
+        kept.dedup();
+        rule(format!("tcp dport {} return", set(kept)));
+        rule(format!("meta l4proto tcp redirect to :{}", self.inbound_port));
+
+        format!(
+            "table {TABLE}\ndelete table {TABLE}\ntable {TABLE} {{\n    chain output {{\n        type nat hook output priority -100; policy accept;\n{output}    }}\n    chain prerouting {{\n        type nat hook prerouting priority -100; policy accept;\n{prerouting}    }}\n}}\n"
+        )
+    }
+}
+
+/// The nft script that removes the table, whether or not it is there.
+pub fn removal_script() -> String {
+    format!("table {TABLE}\ndelete table {TABLE}\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> CaptureRules {
+        CaptureRules {
+            outbound_port: 15001,
+            inbound_port: 15006,
+            dns_port: Some(15053),
+            proxy_traffic: ProxyTraffic::Mark(DEFAULT_MARK),
+            exclude_inbound_ports: vec![15000, 22],
+            exclude_outbound_ports: vec![5432],
+            exclude_cidrs: vec!["10.96.0.0/12".parse().unwrap(), "fd00::/8".parse().unwrap()],
+            exclude_destinations: vec!["10.0.0.5:15010".parse().unwrap()],
+        }
+    }
+
+    #[test]
+    fn the_table_is_replaced_whole_and_the_proxy_is_left_out_first() {
+        let script = rules().script();
+        assert!(script.starts_with("table inet weft\ndelete table inet weft\ntable inet weft {"), "{script}");
+        let output: Vec<&str> = script.lines().map(str::trim).skip_while(|l| !l.starts_with("chain output")).collect();
+        assert_eq!(
+            &output[2..11],
+            [
+                "meta mark 0x77656674 return",
+                "udp dport 53 redirect to :15053",
+                "tcp dport 53 redirect to :15053",
+                "ip daddr 127.0.0.0/8 return",
+                "ip6 daddr ::1 return",
+                "ip daddr 10.0.0.5 tcp dport 15010 return",
+                "tcp dport { 5432 } return",
+                "ip daddr { 10.96.0.0/12 } return",
+                "ip6 daddr { fd00::/8 } return",
+            ]
+        );
+        assert!(script.contains("meta l4proto tcp redirect to :15001"));
+        assert!(script.contains("tcp dport { 22, 15000, 15006 } return\n        meta l4proto tcp redirect to :15006"));
+        let by_uid = CaptureRules { proxy_traffic: ProxyTraffic::Uid(1337), dns_port: None, ..rules() }.script();
+        assert!(by_uid.contains("meta skuid 1337 return") && !by_uid.contains("dport 53"), "{by_uid}");
+        assert_eq!(removal_script(), "table inet weft\ndelete table inet weft\n");
+    }
+
+    #[test]
+    fn cidrs_are_checked() {
+        assert_eq!("10.1.2.3".parse::<Cidr>().unwrap().to_string(), "10.1.2.3/32");
+        assert_eq!("fd00::/8".parse::<Cidr>().unwrap().to_string(), "fd00::/8");
+        assert!("10.0.0.0/33".parse::<Cidr>().unwrap_err().contains("0 to 32"));
+        assert!("example.com/8".parse::<Cidr>().unwrap_err().contains("is not a CIDR"));
+    }
+}
