@@ -137,15 +137,12 @@ fn the_table_is_replaced_whole_and_removed_without_a_trace() {
     assert_eq!(namespace.ruleset(), before);
 }
 
-#[test]
-fn redirected_connections_keep_their_destination_and_the_proxy_is_let_through() {
-    if !can_capture() {
-        return;
-    }
-    // The workload's namespace and a peer's, joined by a veth pair.
-    let (workload, peer) = (Namespace::new("app"), Namespace::new("peer"));
+/// A workload's namespace and a peer's, joined by a veth pair: the workload at
+/// 10.251.`subnet`.1 and fd77:6566:74:`subnet`::1, the peer at .2 and ::2.
+fn joined(tag: &str, subnet: u8) -> (Namespace, Namespace) {
+    let (workload, peer) = (Namespace::new(&format!("{tag}a")), Namespace::new(&format!("{tag}p")));
     let id = std::process::id() % 100_000;
-    let (ours, theirs) = (format!("wc{id}a"), format!("wc{id}b"));
+    let (ours, theirs) = (format!("w{tag}{id}a"), format!("w{tag}{id}b"));
     run(&[
         "ip",
         "link",
@@ -161,25 +158,36 @@ fn redirected_connections_keep_their_destination_and_the_proxy_is_let_through() 
         "netns",
         &peer.name,
     ]);
-    for (namespace, link, v4, v6) in [
-        (&workload, &ours, "10.251.0.1/24", "fd77:6566:74::1/64"),
-        (&peer, &theirs, "10.251.0.2/24", "fd77:6566:74::2/64"),
-    ] {
-        run(&["ip", "-n", &namespace.name, "addr", "add", v4, "dev", link]);
-        run(&["ip", "-n", &namespace.name, "addr", "add", v6, "dev", link, "nodad"]);
+    for (namespace, link, host) in [(&workload, &ours, 1), (&peer, &theirs, 2)] {
+        let (v4, v6) = (format!("10.251.{subnet}.{host}/24"), format!("fd77:6566:74:{subnet}::{host}/64"));
+        run(&["ip", "-n", &namespace.name, "addr", "add", &v4, "dev", link]);
+        run(&["ip", "-n", &namespace.name, "addr", "add", &v6, "dev", link, "nodad"]);
         run(&["ip", "-n", &namespace.name, "link", "set", link, "up"]);
     }
-    // The peer answers every connection with a banner, so a test can tell it reached it.
-    let peer_listeners: Vec<TcpListener> = peer.enter(|| {
-        ["10.251.0.2:8080", "[fd77:6566:74::2]:8080"].iter().map(|a| TcpListener::bind(a).unwrap()).collect()
-    });
-    for listener in peer_listeners {
+    (workload, peer)
+}
+
+/// The peer answers every connection to `addresses` with a banner, so that a test can
+/// tell a connection reached it.
+fn serve_banner(peer: &Namespace, addresses: &[&str]) {
+    let listeners: Vec<TcpListener> =
+        peer.enter(|| addresses.iter().map(|address| TcpListener::bind(address).unwrap()).collect());
+    for listener in listeners {
         std::thread::spawn(move || {
             for mut stream in listener.incoming().take(8).flatten() {
                 let _ = stream.write_all(b"peer\n");
             }
         });
     }
+}
+
+#[test]
+fn redirected_connections_keep_their_destination_and_the_proxy_is_let_through() {
+    if !can_capture() {
+        return;
+    }
+    let (workload, peer) = joined("r", 0);
+    serve_banner(&peer, &["10.251.0.2:8080", "[fd77:6566:74:0::2]:8080"]);
     let outcome = workload.enter(|| {
         // The proxy's outbound listener, dual-stack, then the rules pointing at it.
         let listener = TcpListener::bind("[::]:0").unwrap();
@@ -204,7 +212,7 @@ fn redirected_connections_keep_their_destination_and_the_proxy_is_let_through() 
         // were going.
         let _v4 = connect("10.251.0.2:8080", false);
         let v4 = accept_one(&listener);
-        let _v6 = connect("[fd77:6566:74::2]:8080", false);
+        let _v6 = connect("[fd77:6566:74:0::2]:8080", false);
         let v6 = accept_one(&listener);
         // The proxy's own (marked) connection reaches the peer itself.
         let mut banner = String::new();
@@ -213,6 +221,47 @@ fn redirected_connections_keep_their_destination_and_the_proxy_is_let_through() 
         (v4, v6, banner)
     });
     assert_eq!(outcome.0, "10.251.0.2:8080".parse().unwrap(), "the IPv4 original destination");
-    assert_eq!(outcome.1, "[fd77:6566:74::2]:8080".parse().unwrap(), "the IPv6 original destination");
+    assert_eq!(outcome.1, "[fd77:6566:74:0::2]:8080".parse().unwrap(), "the IPv6 original destination");
     assert_eq!(outcome.2, "peer\n", "a marked connection is not captured");
+}
+
+#[test]
+fn by_uid_the_proxy_user_is_let_through_and_the_application_user_captured() {
+    if !can_capture() {
+        return;
+    }
+    let (workload, peer) = joined("u", 1);
+    serve_banner(&peer, &["10.251.1.2:8080"]);
+    // The proxy runs as uid 1337 (`--app-user` runs the application as another).
+    let listener = workload.enter(|| {
+        let listener = TcpListener::bind("[::]:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        nft::install(&CaptureRules { proxy_traffic: ProxyTraffic::Uid(1337), ..rules(port) }).unwrap();
+        listener
+    });
+    let as_proxy_user = run(&[
+        "ip",
+        "netns",
+        "exec",
+        &workload.name,
+        "setpriv",
+        "--reuid=1337",
+        "--regid=1337",
+        "--clear-groups",
+        // Captured by mistake, the connection would wait on a listener that does not
+        // answer: bounded, it fails instead.
+        "timeout",
+        "10",
+        "bash",
+        "-c",
+        "exec 3<>/dev/tcp/10.251.1.2/8080 && head -c 5 <&3",
+    ]);
+    assert_eq!(as_proxy_user, "peer\n", "the proxy's user reaches the peer itself");
+    // Root, here the application, is captured.
+    let original = workload.enter(|| {
+        let _client = TcpStream::connect_timeout(&"10.251.1.2:8080".parse().unwrap(), Duration::from_secs(5)).unwrap();
+        let (stream, _) = listener.accept().unwrap();
+        original_destination(&stream).unwrap()
+    });
+    assert_eq!(original, "10.251.1.2:8080".parse().unwrap());
 }
