@@ -307,6 +307,18 @@ impl<'a> Group<'a> {
     }
 }
 
+/// Every Service resource `filter` wants, as `namespace/name`: the Services a view
+/// shows whether or not they had traffic.
+pub(super) fn service_names(hub: &Hub, filter: &Filter) -> BTreeSet<String> {
+    hub.world()
+        .resources()
+        .iter()
+        .filter(|r| r.kind() == weft_model::ResourceKind::Service)
+        .map(|r| format!("{}/{}", r.metadata.namespace, r.metadata.name))
+        .filter(|qualified| filter.wants(qualified))
+        .collect()
+}
+
 fn services(hub: &Hub, series: &WindowSeries, filter: &Filter, seconds: f64) -> Vec<Value> {
     let mut served: BTreeMap<String, Group> = BTreeMap::new();
     let mut called: BTreeMap<String, Group> = BTreeMap::new();
@@ -338,14 +350,7 @@ fn services(hub: &Hub, series: &WindowSeries, filter: &Filter, seconds: f64) -> 
         }
     }
     // Every Service there is, with traffic or not; and any that had traffic.
-    let mut names: BTreeSet<String> = hub
-        .world()
-        .resources()
-        .iter()
-        .filter(|r| r.kind() == weft_model::ResourceKind::Service)
-        .map(|r| format!("{}/{}", r.metadata.namespace, r.metadata.name))
-        .filter(|qualified| filter.wants(qualified))
-        .collect();
+    let mut names = service_names(hub, filter);
     names.extend(served.keys().cloned());
     names.extend(called.keys().cloned());
     served.values_mut().chain(called.values_mut()).for_each(Group::settle);

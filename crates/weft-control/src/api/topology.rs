@@ -29,7 +29,7 @@ use weft_api::{
 };
 
 use super::{
-    stat::{window_length, Filter, UNMESHED},
+    stat::{service_names, window_length, Filter, UNMESHED},
     ApiError,
 };
 use crate::{
@@ -90,14 +90,7 @@ pub(super) async fn topology(
     let filter = Filter { namespace: params.namespace.unwrap_or_default(), name: None };
     let now = now_millis();
     let range = SlotRange::recent(length, now / 1000);
-    let services: BTreeSet<String> = hub
-        .world()
-        .resources()
-        .iter()
-        .filter(|r| r.kind() == weft_model::ResourceKind::Service)
-        .map(|r| format!("{}/{}", r.metadata.namespace, r.metadata.name))
-        .filter(|qualified| filter.wants(qualified))
-        .collect();
+    let services = service_names(&hub, &filter);
     // Other replicas answer with their series summed; this one's slots are read as held,
     // under its telemetry's lock, and so is the whole graph: its tallies borrow them.
     let (theirs, unreachable) = other_replicas_windows(&hub, range, &filter.namespace).await;
