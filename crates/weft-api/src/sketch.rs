@@ -57,26 +57,6 @@ fn representative(index: u32) -> f64 {
     2.0 * low * high / (low + high)
 }
 
-/// The `q` quantile of a distribution given as its ascending non-empty buckets, its
-/// count and its exact extremes: the representative of the bucket holding the
-/// nearest-rank sample, clamped to the extremes. One walk for both sketch forms.
-fn quantile(buckets: impl Iterator<Item = (u32, u64)>, count: u64, min: u64, max: u64, q: f64) -> Option<f64> {
-    if count == 0 {
-        return None;
-    }
-    let q = if q.is_nan() { 0.0 } else { q.clamp(0.0, 1.0) };
-    // The 1-based rank of the sample asked for.
-    let rank = ((q * count as f64).ceil() as u64).clamp(1, count);
-    let mut seen = 0u64;
-    for (index, bucket_count) in buckets {
-        seen += bucket_count;
-        if seen >= rank {
-            return Some(representative(index).clamp(min as f64, max as f64));
-        }
-    }
-    Some(max as f64)
-}
-
 /// Checks a sketch's wire parts (ascending indexes in range, as many counts, no
 /// overflow) and calls `add` for every non-empty bucket; returns the total count and the
 /// first and last occupied buckets.
@@ -216,7 +196,21 @@ impl LatencySketch {
     /// The `q` quantile (0 ≤ q ≤ 1) in nanoseconds, within [`RELATIVE_ERROR`] of the
     /// nearest-rank sample (the ⌈q·n⌉-th smallest); `None` when empty.
     pub fn quantile_nanos(&self, q: f64) -> Option<f64> {
-        quantile(self.buckets(), self.count, self.min_nanos, self.max_nanos, q)
+        quantile_from_top(self.buckets_descending(), self.count, self.min_nanos, self.max_nanos, q)
+    }
+
+    /// The non-empty buckets, highest first.
+    fn buckets_descending(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        self.chunks.iter().enumerate().rev().flat_map(|(chunk_index, chunk)| {
+            chunk.iter().flat_map(move |chunk| {
+                chunk
+                    .iter()
+                    .enumerate()
+                    .rev()
+                    .filter(|(_, count)| **count > 0)
+                    .map(move |(sub, count)| ((chunk_index * SUB_BUCKETS + sub) as u32, *count))
+            })
+        })
     }
 
     /// The non-empty buckets, ascending: (index, count). The wire form.
@@ -341,10 +335,12 @@ fn decode_descending(encoded: &[u8]) -> impl Iterator<Item = (u32, u64)> + '_ {
     })
 }
 
-/// The `q` quantile of a distribution given as its descending non-empty buckets: the
-/// same bucket [`quantile`] finds walking up (the one holding the ⌈q·n⌉-th smallest
-/// sample, where the samples at or above it first outnumber those past that rank),
-/// found walking down, which for a high quantile stops after a few buckets.
+/// The `q` quantile of a distribution given as its descending non-empty buckets, its
+/// count and its exact extremes: the representative of the bucket holding the
+/// nearest-rank sample (the ⌈q·n⌉-th smallest), clamped to the extremes. Found walking
+/// down, where the samples at or above a bucket first outnumber those past that rank:
+/// a high quantile, the one operators read most, stops after a few buckets. One walk
+/// for both sketch forms.
 fn quantile_from_top(
     descending: impl Iterator<Item = (u32, u64)>,
     count: u64,
@@ -608,7 +604,7 @@ impl From<&LatencySketch> for CompactSketch {
     fn from(dense: &LatencySketch) -> Self {
         let (min_nanos, max_nanos) = dense.min_max_nanos().unwrap_or_default();
         CompactSketch {
-            encoded: encode_descending(dense.buckets().collect::<Vec<_>>().into_iter().rev()),
+            encoded: encode_descending(dense.buckets_descending()),
             count: dense.count(),
             sum_nanos: dense.sum_nanos(),
             min_nanos,
