@@ -19,6 +19,7 @@ pub mod snapshot;
 pub mod spec;
 pub mod spiffe;
 mod validate;
+pub mod virtual_ip;
 
 pub use duration::GoDuration;
 pub use parse::{parse_documents, parse_with_documents, ConfigError, ConfigErrors, ParsedDocument};

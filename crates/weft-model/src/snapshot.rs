@@ -11,7 +11,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::Arc,
     time::Duration,
 };
@@ -40,8 +40,44 @@ pub struct Snapshot {
     /// logged.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub access_log_path: Option<String>,
+    /// MeshConfig's `outboundTrafficPolicy.mode`: what captured connections to unknown
+    /// destinations get.
+    pub outbound_traffic: OutboundTrafficMode,
     #[serde(skip)]
     hosts: HashMap<String, usize>,
+    /// Virtual IPs (and their IPv6 twins) → Service.
+    #[serde(skip)]
+    virtual_ips: HashMap<IpAddr, usize>,
+    /// Endpoint IPs → every (Service, port, endpoint) they serve, in Service order.
+    #[serde(skip)]
+    endpoint_ips: HashMap<IpAddr, Vec<(usize, usize, usize)>>,
+}
+
+/// Where a captured connection's original destination leads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Destination {
+    /// A Service's virtual IP: the Service port, balanced over its endpoints.
+    Service { service: usize, port: usize },
+    /// The address of one endpoint (a call by IP): that endpoint, as its Service's.
+    Endpoint { service: usize, port: usize, endpoint: usize },
+}
+
+impl Destination {
+    /// The Service and port index it belongs to.
+    pub fn service_port(&self) -> (usize, usize) {
+        match *self {
+            Destination::Service { service, port } | Destination::Endpoint { service, port, .. } => (service, port),
+        }
+    }
+}
+
+/// Why an original destination leads to no Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DestinationError {
+    /// Neither a virtual IP nor an endpoint's address.
+    Unknown,
+    /// A Service's virtual IP, on a port the Service does not declare.
+    UnknownPort { service: usize, port: u16 },
 }
 
 /// Whether and how requests to one Service are logged: MeshConfig's `accessLog` with the
@@ -77,6 +113,9 @@ impl TracingSettings {
 pub struct CompiledService {
     pub namespace: String,
     pub name: String,
+    /// Where captured applications reach it (declared, or derived from the name).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub virtual_ip: Option<Ipv4Addr>,
     pub ports: Vec<CompiledPort>,
     pub policy: ServicePolicy,
     /// Whether its inbound side accepts plaintext: the Service's own `mtls`, else
@@ -285,8 +324,51 @@ impl Snapshot {
             unresolved: vec![],
             tracing: None,
             access_log_path: None,
+            outbound_traffic: OutboundTrafficMode::default(),
             hosts: HashMap::new(),
+            virtual_ips: HashMap::new(),
+            endpoint_ips: HashMap::new(),
         }
+    }
+
+    /// The Service a DNS name or Host (without port) names: `reviews` in this snapshot's
+    /// namespace, `reviews.NS`, `reviews.NS.svc`, `reviews.NS.svc.cluster.local`.
+    pub fn service_by_host(&self, host: &str) -> Option<usize> {
+        let host = host.strip_suffix('.').unwrap_or(host);
+        match host.bytes().any(|b| b.is_ascii_uppercase()) {
+            true => self.hosts.get(&host.to_ascii_lowercase()).copied(),
+            false => self.hosts.get(host).copied(),
+        }
+    }
+
+    /// Where a captured connection to `original` goes: a Service's virtual IP (IPv4 or
+    /// its IPv6 twin) on one of its ports, or an endpoint's IP. For an endpoint's IP the
+    /// port is the Service port of that number, else the one its endpoint listens on
+    /// with that number, else the Service's only port.
+    pub fn lookup_destination(&self, original: SocketAddr) -> Result<Destination, DestinationError> {
+        let port_number = original.port();
+        if let Some(&service) = self.virtual_ips.get(&original.ip()) {
+            let ports = &self.services[service].ports;
+            return match ports.iter().position(|p| p.port == port_number) {
+                Some(port) => Ok(Destination::Service { service, port }),
+                None => Err(DestinationError::UnknownPort { service, port: port_number }),
+            };
+        }
+        let serving = self.endpoint_ips.get(&original.ip()).ok_or(DestinationError::Unknown)?;
+        let by_service_port = |&&(service, port, _): &&(usize, usize, usize)| {
+            self.services[service].ports[port].port == port_number
+        };
+        let by_endpoint_port = |&&(service, port, endpoint): &&(usize, usize, usize)| {
+            self.services[service].ports[port].endpoints[endpoint].address.port() == port_number
+        };
+        let only_port = |&&(service, _, _): &&(usize, usize, usize)| self.services[service].ports.len() == 1;
+        let &(service, port, endpoint) = serving
+            .iter()
+            .find(by_service_port)
+            .or_else(|| serving.iter().find(by_endpoint_port))
+            .or_else(|| serving.iter().find(only_port))
+            .ok_or(DestinationError::Unknown)?;
+        Ok(Destination::Endpoint { service, port, endpoint })
     }
 
     /// Resolves a `Host` header or URI authority (`reviews`, `reviews.default:80`,
@@ -399,6 +481,8 @@ pub fn compile(resources: &[Resource], namespace: &str) -> Snapshot {
                 services.push(CompiledService {
                     namespace: meta.namespace.clone(),
                     name: meta.name.clone(),
+                    // Settled below: declared, or derived once every Service is known.
+                    virtual_ip: spec.virtual_ip,
                     ports: spec
                         .ports
                         .iter()
@@ -594,6 +678,24 @@ pub fn compile(resources: &[Resource], namespace: &str) -> Snapshot {
             hosts.insert(host, index);
         }
     }
+    let range = mesh.virtual_ip_range.as_deref().and_then(|r| r.parse().ok()).unwrap_or_default();
+    let declared = services.iter().map(|s| ((s.namespace.clone(), s.name.clone()), s.virtual_ip)).collect();
+    let (mut assigned, problems) = crate::virtual_ip::assign(&declared, range);
+    unresolved.extend(problems);
+    let mut virtual_ips = HashMap::new();
+    let mut endpoint_ips: HashMap<IpAddr, Vec<(usize, usize, usize)>> = HashMap::new();
+    for (index, service) in services.iter_mut().enumerate() {
+        service.virtual_ip = assigned.remove(&(service.namespace.clone(), service.name.clone()));
+        if let Some(address) = service.virtual_ip {
+            virtual_ips.insert(IpAddr::V4(address), index);
+            virtual_ips.insert(IpAddr::V6(crate::virtual_ip::ipv6_twin(address)), index);
+        }
+        for (port_index, port) in service.ports.iter().enumerate() {
+            for (endpoint_index, endpoint) in port.endpoints.iter().enumerate() {
+                endpoint_ips.entry(endpoint.address.ip()).or_default().push((index, port_index, endpoint_index));
+            }
+        }
+    }
     let tracing = mesh.tracing.as_ref().map(|t| {
         Arc::new(TracingSettings {
             endpoint: t.endpoint.clone(),
@@ -636,7 +738,17 @@ pub fn compile(resources: &[Resource], namespace: &str) -> Snapshot {
         None => services.iter().any(|s| s.policy.access_log.enabled).then(|| "stderr".to_string()),
     };
     unresolved.sort();
-    Snapshot { namespace: namespace.to_string(), services, unresolved, tracing, access_log_path, hosts }
+    Snapshot {
+        namespace: namespace.to_string(),
+        services,
+        unresolved,
+        tracing,
+        access_log_path,
+        outbound_traffic: mesh.outbound_traffic_policy.map(|p| p.mode).unwrap_or_default(),
+        hosts,
+        virtual_ips,
+        endpoint_ips,
+    }
 }
 
 /// A compiled rule with the route key and rule index that break precedence ties.
@@ -940,6 +1052,36 @@ spec:
                 identity: None,
             }]
         );
+    }
+
+    #[test]
+    fn captured_destinations_lead_to_services_and_endpoints() {
+        let docs = format!(
+            "{MESH}---\napiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {{name: db}}\n\
+             spec: {{selector: {{app: db}}, virtualIP: 10.96.0.5, ports: [{{port: 5432, protocol: tcp}}]}}\n---\n\
+             apiVersion: weft.dev/v1alpha1\nkind: Workload\nmetadata: {{name: db1}}\n\
+             spec: {{labels: {{app: db}}, address: \"10.0.0.9:15006\"}}\n"
+        );
+        let snap = compile(&parse_documents("f", &docs).unwrap(), "default");
+        let (reviews, db) = (snap.service("default", "reviews").unwrap(), snap.service("default", "db").unwrap());
+        // The declared address, and a derived one for the others, with IPv6 twins.
+        assert_eq!(snap.services[db].virtual_ip, Some(Ipv4Addr::new(10, 96, 0, 5)));
+        let vip = snap.services[reviews].virtual_ip.expect("derived");
+        assert!(crate::virtual_ip::VirtualIpRange::default().contains(vip));
+        let at = |ip: IpAddr, port| snap.lookup_destination(SocketAddr::new(ip, port));
+        assert_eq!(at(vip.into(), 80), Ok(Destination::Service { service: reviews, port: 0 }));
+        let twin = crate::virtual_ip::ipv6_twin(vip);
+        assert_eq!(at(twin.into(), 80), Ok(Destination::Service { service: reviews, port: 0 }));
+        assert_eq!(at(vip.into(), 81), Err(DestinationError::UnknownPort { service: reviews, port: 81 }));
+        // A call by IP: the Service port of that number, else the only port.
+        let by_ip = at("10.0.0.9".parse().unwrap(), 5432).unwrap();
+        assert!(matches!(by_ip, Destination::Endpoint { service, port: 0, .. } if service == db), "{by_ip:?}");
+        assert!(matches!(at("10.0.0.9".parse().unwrap(), 3306), Ok(Destination::Endpoint { .. })));
+        assert_eq!(at("192.0.2.1".parse().unwrap(), 80), Err(DestinationError::Unknown));
+        // DNS names, with or without the root's dot.
+        assert_eq!(snap.service_by_host("db.default.svc.cluster.local."), Some(db));
+        assert_eq!(snap.service_by_host("Reviews"), Some(reviews));
+        assert_eq!(snap.service_by_host("nothing.default.svc.cluster.local"), None);
     }
 
     #[test]

@@ -89,6 +89,11 @@ fn mesh_config(spec: &MeshConfigSpec) -> Checked {
         }
         sampling_rate("accessLog.samplingRate", log.sampling_rate)?;
     }
+    if let Some(range) = &spec.virtual_ip_range {
+        if let Err(reason) = range.parse::<crate::virtual_ip::VirtualIpRange>() {
+            return fail("virtualIPRange", reason);
+        }
+    }
     Ok(())
 }
 
@@ -125,6 +130,14 @@ fn sampling_rate(field: &str, rate: f64) -> Checked {
 fn service(spec: &ServiceSpec) -> Checked {
     if spec.ports.is_empty() {
         return fail("ports", "a Service needs at least one port");
+    }
+    if let Some(address) = spec.virtual_ip {
+        if address.is_loopback() || address.is_unspecified() || address.is_multicast() || address.is_broadcast() {
+            return fail(
+                "virtualIP",
+                format!("{address} cannot be a Service's address; choose one in MeshConfig's virtualIPRange"),
+            );
+        }
     }
     let mut numbers = HashSet::new();
     let mut names = HashSet::new();

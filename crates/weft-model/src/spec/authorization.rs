@@ -98,6 +98,33 @@ pub struct MeshConfigSpec {
     /// Access logging; off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_log: Option<super::MeshAccessLogSpec>,
+    /// Where Services' derived virtual IPs come from (IPv4 CIDR); 240.240.0.0/16 when
+    /// absent.
+    #[serde(default, rename = "virtualIPRange", skip_serializing_if = "Option::is_none")]
+    pub virtual_ip_range: Option<String>,
+    /// What a captured connection to an address the mesh does not know gets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbound_traffic_policy: Option<OutboundTrafficPolicySpec>,
+}
+
+/// MeshConfig's `outboundTrafficPolicy`, as Istio spells it.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OutboundTrafficPolicySpec {
+    #[serde(default)]
+    pub mode: OutboundTrafficMode,
+}
+
+/// Whether captured traffic may leave the mesh for destinations it does not know.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub enum OutboundTrafficMode {
+    /// Passed through to the original destination, and counted.
+    #[default]
+    #[serde(rename = "ALLOW_ANY")]
+    AllowAny,
+    /// Refused and counted.
+    #[serde(rename = "REGISTRY_ONLY")]
+    RegistryOnly,
 }
 
 /// Whether inbound listeners accept plaintext.

@@ -1,6 +1,9 @@
 //! `Service` and `Workload`: what can be called, and the instances that serve it.
 
-use std::{collections::BTreeMap, net::SocketAddr};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +20,11 @@ pub struct ServiceSpec {
     /// move to STRICT one Service at a time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtls: Option<super::MtlsMode>,
+    /// The address captured applications reach this Service at (its name resolves to it
+    /// through the proxy's DNS responder). Without it, one is derived from the name
+    /// within MeshConfig's `virtualIPRange`, the same on every proxy.
+    #[serde(default, rename = "virtualIP", skip_serializing_if = "Option::is_none")]
+    pub virtual_ip: Option<Ipv4Addr>,
 }
 
 /// One port of a service.
