@@ -43,6 +43,9 @@ pub struct Snapshot {
     /// MeshConfig's `outboundTrafficPolicy.mode`: what captured connections to unknown
     /// destinations get.
     pub outbound_traffic: OutboundTrafficMode,
+    /// MeshConfig's `virtualIPRange`, which capture routes.
+    #[serde(skip)]
+    pub virtual_ip_range: crate::virtual_ip::VirtualIpRange,
     #[serde(skip)]
     hosts: HashMap<String, usize>,
     /// Virtual IPs (and their IPv6 twins) → Service.
@@ -325,6 +328,7 @@ impl Snapshot {
             tracing: None,
             access_log_path: None,
             outbound_traffic: OutboundTrafficMode::default(),
+            virtual_ip_range: Default::default(),
             hosts: HashMap::new(),
             virtual_ips: HashMap::new(),
             endpoint_ips: HashMap::new(),
@@ -344,7 +348,7 @@ impl Snapshot {
     /// Where a captured connection to `original` goes: a Service's virtual IP (IPv4 or
     /// its IPv6 twin) on one of its ports, or an endpoint's IP. For an endpoint's IP the
     /// port is the Service port of that number, else the one its endpoint listens on
-    /// with that number, else the Service's only port.
+    /// with that number; any other port is unknown.
     pub fn lookup_destination(&self, original: SocketAddr) -> Result<Destination, DestinationError> {
         let port_number = original.port();
         if let Some(&service) = self.virtual_ips.get(&original.ip()) {
@@ -355,18 +359,17 @@ impl Snapshot {
             };
         }
         let serving = self.endpoint_ips.get(&original.ip()).ok_or(DestinationError::Unknown)?;
-        let by_service_port = |&&(service, port, _): &&(usize, usize, usize)| {
-            self.services[service].ports[port].port == port_number
-        };
+        let by_service_port =
+            |&&(service, port, _): &&(usize, usize, usize)| self.services[service].ports[port].port == port_number;
         let by_endpoint_port = |&&(service, port, endpoint): &&(usize, usize, usize)| {
             self.services[service].ports[port].endpoints[endpoint].address.port() == port_number
         };
-        let only_port = |&&(service, _, _): &&(usize, usize, usize)| self.services[service].ports.len() == 1;
+        // Any other port of that address is not the mesh's to guess: the application
+        // may serve more than its Services declare.
         let &(service, port, endpoint) = serving
             .iter()
             .find(by_service_port)
             .or_else(|| serving.iter().find(by_endpoint_port))
-            .or_else(|| serving.iter().find(only_port))
             .ok_or(DestinationError::Unknown)?;
         Ok(Destination::Endpoint { service, port, endpoint })
     }
@@ -745,6 +748,7 @@ pub fn compile(resources: &[Resource], namespace: &str) -> Snapshot {
         tracing,
         access_log_path,
         outbound_traffic: mesh.outbound_traffic_policy.map(|p| p.mode).unwrap_or_default(),
+        virtual_ip_range: range,
         hosts,
         virtual_ips,
         endpoint_ips,
@@ -1073,10 +1077,11 @@ spec:
         let twin = crate::virtual_ip::ipv6_twin(vip);
         assert_eq!(at(twin.into(), 80), Ok(Destination::Service { service: reviews, port: 0 }));
         assert_eq!(at(vip.into(), 81), Err(DestinationError::UnknownPort { service: reviews, port: 81 }));
-        // A call by IP: the Service port of that number, else the only port.
+        // A call by IP: the Service port of that number, or the endpoint's own port.
         let by_ip = at("10.0.0.9".parse().unwrap(), 5432).unwrap();
         assert!(matches!(by_ip, Destination::Endpoint { service, port: 0, .. } if service == db), "{by_ip:?}");
-        assert!(matches!(at("10.0.0.9".parse().unwrap(), 3306), Ok(Destination::Endpoint { .. })));
+        assert!(matches!(at("10.0.0.9".parse().unwrap(), 15006), Ok(Destination::Endpoint { .. })));
+        assert_eq!(at("10.0.0.9".parse().unwrap(), 3306), Err(DestinationError::Unknown));
         assert_eq!(at("192.0.2.1".parse().unwrap(), 80), Err(DestinationError::Unknown));
         // DNS names, with or without the root's dot.
         assert_eq!(snap.service_by_host("db.default.svc.cluster.local."), Some(db));

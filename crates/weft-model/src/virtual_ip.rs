@@ -73,7 +73,9 @@ impl FromStr for VirtualIpRange {
             ));
         }
         if address.is_loopback() || address.is_multicast() || address.is_unspecified() {
-            return Err(format!("{text:?} overlaps loopback, multicast or 0.0.0.0; choose a private or reserved block"));
+            return Err(format!(
+                "{text:?} overlaps loopback, multicast or 0.0.0.0; choose a private or reserved block"
+            ));
         }
         Ok(VirtualIpRange { network: u32::from(address), prefix })
     }

@@ -31,12 +31,23 @@ impl App {
     /// Starts `command` (program and arguments). It inherits the proxy's environment plus
     /// `WEFT_OUTBOUND` (the outbound listener) and `WEFT_ADMIN`, and `HTTP_PROXY` pointing at
     /// the outbound listener unless the environment already sets one.
-    pub fn spawn(command: &[String], ports: &BoundPorts) -> Result<App, SpawnError> {
+    ///
+    /// Under capture (`captured`) no `HTTP_PROXY` is set: the application's connections
+    /// reach the proxy as they are. `user` runs it as another uid and gid (`--app-user`).
+    pub fn spawn(
+        command: &[String],
+        ports: &BoundPorts,
+        captured: bool,
+        user: Option<(u32, u32)>,
+    ) -> Result<App, SpawnError> {
         let program = command[0].clone();
         let mut process = Command::new(&program);
         process.args(&command[1..]);
         process.env("WEFT_OUTBOUND", ports.outbound.to_string()).env("WEFT_ADMIN", ports.admin.to_string());
-        if std::env::var_os("HTTP_PROXY").is_none() && std::env::var_os("http_proxy").is_none() {
+        if let Some((uid, gid)) = user {
+            process.uid(uid).gid(gid);
+        }
+        if !captured && std::env::var_os("HTTP_PROXY").is_none() && std::env::var_os("http_proxy").is_none() {
             let proxy = format!("http://{}", ports.outbound);
             process.env("HTTP_PROXY", &proxy).env("http_proxy", &proxy);
         }

@@ -74,6 +74,21 @@ impl Backend {
         }
     }
 
+    /// This backend narrowed to its endpoint at `address` (a captured call by IP): the
+    /// same endpoint state, policies and connection limits, no other endpoint.
+    pub fn only(&self, address: std::net::SocketAddr) -> Option<Backend> {
+        let endpoint = self.endpoints.iter().find(|e| e.state.address == address)?;
+        let only = WeightedEndpoint { state: endpoint.state.clone(), weight: 1, workload: endpoint.workload.clone() };
+        Some(Backend::new(
+            self.name.clone(),
+            self.protocol,
+            vec![only],
+            self.algorithm,
+            self.outlier_detection.clone(),
+            self.limiter.clone(),
+        ))
+    }
+
     /// Picks an endpoint, avoiding `avoid` (the endpoint a retry just failed on) when
     /// another is available. `None` only when there are no endpoints at all.
     pub fn pick(&self, avoid: Option<&EndpointState>) -> Option<&Arc<EndpointState>> {

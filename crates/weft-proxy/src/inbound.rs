@@ -15,7 +15,7 @@ use crate::{
     trace_context,
 };
 
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use tokio::net::TcpStream;
 use weft_identity::{
@@ -44,7 +44,18 @@ use crate::{
 
 /// Serves one accepted inbound connection.
 pub async fn serve_connection(state: Arc<SharedState>, stream: TcpStream, drain: DrainWatch) {
-    let Some(app) = state.settings.app_addr else { return };
+    let Some(mut app) = state.settings.app_addr else { return };
+    // Under capture the application sees its callers' addresses, as it would without a
+    // mesh: `X-Forwarded-For`, made once per connection.
+    let mut client = None;
+    if state.settings.capture.is_some() {
+        // A captured connection keeps the port it was made to: the application may
+        // listen on several.
+        if let Some(port) = crate::capture::original_dst::redirected_port(&stream) {
+            app.set_port(port);
+        }
+        client = stream.peer_addr().ok().and_then(|peer| HeaderValue::try_from(peer.ip().to_string()).ok());
+    }
     let tls = state.inbound_tls();
     let config = state.config.load_full();
     let own = config.own_service.map(|i| &config.snapshot.services[i]);
@@ -69,7 +80,7 @@ pub async fn serve_connection(state: Arc<SharedState>, stream: TcpStream, drain:
         return;
     }
     match (detected, tls) {
-        (Detected::Tls, Some(tls)) => serve_mesh_connection(state, app, stream, tls, drain).await,
+        (Detected::Tls, Some(tls)) => serve_mesh_connection(state, app, client, stream, tls, drain).await,
         (Detected::Opaque | Detected::TimedOut | Detected::Tls, _) => {
             let mut connection = open_connection(&state, None);
             relay_to_app(&state, app, None, stream, &mut connection).await
@@ -77,7 +88,9 @@ pub async fn serve_connection(state: Arc<SharedState>, stream: TcpStream, drain:
         (Detected::Http1 | Detected::Http2, _) => {
             let _connection = open_connection(&state, None);
             let handler_state = state.clone();
-            let service = hyper::service::service_fn(move |request| handle(handler_state.clone(), app, None, request));
+            let service = hyper::service::service_fn(move |request| {
+                handle(handler_state.clone(), app, None, client.clone(), request)
+            });
             serve_http(stream, Some(detected), service, drain, &state, "inbound").await;
         }
     }
@@ -98,6 +111,7 @@ fn open_connection(state: &SharedState, peer: Option<&MeshCaller>) -> OpenConnec
 async fn serve_mesh_connection(
     state: Arc<SharedState>,
     app: SocketAddr,
+    client: Option<HeaderValue>,
     stream: TcpStream,
     tls: Arc<rustls::ServerConfig>,
     drain: DrainWatch,
@@ -142,7 +156,7 @@ async fn serve_mesh_connection(
                 let http2 = alpn.as_deref() == Some(ALPN_HTTP2);
                 let handler_state = state.clone();
                 let service = hyper::service::service_fn(move |request| {
-                    handle(handler_state.clone(), app, peer.clone(), request)
+                    handle(handler_state.clone(), app, peer.clone(), client.clone(), request)
                 });
                 serve_http_on(stream, http2, service, drain, &state, "inbound").await;
             }
@@ -262,9 +276,14 @@ async fn handle(
     app: SocketAddr,
     // The caller's identity, proven by mutual TLS; `None` for a plaintext caller.
     peer: Option<Arc<MeshCaller>>,
+    // The caller's address, passed on as `X-Forwarded-For` (under capture).
+    client: Option<HeaderValue>,
     mut request: Request<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let started = Instant::now();
+    if let Some(client) = client {
+        request.headers_mut().append(http::header::HeaderName::from_static("x-forwarded-for"), client);
+    }
     let grpc = is_grpc(request.headers());
     let upgrade = forward::is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
     let (mut parts, incoming) = request.into_parts();

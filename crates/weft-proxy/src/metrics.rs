@@ -129,6 +129,16 @@ pub struct TapDropLabels {
     pub reason: &'static str,
 }
 
+/// Labels of `weft_captured_connections_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CapturedLabels {
+    /// What the original destination was: `service` (a virtual IP), `endpoint` (a call
+    /// by IP), `unknown` (outside the mesh) or `explicit` (the listener itself).
+    pub destination: &'static str,
+    /// `meshed`, `passthrough` (ALLOW_ANY), `refused_registry_only`, `refused_unknown_port`.
+    pub outcome: &'static str,
+}
+
 /// The tap counters a finished event needs, cloned out of [`Metrics`].
 pub struct TapMetrics {
     pub events: Counter,
@@ -154,6 +164,7 @@ pub struct Metrics {
     pub tap_sessions: Gauge,
     pub tap_events: Counter,
     pub tap_events_dropped: Family<TapDropLabels, Counter>,
+    pub captured: Family<CapturedLabels, Counter>,
 }
 
 /// Latency buckets from 0.5 ms to ~33 s, doubling: covers sidecar-added microseconds
@@ -227,7 +238,14 @@ impl Metrics {
             "Requests a tap session matched but did not get, by reason",
             tap_events_dropped.clone(),
         );
+        let captured = Family::default();
+        registry.register(
+            "captured_connections",
+            "Connections transparent capture brought to the outbound listener, by original destination and outcome",
+            captured.clone(),
+        );
         Metrics {
+            captured,
             registry,
             tap_sessions,
             tap_events,

@@ -7,6 +7,7 @@
 //! the endpoint. A backend Service's own routes are not applied again.
 
 use std::{
+    net::SocketAddr,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
@@ -21,7 +22,7 @@ use hyper::body::Incoming;
 use rand::Rng;
 use weft_model::{
     matching::RequestView,
-    snapshot::{BackendTarget, Filter, HostLookupError, PathRewrite, RouteAction, WeightedBackend},
+    snapshot::{BackendTarget, Destination, Filter, HostLookupError, PathRewrite, RouteAction, WeightedBackend},
     spec::{RetryOn, RetrySpec},
 };
 
@@ -104,13 +105,17 @@ impl AnsweringTry {
 }
 
 /// Handles one outbound request end to end, always producing a response.
+///
+/// `captured` is the original destination of a transparently captured connection: it,
+/// not the Host header, chooses the Service (the Host is passed on unchanged).
 pub async fn handle(
     state: Arc<SharedState>,
+    captured: Option<SocketAddr>,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let started = Instant::now();
     let mut config = state.config.load_full();
-    if let Some(discovery) = state.discovery.get() {
+    if let (Some(discovery), None) = (state.discovery.get(), captured) {
         // A service not seen before: ask the control plane, then route with what it sent.
         // Boxed, so that this rare wait does not weigh on every request's future.
         if let Some(authority) = forward::authority_of(&request) {
@@ -135,7 +140,7 @@ pub async fn handle(
         counted: None,
         started,
     };
-    let result = route_request(&state, &config, request, &mut routed).await;
+    let result = route_request(&state, &config, captured, request, &mut routed).await;
     let (response, error, transport_error) = match result {
         Ok(response) => (response, "", false),
         Err(failure) => {
@@ -263,6 +268,7 @@ impl Routed {
 async fn route_request(
     state: &SharedState,
     config: &ServingConfig,
+    captured: Option<SocketAddr>,
     mut request: Request<Incoming>,
     routed: &mut Routed,
 ) -> Result<Response<Body>, ProxyFailure> {
@@ -273,13 +279,30 @@ async fn route_request(
         .ok_or_else(|| ProxyFailure::BadRequest("the request has no Host".into()))?
         .to_string();
     let snapshot = &config.snapshot;
-    let (service_index, port_index) = snapshot.lookup_host(&authority).map_err(|e| match e {
-        HostLookupError::UnknownHost => ProxyFailure::UnknownHost(authority.clone()),
-        HostLookupError::UnknownPort(port) => {
-            ProxyFailure::UnknownHost(format!("{authority} (the service has no port {port})"))
+    // A captured call by IP goes to the endpoint it named (`pinned`), past the routes.
+    let (service_index, port_index, pinned) = match captured {
+        None => {
+            let (service, port) = snapshot.lookup_host(&authority).map_err(|e| match e {
+                HostLookupError::UnknownHost => ProxyFailure::UnknownHost(authority.clone()),
+                HostLookupError::UnknownPort(port) => {
+                    ProxyFailure::UnknownHost(format!("{authority} (the service has no port {port})"))
+                }
+                HostLookupError::NotHttp(port) => ProxyFailure::NotHttp(format!("{authority} port {port}")),
+            })?;
+            (service, port, None)
         }
-        HostLookupError::NotHttp(port) => ProxyFailure::NotHttp(format!("{authority} port {port}")),
-    })?;
+        Some(original) => match snapshot.lookup_destination(original) {
+            Ok(Destination::Service { service, port }) => (service, port, None),
+            Ok(Destination::Endpoint { service, port, endpoint }) => {
+                (service, port, Some(snapshot.services[service].ports[port].endpoints[endpoint].address))
+            }
+            Err(_) => {
+                return Err(ProxyFailure::UnknownHost(format!(
+                    "{original} (no longer a Service's or endpoint's address)"
+                )))
+            }
+        },
+    };
     routed.destination = config.service_labels[service_index].clone();
     let service = &snapshot.services[service_index];
     let port = &service.ports[port_index];
@@ -321,6 +344,7 @@ async fn route_request(
 
     // The route rule, or the port itself when no route is attached.
     let action: Option<&Arc<RouteAction>> = match &port.routes {
+        _ if pinned.is_some() => None,
         None => None,
         Some(rules) => {
             let view = RequestView {
@@ -376,7 +400,11 @@ async fn route_request(
         BackendTarget::Resolved { service, port } => (service, port),
         BackendTarget::Unresolved(what) => return Err(ProxyFailure::UnresolvedBackend(what)),
     };
-    let backend = config.backends[backend_service][backend_port].clone();
+    let mut backend = config.backends[backend_service][backend_port].clone();
+    if let Some(address) = pinned {
+        let only = backend.only(address).ok_or_else(|| ProxyFailure::NoEndpoints(format!("{address}")))?;
+        backend = Arc::new(only);
+    }
     routed.backend = backend.name.clone();
     if let Some(tapped) = routed.tapped.as_mut() {
         tapped.backend(&backend.name, split.0, split.1);

@@ -12,10 +12,14 @@ use weft_model::Snapshot;
 use crate::{
     admin,
     app::{self, App, SpawnError},
+    capture::{
+        rules::{CaptureRules, ProxyTraffic},
+        Installed,
+    },
     discovery, health, identity, inbound,
     listener::{self, accept_loop, serve_http, BindError, Drain},
     outbound, reload,
-    settings::ProxySettings,
+    settings::{CaptureSettings, ProxySettings},
     state::SharedState,
     tcp,
 };
@@ -48,6 +52,32 @@ pub enum ProxyError {
     App(#[from] SpawnError),
     #[error("{0}")]
     Join(String),
+    #[error("transparent capture: {0}")]
+    Capture(String),
+}
+
+/// The capture table for this proxy: its listeners as bound, its admin port left alone,
+/// the control plane's addresses let through.
+fn capture_rules(settings: &ProxySettings, capture: &CaptureSettings, ports: &BoundPorts) -> CaptureRules {
+    let mut exclude_inbound_ports = capture.exclude_inbound_ports.clone();
+    exclude_inbound_ports.push(ports.admin.port());
+    let exclude_destinations = settings
+        .control
+        .iter()
+        .flat_map(|control| control.addresses.iter())
+        .filter_map(|address| std::net::ToSocketAddrs::to_socket_addrs(address).ok())
+        .flatten()
+        .collect();
+    CaptureRules {
+        outbound_port: ports.outbound.port(),
+        inbound_port: ports.inbound.map(|inbound| inbound.port()),
+        dns_port: Some(capture.dns_port),
+        proxy_traffic: capture.proxy_traffic,
+        exclude_inbound_ports,
+        exclude_outbound_ports: capture.exclude_ports.clone(),
+        exclude_cidrs: capture.exclude_cidrs.clone(),
+        exclude_destinations,
+    }
 }
 
 /// Runs a proxy until SIGTERM or SIGINT, then drains in-flight requests (at most the
@@ -78,6 +108,30 @@ pub fn run(mut settings: ProxySettings) -> Result<Option<i32>, ProxyError> {
         ));
     }
     let admin_listener = listener::bind(settings.admin_addr, 1, "admin listener", "--admin-addr")?.remove(0);
+    // Under capture, the rules redirect to 127.0.0.1 or ::1 at the outbound port, and
+    // send DNS to the responder: both loopbacks listen.
+    let mut outbound_v6_listeners = None;
+    let mut dns_sockets = Vec::new();
+    if let Some(capture) = &settings.capture {
+        let port = outbound_listeners[0].local_addr().map_err(ProxyError::Runtime)?.port();
+        let ipv6 = crate::capture::dns::ipv6_enabled();
+        if ipv6 && settings.outbound_addr.ip() == std::net::Ipv4Addr::LOCALHOST {
+            let v6 = SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), port);
+            outbound_v6_listeners = Some(listener::bind(v6, workers, "outbound listener (IPv6)", "--outbound-addr")?);
+        }
+        let mut dns_addresses = vec![SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), capture.dns_port)];
+        if ipv6 {
+            dns_addresses.push(SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), capture.dns_port));
+        }
+        for address in dns_addresses {
+            let bound = crate::capture::dns::bind(address).map_err(|source| {
+                ProxyError::Capture(format!(
+                    "cannot listen on {address} (the DNS responder, set with --capture-dns-port): {source}"
+                ))
+            })?;
+            dns_sockets.push(bound);
+        }
+    }
 
     let local = |listeners: &[std::net::TcpListener]| listeners[0].local_addr().expect("bound listener has an address");
     let ports = BoundPorts {
@@ -113,16 +167,39 @@ pub fn run(mut settings: ProxySettings) -> Result<Option<i32>, ProxyError> {
             )));
         }
     }
+    // Install capture last, once everything it redirects to listens; before anything
+    // connects, so that every socket of the proxy carries the mark.
+    let capture_rules =
+        settings.capture.as_ref().map(|capture| (capture.install, capture_rules(&settings, capture, &ports)));
+    let range = snapshot.virtual_ip_range;
     let state = SharedState::new(settings, snapshot, version);
     let _ = state.ports.set(ports);
+    let _installed = match capture_rules {
+        None => None,
+        Some((install, rules)) => {
+            if let ProxyTraffic::Mark(mark) = rules.proxy_traffic {
+                crate::capture::mark_proxy_sockets(mark);
+            }
+            match install {
+                true => {
+                    Some(Installed::install(&rules, range).map_err(|error| ProxyError::Capture(error.to_string()))?)
+                }
+                false => None,
+            }
+        }
+    };
+    let upstreams = Arc::new(crate::capture::dns::Upstreams::from_host());
     let drain = Drain::new();
 
     // Worker threads: one single-threaded runtime each, with its own sockets.
     let mut inbound_listeners = inbound_listeners.map(|l| l.into_iter());
     let mut outbound_listeners = outbound_listeners.into_iter();
+    let mut outbound_v6_listeners = outbound_v6_listeners.map(|l| l.into_iter());
+    let capturing = state.settings.capture.is_some();
     let mut upstream_iters: Vec<_> = upstream_listeners.into_iter().map(|(u, l)| (u, l.into_iter())).collect();
     for worker in 0..workers {
         let outbound_listener = outbound_listeners.next().expect("one per worker");
+        let outbound_v6_listener = outbound_v6_listeners.as_mut().and_then(|l| l.next());
         let inbound_listener = inbound_listeners.as_mut().and_then(|l| l.next());
         let upstreams: Vec<_> =
             upstream_iters.iter_mut().map(|(u, l)| (u.clone(), l.next().expect("one per worker"))).collect();
@@ -137,16 +214,25 @@ pub fn run(mut settings: ProxySettings) -> Result<Option<i32>, ProxyError> {
                     let mut tasks = tokio::task::JoinSet::new();
                     tasks.spawn(housekeeping(state.clone(), watch.clone()));
                     let outbound_state = state.clone();
-                    tasks.spawn(accept_loop(outbound_listener, watch.clone(), move |stream, _peer, drain| {
-                        let state = outbound_state.clone();
-                        async move {
-                            let handler_state = state.clone();
-                            let service = hyper::service::service_fn(move |request| {
-                                outbound::handle(handler_state.clone(), request)
-                            });
-                            serve_http(stream, None, service, drain, &state, "outbound").await;
+                    if capturing {
+                        for listener in std::iter::once(outbound_listener).chain(outbound_v6_listener) {
+                            let state = outbound_state.clone();
+                            tasks.spawn(accept_loop(listener, watch.clone(), move |stream, _peer, drain| {
+                                crate::capture::outbound::serve_connection(state.clone(), stream, drain)
+                            }));
                         }
-                    }));
+                    } else {
+                        tasks.spawn(accept_loop(outbound_listener, watch.clone(), move |stream, _peer, drain| {
+                            let state = outbound_state.clone();
+                            async move {
+                                let handler_state = state.clone();
+                                let service = hyper::service::service_fn(move |request| {
+                                    outbound::handle(handler_state.clone(), None, request)
+                                });
+                                serve_http(stream, None, service, drain, &state, "outbound").await;
+                            }
+                        }));
+                    }
                     if let Some(inbound_listener) = inbound_listener {
                         let inbound_state = state.clone();
                         tasks.spawn(accept_loop(inbound_listener, watch.clone(), move |stream, _peer, drain| {
@@ -188,6 +274,10 @@ pub fn run(mut settings: ProxySettings) -> Result<Option<i32>, ProxyError> {
                 reopen.store(true, Ordering::Release);
             }
         });
+        for (udp, tcp) in dns_sockets {
+            tokio::spawn(crate::capture::dns::serve_udp(state.clone(), udp, upstreams.clone(), drain.watch()));
+            tokio::spawn(crate::capture::dns::serve_tcp(state.clone(), tcp, upstreams.clone(), drain.watch()));
+        }
         let admin_state = state.clone();
         tokio::spawn(accept_loop(admin_listener, drain.watch(), move |stream, peer, drain| {
             admin::serve_connection(admin_state.clone(), stream, peer, drain)
@@ -248,7 +338,8 @@ pub fn run(mut settings: ProxySettings) -> Result<Option<i32>, ProxyError> {
             tokio::select! {
                 _ = ready => {
                     let ports = state.ports.get().expect("ports are set before serving");
-                    app = Some(App::spawn(&state.settings.app_command, ports)?);
+                    let settings = &state.settings;
+                    app = Some(App::spawn(&settings.app_command, ports, capturing, settings.app_user)?);
                 }
                 _ = &mut shutdown => {}
             }

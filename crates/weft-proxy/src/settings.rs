@@ -70,7 +70,33 @@ pub struct ProxySettings {
     pub health_interval: Duration,
     /// The application to run once ready (program and arguments), if any.
     pub app_command: Vec<String>,
+    /// The uid (and gid) the application runs as, when not the proxy's own.
+    pub app_user: Option<(u32, u32)>,
+    /// Transparent capture of the application's traffic (`--capture`).
+    pub capture: Option<CaptureSettings>,
 }
+
+/// What `--capture` installs and how the proxy serves what it captures.
+#[derive(Clone, Debug)]
+pub struct CaptureSettings {
+    /// Whether the proxy installs the rules (and removes them on exit), or an init step
+    /// did (`weft capture install`).
+    pub install: bool,
+    /// How the rules tell the proxy's own connections from the application's.
+    pub proxy_traffic: crate::capture::rules::ProxyTraffic,
+    /// Where the DNS responder listens (loopback); the rules send port 53 there.
+    pub dns_port: u16,
+    /// Outbound destination ports left alone (`--capture-exclude-ports`).
+    pub exclude_ports: Vec<u16>,
+    /// Inbound ports left alone besides the proxy's own (`--capture-exclude-inbound-ports`).
+    pub exclude_inbound_ports: Vec<u16>,
+    /// Outbound destinations left alone (`--capture-exclude-cidrs`).
+    pub exclude_cidrs: Vec<crate::capture::rules::Cidr>,
+}
+
+/// The DNS responder's default port: not 53, which a proxy that is not root cannot bind;
+/// the rules redirect the application's port-53 queries to it.
+pub const DEFAULT_DNS_PORT: u16 = 15053;
 
 impl ProxySettings {
     /// Settings with every default, for the given config file.
@@ -100,6 +126,8 @@ impl ProxySettings {
             health_check: crate::health::HealthCheck::Tcp,
             health_interval: Duration::from_secs(2),
             app_command: vec![],
+            app_user: None,
+            capture: None,
         }
     }
 }

@@ -10,6 +10,7 @@ use tokio::{
 use weft_model::snapshot::HostLookupError;
 
 use crate::{
+    balance::Backend,
     endpoint::TryOutcome,
     metrics::{TcpBytesLabels, TcpLabels},
     settings::UpstreamListener,
@@ -75,6 +76,11 @@ pub async fn serve_upstream_client(state: Arc<SharedState>, upstream: Arc<Upstre
         }
     };
     let backend = config.backends[service][port].clone();
+    relay_to_backend(&state, &backend, client).await;
+}
+
+/// Relays `client` to an endpoint of `backend`, trying others if connects fail.
+pub async fn relay_to_backend(state: &SharedState, backend: &Backend, client: TcpStream) {
     let mut avoid: Option<Arc<crate::endpoint::EndpointState>> = None;
     for _ in 0..CONNECT_TRIES {
         let Some(endpoint) = backend.pick(avoid.as_deref()).cloned() else {
@@ -96,7 +102,7 @@ pub async fn serve_upstream_client(state: Arc<SharedState>, upstream: Arc<Upstre
                 });
                 let mut connection = OpenConnection::open(key);
                 let peer = stream.peer();
-                let relayed = relay(&state, "outbound", backend.name.clone(), client, stream);
+                let relayed = relay(state, "outbound", backend.name.clone(), client, stream);
                 match peer {
                     None => {
                         let (sent, received) = relayed.await;
@@ -121,4 +127,19 @@ pub async fn serve_upstream_client(state: Arc<SharedState>, upstream: Arc<Upstre
         }
     }
     tracing::warn!(service = %backend.name, "could not connect to any endpoint; closing the TCP client");
+}
+
+/// The `destination_service` label of connections passed through to destinations the
+/// mesh does not know (MeshConfig `outboundTrafficPolicy: ALLOW_ANY`).
+pub const PASSTHROUGH: &str = "passthrough";
+
+/// Relays a captured `client` to `original`, the destination it was going to before
+/// capture, outside the mesh (ALLOW_ANY).
+pub async fn relay_passthrough(state: &SharedState, original: std::net::SocketAddr, client: TcpStream) {
+    match transport::connect_tcp(original, state.settings.connect_timeout).await {
+        Ok(upstream) => {
+            relay(state, "outbound", PASSTHROUGH.into(), client, upstream).await;
+        }
+        Err(error) => tracing::debug!(%original, %error, "passthrough connect failed; closing the client"),
+    }
 }

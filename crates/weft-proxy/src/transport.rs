@@ -163,10 +163,23 @@ pub enum UpstreamIo {
 
 /// Connects to `address` within `timeout`, with Nagle's algorithm off (requests and
 /// responses are written whole; delaying small writes only adds latency).
+/// Under capture by mark, the socket carries the proxy's mark so that the rules let it
+/// through instead of sending it back to the proxy.
 pub async fn connect_tcp(address: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(address))
-        .await
-        .map_err(|_| ConnectError::Timeout(timeout))??;
+    let connect = async {
+        match crate::capture::proxy_mark() {
+            None => TcpStream::connect(address).await,
+            Some(mark) => {
+                let socket = match address {
+                    SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                    SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+                };
+                crate::capture::original_dst::mark_as_proxy(&socket, mark)?;
+                socket.connect(address).await
+            }
+        }
+    };
+    let stream = tokio::time::timeout(timeout, connect).await.map_err(|_| ConnectError::Timeout(timeout))??;
     stream.set_nodelay(true)?;
     Ok(stream)
 }

@@ -7,6 +7,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 use anyhow::Context;
 
 mod api_client;
+mod capture;
 mod cli;
 mod context;
 mod demo;
@@ -41,6 +42,10 @@ struct Cli {
 enum Command {
     /// Run a sidecar proxy beside one service instance.
     Proxy(Box<ProxyArgs>),
+    /// Transparent capture's rules on their own, for an init step or a systemd unit:
+    /// `install` before the application and its proxy start, `remove` after.
+    #[command(subcommand)]
+    Capture(crate::capture::CaptureCommand),
     /// Run a whole demo mesh on loopback: a control plane, six service instances behind
     /// their sidecars, traffic, and a canary route. Ctrl-C stops everything.
     Demo {
@@ -643,6 +648,19 @@ struct ProxyArgs {
     /// How often the health check runs.
     #[arg(long, default_value = "2s", value_name = "DURATION")]
     health_interval: GoDuration,
+    /// Capture the application's traffic transparently (nftables in this network
+    /// namespace; root or CAP_NET_ADMIN): its outbound TCP reaches the outbound listener,
+    /// connections to its ports the inbound listener, its DNS the proxy's responder.
+    /// `install` (the default) installs the rules at start and removes them on exit;
+    /// `external` serves rules `weft capture install` put in place.
+    #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "install")]
+    capture: Option<crate::capture::CaptureMode>,
+    #[command(flatten)]
+    capture_flags: crate::capture::CaptureFlags,
+    /// Run the application (after `--`) as this user (NAME or UID[:GID]). Under capture
+    /// the proxy's traffic is then told apart by uid instead of by socket mark.
+    #[arg(long, value_name = "USER", value_parser = crate::capture::parse_app_user)]
+    app_user: Option<(u32, u32)>,
     /// The application to run beside the proxy, after `--`: started once the proxy is
     /// ready, stopped first on SIGTERM (the outbound listener serves until it has exited);
     /// the proxy exits with its exit code.
@@ -697,6 +715,19 @@ impl ProxyArgs {
         settings.health_check = self.health_check;
         settings.health_interval = self.health_interval.get();
         settings.app_command = self.app;
+        settings.app_user = self.app_user;
+        if self.app_user.is_some() && settings.app_command.is_empty() {
+            anyhow::bail!("--app-user names who runs the application after `--`; give the command after `--`");
+        }
+        if let Some(mode) = self.capture {
+            if !self.control.is_empty() {
+                anyhow::bail!(
+                    "--capture with --control is not built yet in this weft release: Services' virtual IPs come \
+                     from --config for now"
+                );
+            }
+            settings.capture = Some(self.capture_flags.settings(mode, self.app_user)?);
+        }
         if !self.control.is_empty() {
             let registration = match (&settings.service, settings.app_addr) {
                 (Some(service), Some(_)) => Some(weft_proxy::discovery::Registration {
@@ -834,6 +865,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             Some(code) if code != 0 => std::process::exit(code),
             _ => Ok(()),
         },
+        Command::Capture(command) => crate::capture::run(command),
         Command::Control(args) => {
             return_memory_promptly();
             let settings = weft_control::ControlSettings {

@@ -9,90 +9,23 @@
 
 mod support;
 
+use support::netns::{can_capture, joined, run, serve_banner, Namespace};
+
 use std::{
-    fs::File,
-    io::{Read, Write},
+    io::Read,
     net::{SocketAddr, TcpListener, TcpStream},
-    process::Command,
     time::Duration,
 };
-
-use nix::sched::{setns, CloneFlags};
 use weft_proxy::capture::{
     nft,
     original_dst::{mark_as_proxy, original_destination},
     rules::{CaptureRules, ProxyTraffic, DEFAULT_MARK},
 };
 
-/// Whether this machine can run the capture tests; says why not otherwise.
-fn can_capture() -> bool {
-    let missing = if !nix::unistd::Uid::effective().is_root() {
-        Some("it needs root (network namespaces and nftables)")
-    } else if Command::new("nft").arg("--version").output().is_err() {
-        Some("nft is not installed (Debian: nftables)")
-    } else if Command::new("ip").arg("-V").output().is_err() {
-        Some("ip is not installed (Debian: iproute2)")
-    } else {
-        None
-    };
-    match missing {
-        Some(reason) => {
-            support::skip(reason);
-            false
-        }
-        None => true,
-    }
-}
-
-fn run(command: &[&str]) -> String {
-    let output = Command::new(command[0]).args(&command[1..]).output().unwrap();
-    assert!(output.status.success(), "{command:?}: {}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// A network namespace of the test's own, deleted (with its veth ends) on drop.
-struct Namespace {
-    name: String,
-}
-
-impl Namespace {
-    fn new(tag: &str) -> Namespace {
-        let name = format!("weft-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        run(&["ip", "netns", "add", &name]);
-        run(&["ip", "-n", &name, "link", "set", "lo", "up"]);
-        Namespace { name }
-    }
-
-    /// Runs `f` on a thread inside the namespace.
-    fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let handle = File::open(format!("/run/netns/{}", self.name)).unwrap();
-        std::thread::scope(|scope| {
-            scope
-                .spawn(move || {
-                    setns(&handle, CloneFlags::CLONE_NEWNET).expect("setns into the test's namespace");
-                    f()
-                })
-                .join()
-                .unwrap()
-        })
-    }
-
-    fn ruleset(&self) -> String {
-        run(&["ip", "netns", "exec", &self.name, "nft", "list", "ruleset"])
-    }
-}
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
-    }
-}
-
 fn rules(outbound_port: u16) -> CaptureRules {
     CaptureRules {
         outbound_port,
-        inbound_port: 15006,
+        inbound_port: Some(15006),
         dns_port: Some(15053),
         proxy_traffic: ProxyTraffic::Mark(DEFAULT_MARK),
         exclude_inbound_ports: vec![15000],
@@ -135,50 +68,6 @@ fn the_table_is_replaced_whole_and_removed_without_a_trace() {
     assert_eq!(namespace.ruleset(), before);
     assert!(!namespace.enter(|| nft::remove().unwrap()));
     assert_eq!(namespace.ruleset(), before);
-}
-
-/// A workload's namespace and a peer's, joined by a veth pair: the workload at
-/// 10.251.`subnet`.1 and fd77:6566:74:`subnet`::1, the peer at .2 and ::2.
-fn joined(tag: &str, subnet: u8) -> (Namespace, Namespace) {
-    let (workload, peer) = (Namespace::new(&format!("{tag}a")), Namespace::new(&format!("{tag}p")));
-    let id = std::process::id() % 100_000;
-    let (ours, theirs) = (format!("w{tag}{id}a"), format!("w{tag}{id}b"));
-    run(&[
-        "ip",
-        "link",
-        "add",
-        &ours,
-        "netns",
-        &workload.name,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        &theirs,
-        "netns",
-        &peer.name,
-    ]);
-    for (namespace, link, host) in [(&workload, &ours, 1), (&peer, &theirs, 2)] {
-        let (v4, v6) = (format!("10.251.{subnet}.{host}/24"), format!("fd77:6566:74:{subnet}::{host}/64"));
-        run(&["ip", "-n", &namespace.name, "addr", "add", &v4, "dev", link]);
-        run(&["ip", "-n", &namespace.name, "addr", "add", &v6, "dev", link, "nodad"]);
-        run(&["ip", "-n", &namespace.name, "link", "set", link, "up"]);
-    }
-    (workload, peer)
-}
-
-/// The peer answers every connection to `addresses` with a banner, so that a test can
-/// tell a connection reached it.
-fn serve_banner(peer: &Namespace, addresses: &[&str]) {
-    let listeners: Vec<TcpListener> =
-        peer.enter(|| addresses.iter().map(|address| TcpListener::bind(address).unwrap()).collect());
-    for listener in listeners {
-        std::thread::spawn(move || {
-            for mut stream in listener.incoming().take(8).flatten() {
-                let _ = stream.write_all(b"peer\n");
-            }
-        });
-    }
 }
 
 #[test]

@@ -21,6 +21,8 @@ pub enum CaptureError {
          network namespace"
     )]
     Refused(String),
+    #[error("cannot route the Services' virtual IPs ({0}): capture needs iproute2 and CAP_NET_ADMIN")]
+    Route(String),
 }
 
 /// Replaces capture's table with `rules`.

@@ -33,3 +33,11 @@ pub fn original_destination(socket: &impl AsFd) -> io::Result<SocketAddr> {
 pub fn mark_as_proxy(socket: &impl AsFd, mark: u32) -> io::Result<()> {
     SockRef::from(socket).set_mark(mark)
 }
+
+/// The port a connection redirected to this listener was made to; `None` for one made
+/// to the listener itself.
+pub fn redirected_port(socket: &impl AsFd) -> Option<u16> {
+    let original = original_destination(socket).ok()?;
+    let local = SockRef::from(socket).local_addr().ok()?.as_socket()?;
+    (original != local && original.port() != local.port()).then_some(original.port())
+}

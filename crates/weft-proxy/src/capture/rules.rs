@@ -73,8 +73,9 @@ impl fmt::Display for Cidr {
 pub struct CaptureRules {
     /// Where the application's outbound TCP goes: the proxy's outbound listener.
     pub outbound_port: u16,
-    /// Where TCP arriving from other hosts goes: the proxy's inbound listener.
-    pub inbound_port: u16,
+    /// Where TCP arriving from other hosts goes: the proxy's inbound listener (`None`:
+    /// arriving connections are not captured).
+    pub inbound_port: Option<u16>,
     /// Where the application's DNS goes; `None` leaves DNS alone.
     pub dns_port: Option<u16>,
     pub proxy_traffic: ProxyTraffic,
@@ -130,20 +131,25 @@ impl CaptureRules {
         }
         rule(format!("meta l4proto tcp redirect to :{}", self.outbound_port));
 
-        let mut prerouting = String::new();
-        let mut rule = |text: String| {
-            let _ = writeln!(prerouting, "        {text}");
+        // Without an inbound listener (a workload that only calls out), arriving
+        // connections are left alone.
+        let prerouting = match self.inbound_port {
+            None => String::new(),
+            Some(inbound_port) => {
+                let mut kept: Vec<u16> = self.exclude_inbound_ports.clone();
+                kept.push(inbound_port);
+                kept.sort_unstable();
+                kept.dedup();
+                format!(
+                    "    chain prerouting {{\n        type nat hook prerouting priority -100; policy accept;\n        \
+                     iifname \"lo\" return\n        tcp dport {} return\n        meta l4proto tcp redirect to \
+                     :{inbound_port}\n    }}\n",
+                    set(kept)
+                )
+            }
         };
-        rule("iifname \"lo\" return".into());
-        let mut kept: Vec<u16> = self.exclude_inbound_ports.clone();
-        kept.push(self.inbound_port);
-        kept.sort_unstable();
-        kept.dedup();
-        rule(format!("tcp dport {} return", set(kept)));
-        rule(format!("meta l4proto tcp redirect to :{}", self.inbound_port));
-
         format!(
-            "table {TABLE}\ndelete table {TABLE}\ntable {TABLE} {{\n    chain output {{\n        type nat hook output priority -100; policy accept;\n{output}    }}\n    chain prerouting {{\n        type nat hook prerouting priority -100; policy accept;\n{prerouting}    }}\n}}\n"
+            "table {TABLE}\ndelete table {TABLE}\ntable {TABLE} {{\n    chain output {{\n        type nat hook output priority -100; policy accept;\n{output}    }}\n{prerouting}}}\n"
         )
     }
 }
@@ -160,7 +166,7 @@ mod tests {
     fn rules() -> CaptureRules {
         CaptureRules {
             outbound_port: 15001,
-            inbound_port: 15006,
+            inbound_port: Some(15006),
             dns_port: Some(15053),
             proxy_traffic: ProxyTraffic::Mark(DEFAULT_MARK),
             exclude_inbound_ports: vec![15000, 22],
@@ -194,6 +200,8 @@ mod tests {
         let by_uid = CaptureRules { proxy_traffic: ProxyTraffic::Uid(1337), dns_port: None, ..rules() }.script();
         assert!(by_uid.contains("meta skuid 1337 return") && !by_uid.contains("dport 53"), "{by_uid}");
         assert_eq!(removal_script(), "table inet weft\ndelete table inet weft\n");
+        let outbound_only = CaptureRules { inbound_port: None, ..rules() }.script();
+        assert!(!outbound_only.contains("prerouting"), "{outbound_only}");
     }
 
     #[test]

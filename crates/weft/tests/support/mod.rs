@@ -28,6 +28,7 @@ use hyper_util::{
 use serde_json::Value;
 
 pub mod hostile;
+pub mod netns;
 
 /// The weft binary under test.
 pub const WEFT: &str = env!("CARGO_BIN_EXE_weft");
