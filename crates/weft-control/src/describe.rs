@@ -19,6 +19,9 @@ pub struct ServiceDescription {
     pub namespace: String,
     pub name: String,
     pub selector: std::collections::BTreeMap<String, String>,
+    /// Where captured applications reach it (`virtualIP`, declared or assigned).
+    #[serde(rename = "virtualIP", skip_serializing_if = "Option::is_none")]
+    pub virtual_ip: Option<std::net::Ipv4Addr>,
     pub ports: Vec<ServicePort>,
     /// `HTTPRoute ns/name` of every route whose parentRefs name this Service.
     pub routes: Vec<String>,
@@ -143,6 +146,7 @@ pub fn describe_service(
         namespace: namespace.to_string(),
         name: name.to_string(),
         selector: service.selector.clone(),
+        virtual_ip: compiled.virtual_ip,
         ports: service.ports.clone(),
         routes,
         policy: compiled.policy.clone(),

@@ -8,10 +8,13 @@
 //! port the registrations declare), so that it is reachable before an operator writes one.
 //! An explicit Service of that name always wins.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+};
 
 use serde_json::json;
-use weft_model::{resource::ResourceSpec, Resource};
+use weft_model::{resource::ResourceSpec, virtual_ip, Resource};
 
 use crate::registry::Registered;
 
@@ -36,7 +39,13 @@ pub struct World {
     /// without `app`.
     workloads_by_app: HashMap<(String, String), Vec<usize>>,
     workloads_by_namespace: HashMap<String, Vec<usize>>,
+    /// Virtual IPs and workload addresses → the Services reached there, for proxies that
+    /// subscribe to an address (`ip/ADDRESS`: a captured connection to it).
+    by_address: HashMap<IpAddr, Vec<String>>,
 }
+
+/// The subscription prefix of an address (a captured connection's original destination).
+pub const ADDRESS_SUBSCRIPTION: &str = "ip/";
 
 /// One proxy's view.
 #[derive(Debug, PartialEq)]
@@ -87,6 +96,8 @@ impl World {
             push_document(&mut resources, &mut documents, document);
         }
 
+        assign_virtual_ips(&mut resources, &mut documents);
+
         let mut world = World {
             texts: documents.iter().map(ToString::to_string).collect(),
             resources: Vec::new(),
@@ -97,6 +108,7 @@ impl World {
             mesh_config: None,
             workloads_by_app: HashMap::new(),
             workloads_by_namespace: HashMap::new(),
+            by_address: HashMap::new(),
         };
         for (i, resource) in resources.iter().enumerate() {
             let meta = &resource.metadata;
@@ -136,6 +148,22 @@ impl World {
             }
         }
         world.resources = resources;
+        // Addresses captured connections may be made to: virtual IPs (and twins), and
+        // the addresses of the workloads each Service selects.
+        let mut by_address: HashMap<IpAddr, Vec<String>> = HashMap::new();
+        for (key, &i) in &world.services {
+            let ResourceSpec::Service(spec) = &world.resources[i].spec else { continue };
+            if let Some(address) = spec.virtual_ip {
+                by_address.entry(address.into()).or_default().push(key.clone());
+                by_address.entry(virtual_ip::ipv6_twin(address).into()).or_default().push(key.clone());
+            }
+            for workload in world.selected(&world.resources[i].metadata.namespace, &spec.selector) {
+                if let ResourceSpec::Workload(workload) = &world.resources[workload].spec {
+                    by_address.entry(workload.address.ip()).or_default().push(key.clone());
+                }
+            }
+        }
+        world.by_address = by_address;
         world
     }
 
@@ -151,9 +179,20 @@ impl World {
 
     /// The view of a proxy that serves `own` (if any) and calls `subscriptions`, each
     /// `namespace/name`.
+    /// A subscription `ip/ADDRESS` stands for the Services reached at that address.
     pub fn view(&self, own: Option<&str>, subscriptions: &BTreeSet<String>) -> View {
-        let mut wanted: Vec<String> =
-            own.into_iter().map(str::to_string).chain(subscriptions.iter().cloned()).collect();
+        let by_address = |subscription: &str| {
+            let address = subscription.strip_prefix(ADDRESS_SUBSCRIPTION)?.parse::<IpAddr>().ok()?;
+            self.by_address.get(&address)
+        };
+        let mut wanted: Vec<String> = own
+            .into_iter()
+            .map(str::to_string)
+            .chain(subscriptions.iter().flat_map(|s| match by_address(s) {
+                Some(services) => services.clone(),
+                None => vec![s.clone()],
+            }))
+            .collect();
         let mut seen: BTreeSet<String> = BTreeSet::new();
         let mut included: BTreeSet<usize> = BTreeSet::new();
         // Its own inbound side: who may call it, and the mesh-wide defaults.
@@ -177,7 +216,11 @@ impl World {
             }
             included.extend(self.policies_by_target.get(&service).into_iter().flatten());
         }
-        let missing = subscriptions.iter().filter(|s| !self.services.contains_key(*s)).cloned().collect();
+        let missing = subscriptions
+            .iter()
+            .filter(|s| !self.services.contains_key(*s) && by_address(s).is_none())
+            .cloned()
+            .collect();
         // Document order is the world's, so equal views render to equal text.
         let text = included.iter().map(|&i| self.texts[i].as_str()).collect::<Vec<_>>().join("\n---\n");
         View { text, missing, services: seen }
@@ -198,6 +241,41 @@ impl World {
             ResourceSpec::Workload(spec) => selector.iter().all(|(k, v)| spec.labels.get(k) == Some(v)),
             _ => false,
         })
+    }
+}
+
+/// Gives every Service its virtual IP, in its resource and in the document proxies are
+/// sent: computed here over every Service of the mesh, so that every proxy, and every
+/// replica (they share the store), agrees, whichever Services a proxy's view holds.
+fn assign_virtual_ips(resources: &mut [Resource], documents: &mut [serde_json::Value]) {
+    let range = resources
+        .iter()
+        .find_map(|r| match &r.spec {
+            ResourceSpec::MeshConfig(mesh) => mesh.virtual_ip_range.as_deref()?.parse().ok(),
+            _ => None,
+        })
+        .unwrap_or_default();
+    let declared = resources
+        .iter()
+        .filter_map(|r| match &r.spec {
+            ResourceSpec::Service(spec) => {
+                Some(((r.metadata.namespace.clone(), r.metadata.name.clone()), spec.virtual_ip))
+            }
+            _ => None,
+        })
+        .collect();
+    let (assigned, problems) = virtual_ip::assign(&declared, range);
+    for problem in problems {
+        tracing::warn!("{problem}");
+    }
+    for (resource, document) in resources.iter_mut().zip(documents.iter_mut()) {
+        let key = (resource.metadata.namespace.clone(), resource.metadata.name.clone());
+        if let (ResourceSpec::Service(spec), Some(&address)) = (&mut resource.spec, assigned.get(&key)) {
+            spec.virtual_ip = Some(address);
+            if let Some(spec) = document.get_mut("spec").and_then(|spec| spec.as_object_mut()) {
+                spec.insert("virtualIP".into(), json!(address.to_string()));
+            }
+        }
     }
 }
 
@@ -340,5 +418,29 @@ spec: {targetRef: {kind: Service, name: reviews-v2}, loadBalancer: {algorithm: r
         assert!(names.contains(&"Workload payments-1".to_string()), "{names:?}");
         assert!(!names.contains(&"Workload billing-2".to_string()), "an unhealthy registration is no endpoint");
         assert_eq!(names.iter().filter(|n| *n == "Service billing").count(), 1, "the declared Service wins");
+    }
+
+    #[test]
+    fn every_service_gets_a_virtual_ip_and_addresses_can_be_subscribed_to() {
+        let world = world(&[]);
+        // Every proxy is sent the same address for a Service, whatever else it sees.
+        let alone = world.view(None, &BTreeSet::from(["default/billing".to_string()]));
+        let billing = weft_model::compile(&weft_model::parse_documents("view", &alone.text).unwrap(), "default");
+        let address = billing.services[billing.service("default", "billing").unwrap()].virtual_ip.expect("assigned");
+        let everything = world.view(None, &world.services.keys().cloned().collect());
+        let all = weft_model::compile(&weft_model::parse_documents("view", &everything.text).unwrap(), "default");
+        assert_eq!(all.services[all.service("default", "billing").unwrap()].virtual_ip, Some(address));
+        // A captured connection's destination names what is there: a virtual IP (or its
+        // twin) its Service, a workload's address the Services selecting it.
+        for subscription in [format!("ip/{address}"), format!("ip/{}", virtual_ip::ipv6_twin(address))] {
+            let view = world.view(None, &BTreeSet::from([subscription.clone()]));
+            assert!(names(&view).contains(&"Service billing".to_string()), "{subscription}: {:?}", names(&view));
+            assert!(view.missing.is_empty());
+        }
+        let by_workload = world.view(None, &BTreeSet::from(["ip/127.0.0.1".to_string()]));
+        let names = names(&by_workload);
+        assert!(names.contains(&"Service billing".to_string()) && names.contains(&"Service reviews-v2".to_string()));
+        let nothing = world.view(None, &BTreeSet::from(["ip/192.0.2.1".to_string()]));
+        assert_eq!(nothing.missing, ["ip/192.0.2.1"]);
     }
 }

@@ -84,6 +84,34 @@ impl DiscoveryHandle {
     /// exist. Returns at once for names already known to be missing.
     pub async fn discover(&self, state: &SharedState, authority: &str) {
         let candidates = candidates(authority, &state.settings.namespace);
+        let known =
+            |snapshot: &weft_model::Snapshot| snapshot.lookup_host(authority) != Err(HostLookupError::UnknownHost);
+        self.subscribe_and_wait(state, candidates, known).await;
+    }
+
+    /// [`Self::discover`] for a DNS name: waits until the view has the Service it names.
+    pub async fn discover_name(&self, state: &SharedState, name: &str) {
+        let candidates = candidates(name, &state.settings.namespace);
+        self.subscribe_and_wait(state, candidates, |snapshot| snapshot.service_by_host(name).is_some()).await;
+    }
+
+    /// Subscribes to whatever is reached at `address` (a captured connection's original
+    /// destination: a virtual IP or a workload's address), and waits until the view has
+    /// it or the control plane says nothing is there.
+    pub async fn discover_address(&self, state: &SharedState, address: std::net::SocketAddr) {
+        let key = format!("ip/{}", address.ip());
+        let known = |snapshot: &weft_model::Snapshot| {
+            snapshot.lookup_destination(address) != Err(weft_model::snapshot::DestinationError::Unknown)
+        };
+        self.subscribe_and_wait(state, vec![key], known).await;
+    }
+
+    async fn subscribe_and_wait(
+        &self,
+        state: &SharedState,
+        candidates: Vec<String>,
+        known: impl Fn(&weft_model::Snapshot) -> bool,
+    ) {
         let fresh: Vec<String> = {
             let mut subscribed = self.subscribed.lock().unwrap_or_else(|e| e.into_inner());
             candidates.iter().filter(|c| subscribed.insert((*c).clone())).cloned().collect()
@@ -94,7 +122,7 @@ impl DiscoveryHandle {
         let mut applied = self.applied.subscribe();
         let deadline = tokio::time::Instant::now() + DISCOVERY_WAIT;
         loop {
-            let known = state.config.load().snapshot.lookup_host(authority) != Err(HostLookupError::UnknownHost);
+            let known = known(&state.config.load().snapshot);
             let all_missing = {
                 let missing = self.missing.lock().unwrap_or_else(|e| e.into_inner());
                 candidates.iter().all(|c| missing.contains(c))

@@ -465,6 +465,9 @@ fn print_description(service: &Value) {
         m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default())).collect::<Vec<_>>().join(",")
     });
     println!("Selector:   {}", selector.unwrap_or_default());
+    if let Some(address) = service["virtualIP"].as_str() {
+        println!("Virtual IP: {address}");
+    }
     let ports: Vec<String> = list(&service["ports"])
         .iter()
         .map(|p| format!("{}/{}", p["port"], p["protocol"].as_str().unwrap_or("http")))

@@ -720,12 +720,6 @@ impl ProxyArgs {
             anyhow::bail!("--app-user names who runs the application after `--`; give the command after `--`");
         }
         if let Some(mode) = self.capture {
-            if !self.control.is_empty() {
-                anyhow::bail!(
-                    "--capture with --control is not built yet in this weft release: Services' virtual IPs come \
-                     from --config for now"
-                );
-            }
             settings.capture = Some(self.capture_flags.settings(mode, self.app_user)?);
         }
         if !self.control.is_empty() {

@@ -394,3 +394,112 @@ fn weft_capture_install_and_remove_leave_the_namespace_as_it_was() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("is not a CIDR"));
     assert_eq!(namespace.ruleset(), before);
 }
+
+/// Polls `check` every 50 ms until it holds (at most 20 s).
+fn until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn captured_sidecars_of_a_control_plane_speak_mutual_tls_under_authorization() {
+    if !can_capture() || !has_tools() {
+        return;
+    }
+    let subnet = 21;
+    let (client, server, _bridge) = support::netns::bridged("t", subnet);
+    let server_ip = format!("10.251.{subnet}.2");
+    let client_ip = format!("10.251.{subnet}.1");
+    client.resolv_conf(&format!("nameserver {server_ip}\n"));
+    serve_upstream_resolver(&server, &server_ip);
+    serve_echo(&server);
+    let dir = TempDir::new("capture-control");
+    let control = support::Control::start_on(
+        &dir,
+        "control",
+        &dir.0.join("control-data"),
+        &["--grpc-addr", &format!("10.251.{subnet}.254:0")],
+    )
+    .await;
+    control.apply(
+        r#"apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: no-secrets}
+spec:
+  targetRef: {kind: Service, name: reviews}
+  action: DENY
+  rules:
+  - to: [{paths: ["/secret*"]}]
+"#,
+    );
+    let grpc = control.grpc.to_string();
+    let reviews_token = control.join_token(&dir, "reviews", "default");
+    let web_token = control.join_token(&dir, "web", "default");
+    let advertise = format!("{server_ip}:15006");
+    let _server_proxy = Sidecar::start(
+        &server,
+        &dir,
+        "reviews",
+        &[
+            "--control",
+            &grpc,
+            "--token-file",
+            reviews_token.to_str().unwrap(),
+            "--service",
+            "reviews",
+            "--id",
+            "reviews-1",
+            "--app-addr",
+            "127.0.0.1:9080",
+            "--advertise-addr",
+            &advertise,
+            "--health-interval",
+            "200ms",
+            "--capture",
+        ],
+    );
+    let client_proxy = Sidecar::start(
+        &client,
+        &dir,
+        "web",
+        &["--control", &grpc, "--token-file", web_token.to_str().unwrap(), "--service", "web", "--capture"],
+    );
+
+    // The name is discovered from the control plane on the first question, and the
+    // virtual IP is the control plane's: the same for every proxy.
+    let mut vip = Vec::new();
+    until("reviews to resolve through the control plane", || {
+        vip = addresses(&resolve(&client, &server_ip, "reviews"));
+        !vip.is_empty()
+    });
+    let (ok, described, err) = control.cli(&["describe", "service", "reviews"]);
+    assert!(ok, "{err}");
+    assert!(described.contains(&format!("Virtual IP: {}\n", vip[0])), "{described} vs {vip:?}");
+
+    // curl with no proxy settings reaches reviews over mutual TLS, and reviews' app sees
+    // the caller's address.
+    let mut reached = (String::new(), String::new());
+    until("curl http://reviews/ to reach the registered workload", || {
+        reached = curl(&client, "http://reviews/");
+        reached.0 == "200"
+    });
+    assert_eq!(reached.1, format!("reviews saw host=reviews xff={client_ip}"));
+    assert!(
+        client_proxy.metric("weft_requests_total", &["destination_service=\"default/reviews\"", "tls=\"true\""]) >= 1.0,
+        "the hop between the sidecars is mutual TLS: {}",
+        client_proxy.metrics()
+    );
+    // Authorization applies to captured traffic as to any other.
+    let (status, body) = curl(&client, "http://reviews/secret");
+    assert_eq!(status, "403", "{body}");
+    // A call by IP to the registered workload is meshed too.
+    let (status, body) = curl(&client, &format!("http://{server_ip}:15006/"));
+    assert_eq!(status, "200", "{body}\n{}", client_proxy.log());
+    assert!(
+        client_proxy.metric("weft_captured_connections_total", &["destination=\"endpoint\"", "outcome=\"meshed\""])
+            >= 1.0
+    );
+}

@@ -135,6 +135,29 @@ pub fn reply(snapshot: &Snapshot, query: &[u8], ipv6: bool) -> Reply {
     Reply::Answer(encode(&response))
 }
 
+/// The name `query` asks about when it may name a Service this proxy has not
+/// discovered yet (a proxy with a control plane learns Services as they are asked for):
+/// a short name, `NAME.NS`, or a name under `.svc` or `svc.cluster.local`.
+pub fn undiscovered_name(snapshot: &Snapshot, query: &[u8]) -> Option<String> {
+    let request = Message::from_vec(query).ok()?;
+    let [question] = request.queries.as_slice() else { return None };
+    let name = question.name().to_ascii().to_ascii_lowercase();
+    let name = name.strip_suffix('.').unwrap_or(&name).to_string();
+    let service_like = name.matches('.').count() <= 1 || name.ends_with(".svc") || name.ends_with(MESH_ZONE);
+    (service_like && snapshot.service_by_host(&name).is_none()).then_some(name)
+}
+
+/// Answers `query`, first asking the control plane about a name it may know
+/// ([`undiscovered_name`]); `None`: forward it.
+async fn reply_discovering(state: &SharedState, query: &[u8], ipv6: bool) -> Reply {
+    if let Some(discovery) = state.discovery.get() {
+        if let Some(name) = undiscovered_name(&state.config.load().snapshot, query) {
+            discovery.discover_name(state, &name).await;
+        }
+    }
+    reply(&state.config.load().snapshot, query, ipv6)
+}
+
 fn encode(message: &Message) -> Vec<u8> {
     message.to_vec().unwrap_or_default()
 }
@@ -172,23 +195,19 @@ pub async fn serve_udp(
             },
         };
         let query = buffer[..length].to_vec();
-        match reply(&state.config.load().snapshot, &query, ipv6) {
-            Reply::Answer(answer) => {
-                let _ = socket.send_to(&answer, client).await;
-            }
-            Reply::Drop => {}
-            Reply::Forward => {
-                // Forwarding waits on the network: each on its own task.
-                let (socket, upstreams) = (socket.clone(), upstreams.clone());
-                tokio::spawn(async move {
-                    let answer = match forward_udp(&upstreams, &query).await {
-                        Some(answer) => answer,
-                        None => server_failure(&query),
-                    };
-                    let _ = socket.send_to(&answer, client).await;
-                });
-            }
-        }
+        // Discovery and forwarding wait on the network: each query on its own task.
+        let (state, socket, upstreams) = (state.clone(), socket.clone(), upstreams.clone());
+        tokio::spawn(async move {
+            let answer = match reply_discovering(&state, &query, ipv6).await {
+                Reply::Answer(answer) => answer,
+                Reply::Drop => return,
+                Reply::Forward => match forward_udp(&upstreams, &query).await {
+                    Some(answer) => answer,
+                    None => server_failure(&query),
+                },
+            };
+            let _ = socket.send_to(&answer, client).await;
+        });
     }
 }
 
@@ -221,7 +240,7 @@ async fn serve_tcp_client(
             Ok(Ok(query)) => query,
             _ => return Ok(()),
         };
-        let answer = match reply(&state.config.load().snapshot, &query, ipv6) {
+        let answer = match reply_discovering(state, &query, ipv6).await {
             Reply::Answer(answer) => answer,
             Reply::Drop => return Ok(()),
             Reply::Forward => match forward_tcp(upstreams, &query).await {

@@ -44,7 +44,14 @@ pub async fn serve_connection(state: Arc<SharedState>, stream: TcpStream, drain:
         count(&state, "explicit", "meshed");
         return serve_explicit(state, stream, drain).await;
     };
-    let config = state.config.load_full();
+    let mut config = state.config.load_full();
+    if let Some(discovery) = state.discovery.get() {
+        // An address not seen before may be a Service's this proxy has not discovered.
+        if config.snapshot.lookup_destination(original) == Err(DestinationError::Unknown) {
+            discovery.discover_address(&state, original).await;
+            config = state.config.load_full();
+        }
+    }
     match config.snapshot.lookup_destination(original) {
         Ok(destination) => {
             let kind = match destination {

@@ -160,3 +160,35 @@ pub fn eventually_read(path: &std::path::Path) -> String {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// A bridge in the test's own namespace, deleted (with its ports) on drop.
+pub struct Bridge {
+    pub name: String,
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.name]).output();
+    }
+}
+
+/// Two namespaces and the test's own on one bridge, so that a process of the test (a
+/// control plane) can serve both: the first at 10.251.`subnet`.1, the second at .2, the
+/// test's namespace at .254.
+pub fn bridged(tag: &str, subnet: u8) -> (Namespace, Namespace, Bridge) {
+    let id = std::process::id() % 100_000;
+    let bridge = Bridge { name: format!("wb{tag}{id}") };
+    let _ = Command::new("ip").args(["link", "del", &bridge.name]).output();
+    run(&["ip", "link", "add", &bridge.name, "type", "bridge"]);
+    run(&["ip", "addr", "add", &format!("10.251.{subnet}.254/24"), "dev", &bridge.name]);
+    run(&["ip", "link", "set", &bridge.name, "up"]);
+    let (first, second) = (Namespace::new(&format!("{tag}a")), Namespace::new(&format!("{tag}b")));
+    for (namespace, host) in [(&first, 1), (&second, 2)] {
+        let (ours, theirs) = (format!("w{tag}{id}{host}"), format!("w{tag}{id}{host}n"));
+        run(&["ip", "link", "add", &ours, "type", "veth", "peer", "name", &theirs, "netns", &namespace.name]);
+        run(&["ip", "link", "set", &ours, "master", &bridge.name, "up"]);
+        run(&["ip", "-n", &namespace.name, "addr", "add", &format!("10.251.{subnet}.{host}/24"), "dev", &theirs]);
+        run(&["ip", "-n", &namespace.name, "link", "set", &theirs, "up"]);
+    }
+    (first, second, bridge)
+}
