@@ -4,7 +4,7 @@
 use weft_model::ResourceKind;
 
 /// Every kind, in the order `weft get all` lists them.
-pub const ALL_KINDS: [ResourceKind; 7] = [
+pub const ALL_KINDS: [ResourceKind; 8] = [
     ResourceKind::Service,
     ResourceKind::Workload,
     ResourceKind::HttpRoute,
@@ -12,6 +12,7 @@ pub const ALL_KINDS: [ResourceKind; 7] = [
     ResourceKind::TrafficPolicy,
     ResourceKind::AuthorizationPolicy,
     ResourceKind::MeshConfig,
+    ResourceKind::ExternalService,
 ];
 
 /// Resolves a kind as typed on a command line or in a URL: the YAML name in any case,
@@ -26,10 +27,11 @@ pub fn parse_kind(word: &str) -> Result<ResourceKind, String> {
         "trafficpolicy" | "trafficpolicies" | "tp" => ResourceKind::TrafficPolicy,
         "authorizationpolicy" | "authorizationpolicies" | "ap" => ResourceKind::AuthorizationPolicy,
         "meshconfig" | "meshconfigs" => ResourceKind::MeshConfig,
+        "externalservice" | "externalservices" | "es" => ResourceKind::ExternalService,
         _ => {
             return Err(format!(
                 "unknown kind {word:?}; use one of services (svc), workloads (wl), httproutes, grpcroutes, \
-                 trafficpolicies (tp), authorizationpolicies (ap), meshconfigs"
+                 trafficpolicies (tp), authorizationpolicies (ap), meshconfigs, externalservices (es)"
             ))
         }
     };
@@ -46,6 +48,7 @@ pub fn plural(kind: ResourceKind) -> &'static str {
         ResourceKind::TrafficPolicy => "trafficpolicies",
         ResourceKind::AuthorizationPolicy => "authorizationpolicies",
         ResourceKind::MeshConfig => "meshconfigs",
+        ResourceKind::ExternalService => "externalservices",
     }
 }
 

@@ -91,7 +91,7 @@ fn concerned(resource: &Resource, preview: &mut Preview) {
         ResourceSpec::AuthorizationPolicy(spec) if spec.target_ref.kind == "Service" => {
             preview.services.insert(qualified(&spec.target_ref.namespace, &spec.target_ref.name));
         }
-        ResourceSpec::MeshConfig(_) => preview.mesh_wide = true,
+        ResourceSpec::MeshConfig(_) | ResourceSpec::ExternalService(_) => preview.mesh_wide = true,
         _ => {
             let (parents, backends) = route_refs(resource);
             preview.services.extend(parents);

@@ -35,6 +35,8 @@ pub struct World {
     authorization_by_target: HashMap<String, Vec<usize>>,
     /// The MeshConfig, in every view.
     mesh_config: Option<usize>,
+    /// The ExternalServices, in every view: egress is judged by every captured proxy.
+    external: Vec<usize>,
     /// Workloads by (namespace, `app` label), and all of a namespace's, for selectors
     /// without `app`.
     workloads_by_app: HashMap<(String, String), Vec<usize>>,
@@ -106,6 +108,7 @@ impl World {
             policies_by_target: HashMap::new(),
             authorization_by_target: HashMap::new(),
             mesh_config: None,
+            external: Vec::new(),
             workloads_by_app: HashMap::new(),
             workloads_by_namespace: HashMap::new(),
             by_address: HashMap::new(),
@@ -139,6 +142,7 @@ impl World {
                         .push(i);
                 }
                 ResourceSpec::MeshConfig(_) => world.mesh_config = Some(i),
+                ResourceSpec::ExternalService(_) => world.external.push(i),
                 ResourceSpec::Workload(spec) => {
                     if let Some(app) = spec.labels.get("app") {
                         world.workloads_by_app.entry((meta.namespace.clone(), app.clone())).or_default().push(i);
@@ -197,6 +201,7 @@ impl World {
         let mut included: BTreeSet<usize> = BTreeSet::new();
         // Its own inbound side: who may call it, and the mesh-wide defaults.
         included.extend(self.mesh_config);
+        included.extend(self.external.iter().copied());
         if let Some(own) = own {
             included.extend(self.authorization_by_target.get(own).into_iter().flatten());
         }

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod authz;
+pub mod cidr;
 pub mod duration;
 pub mod locate;
 pub mod matching;

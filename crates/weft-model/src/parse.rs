@@ -282,6 +282,7 @@ fn parse_one(value: &Value) -> Result<Resource, FieldError> {
         ResourceKind::TrafficPolicy => ResourceSpec::TrafficPolicy(Box::new(typed(spec_value, "spec")?)),
         ResourceKind::AuthorizationPolicy => ResourceSpec::AuthorizationPolicy(Box::new(typed(spec_value, "spec")?)),
         ResourceKind::MeshConfig => ResourceSpec::MeshConfig(typed(spec_value, "spec")?),
+        ResourceKind::ExternalService => ResourceSpec::ExternalService(typed(spec_value, "spec")?),
     };
     validate::spec(&spec).map_err(|(p, m)| (format!("spec.{p}"), m))?;
     Ok(Resource { metadata, spec })

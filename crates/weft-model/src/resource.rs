@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::spec::{
-    AuthorizationPolicySpec, GrpcRouteSpec, HttpRouteSpec, MeshConfigSpec, ServiceSpec, TrafficPolicySpec, WorkloadSpec,
+    AuthorizationPolicySpec, ExternalServiceSpec, GrpcRouteSpec, HttpRouteSpec, MeshConfigSpec, ServiceSpec,
+    TrafficPolicySpec, WorkloadSpec,
 };
 
 /// The API group of weft's own kinds.
@@ -47,6 +48,7 @@ pub enum ResourceKind {
     TrafficPolicy,
     AuthorizationPolicy,
     MeshConfig,
+    ExternalService,
 }
 
 /// The name of the one MeshConfig.
@@ -63,6 +65,7 @@ impl ResourceKind {
             ResourceKind::TrafficPolicy => "TrafficPolicy",
             ResourceKind::AuthorizationPolicy => "AuthorizationPolicy",
             ResourceKind::MeshConfig => "MeshConfig",
+            ResourceKind::ExternalService => "ExternalService",
         }
     }
 
@@ -85,10 +88,11 @@ impl ResourceKind {
             "TrafficPolicy" => ResourceKind::TrafficPolicy,
             "AuthorizationPolicy" => ResourceKind::AuthorizationPolicy,
             "MeshConfig" => ResourceKind::MeshConfig,
+            "ExternalService" => ResourceKind::ExternalService,
             other => {
                 return Err(format!(
                     "unknown kind {other:?}; weft understands Service, Workload, HTTPRoute, \
-                     GRPCRoute, TrafficPolicy, AuthorizationPolicy and MeshConfig"
+                     GRPCRoute, TrafficPolicy, AuthorizationPolicy, MeshConfig and ExternalService"
                 ))
             }
         })
@@ -116,6 +120,7 @@ pub enum ResourceSpec {
     TrafficPolicy(Box<TrafficPolicySpec>),
     AuthorizationPolicy(Box<AuthorizationPolicySpec>),
     MeshConfig(MeshConfigSpec),
+    ExternalService(ExternalServiceSpec),
 }
 
 impl Resource {
@@ -129,6 +134,7 @@ impl Resource {
             ResourceSpec::TrafficPolicy(_) => ResourceKind::TrafficPolicy,
             ResourceSpec::AuthorizationPolicy(_) => ResourceKind::AuthorizationPolicy,
             ResourceSpec::MeshConfig(_) => ResourceKind::MeshConfig,
+            ResourceSpec::ExternalService(_) => ResourceKind::ExternalService,
         }
     }
 

@@ -46,6 +46,9 @@ pub struct Snapshot {
     /// MeshConfig's `virtualIPRange`, which capture routes.
     #[serde(skip)]
     pub virtual_ip_range: crate::virtual_ip::VirtualIpRange,
+    /// The ExternalServices: what captured connections may reach outside the mesh.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub external: Vec<CompiledExternal>,
     #[serde(skip)]
     hosts: HashMap<String, usize>,
     /// Virtual IPs (and their IPv6 twins) → Service.
@@ -54,6 +57,27 @@ pub struct Snapshot {
     /// Endpoint IPs → every (Service, port, endpoint) they serve, in Service order.
     #[serde(skip)]
     endpoint_ips: HashMap<IpAddr, Vec<(usize, usize, usize)>>,
+}
+
+/// An ExternalService, as captured connections are judged against it.
+#[derive(Debug, Serialize)]
+pub struct CompiledExternal {
+    /// `namespace/name`, the metric label of its connections.
+    pub name: String,
+    /// Lowercase DNS names; `*.example.com` stands for every name under example.com.
+    pub hosts: Vec<String>,
+    pub addresses: Vec<crate::cidr::Cidr>,
+    pub ports: Vec<u16>,
+}
+
+impl CompiledExternal {
+    /// Whether `name` (lowercase, no trailing dot) is one of its hosts.
+    pub fn names(&self, name: &str) -> bool {
+        self.hosts.iter().any(|host| match host.strip_prefix('*') {
+            Some(suffix) => name.ends_with(suffix) && name.len() > suffix.len(),
+            None => host == name,
+        })
+    }
 }
 
 /// Where a captured connection's original destination leads.
@@ -329,6 +353,7 @@ impl Snapshot {
             access_log_path: None,
             outbound_traffic: OutboundTrafficMode::default(),
             virtual_ip_range: Default::default(),
+            external: vec![],
             hosts: HashMap::new(),
             virtual_ips: HashMap::new(),
             endpoint_ips: HashMap::new(),
@@ -343,6 +368,19 @@ impl Snapshot {
             true => self.hosts.get(&host.to_ascii_lowercase()).copied(),
             false => self.hosts.get(host).copied(),
         }
+    }
+
+    /// The ExternalService whose addresses and ports hold `original`.
+    pub fn external_at(&self, original: SocketAddr) -> Option<usize> {
+        self.external.iter().position(|external| {
+            external.ports.contains(&original.port()) && external.addresses.iter().any(|c| c.contains(original.ip()))
+        })
+    }
+
+    /// The ExternalService one of whose hosts is the DNS name `name`.
+    pub fn external_named(&self, name: &str) -> Option<usize> {
+        let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+        self.external.iter().position(|external| external.names(&name))
     }
 
     /// Where a captured connection to `original` goes: a Service's virtual IP (IPv4 or
@@ -475,6 +513,7 @@ pub fn compile(resources: &[Resource], namespace: &str) -> Snapshot {
     let mut mesh = MeshConfigSpec::default();
     let mut own_mtls: Vec<Option<MtlsMode>> = Vec::new();
     let mut routes: Vec<(&Resource, RouteSource)> = Vec::new();
+    let mut external: Vec<CompiledExternal> = Vec::new();
 
     for resource in resources {
         let meta = &resource.metadata;
@@ -516,6 +555,12 @@ pub fn compile(resources: &[Resource], namespace: &str) -> Snapshot {
                 authorization.entry((ns, spec.target_ref.name.clone())).or_default().push((&meta.name, spec));
             }
             ResourceSpec::MeshConfig(spec) => mesh = spec.clone(),
+            ResourceSpec::ExternalService(spec) => external.push(CompiledExternal {
+                name: format!("{}/{}", meta.namespace, meta.name),
+                hosts: spec.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+                addresses: spec.addresses.clone(),
+                ports: spec.ports.iter().map(|p| p.port).collect(),
+            }),
         }
     }
     services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
@@ -749,6 +794,7 @@ pub fn compile(resources: &[Resource], namespace: &str) -> Snapshot {
         access_log_path,
         outbound_traffic: mesh.outbound_traffic_policy.map(|p| p.mode).unwrap_or_default(),
         virtual_ip_range: range,
+        external,
         hosts,
         virtual_ips,
         endpoint_ips,
@@ -1056,6 +1102,35 @@ spec:
                 identity: None,
             }]
         );
+    }
+
+    #[test]
+    fn external_services_are_checked_and_matched_by_address_and_host() {
+        let doc = |spec: &str| {
+            format!("apiVersion: weft.dev/v1alpha1\nkind: ExternalService\nmetadata: {{name: api}}\nspec: {spec}\n")
+        };
+        for (spec, says) in [
+            ("{ports: [{port: 443}]}", "lists hosts"),
+            ("{hosts: [api.example.com], ports: []}", "list the ports"),
+            ("{hosts: ['api.*.com'], ports: [{port: 443}]}", "wildcard under one"),
+            ("{addresses: [300.0.0.0/8], ports: [{port: 443}]}", "is not a CIDR"),
+        ] {
+            let error = parse_documents("f", &doc(spec)).unwrap_err().to_string();
+            assert!(error.contains(says), "{spec}: {error}");
+        }
+        let snap = compile(
+            &parse_documents(
+                "f",
+                &doc("{hosts: ['*.example.com', api.other.org], addresses: [192.0.2.0/24], ports: [{port: 443}]}"),
+            )
+            .unwrap(),
+            "default",
+        );
+        assert_eq!(snap.external_at("192.0.2.7:443".parse().unwrap()), Some(0));
+        assert_eq!(snap.external_at("192.0.2.7:80".parse().unwrap()), None);
+        assert_eq!(snap.external_named("www.Example.com."), Some(0));
+        assert_eq!(snap.external_named("example.com"), None, "a wildcard is for names under it");
+        assert_eq!(snap.external_named("api.other.org"), Some(0));
     }
 
     #[test]

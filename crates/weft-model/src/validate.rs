@@ -49,7 +49,33 @@ pub(crate) fn spec(spec: &ResourceSpec) -> Checked {
         ResourceSpec::TrafficPolicy(p) => traffic_policy(p),
         ResourceSpec::AuthorizationPolicy(p) => authorization_policy(p),
         ResourceSpec::MeshConfig(m) => mesh_config(m),
+        ResourceSpec::ExternalService(e) => external_service(e),
     }
+}
+
+fn external_service(spec: &ExternalServiceSpec) -> Checked {
+    if spec.hosts.is_empty() && spec.addresses.is_empty() {
+        return fail("hosts", "an ExternalService lists hosts (DNS names), addresses (CIDRs), or both");
+    }
+    for (i, host) in spec.hosts.iter().enumerate() {
+        let name = host.strip_prefix("*.").unwrap_or(host);
+        if name.contains('*') || !name.contains('.') {
+            return fail(
+                format!("hosts[{i}]"),
+                format!("{host:?}: write a DNS name (api.example.com) or a wildcard under one (*.example.com)"),
+            );
+        }
+        dns_name(&format!("hosts[{i}]"), name)?;
+    }
+    if spec.ports.is_empty() {
+        return fail("ports", "list the ports that may be reached, e.g. [{port: 443}]");
+    }
+    for (i, port) in spec.ports.iter().enumerate() {
+        if port.port == 0 {
+            return fail(format!("ports[{i}].port"), "port must be 1-65535");
+        }
+    }
+    Ok(())
 }
 
 fn authorization_policy(spec: &AuthorizationPolicySpec) -> Checked {

@@ -133,7 +133,8 @@ pub struct TapDropLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CapturedLabels {
     /// What the original destination was: `service` (a virtual IP), `endpoint` (a call
-    /// by IP), `unknown` (outside the mesh) or `explicit` (the listener itself).
+    /// by IP), `external` (an ExternalService's), `unknown` (outside the mesh) or
+    /// `explicit` (the listener itself).
     pub destination: &'static str,
     /// `meshed`, `passthrough` (ALLOW_ANY), `refused_registry_only`, `refused_unknown_port`.
     pub outcome: &'static str,

@@ -425,10 +425,7 @@ struct Exporter {
     resource: Vec<u8>,
     scope: Vec<u8>,
     grpc: Option<(String, tonic::client::Grpc<tonic::transport::Channel>)>,
-    http: hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        http_body_util::Full<Bytes>,
-    >,
+    http: hyper_util::client::legacy::Client<crate::transport::ProxyConnector, http_body_util::Full<Bytes>>,
     /// Whether the last export failed, so a receiver that is down is reported once, not
     /// every second.
     failing: bool,
@@ -453,7 +450,10 @@ impl Exporter {
             version: env!("CARGO_PKG_VERSION").into(),
             ..Default::default()
         };
-        let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<_>();
+        // The proxy's connector: under capture its sockets carry the mark, so that
+        // exports are never captured back into the proxy.
+        let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(crate::transport::ProxyConnector);
         Exporter {
             resource: Resource { attributes, ..Default::default() }.encode_to_vec(),
             scope: scope.encode_to_vec(),
@@ -509,7 +509,7 @@ impl Exporter {
                 .map_err(|e| format!("bad endpoint: {e}"))?
                 .connect_timeout(Duration::from_secs(2))
                 .timeout(EXPORT_TIMEOUT)
-                .connect_lazy();
+                .connect_with_connector_lazy(crate::transport::ProxyConnector);
             self.grpc = Some((endpoint.to_string(), tonic::client::Grpc::new(channel)));
         }
         let (_, client) = self.grpc.as_mut().expect("made above");

@@ -66,6 +66,8 @@ pub struct SharedState {
     pub inbound_limiter: Arc<Limiter>,
     pub ready: AtomicBool,
     pub ports: OnceLock<BoundPorts>,
+    /// Addresses the DNS responder saw ExternalServices' names resolve to (capture).
+    pub resolved_external: crate::capture::external::ResolvedExternal,
     pub last_reload_error: Mutex<Option<String>>,
     /// Set when the proxy takes configuration from a control plane.
     pub discovery: OnceLock<Arc<crate::discovery::DiscoveryHandle>>,
@@ -134,6 +136,7 @@ impl SharedState {
             inbound_limiter,
             ready: AtomicBool::new(false),
             ports: OnceLock::new(),
+            resolved_external: Default::default(),
             own_identity: OnceLock::new(),
             last_reload_error: Mutex::new(None),
             discovery: OnceLock::new(),

@@ -134,11 +134,16 @@ pub async fn relay_to_backend(state: &SharedState, backend: &Backend, client: Tc
 pub const PASSTHROUGH: &str = "passthrough";
 
 /// Relays a captured `client` to `original`, the destination it was going to before
-/// capture, outside the mesh (ALLOW_ANY).
-pub async fn relay_passthrough(state: &SharedState, original: std::net::SocketAddr, client: TcpStream) {
+/// capture, outside the mesh (ALLOW_ANY, or an ExternalService), counted under `label`.
+pub async fn relay_passthrough(
+    state: &SharedState,
+    original: std::net::SocketAddr,
+    label: Arc<str>,
+    client: TcpStream,
+) {
     match transport::connect_tcp(original, state.settings.connect_timeout).await {
         Ok(upstream) => {
-            relay(state, "outbound", PASSTHROUGH.into(), client, upstream).await;
+            relay(state, "outbound", label, client, upstream).await;
         }
         Err(error) => tracing::debug!(%original, %error, "passthrough connect failed; closing the client"),
     }

@@ -184,6 +184,39 @@ pub async fn connect_tcp(address: SocketAddr, timeout: Duration) -> Result<TcpSt
     Ok(stream)
 }
 
+/// The connector of the proxy's own HTTP and gRPC clients (the trace exporter): name
+/// resolution, then [`connect_tcp`], so that their sockets carry capture's mark too.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProxyConnector;
+
+/// How long [`ProxyConnector`] waits for one address to accept.
+const CLIENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl tower_service::Service<http::Uri> for ProxyConnector {
+    type Response = hyper_util::rt::TokioIo<TcpStream>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn std::future::Future<Output = io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        Box::pin(async move {
+            let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_string();
+            let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
+            let mut failure = io::Error::new(io::ErrorKind::NotFound, format!("{host} resolves to no address"));
+            for address in tokio::net::lookup_host((host.as_str(), port)).await? {
+                match connect_tcp(address, CLIENT_CONNECT_TIMEOUT).await {
+                    Ok(stream) => return Ok(hyper_util::rt::TokioIo::new(stream)),
+                    Err(error) => failure = io::Error::other(error.to_string()),
+                }
+            }
+            Err(failure)
+        })
+    }
+}
+
 /// Connects to `upstream` for `carried`, with mutual TLS when it is meshed; the whole
 /// handshake counts against `timeout`. A peer on the `revoked` list is refused even
 /// though its certificate verifies.

@@ -159,9 +159,10 @@ fn serve_echo(namespace: &Namespace) {
     });
 }
 
-/// An upstream resolver in `namespace` on `address`:53: every A question gets
-/// 192.0.2.7, so that an answer from it proves a query was forwarded.
-fn serve_upstream_resolver(namespace: &Namespace, address: &str) {
+/// An upstream resolver in `namespace` on `address`:53: A questions about `egress.*`
+/// get `egress`, every other A question 192.0.2.7, so that an answer from it proves a
+/// query was forwarded.
+fn serve_upstream_resolver(namespace: &Namespace, address: &str, egress: Ipv4Addr) {
     let socket = namespace.enter(|| UdpSocket::bind(format!("{address}:53")).unwrap());
     std::thread::spawn(move || {
         let mut buffer = [0u8; 1500];
@@ -173,7 +174,8 @@ fn serve_upstream_resolver(namespace: &Namespace, address: &str) {
             for question in &query.queries {
                 answer.add_query(question.clone());
                 if question.query_type() == RecordType::A {
-                    let record = RData::A(A(Ipv4Addr::new(192, 0, 2, 7)));
+                    let egress_name = question.name().to_ascii().starts_with("egress.");
+                    let record = RData::A(A(if egress_name { egress } else { Ipv4Addr::new(192, 0, 2, 7) }));
                     answer.add_answer(Record::from_rdata(question.name().clone(), 60, record));
                 }
             }
@@ -261,9 +263,9 @@ fn unmodified_clients_reach_services_through_captured_sidecars() {
     // The client's resolver is an address in the server's namespace, where an upstream
     // resolver answers what the mesh does not.
     client.resolv_conf(&format!("nameserver {server_ip}\n"));
-    serve_upstream_resolver(&server, &server_ip);
+    serve_upstream_resolver(&server, &server_ip, server_ip.parse().unwrap());
     serve_echo(&server);
-    serve_banner(&server, &["0.0.0.0:5432", "0.0.0.0:7000"]);
+    serve_banner(&server, &["0.0.0.0:5432", "0.0.0.0:7000", "0.0.0.0:7001"]);
 
     let dir = TempDir::new("capture-mesh");
     let config = dir.write("mesh.yaml", &mesh(subnet));
@@ -285,7 +287,7 @@ fn unmodified_clients_reach_services_through_captured_sidecars() {
             "--capture",
             // The database and the other port are served directly, outside the mesh.
             "--capture-exclude-inbound-ports",
-            "5432,7000",
+            "5432,7000,7001",
         ],
     );
     // The client's application is started by its sidecar, as the same user: captured.
@@ -337,8 +339,15 @@ fn unmodified_clients_reach_services_through_captured_sidecars() {
     // Outside the mesh: ALLOW_ANY passes through (counted), REGISTRY_ONLY refuses.
     assert_eq!(netcat(&client, &server_ip, 7000), "peer\n");
     assert_eq!(client_proxy.metric("weft_captured_connections_total", &["outcome=\"passthrough\""]), 1.0);
-    let registry_only = "---\napiVersion: weft.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\n\
-                         spec: {outboundTrafficPolicy: {mode: REGISTRY_ONLY}}\n";
+    // ExternalServices let chosen destinations out: by the name the application resolved,
+    // or by address.
+    let registry_only = format!(
+        "---\napiVersion: weft.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: mesh}}\n\
+         spec: {{outboundTrafficPolicy: {{mode: REGISTRY_ONLY}}}}\n---\napiVersion: weft.dev/v1alpha1\n\
+         kind: ExternalService\nmetadata: {{name: egress}}\nspec: {{hosts: [egress.example], ports: [{{port: 7000}}]}}\n\
+         ---\napiVersion: weft.dev/v1alpha1\nkind: ExternalService\nmetadata: {{name: partner}}\n\
+         spec: {{addresses: [{server_ip}/32], ports: [{{port: 7001}}]}}\n"
+    );
     std::fs::write(&client_config, format!("{}{registry_only}", mesh(subnet))).unwrap();
     client_proxy.signal("-HUP");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -348,6 +357,11 @@ fn unmodified_clients_reach_services_through_captured_sidecars() {
     }
     assert_eq!(netcat(&client, &server_ip, 7000), "", "refused under REGISTRY_ONLY");
     assert_eq!(client_proxy.metric("weft_captured_connections_total", &["outcome=\"refused_registry_only\""]), 1.0);
+    assert_eq!(netcat(&client, &server_ip, 7001), "peer\n", "a declared external address");
+    assert_eq!(netcat(&client, "egress.example", 7000), "peer\n", "a declared external host, as resolved");
+    let external = &["destination=\"external\"", "outcome=\"passthrough\""];
+    assert_eq!(client_proxy.metric("weft_captured_connections_total", external), 2.0);
+    assert_eq!(client_proxy.metric("weft_tcp_connections_total", &["destination_service=\"default/egress\""]), 1.0);
     assert_eq!(curl(&client, "http://reviews/").0, "200", "the mesh still serves");
 
     // Killed outright, the sidecar leaves its table; restarted, it replaces it: one table.
@@ -414,7 +428,7 @@ async fn captured_sidecars_of_a_control_plane_speak_mutual_tls_under_authorizati
     let server_ip = format!("10.251.{subnet}.2");
     let client_ip = format!("10.251.{subnet}.1");
     client.resolv_conf(&format!("nameserver {server_ip}\n"));
-    serve_upstream_resolver(&server, &server_ip);
+    serve_upstream_resolver(&server, &server_ip, Ipv4Addr::new(192, 0, 2, 7));
     serve_echo(&server);
     let dir = TempDir::new("capture-control");
     let control = support::Control::start_on(

@@ -90,3 +90,27 @@ pub struct WorkloadSpec {
 fn default_weight() -> u32 {
     1
 }
+
+/// Destinations outside the mesh that captured applications may reach when MeshConfig's
+/// `outboundTrafficPolicy` is `REGISTRY_ONLY` (Istio's ServiceEntry, reduced to what
+/// egress needs): by the names they resolve, by address, or both, on the ports listed.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ExternalServiceSpec {
+    /// DNS names (`api.example.com`, or `*.example.com` for any name under it): the
+    /// addresses the proxy's DNS responder forwards answers for are let through.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    /// Networks (`192.0.2.0/24`, `2001:db8::/32`, or one address) let through.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<crate::cidr::Cidr>,
+    /// The ports let through; at least one.
+    pub ports: Vec<ExternalPort>,
+}
+
+/// One port of an ExternalService.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalPort {
+    pub port: u16,
+}

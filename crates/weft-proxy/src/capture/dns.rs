@@ -202,7 +202,10 @@ pub async fn serve_udp(
                 Reply::Answer(answer) => answer,
                 Reply::Drop => return,
                 Reply::Forward => match forward_udp(&upstreams, &query).await {
-                    Some(answer) => answer,
+                    Some(answer) => {
+                        state.resolved_external.learn(&state.config.load().snapshot, &answer);
+                        answer
+                    }
                     None => server_failure(&query),
                 },
             };
@@ -244,7 +247,10 @@ async fn serve_tcp_client(
             Reply::Answer(answer) => answer,
             Reply::Drop => return Ok(()),
             Reply::Forward => match forward_tcp(upstreams, &query).await {
-                Some(answer) => answer,
+                Some(answer) => {
+                    state.resolved_external.learn(&state.config.load().snapshot, &answer);
+                    answer
+                }
                 None => server_failure(&query),
             },
         };

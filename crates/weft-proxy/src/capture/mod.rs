@@ -10,6 +10,7 @@
 //! another user, every connection of the proxy's uid ([`rules::ProxyTraffic::Uid`]).
 
 pub mod dns;
+pub mod external;
 pub mod nft;
 pub mod original_dst;
 pub mod outbound;

@@ -9,6 +9,8 @@
 //!   anything else is relayed as opaque TCP, over mutual TLS (`weft/tcp`) to meshed
 //!   endpoints.
 //! - A Service's virtual IP on a port it does not declare: refused.
+//! - An ExternalService's (by address, or an address its host resolved to through the
+//!   DNS responder, on a port it lists): passed through, labelled with its name.
 //! - Anything else: MeshConfig's `outboundTrafficPolicy`: passed through to the original
 //!   destination (`ALLOW_ANY`, the default) or refused (`REGISTRY_ONLY`); counted either
 //!   way.
@@ -99,18 +101,28 @@ pub async fn serve_connection(state: Arc<SharedState>, stream: TcpStream, drain:
             count(&state, "service", "refused_unknown_port");
             tracing::info!(%original, service = %name, port, "refused a captured connection: the Service has no such port");
         }
-        Err(DestinationError::Unknown) => match config.snapshot.outbound_traffic {
-            OutboundTrafficMode::AllowAny => {
-                drop(config);
-                count(&state, "unknown", "passthrough");
-                let _drain = drain;
-                tcp::relay_passthrough(&state, original, stream).await;
+        Err(DestinationError::Unknown) => {
+            let external = state.resolved_external.external_for(&config.snapshot, original);
+            match (external, config.snapshot.outbound_traffic) {
+                (Some(index), _) => {
+                    let label: Arc<str> = config.snapshot.external[index].name.as_str().into();
+                    drop(config);
+                    count(&state, "external", "passthrough");
+                    let _drain = drain;
+                    tcp::relay_passthrough(&state, original, label, stream).await;
+                }
+                (None, OutboundTrafficMode::AllowAny) => {
+                    drop(config);
+                    count(&state, "unknown", "passthrough");
+                    let _drain = drain;
+                    tcp::relay_passthrough(&state, original, tcp::PASSTHROUGH.into(), stream).await;
+                }
+                (None, OutboundTrafficMode::RegistryOnly) => {
+                    count(&state, "unknown", "refused_registry_only");
+                    tracing::info!(%original, "refused a captured connection outside the mesh (outboundTrafficPolicy REGISTRY_ONLY; declare an ExternalService to let it out)");
+                }
             }
-            OutboundTrafficMode::RegistryOnly => {
-                count(&state, "unknown", "refused_registry_only");
-                tracing::info!(%original, "refused a captured connection outside the mesh (outboundTrafficPolicy REGISTRY_ONLY)");
-            }
-        },
+        }
     }
 }
 

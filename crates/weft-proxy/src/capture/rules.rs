@@ -13,8 +13,7 @@
 
 use std::{
     fmt::{self, Write as _},
-    net::{IpAddr, SocketAddr},
-    str::FromStr,
+    net::SocketAddr,
 };
 
 /// The table's family and name, as nft writes them.
@@ -33,40 +32,7 @@ pub enum ProxyTraffic {
     Uid(u32),
 }
 
-/// An IPv4 or IPv6 network, `address/prefix` (`--capture-exclude-cidrs`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr {
-    address: IpAddr,
-    prefix: u8,
-}
-
-impl FromStr for Cidr {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Cidr, String> {
-        let (address, prefix) = text.split_once('/').unwrap_or((text, ""));
-        let address: IpAddr = address
-            .parse()
-            .map_err(|_| format!("{text:?} is not a CIDR: write an address and a prefix, e.g. 10.0.0.0/8"))?;
-        let longest = if address.is_ipv4() { 32 } else { 128 };
-        let prefix = if prefix.is_empty() {
-            longest
-        } else {
-            prefix
-                .parse::<u8>()
-                .ok()
-                .filter(|prefix| *prefix <= longest)
-                .ok_or_else(|| format!("{text:?}: the prefix must be a number from 0 to {longest}"))?
-        };
-        Ok(Cidr { address, prefix })
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.address, self.prefix)
-    }
-}
+pub use weft_model::cidr::Cidr;
 
 /// Everything the table is made of.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -122,8 +88,8 @@ impl CaptureRules {
             rule(format!("tcp dport {} return", set(&self.exclude_outbound_ports)));
         }
         for (family, cidrs) in [
-            ("ip", self.exclude_cidrs.iter().filter(|c| c.address.is_ipv4()).collect::<Vec<_>>()),
-            ("ip6", self.exclude_cidrs.iter().filter(|c| c.address.is_ipv6()).collect()),
+            ("ip", self.exclude_cidrs.iter().filter(|c| c.is_ipv4()).collect::<Vec<_>>()),
+            ("ip6", self.exclude_cidrs.iter().filter(|c| !c.is_ipv4()).collect()),
         ] {
             if !cidrs.is_empty() {
                 rule(format!("{family} daddr {} return", set(cidrs)));
