@@ -162,6 +162,12 @@ pub struct CompiledPort {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     pub protocol: Protocol,
+    /// Whether the application expects a PROXY protocol v2 header on this port.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub proxy_protocol: bool,
+    /// Where the application listens for this port (else `--app-addr`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<u16>,
     pub endpoints: Vec<Endpoint>,
     /// `None`: no route attached, every request goes to this port's own endpoints.
     /// `Some`: the first matching rule decides; no match is a 404.
@@ -530,6 +536,8 @@ pub fn compile(resources: &[Resource], namespace: &str) -> Snapshot {
                         .iter()
                         .map(|p| CompiledPort {
                             port: p.port,
+                            proxy_protocol: p.proxy_protocol.is_some(),
+                            target_port: p.target_port,
                             name: p.name.clone(),
                             protocol: p.protocol,
                             endpoints: vec![],
@@ -1131,6 +1139,24 @@ spec:
         assert_eq!(snap.external_named("www.Example.com."), Some(0));
         assert_eq!(snap.external_named("example.com"), None, "a wildcard is for names under it");
         assert_eq!(snap.external_named("api.other.org"), Some(0));
+    }
+
+    #[test]
+    fn the_proxy_protocol_is_for_tcp_ports_with_their_own_target_port() {
+        let doc = |ports: &str| {
+            format!("apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {{name: db}}\nspec: {{ports: {ports}}}\n")
+        };
+        let error = parse_documents("f", &doc("[{port: 80, proxyProtocol: v2}]")).unwrap_err().to_string();
+        assert!(error.contains("ports[0].proxyProtocol") && error.contains("X-Forwarded-For"), "{error}");
+        assert!(parse_documents("f", &doc("[{port: 5432, protocol: tcp, proxyProtocol: v1}]")).is_err());
+        assert!(parse_documents("f", &doc("[{port: 5432, targetPort: 0}]")).is_err());
+        let snap = compile(
+            &parse_documents("f", &doc("[{port: 5432, protocol: tcp, targetPort: 6432, proxyProtocol: v2}]")).unwrap(),
+            "default",
+        );
+        let port = &snap.services[0].ports[0];
+        assert!(port.proxy_protocol);
+        assert_eq!(port.target_port, Some(6432));
     }
 
     #[test]

@@ -171,6 +171,15 @@ fn service(spec: &ServiceSpec) -> Checked {
         if port.port == 0 {
             return fail(format!("ports[{i}].port"), "port must be 1-65535");
         }
+        if port.target_port == Some(0) {
+            return fail(format!("ports[{i}].targetPort"), "targetPort must be 1-65535");
+        }
+        if port.proxy_protocol.is_some() && port.protocol != Protocol::Tcp {
+            return fail(
+                format!("ports[{i}].proxyProtocol"),
+                "the PROXY protocol is for tcp ports; HTTP applications get the caller's address in X-Forwarded-For",
+            );
+        }
         if !numbers.insert(port.port) {
             return fail(format!("ports[{i}].port"), format!("port {} is listed twice", port.port));
         }

@@ -45,17 +45,21 @@ use crate::{
 /// Serves one accepted inbound connection.
 pub async fn serve_connection(state: Arc<SharedState>, stream: TcpStream, drain: DrainWatch) {
     let Some(mut app) = state.settings.app_addr else { return };
-    // Under capture the application sees its callers' addresses, as it would without a
-    // mesh: `X-Forwarded-For`, made once per connection.
-    let mut client = None;
+    let mut arrival = Arrival::default();
     if state.settings.capture.is_some() {
         // A captured connection keeps the port it was made to: the application may
         // listen on several.
         if let Some(port) = crate::capture::original_dst::redirected_port(&stream) {
             app.set_port(port);
+            arrival.port = Some(port);
+            arrival.called = crate::capture::original_dst::original_destination(&stream).ok();
         }
-        client = stream.peer_addr().ok().and_then(|peer| HeaderValue::try_from(peer.ip().to_string()).ok());
+        // The application sees its callers' addresses, as it would without a mesh.
+        arrival.caller = stream.peer_addr().ok();
+        arrival.forwarded_for = arrival.caller.and_then(|peer| HeaderValue::try_from(peer.ip().to_string()).ok());
     }
+    let called = arrival.called.or_else(|| stream.local_addr().ok());
+    let arrival = (arrival != Arrival::default()).then(|| Arc::new(arrival));
     let tls = state.inbound_tls();
     let config = state.config.load_full();
     let own = config.own_service.map(|i| &config.snapshot.services[i]);
@@ -80,20 +84,78 @@ pub async fn serve_connection(state: Arc<SharedState>, stream: TcpStream, drain:
         return;
     }
     match (detected, tls) {
-        (Detected::Tls, Some(tls)) => serve_mesh_connection(state, app, client, stream, tls, drain).await,
+        (Detected::Tls, Some(tls)) => serve_mesh_connection(state, app, arrival, called, stream, tls, drain).await,
         (Detected::Opaque | Detected::TimedOut | Detected::Tls, _) => {
             let mut connection = open_connection(&state, None);
-            relay_to_app(&state, app, None, stream, &mut connection).await
+            let port = arrival.as_ref().and_then(|a| a.port);
+            let caller = stream.peer_addr().ok();
+            relay_to_app(&state, app, None, port, (caller, called), stream, &mut connection).await
         }
         (Detected::Http1 | Detected::Http2, _) => {
             let _connection = open_connection(&state, None);
             let handler_state = state.clone();
             let service = hyper::service::service_fn(move |request| {
-                handle(handler_state.clone(), app, None, client.clone(), request)
+                handle(handler_state.clone(), app, None, arrival.clone(), request)
             });
             serve_http(stream, Some(detected), service, drain, &state, "inbound").await;
         }
     }
+}
+
+/// The `targetPort` of this proxy's own Service's `port`, if it declares one.
+fn target_port(state: &SharedState, port: u16) -> Option<u16> {
+    let config = state.config.load();
+    let own = &config.snapshot.services[config.own_service?];
+    own.ports.iter().find(|p| p.port == port)?.target_port
+}
+
+/// What capture tells about an inbound connection, learnt once per connection.
+#[derive(Debug, Default, PartialEq)]
+struct Arrival {
+    /// The caller's address, passed on as `X-Forwarded-For`.
+    forwarded_for: Option<HeaderValue>,
+    caller: Option<SocketAddr>,
+    /// The address and port the caller connected to (for a plaintext caller, the port
+    /// authorization judges).
+    called: Option<SocketAddr>,
+    port: Option<u16>,
+}
+
+/// The PROXY protocol v2 header for a connection from `caller` to `called` on `port` of
+/// this proxy's own Service (its only port when `port` is unknown), if that port asks
+/// for one.
+fn proxy_header(state: &SharedState, port: Option<u16>, caller: SocketAddr, called: SocketAddr) -> Option<Vec<u8>> {
+    use ppp::v2::{Builder, Command, IPv4, IPv6, Protocol as Transport, Version};
+    let config = state.config.load();
+    let own = &config.snapshot.services[config.own_service?];
+    let declared = match port {
+        Some(port) => own.ports.iter().find(|p| p.port == port)?,
+        None if own.ports.len() == 1 => &own.ports[0],
+        None => return None,
+    };
+    if !declared.proxy_protocol {
+        return None;
+    }
+    let unmapped = |address: SocketAddr| match address {
+        SocketAddr::V6(v6) => v6.ip().to_ipv4_mapped().map_or(address, |v4| SocketAddr::new(v4.into(), v6.port())),
+        v4 => v4,
+    };
+    let version = Version::Two | Command::Proxy;
+    let built = match (unmapped(caller), unmapped(called)) {
+        (SocketAddr::V4(from), SocketAddr::V4(to)) => {
+            Builder::with_addresses(version, Transport::Stream, IPv4::new(*from.ip(), *to.ip(), from.port(), to.port()))
+                .build()
+        }
+        (from, to) => {
+            let six = |a: SocketAddr| match a.ip() {
+                std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                std::net::IpAddr::V6(v6) => v6,
+            };
+            Builder::with_addresses(version, Transport::Stream, IPv6::new(six(from), six(to), from.port(), to.port()))
+                .build()
+        }
+    };
+    built.ok()
 }
 
 /// Counts an inbound connection from `peer` (`None`: plaintext) while it is open.
@@ -111,7 +173,8 @@ fn open_connection(state: &SharedState, peer: Option<&MeshCaller>) -> OpenConnec
 async fn serve_mesh_connection(
     state: Arc<SharedState>,
     app: SocketAddr,
-    client: Option<HeaderValue>,
+    arrival: Option<Arc<Arrival>>,
+    called: Option<SocketAddr>,
     stream: TcpStream,
     tls: Arc<rustls::ServerConfig>,
     drain: DrainWatch,
@@ -137,6 +200,11 @@ async fn serve_mesh_connection(
     };
     let (_, connection) = stream.get_ref();
     let port = transport::conveyed_port(connection.server_name());
+    // A Service port the application serves on a port of its own (`targetPort`).
+    let mut app = app;
+    if let Some(target) = port.and_then(|port| target_port(&state, port)) {
+        app.set_port(target);
+    }
     let Some(certificate) = PeerCertificate::of(connection.peer_certificates()) else {
         tracing::info!(?remote, "a mesh TLS connection proved no identity; closed");
         state.metrics.protocol_error("inbound", ProtocolError::TlsBadCertificate);
@@ -156,11 +224,14 @@ async fn serve_mesh_connection(
                 let http2 = alpn.as_deref() == Some(ALPN_HTTP2);
                 let handler_state = state.clone();
                 let service = hyper::service::service_fn(move |request| {
-                    handle(handler_state.clone(), app, peer.clone(), client.clone(), request)
+                    handle(handler_state.clone(), app, peer.clone(), arrival.clone(), request)
                 });
                 serve_http_on(stream, http2, service, drain, &state, "inbound").await;
             }
-            Some(ALPN_TCP) => relay_to_app(&state, app, peer.as_deref(), stream, &mut open).await,
+            Some(ALPN_TCP) => {
+                let port = peer.as_ref().and_then(|p| p.port);
+                relay_to_app(&state, app, peer.as_deref(), port, (remote, called), stream, &mut open).await
+            }
             _ => {
                 tracing::info!(?remote, "a mesh TLS connection named no weft protocol (ALPN); closed");
                 state.metrics.protocol_error("inbound", ProtocolError::TlsUnknownAlpn);
@@ -204,6 +275,7 @@ fn authorize(
     method: &str,
     path: &str,
     headers: Option<&http::HeaderMap>,
+    port: Option<u16>,
     tapped: Option<&mut tap::Tapped>,
 ) -> Result<(), ProxyFailure> {
     let config = state.config.load();
@@ -212,7 +284,6 @@ fn authorize(
     let caller =
         Caller { principal: peer.map(|p| &*p.principal), namespace: peer.and_then(|p| p.namespace.as_deref()) };
     let header = |name: &str| headers.and_then(|h| h.get(name)).and_then(|v| v.to_str().ok());
-    let port = peer.and_then(|p| p.port);
     let decision = service.authorizer.decide(&caller, &Call { method, path, port, header: &header });
     let (label, policy) = match &decision {
         Decision::Allow { policy } => ("allow", policy.clone().unwrap_or_default()),
@@ -237,19 +308,33 @@ fn authorize(
 }
 
 /// Relays an opaque TCP connection from `peer` to the application, if authorization
-/// allows it.
+/// allows it, made to the Service `port`. `addresses` (the caller's, and the one it
+/// called) go first in a PROXY protocol header when that port asks for one.
 async fn relay_to_app(
     state: &SharedState,
     app: SocketAddr,
     peer: Option<&MeshCaller>,
+    port: Option<u16>,
+    addresses: (Option<SocketAddr>, Option<SocketAddr>),
     stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     connection: &mut OpenConnection,
 ) {
-    if !authorize_connection(state, peer) {
+    if !authorize_connection(state, peer, port) {
         return;
     }
+    let header = match addresses {
+        (Some(caller), Some(called)) => proxy_header(state, port, caller, called),
+        _ => None,
+    };
     match transport::connect_tcp(app, state.settings.connect_timeout).await {
-        Ok(upstream) => {
+        Ok(mut upstream) => {
+            if let Some(header) = header {
+                use tokio::io::AsyncWriteExt;
+                if let Err(error) = upstream.write_all(&header).await {
+                    tracing::debug!(%app, %error, "the application closed before the PROXY protocol header");
+                    return;
+                }
+            }
             let (sent, received) = tcp::relay(state, "inbound", state.own_label.clone(), stream, upstream).await;
             connection.relayed(sent, received);
         }
@@ -261,8 +346,8 @@ async fn relay_to_app(
 
 /// [`authorize`] for an opaque TCP connection: HTTP-only conditions (methods, paths,
 /// headers) never match it. A denied connection is closed.
-fn authorize_connection(state: &SharedState, peer: Option<&MeshCaller>) -> bool {
-    match authorize(state, peer, "", "/", None, None) {
+fn authorize_connection(state: &SharedState, peer: Option<&MeshCaller>, port: Option<u16>) -> bool {
+    match authorize(state, peer, "", "/", None, port, None) {
         Ok(()) => true,
         Err(failure) => {
             tracing::info!(%failure, "closed an inbound TCP connection");
@@ -277,11 +362,11 @@ async fn handle(
     // The caller's identity, proven by mutual TLS; `None` for a plaintext caller.
     peer: Option<Arc<MeshCaller>>,
     // The caller's address, passed on as `X-Forwarded-For` (under capture).
-    client: Option<HeaderValue>,
+    captured: Option<Arc<Arrival>>,
     mut request: Request<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let started = Instant::now();
-    if let Some(client) = client {
+    if let Some(client) = captured.as_ref().and_then(|a| a.forwarded_for.clone()) {
         request.headers_mut().append(http::header::HeaderName::from_static("x-forwarded-for"), client);
     }
     let grpc = is_grpc(request.headers());
@@ -303,7 +388,8 @@ async fn handle(
     let checked = forward::checked_authority(&parts).map(|a| a.map_or_else(|| app.to_string(), str::to_string));
     let judged = checked.map_err(|reason| ProxyFailure::BadRequest(reason.into())).and_then(|authority| {
         let tapped = tapped.as_deref_mut();
-        authorize(&state, peer.as_deref(), parts.method.as_str(), path, Some(&parts.headers), tapped)
+        let port = peer.as_ref().and_then(|p| p.port).or(captured.as_ref().and_then(|a| a.port));
+        authorize(&state, peer.as_deref(), parts.method.as_str(), path, Some(&parts.headers), port, tapped)
             .map(|()| authority)
     });
     let authority = match judged {

@@ -159,6 +159,28 @@ fn serve_echo(namespace: &Namespace) {
     });
 }
 
+/// A server-first TCP application on 127.0.0.1:`port` in `namespace` that expects the
+/// PROXY protocol: it answers each connection with the source address the header gave.
+fn serve_proxy_protocol(namespace: &Namespace, port: u16) {
+    let listener = namespace.enter(|| std::net::TcpListener::bind(("127.0.0.1", port)).unwrap());
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for mut stream in listener.incoming().take(8).flatten() {
+            let mut buffer = [0u8; 256];
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let length = stream.read(&mut buffer).unwrap_or(0);
+            let answer = match ppp::v2::Header::try_from(&buffer[..length]) {
+                Ok(header) => match header.addresses {
+                    ppp::v2::Addresses::IPv4(ip) => format!("proxied from {}\n", ip.source_address),
+                    other => format!("proxied from {other:?}\n"),
+                },
+                Err(error) => format!("no PROXY header: {error}\n"),
+            };
+            let _ = stream.write_all(answer.as_bytes());
+        }
+    });
+}
+
 /// An upstream resolver in `namespace` on `address`:53: A questions about `egress.*`
 /// get `egress`, every other A question 192.0.2.7, so that an answer from it proves a
 /// query was forwarded.
@@ -438,8 +460,18 @@ async fn captured_sidecars_of_a_control_plane_speak_mutual_tls_under_authorizati
         &["--grpc-addr", &format!("10.251.{subnet}.254:0")],
     )
     .await;
+    serve_proxy_protocol(&server, 6000);
     control.apply(
         r#"apiVersion: weft.dev/v1alpha1
+kind: Service
+metadata: {name: reviews}
+spec:
+  selector: {app: reviews}
+  ports:
+  - {port: 80}
+  - {port: 6000, protocol: tcp, targetPort: 6000, proxyProtocol: v2}
+---
+apiVersion: weft.dev/v1alpha1
 kind: AuthorizationPolicy
 metadata: {name: no-secrets}
 spec:
@@ -509,6 +541,9 @@ spec:
     // Authorization applies to captured traffic as to any other.
     let (status, body) = curl(&client, "http://reviews/secret");
     assert_eq!(status, "403", "{body}");
+    // A tcp port the application serves on a port of its own, behind the PROXY
+    // protocol: the caller's address arrives in the header, over mutual TLS.
+    assert_eq!(netcat(&client, "reviews", 6000), format!("proxied from {client_ip}\n"));
     // A call by IP to the registered workload is meshed too.
     let (status, body) = curl(&client, &format!("http://{server_ip}:15006/"));
     assert_eq!(status, "200", "{body}\n{}", client_proxy.log());

@@ -39,6 +39,23 @@ pub struct ServicePort {
     /// What the port speaks; `tcp` skips protocol detection.
     #[serde(default)]
     pub protocol: Protocol,
+    /// The port the application listens on for this Service port, when it serves
+    /// several: meshed callers of this port are delivered there (on `--app-addr`'s IP).
+    /// Without it, `--app-addr` itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<u16>,
+    /// `v2`: the application's connections on this `tcp` port begin with a PROXY
+    /// protocol v2 header carrying the caller's address (HTTP ports get
+    /// `X-Forwarded-For` instead).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+/// The PROXY protocol versions a `tcp` port may ask for.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub enum ProxyProtocol {
+    #[serde(rename = "v2")]
+    V2,
 }
 
 /// The application protocol of a port.
