@@ -188,7 +188,8 @@ pub fn run(mut settings: ProxySettings) -> Result<Option<i32>, ProxyError> {
             }
         }
     };
-    let upstreams = Arc::new(crate::capture::dns::Upstreams::from_host());
+    // The resolvers the DNS responder forwards to, read once (only under capture).
+    let upstreams = (!dns_sockets.is_empty()).then(|| Arc::new(crate::capture::dns::Upstreams::from_host()));
     let drain = Drain::new();
 
     // Worker threads: one single-threaded runtime each, with its own sockets.
@@ -275,8 +276,9 @@ pub fn run(mut settings: ProxySettings) -> Result<Option<i32>, ProxyError> {
             }
         });
         for (udp, tcp) in dns_sockets {
+            let upstreams = upstreams.clone().expect("read when the responder listens");
             tokio::spawn(crate::capture::dns::serve_udp(state.clone(), udp, upstreams.clone(), drain.watch()));
-            tokio::spawn(crate::capture::dns::serve_tcp(state.clone(), tcp, upstreams.clone(), drain.watch()));
+            tokio::spawn(crate::capture::dns::serve_tcp(state.clone(), tcp, upstreams, drain.watch()));
         }
         let admin_state = state.clone();
         tokio::spawn(accept_loop(admin_listener, drain.watch(), move |stream, peer, drain| {

@@ -13,6 +13,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::os::unix::process::CommandExt;
+
 use hickory_proto::{
     op::{Message, Query, ResponseCode},
     rr::{rdata::A, Name, RData, Record, RecordType},
@@ -68,6 +70,8 @@ impl<'a> Sidecar<'a> {
             .env_remove("http_proxy")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
+            // A group of its own, so that the application it runs goes with it.
+            .process_group(0)
             .spawn()
             .unwrap();
         let mut sidecar = Sidecar { child, namespace, log };
@@ -97,8 +101,15 @@ impl<'a> Sidecar<'a> {
         support::metric_sum(&self.metrics(), metric, labels)
     }
 
+    /// Signals the proxy (which stops the application it runs itself on SIGTERM).
     fn signal(&self, signal: &str) {
         run(&["kill", signal, &self.child.id().to_string()]);
+    }
+
+    /// Kills the proxy and the application it runs (its process group), as a crash
+    /// of the whole workload would.
+    fn kill_all(&self) {
+        run(&["kill", "-KILL", "--", &format!("-{}", self.child.id())]);
     }
 
     /// Waits for the process to exit (after a signal).
@@ -113,6 +124,8 @@ impl<'a> Sidecar<'a> {
 
 impl Drop for Sidecar<'_> {
     fn drop(&mut self) {
+        let group = format!("-{}", self.child.id());
+        let _ = std::process::Command::new("kill").args(["-KILL", "--", &group]).output();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -387,12 +400,27 @@ fn unmodified_clients_reach_services_through_captured_sidecars() {
     assert_eq!(curl(&client, "http://reviews/").0, "200", "the mesh still serves");
 
     // Killed outright, the sidecar leaves its table; restarted, it replaces it: one table.
-    client_proxy.signal("-KILL");
+    client_proxy.kill_all();
     client_proxy.wait();
     assert_eq!(client.ruleset().matches("table inet weft").count(), 1);
     let restarted = Sidecar::start(&client, &dir, "client-again", &["--config", config_flag, "--capture"]);
     assert_eq!(client.ruleset().matches("table inet weft").count(), 1);
     assert_eq!(curl(&client, "http://reviews/").0, "200");
+    restarted.signal("-TERM");
+    restarted.wait();
+    // With --app-user the application runs as another user, and capture tells the
+    // proxy's traffic apart by uid instead of by mark: the application is captured.
+    let shared = dir.0.join("as-user");
+    std::fs::create_dir_all(&shared).unwrap();
+    run(&["chmod", "0777", shared.to_str().unwrap()]);
+    run(&["chmod", "0755", dir.0.to_str().unwrap()]);
+    let as_user = shared.join("launched.txt");
+    let script = format!("curl -s -m 10 http://reviews/ > {}; exec sleep 600", as_user.display());
+    let by_uid = ["--config", config_flag, "--capture", "--app-user", "1337", "--", "sh", "-c", &script];
+    let restarted = Sidecar::start(&client, &dir, "client-by-uid", &by_uid);
+    assert!(client.ruleset().contains("meta skuid 0 return"), "{}", client.ruleset());
+    let by_uid_body = support::netns::eventually_read(&as_user);
+    assert_eq!(by_uid_body, format!("reviews saw host=reviews xff={client_ip}"));
     // A clean exit removes the table and the routes: the namespace is as it was.
     restarted.signal("-TERM");
     restarted.wait();
