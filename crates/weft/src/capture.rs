@@ -147,7 +147,9 @@ pub fn run(command: CaptureCommand) -> anyhow::Result<()> {
                 exclude_cidrs: args.flags.capture_exclude_cidrs,
                 exclude_destinations,
             };
-            weft_proxy::capture::routes::install(args.virtual_ip_range).context("weft capture install")?;
+            let upstreams = weft_proxy::capture::dns::Upstreams::from_host();
+            let resolvers: Vec<_> = upstreams.resolvers().iter().map(|r| r.ip()).collect();
+            weft_proxy::capture::routes::install(args.virtual_ip_range, &resolvers).context("weft capture install")?;
             weft_proxy::capture::nft::install(&rules).context("weft capture install")?;
             println!("capture installed: table {}", weft_proxy::capture::rules::TABLE);
             Ok(())

@@ -50,7 +50,8 @@ impl Installed {
         rules: &rules::CaptureRules,
         range: weft_model::virtual_ip::VirtualIpRange,
     ) -> Result<Installed, nft::CaptureError> {
-        routes::install(range)?;
+        let resolvers: Vec<_> = dns::Upstreams::from_host().resolvers().iter().map(|r| r.ip()).collect();
+        routes::install(range, &resolvers)?;
         if let Err(error) = nft::install(rules) {
             let _ = routes::remove();
             return Err(error);

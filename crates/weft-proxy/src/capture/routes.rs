@@ -18,8 +18,25 @@ fn ip(arguments: &[&str]) -> Result<std::process::Output, CaptureError> {
     Command::new("ip").args(arguments).output().map_err(|error| CaptureError::Route(format!("ip: {error}")))
 }
 
-/// Adds routes to `lo` for `range` and the IPv6 twins, where none exists.
-pub fn install(range: VirtualIpRange) -> Result<(), CaptureError> {
+/// Adds routes to `lo` for `range` and the IPv6 twins, and for each of `resolvers` (the
+/// application's DNS servers, whose queries the rules redirect to the responder), where
+/// none exists: a namespace without a default route still resolves Services' names.
+pub fn install(range: VirtualIpRange, resolvers: &[std::net::IpAddr]) -> Result<(), CaptureError> {
+    for resolver in resolvers.iter().filter(|r| !r.is_loopback()) {
+        let (family, prefix) = if resolver.is_ipv4() { ("-4", 32) } else { ("-6", 128) };
+        if !ip(&[family, "route", "get", &resolver.to_string()])?.status.success() {
+            let _ = ip(&[
+                family,
+                "route",
+                "replace",
+                &format!("{resolver}/{prefix}"),
+                "dev",
+                "lo",
+                "proto",
+                ROUTE_PROTOCOL,
+            ])?;
+        }
+    }
     let probe = range.to_string();
     let first: Ipv4Addr = probe.split('/').next().and_then(|a| a.parse().ok()).unwrap_or(Ipv4Addr::UNSPECIFIED);
     let probe_v4 = Ipv4Addr::from(u32::from(first) + 1).to_string();
