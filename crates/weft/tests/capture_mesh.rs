@@ -539,7 +539,17 @@ spec:
         &client,
         &dir,
         "web",
-        &["--control", &grpc, "--token-file", web_token.to_str().unwrap(), "--service", "web", "--capture"],
+        &[
+            "--control",
+            &grpc,
+            "--token-file",
+            web_token.to_str().unwrap(),
+            "--service",
+            "web",
+            "--telemetry-interval",
+            "1s",
+            "--capture",
+        ],
     );
 
     // The name is discovered from the control plane on the first question, and the
@@ -572,6 +582,19 @@ spec:
     // A tcp port the application serves on a port of its own, behind the PROXY
     // protocol: the caller's address arrives in the header, over mutual TLS.
     assert_eq!(netcat(&client, "reviews", 6000), format!("proxied from {client_ip}\n"));
+    // The control plane sees the captured calls as the mesh's: an edge from web's
+    // identity to reviews', over mutual TLS.
+    until("weft stat edges to show web -> reviews over mutual TLS", || {
+        let (ok, out, _) = control.cli(&["stat", "edges", "-w", "1m", "-o", "json"]);
+        let edges: serde_json::Value =
+            if ok { serde_json::from_str(&out).unwrap_or_default() } else { Default::default() };
+        edges["rows"].as_array().into_iter().flatten().any(|row| {
+            row["source"]["identity"] == "spiffe://weft.local/ns/default/sa/web"
+                && row["destination"]["service"] == "default/reviews"
+                && row["mtls"] == true
+                && row["requests"].as_u64().unwrap_or(0) >= 1
+        })
+    });
     // A call by IP to the registered workload is meshed too.
     let (status, body) = curl(&client, &format!("http://{server_ip}:15006/"));
     assert_eq!(status, "200", "{body}\n{}", client_proxy.log());
