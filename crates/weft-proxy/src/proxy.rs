@@ -178,7 +178,21 @@ pub fn run(mut settings: ProxySettings) -> Result<Option<i32>, ProxyError> {
         None => None,
         Some((install, rules)) => {
             if let ProxyTraffic::Mark(mark) = rules.proxy_traffic {
-                crate::capture::mark_proxy_sockets(mark);
+                match crate::capture::can_mark(mark) {
+                    Ok(()) => crate::capture::mark_proxy_sockets(mark),
+                    // Rules an init step installed may leave this proxy out by uid
+                    // instead (`weft capture install --proxy-uid`): then no mark is needed.
+                    Err(error) if !install => tracing::info!(
+                        %error,
+                        "cannot mark the proxy's sockets (no CAP_NET_ADMIN); the capture rules must leave out this \
+                         proxy's uid (weft capture install --proxy-uid UID)"
+                    ),
+                    Err(error) => {
+                        return Err(ProxyError::Capture(format!(
+                            "cannot mark the proxy's sockets ({error}); capture needs root or CAP_NET_ADMIN"
+                        )))
+                    }
+                }
             }
             match install {
                 true => {

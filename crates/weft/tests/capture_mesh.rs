@@ -60,9 +60,21 @@ struct Sidecar<'a> {
 impl<'a> Sidecar<'a> {
     /// Starts `weft proxy ARGS` in `namespace` and waits until `/ready` answers 200.
     fn start(namespace: &'a Namespace, dir: &TempDir, name: &str, args: &[&str]) -> Sidecar<'a> {
+        Sidecar::start_as(namespace, dir, name, None, args)
+    }
+
+    /// [`Sidecar::start`], as the user `uid` when given (root otherwise).
+    fn start_as(namespace: &'a Namespace, dir: &TempDir, name: &str, uid: Option<u32>, args: &[&str]) -> Sidecar<'a> {
         let log = dir.0.join(format!("{name}.log"));
-        let child = namespace
-            .command(WEFT)
+        let mut command = match uid {
+            None => namespace.command(WEFT),
+            Some(uid) => {
+                let mut command = namespace.command("setpriv");
+                command.args([&format!("--reuid={uid}"), &format!("--regid={uid}"), "--clear-groups", WEFT]);
+                command
+            }
+        };
+        let child = command
             .arg("proxy")
             .args(args)
             .env("RUST_LOG", "info,weft_proxy=debug")
@@ -424,6 +436,33 @@ fn unmodified_clients_reach_services_through_captured_sidecars() {
     // A clean exit removes the table and the routes: the namespace is as it was.
     restarted.signal("-TERM");
     restarted.wait();
+    assert_eq!(client.ruleset(), before);
+    assert_eq!(run(&["ip", "-n", &client.name, "route"]), routes_before);
+
+    // An init step installs the rules for a proxy that runs as its own unprivileged user
+    // (it cannot mark its sockets: the rules leave out its uid); root's curl, the
+    // application here, is captured; `weft capture remove` restores the namespace.
+    let installed = client
+        .command(WEFT)
+        .args(["capture", "install", "--proxy-uid", "1337", "--inbound-port", "0"])
+        .output()
+        .unwrap();
+    assert!(installed.status.success(), "{}", String::from_utf8_lossy(&installed.stderr));
+    let unprivileged = Sidecar::start_as(
+        &client,
+        &dir,
+        "client-unprivileged",
+        Some(1337),
+        &["--config", config_flag, "--capture=external"],
+    );
+    let (status, body) = curl(&client, "http://reviews/");
+    assert_eq!(status, "200", "{body}\n{}", unprivileged.log());
+    assert!(unprivileged.log().contains("cannot mark the proxy's sockets"), "{}", unprivileged.log());
+    unprivileged.signal("-TERM");
+    unprivileged.wait();
+    assert!(client.ruleset().contains("table inet weft"), "--capture=external leaves the init step's rules");
+    let removed = client.command(WEFT).args(["capture", "remove"]).output().unwrap();
+    assert!(removed.status.success());
     assert_eq!(client.ruleset(), before);
     assert_eq!(run(&["ip", "-n", &client.name, "route"]), routes_before);
 }

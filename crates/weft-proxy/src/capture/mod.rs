@@ -29,6 +29,13 @@ pub fn mark_proxy_sockets(mark: u32) {
     PROXY_MARK.store(mark, Ordering::Relaxed);
 }
 
+/// Whether this process may mark its sockets with `mark` (`SO_MARK` needs
+/// `CAP_NET_ADMIN`), tried on a socket that is never used.
+pub fn can_mark(mark: u32) -> std::io::Result<()> {
+    let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    probe.set_mark(mark)
+}
+
 /// The mark the proxy's sockets carry, if capture by mark is on.
 pub fn proxy_mark() -> Option<u32> {
     match PROXY_MARK.load(Ordering::Relaxed) {
