@@ -107,15 +107,13 @@ class Stack:
             p.wait()
 
 
-def start_nginx(tmp):
-    port = free_port()
-    conf = os.path.join(tmp, "nginx.conf")
-    with open(conf, "w") as f:
-        f.write(f"""
+def nginx_config(tmp, name, port):
+    """nginx serving a 1 KiB body on 127.0.0.1:`port`, its files named `name` in `tmp`."""
+    return f"""
 worker_processes 1;
 daemon off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/nginx-error.log;
+pid {tmp}/{name}.pid;
+error_log {tmp}/{name}-error.log;
 events {{ worker_connections 4096; }}
 http {{
   access_log off;
@@ -126,7 +124,14 @@ http {{
     location / {{ return 200 "{"x" * 1024}"; }}
   }}
 }}
-""")
+"""
+
+
+def start_nginx(tmp):
+    port = free_port()
+    conf = os.path.join(tmp, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(nginx_config(tmp, "nginx", port))
     # Its own process group, so that stopping it also stops its worker.
     proc = subprocess.Popen(["nginx", "-c", conf, "-p", tmp], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -162,7 +167,8 @@ def weft_stack(tmp, name, upstream, pair):
     return stack
 
 
-def mesh_yaml(port):
+def mesh_yaml(port, host="127.0.0.1"):
+    """The Service `upstream` with one Workload at `host`:`port`."""
     return f"""apiVersion: weft.dev/v1alpha1
 kind: Service
 metadata: {{name: upstream}}
@@ -171,7 +177,7 @@ spec: {{selector: {{app: upstream}}, ports: [{{port: 80, protocol: http}}]}}
 apiVersion: weft.dev/v1alpha1
 kind: Workload
 metadata: {{name: upstream-1}}
-spec: {{labels: {{app: upstream}}, address: "127.0.0.1:{port}"}}
+spec: {{labels: {{app: upstream}}, address: "{host}:{port}"}}
 """
 
 

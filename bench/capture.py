@@ -30,20 +30,11 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WEFT = os.path.join(ROOT, "target", "release", "weft")
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+from bench import ROOT, WEFT, cpu_times, mesh_yaml, nginx_config
 
 
 def run(*args, **kw):
     return subprocess.run(args, check=True, capture_output=True, text=True, **kw).stdout
-
-
-def cpu_times(pid):
-    """(user, system) CPU seconds of a process."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 class Setup:
@@ -108,37 +99,9 @@ class Setup:
 def start_nginx(setup):
     conf = os.path.join(setup.tmp, f"{setup.name}-nginx.conf")
     with open(conf, "w") as f:
-        f.write(f"""
-worker_processes 1;
-daemon off;
-pid {setup.tmp}/{setup.name}-nginx.pid;
-error_log {setup.tmp}/{setup.name}-nginx-error.log;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  keepalive_requests 1000000;
-  server {{
-    listen 127.0.0.1:8080;
-    default_type text/plain;
-    location / {{ return 200 "{"x" * 1024}"; }}
-  }}
-}}
-""")
+        f.write(nginx_config(setup.tmp, f"{setup.name}-nginx", 8080))
     setup.spawn(setup.server, ["nginx", "-c", conf, "-p", setup.tmp], proxy=False)
     setup.wait_port(setup.server, "127.0.0.1:8080")
-
-
-def mesh_yaml(server_ip):
-    return f"""apiVersion: weft.dev/v1alpha1
-kind: Service
-metadata: {{name: upstream}}
-spec: {{selector: {{app: upstream}}, ports: [{{port: 80, protocol: http}}]}}
----
-apiVersion: weft.dev/v1alpha1
-kind: Workload
-metadata: {{name: upstream-1}}
-spec: {{labels: {{app: upstream}}, address: "{server_ip}:15006"}}
-"""
 
 
 def weft_setup(name, index, tmp, captured):
@@ -146,7 +109,7 @@ def weft_setup(name, index, tmp, captured):
     start_nginx(setup)
     cfg = os.path.join(tmp, f"{name}.yaml")
     with open(cfg, "w") as f:
-        f.write(mesh_yaml(setup.server_ip))
+        f.write(mesh_yaml(15006, setup.server_ip))
     capture = ["--capture"] if captured else []
     setup.spawn(setup.server, [WEFT, "proxy", "--config", cfg, "--service", "upstream", "--app-addr", "127.0.0.1:8080",
                                "--inbound-addr", "0.0.0.0:15006", "--log", "warn", *capture])

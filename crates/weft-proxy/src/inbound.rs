@@ -55,10 +55,14 @@ pub async fn serve_connection(state: Arc<SharedState>, stream: TcpStream, drain:
             arrival.called = crate::capture::original_dst::original_destination(&stream).ok();
         }
         // The application sees its callers' addresses, as it would without a mesh.
-        arrival.caller = stream.peer_addr().ok();
-        arrival.forwarded_for = arrival.caller.and_then(|peer| HeaderValue::try_from(peer.ip().to_string()).ok());
+        let caller = stream.peer_addr().ok();
+        arrival.forwarded_for = caller.and_then(|peer| HeaderValue::try_from(peer.ip().to_string()).ok());
     }
-    let called = arrival.called.or_else(|| stream.local_addr().ok());
+    // The address called, for a PROXY protocol header: read only when a port wants one.
+    let called = match wants_proxy_header(&state) {
+        true => arrival.called.or_else(|| stream.local_addr().ok()),
+        false => None,
+    };
     let arrival = (arrival != Arrival::default()).then(|| Arc::new(arrival));
     let tls = state.inbound_tls();
     let config = state.config.load_full();
@@ -88,7 +92,7 @@ pub async fn serve_connection(state: Arc<SharedState>, stream: TcpStream, drain:
         (Detected::Opaque | Detected::TimedOut | Detected::Tls, _) => {
             let mut connection = open_connection(&state, None);
             let port = arrival.as_ref().and_then(|a| a.port);
-            let caller = stream.peer_addr().ok();
+            let caller = called.and_then(|_| stream.peer_addr().ok());
             relay_to_app(&state, app, None, port, (caller, called), stream, &mut connection).await
         }
         (Detected::Http1 | Detected::Http2, _) => {
@@ -100,6 +104,12 @@ pub async fn serve_connection(state: Arc<SharedState>, stream: TcpStream, drain:
             serve_http(stream, Some(detected), service, drain, &state, "inbound").await;
         }
     }
+}
+
+/// Whether any port of this proxy's own Service asks for a PROXY protocol header.
+fn wants_proxy_header(state: &SharedState) -> bool {
+    let config = state.config.load();
+    config.own_service.is_some_and(|own| config.snapshot.services[own].ports.iter().any(|p| p.proxy_protocol))
 }
 
 /// The `targetPort` of this proxy's own Service's `port`, if it declares one.
@@ -114,7 +124,6 @@ fn target_port(state: &SharedState, port: u16) -> Option<u16> {
 struct Arrival {
     /// The caller's address, passed on as `X-Forwarded-For`.
     forwarded_for: Option<HeaderValue>,
-    caller: Option<SocketAddr>,
     /// The address and port the caller connected to (for a plaintext caller, the port
     /// authorization judges).
     called: Option<SocketAddr>,

@@ -104,6 +104,18 @@ impl AnsweringTry {
     }
 }
 
+/// Serves one connection the application made to the outbound listener itself (HTTP,
+/// the Service named by Host or absolute URI).
+pub async fn serve_connection(
+    state: Arc<SharedState>,
+    stream: tokio::net::TcpStream,
+    drain: crate::listener::DrainWatch,
+) {
+    let handler_state = state.clone();
+    let service = hyper::service::service_fn(move |request| handle(handler_state.clone(), None, request));
+    crate::listener::serve_http(stream, None, service, drain, &state, "outbound").await;
+}
+
 /// Handles one outbound request end to end, always producing a response.
 ///
 /// `captured` is the original destination of a transparently captured connection: it,

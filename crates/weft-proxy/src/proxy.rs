@@ -17,7 +17,7 @@ use crate::{
         Installed,
     },
     discovery, health, identity, inbound,
-    listener::{self, accept_loop, serve_http, BindError, Drain},
+    listener::{self, accept_loop, BindError, Drain},
     outbound, reload,
     settings::{CaptureSettings, ProxySettings},
     state::SharedState,
@@ -238,14 +238,7 @@ pub fn run(mut settings: ProxySettings) -> Result<Option<i32>, ProxyError> {
                         }
                     } else {
                         tasks.spawn(accept_loop(outbound_listener, watch.clone(), move |stream, _peer, drain| {
-                            let state = outbound_state.clone();
-                            async move {
-                                let handler_state = state.clone();
-                                let service = hyper::service::service_fn(move |request| {
-                                    outbound::handle(handler_state.clone(), None, request)
-                                });
-                                serve_http(stream, None, service, drain, &state, "outbound").await;
-                            }
+                            outbound::serve_connection(outbound_state.clone(), stream, drain)
                         }));
                     }
                     if let Some(inbound_listener) = inbound_listener {

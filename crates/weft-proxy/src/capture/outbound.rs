@@ -44,7 +44,7 @@ pub async fn serve_connection(state: Arc<SharedState>, stream: TcpStream, drain:
     };
     let Some(original) = original else {
         count(&state, "explicit", "meshed");
-        return serve_explicit(state, stream, drain).await;
+        return outbound::serve_connection(state, stream, drain).await;
     };
     let mut config = state.config.load_full();
     if let Some(discovery) = state.discovery.get() {
@@ -124,13 +124,6 @@ pub async fn serve_connection(state: Arc<SharedState>, stream: TcpStream, drain:
             }
         }
     }
-}
-
-/// An HTTP connection the application made to the listener itself.
-async fn serve_explicit(state: Arc<SharedState>, stream: TcpStream, drain: DrainWatch) {
-    let handler_state = state.clone();
-    let service = hyper::service::service_fn(move |request| outbound::handle(handler_state.clone(), None, request));
-    serve_http(stream, None, service, drain, &state, "outbound").await;
 }
 
 /// An IPv4 destination as a dual-stack socket may report it (`::ffff:a.b.c.d`).
