@@ -42,14 +42,15 @@ use crate::{
     transport::{self, Upstream},
 };
 
-/// Serves one accepted inbound connection.
-pub async fn serve_connection(state: Arc<SharedState>, stream: TcpStream, drain: DrainWatch) {
+/// Serves one accepted inbound connection: made to the inbound listener, or `captured`
+/// (made to one of the application's ports and redirected by capture's rules).
+pub async fn serve_connection(state: Arc<SharedState>, stream: TcpStream, captured: bool, drain: DrainWatch) {
     let Some(mut app) = state.settings.app_addr else { return };
     let mut arrival = Arrival::default();
     if state.settings.capture.is_some() {
         // A captured connection keeps the port it was made to: the application may
         // listen on several.
-        if let Some(port) = crate::capture::original_dst::redirected_port(&stream) {
+        if let Some(port) = captured.then(|| crate::capture::original_dst::redirected_port(&stream)).flatten() {
             app.set_port(port);
             arrival.port = Some(port);
             arrival.called = crate::capture::original_dst::original_destination(&stream).ok();

@@ -13,7 +13,7 @@ use crate::{
     admin,
     app::{self, App, SpawnError},
     capture::{
-        rules::{CaptureRules, ProxyTraffic},
+        rules::{CaptureRules, InboundPorts, ProxyTraffic},
         Installed,
     },
     discovery, health, identity, inbound,
@@ -31,6 +31,9 @@ pub struct BoundPorts {
     pub outbound: SocketAddr,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub inbound: Option<SocketAddr>,
+    /// Where capture's rules send connections made to the application's ports.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub captured_inbound: Option<SocketAddr>,
     pub admin: SocketAddr,
     pub upstreams: std::collections::BTreeMap<String, SocketAddr>,
 }
@@ -70,13 +73,17 @@ fn capture_rules(settings: &ProxySettings, capture: &CaptureSettings, ports: &Bo
         .collect();
     CaptureRules {
         outbound_port: ports.outbound.port(),
-        inbound_port: ports.inbound.map(|inbound| inbound.port()),
+        inbound: ports
+            .inbound
+            .zip(ports.captured_inbound)
+            .map(|(mesh, captured)| InboundPorts { mesh: mesh.port(), captured: captured.port() }),
         dns_port: Some(capture.dns_port),
         proxy_traffic: capture.proxy_traffic,
         exclude_inbound_ports,
         exclude_outbound_ports: capture.exclude_ports.clone(),
         exclude_cidrs: capture.exclude_cidrs.clone(),
         exclude_destinations,
+        untrack: true,
     }
 }
 
@@ -111,8 +118,16 @@ pub fn run(mut settings: ProxySettings) -> Result<Option<i32>, ProxyError> {
     // Under capture, the rules redirect to 127.0.0.1 or ::1 at the outbound port, and
     // send DNS to the responder: both loopbacks listen.
     let mut outbound_v6_listeners = None;
+    let mut captured_inbound_listeners = None;
     let mut dns_sockets = Vec::new();
     if let Some(capture) = &settings.capture {
+        // Captured inbound connections get a listener of their own: the mesh port's
+        // traffic then needs no connection tracking (see capture::rules).
+        if settings.app_addr.is_some() {
+            let address = SocketAddr::new(settings.inbound_addr.ip(), capture.inbound_port);
+            captured_inbound_listeners =
+                Some(listener::bind(address, workers, "captured-inbound listener", "--capture-inbound-port")?);
+        }
         let port = outbound_listeners[0].local_addr().map_err(ProxyError::Runtime)?.port();
         let ipv6 = crate::capture::dns::ipv6_enabled();
         if ipv6 && settings.outbound_addr.ip() == std::net::Ipv4Addr::LOCALHOST {
@@ -137,6 +152,7 @@ pub fn run(mut settings: ProxySettings) -> Result<Option<i32>, ProxyError> {
     let ports = BoundPorts {
         outbound: local(&outbound_listeners),
         inbound: inbound_listeners.as_deref().map(local),
+        captured_inbound: captured_inbound_listeners.as_deref().map(local),
         admin: admin_listener.local_addr().expect("bound listener has an address"),
         // `SERVICE`, or `SERVICE:PORT` for an upstream to one port of it.
         upstreams: upstream_listeners
@@ -149,7 +165,7 @@ pub fn run(mut settings: ProxySettings) -> Result<Option<i32>, ProxyError> {
         std::fs::write(path, json)
             .map_err(|source| ProxyError::PortsFile { path: path.display().to_string(), source })?;
     }
-    tracing::info!(outbound = %ports.outbound, inbound = ?ports.inbound, admin = %ports.admin, upstreams = ?ports.upstreams, workers, "listening");
+    tracing::info!(outbound = %ports.outbound, inbound = ?ports.inbound, captured_inbound = ?ports.captured_inbound, admin = %ports.admin, upstreams = ?ports.upstreams, workers, "listening");
     if settings.app_addr.is_none() {
         tracing::info!("no --app-addr: the inbound listener is not started");
     }
@@ -179,7 +195,16 @@ pub fn run(mut settings: ProxySettings) -> Result<Option<i32>, ProxyError> {
         Some((install, rules)) => {
             if let ProxyTraffic::Mark(mark) = rules.proxy_traffic {
                 match crate::capture::can_mark(mark) {
-                    Ok(()) => crate::capture::mark_proxy_sockets(mark),
+                    Ok(()) => {
+                        crate::capture::mark_proxy_sockets(mark);
+                        // The mesh port's connections inherit the listener's mark, so
+                        // their replies skip connection tracking too.
+                        for listener in inbound_listeners.iter().flatten() {
+                            crate::capture::original_dst::mark_as_proxy(listener, mark).map_err(|error| {
+                                ProxyError::Capture(format!("cannot mark the inbound listener: {error}"))
+                            })?;
+                        }
+                    }
                     // Rules an init step installed may leave this proxy out by uid
                     // instead (`weft capture install --proxy-uid`): then no mark is needed.
                     Err(error) if !install => tracing::info!(
@@ -208,6 +233,7 @@ pub fn run(mut settings: ProxySettings) -> Result<Option<i32>, ProxyError> {
 
     // Worker threads: one single-threaded runtime each, with its own sockets.
     let mut inbound_listeners = inbound_listeners.map(|l| l.into_iter());
+    let mut captured_inbound_listeners = captured_inbound_listeners.map(|l| l.into_iter());
     let mut outbound_listeners = outbound_listeners.into_iter();
     let mut outbound_v6_listeners = outbound_v6_listeners.map(|l| l.into_iter());
     let capturing = state.settings.capture.is_some();
@@ -216,6 +242,7 @@ pub fn run(mut settings: ProxySettings) -> Result<Option<i32>, ProxyError> {
         let outbound_listener = outbound_listeners.next().expect("one per worker");
         let outbound_v6_listener = outbound_v6_listeners.as_mut().and_then(|l| l.next());
         let inbound_listener = inbound_listeners.as_mut().and_then(|l| l.next());
+        let captured_inbound_listener = captured_inbound_listeners.as_mut().and_then(|l| l.next());
         let upstreams: Vec<_> =
             upstream_iters.iter_mut().map(|(u, l)| (u.clone(), l.next().expect("one per worker"))).collect();
         let state = state.clone();
@@ -241,10 +268,11 @@ pub fn run(mut settings: ProxySettings) -> Result<Option<i32>, ProxyError> {
                             outbound::serve_connection(outbound_state.clone(), stream, drain)
                         }));
                     }
-                    if let Some(inbound_listener) = inbound_listener {
+                    let inbound = [(inbound_listener, false), (captured_inbound_listener, true)];
+                    for (listener, captured) in inbound.into_iter().filter_map(|(l, c)| Some((l?, c))) {
                         let inbound_state = state.clone();
-                        tasks.spawn(accept_loop(inbound_listener, watch.clone(), move |stream, _peer, drain| {
-                            inbound::serve_connection(inbound_state.clone(), stream, drain)
+                        tasks.spawn(accept_loop(listener, watch.clone(), move |stream, _peer, drain| {
+                            inbound::serve_connection(inbound_state.clone(), stream, captured, drain)
                         }));
                     }
                     for (upstream, listener) in upstreams {

@@ -86,6 +86,9 @@ pub struct CaptureSettings {
     pub proxy_traffic: crate::capture::rules::ProxyTraffic,
     /// Where the DNS responder listens (loopback); the rules send port 53 there.
     pub dns_port: u16,
+    /// Where the captured-inbound listener listens (on the inbound address); the rules
+    /// send connections made to the application's ports there.
+    pub inbound_port: u16,
     /// Outbound destination ports left alone (`--capture-exclude-ports`).
     pub exclude_ports: Vec<u16>,
     /// Inbound ports left alone besides the proxy's own (`--capture-exclude-inbound-ports`).
@@ -97,6 +100,10 @@ pub struct CaptureSettings {
 /// The DNS responder's default port: not 53, which a proxy that is not root cannot bind;
 /// the rules redirect the application's port-53 queries to it.
 pub const DEFAULT_DNS_PORT: u16 = 15053;
+
+/// The captured-inbound listener's default port, next to the mesh inbound port (15006):
+/// connections to the application's own ports, redirected by capture's rules.
+pub const DEFAULT_CAPTURED_INBOUND_PORT: u16 = 15007;
 
 impl ProxySettings {
     /// Settings with every default, for the given config file.

@@ -8,8 +8,8 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use weft_model::virtual_ip::VirtualIpRange;
 use weft_proxy::{
-    capture::rules::{CaptureRules, Cidr, ProxyTraffic, DEFAULT_MARK},
-    settings::{CaptureSettings, DEFAULT_DNS_PORT},
+    capture::rules::{CaptureRules, Cidr, InboundPorts, ProxyTraffic, DEFAULT_MARK},
+    settings::{CaptureSettings, DEFAULT_CAPTURED_INBOUND_PORT, DEFAULT_DNS_PORT},
 };
 
 /// Who installs the rules a capturing proxy serves.
@@ -37,6 +37,11 @@ pub struct CaptureFlags {
     /// (port 53) there.
     #[arg(long, default_value_t = DEFAULT_DNS_PORT, value_name = "PORT")]
     pub capture_dns_port: u16,
+    /// Where the rules send connections made to the application's own ports: a listener
+    /// of the proxy apart from the mesh inbound port (whose traffic then needs no
+    /// connection tracking), on the inbound address.
+    #[arg(long, default_value_t = DEFAULT_CAPTURED_INBOUND_PORT, value_name = "PORT")]
+    pub capture_inbound_port: u16,
 }
 
 impl CaptureFlags {
@@ -49,6 +54,7 @@ impl CaptureFlags {
                 Some(_) => ProxyTraffic::Uid(own_uid()?),
             },
             dns_port: self.capture_dns_port,
+            inbound_port: self.capture_inbound_port,
             exclude_ports: self.capture_exclude_ports.clone(),
             exclude_inbound_ports: self.capture_exclude_inbound_ports.clone(),
             exclude_cidrs: self.capture_exclude_cidrs.clone(),
@@ -96,7 +102,8 @@ pub struct InstallArgs {
     /// The proxy's outbound listener port.
     #[arg(long, default_value_t = 15001, value_name = "PORT")]
     outbound_port: u16,
-    /// The proxy's inbound listener port; `0` leaves arriving connections alone.
+    /// The proxy's (mesh) inbound listener port, never redirected; `0` leaves arriving
+    /// connections alone.
     #[arg(long, default_value_t = 15006, value_name = "PORT")]
     inbound_port: u16,
     /// The proxy's admin port, left alone so that Prometheus reaches it.
@@ -133,7 +140,8 @@ pub fn run(command: CaptureCommand) -> anyhow::Result<()> {
                 .collect();
             let rules = CaptureRules {
                 outbound_port: args.outbound_port,
-                inbound_port: (args.inbound_port != 0).then_some(args.inbound_port),
+                inbound: (args.inbound_port != 0)
+                    .then_some(InboundPorts { mesh: args.inbound_port, captured: args.flags.capture_inbound_port }),
                 dns_port: Some(args.flags.capture_dns_port),
                 proxy_traffic: match args.proxy_uid {
                     Some(uid) => ProxyTraffic::Uid(uid),
@@ -146,6 +154,7 @@ pub fn run(command: CaptureCommand) -> anyhow::Result<()> {
                 exclude_outbound_ports: args.flags.capture_exclude_ports,
                 exclude_cidrs: args.flags.capture_exclude_cidrs,
                 exclude_destinations,
+                untrack: true,
             };
             let upstreams = weft_proxy::capture::dns::Upstreams::from_host();
             let resolvers: Vec<_> = upstreams.resolvers().iter().map(|r| r.ip()).collect();

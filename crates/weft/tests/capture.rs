@@ -19,19 +19,20 @@ use std::{
 use weft_proxy::capture::{
     nft,
     original_dst::{mark_as_proxy, original_destination},
-    rules::{CaptureRules, ProxyTraffic, DEFAULT_MARK},
+    rules::{CaptureRules, InboundPorts, ProxyTraffic, DEFAULT_MARK},
 };
 
 fn rules(outbound_port: u16) -> CaptureRules {
     CaptureRules {
         outbound_port,
-        inbound_port: Some(15006),
+        inbound: Some(InboundPorts { mesh: 15006, captured: 15007 }),
         dns_port: Some(15053),
         proxy_traffic: ProxyTraffic::Mark(DEFAULT_MARK),
         exclude_inbound_ports: vec![15000],
         exclude_outbound_ports: vec![],
         exclude_cidrs: vec![],
         exclude_destinations: vec![],
+        untrack: true,
     }
 }
 

@@ -145,8 +145,10 @@ impl Drop for Sidecar<'_> {
 
 /// The server's application: answers every HTTP request with what it was sent (Host
 /// and X-Forwarded-For), on 127.0.0.1:9080 in `namespace`.
-fn serve_echo(namespace: &Namespace) {
-    let listener = namespace.enter(|| std::net::TcpListener::bind("127.0.0.1:9080").unwrap());
+/// An HTTP application on 127.0.0.1:`port` in `namespace` that answers with its `name`,
+/// the Host it was asked for and the X-Forwarded-For it got.
+fn serve_echo(namespace: &Namespace, port: u16, name: &'static str) {
+    let listener = namespace.enter(|| std::net::TcpListener::bind(("127.0.0.1", port)).unwrap());
     std::thread::spawn(move || {
         use std::io::{BufRead, BufReader, Write};
         for stream in listener.incoming().take(200).flatten() {
@@ -173,7 +175,7 @@ fn serve_echo(namespace: &Namespace) {
                             }
                         }
                     }
-                    let body = format!("reviews saw host={host} xff={}", forwarded.join(","));
+                    let body = format!("{name} saw host={host} xff={}", forwarded.join(","));
                     let response = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
                     if stream.write_all(response.as_bytes()).is_err() {
                         return;
@@ -311,7 +313,10 @@ fn unmodified_clients_reach_services_through_captured_sidecars() {
     // resolver answers what the mesh does not.
     client.resolv_conf(&format!("nameserver {server_ip}\n"));
     serve_upstream_resolver(&server, &server_ip, server_ip.parse().unwrap());
-    serve_echo(&server);
+    serve_echo(&server, 9080, "reviews");
+    // A second port of the same application, which only a connection that keeps the port
+    // it was made to reaches.
+    serve_echo(&server, 9081, "reviews-admin");
     serve_banner(&server, &["0.0.0.0:5432", "0.0.0.0:7000", "0.0.0.0:7001"]);
 
     let dir = TempDir::new("capture-mesh");
@@ -439,6 +444,16 @@ fn unmodified_clients_reach_services_through_captured_sidecars() {
     assert_eq!(client.ruleset(), before);
     assert_eq!(run(&["ip", "-n", &client.name, "route"]), routes_before);
 
+    // A caller outside the mesh (the client's namespace, no longer captured) calls the
+    // application's ports directly: the server's sidecar captures the connections, each
+    // reaches the port it was made to, and the application sees the caller's address.
+    let (status, body) = curl(&client, &format!("http://{server_ip}:9081/"));
+    assert_eq!(status, "200", "{body}");
+    assert_eq!(body, format!("reviews-admin saw host={server_ip}:9081 xff={client_ip}"));
+    let (status, body) = curl(&client, &format!("http://{server_ip}:9080/"));
+    assert_eq!(status, "200", "{body}");
+    assert_eq!(body, format!("reviews saw host={server_ip}:9080 xff={client_ip}"));
+
     // An init step installs the rules for a proxy that runs as its own unprivileged user
     // (it cannot mark its sockets: the rules leave out its uid); root's curl, the
     // application here, is captured; `weft capture remove` restores the namespace.
@@ -518,7 +533,7 @@ async fn captured_sidecars_of_a_control_plane_speak_mutual_tls_under_authorizati
     let client_ip = format!("10.251.{subnet}.1");
     client.resolv_conf(&format!("nameserver {server_ip}\n"));
     serve_upstream_resolver(&server, &server_ip, Ipv4Addr::new(192, 0, 2, 7));
-    serve_echo(&server);
+    serve_echo(&server, 9080, "reviews");
     let dir = TempDir::new("capture-control");
     let control = support::Control::start_on(
         &dir,
@@ -641,4 +656,20 @@ spec:
         client_proxy.metric("weft_captured_connections_total", &["destination=\"endpoint\"", "outcome=\"meshed\""])
             >= 1.0
     );
+    // The kernel tracks only the connections capture rewrites: the client's curl to the
+    // virtual IP, never the mesh's own (the sidecars' mutual TLS on 15006, the server's
+    // sidecar to its application over loopback), which would cost a lookup per packet.
+    let tracked =
+        |namespace: &Namespace| run(&["ip", "netns", "exec", &namespace.name, "cat", "/proc/net/nf_conntrack"]);
+    let client_tracked = tracked(&client);
+    assert!(client_tracked.contains(&format!("dst={} sport=", vip[0])), "{client_tracked}");
+    // (The curl to 15006 by IP is tracked, its reply rewritten; the sidecar's own
+    // connection there, whose reply would come from 15006 unrewritten, is not.)
+    let own_reply = format!("src={server_ip} dst={client_ip} sport=15006 ");
+    assert!(!client_tracked.contains(&own_reply), "the sidecar's own connection is tracked:\n{client_tracked}");
+    let server_tracked = tracked(&server);
+    for port in ["15006", "9080", "6000"] {
+        let untracked = format!("dport={port} ");
+        assert!(!server_tracked.contains(&untracked), "{port} tracked on the server:\n{server_tracked}");
+    }
 }

@@ -63,7 +63,7 @@ impl Installed {
             let _ = routes::remove();
             return Err(error);
         }
-        tracing::info!(table = rules::TABLE, outbound = rules.outbound_port, inbound = ?rules.inbound_port, dns = ?rules.dns_port, "transparent capture installed");
+        tracing::info!(table = rules::TABLE, outbound = rules.outbound_port, inbound = ?rules.inbound, dns = ?rules.dns_port, "transparent capture installed");
         Ok(Installed { _private: () })
     }
 }

@@ -25,9 +25,22 @@ pub enum CaptureError {
     Route(String),
 }
 
-/// Replaces capture's table with `rules`.
+/// Replaces capture's table with `rules`. A kernel without nftables' `socket` expression
+/// refuses the chains that keep connection tracking off the proxy's own flows: capture
+/// then works without them, at the cost of tracking every flow, and says so.
 pub fn install(rules: &CaptureRules) -> Result<(), CaptureError> {
-    apply(&rules.script())
+    match apply(&rules.script()) {
+        Err(CaptureError::Refused(reason)) if rules.untrack => {
+            apply(&CaptureRules { untrack: false, ..rules.clone() }.script())?;
+            tracing::warn!(
+                %reason,
+                "nft refused capture's untracked chains (a kernel without nft_socket?): every flow of this network \
+                 namespace is connection-tracked, which costs CPU on each packet"
+            );
+            Ok(())
+        }
+        applied => applied,
+    }
 }
 
 /// Removes capture's table; says whether there was one.
