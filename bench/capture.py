@@ -10,13 +10,16 @@ and the server's (10.253.N.2), with nginx serving a 1 KiB body on the server's l
                   sidecar dials its inbound port, which capture leaves alone)
   haproxy-pair    wrk -> 127.0.0.1:15001 -> haproxy -> haproxy (10.253.N.2:15006) -> nginx
 
-Loads, interleaved round-robin over the setups every round (the first round is a warm-up and
-dropped; median, min and max of the rest):
+Loads, interleaved over the setups every round, the two weft setups back to back in an order
+that alternates from round to round (the first round is a warm-up and dropped; median, min and
+max of the rest). The machines here are shared and their speed drifts by 20% over a minute, so
+the comparison of captured with explicit is the median of each round's own ratio, the two
+measured seconds apart, not the ratio of the medians:
   keep-alive  wrk -t1 -c32: requests/s, and the proxies' CPU seconds per 1k requests
   close       the same with `Connection: close`: a new client connection per request, where
               capture's per-connection work (NAT, SO_ORIGINAL_DST) shows
 
-Usage: sudo bench/capture.py [--rounds 4] [--duration 4] [--out bench/results/capture.md]
+Usage: sudo bench/capture.py [--rounds 11] [--duration 3] [--out bench/results/capture.md]
 """
 
 import argparse
@@ -198,14 +201,15 @@ def render(results, args):
             lines.append(f"| {name} | {rps[0]:,.0f} ({rps[1]:,.0f}-{rps[2]:,.0f}) | "
                          f"{cpu[0] * 1000:.1f} ({cpu[1] * 1000:.1f}-{cpu[2] * 1000:.1f}) | {user[0] * 1000:.1f} |")
         lines.append("")
-        base = median(results["weft-explicit"][load], "cpu_per_1k")[0]
-        captured = median(results["weft-captured"][load], "cpu_per_1k")[0]
-        haproxy = median(results["haproxy-pair"][load], "cpu_per_1k")[0]
-        rps_base = median(results["weft-explicit"][load], "rps")[0]
-        rps_captured = median(results["weft-captured"][load], "rps")[0]
+        def paired(key, over="weft-explicit"):
+            ratios = [c[key] / b[key] for c, b in zip(results["weft-captured"][load], results[over][load])]
+            return statistics.median(ratios), min(ratios), max(ratios)
+
+        cpu, rps, haproxy = paired("cpu_per_1k"), paired("rps"), paired("cpu_per_1k", "haproxy-pair")
         lines += [
-            f"Captured vs explicit: CPU per request {captured / base:.3f}x, throughput {rps_captured / rps_base:.3f}x; "
-            f"captured weft vs HAProxy's pair: CPU per request {captured / haproxy:.3f}x.",
+            f"Captured vs explicit, the median of each round's ratio (min-max): CPU per request {cpu[0]:.3f}x "
+            f"({cpu[1]:.3f}-{cpu[2]:.3f}), throughput {rps[0]:.3f}x ({rps[1]:.3f}-{rps[2]:.3f}); captured weft vs "
+            f"HAProxy's pair: CPU per request {haproxy[0]:.3f}x.",
             "",
         ]
     return "\n".join(lines)
@@ -213,8 +217,8 @@ def render(results, args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--duration", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--duration", type=int, default=3)
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "capture.md"))
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -236,8 +240,10 @@ def main():
         for name, make in makers.items():
             setups[name] = make()
         for round_index in range(args.rounds):
-            for name, setup in setups.items():
-                for load, close in (("keepalive", False), ("close", True)):
+            order = ["weft-explicit", "weft-captured"] if round_index % 2 == 0 else ["weft-captured", "weft-explicit"]
+            for load, close in (("keepalive", False), ("close", True)):
+                for name in order + ["haproxy-pair"]:
+                    setup = setups[name]
                     sample = run_wrk(setup, args.duration, close)
                     if round_index > 0 or args.rounds == 1:
                         results[name][load].append(sample)

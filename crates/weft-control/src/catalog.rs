@@ -262,6 +262,12 @@ impl Catalog {
         self.read().registrations.get(key).cloned()
     }
 
+    /// Stores an internal record at `key` only if nothing is there: `false` if something
+    /// was (another replica's, made first).
+    pub async fn create_internal(&self, key: ObjectKey, document: serde_json::Value) -> Result<bool, StoreError> {
+        self.store.create(key, document).await
+    }
+
     /// Writes records of the [`crate::store::INTERNAL_KINDS`] (registrations, join
     /// tokens; puts and deletes) in one commit. They are not judged against anything, so
     /// they do not wait for applies.

@@ -137,7 +137,7 @@ impl Hub {
         keeper: CaKeeper,
         cert_lifetime: Duration,
     ) -> Arc<Self> {
-        let world = build_world(&catalog, &registry);
+        let world = build_world(&catalog, &registry, &crate::virtual_ips::records(&catalog));
         let metrics = crate::metrics::ControlMetrics::new(catalog.commit_histogram());
         let (world_changed, _) = watch::channel(0);
         let ca_revision = Mutex::new(keeper.revision(&catalog));
@@ -324,6 +324,9 @@ impl Hub {
     /// the leader, expires lapsed ones. Runs until the process ends.
     pub async fn maintain(self: Arc<Self>) {
         let mut catalog_changed = self.catalog.subscribe();
+        // Services that have no stored address yet (made before this release, or while
+        // no control plane ran) get one now.
+        crate::virtual_ips::settle(&self.catalog, &self.world(), &crate::virtual_ips::records(&self.catalog)).await;
         let mut sweep = tokio::time::interval(Duration::from_secs(1));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -337,15 +340,22 @@ impl Hub {
                 }
             }
             self.follow_ca();
-            self.world.store(Arc::new(build_world(&self.catalog, &self.registry)));
+            let records = crate::virtual_ips::records(&self.catalog);
+            let world = Arc::new(build_world(&self.catalog, &self.registry, &records));
+            self.world.store(world.clone());
             self.world_changed.send_modify(|g| *g += 1);
+            // Derived virtual IPs are stored; the commit comes back as a change and the
+            // world is built again, the same but for where its addresses came from.
+            crate::virtual_ips::settle(&self.catalog, &world, &records).await;
         }
     }
 }
 
-fn build_world(catalog: &Catalog, registry: &Registry) -> World {
+/// The world as of now. `records` are read before the documents, so that every Service
+/// a record names is among them unless it was deleted since.
+fn build_world(catalog: &Catalog, registry: &Registry, records: &[crate::virtual_ips::VirtualIpRecord]) -> World {
     let (_, documents) = catalog.documents();
-    World::new(documents, &registry.entries())
+    World::new(documents, &registry.entries(), &crate::virtual_ips::stored(records))
 }
 
 /// The tonic service.

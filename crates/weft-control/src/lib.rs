@@ -42,6 +42,7 @@ pub mod store;
 pub mod tap;
 pub mod telemetry;
 pub mod views;
+pub mod virtual_ips;
 
 pub use ca::CaSettings;
 pub use control::{default_data_dir, run, ControlError, ControlSettings, EtcdTls, StoreSpec};

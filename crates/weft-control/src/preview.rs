@@ -43,7 +43,8 @@ pub fn preview(hub: &Hub, changed: &[ParsedDocument]) -> Preview {
             None => documents.push((document.resource.clone(), document.document.clone())),
         }
     }
-    let after = World::new(documents, &hub.registry.entries());
+    let stored = crate::virtual_ips::stored(&crate::virtual_ips::records(&hub.catalog));
+    let after = World::new(documents, &hub.registry.entries(), &stored);
     let before = hub.world();
     let mut preview = Preview::default();
     for document in changed {

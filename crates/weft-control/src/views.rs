@@ -10,7 +10,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr},
 };
 
 use serde_json::json;
@@ -44,6 +44,20 @@ pub struct World {
     /// Virtual IPs and workload addresses → the Services reached there, for proxies that
     /// subscribe to an address (`ip/ADDRESS`: a captured connection to it).
     by_address: HashMap<IpAddr, Vec<String>>,
+    /// Every Service's virtual IP and where it came from: derived ones are then stored
+    /// (see [`crate::virtual_ips`]).
+    pub virtual_ips: BTreeMap<(String, String), (Ipv4Addr, VirtualIpOrigin)>,
+}
+
+/// Where a Service's virtual IP came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VirtualIpOrigin {
+    /// Its `virtualIP`.
+    Declared,
+    /// A record the control plane stored when it first gave the address.
+    Stored,
+    /// Derived from its name, not stored yet.
+    Derived,
 }
 
 /// The subscription prefix of an address (a captured connection's original destination).
@@ -62,9 +76,13 @@ pub struct View {
 }
 
 impl World {
-    /// Builds the world from stored documents and registrations. Only healthy
-    /// registrations become endpoints.
-    pub fn new(stored: Vec<(Resource, serde_json::Value)>, registered: &[Registered]) -> Self {
+    /// Builds the world from stored documents, registrations and the Services' stored
+    /// virtual IPs. Only healthy registrations become endpoints.
+    pub fn new(
+        stored: Vec<(Resource, serde_json::Value)>,
+        registered: &[Registered],
+        virtual_ips: &BTreeMap<(String, String), Ipv4Addr>,
+    ) -> Self {
         let mut resources = Vec::with_capacity(stored.len() + registered.len());
         let mut documents = Vec::with_capacity(stored.len() + registered.len());
         let mut declared: BTreeSet<(String, String)> = BTreeSet::new();
@@ -98,7 +116,7 @@ impl World {
             push_document(&mut resources, &mut documents, document);
         }
 
-        assign_virtual_ips(&mut resources, &mut documents);
+        let virtual_ips = assign_virtual_ips(&mut resources, &mut documents, virtual_ips);
 
         let mut world = World {
             texts: documents.iter().map(ToString::to_string).collect(),
@@ -112,6 +130,7 @@ impl World {
             workloads_by_app: HashMap::new(),
             workloads_by_namespace: HashMap::new(),
             by_address: HashMap::new(),
+            virtual_ips,
         };
         for (i, resource) in resources.iter().enumerate() {
             let meta = &resource.metadata;
@@ -250,9 +269,14 @@ impl World {
 }
 
 /// Gives every Service its virtual IP, in its resource and in the document proxies are
-/// sent: computed here over every Service of the mesh, so that every proxy, and every
-/// replica (they share the store), agrees, whichever Services a proxy's view holds.
-fn assign_virtual_ips(resources: &mut [Resource], documents: &mut [serde_json::Value]) {
+/// sent: computed here over every Service of the mesh and the addresses stored for them,
+/// so that every proxy, and every replica (they share the store), agrees, whichever
+/// Services a proxy's view holds.
+fn assign_virtual_ips(
+    resources: &mut [Resource],
+    documents: &mut [serde_json::Value],
+    stored: &BTreeMap<(String, String), Ipv4Addr>,
+) -> BTreeMap<(String, String), (Ipv4Addr, VirtualIpOrigin)> {
     let range = resources
         .iter()
         .find_map(|r| match &r.spec {
@@ -269,19 +293,27 @@ fn assign_virtual_ips(resources: &mut [Resource], documents: &mut [serde_json::V
             _ => None,
         })
         .collect();
-    let (assigned, problems) = virtual_ip::assign(&declared, range);
+    let (assigned, problems) = virtual_ip::assign(&declared, stored, range);
     for problem in problems {
         tracing::warn!("{problem}");
     }
+    let mut origins = BTreeMap::new();
     for (resource, document) in resources.iter_mut().zip(documents.iter_mut()) {
         let key = (resource.metadata.namespace.clone(), resource.metadata.name.clone());
         if let (ResourceSpec::Service(spec), Some(&address)) = (&mut resource.spec, assigned.get(&key)) {
+            let origin = match (spec.virtual_ip, stored.get(&key)) {
+                (Some(_), _) => VirtualIpOrigin::Declared,
+                (None, Some(&kept)) if kept == address => VirtualIpOrigin::Stored,
+                (None, _) => VirtualIpOrigin::Derived,
+            };
+            origins.insert(key, (address, origin));
             spec.virtual_ip = Some(address);
             if let Some(spec) = document.get_mut("spec").and_then(|spec| spec.as_object_mut()) {
                 spec.insert("virtualIP".into(), json!(address.to_string()));
             }
         }
     }
+    origins
 }
 
 fn push_document(resources: &mut Vec<Resource>, documents: &mut Vec<serde_json::Value>, document: serde_json::Value) {
@@ -365,7 +397,7 @@ spec: {targetRef: {kind: Service, name: reviews-v2}, loadBalancer: {algorithm: r
             .into_iter()
             .map(|d| (d.resource, d.document))
             .collect();
-        World::new(stored, registered)
+        World::new(stored, registered, &BTreeMap::new())
     }
 
     fn names(view: &View) -> Vec<String> {

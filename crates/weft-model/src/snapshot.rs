@@ -736,7 +736,7 @@ pub fn compile(resources: &[Resource], namespace: &str) -> Snapshot {
     }
     let range = mesh.virtual_ip_range.as_deref().and_then(|r| r.parse().ok()).unwrap_or_default();
     let declared = services.iter().map(|s| ((s.namespace.clone(), s.name.clone()), s.virtual_ip)).collect();
-    let (mut assigned, problems) = crate::virtual_ip::assign(&declared, range);
+    let (mut assigned, problems) = crate::virtual_ip::assign(&declared, &BTreeMap::new(), range);
     unresolved.extend(problems);
     let mut virtual_ips = HashMap::new();
     let mut endpoint_ips: HashMap<IpAddr, Vec<(usize, usize, usize)>> = HashMap::new();

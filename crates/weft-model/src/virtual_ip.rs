@@ -7,6 +7,10 @@
 //! `virtualIPRange`. Two names whose hashes meet are settled in name order (the later
 //! takes the next free address), so proxies that see the same Services agree.
 //!
+//! A control plane stores each derived address once it is given (see weft-control's
+//! `virtual_ips`), and stored addresses come before derived ones: a Service keeps its
+//! address for as long as it exists, whatever Services come and go around it.
+//!
 //! Each IPv4 virtual IP has an IPv6 twin: the same 32 bits under [`IPV6_PREFIX`], for
 //! applications that prefer IPv6.
 
@@ -105,10 +109,12 @@ fn stable_hash(text: &str) -> u64 {
 }
 
 /// Gives every Service (`(namespace, name)` → declared address) its virtual IP: the
-/// declared one, else one derived in `range`. A declared address another Service already
+/// declared one, else the one `stored` for it (if in `range` and not declared by
+/// another), else one derived in `range`. A declared address another Service already
 /// declared is refused (the reason is returned); a full range leaves the rest without.
 pub fn assign(
     services: &BTreeMap<(String, String), Option<Ipv4Addr>>,
+    stored: &BTreeMap<(String, String), Ipv4Addr>,
     range: VirtualIpRange,
 ) -> (BTreeMap<(String, String), Ipv4Addr>, Vec<String>) {
     let mut assigned = BTreeMap::new();
@@ -131,9 +137,17 @@ pub fn assign(
             }
         }
     }
+    for (key, declared) in services {
+        match (declared, stored.get(key)) {
+            (None, Some(address)) if range.contains(*address) && taken.insert(*address) => {
+                assigned.insert(key.clone(), *address);
+            }
+            _ => {}
+        }
+    }
     let size = range.size();
     for (key, declared) in services {
-        if declared.is_some() {
+        if declared.is_some() || assigned.contains_key(key) {
             continue;
         }
         let start = stable_hash(&format!("{}/{}", key.0, key.1)) % size;
@@ -164,7 +178,7 @@ mod tests {
     fn derived_addresses_are_stable_in_range_and_distinct() {
         let range = VirtualIpRange::default();
         let services: BTreeMap<_, _> = (0..2000).map(|i| (key(&format!("svc-{i}")), None)).collect();
-        let (first, problems) = assign(&services, range);
+        let (first, problems) = assign(&services, &BTreeMap::new(), range);
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(first.len(), 2000);
         assert!(first.values().all(|a| range.contains(*a) && *a != Ipv4Addr::new(240, 240, 0, 0)));
@@ -172,13 +186,16 @@ mod tests {
         assert_eq!(distinct.len(), 2000, "no two Services share an address");
         // The same names give the same addresses, whatever else is there; one name's
         // address does not depend on the others unless their hashes meet.
-        let (again, _) = assign(&services, range);
+        let (again, _) = assign(&services, &BTreeMap::new(), range);
         assert_eq!(first, again);
         let alone: BTreeMap<_, _> = [(key("reviews"), None)].into();
         let with_others: BTreeMap<_, _> = [(key("reviews"), None), (key("ratings"), None)].into();
-        assert_eq!(assign(&alone, range).0[&key("reviews")], assign(&with_others, range).0[&key("reviews")]);
+        assert_eq!(
+            assign(&alone, &BTreeMap::new(), range).0[&key("reviews")],
+            assign(&with_others, &BTreeMap::new(), range).0[&key("reviews")]
+        );
         // Pinned by the hash's definition: a change here moves every Service's address.
-        assert_eq!(assign(&alone, range).0[&key("reviews")], Ipv4Addr::new(240, 240, 36, 79));
+        assert_eq!(assign(&alone, &BTreeMap::new(), range).0[&key("reviews")], Ipv4Addr::new(240, 240, 36, 79));
     }
 
     #[test]
@@ -187,7 +204,7 @@ mod tests {
         let declared = Ipv4Addr::new(10, 96, 0, 10);
         let services: BTreeMap<_, _> =
             [(key("a"), Some(declared)), (key("b"), Some(declared)), (key("c"), None)].into();
-        let (assigned, problems) = assign(&services, range);
+        let (assigned, problems) = assign(&services, &BTreeMap::new(), range);
         assert_eq!(assigned[&key("a")], declared);
         assert!(!assigned.contains_key(&key("b")));
         assert!(problems[0].contains("default/b declares virtualIP 10.96.0.10, which default/a"), "{problems:?}");
@@ -195,10 +212,36 @@ mod tests {
     }
 
     #[test]
+    fn a_stored_address_is_kept_whatever_comes_before_it() {
+        let range: VirtualIpRange = "10.96.0.0/24".parse().unwrap();
+        let alone = |name: &str| assign(&[(key(name), None)].into(), &BTreeMap::new(), range).0[&key(name)];
+        let address = alone("b");
+        // A newcomer that sorts before b and whose hash meets b's: derived alone in name
+        // order, it would take b's address and move b.
+        let newcomer = (0..10_000).map(|i| format!("a{i}")).find(|name| alone(name) == address).unwrap();
+        let both: BTreeMap<_, _> = [(key(&newcomer), None), (key("b"), None)].into();
+        assert_eq!(assign(&both, &BTreeMap::new(), range).0[&key(&newcomer)], address);
+        // With b's address stored, b keeps it and the newcomer takes the next.
+        let stored: BTreeMap<_, _> = [(key("b"), address)].into();
+        let (assigned, problems) = assign(&both, &stored, range);
+        assert!(problems.is_empty());
+        assert_eq!(assigned[&key("b")], address);
+        assert_ne!(assigned[&key(&newcomer)], address);
+        // A stored address outside the range (MeshConfig changed it), or one a Service now
+        // declares, is not used.
+        let outside: BTreeMap<_, _> = [(key("b"), Ipv4Addr::new(10, 97, 0, 1))].into();
+        assert!(range.contains(assign(&both, &outside, range).0[&key("b")]));
+        let claimed: BTreeMap<_, _> = [(key(&newcomer), Some(address)), (key("b"), None)].into();
+        let (assigned, _) = assign(&claimed, &stored, range);
+        assert_eq!(assigned[&key(&newcomer)], address);
+        assert_ne!(assigned[&key("b")], address);
+    }
+
+    #[test]
     fn a_full_range_says_so() {
         let range: VirtualIpRange = "10.96.0.0/30".parse().unwrap();
         let services: BTreeMap<_, _> = (0..3).map(|i| (key(&format!("s{i}")), None)).collect();
-        let (assigned, problems) = assign(&services, range);
+        let (assigned, problems) = assign(&services, &BTreeMap::new(), range);
         assert_eq!(assigned.len(), 2);
         assert!(problems[0].contains("range 10.96.0.0/30 is full"), "{problems:?}");
     }

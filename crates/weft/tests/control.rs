@@ -157,3 +157,64 @@ async fn operator_mistakes_get_clear_messages() {
     let err = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success() && err.contains(&format!("cannot reach the control plane at {server}")), "{err}");
 }
+
+/// The virtual IP `weft describe service NAME` shows, once the control plane gave one.
+async fn virtual_ip(control: &Control, name: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, described, _) = control.cli(&["describe", "service", name]);
+        if let Some(line) = described.lines().find_map(|l| l.strip_prefix("Virtual IP:")) {
+            return line.trim().to_string();
+        }
+        assert!(std::time::Instant::now() < deadline, "{name} never got a virtual IP:\n{described}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_service_keeps_its_virtual_ip_whatever_comes_and_goes() {
+    use std::collections::BTreeMap;
+    use weft_model::virtual_ip::{assign, VirtualIpRange};
+    // A small range, so that names meet often.
+    let range: VirtualIpRange = "10.96.0.0/28".parse().unwrap();
+    let alone = |name: &str| {
+        let key = ("default".to_string(), name.to_string());
+        assign(&[(key.clone(), None)].into(), &BTreeMap::new(), range).0[&key].to_string()
+    };
+    let service = |name: &str| {
+        format!(
+            "apiVersion: weft.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}}}\n\
+             spec: {{selector: {{app: {name}}}, ports: [{{port: 80}}]}}\n"
+        )
+    };
+    let dir = TempDir::new("virtual-ips");
+    let mut control = Control::start(&dir, "control").await;
+    control.apply(&format!(
+        "apiVersion: weft.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: mesh}}\n\
+         spec: {{virtualIPRange: {range}}}\n---\n{}",
+        service("b")
+    ));
+    let address = virtual_ip(&control, "b").await;
+    assert_eq!(address, alone("b"));
+    // A newcomer that sorts first and whose name derives b's address: b keeps it (it is
+    // stored), the newcomer gets another.
+    let newcomer = (0..10_000).map(|i| format!("a{i}")).find(|name| alone(name) == address).unwrap();
+    control.apply(&service(&newcomer));
+    let newcomers = virtual_ip(&control, &newcomer).await;
+    assert_ne!(newcomers, address);
+    assert_eq!(virtual_ip(&control, "b").await, address);
+    // The same after a crash and restart.
+    let data_dir = control.data_dir.clone();
+    control.kill();
+    let control = Control::start_on(&dir, "control-again", &data_dir, &[]).await;
+    assert_eq!(virtual_ip(&control, "b").await, address);
+    assert_eq!(virtual_ip(&control, &newcomer).await, newcomers);
+    // A deleted Service's address is released: the next Service whose name derives it
+    // gets it; the others keep theirs.
+    let (ok, _, err) = control.cli(&["delete", "service", "b"]);
+    assert!(ok, "{err}");
+    let heir = (0..10_000).map(|i| format!("z{i}")).find(|name| alone(name) == address).unwrap();
+    control.apply(&service(&heir));
+    assert_eq!(virtual_ip(&control, &heir).await, address);
+    assert_eq!(virtual_ip(&control, &newcomer).await, newcomers);
+}

@@ -155,6 +155,22 @@ async fn replicas_share_one_etcd_and_outlive_a_replica_and_an_etcd_member() {
     })
     .await;
 
+    // Both replicas give each Service the same virtual IP, stored once, in etcd.
+    let virtual_ip = |control: &Control, service: &str| {
+        let (_, described, _) = control.cli(&["describe", "service", service]);
+        described.lines().find_map(|l| l.strip_prefix("Virtual IP:")).map(|a| a.trim().to_string())
+    };
+    for service in ["reviews", "ratings"] {
+        eventually(Duration::from_secs(10), "both replicas to show one stored virtual IP", || {
+            let (on_a, on_b) = (virtual_ip(&a, service), virtual_ip(&b, service));
+            let stored = on_a.as_ref().map(|address| etcd_value(&etcd, &format!("/weft/objects/VirtualIP//{address}")));
+            let agreed =
+                on_a.is_some() && on_a == on_b && stored.is_some_and(|r| r.contains(&format!("\"{service}\"")));
+            async move { agreed.then_some(()) }
+        })
+        .await;
+    }
+
     // Every proxy holds the trust bundle: the CA's root.
     let bundle = caller.config().await["control"]["trustBundle"].as_str().unwrap_or_default().to_string();
     assert!(bundle.starts_with("-----BEGIN CERTIFICATE-----"), "{bundle}");

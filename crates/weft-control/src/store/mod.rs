@@ -30,7 +30,7 @@ pub struct ObjectKey {
 /// Kinds the control plane keeps for itself, never listed or served as resources:
 /// workload registrations, the certificate authority, the tokens (hashes only: the admin
 /// token of earlier releases, operator and join tokens), the audit log and revocations.
-pub const INTERNAL_KINDS: [&str; 8] = [
+pub const INTERNAL_KINDS: [&str; 9] = [
     "Registration",
     "CertificateAuthority",
     "AdminToken",
@@ -39,6 +39,7 @@ pub const INTERNAL_KINDS: [&str; 8] = [
     "AuditEntry",
     "Revocation",
     "SessionKey",
+    "VirtualIP",
 ];
 
 impl ObjectKey {
