@@ -248,6 +248,7 @@ impl SharedState {
                 tracing::warn!(%app, "this Service's mtls is STRICT, but its application listens on a non-loopback address: callers that reach it directly bypass mutual TLS and authorization; bind the application to 127.0.0.1");
             }
         }
+        let range = snapshot.virtual_ip_range;
         let previous = self.config.swap(Arc::new(ServingConfig {
             snapshot: Arc::new(snapshot),
             backends,
@@ -256,6 +257,15 @@ impl SharedState {
             own_service,
             version,
         }));
+        if previous.snapshot.virtual_ip_range != range && self.settings.capture.as_ref().is_some_and(|c| c.install) {
+            // MeshConfig moved the Services' addresses to another range (a control plane's
+            // arrives after start): route it as at start, off the serving path; the
+            // routes go with the table on exit.
+            std::thread::spawn(move || match crate::capture::routes::install(range, &[]) {
+                Ok(()) => tracing::info!(%range, "virtual-IP range routed"),
+                Err(error) => tracing::warn!(%error, %range, "cannot route the new virtual-IP range"),
+            });
+        }
         drop(previous);
         self.endpoints.prune();
     }

@@ -543,8 +543,15 @@ async fn captured_sidecars_of_a_control_plane_speak_mutual_tls_under_authorizati
     )
     .await;
     serve_proxy_protocol(&server, 6000);
+    // A virtual-IP range of the operator's: the sidecars learn it from the control plane
+    // after they start, and route it then.
     control.apply(
         r#"apiVersion: weft.dev/v1alpha1
+kind: MeshConfig
+metadata: {name: mesh}
+spec: {virtualIPRange: 240.241.0.0/16}
+---
+apiVersion: weft.dev/v1alpha1
 kind: Service
 metadata: {name: reviews}
 spec:
@@ -612,6 +619,10 @@ spec:
     until("reviews to resolve through the control plane", || {
         vip = addresses(&resolve(&client, &server_ip, "reviews"));
         !vip.is_empty()
+    });
+    assert!(vip[0].starts_with("240.241."), "{vip:?}");
+    until("the operator's range to be routed in the client's namespace", || {
+        run(&["ip", "-n", &client.name, "route"]).contains("240.241.0.0/16 dev lo proto 77")
     });
     let (ok, described, err) = control.cli(&["describe", "service", "reviews"]);
     assert!(ok, "{err}");
