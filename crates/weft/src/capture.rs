@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use weft_model::virtual_ip::VirtualIpRange;
 use weft_proxy::{
+    capture::nft::Backend,
     capture::rules::{CaptureRules, Cidr, InboundPorts, ProxyTraffic, DEFAULT_MARK},
     settings::{CaptureSettings, DEFAULT_CAPTURED_INBOUND_PORT, DEFAULT_DNS_PORT},
 };
@@ -159,8 +160,12 @@ pub fn run(command: CaptureCommand) -> anyhow::Result<()> {
             let upstreams = weft_proxy::capture::dns::Upstreams::from_host();
             let resolvers: Vec<_> = upstreams.resolvers().iter().map(|r| r.ip()).collect();
             weft_proxy::capture::routes::install(args.virtual_ip_range, &resolvers).context("weft capture install")?;
-            weft_proxy::capture::nft::install(&rules).context("weft capture install")?;
-            println!("capture installed: table {}", weft_proxy::capture::rules::TABLE);
+            match weft_proxy::capture::nft::install(&rules).context("weft capture install")? {
+                Backend::Nft => println!("capture installed: table {}", weft_proxy::capture::rules::TABLE),
+                Backend::IptablesNft => {
+                    println!("capture installed: chains WEFT_OUTPUT, WEFT_PREROUTING (iptables-nft)")
+                }
+            }
             Ok(())
         }
         CaptureCommand::Remove => {

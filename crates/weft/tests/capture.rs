@@ -1,7 +1,8 @@
 //! Transparent capture's building blocks in real network namespaces (root, nftables and
 //! iproute2; in CI a missing one fails): the table is replaced whole and removed without
 //! a trace, redirected connections keep their original destination (IPv4 and IPv6), and
-//! the proxy's marked sockets are let through.
+//! the proxy's marked sockets are let through; the same through iptables-nft, for hosts
+//! without nft.
 //!
 //! Each namespace is entered by one thread of the test (`setns` is per thread), so the
 //! sockets and `nft` runs of that thread live in it; traffic goes only to addresses in
@@ -17,7 +18,7 @@ use std::{
     time::Duration,
 };
 use weft_proxy::capture::{
-    nft,
+    nft::{self, Backend},
     original_dst::{mark_as_proxy, original_destination},
     rules::{CaptureRules, InboundPorts, ProxyTraffic, DEFAULT_MARK},
 };
@@ -154,4 +155,54 @@ fn by_uid_the_proxy_user_is_let_through_and_the_application_user_captured() {
         original_destination(&stream).unwrap()
     });
     assert_eq!(original, "10.251.1.2:8080".parse().unwrap());
+}
+
+#[test]
+fn without_nft_the_same_rules_go_through_iptables_nft_and_leave_no_trace() {
+    if !can_capture() {
+        return;
+    }
+    if std::process::Command::new("iptables-nft-restore").arg("--version").output().is_err() {
+        support::skip("iptables-nft-restore is not installed (Debian: iptables)");
+        return;
+    }
+    let (workload, peer) = joined("i", 2);
+    serve_banner(&peer, &["10.251.2.2:8080", "[fd77:6566:74:2::2]:8080"]);
+    let before = workload.ruleset();
+    let outcome = workload.enter(|| {
+        let listener = TcpListener::bind("[::]:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // Installed twice (a restarted proxy): one set of chains, jumped to once.
+        let rules = CaptureRules { untrack: false, ..rules(port) };
+        nft::install_with(Backend::IptablesNft, &rules).unwrap();
+        nft::install_with(Backend::IptablesNft, &rules).unwrap();
+        assert!(nft::is_installed_with(Backend::IptablesNft).unwrap());
+        let saved =
+            String::from_utf8(std::process::Command::new("iptables-nft-save").output().unwrap().stdout).unwrap();
+        assert_eq!(saved.matches("-A OUTPUT -j WEFT_OUTPUT").count(), 1, "{saved}");
+        let connect = |to: &str, mark: bool| {
+            let to: SocketAddr = to.parse().unwrap();
+            let socket = socket2::Socket::new(socket2::Domain::for_address(to), socket2::Type::STREAM, None).unwrap();
+            if mark {
+                mark_as_proxy(&socket, DEFAULT_MARK).unwrap();
+            }
+            socket.connect_timeout(&to.into(), Duration::from_secs(5)).unwrap();
+            let stream: TcpStream = socket.into();
+            stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            stream
+        };
+        let _v4 = connect("10.251.2.2:8080", false);
+        let v4 = original_destination(&listener.accept().unwrap().0).unwrap();
+        let _v6 = connect("[fd77:6566:74:2::2]:8080", false);
+        let v6 = original_destination(&listener.accept().unwrap().0).unwrap();
+        let mut banner = String::new();
+        connect("10.251.2.2:8080", true).read_to_string(&mut banner).unwrap();
+        assert!(nft::remove_with(Backend::IptablesNft).unwrap());
+        assert!(!nft::remove_with(Backend::IptablesNft).unwrap(), "nothing left to remove");
+        (v4, v6, banner)
+    });
+    assert_eq!(outcome.0, "10.251.2.2:8080".parse().unwrap(), "the IPv4 original destination");
+    assert_eq!(outcome.1, "[fd77:6566:74:2::2]:8080".parse().unwrap(), "the IPv6 original destination");
+    assert_eq!(outcome.2, "peer\n", "a marked connection is not captured");
+    assert_eq!(workload.ruleset(), before, "removed without a trace");
 }

@@ -505,6 +505,27 @@ fn weft_capture_install_and_remove_leave_the_namespace_as_it_was() {
     assert_eq!(namespace.ruleset(), before);
     assert_eq!(run(&["ip", "-n", &namespace.name, "route"]), routes_before);
     assert_eq!(cli(&["remove"]).trim(), "no capture table was installed");
+    // On a host without nft, the same through iptables-nft: a PATH that has iptables
+    // and iproute2 but no nft.
+    let tools = TempDir::new("capture-no-nft");
+    for tool in ["ip", "iptables-nft-restore", "ip6tables-nft-restore", "iptables-nft-save", "ip6tables-nft-save"] {
+        let found = run(&["sh", "-c", &format!("command -v {tool}")]);
+        std::os::unix::fs::symlink(found.trim(), tools.0.join(tool)).unwrap();
+    }
+    let without_nft = |args: &[&str]| {
+        let mut command = namespace.command(WEFT);
+        let output = command.arg("capture").args(args).env("PATH", &tools.0).output().unwrap();
+        assert!(output.status.success(), "weft capture {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    assert!(without_nft(&["install"]).contains("iptables-nft"));
+    assert!(without_nft(&["install"]).contains("iptables-nft"), "installed again, replaced");
+    let saved = run(&["ip", "netns", "exec", &namespace.name, "iptables-nft-save", "-t", "nat"]);
+    assert_eq!(saved.matches("-A OUTPUT -j WEFT_OUTPUT").count(), 1, "{saved}");
+    assert!(saved.contains("-A WEFT_PREROUTING -p tcp -j REDIRECT --to-ports 15007"), "{saved}");
+    assert_eq!(without_nft(&["remove"]).trim(), "capture removed");
+    assert_eq!(namespace.ruleset(), before);
+    assert_eq!(run(&["ip", "-n", &namespace.name, "route"]), routes_before);
     // Bad input is refused with the flag named, and changes nothing.
     let refused =
         namespace.command(WEFT).args(["capture", "install", "--capture-exclude-cidrs", "nonsense"]).output().unwrap();

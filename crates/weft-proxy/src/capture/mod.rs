@@ -11,6 +11,7 @@
 
 pub mod dns;
 pub mod external;
+pub mod iptables;
 pub mod nft;
 pub mod original_dst;
 pub mod outbound;
@@ -59,11 +60,14 @@ impl Installed {
     ) -> Result<Installed, nft::CaptureError> {
         let resolvers: Vec<_> = dns::Upstreams::from_host().resolvers().iter().map(|r| r.ip()).collect();
         routes::install(range, &resolvers)?;
-        if let Err(error) = nft::install(rules) {
-            let _ = routes::remove();
-            return Err(error);
-        }
-        tracing::info!(table = rules::TABLE, outbound = rules.outbound_port, inbound = ?rules.inbound, dns = ?rules.dns_port, "transparent capture installed");
+        let backend = match nft::install(rules) {
+            Ok(backend) => backend,
+            Err(error) => {
+                let _ = routes::remove();
+                return Err(error);
+            }
+        };
+        tracing::info!(?backend, table = rules::TABLE, outbound = rules.outbound_port, inbound = ?rules.inbound, dns = ?rules.dns_port, "transparent capture installed");
         Ok(Installed { _private: () })
     }
 }

@@ -1,5 +1,6 @@
 //! Installs and removes capture's table by running `nft` (the nftables command line, as
-//! an operator would), in the network namespace of the calling thread.
+//! an operator would), in the network namespace of the calling thread; where `nft` is
+//! not installed, through `iptables-nft` instead ([`super::iptables`]).
 //!
 //! Each change is one `nft -f -` transaction: it applies whole or not at all, so a
 //! failed install leaves the previous table (or none) in place.
@@ -14,7 +15,10 @@ use super::rules::{removal_script, CaptureRules, TABLE};
 /// Why capture's table could not be changed or read.
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
-    #[error("cannot run nft ({0}): transparent capture needs nftables (Debian: apt-get install nftables)")]
+    #[error(
+        "cannot run nft ({0}), nor iptables-nft-restore: transparent capture needs nftables (Debian: apt-get \
+         install nftables)"
+    )]
     NftMissing(std::io::Error),
     #[error(
         "nft refused to change the capture table: {0}; capture needs root or CAP_NET_ADMIN in the workload's \
@@ -25,10 +29,78 @@ pub enum CaptureError {
     Route(String),
 }
 
+/// The command line capture's rules go through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// `nft`: one table of weft's own, with the untracked chains.
+    Nft,
+    /// `iptables-nft`, where `nft` is missing: chains of weft's own in `nat`.
+    IptablesNft,
+}
+
+impl Backend {
+    /// `nft` where it can be run, else `iptables-nft`.
+    pub fn detect() -> Result<Backend, CaptureError> {
+        match Command::new("nft").arg("--version").stdin(Stdio::null()).output() {
+            Ok(_) => Ok(Backend::Nft),
+            Err(_) if super::iptables::available() => Ok(Backend::IptablesNft),
+            Err(error) => Err(CaptureError::NftMissing(error)),
+        }
+    }
+}
+
+/// Replaces capture's rules with `rules`, through `nft` or, where it is missing,
+/// `iptables-nft`; says which.
+pub fn install(rules: &CaptureRules) -> Result<Backend, CaptureError> {
+    let backend = Backend::detect()?;
+    install_with(backend, rules)?;
+    Ok(backend)
+}
+
+/// Replaces capture's rules with `rules` through `backend`.
+pub fn install_with(backend: Backend, rules: &CaptureRules) -> Result<(), CaptureError> {
+    match backend {
+        Backend::Nft => install_table(rules),
+        Backend::IptablesNft => {
+            tracing::warn!(
+                "nft is not installed: capture's rules go through iptables-nft, which cannot leave the mesh's own \
+                 flows out of connection tracking (install nftables to spare that CPU)"
+            );
+            super::iptables::install(rules)
+        }
+    }
+}
+
+/// Removes capture's rules; says whether there were any.
+pub fn remove() -> Result<bool, CaptureError> {
+    remove_with(Backend::detect()?)
+}
+
+/// Removes capture's rules made through `backend`; says whether there were any.
+pub fn remove_with(backend: Backend) -> Result<bool, CaptureError> {
+    match backend {
+        Backend::Nft => remove_table(),
+        Backend::IptablesNft => super::iptables::remove(),
+    }
+}
+
+/// Whether capture's rules are there.
+pub fn is_installed() -> Result<bool, CaptureError> {
+    is_installed_with(Backend::detect()?)
+}
+
+/// Whether capture's rules made through `backend` are there.
+pub fn is_installed_with(backend: Backend) -> Result<bool, CaptureError> {
+    match backend {
+        Backend::Nft => is_table_installed(),
+        Backend::IptablesNft => super::iptables::is_installed(),
+    }
+}
+
 /// Replaces capture's table with `rules`. A kernel without nftables' `socket` expression
 /// refuses the chains that keep connection tracking off the proxy's own flows: capture
 /// then works without them, at the cost of tracking every flow, and says so.
-pub fn install(rules: &CaptureRules) -> Result<(), CaptureError> {
+fn install_table(rules: &CaptureRules) -> Result<(), CaptureError> {
     match apply(&rules.script()) {
         Err(CaptureError::Refused(reason)) if rules.untrack => {
             apply(&CaptureRules { untrack: false, ..rules.clone() }.script())?;
@@ -44,8 +116,8 @@ pub fn install(rules: &CaptureRules) -> Result<(), CaptureError> {
 }
 
 /// Removes capture's table; says whether there was one.
-pub fn remove() -> Result<bool, CaptureError> {
-    let there = is_installed()?;
+fn remove_table() -> Result<bool, CaptureError> {
+    let there = is_table_installed()?;
     if there {
         apply(&removal_script())?;
     }
@@ -53,7 +125,7 @@ pub fn remove() -> Result<bool, CaptureError> {
 }
 
 /// Whether capture's table is there.
-pub fn is_installed() -> Result<bool, CaptureError> {
+fn is_table_installed() -> Result<bool, CaptureError> {
     let listed =
         Command::new("nft").args(["list", "tables"]).stdin(Stdio::null()).output().map_err(CaptureError::NftMissing)?;
     if !listed.status.success() {
