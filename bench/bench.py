@@ -28,7 +28,10 @@ same mutual-TLS pair with MeshConfig tracing on at 0%, 1% and 100% sampling
 (weft-mtls-pair-trace-N), exporting over OTLP/HTTP to a receiver in this process, and
 with access logs on (weft-mtls-pair-log: every request logged by both proxies to a file).
 
-Usage: bench/bench.py [--mtls | --tracing] [--rounds 6] [--duration 5] [--out bench/results/latest.md]
+With --pgo, the profile-guided build of bench/pgo.py (target/pgo/release/weft) runs beside
+the plain release build, as weft-pgo-hop and weft-pgo-pair.
+
+Usage: bench/bench.py [--mtls | --tracing] [--pgo] [--rounds 6] [--duration 5] [--out bench/results/latest.md]
 """
 
 import argparse
@@ -47,6 +50,8 @@ from weft_mesh import OtlpSink, free_port, mtls_pair, wait_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEFT = os.path.join(ROOT, "target", "release", "weft")
+# The profile-guided build bench/pgo.py makes.
+WEFT_PGO = os.path.join(ROOT, "target", "pgo", "release", "weft")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -139,7 +144,9 @@ def start_nginx(tmp):
     return proc, port
 
 
-def weft_stack(tmp, name, upstream, pair):
+def weft_stack(tmp, name, upstream, pair, binary=None):
+    """weft as a hop or a pair; `binary` another build of it (the PGO one), else WEFT."""
+    binary = binary or WEFT
     stack = Stack(name, tmp)
     admin_ports = []
     target = upstream
@@ -148,7 +155,7 @@ def weft_stack(tmp, name, upstream, pair):
         cfg = os.path.join(tmp, f"{name}-in.yaml")
         with open(cfg, "w") as f:
             f.write(mesh_yaml(upstream))
-        stack.spawn([WEFT, "proxy", "--config", cfg, "--service", "upstream", "--app-addr", f"127.0.0.1:{upstream}",
+        stack.spawn([binary, "proxy", "--config", cfg, "--service", "upstream", "--app-addr", f"127.0.0.1:{upstream}",
                      "--inbound-addr", f"127.0.0.1:{inbound}", "--outbound-addr", "127.0.0.1:0",
                      "--admin-addr", f"127.0.0.1:{admin}", "--log", "warn"])
         admin_ports.append(admin)
@@ -157,7 +164,7 @@ def weft_stack(tmp, name, upstream, pair):
     cfg = os.path.join(tmp, f"{name}-out.yaml")
     with open(cfg, "w") as f:
         f.write(mesh_yaml(target))
-    stack.spawn([WEFT, "proxy", "--config", cfg, "--outbound-addr", f"127.0.0.1:{outbound}",
+    stack.spawn([binary, "proxy", "--config", cfg, "--outbound-addr", f"127.0.0.1:{outbound}",
                  "--admin-addr", f"127.0.0.1:{admin}", "--log", "warn"])
     admin_ports.append(admin)
     for a in admin_ports:
@@ -436,6 +443,8 @@ def main():
     parser.add_argument("--only", default="", help="comma-separated setup names to run (default: all)")
     parser.add_argument("--mtls", action="store_true", help="the mutual-TLS suite (writes bench/results/mtls.md)")
     parser.add_argument("--tracing", action="store_true", help="the tracing suite (writes bench/results/tracing.md)")
+    parser.add_argument("--pgo", action="store_true",
+                        help="also the profile-guided build (bench/pgo.py) as weft-pgo-hop and weft-pgo-pair")
     args = parser.parse_args()
     if args.mtls and args.out.endswith("latest.md"):
         args.out = os.path.join(ROOT, "bench", "results", "mtls.md")
@@ -446,6 +455,8 @@ def main():
             raise SystemExit(f"{tool} is not installed; see bench/README.md for the one-time setup")
     if not os.path.exists(WEFT):
         raise SystemExit("build weft first: cargo build --release")
+    if args.pgo and not os.path.exists(WEFT_PGO):
+        raise SystemExit("build the profile-guided weft first: bench/pgo.py")
 
     tmp = tempfile.mkdtemp(prefix="weft-bench-")
     nginx, upstream = start_nginx(tmp)
@@ -453,6 +464,10 @@ def main():
         "direct": lambda: direct_stack(tmp, upstream),
         "weft-hop": lambda: weft_stack(tmp, "weft-hop", upstream, False),
         "weft-pair": lambda: weft_stack(tmp, "weft-pair", upstream, True),
+        **({
+            "weft-pgo-hop": lambda: weft_stack(tmp, "weft-pgo-hop", upstream, False, WEFT_PGO),
+            "weft-pgo-pair": lambda: weft_stack(tmp, "weft-pgo-pair", upstream, True, WEFT_PGO),
+        } if args.pgo else {}),
         "haproxy-hop": lambda: haproxy_stack(tmp, "haproxy-hop", upstream, False),
         "haproxy-pair": lambda: haproxy_stack(tmp, "haproxy-pair", upstream, True),
         "envoy-hop": lambda: envoy_stack(tmp, "envoy-hop", upstream, False),
