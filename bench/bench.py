@@ -188,6 +188,27 @@ spec: {{labels: {{app: upstream}}, address: "{host}:{port}"}}
 """
 
 
+def haproxy_config(listen, target, extra_frontends=""):
+    """One HAProxy hop with the settings every benchmark uses: one thread, HTTP
+    keep-alive on both sides, connections to `target` reused across clients."""
+    return f"""global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+frontend f
+  bind {listen}
+  default_backend b
+{extra_frontends}backend b
+  http-reuse always
+  server s1 {target}
+"""
+
+
 def haproxy_stack(tmp, name, upstream, pair):
     stack = Stack(name, tmp)
     target = upstream
@@ -202,22 +223,7 @@ def haproxy_stack(tmp, name, upstream, pair):
             h2_frontend = f"frontend f2\n  bind 127.0.0.1:{stack.h2_port} proto h2\n  default_backend b\n"
         cfg = os.path.join(tmp, f"{name}-{hop}.cfg")
         with open(cfg, "w") as f:
-            f.write(f"""global
-  nbthread 1
-  maxconn 4096
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 30s
-  timeout server 30s
-  option http-keep-alive
-frontend f
-  bind 127.0.0.1:{port}
-  default_backend b
-{h2_frontend}backend b
-  http-reuse always
-  server s1 127.0.0.1:{target}
-""")
+            f.write(haproxy_config(f"127.0.0.1:{port}", f"127.0.0.1:{target}", h2_frontend))
         stack.spawn(["haproxy", "-f", cfg, "-db"])
         wait_port(port, what=name, log_dir=tmp)
         target = port

@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 
-from bench import ROOT, WEFT, cpu_times, mesh_yaml, nginx_config
+from bench import ROOT, WEFT, cpu_times, haproxy_config, mesh_yaml, nginx_config
 
 
 def run(*args, **kw):
@@ -141,22 +141,7 @@ def haproxy_setup(name, index, tmp):
                                (setup.client, "127.0.0.1:15001", f"{setup.server_ip}:15006")):
         cfg = os.path.join(tmp, f"{name}-{ns}.cfg")
         with open(cfg, "w") as f:
-            f.write(f"""global
-  nbthread 1
-  maxconn 4096
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 30s
-  timeout server 30s
-  option http-keep-alive
-frontend f
-  bind {listen}
-  default_backend b
-backend b
-  http-reuse always
-  server s1 {target}
-""")
+            f.write(haproxy_config(listen, target))
         setup.spawn(ns, ["haproxy", "-f", cfg, "-db"])
     setup.wait_port(setup.server, f"{setup.server_ip}:15006")
     setup.wait_port(setup.client, "127.0.0.1:15001")

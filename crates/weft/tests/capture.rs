@@ -37,6 +37,20 @@ fn rules(outbound_port: u16) -> CaptureRules {
     }
 }
 
+/// A connection to `to` from the calling thread's namespace, as the proxy makes it
+/// (`mark`: carrying its mark) or as the application does.
+fn connect(to: &str, mark: bool) -> TcpStream {
+    let to: SocketAddr = to.parse().unwrap();
+    let socket = socket2::Socket::new(socket2::Domain::for_address(to), socket2::Type::STREAM, None).unwrap();
+    if mark {
+        mark_as_proxy(&socket, DEFAULT_MARK).unwrap();
+    }
+    socket.connect_timeout(&to.into(), Duration::from_secs(5)).unwrap();
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream
+}
+
 #[test]
 fn the_table_is_replaced_whole_and_removed_without_a_trace() {
     if !can_capture() {
@@ -87,17 +101,6 @@ fn redirected_connections_keep_their_destination_and_the_proxy_is_let_through() 
         let accept_one = |listener: &TcpListener| {
             let (stream, _) = listener.accept().unwrap();
             original_destination(&stream).unwrap()
-        };
-        let connect = |to: &str, mark: bool| {
-            let to: SocketAddr = to.parse().unwrap();
-            let socket = socket2::Socket::new(socket2::Domain::for_address(to), socket2::Type::STREAM, None).unwrap();
-            if mark {
-                mark_as_proxy(&socket, DEFAULT_MARK).unwrap();
-            }
-            socket.connect_timeout(&to.into(), Duration::from_secs(5)).unwrap();
-            let stream: TcpStream = socket.into();
-            stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            stream
         };
         // The application's connections land on the listener, which reads where they
         // were going.
@@ -180,17 +183,6 @@ fn without_nft_the_same_rules_go_through_iptables_nft_and_leave_no_trace() {
         let saved =
             String::from_utf8(std::process::Command::new("iptables-nft-save").output().unwrap().stdout).unwrap();
         assert_eq!(saved.matches("-A OUTPUT -j WEFT_OUTPUT").count(), 1, "{saved}");
-        let connect = |to: &str, mark: bool| {
-            let to: SocketAddr = to.parse().unwrap();
-            let socket = socket2::Socket::new(socket2::Domain::for_address(to), socket2::Type::STREAM, None).unwrap();
-            if mark {
-                mark_as_proxy(&socket, DEFAULT_MARK).unwrap();
-            }
-            socket.connect_timeout(&to.into(), Duration::from_secs(5)).unwrap();
-            let stream: TcpStream = socket.into();
-            stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            stream
-        };
         let _v4 = connect("10.251.2.2:8080", false);
         let v4 = original_destination(&listener.accept().unwrap().0).unwrap();
         let _v6 = connect("[fd77:6566:74:2::2]:8080", false);

@@ -220,20 +220,9 @@ pub fn is_installed() -> Result<bool, CaptureError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::capture::rules::{InboundPorts, DEFAULT_MARK};
 
     fn rules() -> CaptureRules {
-        CaptureRules {
-            outbound_port: 15001,
-            inbound: Some(InboundPorts { mesh: 15006, captured: 15007 }),
-            dns_port: Some(15053),
-            proxy_traffic: ProxyTraffic::Mark(DEFAULT_MARK),
-            exclude_inbound_ports: vec![15000],
-            exclude_outbound_ports: vec![5432],
-            exclude_cidrs: vec!["10.96.0.0/12".parse().unwrap(), "fd00::/8".parse().unwrap()],
-            exclude_destinations: vec!["10.0.0.5:15010".parse().unwrap()],
-            untrack: false,
-        }
+        CaptureRules { untrack: false, ..crate::capture::rules::example() }
     }
 
     #[test]
@@ -254,7 +243,7 @@ mod tests {
                 "-A WEFT_OUTPUT -d 10.96.0.0/12 -j RETURN",
                 "-A WEFT_OUTPUT -p tcp -j REDIRECT --to-ports 15001",
                 "-A WEFT_PREROUTING -i lo -j RETURN",
-                "-A WEFT_PREROUTING -p tcp -m multiport --dports 15000,15006,15007 -j RETURN",
+                "-A WEFT_PREROUTING -p tcp -m multiport --dports 22,15000,15006,15007 -j RETURN",
                 "-A WEFT_PREROUTING -p tcp -j REDIRECT --to-ports 15007",
                 "-A OUTPUT -j WEFT_OUTPUT",
                 "-A PREROUTING -j WEFT_PREROUTING",

@@ -194,22 +194,28 @@ pub fn removal_script() -> String {
     format!("table {TABLE}\ndelete table {TABLE}\n")
 }
 
+/// Rules with one of everything, for tests.
+#[cfg(test)]
+pub(crate) fn example() -> CaptureRules {
+    CaptureRules {
+        outbound_port: 15001,
+        inbound: Some(InboundPorts { mesh: 15006, captured: 15007 }),
+        dns_port: Some(15053),
+        proxy_traffic: ProxyTraffic::Mark(DEFAULT_MARK),
+        exclude_inbound_ports: vec![15000, 22],
+        exclude_outbound_ports: vec![5432],
+        exclude_cidrs: vec!["10.96.0.0/12".parse().unwrap(), "fd00::/8".parse().unwrap()],
+        exclude_destinations: vec!["10.0.0.5:15010".parse().unwrap()],
+        untrack: true,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn rules() -> CaptureRules {
-        CaptureRules {
-            outbound_port: 15001,
-            inbound: Some(InboundPorts { mesh: 15006, captured: 15007 }),
-            dns_port: Some(15053),
-            proxy_traffic: ProxyTraffic::Mark(DEFAULT_MARK),
-            exclude_inbound_ports: vec![15000, 22],
-            exclude_outbound_ports: vec![5432],
-            exclude_cidrs: vec!["10.96.0.0/12".parse().unwrap(), "fd00::/8".parse().unwrap()],
-            exclude_destinations: vec!["10.0.0.5:15010".parse().unwrap()],
-            untrack: true,
-        }
+        example()
     }
 
     #[test]
