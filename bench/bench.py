@@ -29,9 +29,10 @@ same mutual-TLS pair with MeshConfig tracing on at 0%, 1% and 100% sampling
 with access logs on (weft-mtls-pair-log: every request logged by both proxies to a file).
 
 With --pgo, the profile-guided build of bench/pgo.py (target/pgo/release/weft) runs beside
-the plain release build, as weft-pgo-hop and weft-pgo-pair.
+the plain release build, as weft-pgo-hop and weft-pgo-pair; with --bolt, BOLT's layout of
+it (bench/pgo.py --bolt, target/pgo/release/weft-bolt) as weft-bolt-hop and weft-bolt-pair.
 
-Usage: bench/bench.py [--mtls | --tracing] [--pgo] [--rounds 6] [--duration 5] [--out bench/results/latest.md]
+Usage: bench/bench.py [--mtls | --tracing] [--pgo] [--bolt] [--rounds 6] [--duration 5] [--out bench/results/latest.md]
 """
 
 import argparse
@@ -50,9 +51,13 @@ from weft_mesh import OtlpSink, free_port, mtls_pair, wait_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEFT = os.path.join(ROOT, "target", "release", "weft")
-# The profile-guided build bench/pgo.py makes.
+# The profile-guided build bench/pgo.py makes, and BOLT's layout of it (pgo.py --bolt).
 WEFT_PGO = os.path.join(ROOT, "target", "pgo", "release", "weft")
+WEFT_BOLT = os.path.join(ROOT, "target", "pgo", "release", "weft-bolt")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# Worker threads of every proxy: weft --workers, HAProxy nbthread, Envoy --concurrency
+# (--workers sets it; one unless said).
+WORKERS = 1
 
 
 def cpu_times(pid):
@@ -144,8 +149,9 @@ def start_nginx(tmp):
     return proc, port
 
 
-def weft_stack(tmp, name, upstream, pair, binary=None):
-    """weft as a hop or a pair; `binary` another build of it (the PGO one), else WEFT."""
+def weft_stack(tmp, name, upstream, pair, binary=None, protocol="http"):
+    """weft as a hop or a pair; `binary` another build of it (the PGO one), else WEFT;
+    `protocol` the Service's (http, http2 or grpc)."""
     binary = binary or WEFT
     stack = Stack(name, tmp)
     admin_ports = []
@@ -154,18 +160,18 @@ def weft_stack(tmp, name, upstream, pair, binary=None):
         inbound, admin = free_port(), free_port()
         cfg = os.path.join(tmp, f"{name}-in.yaml")
         with open(cfg, "w") as f:
-            f.write(mesh_yaml(upstream))
+            f.write(mesh_yaml(upstream, protocol=protocol))
         stack.spawn([binary, "proxy", "--config", cfg, "--service", "upstream", "--app-addr", f"127.0.0.1:{upstream}",
                      "--inbound-addr", f"127.0.0.1:{inbound}", "--outbound-addr", "127.0.0.1:0",
-                     "--admin-addr", f"127.0.0.1:{admin}", "--log", "warn"])
+                     "--admin-addr", f"127.0.0.1:{admin}", "--log", "warn", "--workers", str(WORKERS)])
         admin_ports.append(admin)
         target = inbound
     outbound, admin = free_port(), free_port()
     cfg = os.path.join(tmp, f"{name}-out.yaml")
     with open(cfg, "w") as f:
-        f.write(mesh_yaml(target))
+        f.write(mesh_yaml(target, protocol=protocol))
     stack.spawn([binary, "proxy", "--config", cfg, "--outbound-addr", f"127.0.0.1:{outbound}",
-                 "--admin-addr", f"127.0.0.1:{admin}", "--log", "warn"])
+                 "--admin-addr", f"127.0.0.1:{admin}", "--log", "warn", "--workers", str(WORKERS)])
     admin_ports.append(admin)
     for a in admin_ports:
         wait_port(a)
@@ -174,12 +180,12 @@ def weft_stack(tmp, name, upstream, pair, binary=None):
     return stack
 
 
-def mesh_yaml(port, host="127.0.0.1"):
+def mesh_yaml(port, host="127.0.0.1", protocol="http"):
     """The Service `upstream` with one Workload at `host`:`port`."""
     return f"""apiVersion: weft.dev/v1alpha1
 kind: Service
 metadata: {{name: upstream}}
-spec: {{selector: {{app: upstream}}, ports: [{{port: 80, protocol: http}}]}}
+spec: {{selector: {{app: upstream}}, ports: [{{port: 80, protocol: {protocol}}}]}}
 ---
 apiVersion: weft.dev/v1alpha1
 kind: Workload
@@ -189,10 +195,10 @@ spec: {{labels: {{app: upstream}}, address: "{host}:{port}"}}
 
 
 def haproxy_config(listen, target, extra_frontends=""):
-    """One HAProxy hop with the settings every benchmark uses: one thread, HTTP
+    """One HAProxy hop with the settings every benchmark uses: WORKERS threads, HTTP
     keep-alive on both sides, connections to `target` reused across clients."""
     return f"""global
-  nbthread 1
+  nbthread {WORKERS}
   maxconn 4096
 defaults
   mode http
@@ -269,7 +275,7 @@ static_resources:
       cluster_name: upstream
       endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {target}}}}}}}}}]}}]
 """)
-        stack.spawn(["envoy", "-c", cfg, "--concurrency", "1", "--log-level", "warn", "--base-id", str(free_port())])
+        stack.spawn(["envoy", "-c", cfg, "--concurrency", str(WORKERS), "--log-level", "warn", "--base-id", str(free_port())])
         wait_port(port, timeout=30, what=name, log_dir=tmp)
         target = port
     stack.port = target
@@ -299,20 +305,21 @@ def make_certs(tmp):
     return d
 
 
-def weft_mtls_stack(tmp, name, upstream, tcp=False, telemetry=True, sink=None, sampling=None, access_log=False):
+def weft_mtls_stack(tmp, name, upstream, tcp=False, telemetry=True, sink=None, sampling=None, access_log=False,
+                    binary=None):
     """A control plane, an inbound proxy registered for nginx and an outbound proxy, each
     joined with its own token: every hop between them is mutual TLS. The proxies report
     telemetry every 5 s (the default), or, with telemetry=False, not at all. With a
     sampling rate, MeshConfig turns tracing on, exporting to `sink`; with access_log,
     MeshConfig has both proxies log every request to a file."""
     stack = Stack(name, tmp)
-    extra = () if telemetry else ("--telemetry-interval", "0")
+    extra = ("--workers", str(WORKERS)) + (() if telemetry else ("--telemetry-interval", "0"))
     resources = sink.mesh_config(sampling) if sampling is not None else None
     if access_log:
         log = os.path.join(tmp, f"{name}-access.log")
         resources = ("apiVersion: weft.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\nspec:\n"
                      f"  accessLog: {{path: \"{log}\"}}\n")
-    port = mtls_pair(WEFT, tmp, name, upstream, lambda args: stack.spawn(args, proxy=False), stack.spawn, tcp=tcp,
+    port = mtls_pair(binary or WEFT, tmp, name, upstream, lambda args: stack.spawn(args, proxy=False), stack.spawn, tcp=tcp,
                      proxy_args=extra, resources=resources)
     stack.port, stack.host = (port, "127.0.0.1") if tcp else (port, "upstream")
     return stack
@@ -333,7 +340,7 @@ def haproxy_tls_stack(tmp, name, upstream, pki, tcp=False):
     for i, (port, body) in enumerate(configs):
         cfg = os.path.join(tmp, f"{name}-{i}.cfg")
         with open(cfg, "w") as f:
-            f.write(f"global\n  nbthread 1\n  maxconn 4096\ndefaults\n  mode {mode}\n  timeout connect 5s\n"
+            f.write(f"global\n  nbthread {WORKERS}\n  maxconn 4096\ndefaults\n  mode {mode}\n  timeout connect 5s\n"
                     f"  timeout client 30s\n  timeout server 30s\n{'' if tcp else '  option http-keep-alive' + chr(10)}{body}")
         stack.spawn(["haproxy", "-f", cfg, "-db"])
         wait_port(port, what=name, log_dir=tmp)
@@ -382,7 +389,7 @@ static_resources:
       cluster_name: upstream
       endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {target}}}}}}}}}]}}]
 """)
-        stack.spawn(["envoy", "-c", cfg, "--concurrency", "1", "--log-level", "warn", "--base-id", str(free_port())])
+        stack.spawn(["envoy", "-c", cfg, "--concurrency", str(WORKERS), "--log-level", "warn", "--base-id", str(free_port())])
         wait_port(port, timeout=30, what=name, log_dir=tmp)
     stack.port = outer
     return stack
@@ -451,11 +458,19 @@ def main():
     parser.add_argument("--tracing", action="store_true", help="the tracing suite (writes bench/results/tracing.md)")
     parser.add_argument("--pgo", action="store_true",
                         help="also the profile-guided build (bench/pgo.py) as weft-pgo-hop and weft-pgo-pair")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="worker threads of every proxy (default 1; writes bench/results/workers-N.md)")
+    parser.add_argument("--bolt", action="store_true",
+                        help="also BOLT's layout of it (bench/pgo.py --bolt) as weft-bolt-hop and weft-bolt-pair")
     args = parser.parse_args()
     if args.mtls and args.out.endswith("latest.md"):
         args.out = os.path.join(ROOT, "bench", "results", "mtls.md")
     if args.tracing and args.out.endswith("latest.md"):
         args.out = os.path.join(ROOT, "bench", "results", "tracing.md")
+    if args.workers != 1 and args.out.endswith("latest.md"):
+        args.out = os.path.join(ROOT, "bench", "results", f"workers-{args.workers}.md")
+    global WORKERS
+    WORKERS = args.workers
     for tool in ["nginx", "wrk", "h2load", "oha", "haproxy", "envoy"]:
         if not shutil.which(tool):
             raise SystemExit(f"{tool} is not installed; see bench/README.md for the one-time setup")
@@ -463,6 +478,8 @@ def main():
         raise SystemExit("build weft first: cargo build --release")
     if args.pgo and not os.path.exists(WEFT_PGO):
         raise SystemExit("build the profile-guided weft first: bench/pgo.py")
+    if args.bolt and not os.path.exists(WEFT_BOLT):
+        raise SystemExit("build BOLT's layout of weft first: bench/pgo.py --bolt")
 
     tmp = tempfile.mkdtemp(prefix="weft-bench-")
     nginx, upstream = start_nginx(tmp)
@@ -474,6 +491,10 @@ def main():
             "weft-pgo-hop": lambda: weft_stack(tmp, "weft-pgo-hop", upstream, False, WEFT_PGO),
             "weft-pgo-pair": lambda: weft_stack(tmp, "weft-pgo-pair", upstream, True, WEFT_PGO),
         } if args.pgo else {}),
+        **({
+            "weft-bolt-hop": lambda: weft_stack(tmp, "weft-bolt-hop", upstream, False, WEFT_BOLT),
+            "weft-bolt-pair": lambda: weft_stack(tmp, "weft-bolt-pair", upstream, True, WEFT_BOLT),
+        } if args.bolt else {}),
         "haproxy-hop": lambda: haproxy_stack(tmp, "haproxy-hop", upstream, False),
         "haproxy-pair": lambda: haproxy_stack(tmp, "haproxy-pair", upstream, True),
         "envoy-hop": lambda: envoy_stack(tmp, "envoy-hop", upstream, False),
@@ -495,6 +516,14 @@ def main():
             "haproxy-tls-tcp": lambda: haproxy_tls_stack(tmp, "haproxy-tls-tcp", upstream, pki, tcp=True),
             "envoy-tls-tcp": lambda: envoy_tls_stack(tmp, "envoy-tls-tcp", upstream, pki, tcp=True),
         }
+        for variant, binary, wanted in [("pgo", WEFT_PGO, args.pgo), ("bolt", WEFT_BOLT, args.bolt)]:
+            if wanted:
+                setups[f"weft-{variant}-mtls-pair"] = (
+                    lambda variant=variant, binary=binary: weft_mtls_stack(tmp, f"weft-{variant}-mtls-pair", upstream,
+                                                                           binary=binary))
+                handshake_setups[f"weft-{variant}-mtls-tcp"] = (
+                    lambda variant=variant, binary=binary: weft_mtls_stack(tmp, f"weft-{variant}-mtls-tcp", upstream,
+                                                                           tcp=True, binary=binary))
     sink = None
     if args.tracing:
         sink = OtlpSink()
@@ -553,7 +582,7 @@ def main():
             sink.stop()
     report = render(results, rss, args)
     if args.mtls:
-        report += render_mtls(results, handshakes)
+        report += render_mtls(results, handshakes, rss)
     if args.tracing:
         report += render_tracing(results, sink)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -579,7 +608,7 @@ def render(results, rss, args):
     direct = {k: summary(results["direct"], k) for k in ["rps", "p50_ms", "p99_ms", "h2_rps"]}
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} cores; {args.rounds} rounds "
-        f"(first dropped) × {args.duration}s per load; median (min–max). nginx upstream, 1 KiB body, one worker thread per proxy.",
+        f"(first dropped) × {args.duration}s per load; median (min–max). nginx upstream, 1 KiB body, {WORKERS} worker thread{'s' if WORKERS > 1 else ''} per proxy.",
         "",
         "| setup | wrk rps (h1, c32) | × direct | CPU-s / 1k req | p50 +ms @2k rps | p99 +ms @2k rps | h2load rps (h2c) | peak RSS MB, h1 loads | peak RSS MB, h2c load |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -595,21 +624,43 @@ def render(results, rss, args):
         mem = {kind: " / ".join(f"{m:.1f}" for m in rss.get(name, {}).get(kind, [])) or "—" for kind in ["h1", "h2"]}
         lines.append(f"| {name} | {cell(name, 'rps')} | {ratio} | {cpu} | {add50} | {add99} | {cell(name, 'h2_rps')} | {mem['h1']} | {mem['h2']} |")
     lines.append("")
-    for kind in ["hop", "pair"]:
-        weft = summary(results.get(f"weft-{kind}", []), "rps")
-        for peer in ["haproxy", "envoy"]:
-            other = summary(results.get(f"{peer}-{kind}", []), "rps")
-            weft_cpu = summary(results.get(f"weft-{kind}", []), "cpu_per_1k")
-            other_cpu = summary(results.get(f"{peer}-{kind}", []), "cpu_per_1k")
-            weft_h2 = summary(results.get(f"weft-{kind}", []), "h2_rps")
-            other_h2 = summary(results.get(f"{peer}-{kind}", []), "h2_rps")
-            if weft and other and weft_cpu and other_cpu:
-                h2 = f", h2c throughput ×{weft_h2[0] / other_h2[0]:.2f}" if weft_h2 and other_h2 else ""
-                lines.append(f"- weft/{peer} {kind}: throughput ×{weft[0] / other[0]:.2f}, CPU per request ×{weft_cpu[0] / other_cpu[0]:.2f}{h2}")
+    for variant in ["weft", "weft-pgo", "weft-bolt"]:
+        for kind in ["hop", "pair"]:
+            for peer in ["haproxy", "envoy"]:
+                line = comparison(results, rss, f"{variant}-{kind}", f"{peer}-{kind}")
+                if line:
+                    lines.append(f"- {variant}/{peer} {kind}: {line}")
     return "\n".join(lines) + "\n"
 
 
-def render_mtls(results, handshakes):
+def comparison(results, rss, name, other):
+    """One setup against another on every figure of the targets: throughput, CPU per
+    request, h2c throughput, added p50/p99 latency at 2k rps (ms, this minus the other)
+    and the largest proxy's peak RSS over both loads."""
+    def median(setup, key):
+        s = summary(results.get(setup, []), key)
+        return s[0] if s else None
+
+    rps, other_rps = median(name, "rps"), median(other, "rps")
+    cpu, other_cpu = median(name, "cpu_per_1k"), median(other, "cpu_per_1k")
+    if not (rps and other_rps and cpu and other_cpu):
+        return None
+    parts = [f"throughput ×{rps / other_rps:.2f}", f"CPU per request ×{cpu / other_cpu:.2f}"]
+    h2, other_h2 = median(name, "h2_rps"), median(other, "h2_rps")
+    if h2 and other_h2:
+        parts.append(f"h2c throughput ×{h2 / other_h2:.2f}")
+    for key in ["p50_ms", "p99_ms"]:
+        mine, theirs = median(name, key), median(other, key)
+        if mine is not None and theirs is not None:
+            parts.append(f"{key[:3]} {mine - theirs:+.3f} ms")
+    peak = max((mb for kind in rss.get(name, {}).values() for mb in kind), default=0)
+    other_peak = max((mb for kind in rss.get(other, {}).values() for mb in kind), default=0)
+    if peak and other_peak:
+        parts.append(f"peak RSS ×{peak / other_peak:.2f}")
+    return ", ".join(parts)
+
+
+def render_mtls(results, handshakes, rss):
     """The mutual-TLS comparisons: weft's cost of mTLS, and weft against the peers."""
     lines = ["", "| setup (TCP mode, new connection per request) | connections/s | CPU-s / 1k connections |", "|---|---|---|"]
     for name, samples in handshakes.items():
@@ -625,16 +676,17 @@ def render_mtls(results, handshakes):
     quiet, quiet_cpu = summary(results.get("weft-mtls-pair-quiet", []), "rps"), summary(results.get("weft-mtls-pair-quiet", []), "cpu_per_1k")
     if mtls and quiet and mtls_cpu and quiet_cpu:
         lines.append(f"- telemetry (reported every 5 s) / none (--telemetry-interval 0), mTLS pair: throughput ×{mtls[0] / quiet[0]:.2f}, CPU per request ×{mtls_cpu[0] / quiet_cpu[0]:.2f}")
-    for peer in ["haproxy", "envoy"]:
-        other, other_cpu = summary(results.get(f"{peer}-tls-pair", []), "rps"), summary(results.get(f"{peer}-tls-pair", []), "cpu_per_1k")
-        weft_h2, other_h2 = summary(results.get("weft-mtls-pair", []), "h2_rps"), summary(results.get(f"{peer}-tls-pair", []), "h2_rps")
-        if mtls and other and mtls_cpu and other_cpu:
-            h2 = f", h2c throughput ×{weft_h2[0] / other_h2[0]:.2f}" if weft_h2 and other_h2 else ""
-            lines.append(f"- weft mTLS pair / {peer} TLS pair: throughput ×{mtls[0] / other[0]:.2f}, CPU per request ×{mtls_cpu[0] / other_cpu[0]:.2f}{h2}")
-        weft_conn, other_conn = summary(handshakes.get("weft-mtls-tcp", []), "conn_per_s"), summary(handshakes.get(f"{peer}-tls-tcp", []), "conn_per_s")
-        weft_cc, other_cc = summary(handshakes.get("weft-mtls-tcp", []), "cpu_per_1k_conn"), summary(handshakes.get(f"{peer}-tls-tcp", []), "cpu_per_1k_conn")
-        if weft_conn and other_conn and weft_cc and other_cc:
-            lines.append(f"- new connections, weft / {peer}: rate ×{weft_conn[0] / other_conn[0]:.2f}, CPU per connection ×{weft_cc[0] / other_cc[0]:.2f}")
+    for variant in ["weft", "weft-pgo", "weft-bolt"]:
+        for peer in ["haproxy", "envoy"]:
+            line = comparison(results, rss, f"{variant}-mtls-pair", f"{peer}-tls-pair")
+            if line:
+                lines.append(f"- {variant} mTLS pair / {peer} TLS pair: {line}")
+            mine, theirs = handshakes.get(f"{variant}-mtls-tcp", []), handshakes.get(f"{peer}-tls-tcp", [])
+            conn, other_conn = summary(mine, "conn_per_s"), summary(theirs, "conn_per_s")
+            cc, other_cc = summary(mine, "cpu_per_1k_conn"), summary(theirs, "cpu_per_1k_conn")
+            if conn and other_conn and cc and other_cc:
+                lines.append(f"- new connections, {variant} / {peer}: rate ×{conn[0] / other_conn[0]:.2f}, "
+                             f"CPU per connection ×{cc[0] / other_cc[0]:.2f}")
     return "\n".join(lines) + "\n"
 
 

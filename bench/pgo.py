@@ -3,22 +3,37 @@
 
   1. an instrumented release build (rustc -Cprofile-generate), in target/pgo-generate;
   2. training: that binary carries representative loads, with real peers as in
-     bench/bench.py (nginx behind, wrk and h2load in front): HTTP/1.1 through a hop and a
-     pair, h2c through the pair, a mutual-TLS pair of a real control plane (HTTP/1.1 and
-     h2c), and opaque TCP over mutual TLS with a new connection per request (handshakes);
+     bench/bench.py (nginx or weft's demo app behind, wrk and h2load in front):
+     HTTP/1.1 through a hop and a pair, h2c through the pair, gRPC through a pair whose
+     Service says grpc, a mutual-TLS pair of a real control plane (HTTP/1.1 and h2c),
+     and opaque TCP over mutual TLS with a new connection per request (handshakes);
      every process is stopped with SIGTERM, so that it writes its profile on the way out;
   3. the profiles merged with the llvm-profdata of rustc's own LLVM major version (Debian
      llvm-N, or rustup's llvm-tools);
   4. the final build (rustc -Cprofile-use) in target/pgo: target/pgo/release/weft.
 
 The profile is generated each time, never committed; the plain `cargo build --release`
-is untouched. --quick trains for a second per load (the build steps dominate either way).
+is untouched.
 
-Usage: bench/pgo.py [--seconds 5] [--quick] [--reuse-profile]
+--quick is the same pipeline made light enough for CI (a few minutes): a second of each
+load, and a lighter build. Only weft's own crates are instrumented and then optimised
+with the profile (through RUSTC_WORKSPACE_WRAPPER, whose path cargo hashes into those
+crates' artifacts, so they never mix with other builds), in the dev profile with the
+release settings bench/instructions.py's gate uses: the dependencies are the ones
+`cargo test` already built, so only the workspace is compiled, twice. It checks that the
+profile covers the proxy's request path and that the final binary carries a request;
+its binary, target/pgo-quick/weft, is for that check, not for measuring.
+
+--bolt then runs BOLT (Debian bolt-22) over the final binary: llvm-bolt instruments it,
+the same loads train it, and llvm-bolt lays its functions and blocks out by that
+profile: target/pgo/release/weft-bolt.
+
+Usage: bench/pgo.py [--seconds 5] [--quick] [--reuse-profile] [--bolt]
 """
 
 import argparse
 import glob
+import json
 import os
 import re
 import shutil
@@ -26,12 +41,25 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import bench
 from bench import ROOT, Stack, start_nginx, weft_mtls_stack, weft_stack
+from instructions import GATE_BUILD
+from weft_mesh import free_port, wait_port
 
 GENERATE_DIR = os.path.join(ROOT, "target", "pgo-generate")
 FINAL_DIR = os.path.join(ROOT, "target", "pgo")
+QUICK_DIR = os.path.join(ROOT, "target", "pgo-quick")
+# A function of the proxy's request path that every HTTP load runs: the quick mode
+# fails unless the merged profile counted it.
+REQUEST_PATH_FUNCTION = "weft_proxy"
+# The quick mode's settings for weft's crates: the gate's, at opt-level 1, which halves
+# the two builds; the pipeline it checks is the same.
+QUICK_BUILD = [s if not s.startswith("opt-level=") else "opt-level=1" for s in GATE_BUILD]
+# The final build keeps its relocations, so that BOLT (--bolt) can move its functions;
+# they are not loaded at run time.
+EMIT_RELOCS = "-Clink-arg=-Wl,--emit-relocs"
 
 
 def llvm_profdata():
@@ -57,6 +85,48 @@ def cargo_build(target_dir, rustflags):
     subprocess.run(["cargo", "build", "--release", "-p", "weft", "--target-dir", target_dir], cwd=ROOT, env=env,
                    check=True)
     return os.path.join(target_dir, "release", "weft")
+
+
+def quick_build(phase, flag):
+    """The quick mode's build: weft's own crates get `flag` through a workspace wrapper
+    (one per phase, so cargo keeps the phases' artifacts apart); the dependencies are the
+    dev profile's, already built by `cargo test`. Returns the executable's path."""
+    wrapper = os.path.join(QUICK_DIR, phase, "rustc")
+    os.makedirs(os.path.dirname(wrapper), exist_ok=True)
+    with open(wrapper, "w") as f:
+        f.write(f"""#!/bin/sh
+# RUSTC_WORKSPACE_WRAPPER of bench/pgo.py --quick ({phase}): compiling one of weft's
+# crates, add the profile-guided flag; probes and build scripts run rustc unchanged.
+rustc="$1"; shift
+case " $* " in
+  *" --crate-name build_script_build "*|*" --crate-name ___ "*) exec "$rustc" "$@" ;;
+  *" --crate-name "*) exec "$rustc" "$@" '{flag}' ;;
+  *) exec "$rustc" "$@" ;;
+esac
+""")
+    os.chmod(wrapper, 0o755)
+    args = ["cargo", "build", "-p", "weft", "--bin", "weft", "--message-format=json-render-diagnostics"]
+    for setting in QUICK_BUILD:
+        args += ["--config", f"profile.dev.{setting}"]
+    print(f"pgo: cargo build -p weft (dev profile, opt-level 1 for weft's crates, {flag} on them)",
+          file=sys.stderr, flush=True)
+    started = time.time()
+    out = subprocess.run(args, cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                         env=dict(os.environ, RUSTC_WORKSPACE_WRAPPER=wrapper))
+    if out.returncode != 0:
+        raise SystemExit(f"pgo: the {phase} build failed (cargo's messages above)")
+    executable = None
+    for line in out.stdout.splitlines():
+        message = json.loads(line)
+        if message.get("reason") == "compiler-artifact" and message["target"]["name"] == "weft" \
+                and message.get("executable"):
+            executable = message["executable"]
+    if not executable:
+        raise SystemExit("pgo: cargo built no weft executable")
+    copy = os.path.join(QUICK_DIR, phase, "weft")
+    shutil.copy2(executable, copy)
+    print(f"pgo: {phase} build took {time.time() - started:.0f}s", file=sys.stderr, flush=True)
+    return copy
 
 
 def stop_cleanly(stack):
@@ -91,15 +161,43 @@ def h2load(stack, seconds):
     return int(ok.group(1))
 
 
-def train(binary, seconds):
-    """Runs the training loads through `binary`; the profiles land in the directory the
-    instrumented build names."""
+def grpc_load(stack, seconds):
+    """gRPC unary calls (a 5-byte message, content-type application/grpc, te: trailers)."""
+    body = os.path.join(stack.tmp, "grpc-call.bin")
+    with open(body, "wb") as f:
+        f.write(b"\x00\x00\x00\x00\x05hello")
+    out = subprocess.run(["h2load", "-c32", "-m10", "-t1", "-D", str(seconds), "-d", body,
+                          "-H", ":authority: upstream", "-H", "content-type: application/grpc", "-H", "te: trailers",
+                          f"http://127.0.0.1:{stack.port}/weft.bench.Echo/Call"], capture_output=True, text=True).stdout
+    ok = re.search(r"status codes: (\d+) 2xx", out)
+    if not ok or int(ok.group(1)) == 0:
+        raise SystemExit(f"pgo: gRPC training through {stack.name} failed:\n{out}")
+    return int(ok.group(1))
+
+
+def start_demo_app(tmp, binary):
+    """weft's demo app, the gRPC load's upstream (it answers HTTP/1.1 and h2c). Its own
+    profile goes to a directory that is not merged: it is an application, not the mesh."""
+    port = free_port()
+    app = subprocess.Popen([binary, "demo-app", "--name", "upstream", "--listen", f"127.0.0.1:{port}"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                           env=dict(os.environ, LLVM_PROFILE_FILE=os.path.join(tmp, "app-%p.profraw")))
+    wait_port(port, what="the demo app")
+    return app, port
+
+
+def train(binary, seconds, app_binary=None):
+    """Runs the training loads through `binary`; the profiles land where its
+    instrumentation says. The demo app (the gRPC upstream) runs `app_binary`, or
+    `binary` with its profile sent elsewhere."""
     bench.WEFT = binary
     tmp = tempfile.mkdtemp(prefix="weft-pgo-")
     nginx, upstream = start_nginx(tmp)
+    app, app_port = start_demo_app(tmp, app_binary or binary)
     loads = [
         ("hop", lambda: weft_stack(tmp, "pgo-hop", upstream, pair=False), ["http1"]),
         ("pair", lambda: weft_stack(tmp, "pgo-pair", upstream, pair=True), ["http1", "h2c"]),
+        ("grpc-pair", lambda: weft_stack(tmp, "pgo-grpc", app_port, pair=True, protocol="grpc"), ["grpc"]),
         ("mtls-pair", lambda: weft_mtls_stack(tmp, "pgo-mtls", upstream), ["http1", "h2c"]),
         ("mtls-tcp-pair", lambda: weft_mtls_stack(tmp, "pgo-mtls-tcp", upstream, tcp=True), ["close"]),
     ]
@@ -110,6 +208,8 @@ def train(binary, seconds):
                 for kind in kinds:
                     if kind == "h2c":
                         done = h2load(stack, seconds)
+                    elif kind == "grpc":
+                        done = grpc_load(stack, seconds)
                     else:
                         done = wrk(stack, seconds, close=kind == "close")
                     print(f"pgo: trained {name} {kind}: {done} requests", file=sys.stderr, flush=True)
@@ -118,38 +218,134 @@ def train(binary, seconds):
     finally:
         os.killpg(nginx.pid, signal.SIGTERM)
         nginx.wait()
+        app.kill()
+        app.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bolt_tool(name):
+    """BOLT's tools: any LLVM version's will do (BOLT reads machine code, not rustc's IR)."""
+    for candidate in [f"{name}-22", name, *sorted(glob.glob(f"/usr/bin/{name}-*"), reverse=True)]:
+        if shutil.which(candidate):
+            return shutil.which(candidate)
+    raise SystemExit(f"pgo: {name} is not installed: apt-get install bolt-22")
+
+
+def bolt(binary, seconds):
+    """BOLT over the profile-guided binary: instrumented by llvm-bolt, trained on the same
+    loads, then its functions and blocks laid out by the profile. Needs the binary linked
+    with --emit-relocs (cargo_build's final build is). Returns the optimised binary."""
+    llvm_bolt, merge_fdata = bolt_tool("llvm-bolt"), bolt_tool("merge-fdata")
+    work = os.path.join(FINAL_DIR, "bolt")
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(os.path.join(work, "profiles"))
+    instrumented = os.path.join(work, "weft-instrumented")
+    subprocess.run([llvm_bolt, binary, "-instrument", "-o", instrumented,
+                    f"--instrumentation-file={os.path.join(work, 'profiles', 'weft.fdata')}",
+                    "--instrumentation-file-append-pid"], check=True, stdout=subprocess.DEVNULL)
+    train(instrumented, seconds, app_binary=binary)
+    fdata = glob.glob(os.path.join(work, "profiles", "*.fdata"))
+    if not fdata:
+        raise SystemExit("pgo: BOLT's training wrote no profile (did every process stop on SIGTERM?)")
+    merged = os.path.join(work, "merged.fdata")
+    with open(merged, "w") as out:
+        subprocess.run([merge_fdata, *fdata], check=True, stdout=out)
+    optimised = os.path.join(FINAL_DIR, "release", "weft-bolt")
+    subprocess.run([llvm_bolt, binary, "-o", optimised, f"-data={merged}", "-reorder-blocks=ext-tsp",
+                    "-reorder-functions=cdsort", "-split-functions", "-split-all-cold", "-split-eh", "-icf=1",
+                    "-use-gnu-stack", "-dyno-stats"], check=True)
+    print(f"pgo: BOLT merged {len(fdata)} profiles into {optimised}", file=sys.stderr, flush=True)
+    return optimised
+
+
+def merge(profdata, profiles, merged):
+    raw = glob.glob(os.path.join(profiles, "*.profraw"))
+    if not raw:
+        raise SystemExit("pgo: the training wrote no profile (did every process stop on SIGTERM?)")
+    subprocess.run([profdata, "merge", "-o", merged, *raw], check=True)
+    print(f"pgo: merged {len(raw)} profiles with {profdata}", file=sys.stderr, flush=True)
+
+
+def check_coverage(profdata, merged):
+    """The profile must have counted the proxy's own code: a training load that silently
+    stopped reaching weft (a broken stack, a renamed crate) would leave a profile that
+    optimises nothing."""
+    out = subprocess.run([profdata, "show", "--all-functions", "--counts", merged], capture_output=True, text=True,
+                         check=True).stdout
+    counted, name = 0, ""
+    for line in out.splitlines():
+        if line.startswith("  ") and not line.startswith("   ") and line.endswith(":"):
+            name = line.strip()
+        elif line.strip().startswith("Block counts: [") and REQUEST_PATH_FUNCTION in name:
+            counts = line.split("[", 1)[1].rstrip("]").split(",")
+            if any(c.strip() not in ("", "0") for c in counts):
+                counted += 1
+    if counted == 0:
+        raise SystemExit(f"pgo: the merged profile counted no function of {REQUEST_PATH_FUNCTION}")
+    print(f"pgo: the profile counted {counted} functions of {REQUEST_PATH_FUNCTION}", file=sys.stderr, flush=True)
+
+
+def smoke(binary):
+    """One second of HTTP/1.1 through a hop of the final binary."""
+    bench.WEFT = binary
+    tmp = tempfile.mkdtemp(prefix="weft-pgo-smoke-")
+    nginx, upstream = start_nginx(tmp)
+    stack = weft_stack(tmp, "pgo-smoke", upstream, pair=False)
+    try:
+        print(f"pgo: the final binary carried {wrk(stack, 1)} requests through a hop", file=sys.stderr, flush=True)
+    finally:
+        stack.stop()
+        os.killpg(nginx.pid, signal.SIGTERM)
+        nginx.wait()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=5, help="seconds of each training load")
-    parser.add_argument("--quick", action="store_true", help="a second per load")
+    parser.add_argument("--quick", action="store_true",
+                        help="CI's check of the pipeline: weft's crates only, a second per load")
     parser.add_argument("--reuse-profile", action="store_true",
                         help="only the final build, from the profile the last run merged")
+    parser.add_argument("--bolt", action="store_true",
+                        help="then BOLT over the final binary: target/pgo/release/weft-bolt")
     args = parser.parse_args()
+    for tool in ["nginx", "wrk", "h2load", "cargo", "rustc"]:
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} is not installed; see bench/README.md for the one-time setup")
+    if args.quick:
+        profdata = llvm_profdata()
+        profiles = os.path.join(QUICK_DIR, "profiles")
+        merged = os.path.join(QUICK_DIR, "merged.profdata")
+        instrumented = quick_build("generate", f"-Cprofile-generate={profiles}")
+        shutil.rmtree(profiles, ignore_errors=True)
+        os.makedirs(profiles)
+        train(instrumented, 1)
+        merge(profdata, profiles, merged)
+        check_coverage(profdata, merged)
+        final = quick_build("use", f"-Cprofile-use={merged}")
+        smoke(final)
+        print(final)
+        return
     merged = os.path.join(GENERATE_DIR, "merged.profdata")
     if args.reuse_profile:
         if not os.path.exists(merged):
             raise SystemExit(f"pgo: no merged profile at {merged}; run bench/pgo.py without --reuse-profile")
-        print(cargo_build(FINAL_DIR, f"-Cprofile-use={merged}"))
+        final = cargo_build(FINAL_DIR, f"-Cprofile-use={merged} {EMIT_RELOCS}")
+        print(bolt(final, args.seconds) if args.bolt else final)
         return
-    for tool in ["nginx", "wrk", "h2load", "cargo", "rustc"]:
-        if not shutil.which(tool):
-            raise SystemExit(f"{tool} is not installed; see bench/README.md for the one-time setup")
     profdata = llvm_profdata()
     profiles = os.path.join(GENERATE_DIR, "profiles")
+    instrumented = cargo_build(GENERATE_DIR, f"-Cprofile-generate={profiles}")
+    # Build scripts and proc macros are instrumented too (RUSTFLAGS reaches them) and ran
+    # during the build: their profiles are not the proxy's.
     shutil.rmtree(profiles, ignore_errors=True)
     os.makedirs(profiles)
-    instrumented = cargo_build(GENERATE_DIR, f"-Cprofile-generate={profiles}")
-    train(instrumented, 1 if args.quick else args.seconds)
-    raw = glob.glob(os.path.join(profiles, "*.profraw"))
-    if not raw:
-        raise SystemExit("pgo: the training wrote no profile (did every process stop on SIGTERM?)")
-    subprocess.run([profdata, "merge", "-o", merged, *raw], check=True)
-    print(f"pgo: merged {len(raw)} profiles with {profdata}", file=sys.stderr, flush=True)
-    final = cargo_build(FINAL_DIR, f"-Cprofile-use={merged}")
-    print(final)
+    train(instrumented, args.seconds)
+    merge(profdata, profiles, merged)
+    check_coverage(profdata, merged)
+    final = cargo_build(FINAL_DIR, f"-Cprofile-use={merged} {EMIT_RELOCS}")
+    print(bolt(final, args.seconds) if args.bolt else final)
 
 
 if __name__ == "__main__":
