@@ -92,17 +92,19 @@ spec: {{labels: {{app: upstream}}, address: "127.0.0.1:{port}"}}
 class Run:
     """The processes of one setup; proxies run under callgrind."""
 
-    def __init__(self, tmp, name):
+    def __init__(self, tmp, name, cache_sim=False):
         self.tmp, self.name = tmp, name
         self.procs, self.measured = [], []
         self.sink = None
+        # bench/cachegrind.py's runs simulate the caches too (callgrind --cache-sim=yes).
+        self.cache_sim = cache_sim
 
     def spawn(self, args, measured=False, env=None):
         log = open(os.path.join(self.tmp, f"{self.name}-{len(self.procs)}.log"), "w")
         if measured:
             out = os.path.join(self.tmp, f"{self.name}-{len(self.procs)}.callgrind")
             args = ["valgrind", "--tool=callgrind", "--dump-instr=no", "--dump-line=no",
-                    f"--callgrind-out-file={out}"] + args
+                    f"--callgrind-out-file={out}"] + (["--cache-sim=yes"] if self.cache_sim else []) + args
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.procs.append(proc)
         if measured:
@@ -115,17 +117,27 @@ class Run:
 
     def instructions(self):
         """Instructions counted since the last zeroing, summed over the proxies."""
-        total = 0
+        return self.events()["Ir"]
+
+    def events(self):
+        """Every event callgrind counted since the last zeroing (Ir, and with the cache
+        simulation I1mr, D1mr, D1mw, ...), summed over the proxies."""
+        totals = {}
         for proc, out in self.measured:
             dumps = sorted(f for f in os.listdir(self.tmp) if f.startswith(os.path.basename(out) + "."))
             if not dumps:
                 raise SystemExit(f"{self.name}: callgrind wrote no dump for pid {proc.pid}")
+            names, values = [], []
             with open(os.path.join(self.tmp, dumps[-1])) as f:
                 for line in f:
-                    if line.startswith("summary:") or line.startswith("totals:"):
-                        total += int(line.split()[1])
+                    if line.startswith("events:"):
+                        names = line.split()[1:]
+                    elif line.startswith("summary:") or line.startswith("totals:"):
+                        values = [int(v) for v in line.split()[1:]]
                         break
-        return total
+            for event, value in zip(names, values):
+                totals[event] = totals.get(event, 0) + value
+        return totals
 
     def stop(self):
         if self.sink:
