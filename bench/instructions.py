@@ -236,15 +236,15 @@ def measure(tmp, setup):
         run.stop()
 
 
-def build():
-    """Builds the binary the gate measures and copies it to target/gate/weft."""
+def cargo_build_weft(settings, what, env=None):
+    """`cargo build -p weft` in the dev profile with `settings` for the workspace's crates
+    (the dependencies keep the dev profile's own); returns the executable's path."""
     args = ["cargo", "build", "-p", "weft", "--bin", "weft", "--message-format=json-render-diagnostics"]
-    for setting in GATE_BUILD:
+    for setting in settings:
         args += ["--config", f"profile.dev.{setting}"]
-    started = time.time()
-    out = subprocess.run(args, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    out = subprocess.run(args, cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env)
     if out.returncode != 0:
-        raise SystemExit("the gate's build of weft failed (cargo's messages above)")
+        raise SystemExit(f"{what} failed (cargo's messages above)")
     executable = None
     for line in out.stdout.splitlines():
         message = json.loads(line)
@@ -252,7 +252,14 @@ def build():
                 and message.get("executable"):
             executable = message["executable"]
     if not executable:
-        raise SystemExit("cargo built no weft executable")
+        raise SystemExit(f"{what}: cargo built no weft executable")
+    return executable
+
+
+def build():
+    """Builds the binary the gate measures and copies it to target/gate/weft."""
+    started = time.time()
+    executable = cargo_build_weft(GATE_BUILD, "the gate's build of weft")
     os.makedirs(os.path.dirname(WEFT), exist_ok=True)
     shutil.copy2(executable, WEFT)
     print(f"built {WEFT} in {time.time() - started:.0f}s", flush=True)

@@ -33,7 +33,6 @@ Usage: bench/pgo.py [--seconds 5] [--quick] [--reuse-profile] [--bolt]
 
 import argparse
 import glob
-import json
 import os
 import re
 import shutil
@@ -44,8 +43,8 @@ import tempfile
 import time
 
 import bench
-from bench import ROOT, Stack, start_nginx, weft_mtls_stack, weft_stack
-from instructions import GATE_BUILD
+from bench import ROOT, start_nginx, weft_mtls_stack, weft_stack
+from instructions import GATE_BUILD, cargo_build_weft
 from weft_mesh import free_port, wait_port
 
 GENERATE_DIR = os.path.join(ROOT, "target", "pgo-generate")
@@ -105,24 +104,11 @@ case " $* " in
 esac
 """)
     os.chmod(wrapper, 0o755)
-    args = ["cargo", "build", "-p", "weft", "--bin", "weft", "--message-format=json-render-diagnostics"]
-    for setting in QUICK_BUILD:
-        args += ["--config", f"profile.dev.{setting}"]
     print(f"pgo: cargo build -p weft (dev profile, opt-level 1 for weft's crates, {flag} on them)",
           file=sys.stderr, flush=True)
     started = time.time()
-    out = subprocess.run(args, cwd=ROOT, stdout=subprocess.PIPE, text=True,
-                         env=dict(os.environ, RUSTC_WORKSPACE_WRAPPER=wrapper))
-    if out.returncode != 0:
-        raise SystemExit(f"pgo: the {phase} build failed (cargo's messages above)")
-    executable = None
-    for line in out.stdout.splitlines():
-        message = json.loads(line)
-        if message.get("reason") == "compiler-artifact" and message["target"]["name"] == "weft" \
-                and message.get("executable"):
-            executable = message["executable"]
-    if not executable:
-        raise SystemExit("pgo: cargo built no weft executable")
+    executable = cargo_build_weft(QUICK_BUILD, f"pgo: the {phase} build",
+                                  env=dict(os.environ, RUSTC_WORKSPACE_WRAPPER=wrapper))
     copy = os.path.join(QUICK_DIR, phase, "weft")
     shutil.copy2(executable, copy)
     print(f"pgo: {phase} build took {time.time() - started:.0f}s", file=sys.stderr, flush=True)
@@ -152,26 +138,21 @@ def wrk(stack, seconds, close=False):
     return requests
 
 
-def h2load(stack, seconds):
-    out = subprocess.run(["h2load", "-c32", "-m10", "-t1", "-D", str(seconds), "-H", f":authority: {stack.host}",
-                          f"http://127.0.0.1:{stack.port}/"], capture_output=True, text=True).stdout
+def h2load(stack, seconds, grpc=False):
+    """h2c requests, or gRPC unary calls (a 5-byte message, content-type
+    application/grpc, te: trailers), over 32 connections × 10 streams."""
+    args = ["h2load", "-c32", "-m10", "-t1", "-D", str(seconds), "-H", f":authority: {stack.host}"]
+    url = f"http://127.0.0.1:{stack.port}/"
+    if grpc:
+        body = os.path.join(stack.tmp, "grpc-call.bin")
+        with open(body, "wb") as f:
+            f.write(b"\x00\x00\x00\x00\x05hello")
+        args += ["-d", body, "-H", "content-type: application/grpc", "-H", "te: trailers"]
+        url += "weft.bench.Echo/Call"
+    out = subprocess.run(args + [url], capture_output=True, text=True).stdout
     ok = re.search(r"status codes: (\d+) 2xx", out)
     if not ok or int(ok.group(1)) == 0:
-        raise SystemExit(f"pgo: h2c training through {stack.name} failed:\n{out}")
-    return int(ok.group(1))
-
-
-def grpc_load(stack, seconds):
-    """gRPC unary calls (a 5-byte message, content-type application/grpc, te: trailers)."""
-    body = os.path.join(stack.tmp, "grpc-call.bin")
-    with open(body, "wb") as f:
-        f.write(b"\x00\x00\x00\x00\x05hello")
-    out = subprocess.run(["h2load", "-c32", "-m10", "-t1", "-D", str(seconds), "-d", body,
-                          "-H", ":authority: upstream", "-H", "content-type: application/grpc", "-H", "te: trailers",
-                          f"http://127.0.0.1:{stack.port}/weft.bench.Echo/Call"], capture_output=True, text=True).stdout
-    ok = re.search(r"status codes: (\d+) 2xx", out)
-    if not ok or int(ok.group(1)) == 0:
-        raise SystemExit(f"pgo: gRPC training through {stack.name} failed:\n{out}")
+        raise SystemExit(f"pgo: {'gRPC' if grpc else 'h2c'} training through {stack.name} failed:\n{out}")
     return int(ok.group(1))
 
 
@@ -206,10 +187,8 @@ def train(binary, seconds, app_binary=None):
             stack = make()
             try:
                 for kind in kinds:
-                    if kind == "h2c":
-                        done = h2load(stack, seconds)
-                    elif kind == "grpc":
-                        done = grpc_load(stack, seconds)
+                    if kind in ("h2c", "grpc"):
+                        done = h2load(stack, seconds, grpc=kind == "grpc")
                     else:
                         done = wrk(stack, seconds, close=kind == "close")
                     print(f"pgo: trained {name} {kind}: {done} requests", file=sys.stderr, flush=True)
