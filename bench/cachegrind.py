@@ -90,6 +90,11 @@ def measure(tmp, name, start, upstream, requests, h2c):
         run.stop()
 
 
+def figure(value):
+    """Per-request counts: whole numbers, but the last level's, often below one, kept."""
+    return f"{value:.0f}" if value >= 10 else f"{value:.2f}"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=20000)
@@ -114,7 +119,7 @@ def main():
         for name, start in setups:
             started = time.time()
             figures[name] = measure(tmp, name, start, upstream, args.requests, args.h2c)
-            print(f"{name}: " + ", ".join(f"{e} {figures[name][e]:.0f}" for e in EVENTS)
+            print(f"{name}: " + ", ".join(f"{e} {figure(figures[name][e])}" for e in EVENTS)
                   + f" ({time.time() - started:.0f}s)", file=sys.stderr, flush=True)
     finally:
         os.killpg(nginx.pid, signal.SIGTERM)
@@ -125,7 +130,7 @@ def main():
              "of warm-up, callgrind --cache-sim=yes; per request.", "",
              "| setup | " + " | ".join(EVENTS) + " |", "|---|" + "---|" * len(EVENTS)]
     for name, f in figures.items():
-        lines.append(f"| {name} | " + " | ".join(f"{f[e]:.0f}" for e in EVENTS) + " |")
+        lines.append(f"| {name} | " + " | ".join(figure(f[e]) for e in EVENTS) + " |")
     lines.append("")
     base = figures.get("haproxy-hop")
     for name, f in figures.items():
