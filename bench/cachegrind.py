@@ -33,24 +33,18 @@ import tempfile
 import time
 
 import instructions
-from bench import ROOT, WEFT_BOLT, WEFT_PGO, haproxy_config, mesh_yaml, start_nginx
+from bench import ROOT, WEFT, WEFT_BOLT, WEFT_PGO, haproxy_config, start_nginx
 from instructions import Run
 from weft_mesh import free_port, wait_port
 
-WEFT = os.path.join(ROOT, "target", "release", "weft")
 WARMUP = 2000
 EVENTS = ["Ir", "I1mr", "D1mr", "D1mw", "LLm"]
 
 
 def weft_hop(run, binary, upstream):
-    port, admin = free_port(), free_port()
-    cfg = os.path.join(run.tmp, f"{run.name}.yaml")
-    with open(cfg, "w") as f:
-        f.write(mesh_yaml(upstream, protocol="http"))
-    run.spawn([binary, "proxy", "--config", cfg, "--outbound-addr", f"127.0.0.1:{port}", "--admin-addr",
-               f"127.0.0.1:{admin}", "--log", "warn"], measured=True)
-    wait_port(port, run.name, timeout=60)
-    return port, None
+    """One weft hop under callgrind: the gate's static stack, run from `binary`."""
+    instructions.WEFT = binary
+    return instructions.static_stack(run, upstream, "http", pair=False), None
 
 
 def haproxy_hop(run, upstream):
@@ -106,7 +100,6 @@ def main():
             raise SystemExit(f"{tool} is not installed; see bench/README.md for the one-time setup")
     if not os.path.exists(WEFT):
         raise SystemExit("build weft first: cargo build --release")
-    instructions.WEFT = WEFT
     setups = [("weft-hop", lambda run, up: weft_hop(run, WEFT, up))]
     for name, binary in [("weft-pgo-hop", WEFT_PGO), ("weft-bolt-hop", WEFT_BOLT)]:
         if os.path.exists(binary):

@@ -19,10 +19,10 @@ is untouched.
 load, and a lighter build. Only weft's own crates are instrumented and then optimised
 with the profile (through RUSTC_WORKSPACE_WRAPPER, whose path cargo hashes into those
 crates' artifacts, so they never mix with other builds), in the dev profile with the
-release settings bench/instructions.py's gate uses: the dependencies are the ones
+gate's settings (bench/instructions.py) at opt-level 1: the dependencies are the ones
 `cargo test` already built, so only the workspace is compiled, twice. It checks that the
-profile covers the proxy's request path and that the final binary carries a request;
-its binary, target/pgo-quick/weft, is for that check, not for measuring.
+profile covers the proxy and that the final binary carries a request; its binary,
+target/pgo-quick/use/weft, is for that check, not for measuring.
 
 --bolt then runs BOLT (Debian bolt-22) over the final binary: llvm-bolt instruments it,
 the same loads train it, and llvm-bolt lays its functions and blocks out by that
@@ -50,9 +50,9 @@ from weft_mesh import free_port, wait_port
 GENERATE_DIR = os.path.join(ROOT, "target", "pgo-generate")
 FINAL_DIR = os.path.join(ROOT, "target", "pgo")
 QUICK_DIR = os.path.join(ROOT, "target", "pgo-quick")
-# A function of the proxy's request path that every HTTP load runs: the quick mode
-# fails unless the merged profile counted it.
-REQUEST_PATH_FUNCTION = "weft_proxy"
+# The proxy's crate: a build fails unless the merged profile counted some of its
+# functions (every training load runs them).
+PROXY_CRATE = "weft_proxy"
 # The quick mode's settings for weft's crates: the gate's, at opt-level 1, which halves
 # the two builds; the pipeline it checks is the same.
 QUICK_BUILD = [s if not s.startswith("opt-level=") else "opt-level=1" for s in GATE_BUILD]
@@ -255,13 +255,13 @@ def check_coverage(profdata, merged):
     for line in out.splitlines():
         if line.startswith("  ") and not line.startswith("   ") and line.endswith(":"):
             name = line.strip()
-        elif line.strip().startswith("Block counts: [") and REQUEST_PATH_FUNCTION in name:
+        elif line.strip().startswith("Block counts: [") and PROXY_CRATE in name:
             counts = line.split("[", 1)[1].rstrip("]").split(",")
             if any(c.strip() not in ("", "0") for c in counts):
                 counted += 1
     if counted == 0:
-        raise SystemExit(f"pgo: the merged profile counted no function of {REQUEST_PATH_FUNCTION}")
-    print(f"pgo: the profile counted {counted} functions of {REQUEST_PATH_FUNCTION}", file=sys.stderr, flush=True)
+        raise SystemExit(f"pgo: the merged profile counted no function of {PROXY_CRATE}")
+    print(f"pgo: the profile counted {counted} functions of {PROXY_CRATE}", file=sys.stderr, flush=True)
 
 
 def smoke(binary):
