@@ -149,6 +149,12 @@ def start_nginx(tmp):
     return proc, port
 
 
+def stop_nginx(nginx):
+    """Stops what start_nginx started: its master and workers, a process group."""
+    os.killpg(nginx.pid, signal.SIGKILL)
+    nginx.wait()
+
+
 def weft_stack(tmp, name, upstream, pair, binary=None, protocol="http"):
     """weft as a hop or a pair; `binary` another build of it (the PGO one), else WEFT;
     `protocol` the Service's (http, http2 or grpc)."""
@@ -576,8 +582,7 @@ def main():
     finally:
         for stack in stacks.values():
             stack.stop()
-        os.killpg(nginx.pid, signal.SIGKILL)
-        nginx.wait()
+        stop_nginx(nginx)
         if sink:
             sink.stop()
     report = render(results, rss, args)

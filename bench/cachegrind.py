@@ -26,14 +26,13 @@ Usage: bench/cachegrind.py [--requests 20000] [--h2c]
 import argparse
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 
 import instructions
-from bench import ROOT, WEFT, WEFT_BOLT, WEFT_PGO, haproxy_config, start_nginx
+from bench import ROOT, WEFT, WEFT_BOLT, WEFT_PGO, haproxy_config, start_nginx, stop_nginx
 from instructions import Run
 from weft_mesh import free_port, wait_port
 
@@ -115,8 +114,7 @@ def main():
             print(f"{name}: " + ", ".join(f"{e} {figure(figures[name][e])}" for e in EVENTS)
                   + f" ({time.time() - started:.0f}s)", file=sys.stderr, flush=True)
     finally:
-        os.killpg(nginx.pid, signal.SIGTERM)
-        nginx.wait()
+        stop_nginx(nginx)
         shutil.rmtree(tmp, ignore_errors=True)
     kind = "h2c (32 connections × 10 streams)" if args.h2c else "HTTP/1.1 (32 connections)"
     lines = [f"Measured {time.strftime('%Y-%m-%d')}: one hop, {kind}, {args.requests} requests after {WARMUP} "

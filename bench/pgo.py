@@ -43,7 +43,7 @@ import tempfile
 import time
 
 import bench
-from bench import ROOT, start_nginx, weft_mtls_stack, weft_stack
+from bench import ROOT, start_nginx, stop_nginx, weft_mtls_stack, weft_stack
 from instructions import GATE_BUILD, cargo_build_weft
 from weft_mesh import free_port, wait_port
 
@@ -195,8 +195,7 @@ def train(binary, seconds, app_binary=None):
             finally:
                 stop_cleanly(stack)
     finally:
-        os.killpg(nginx.pid, signal.SIGTERM)
-        nginx.wait()
+        stop_nginx(nginx)
         app.kill()
         app.wait()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -274,8 +273,7 @@ def smoke(binary):
         print(f"pgo: the final binary carried {wrk(stack, 1)} requests through a hop", file=sys.stderr, flush=True)
     finally:
         stack.stop()
-        os.killpg(nginx.pid, signal.SIGTERM)
-        nginx.wait()
+        stop_nginx(nginx)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
