@@ -518,12 +518,16 @@ async fn contexts_sampling_forcing_retries_and_errors_over_otlp_grpc() {
         "apiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: echo}\nspec:\n  targetRef: {kind: \
          Service, name: echo}\n  tracing: {samplingRate: 0}\n",
     );
-    eventually(Duration::from_secs(20), "echo's own rate on the edge", || async {
-        let config = edge.config().await;
-        let services = config["snapshot"]["services"].as_array().cloned().unwrap_or_default();
-        services.iter().any(|s| s["name"] == "echo" && s["policy"]["traceSampling"] == 0.0).then_some(())
-    })
-    .await;
+    // Both ends decide: the edge for its outbound request and echo's proxy for the
+    // inbound one it would otherwise start at the mesh-wide rate; wait for both.
+    for proxy in [edge, echo] {
+        eventually(Duration::from_secs(20), "echo's own rate on the edge and on echo's proxy", || async move {
+            let config = proxy.config().await;
+            let services = config["snapshot"]["services"].as_array().cloned().unwrap_or_default();
+            services.iter().any(|s| s["name"] == "echo" && s["policy"]["traceSampling"] == 0.0).then_some(())
+        })
+        .await;
+    }
     let answer = get_via(&http, edge.outbound, "echo", "/override", &[]).await;
     assert!(app_headers(&answer).get("traceparent").is_none(), "echo's TrafficPolicy samples none");
 
