@@ -419,7 +419,8 @@ async fn handle(
     let request = Request::from_parts(parts, Counter::maybe_count(counted.as_ref(), body::boxed(incoming)));
     let result = match upgrade {
         Some(downstream) => {
-            state.connector.send_upgrade(Upstream::App(app), &state.inbound_limiter, request).await.map(
+            // Boxed: rare, and its future would otherwise size every request's.
+            Box::pin(state.connector.send_upgrade(Upstream::App(app), &state.inbound_limiter, request)).await.map(
                 |mut response| {
                     if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
                         forward::spawn_tunnel(downstream, hyper::upgrade::on(&mut response));

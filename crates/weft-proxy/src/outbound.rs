@@ -430,7 +430,10 @@ async fn route_request(
 
     let exchange = async {
         if let Some(downstream_upgrade) = downstream_upgrade {
-            return send_upgrade(state, &backend, parts, incoming, &authority, downstream_upgrade, routed).await;
+            // Boxed: upgrades are rare, and their future would otherwise size every
+            // request's (see `Connector::send`).
+            return Box::pin(send_upgrade(state, &backend, parts, incoming, &authority, downstream_upgrade, routed))
+                .await;
         }
         send_with_retries(state, &backend, budget, retries, try_timeout, parts, incoming, &authority, routed).await
     };
