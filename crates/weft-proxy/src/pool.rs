@@ -26,7 +26,7 @@ use hyper::{
     body::Incoming,
     client::conn::{http1, http2},
 };
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 
 use crate::{
     body::{self, Body, BoxError},
@@ -305,7 +305,7 @@ impl Connector {
         let io =
             transport::connect(upstream, Carried::Http2, self.connect_timeout, &self.revocations.current()).await?;
         let peer = io.peer();
-        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+        let (sender, connection) = http2::Builder::new(BoxingExecutor)
             .timer(TokioTimer::new())
             .keep_alive_interval(self.h2_keepalive)
             .keep_alive_timeout(self.h2_keepalive * 2)
@@ -333,6 +333,28 @@ impl Connector {
         let (mut sender, connection) = http1::handshake(TokioIo::new(io)).await.map_err(SendError::Reset)?;
         self.drive(address, peer, connection.with_upgrades(), permit, "upgraded");
         sender.send_request(request).await.map_err(SendError::of_send)
+    }
+}
+
+/// The executor of upstream HTTP/2 connections: tokio's spawn, with each future boxed
+/// first.
+///
+/// hyper's HTTP/2 client spawns a task per request (it waits for the response and hands
+/// it to the caller), typed as one enum with the connection's own task, so every such
+/// task is as large as the connection's: ~1.5 KiB, copied half a dozen times on its way
+/// into tokio's task cell and again when it finishes. Boxed, it is copied once and tokio
+/// moves a pointer (gate: ~1,600 fewer instructions per request and upstream HTTP/2
+/// connection, -2.0% on the h2c hop and pair, -2.8% on the gRPC pair).
+#[derive(Clone, Copy, Debug)]
+struct BoxingExecutor;
+
+impl<F> hyper::rt::Executor<F> for BoxingExecutor
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, future: F) {
+        tokio::spawn(Box::pin(future));
     }
 }
 
