@@ -289,7 +289,7 @@ where
 /// `service` with its request future boxed, for HTTP/2 connections. hyper runs every
 /// HTTP/2 stream as a task that holds the request future, and the task is moved as it is
 /// spawned and again as tokio changes its stage: for a future of several KiB (the proxy's
-/// is ~4.5 KiB, the largest of its states) those copies were most of the memcpy in an h2c
+/// is ~5 KiB, the largest of its states) those copies were most of the memcpy in an h2c
 /// request. Boxed, the future is written once and the task moves a pointer. HTTP/1.1
 /// polls its future in place inside the connection, so it is not boxed there (boxing
 /// cost HTTP/1.1 3% more instructions).
