@@ -18,6 +18,7 @@ use tokio::{
 };
 
 use crate::{
+    batched_writes::{BatchedWrites, SendAfterPoll},
     body::Body,
     detect::{self, Detected},
     protocol_errors::ProtocolError,
@@ -205,7 +206,15 @@ pub async fn serve_http<S>(
             Err(_) => return,
         },
     };
-    serve_http_on(stream, detected == Detected::Http2, service, drain, state, direction).await;
+    if detected == Detected::Http2 {
+        // Plaintext HTTP/2: the connection's writes leave once per poll (batched_writes.rs).
+        let (io, sender) = BatchedWrites::new(stream);
+        let connection = SendAfterPoll::new(http2_connection(io, service, state), sender);
+        let mut drain = drain;
+        report_end(serve_until_drained(connection, &mut drain).await, state, direction);
+    } else {
+        serve_http_on(stream, false, service, drain, state, direction).await;
+    }
 }
 
 /// Serves HTTP/2 (`http2`) or HTTP/1.1 on any connection, TLS ones included, and counts
@@ -223,19 +232,10 @@ pub async fn serve_http_on<I, S>(
     S::Future: Send + 'static,
 {
     let settings = &state.settings;
-    let io = TokioIo::new(stream);
     let result = if http2 {
-        let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Some(settings.h2_keepalive))
-            .keep_alive_timeout(settings.h2_keepalive * 2)
-            .max_concurrent_streams(h2_limits::MAX_CONCURRENT_STREAMS)
-            .max_pending_accept_reset_streams(h2_limits::MAX_PENDING_ACCEPT_RESET_STREAMS)
-            .max_local_error_reset_streams(h2_limits::MAX_LOCAL_ERROR_RESET_STREAMS)
-            .max_header_list_size(h2_limits::MAX_HEADER_LIST_SIZE)
-            .serve_connection(io, BoxedRequests(service));
-        serve_until_drained(connection, &mut drain).await
+        serve_until_drained(http2_connection(stream, service, state), &mut drain).await
     } else {
+        let io = TokioIo::new(stream);
         // Flattened writes (headers and small bodies copied into one buffer, one write)
         // measured cheaper than vectored writes for proxied responses: 3% fewer
         // instructions and ~5% less CPU per request against nginx with 1 KiB bodies.
@@ -248,6 +248,34 @@ pub async fn serve_http_on<I, S>(
             .with_upgrades();
         serve_until_drained(connection, &mut drain).await
     };
+    report_end(result, state, direction);
+}
+
+/// A server connection speaking HTTP/2 on `stream`, with the proxy's limits.
+fn http2_connection<I, S>(
+    stream: I,
+    service: S,
+    state: &SharedState,
+) -> hyper::server::conn::http2::Connection<TokioIo<I>, BoxedRequests<S>, TokioExecutor>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: ProxyService,
+    S::Future: Send + 'static,
+{
+    let settings = &state.settings;
+    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(settings.h2_keepalive))
+        .keep_alive_timeout(settings.h2_keepalive * 2)
+        .max_concurrent_streams(h2_limits::MAX_CONCURRENT_STREAMS)
+        .max_pending_accept_reset_streams(h2_limits::MAX_PENDING_ACCEPT_RESET_STREAMS)
+        .max_local_error_reset_streams(h2_limits::MAX_LOCAL_ERROR_RESET_STREAMS)
+        .max_header_list_size(h2_limits::MAX_HEADER_LIST_SIZE)
+        .serve_connection(TokioIo::new(stream), BoxedRequests(service))
+}
+
+/// Counts the protocol violation a downstream connection ended with, if any.
+fn report_end(result: Result<(), hyper::Error>, state: &SharedState, direction: &'static str) {
     if let Err(error) = result {
         match ProtocolError::of_connection(&error) {
             Some(violation) => {
@@ -272,6 +300,12 @@ where
 {
     fn start_graceful_shutdown(self: Pin<&mut Self>) {
         self.graceful_shutdown();
+    }
+}
+
+impl<C: GracefulConnection> GracefulConnection for SendAfterPoll<C> {
+    fn start_graceful_shutdown(self: Pin<&mut Self>) {
+        self.connection().start_graceful_shutdown();
     }
 }
 
