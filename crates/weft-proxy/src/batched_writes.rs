@@ -68,17 +68,21 @@ impl BatchedWrites {
     }
 
     fn write_side(&self) -> MutexGuard<'_, WriteSide> {
-        // Only the connection's own task touches it; a poisoned lock means a panic
-        // mid-write, after which the bytes are what they are.
-        self.write.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.write)
     }
+}
+
+/// Only the connection's own task touches the write side; a poisoned lock means a panic
+/// mid-write, after which the bytes are what they are.
+fn lock(write: &Mutex<WriteSide>) -> MutexGuard<'_, WriteSide> {
+    write.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Sender {
     /// Sends everything gathered; `Pending` (with the task registered for writability)
     /// while the socket cannot take it all.
     pub fn poll_send(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.write.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).poll_send(cx)
+        lock(&self.write).poll_send(cx)
     }
 }
 
@@ -200,14 +204,12 @@ impl<C: Future> Future for SendAfterPoll<C> {
         }
         // A send that fails leaves the error for the connection's next write, and the
         // broken socket wakes its next read: the connection ends through its own path.
-        let sent = this.sender.poll_send(cx);
-        match this.ended.take() {
-            Some(output) if sent.is_ready() => Poll::Ready(output),
-            ended => {
-                *this.ended = ended;
-                Poll::Pending
+        if this.sender.poll_send(cx).is_ready() {
+            if let Some(output) = this.ended.take() {
+                return Poll::Ready(output);
             }
         }
+        Poll::Pending
     }
 }
 

@@ -22,7 +22,7 @@ pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod balance;
-pub mod batched_writes;
+mod batched_writes;
 pub mod body;
 pub mod capture;
 pub mod detect;

@@ -186,7 +186,7 @@ pub async fn serve_http<S>(
     stream: TcpStream,
     detected: Option<Detected>,
     service: S,
-    drain: DrainWatch,
+    mut drain: DrainWatch,
     state: &SharedState,
     direction: &'static str,
 ) where
@@ -210,7 +210,6 @@ pub async fn serve_http<S>(
         // Plaintext HTTP/2: the connection's writes leave once per poll (batched_writes.rs).
         let (io, sender) = BatchedWrites::new(stream);
         let connection = SendAfterPoll::new(http2_connection(io, service, state), sender);
-        let mut drain = drain;
         report_end(serve_until_drained(connection, &mut drain).await, state, direction);
     } else {
         serve_http_on(stream, false, service, drain, state, direction).await;
