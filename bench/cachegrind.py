@@ -5,9 +5,10 @@ request, for weft's builds against HAProxy, under concurrency.
 The instruction-count gate (bench/instructions.py) counts work on one connection; two
 proxies that execute the same instructions per request can still differ in cycles by how
 their code and data fit the caches. This runs each proxy as one hop under callgrind with
-its cache simulation (--cache-sim=yes: 32 KiB L1 caches, the host's last level), carries
-a warm-up, zeroes the counters, then carries REQUESTS HTTP/1.1 requests over 32
-connections (h2load, nginx behind), and reports per request:
+its cache simulation (--cache-sim=yes with fixed caches, so that machines compare: 32 KiB
+8-way L1 caches, an 8 MiB 16-way last level), carries a warm-up, zeroes the counters,
+then carries REQUESTS HTTP/1.1 requests over 32 connections (h2load, nginx behind), and
+reports per request:
 
   Ir     instructions
   I1mr   L1 instruction-cache misses (code layout: what PGO and BOLT change)
@@ -118,7 +119,7 @@ def main():
         shutil.rmtree(tmp, ignore_errors=True)
     kind = "h2c (32 connections × 10 streams)" if args.h2c else "HTTP/1.1 (32 connections)"
     lines = [f"Measured {time.strftime('%Y-%m-%d')}: one hop, {kind}, {args.requests} requests after {WARMUP} "
-             "of warm-up, callgrind --cache-sim=yes; per request.", "",
+             "of warm-up, callgrind --cache-sim=yes (L1 32 KiB, LL 8 MiB); per request.", "",
              "| setup | " + " | ".join(EVENTS) + " |", "|---|" + "---|" * len(EVENTS)]
     for name, f in figures.items():
         lines.append(f"| {name} | " + " | ".join(figure(f[e]) for e in EVENTS) + " |")

@@ -99,12 +99,18 @@ class Run:
         # bench/cachegrind.py's runs simulate the caches too (callgrind --cache-sim=yes).
         self.cache_sim = cache_sim
 
+    # The simulated caches are fixed, not read off the host: valgrind takes the host's
+    # own sizes by default, and one machine here has 64 KiB L1 instruction caches and a
+    # 480 MiB last level where another has 32 KiB and a few MiB, which made I1 and LL
+    # misses incomparable from one machine to the next.
+    CACHES = ["--cache-sim=yes", "--I1=32768,8,64", "--D1=32768,8,64", "--LL=8388608,16,64"]
+
     def spawn(self, args, measured=False, env=None):
         log = open(os.path.join(self.tmp, f"{self.name}-{len(self.procs)}.log"), "w")
         if measured:
             out = os.path.join(self.tmp, f"{self.name}-{len(self.procs)}.callgrind")
             args = ["valgrind", "--tool=callgrind", "--dump-instr=no", "--dump-line=no",
-                    f"--callgrind-out-file={out}"] + (["--cache-sim=yes"] if self.cache_sim else []) + args
+                    f"--callgrind-out-file={out}"] + (self.CACHES if self.cache_sim else []) + args
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.procs.append(proc)
         if measured:
