@@ -119,7 +119,7 @@ def main():
         shutil.rmtree(tmp, ignore_errors=True)
     kind = "h2c (32 connections × 10 streams)" if args.h2c else "HTTP/1.1 (32 connections)"
     lines = [f"Measured {time.strftime('%Y-%m-%d')}: one hop, {kind}, {args.requests} requests after {WARMUP} "
-             "of warm-up, callgrind --cache-sim=yes (L1 32 KiB, LL 8 MiB); per request.", "",
+             f"of warm-up, callgrind --cache-sim=yes ({Run.CACHES_SAID}); per request.", "",
              "| setup | " + " | ".join(EVENTS) + " |", "|---|" + "---|" * len(EVENTS)]
     for name, f in figures.items():
         lines.append(f"| {name} | " + " | ".join(figure(f[e]) for e in EVENTS) + " |")

@@ -101,9 +101,10 @@ class Run:
 
     # The simulated caches are fixed, not read off the host: valgrind takes the host's
     # own sizes by default, and one machine here has 64 KiB L1 instruction caches and a
-    # 480 MiB last level where another has 32 KiB and a few MiB, which made I1 and LL
-    # misses incomparable from one machine to the next.
+    # 480 MiB last level where earlier ones had 32 KiB L1s, which made I1 and LL misses
+    # incomparable from one machine to the next. CACHES_SAID is how reports name them.
     CACHES = ["--cache-sim=yes", "--I1=32768,8,64", "--D1=32768,8,64", "--LL=8388608,16,64"]
+    CACHES_SAID = "L1 32 KiB, LL 8 MiB"
 
     def spawn(self, args, measured=False, env=None):
         log = open(os.path.join(self.tmp, f"{self.name}-{len(self.procs)}.log"), "w")
